@@ -1,0 +1,36 @@
+"""The kernel choice every op dispatches on (config: model_config.kernel)."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Kernel(enum.Enum):
+    """Which implementation an op runs.
+
+    PYTORCH: plain PyTorch, padded where that is simplest; the reference the others are tested
+    against. TRITON: this project's own Triton kernels. CUTLASS: the external fused CUDA HSTU
+    attention package (attention only; every other op runs TRITON under CUTLASS, as in
+    TorchEasyRec).
+    """
+
+    PYTORCH = "PYTORCH"
+    TRITON = "TRITON"
+    CUTLASS = "CUTLASS"
+
+    @classmethod
+    def parse(cls, value: "Kernel | str | int") -> "Kernel":
+        if isinstance(value, Kernel):
+            return value
+        if isinstance(value, int):
+            # TorchEasyRec's proto enum numbers: TRITON=0, PYTORCH=1, CUTLASS=2.
+            return {0: cls.TRITON, 1: cls.PYTORCH, 2: cls.CUTLASS}[value]
+        try:
+            return cls[str(value).upper()]
+        except KeyError:
+            valid = ", ".join(k.name for k in cls)
+            raise ValueError(f"unknown kernel {value!r}; expected one of {valid}") from None
+
+    def non_attention(self) -> "Kernel":
+        """The kernel that ops other than attention use: CUTLASS only provides attention."""
+        return Kernel.TRITON if self is Kernel.CUTLASS else self

@@ -1,0 +1,1 @@
+"""Reference implementations: plain PyTorch, obviously correct, padded where that is simplest."""
