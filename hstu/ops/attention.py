@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hstu.ops.kernel import Kernel
+from hstu.ops.kernel import Kernel, implementation
 
 
 def hstu_mha(
@@ -25,14 +25,23 @@ def hstu_mha(
 
     q, k: [L, H, d_qk]; v: [L, H, d_v]; seq_offsets: [B+1] int64 row offsets into L.
     max_seq_len: an upper bound on every row's length (used for padding / tiling).
-    num_targets: [B] candidates at the end of each row (None: plain causal).
+    num_targets: [B] int64 candidates at the end of each row (None: plain causal).
     contextual_seq_len: contextual tokens at the start of each row.
     max_attn_len: attention window in the id space (0: unlimited).
     alpha: score scale (default 1/sqrt(d_qk)). scaling_seqlen: the constant divisor S
-    (default max_seq_len). Returns [L, H, d_v].
+    (default max_seq_len). Returns [L, H, d_v] in v's dtype.
+
+    out_i = sum_j SiLU(alpha <q_i, k_j>) / S * M_ij * v_j, scores and SiLU in float32.
+    The mask M is `hstu.ops.pytorch.attention.attention_mask` (causal over the history,
+    contextual tokens bidirectional over contextual + history, each candidate sees contextual +
+    history + itself only).
     """
-    kernel = Kernel.parse(kernel)
-    kwargs = dict(
+    impl = implementation("attention", "hstu_mha", kernel)
+    return impl(
+        q,
+        k,
+        v,
+        seq_offsets,
         max_seq_len=max_seq_len,
         num_targets=num_targets,
         contextual_seq_len=contextual_seq_len,
@@ -40,10 +49,3 @@ def hstu_mha(
         alpha=alpha,
         scaling_seqlen=scaling_seqlen,
     )
-    if kernel is Kernel.PYTORCH:
-        from hstu.ops.pytorch.attention import hstu_mha as impl
-    elif kernel is Kernel.TRITON:
-        from hstu.ops.triton.attention import hstu_mha as impl
-    else:
-        from hstu.ops.cutlass.attention import hstu_mha as impl
-    return impl(q, k, v, seq_offsets, **kwargs)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import importlib
+from typing import Callable
 
 
 class Kernel(enum.Enum):
@@ -24,7 +26,10 @@ class Kernel(enum.Enum):
             return value
         if isinstance(value, int):
             # TorchEasyRec's proto enum numbers: TRITON=0, PYTORCH=1, CUTLASS=2.
-            return {0: cls.TRITON, 1: cls.PYTORCH, 2: cls.CUTLASS}[value]
+            numbers = {0: cls.TRITON, 1: cls.PYTORCH, 2: cls.CUTLASS}
+            if value not in numbers:
+                raise ValueError(f"unknown kernel number {value}; expected 0, 1 or 2")
+            return numbers[value]
         try:
             return cls[str(value).upper()]
         except KeyError:
@@ -34,3 +39,16 @@ class Kernel(enum.Enum):
     def non_attention(self) -> "Kernel":
         """The kernel that ops other than attention use: CUTLASS only provides attention."""
         return Kernel.TRITON if self is Kernel.CUTLASS else self
+
+
+def implementation(family: str, name: str, kernel: "Kernel | str | int") -> Callable:
+    """The function `name` of hstu/ops/<kernel>/<family>.py.
+
+    Imported on first use, so that the PYTORCH path never imports triton (slow to import, and
+    absent from some deployments). Every family except "attention" runs TRITON under CUTLASS.
+    """
+    kernel = Kernel.parse(kernel)
+    if family != "attention":
+        kernel = kernel.non_attention()
+    module = importlib.import_module(f"hstu.ops.{kernel.value.lower()}.{family}")
+    return getattr(module, name)

@@ -43,3 +43,83 @@ def padded_to_jagged(padded: torch.Tensor, offsets: torch.Tensor) -> torch.Tenso
     total = int(offsets[-1].item()) if offsets.numel() else 0
     rows, cols = jagged_row_and_col(offsets, total)
     return padded[rows, cols]
+
+
+def _check_offsets(offsets: torch.Tensor, values: torch.Tensor, name: str) -> None:
+    if offsets.dim() != 1 or offsets.numel() == 0:
+        raise ValueError(f"{name} must be a 1-D tensor [B+1]; got shape {tuple(offsets.shape)}")
+    if offsets.shape[0] > 1 and int(offsets[-1]) != values.shape[0]:
+        raise ValueError(
+            f"{name}[-1] = {int(offsets[-1])} but the values have {values.shape[0]} rows"
+        )
+
+
+def concat_2d_jagged(
+    left: torch.Tensor,
+    left_offsets: torch.Tensor,
+    right: torch.Tensor,
+    right_offsets: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_offsets(left_offsets, left, "left_offsets")
+    _check_offsets(right_offsets, right, "right_offsets")
+    if left_offsets.shape != right_offsets.shape:
+        raise ValueError(
+            f"left has {left_offsets.numel() - 1} rows but right has {right_offsets.numel() - 1}"
+        )
+    offsets = left_offsets + right_offsets
+    # Where each element of cat([left, right]) lands in the output: left row b starts at
+    # offsets[b], right row b right after it.
+    left_rows, left_cols = jagged_row_and_col(left_offsets, left.shape[0])
+    right_rows, right_cols = jagged_row_and_col(right_offsets, right.shape[0])
+    left_lengths = lengths_from_offsets(left_offsets)
+    destination = torch.cat(
+        [
+            offsets[left_rows] + left_cols,
+            offsets[right_rows] + left_lengths[right_rows] + right_cols,
+        ]
+    )
+    source_of = torch.empty_like(destination)
+    source_of[destination] = torch.arange(destination.numel(), device=destination.device)
+    return torch.cat([left, right])[source_of], offsets
+
+
+def split_2d_jagged(
+    values: torch.Tensor,
+    offsets: torch.Tensor,
+    left_lengths: torch.Tensor,
+    right_lengths: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_offsets(offsets, values, "offsets")
+    lengths = lengths_from_offsets(offsets)
+    if not torch.equal(left_lengths.to(lengths.dtype) + right_lengths.to(lengths.dtype), lengths):
+        raise ValueError(
+            "split_2d_jagged: left_lengths + right_lengths must equal the row lengths; got "
+            f"{left_lengths.tolist()} + {right_lengths.tolist()} vs {lengths.tolist()}"
+        )
+    left_offsets = offsets_from_lengths(left_lengths)
+    right_offsets = offsets_from_lengths(right_lengths)
+    left_rows, left_cols = jagged_row_and_col(left_offsets, int(left_offsets[-1]))
+    right_rows, right_cols = jagged_row_and_col(right_offsets, int(right_offsets[-1]))
+    left = values[offsets[left_rows] + left_cols]
+    right = values[offsets[right_rows] + left_lengths[right_rows] + right_cols]
+    return left, right
+
+
+def jagged_dense_bmm_broadcast_add(
+    seq_offsets: torch.Tensor,
+    jagged: torch.Tensor,
+    dense: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    max_seq_len: int,
+) -> torch.Tensor:
+    _check_offsets(seq_offsets, jagged, "seq_offsets")
+    batch = seq_offsets.numel() - 1
+    if dense.shape[0] != batch or bias.shape != (batch, dense.shape[2]):
+        raise ValueError(
+            f"dense {tuple(dense.shape)} and bias {tuple(bias.shape)} must be [B, K, N] and "
+            f"[B, N] with B = {batch}"
+        )
+    padded = jagged_to_padded(jagged.float(), seq_offsets, max_seq_len)  # [B, M, K]
+    out = torch.baddbmm(bias.float().unsqueeze(1), padded, dense.float())
+    return padded_to_jagged(out, seq_offsets).to(jagged.dtype)

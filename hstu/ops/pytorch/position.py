@@ -1,0 +1,105 @@
+"""Positional + time embedding add in plain PyTorch (index arithmetic, no per-row loops)."""
+
+from __future__ import annotations
+
+import torch
+
+from hstu.ops.pytorch.jagged import jagged_row_and_col, lengths_from_offsets
+
+TIME_BUCKET_FNS = ("sqrt", "log")
+
+
+def position_indices(
+    seq_offsets: torch.Tensor,
+    num_targets: torch.Tensor | None,
+    total: int,
+    *,
+    contextual_seq_len: int,
+    num_position_buckets: int,
+    use_time_encoding: bool,
+) -> torch.Tensor:
+    """The row of the position table each token uses: int64 [total]."""
+    rows, cols = jagged_row_and_col(seq_offsets, total)
+    lengths = lengths_from_offsets(seq_offsets)
+    if num_targets is None:
+        num_targets = torch.zeros_like(lengths)
+    first_target = (lengths - num_targets.to(lengths.dtype))[rows]
+    if use_time_encoding:
+        c = contextual_seq_len
+        # Distance to the target boundary: targets all get c, the newest history item c + 1.
+        positions = c + first_target - torch.minimum(cols, first_target)
+        positions = torch.where(cols < c, cols, positions)
+    else:
+        positions = torch.minimum(cols, first_target)
+    return positions.clamp(max=num_position_buckets - 1)
+
+
+def time_bucket_indices(
+    seq_offsets: torch.Tensor,
+    timestamps: torch.Tensor,
+    *,
+    time_bucket_fn: str,
+    time_bucket_increments: float,
+    num_time_buckets: int,
+) -> torch.Tensor:
+    """The row of the time table each token uses: int64 [total], in [0, num_time_buckets]."""
+    if time_bucket_fn not in TIME_BUCKET_FNS:
+        raise ValueError(f"time_bucket_fn {time_bucket_fn!r}; expected one of {TIME_BUCKET_FNS}")
+    if timestamps.dtype != torch.int64:
+        raise TypeError(f"timestamps must be int64 seconds; got {timestamps.dtype}")
+    total = timestamps.shape[0]
+    rows, _ = jagged_row_and_col(seq_offsets, total)
+    last_token = (seq_offsets[1:] - 1).clamp(min=0)
+    query_time = timestamps[last_token] if total else timestamps.new_zeros(last_token.shape)
+    # Subtract in int64: epoch seconds do not survive a trip through float32 (ULP 128 s).
+    delta = (query_time[rows] - timestamps).to(torch.float32)
+    delta = delta.clamp(min=1e-6) / time_bucket_increments
+    scaled = torch.sqrt(delta) if time_bucket_fn == "sqrt" else torch.log(delta)
+    buckets = (scaled / num_time_buckets).clamp(0.0, 1.0) * num_time_buckets
+    return buckets.to(torch.int64)
+
+
+def add_timestamp_positional_embeddings(
+    seq_embeddings: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    timestamps: torch.Tensor,
+    num_targets: torch.Tensor | None,
+    position_table: torch.Tensor,
+    time_table: torch.Tensor,
+    *,
+    alpha: float,
+    contextual_seq_len: int,
+    time_bucket_fn: str = "sqrt",
+    time_bucket_increments: float = 60.0,
+    num_time_buckets: int = 0,
+    use_time_encoding: bool = True,
+) -> torch.Tensor:
+    total = seq_embeddings.shape[0]
+    if use_time_encoding and timestamps.shape != (total,):
+        raise ValueError(
+            f"timestamps has shape {tuple(timestamps.shape)}; expected ({total},), one per token"
+        )
+    positions = position_indices(
+        seq_offsets,
+        num_targets,
+        total,
+        contextual_seq_len=contextual_seq_len,
+        num_position_buckets=position_table.shape[0],
+        use_time_encoding=use_time_encoding,
+    )
+    out = seq_embeddings.float() * alpha + position_table[positions].float()
+    if use_time_encoding:
+        if time_table.shape[0] != num_time_buckets + 1:
+            raise ValueError(
+                f"time_table has {time_table.shape[0]} rows; expected num_time_buckets + 1 = "
+                f"{num_time_buckets + 1}"
+            )
+        buckets = time_bucket_indices(
+            seq_offsets,
+            timestamps,
+            time_bucket_fn=time_bucket_fn,
+            time_bucket_increments=time_bucket_increments,
+            num_time_buckets=num_time_buckets,
+        )
+        out = out + time_table[buckets].float()
+    return out.to(seq_embeddings.dtype)
