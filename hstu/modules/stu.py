@@ -1,0 +1,133 @@
+"""STU layer and stack (reference 2.7): the HSTU encoder's repeated block.
+
+    u, q, k, v = split(LayerNorm(x) @ W_uvqk + b)      SiLU on u only
+    o          = sum_j SiLU(alpha q_i k_j) / S * M_ij v_j   (no softmax; S a constant)
+    x_out      = x + Dropout(concat[u, o, u * Norm(o)]) @ W_o
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hstu.ops import Kernel, hstu_mha, stu_postprocess, stu_preprocess
+
+
+class STULayer(nn.Module):
+    def __init__(
+        self,
+        *,
+        embedding_dim: int,
+        num_heads: int,
+        hidden_dim: int,
+        attention_dim: int,
+        scaling_seqlen: int,
+        output_dropout_ratio: float = 0.3,
+        max_attn_len: int = 0,
+        attn_alpha: float | None = None,
+        use_group_norm: bool = False,
+        recompute_normed_x: bool = True,
+        recompute_uvqk: bool = True,
+        recompute_y: bool = True,
+        contextual_seq_len: int = 0,
+        kernel: Kernel = Kernel.PYTORCH,
+    ) -> None:
+        super().__init__()
+        if scaling_seqlen <= 0:
+            raise ValueError(f"STU scaling_seqlen must be > 0; got {scaling_seqlen}")
+        self.num_heads = num_heads
+        self.hidden_dim = hidden_dim
+        self.attention_dim = attention_dim
+        self.scaling_seqlen = scaling_seqlen
+        self.output_dropout_ratio = output_dropout_ratio
+        self.max_attn_len = max_attn_len
+        self.attn_alpha = attn_alpha if attn_alpha else attention_dim**-0.5
+        self.use_group_norm = use_group_norm
+        self.recompute_normed_x = recompute_normed_x
+        self.recompute_uvqk = recompute_uvqk
+        self.recompute_y = recompute_y
+        self.contextual_seq_len = contextual_seq_len
+        self.kernel = kernel
+        self.norm_eps = 1e-6
+
+        uvqk_width = 2 * num_heads * (hidden_dim + attention_dim)
+        self.input_norm_weight = nn.Parameter(torch.ones(embedding_dim))
+        self.input_norm_bias = nn.Parameter(torch.zeros(embedding_dim))
+        self.uvqk_weight = nn.Parameter(torch.empty(embedding_dim, uvqk_width))
+        self.uvqk_bias = nn.Parameter(torch.zeros(uvqk_width))
+        output_norm_dim = num_heads if use_group_norm else num_heads * hidden_dim
+        self.output_norm_weight = nn.Parameter(torch.ones(output_norm_dim))
+        self.output_norm_bias = nn.Parameter(torch.zeros(output_norm_dim))
+        self.output_weight = nn.Parameter(torch.empty(3 * num_heads * hidden_dim, embedding_dim))
+        nn.init.xavier_uniform_(self.uvqk_weight)
+        nn.init.xavier_uniform_(self.output_weight)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        seq_offsets: torch.Tensor,
+        max_seq_len: int,
+        num_targets: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """x [sum L, D]; seq_offsets [B+1]; max_seq_len >= every row length. Returns [sum L, D]."""
+        u, q, k, v = stu_preprocess(
+            x,
+            self.input_norm_weight,
+            self.input_norm_bias,
+            self.norm_eps,
+            self.uvqk_weight,
+            self.uvqk_bias,
+            num_heads=self.num_heads,
+            attention_dim=self.attention_dim,
+            hidden_dim=self.hidden_dim,
+            kernel=self.kernel,
+            recompute_normed_x=self.recompute_normed_x,
+            recompute_uvqk=self.recompute_uvqk,
+        )
+        attn = hstu_mha(
+            q,
+            k,
+            v,
+            seq_offsets,
+            max_seq_len=max_seq_len,
+            num_targets=num_targets,
+            contextual_seq_len=self.contextual_seq_len,
+            max_attn_len=self.max_attn_len,
+            alpha=self.attn_alpha,
+            scaling_seqlen=self.scaling_seqlen,
+            kernel=self.kernel,
+        )
+        return stu_postprocess(
+            attn.reshape(attn.shape[0], -1),
+            u,
+            x,
+            self.output_norm_weight,
+            self.output_norm_bias,
+            self.norm_eps,
+            self.output_weight,
+            num_heads=self.num_heads,
+            dropout_ratio=self.output_dropout_ratio,
+            training=self.training,
+            group_norm=self.use_group_norm,
+            kernel=self.kernel,
+            recompute_y=self.recompute_y,
+        )
+
+
+class STUStack(nn.Module):
+    """attn_num_layers STU layers in sequence; no norm after the last (the postprocessor's job)."""
+
+    def __init__(self, layers: list[STULayer]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        seq_offsets: torch.Tensor,
+        max_seq_len: int,
+        num_targets: torch.Tensor | None,
+    ) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, seq_offsets, max_seq_len, num_targets)
+        return x
