@@ -10,6 +10,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from google.protobuf.message import Message
+
+from hstu.config.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class FeatureSpec:
@@ -43,3 +47,268 @@ class LabelSpec:
     value_dtype: Literal["int64", "float32"]
     # The sequence the label is aligned with (its lengths must equal that sequence's).
     sequence: str = "cand_seq"
+
+
+# ---- Feature groups DlrmHSTU reads by name (reference section 1.5) --------------------------
+
+CONTEXTUAL = "contextual"
+UIH = "uih"
+CANDIDATE = "candidate"
+UIH_ACTION = "uih_action"
+UIH_WATCHTIME = "uih_watchtime"
+UIH_TIMESTAMP = "uih_timestamp"
+CANDIDATE_TIMESTAMP = "candidate_timestamp"
+
+# group name -> allowed group types (FeatureGroupType names)
+GROUP_TYPES: dict[str, tuple[str, ...]] = {
+    CONTEXTUAL: ("DEEP", "SEQUENCE"),
+    UIH: ("JAGGED_SEQUENCE",),
+    CANDIDATE: ("JAGGED_SEQUENCE",),
+    UIH_ACTION: ("JAGGED_SEQUENCE",),
+    UIH_WATCHTIME: ("JAGGED_SEQUENCE",),
+    UIH_TIMESTAMP: ("JAGGED_SEQUENCE",),
+    CANDIDATE_TIMESTAMP: ("JAGGED_SEQUENCE",),
+}
+OPTIONAL_GROUPS = (UIH_WATCHTIME,)
+# Groups on the history side (one sequence) and on the candidate side (another sequence).
+UIH_SIDE_GROUPS = (UIH, UIH_ACTION, UIH_WATCHTIME, UIH_TIMESTAMP)
+CANDIDATE_SIDE_GROUPS = (CANDIDATE, CANDIDATE_TIMESTAMP)
+# Groups of embedded ids, and groups of one raw value per token.
+ID_GROUPS = (CONTEXTUAL, UIH, CANDIDATE)
+RAW_GROUPS = (UIH_ACTION, UIH_WATCHTIME, UIH_TIMESTAMP, CANDIDATE_TIMESTAMP)
+# Raw values kept as int64: action bitmasks and timestamps (never rounded through float32).
+INT64_RAW_GROUPS = (UIH_ACTION, UIH_TIMESTAMP, CANDIDATE_TIMESTAMP)
+
+# Sequence keys for standalone sequence_id_feature / sequence_raw_feature configs, which have
+# no sequence_name: one key per side, named like this project's grouped sequences.
+STANDALONE_UIH_SEQUENCE = "uih_seq"
+STANDALONE_CANDIDATE_SEQUENCE = "cand_seq"
+
+CLASSIFICATION_LOSSES = (
+    "binary_cross_entropy",
+    "softmax_cross_entropy",
+    "jrc_loss",
+    "binary_focal_loss",
+)
+REGRESSION_LOSSES = ("l2_loss",)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeclaredFeature:
+    """One id or raw feature as declared in feature_configs, before groups are consulted."""
+
+    # Full name: "user_id", or "uih_seq__video_id" for a sub-feature of sequence_feature uih_seq.
+    name: str
+    column: str
+    kind: Literal["id", "raw"]
+    # sequence_name of the enclosing sequence_feature; None for scalar and standalone features.
+    sequence: str | None
+    # A standalone sequence_id_feature / sequence_raw_feature.
+    standalone_sequence: bool
+    # The IdFeature or RawFeature message.
+    config: Message
+    # Field path of `config`, e.g. "feature_configs[3].sequence_feature.features[0].id_feature".
+    path: str
+
+    @property
+    def is_sequence(self) -> bool:
+        return self.sequence is not None or self.standalone_sequence
+
+
+def input_name(expression: str) -> str:
+    """"item:video_id" -> "video_id" (the column a feature reads; validation checks the form)."""
+    return expression.partition(":")[2] or expression
+
+
+_SCALAR_KINDS = {"id_feature": "id", "raw_feature": "raw"}
+_STANDALONE_KINDS = {"sequence_id_feature": "id", "sequence_raw_feature": "raw"}
+
+
+def declared_features(cfg: Message) -> list[DeclaredFeature]:
+    """Every id/raw feature of feature_configs, in declaration order.
+
+    Column rule (TorchEasyRec's, reference section 1.2): a feature reads the column named after
+    the colon of its expression; inside sequence_feature S, sub-feature f with expression
+    "side:x" is named "S__f" and reads column "S__x".
+    """
+    declared = []
+    for index, feature_config in enumerate(cfg.feature_configs):
+        which = feature_config.WhichOneof("feature")
+        path = f"feature_configs[{index}].{which}"
+        if which in _SCALAR_KINDS or which in _STANDALONE_KINDS:
+            feature = getattr(feature_config, which)
+            declared.append(
+                DeclaredFeature(
+                    name=feature.feature_name,
+                    column=input_name(feature.expression),
+                    kind=_SCALAR_KINDS.get(which) or _STANDALONE_KINDS[which],
+                    sequence=None,
+                    standalone_sequence=which in _STANDALONE_KINDS,
+                    config=feature,
+                    path=path,
+                )
+            )
+        elif which == "sequence_feature":
+            sequence = feature_config.sequence_feature
+            prefix = sequence.sequence_name
+            for sub_index, sub_config in enumerate(sequence.features):
+                sub_which = sub_config.WhichOneof("feature")
+                if sub_which not in _SCALAR_KINDS:
+                    continue  # empty or unsupported: validation reports it
+                feature = getattr(sub_config, sub_which)
+                declared.append(
+                    DeclaredFeature(
+                        name=f"{prefix}__{feature.feature_name}",
+                        column=f"{prefix}__{input_name(feature.expression)}",
+                        kind=_SCALAR_KINDS[sub_which],
+                        sequence=prefix,
+                        standalone_sequence=False,
+                        config=feature,
+                        path=f"{path}.features[{sub_index}].{sub_which}",
+                    )
+                )
+    return declared
+
+
+def group_feature_names(cfg: Message) -> dict[str, list[str]]:
+    """group_name -> feature_names, for the groups of model_config."""
+    return {
+        group.group_name: list(group.feature_names) for group in cfg.model_config.feature_groups
+    }
+
+
+def embedding_name(feature: DeclaredFeature) -> str:
+    """The table an id feature looks up: its embedding_name, else "<full name>_emb"."""
+    return feature.config.embedding_name or f"{feature.name}_emb"
+
+
+def _side_sequence(cfg: Message, side_groups: tuple[str, ...], standalone_key: str) -> str:
+    by_name = {feature.name: feature for feature in declared_features(cfg)}
+    groups = group_feature_names(cfg)
+    for group in side_groups:
+        for name in groups.get(group, []):
+            feature = by_name.get(name)
+            if feature is not None and feature.sequence is not None:
+                return feature.sequence
+            if feature is not None and feature.standalone_sequence:
+                return standalone_key
+    raise ConfigError(
+        "<config>", "model_config.feature_groups", f"no sequence feature in groups {side_groups}"
+    )
+
+
+def sequence_names(cfg: Message) -> tuple[str, str]:
+    """(history sequence, candidate sequence), e.g. ("uih_seq", "cand_seq").
+
+    For grouped sequence features these are the sequence_name of the sequence_feature behind
+    the uih and candidate groups; standalone sequence features get STANDALONE_*_SEQUENCE.
+    """
+    return (
+        _side_sequence(cfg, UIH_SIDE_GROUPS, STANDALONE_UIH_SEQUENCE),
+        _side_sequence(cfg, CANDIDATE_SIDE_GROUPS, STANDALONE_CANDIDATE_SEQUENCE),
+    )
+
+
+def feature_specs(cfg: Message) -> list[FeatureSpec]:
+    """The features DlrmHSTU reads (those named by a feature group), in declaration order.
+
+    Declared features that no group uses are left out: nothing reads their columns or builds
+    their tables (`launch.py check` lists them). `cfg` must come from load_config (validated).
+    """
+    groups = group_feature_names(cfg)
+    uih_sequence, candidate_sequence = sequence_names(cfg)
+    used = {name for names in groups.values() for name in names}
+    standalone_side = {}
+    for side_groups, key in (
+        (UIH_SIDE_GROUPS, uih_sequence),
+        (CANDIDATE_SIDE_GROUPS, candidate_sequence),
+    ):
+        for group in side_groups:
+            for name in groups.get(group, []):
+                standalone_side[name] = key
+    int64_raw = {name for group in INT64_RAW_GROUPS for name in groups.get(group, [])}
+
+    specs = []
+    for feature in declared_features(cfg):
+        if feature.name not in used:
+            continue
+        sequence = feature.sequence
+        if feature.standalone_sequence:
+            sequence = standalone_side[feature.name]
+        if feature.kind == "id":
+            specs.append(
+                FeatureSpec(
+                    name=feature.name,
+                    column=feature.column,
+                    kind="id",
+                    sequence=sequence,
+                    embedding_name=embedding_name(feature),
+                    embedding_dim=feature.config.embedding_dim,
+                    num_buckets=feature.config.num_buckets,
+                    data_type=feature.config.data_type,
+                    value_dtype="int64",
+                )
+            )
+        else:
+            specs.append(
+                FeatureSpec(
+                    name=feature.name,
+                    column=feature.column,
+                    kind="raw",
+                    sequence=sequence,
+                    value_dtype="int64" if feature.name in int64_raw else "float32",
+                )
+            )
+    return specs
+
+
+def unused_features(cfg: Message) -> list[str]:
+    """Declared features that no feature group names (feature_specs leaves them out)."""
+    used = {name for names in group_feature_names(cfg).values() for name in names}
+    return [feature.name for feature in declared_features(cfg) if feature.name not in used]
+
+
+def task_label_kind(task: Message) -> Literal["classification", "regression"] | None:
+    """From a task's losses; None if it has none or mixes both kinds (validation reports it)."""
+    kinds = set()
+    for loss in task.losses:
+        which = loss.WhichOneof("loss")
+        if which in CLASSIFICATION_LOSSES:
+            kinds.add("classification")
+        elif which in REGRESSION_LOSSES:
+            kinds.add("regression")
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def unused_labels(cfg: Message) -> list[str]:
+    """data_config.label_fields entries that no task uses (label_specs leaves them out)."""
+    tasks = cfg.model_config.dlrm_hstu.fusion_mtl_tower.task_configs
+    used = {task.label_name for task in tasks}
+    return [column for column in cfg.data_config.label_fields if column not in used]
+
+
+def label_specs(cfg: Message) -> list[LabelSpec]:
+    """One LabelSpec per label column some task uses, in data_config.label_fields order.
+
+    int64 for labels of classification tasks (action bitmasks, tested with task_bitmask),
+    float32 for labels of regression (l2_loss) tasks. Label fields no task uses are left out
+    (nothing reads them; `launch.py check` lists them). `cfg` must come from load_config.
+    """
+    _, candidate_sequence = sequence_names(cfg)
+    tasks = cfg.model_config.dlrm_hstu.fusion_mtl_tower.task_configs
+    unused = set(unused_labels(cfg))
+    specs = []
+    for index, column in enumerate(cfg.data_config.label_fields):
+        if column in unused:
+            continue
+        kinds = {task_label_kind(task) for task in tasks if task.label_name == column}
+        if len(kinds) != 1 or None in kinds:
+            raise ConfigError(
+                "<config>",
+                f"data_config.label_fields[{index}]",
+                f"label {column!r} has no single task kind ({sorted(map(str, kinds))}); "
+                "was the config loaded with load_config?",
+            )
+        dtype = "int64" if kinds.pop() == "classification" else "float32"
+        specs.append(LabelSpec(column=column, value_dtype=dtype, sequence=candidate_sequence))
+    return specs

@@ -1,0 +1,228 @@
+"""Which TorchEasyRec fields this project does not implement yet, and which it accepts but ignores.
+
+The schema keeps every TorchEasyRec field so that an existing config parses; this table decides
+what happens when one is set. A field listed in UNSUPPORTED is an error when it is present
+(a message), non-empty (a repeated field) or differs from its default (a scalar). A field in
+IGNORED is accepted, and `launch.py check` prints a note that it has no effect here. Keys are
+`<message>.<field>` of the hstu.config package; a test checks that each key exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from google.protobuf import descriptor
+from google.protobuf.message import Message
+
+from hstu.config.errors import ConfigError
+from hstu.config.locations import Locator
+
+NOT_YET = "supported by TorchEasyRec, not yet by this project"
+
+_OTHER_FEATURE_TYPES = (
+    "combo_feature lookup_feature match_feature expr_feature overlap_feature tokenize_feature "
+    "custom_feature kv_dot_product bool_mask_feature combine_feature"
+).split()
+_OTHER_MODELS = (
+    "dlrm deepfm multi_tower multi_tower_din mask_net wide_and_deep dcn_v1 dcn_v2 xdeepfm wukong "
+    "simple_multi_task mmoe dbmtl ple dc2vr pepnet ultra_hstu dssm dssm_v2 dat hstu_match mind "
+    "tdm rocket_launching sid_rqvae sid_rqkmeans generative_qwen prompt_generative_qwen"
+).split()
+
+# field -> what to do instead (may be empty)
+UNSUPPORTED: dict[str, str] = {
+    "EasyRecConfig.item_input_path": "it is for retrieval models",
+    # train_config
+    "TrainConfig.fine_tune_checkpoint": "",
+    "TrainConfig.fine_tune_ckpt_param_map": "",
+    "TrainConfig.is_profiling": "",
+    "TrainConfig.global_embedding_constraints": "the sharding planner chooses freely",
+    "TrainConfig.grad_scaler": "use BF16 mixed precision, which needs no scaler",
+    "TrainConfig.gradient_accumulation_steps": "",
+    "TrainConfig.grad_clipping": "",
+    "TrainConfig.save_checkpoints_timestamp_interval": "",
+    "TrainConfig.save_checkpoints_timestamps": "",
+    "TrainConfig.save_checkpoints_timestamp_quorum": "",
+    "TrainConfig.delta_embedding_dump_config": "",
+    "SparseOptimizer.lars_sgd_optimizer": "use sgd, adagrad, adam or rowwise_adagrad",
+    "SparseOptimizer.lamb_optimizer": "use sgd, adagrad, adam or rowwise_adagrad",
+    "SparseOptimizer.partial_rowwise_lamb_optimizer": "use sgd, adagrad, adam or rowwise_adagrad",
+    "SparseOptimizer.partial_rowwise_adam_optimizer": "use sgd, adagrad, adam or rowwise_adagrad",
+    "FusedSGDOptimizer.gradient_clipping": "",
+    "FusedAdagradOptimizer.gradient_clipping": "",
+    "FusedAdamOptimizer.gradient_clipping": "",
+    "FusedRowWiseAdagradOptimizer.gradient_clipping": "",
+    "DenseOptimizer.param_optimizers": "one dense optimizer covers all dense parameters",
+    # data_config
+    "DataConfig.input_fields": "it is for CsvDataset",
+    "DataConfig.delimiter": "it is for CsvDataset",
+    "DataConfig.with_header": "it is for CsvDataset",
+    "DataConfig.input_fields_str": "",
+    "DataConfig.is_orderby_partition": "it is for OdpsDataset",
+    "DataConfig.odps_data_quota_name": "it is for OdpsDataset",
+    "DataConfig.odps_data_compression": "it is for OdpsDataset",
+    "DataConfig.sample_mask_prob": "",
+    "DataConfig.negative_sample_mask_prob": "",
+    "DataConfig.force_base_data_group": "",
+    "DataConfig.sample_weight_fields": "",
+    "DataConfig.sample_cost_field": "use data_config.token_budget (this project's extension)",
+    "DataConfig.batch_cost_size": "use data_config.token_budget (this project's extension)",
+    "DataConfig.min_batch_size": "use drop_remainder",
+    "DataConfig.negative_sampler": "samplers are for retrieval models",
+    "DataConfig.negative_sampler_v2": "samplers are for retrieval models",
+    "DataConfig.hard_negative_sampler": "samplers are for retrieval models",
+    "DataConfig.hard_negative_sampler_v2": "samplers are for retrieval models",
+    "DataConfig.tdm_sampler": "samplers are for retrieval models",
+    # feature_configs
+    **{f"FeatureConfig.{name}": "use id_feature or raw_feature" for name in _OTHER_FEATURE_TYPES},
+    **{
+        f"FeatureConfig.sequence_{name}": "use sequence_id_feature or sequence_raw_feature"
+        for name in _OTHER_FEATURE_TYPES
+    },
+    **{f"SeqFeatureConfig.{name}": "use id_feature or raw_feature" for name in _OTHER_FEATURE_TYPES},
+    "IdFeature.hash_bucket_size": "store ids already reduced to [0, num_buckets) and set num_buckets",
+    "IdFeature.vocab_list": "store integer ids and set num_buckets",
+    "IdFeature.vocab_dict": "store integer ids and set num_buckets",
+    "IdFeature.vocab_file": "store integer ids and set num_buckets",
+    "IdFeature.asset_dir": "",
+    "IdFeature.default_bucketize_value": "",
+    "IdFeature.weighted": "",
+    "IdFeature.init_fn": "tables use TorchRec's default uniform init",
+    "IdFeature.use_mask": "",
+    "IdFeature.zch": "",
+    "IdFeature.dynamicemb": "",
+    "IdFeature.fg_encoded_default_value": "missing values are handled by data_config.on_bad_rows",
+    "IdFeature.trainable": "",
+    "IdFeature.stub_type": "",
+    "IdFeature.embedding_constraints": "the sharding planner chooses freely",
+    "RawFeature.embedding_name": "raw features are used as numbers, not embedded",
+    "RawFeature.embedding_dim": "raw features are used as numbers, not embedded",
+    "RawFeature.boundaries": "raw features are used as numbers, not bucketized",
+    "RawFeature.value_dim": "raw features hold one number per element",
+    "RawFeature.normalizer": "",
+    "RawFeature.init_fn": "",
+    "RawFeature.use_mask": "",
+    "RawFeature.fg_encoded_default_value": "missing values are handled by data_config.on_bad_rows",
+    "RawFeature.stub_type": "",
+    "RawFeature.autodis": "",
+    "RawFeature.mlp": "",
+    "RawFeature.embedding_constraints": "",
+    # model_config
+    **{f"ModelConfig.{name}": "this project implements dlrm_hstu only" for name in _OTHER_MODELS},
+    "ModelConfig.num_class": "set num_class per task in fusion_mtl_tower.task_configs",
+    "ModelConfig.losses": "set losses per task in fusion_mtl_tower.task_configs",
+    "ModelConfig.metrics": "set metrics per task in fusion_mtl_tower.task_configs",
+    "ModelConfig.train_metrics": "",
+    "ModelConfig.variational_dropout": "",
+    "ModelConfig.use_pareto_loss_weight": "",
+    "FeatureGroupConfig.sequence_groups": "",
+    "FeatureGroupConfig.sequence_encoders": "",
+    "FeatureGroupConfig.embedding_name_suffix": "",
+    "HSTU.attn_truncation_split_layer": "",
+    "HSTU.attn_truncation_tail_len": "",
+    "HSTU.name": "it names UltraHSTU channels",
+    "STU.sla_k1": "semi-local attention",
+    "STU.sla_k2": "semi-local attention",
+    "GRInputPreprocessor.contextual_interleave_preprocessor": "use contextual_preprocessor",
+    "GRInputPreprocessor.uih_preprocessor": "use contextual_preprocessor",
+    "FusionSubTaskConfig.num_class": "tasks have one logit (binary_cross_entropy or l2_loss)",
+    "FusionSubTaskConfig.train_metrics": "",
+    "LossConfig.softmax_cross_entropy": "use binary_cross_entropy or l2_loss",
+    "LossConfig.jrc_loss": "use binary_cross_entropy or l2_loss",
+    "LossConfig.binary_focal_loss": "use binary_cross_entropy or l2_loss",
+    "MetricConfig.multiclass_auc": "use auc, grouped_auc, mean_absolute_error or mean_squared_error",
+    "MetricConfig.recall_at_k": "use auc, grouped_auc, mean_absolute_error or mean_squared_error",
+    "MetricConfig.accuracy": "use auc, grouped_auc, mean_absolute_error or mean_squared_error",
+    # eval_config / export_config
+    "EvalConfig.evaluator_type": 'only "latest" is implemented',
+    "ExportConfig.exporter_type": 'only "latest" is implemented',
+    "ExportConfig.export_format": "only TORCHSCRIPT is implemented",
+}
+
+# field -> why it has no effect here
+IGNORED: dict[str, str] = {
+    "TrainConfig.use_tensorboard": "metrics go to MLflow",
+    "TrainConfig.tensorboard_summaries": "metrics go to MLflow",
+    "DataConfig.fg_encoded": "deprecated in TorchEasyRec; features are read from their columns",
+    "DataConfig.fg_encoded_multival_sep": "multi-valued elements are not supported",
+    "DataConfig.fg_threads": "no feature generation runs here",
+    "DataConfig.in_order": "Ray Data decides the order",
+    "IdFeature.pooling": "ids are single-valued, so pooling changes nothing",
+    "IdFeature.default_value": "no feature generation runs here",
+    "IdFeature.separator": "no feature generation runs here",
+    "IdFeature.fg_value_type": "no feature generation runs here",
+    "IdFeature.sequence_length": "it is a feature-generation cap, not a model cap",
+    "IdFeature.sequence_fields": "no feature generation runs here",
+    "RawFeature.pooling": "raw features are not embedded",
+    "RawFeature.default_value": "no feature generation runs here",
+    "RawFeature.separator": "no feature generation runs here",
+    "RawFeature.trainable": "raw features have no parameters",
+    "RawFeature.data_type": "raw features have no table",
+    "RawFeature.sequence_length": "it is a feature-generation cap, not a model cap",
+    "RawFeature.sequence_fields": "no feature generation runs here",
+    "GRSimpleActionEncoder.embedding_init_std": "fixed at 0.1, as in TorchEasyRec",
+}
+
+
+def _is_set(field: descriptor.FieldDescriptor, value) -> bool:
+    if field.is_repeated:
+        return len(value) > 0
+    if field.message_type is not None:
+        return True
+    return value != field.default_value
+
+
+def _walk(message: Message, path: str) -> Iterator[tuple[str, str, descriptor.FieldDescriptor]]:
+    """(key, path, field) of every field set in `message` and below, outermost first."""
+    for field, value in message.ListFields():
+        key = f"{field.containing_type.name}.{field.name}"
+        field_path = f"{path}.{field.name}" if path else field.name
+        if _is_set(field, value):
+            yield key, field_path, field
+        if field.message_type is None or field.message_type.GetOptions().map_entry:
+            continue
+        if field.is_repeated:
+            for index, element in enumerate(value):
+                yield from _walk(element, f"{field_path}[{index}]")
+        else:
+            yield from _walk(value, field_path)
+
+
+def unsupported_message(key: str) -> str:
+    hint = UNSUPPORTED[key]
+    return f"{NOT_YET}" + (f"; {hint}" if hint else "")
+
+
+def check_unsupported(config: Message, locator: Locator) -> None:
+    """Raise ConfigError for the first field set that this project does not implement."""
+    for key, path, _ in _walk(config, ""):
+        if key in UNSUPPORTED:
+            raise ConfigError(locator.where(path), path, unsupported_message(key))
+
+
+def ignored_settings(config: Message) -> list[tuple[str, str]]:
+    """(field path, reason) of every field set that this project accepts but ignores."""
+    return [(path, IGNORED[key]) for key, path, _ in _walk(config, "") if key in IGNORED]
+
+
+def unsupported_ancestor(path: str) -> tuple[str, str] | None:
+    """For a parse error inside `path`: the enclosing field that is unsupported, if any.
+
+    Returns (path of that field, message). Used when the text parser trips over the contents of
+    a message this project only keeps as an empty placeholder (e.g. combo_feature { ... }).
+    """
+    from hstu.config import schema
+
+    message = schema.message_descriptor("EasyRecConfig")
+    current = ""
+    for part in path.split("."):
+        name = part.split("[", 1)[0]
+        field = message.fields_by_name.get(name) if message is not None else None
+        if field is None:
+            return None
+        current = f"{current}.{part}" if current else part
+        key = f"{message.name}.{name}"
+        if key in UNSUPPORTED:
+            return current, unsupported_message(key)
+        message = field.message_type
+    return None

@@ -1,0 +1,673 @@
+"""Cross-field rules of a DlrmHSTU pipeline config (after parsing, overrides and defaults).
+
+Each rule raises ConfigError at the field that breaks it (file:line:col from the Locator, or
+the --set that set it). Rules follow TorchEasyRec's DlrmHSTU (reference sections 1.5 and 4)
+plus what this project needs to read the data and build the model.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+
+from google.protobuf.message import Message
+
+from hstu.config import schema
+from hstu.config.errors import ConfigError, one_of, suggest
+from hstu.config.features import (
+    CANDIDATE,
+    CANDIDATE_SIDE_GROUPS,
+    CLASSIFICATION_LOSSES,
+    CONTEXTUAL,
+    GROUP_TYPES,
+    ID_GROUPS,
+    OPTIONAL_GROUPS,
+    RAW_GROUPS,
+    REGRESSION_LOSSES,
+    STANDALONE_CANDIDATE_SEQUENCE,
+    STANDALONE_UIH_SEQUENCE,
+    UIH,
+    UIH_SIDE_GROUPS,
+    UIH_WATCHTIME,
+    DeclaredFeature,
+    declared_features,
+    embedding_name,
+    task_label_kind,
+)
+from hstu.config.locations import Locator
+from hstu.config.support import NOT_YET
+
+MIXED_PRECISION = ("", "BF16", "FP16")
+EMBEDDING_DATA_TYPES = ("FP32", "FP16")
+EXPRESSION_SIDES = ("user", "item", "context")
+# Activations an MLP may name; the model builds them from torch.nn.
+ACTIVATIONS = (
+    "nn.ReLU",
+    "nn.SiLU",
+    "nn.GELU",
+    "nn.Sigmoid",
+    "nn.Tanh",
+    "nn.LeakyReLU",
+    "nn.ELU",
+    "nn.Identity",
+)
+CLASSIFICATION_METRICS = ("auc", "grouped_auc")
+REGRESSION_METRICS = ("mean_absolute_error", "mean_squared_error")
+TIME_BUCKET_FNS = ("sqrt", "log")
+
+
+class _Checker:
+    def __init__(self, config: Message, locator: Locator):
+        self.config = config
+        self.locator = locator
+
+    def fail(self, path: str, problem: str) -> None:
+        raise ConfigError(self.locator.where(path), path, problem)
+
+    def at(self, path: str) -> str:
+        """'line L:C' of a field, to mention a second location inside a message."""
+        location = self.locator.where(path)
+        return str(location)
+
+    # ---- top level ---------------------------------------------------------------------
+
+    def top_level(self) -> None:
+        config = self.config
+        for name in ("model_config", "data_config", "train_config"):
+            if not config.HasField(name):
+                self.fail("", f"missing {name} {{ ... }}")
+        if not len(config.feature_configs):
+            self.fail("", "missing feature_configs { ... }: no features are declared")
+        if config.model_config.WhichOneof("model") != "dlrm_hstu":
+            self.fail("model_config", "expected a dlrm_hstu { ... } block (the only model here)")
+
+    # ---- data_config / train_config / export_config --------------------------------------
+
+    def data(self) -> None:
+        data = self.config.data_config
+        dataset = schema.enum_name("DatasetType", data.dataset_type)
+        if dataset != "ParquetDataset":
+            self.fail(
+                "data_config.dataset_type",
+                f"{dataset} is {NOT_YET}; use ParquetDataset",
+            )
+        fg_mode = schema.enum_name("FgMode", data.fg_mode)
+        if fg_mode not in ("FG_NONE", "FG_DAG"):
+            self.fail(
+                "data_config.fg_mode",
+                f"{fg_mode} is {NOT_YET}; use FG_NONE (or FG_DAG: both read the columns the "
+                "feature expressions name, as no feature transforms are supported)",
+            )
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(data, name) == 0:
+                self.fail(f"data_config.{name}", "must be at least 1")
+        if data.shuffle and data.shuffle_buffer_size == 0:
+            self.fail("data_config.shuffle_buffer_size", "must be at least 1 when shuffle is on")
+        if not len(data.label_fields):
+            self.fail("data_config.label_fields", "no label columns: tasks need labels")
+        seen: dict[str, int] = {}
+        for index, label in enumerate(data.label_fields):
+            if label in seen:
+                self.fail(f"data_config.label_fields[{index}]", f"label {label!r} listed twice")
+            seen[label] = index
+
+    def _optimizer(self, path: str, optimizer: Message, choices: list[str]) -> None:
+        which = optimizer.WhichOneof("optimizer")
+        if which is None:
+            self.fail(path, f"no optimizer chosen; expected one of {one_of(choices)}")
+        chosen = getattr(optimizer, which)
+        if chosen.lr <= 0:
+            self.fail(f"{path}.{which}.lr", f"learning rate must be > 0, got {chosen.lr:g}")
+
+    def train(self) -> None:
+        train = self.config.train_config
+        self._optimizer(
+            "train_config.sparse_optimizer",
+            train.sparse_optimizer,
+            ["sgd_optimizer", "adagrad_optimizer", "adam_optimizer", "rowwise_adagrad_optimizer"],
+        )
+        self._optimizer(
+            "train_config.dense_optimizer",
+            train.dense_optimizer,
+            ["sgd_optimizer", "adagrad_optimizer", "adam_optimizer", "adamw_optimizer"],
+        )
+        if train.mixed_precision not in MIXED_PRECISION:
+            self.fail(
+                "train_config.mixed_precision",
+                f'{train.mixed_precision!r}: expected "BF16", "FP16" or "" (none)',
+            )
+        export = self.config.export_config
+        if export.mixed_precision not in MIXED_PRECISION:
+            self.fail(
+                "export_config.mixed_precision",
+                f'{export.mixed_precision!r}: expected "BF16", "FP16" or "" (none)',
+            )
+
+    # ---- feature_configs -----------------------------------------------------------------
+
+    def features(self) -> dict[str, DeclaredFeature]:
+        sequence_paths: dict[str, str] = {}
+        for index, feature_config in enumerate(self.config.feature_configs):
+            path = f"feature_configs[{index}]"
+            which = feature_config.WhichOneof("feature")
+            if which is None:
+                self.fail(path, "empty feature config: expected id_feature, raw_feature, ...")
+            if which != "sequence_feature":
+                continue
+            sequence = feature_config.sequence_feature
+            sequence_path = f"{path}.sequence_feature"
+            name = sequence.sequence_name
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                self.fail(
+                    f"{sequence_path}.sequence_name",
+                    f"{name!r} is not a name (letters, digits, underscores)",
+                )
+            if name in sequence_paths:
+                self.fail(
+                    f"{sequence_path}.sequence_name",
+                    f"sequence {name!r} is declared twice (first at {self.at(sequence_paths[name])})",
+                )
+            sequence_paths[name] = f"{sequence_path}.sequence_name"
+            if not len(sequence.features):
+                self.fail(sequence_path, f"sequence {name!r} has no features")
+            for sub_index, sub_config in enumerate(sequence.features):
+                if sub_config.WhichOneof("feature") is None:
+                    self.fail(
+                        f"{sequence_path}.features[{sub_index}]",
+                        "empty feature: expected id_feature or raw_feature",
+                    )
+
+        by_name: dict[str, DeclaredFeature] = {}
+        for feature in declared_features(self.config):
+            config = feature.config
+            if not config.feature_name:
+                self.fail(f"{feature.path}.feature_name", "must not be empty")
+            if feature.name in by_name:
+                first = by_name[feature.name]
+                self.fail(
+                    f"{feature.path}.feature_name",
+                    f"feature {feature.name!r} is declared twice "
+                    f"(first at {self.at(first.path + '.feature_name')})",
+                )
+            by_name[feature.name] = feature
+            side, colon, column = config.expression.partition(":")
+            if not colon or side not in EXPRESSION_SIDES or not column:
+                self.fail(
+                    f"{feature.path}.expression",
+                    f"{config.expression!r}: expected side:name with side one of "
+                    f"{one_of(EXPRESSION_SIDES)} (e.g. \"item:video_id\")",
+                )
+            if feature.kind == "id":
+                self._id_feature(feature)
+        self._shared_tables(by_name)
+        return by_name
+
+    def _id_feature(self, feature: DeclaredFeature) -> None:
+        config, path = feature.config, feature.path
+        if config.embedding_dim == 0:
+            self.fail(f"{path}.embedding_dim", "must be at least 1")
+        if not config.HasField("num_buckets"):
+            self.fail(
+                path,
+                "num_buckets is required: ids are table rows, 0 <= id < num_buckets",
+            )
+        if config.num_buckets == 0:
+            self.fail(f"{path}.num_buckets", "must be at least 1")
+        if config.data_type not in EMBEDDING_DATA_TYPES:
+            self.fail(
+                f"{path}.data_type",
+                f"{config.data_type!r}: expected one of {one_of(EMBEDDING_DATA_TYPES)}",
+            )
+        if config.value_dim > 1:
+            self.fail(f"{path}.value_dim", f"multi-valued ids are {NOT_YET}; use 1")
+
+    def _shared_tables(self, by_name: dict[str, DeclaredFeature]) -> None:
+        tables: dict[str, DeclaredFeature] = {}
+        for feature in by_name.values():
+            if feature.kind != "id":
+                continue
+            table = embedding_name(feature)
+            first = tables.setdefault(table, feature)
+            for field in ("embedding_dim", "num_buckets", "data_type"):
+                mine, theirs = getattr(feature.config, field), getattr(first.config, field)
+                if mine != theirs:
+                    self.fail(
+                        f"{feature.path}.{field}",
+                        f"{feature.name!r} shares table {table!r} with {first.name!r} "
+                        f"({self.at(first.path)}), so {field} must match: {mine} != {theirs}",
+                    )
+
+    # ---- feature groups --------------------------------------------------------------------
+
+    def groups(self, features: dict[str, DeclaredFeature]) -> dict[str, list[DeclaredFeature]]:
+        model = self.config.model_config
+        groups: dict[str, list[DeclaredFeature]] = {}
+        group_paths: dict[str, str] = {}
+        for index, group in enumerate(model.feature_groups):
+            path = f"model_config.feature_groups[{index}]"
+            name = group.group_name
+            if name not in GROUP_TYPES:
+                self.fail(
+                    f"{path}.group_name",
+                    f"unknown group {name!r}{suggest(name, GROUP_TYPES)}; DlrmHSTU reads the "
+                    f"groups {one_of(GROUP_TYPES)}",
+                )
+            if name in groups:
+                self.fail(
+                    f"{path}.group_name",
+                    f"group {name!r} is defined twice (first at {self.at(group_paths[name])})",
+                )
+            group_paths[name] = path
+            group_type = schema.enum_name("FeatureGroupType", group.group_type)
+            if group_type not in GROUP_TYPES[name]:
+                self.fail(
+                    f"{path}.group_type",
+                    f"group {name!r} must be {' or '.join(GROUP_TYPES[name])}, got {group_type}",
+                )
+            if not len(group.feature_names):
+                self.fail(path, f"group {name!r} has no feature_names")
+            members = []
+            for feature_index, feature_name in enumerate(group.feature_names):
+                feature_path = f"{path}.feature_names[{feature_index}]"
+                feature = features.get(feature_name)
+                if feature is None:
+                    self.fail(
+                        feature_path,
+                        f"feature {feature_name!r} is not declared in feature_configs"
+                        f"{suggest(feature_name, features)}",
+                    )
+                self._group_member(name, feature, feature_path)
+                members.append(feature)
+            if name in RAW_GROUPS and len(members) != 1:
+                self.fail(path, f"group {name!r} takes exactly one raw feature, got {len(members)}")
+            groups[name] = members
+
+        missing = [name for name in GROUP_TYPES if name not in groups and name not in OPTIONAL_GROUPS]
+        if missing:
+            self.fail(
+                "model_config",
+                f"missing feature group {missing[0]!r}; DlrmHSTU needs the groups "
+                f"{one_of(n for n in GROUP_TYPES if n not in OPTIONAL_GROUPS)} "
+                f"({one_of(OPTIONAL_GROUPS)} optional)",
+            )
+        self._sides(groups, group_paths)
+        return groups
+
+    def _group_member(self, group: str, feature: DeclaredFeature, path: str) -> None:
+        if group in ID_GROUPS and feature.kind != "id":
+            self.fail(path, f"group {group!r} takes id features; {feature.name!r} is a raw feature")
+        if group in RAW_GROUPS and feature.kind != "raw":
+            self.fail(
+                path,
+                f"group {group!r} takes a raw feature (values used as they are); "
+                f"{feature.name!r} is an id feature",
+            )
+        if group == CONTEXTUAL and feature.is_sequence:
+            self.fail(path, f"group 'contextual' takes scalar features; {feature.name!r} is a sequence")
+        if group != CONTEXTUAL and not feature.is_sequence:
+            self.fail(
+                path,
+                f"group {group!r} takes sequence features; {feature.name!r} is a scalar feature",
+            )
+
+    def _sides(self, groups: dict[str, list[DeclaredFeature]], group_paths: dict[str, str]):
+        side_sequence = {}
+        for side, side_groups, standalone_key in (
+            ("history", UIH_SIDE_GROUPS, STANDALONE_UIH_SEQUENCE),
+            ("candidate", CANDIDATE_SIDE_GROUPS, STANDALONE_CANDIDATE_SEQUENCE),
+        ):
+            first: tuple[str, str] | None = None  # (sequence, where)
+            for group in side_groups:
+                for index, feature in enumerate(groups.get(group, [])):
+                    sequence = feature.sequence or standalone_key
+                    path = f"{group_paths[group]}.feature_names[{index}]"
+                    if first is None:
+                        first = (sequence, path)
+                    elif sequence != first[0]:
+                        self.fail(
+                            path,
+                            f"the {side} groups ({one_of(side_groups)}) must all come from one "
+                            f"sequence: {feature.name!r} is from {sequence!r}, but "
+                            f"{self.at(first[1])} uses {first[0]!r}",
+                        )
+            side_sequence[side] = first
+        history, candidate = side_sequence["history"], side_sequence["candidate"]
+        if history and candidate and history[0] == candidate[0]:
+            self.fail(
+                candidate[1],
+                f"history and candidate groups use the same sequence {history[0]!r}; "
+                "candidates need their own sequence",
+            )
+
+    # ---- dlrm_hstu --------------------------------------------------------------------------
+
+    def model(self, groups: dict[str, list[DeclaredFeature]]) -> None:
+        base = "model_config.dlrm_hstu"
+        dlrm = self.config.model_config.dlrm_hstu
+        hstu = dlrm.hstu
+        if dlrm.max_seq_len == 0:
+            self.fail(f"{base}.max_seq_len", "must be at least 1")
+        if dlrm.item_embedding_hidden_dim == 0:
+            self.fail(f"{base}.item_embedding_hidden_dim", "must be at least 1")
+
+        stu, stu_path = hstu.stu, f"{base}.hstu.stu"
+        for name in ("embedding_dim", "num_heads", "hidden_dim", "attention_dim"):
+            if getattr(stu, name) == 0:
+                self.fail(f"{stu_path}.{name}", "must be at least 1")
+        self._ratio(f"{stu_path}.output_dropout_ratio", stu.output_dropout_ratio)
+        self._ratio(f"{base}.hstu.input_dropout_ratio", hstu.input_dropout_ratio)
+        if hstu.attn_num_layers == 0:
+            self.fail(f"{base}.hstu.attn_num_layers", "must be at least 1")
+
+        encoder, encoder_path = hstu.positional_encoder, f"{base}.hstu.positional_encoder"
+        if encoder.num_position_buckets == 0:
+            self.fail(f"{encoder_path}.num_position_buckets", "must be at least 1")
+        if encoder.use_time_encoding and encoder.num_time_buckets == 0:
+            self.fail(
+                f"{encoder_path}.num_time_buckets", "must be at least 1 when use_time_encoding"
+            )
+        if encoder.time_bucket_fn not in TIME_BUCKET_FNS:
+            self.fail(
+                f"{encoder_path}.time_bucket_fn",
+                f"{encoder.time_bucket_fn!r}: expected {' or '.join(map(repr, TIME_BUCKET_FNS))}",
+            )
+        if encoder.time_bucket_increments <= 0:
+            self.fail(f"{encoder_path}.time_bucket_increments", "must be > 0")
+
+        self._preprocessor(groups)
+        self._postprocessor()
+        self._contextual(groups)
+        self._kernel()
+        tower = dlrm.fusion_mtl_tower
+        if tower.HasField("mlp"):
+            self._mlp(f"{base}.fusion_mtl_tower.mlp", tower.mlp)
+
+    def _ratio(self, path: str, value: float) -> None:
+        if not 0.0 <= value < 1.0:
+            self.fail(path, f"a dropout ratio must be in [0, 1), got {value:g}")
+
+    def _mlp(self, path: str, mlp: Message) -> None:
+        if not len(mlp.hidden_units):
+            self.fail(path, "hidden_units is empty: an MLP needs at least one layer")
+        for index, units in enumerate(mlp.hidden_units):
+            if units == 0:
+                self.fail(f"{path}.hidden_units[{index}]", "must be at least 1")
+        if len(mlp.dropout_ratio) not in (0, len(mlp.hidden_units)):
+            self.fail(
+                f"{path}.dropout_ratio",
+                f"give one ratio, or one per layer ({len(mlp.hidden_units)}); "
+                f"got {len(mlp.dropout_ratio)}",
+            )
+        for index, ratio in enumerate(mlp.dropout_ratio):
+            self._ratio(f"{path}.dropout_ratio[{index}]", ratio)
+        if mlp.activation not in ACTIVATIONS:
+            self.fail(
+                f"{path}.activation",
+                f"{mlp.activation!r}: expected one of {one_of(ACTIVATIONS)}"
+                f"{suggest(mlp.activation, ACTIVATIONS)}",
+            )
+        if mlp.use_bn and mlp.use_ln:
+            self.fail(f"{path}.use_ln", "use_bn and use_ln cannot both be true")
+
+    def _group_dim(self, features: list[DeclaredFeature]) -> int:
+        return sum(feature.config.embedding_dim for feature in features)
+
+    def _preprocessor(self, groups: dict[str, list[DeclaredFeature]]) -> None:
+        path = "model_config.dlrm_hstu.hstu.input_preprocessor"
+        preprocessor = self.config.model_config.dlrm_hstu.hstu.input_preprocessor
+        if preprocessor.WhichOneof("input_preprocessor") != "contextual_preprocessor":
+            self.fail(path, "expected contextual_preprocessor { ... }")
+        contextual = preprocessor.contextual_preprocessor
+        path = f"{path}.contextual_preprocessor"
+
+        uih_dim, candidate_dim = self._group_dim(groups[UIH]), self._group_dim(groups[CANDIDATE])
+        content = contextual.content_encoder
+        which = content.WhichOneof("content_encoder")
+        content_path = f"{path}.content_encoder"
+        if which is None:
+            self.fail(content_path, "expected slice_content_encoder, pad_content_encoder or mlp_content_encoder")
+        if which == "slice_content_encoder" and candidate_dim < uih_dim:
+            self.fail(
+                f"{content_path}.slice_content_encoder",
+                f"slice needs the candidate group at least as wide as the uih group: "
+                f"candidate {candidate_dim} < uih {uih_dim} (summed embedding_dim)",
+            )
+        if which == "pad_content_encoder" and candidate_dim <= uih_dim:
+            self.fail(
+                f"{content_path}.pad_content_encoder",
+                f"pad needs the candidate group wider than the uih group: "
+                f"candidate {candidate_dim} <= uih {uih_dim} (summed embedding_dim)",
+            )
+        if which == "mlp_content_encoder":
+            mlps = content.mlp_content_encoder
+            mlp_path = f"{content_path}.mlp_content_encoder"
+            self._mlp(f"{mlp_path}.uih_mlp", mlps.uih_mlp)
+            self._mlp(f"{mlp_path}.target_mlp", mlps.target_mlp)
+            if mlps.uih_mlp.hidden_units[-1] != mlps.target_mlp.hidden_units[-1]:
+                self.fail(
+                    f"{mlp_path}.target_mlp",
+                    f"uih_mlp and target_mlp must end at the same width: "
+                    f"{mlps.uih_mlp.hidden_units[-1]} != {mlps.target_mlp.hidden_units[-1]}",
+                )
+        self._contextualized_mlp(f"{path}.content_mlp", contextual.content_mlp)
+
+        if contextual.HasField("action_encoder"):
+            self._action_encoder(f"{path}.action_encoder", contextual.action_encoder, groups)
+            if not contextual.HasField("action_mlp"):
+                self.fail(f"{path}.action_encoder", "an action_encoder needs an action_mlp")
+            self._contextualized_mlp(f"{path}.action_mlp", contextual.action_mlp)
+
+    def _contextualized_mlp(self, path: str, mlp: Message) -> None:
+        which = mlp.WhichOneof("contextualized_mlp")
+        if which is None:
+            self.fail(path, "expected simple_mlp { hidden_dim: N } or parameterized_mlp { ... }")
+        chosen = getattr(mlp, which)
+        if chosen.hidden_dim == 0:
+            self.fail(f"{path}.{which}.hidden_dim", "must be at least 1")
+        if which == "parameterized_mlp":
+            self._ratio(f"{path}.{which}.contextual_dropout_ratio", chosen.contextual_dropout_ratio)
+
+    def _bits(self, path: str, values, seen: dict[int, str]) -> None:
+        for index, value in enumerate(values):
+            element = f"{path}[{index}]"
+            if value <= 0 or value & (value - 1):
+                self.fail(element, f"{value} is not a power of two (one bit per action)")
+            if value in seen:
+                self.fail(element, f"bit {value} is used twice (also at {seen[value]})")
+            seen[value] = element
+
+    def _action_encoder(self, path: str, encoder: Message, groups) -> None:
+        if encoder.WhichOneof("action_encoder") != "simple_action_encoder":
+            self.fail(path, "expected simple_action_encoder { ... }")
+        simple, path = encoder.simple_action_encoder, f"{path}.simple_action_encoder"
+        if simple.action_embedding_dim == 0:
+            self.fail(f"{path}.action_embedding_dim" if simple.HasField("action_embedding_dim") else path,
+                      "action_embedding_dim must be at least 1")
+        if not len(simple.action_weights):
+            self.fail(path, "action_weights is empty: list the bit of each action")
+        seen: dict[int, str] = {}
+        self._bits(f"{path}.action_weights", simple.action_weights, seen)
+        thresholds, weights = simple.watchtime_to_action_thresholds, simple.watchtime_to_action_weights
+        if len(thresholds) != len(weights):
+            self.fail(
+                f"{path}.watchtime_to_action_weights",
+                f"needs one weight per threshold: {len(weights)} weights, "
+                f"{len(thresholds)} watchtime_to_action_thresholds",
+            )
+        self._bits(f"{path}.watchtime_to_action_weights", weights, seen)
+        if len(thresholds) and UIH_WATCHTIME not in groups:
+            self.fail(
+                f"{path}.watchtime_to_action_thresholds",
+                "watch-time actions need the uih_watchtime feature group",
+            )
+
+    def _postprocessor(self) -> None:
+        path = "model_config.dlrm_hstu.hstu.output_postprocessor"
+        postprocessor = self.config.model_config.dlrm_hstu.hstu.output_postprocessor
+        which = postprocessor.WhichOneof("output_postprocessor")
+        if which is None:
+            self.fail(
+                path,
+                "expected l2norm_postprocessor, layernorm_postprocessor or "
+                "timestamp_layernorm_postprocessor",
+            )
+        if which == "timestamp_layernorm_postprocessor":
+            timestamp = postprocessor.timestamp_layernorm_postprocessor
+            path = f"{path}.{which}"
+            units, per_period = timestamp.time_duration_period_units, timestamp.time_duration_units_per_period
+            if len(units) != len(per_period):
+                self.fail(
+                    f"{path}.time_duration_units_per_period",
+                    f"needs one entry per time_duration_period_units entry: "
+                    f"{len(per_period)} != {len(units)}",
+                )
+            if not len(units):
+                self.fail(path, "time_duration_period_units is empty")
+            for name, values in (("time_duration_period_units", units), ("time_duration_units_per_period", per_period)):
+                for index, value in enumerate(values):
+                    if value == 0:
+                        self.fail(f"{path}.{name}[{index}]", "must be at least 1")
+
+    def _contextual(self, groups) -> None:
+        dlrm = self.config.model_config.dlrm_hstu
+        if dlrm.concat_contextual_features:
+            return
+        contextual = groups[CONTEXTUAL]
+        first = contextual[0]
+        for index, feature in enumerate(contextual):
+            if feature.config.embedding_dim != first.config.embedding_dim:
+                group_index = [g.group_name for g in self.config.model_config.feature_groups].index(CONTEXTUAL)
+                self.fail(
+                    f"model_config.feature_groups[{group_index}].feature_names[{index}]",
+                    f"contextual features must share one embedding_dim unless "
+                    f"dlrm_hstu.concat_contextual_features is true: {feature.name!r} has "
+                    f"{feature.config.embedding_dim}, {first.name!r} has {first.config.embedding_dim}",
+                )
+
+    def _kernel(self) -> None:
+        model = self.config.model_config
+        if schema.enum_name("Kernel", model.kernel) != "CUTLASS":
+            return
+        stu = model.dlrm_hstu.hstu.stu
+        if stu.attention_dim != stu.hidden_dim:
+            self.fail(
+                "model_config.dlrm_hstu.hstu.stu.attention_dim",
+                f"kernel CUTLASS ({self.at('model_config.kernel')}) needs attention_dim == "
+                f"hidden_dim; got attention_dim {stu.attention_dim}, hidden_dim {stu.hidden_dim}",
+            )
+        if self.config.train_config.mixed_precision not in ("BF16", "FP16"):
+            self.fail(
+                "train_config.mixed_precision",
+                f"kernel CUTLASS ({self.at('model_config.kernel')}) runs attention in BF16/FP16 "
+                'only: set train_config.mixed_precision to "BF16" or "FP16"',
+            )
+
+    def one_embedding_dim(self, groups) -> None:
+        """Every table in one TorchRec EmbeddingCollection, which needs a single embedding_dim."""
+        first = None
+        for group in ID_GROUPS:
+            for feature in groups[group]:
+                if first is None:
+                    first = feature
+                elif feature.config.embedding_dim != first.config.embedding_dim:
+                    self.fail(
+                        f"{feature.path}.embedding_dim",
+                        f"{feature.name!r} has embedding_dim {feature.config.embedding_dim} but "
+                        f"{first.name!r} has {first.config.embedding_dim}: this project looks up "
+                        "all id features in one TorchRec EmbeddingCollection, which needs one "
+                        "embedding_dim for all tables",
+                    )
+
+    # ---- tasks and labels --------------------------------------------------------------------
+
+    def tasks(self, features: dict[str, DeclaredFeature], groups) -> None:
+        base = "model_config.dlrm_hstu.fusion_mtl_tower"
+        tasks = self.config.model_config.dlrm_hstu.fusion_mtl_tower.task_configs
+        labels = list(self.config.data_config.label_fields)
+        if not len(tasks):
+            self.fail(base, "no task_configs: the model needs at least one task")
+        names: dict[str, str] = {}
+        label_kinds: dict[str, tuple[str, str]] = {}  # label -> (kind, task path)
+        for index, task in enumerate(tasks):
+            path = f"{base}.task_configs[{index}]"
+            if not task.task_name:
+                self.fail(f"{path}.task_name", "must not be empty")
+            if task.task_name in names:
+                self.fail(
+                    f"{path}.task_name",
+                    f"task {task.task_name!r} is defined twice (first at {self.at(names[task.task_name])})",
+                )
+            names[task.task_name] = f"{path}.task_name"
+            if task.label_name not in labels:
+                self.fail(
+                    f"{path}.label_name",
+                    f"label {task.label_name!r} is not in data_config.label_fields "
+                    f"({one_of(labels)}){suggest(task.label_name, labels)}",
+                )
+            if not len(task.losses):
+                self.fail(path, f"task {task.task_name!r} has no losses")
+            for loss_index, loss in enumerate(task.losses):
+                if loss.WhichOneof("loss") is None:
+                    self.fail(f"{path}.losses[{loss_index}]", "empty loss: expected binary_cross_entropy { } or l2_loss { }")
+            kind = task_label_kind(task)
+            if kind is None:
+                self.fail(f"{path}.losses", "mixes classification and regression losses")
+            if task.weight < 0:
+                self.fail(f"{path}.weight", f"must be >= 0, got {task.weight:g}")
+            if kind == "classification":
+                if not task.HasField("task_bitmask"):
+                    self.fail(
+                        path,
+                        f"task {task.task_name!r} is a classification task on the bitmask label "
+                        f"{task.label_name!r}: set task_bitmask (the action bit it predicts)",
+                    )
+                if task.task_bitmask == 0:
+                    self.fail(f"{path}.task_bitmask", "must not be 0")
+            elif task.HasField("task_bitmask"):
+                self.fail(
+                    f"{path}.task_bitmask",
+                    "a regression (l2_loss) task uses its label as a number: remove task_bitmask",
+                )
+            previous = label_kinds.setdefault(task.label_name, (kind, path))
+            if previous[0] != kind:
+                self.fail(
+                    f"{path}.label_name",
+                    f"label {task.label_name!r} is used by a {previous[0]} task "
+                    f"({self.at(previous[1])}) and by this {kind} task; a label column has one type",
+                )
+            self._metrics(path, task, kind, features, groups)
+
+    def _metrics(self, path: str, task: Message, kind: str, features, groups) -> None:
+        allowed = CLASSIFICATION_METRICS if kind == "classification" else REGRESSION_METRICS
+        for index, metric in enumerate(task.metrics):
+            metric_path = f"{path}.metrics[{index}]"
+            which = metric.WhichOneof("metric")
+            if which is None:
+                self.fail(metric_path, f"empty metric: expected one of {one_of(allowed)}")
+            if which not in allowed:
+                self.fail(
+                    f"{metric_path}.{which}",
+                    f"{which} does not fit a {kind} task; expected one of {one_of(allowed)}",
+                )
+            if which == "grouped_auc":
+                key = metric.grouped_auc.grouping_key
+                contextual = [feature.name for feature in groups[CONTEXTUAL]]
+                if key not in contextual:
+                    self.fail(
+                        f"{metric_path}.grouped_auc.grouping_key",
+                        f"{key!r} must be a feature of the contextual group "
+                        f"({one_of(contextual)}){suggest(key, contextual)}",
+                    )
+
+
+def validate(config: Message, locator: Locator) -> None:
+    """Raise ConfigError at the first broken rule (in the order the checks read the config)."""
+    checker = _Checker(config, locator)
+    checker.top_level()
+    checker.data()
+    checker.train()
+    features = checker.features()
+    groups = checker.groups(features)
+    checker.model(groups)
+    checker.one_embedding_dim(groups)
+    checker.tasks(features, groups)
