@@ -1,0 +1,772 @@
+"""Jagged HSTU attention in Triton: forward, and a backward whose dQ does not serialize.
+
+Math (docs/dlrm_hstu_reference.md section 2.7; the mask is
+hstu.ops.pytorch.attention.attention_mask):
+
+    out_i = sum_j SiLU(alpha <q_i, k_j>) / S * M_ij * v_j
+
+There is no softmax, so a query block needs no running maximum and no rescaling: every key
+tile simply adds p @ v into a float32 accumulator.
+
+How the mask turns into work. Per row of length L with t candidates ("targets") and c
+contextual tokens, let hist = L - t (contextual + history tokens). Candidate keys (position
+>= hist) are seen by no query except themselves, so the key loops stop at hist and each
+candidate's own term is added separately as a row-wise dot product: a candidate never loads
+another candidate's K/V tile. The remaining tiles are split into three loops: one over the
+contextual keys (only with a window), one over tiles that the mask keeps whole (no mask
+arithmetic: the bulk of a long row), and one over tiles that cross the diagonal, the history
+end or the window edge (mask computed from the position ids exactly as the reference does).
+Contextual query blocks see every non-candidate key and scan the whole history.
+
+Backward. One kernel per key block accumulates dK and dV over the query blocks that can see
+it. dQ comes either from a second kernel per query block that loops over key blocks like the
+forward ("separate": deterministic, recomputes q k^T and dO v^T), or from float32 atomic adds
+issued by the dK/dV kernel ("atomic": no recomputation, summation order not deterministic).
+Neither uses a lock. `DQ_MODE` picks one; docs/kernels.md has the measurements behind the
+default.
+
+Scheduling: query blocks are launched last block first (they do the most work under a causal
+mask), key blocks first block first, so the longest programs start earliest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import triton
+import triton.language as tl
+
+from hstu.ops.triton._common import (
+    Tile,
+    choose_tile,
+    dot,
+    fp32_dot_precision,
+    interpreting,
+    seq_len_bucket,
+    tanh_approx,
+    triton_dtype_ok,
+)
+
+LOG2E = 1.4426950408889634
+
+# Launch configs, each checked on an H200 (torch 2.11, CUDA 13, Triton 3.6) in its own
+# process for faults and for its error against the PyTorch path: benchmarks/gpu_sweep.py.
+FORWARD_TILES = [
+    Tile(128, 64, 8, 2),
+    Tile(128, 64, 8, 3),
+    Tile(128, 128, 8, 2),
+    Tile(64, 64, 4, 3),
+]
+BACKWARD_DKDV_TILES = [
+    Tile(64, 64, 4, 2),
+    Tile(64, 128, 8, 2),
+    Tile(32, 128, 8, 2),
+    Tile(64, 64, 4, 3),
+]
+BACKWARD_DQ_TILES = [
+    Tile(128, 64, 8, 2),
+    Tile(64, 64, 4, 3),
+    Tile(128, 32, 4, 3),
+]
+# Under the interpreter the cost is per program per loop step: big tiles, few programs.
+INTERPRET_TILE = Tile(32, 32, 4, 1)
+
+DQ_MODES = ("atomic", "separate")
+DQ_MODE = "atomic"
+
+
+@contextlib.contextmanager
+def dq_mode(mode: str) -> Iterator[None]:
+    """Run the backward with dQ from "atomic" adds or a "separate" kernel."""
+    global DQ_MODE
+    if mode not in DQ_MODES:
+        raise ValueError(f"dq mode {mode!r}; expected one of {DQ_MODES}")
+    previous, DQ_MODE = DQ_MODE, mode
+    try:
+        yield
+    finally:
+        DQ_MODE = previous
+
+
+# ----------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def _row_info(seq_offsets, num_targets, b, contextual_seq_len, HAS_TARGETS: tl.constexpr,
+              HAS_CONTEXT: tl.constexpr):
+    """Row start (int64), length L, hist = L - targets, the id shift cs and the first
+    target id mx, as in the reference: id(p) = min(max(p - cs, 0), mx)."""
+    start = tl.load(seq_offsets + b)
+    length = (tl.load(seq_offsets + b + 1) - start).to(tl.int32)
+    if HAS_TARGETS:
+        hist = length - tl.load(num_targets + b).to(tl.int32)
+    else:
+        hist = length
+    if HAS_CONTEXT:
+        cs = contextual_seq_len - 1
+    else:
+        cs = 0
+    return start, length, hist, cs, hist - cs
+
+
+@triton.jit
+def _valid(qi, kj, hist, mx, cs, max_attn_len, HAS_CONTEXT: tl.constexpr,
+           HAS_TARGETS: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """The reference mask for query positions qi and key positions kj (broadcast against each
+    other), restricted to keys before the candidates (their own term is added separately)."""
+    if HAS_CONTEXT:
+        id_q = tl.maximum(qi - cs, 0)
+        id_k = tl.maximum(kj - cs, 0)
+    else:
+        id_q = qi
+        id_k = kj
+    if HAS_TARGETS:
+        id_q = tl.minimum(id_q, mx)
+        id_k = tl.minimum(id_k, mx)
+    dist = id_q - id_k
+    ok = (dist > 0) | (qi == kj)
+    if HAS_WINDOW:
+        ok = ok & (dist <= max_attn_len)
+    if HAS_CONTEXT:
+        ok = ok | ((id_q == 0) & (id_k < mx))
+    return ok & (kj < hist)
+
+
+@triton.jit
+def _silu_scaled(qk, alpha, scale, FAST: tl.constexpr):
+    """SiLU(alpha * qk) * scale, sigmoid through exp2 (float32) or one tanh (16-bit)."""
+    if FAST:
+        half = qk * (0.5 * alpha * scale)
+        return half * tanh_approx(qk * (0.5 * alpha)) + half
+    else:
+        x = qk * alpha
+        return x * scale / (1.0 + tl.exp2(x * -LOG2E))
+
+
+@triton.jit
+def _silu_and_grad(qk, alpha, scale, FAST: tl.constexpr):
+    """(SiLU(x) * scale, SiLU'(x)) for x = alpha * qk; SiLU' = s (1 + x (1 - s))."""
+    x = qk * alpha
+    if FAST:
+        t = tanh_approx(0.5 * x)
+        sig = 0.5 * t + 0.5
+        # s (1 - s) = (1 - t^2) / 4 when s = (1 + t) / 2
+        grad = sig + 0.25 * x * (1.0 - t * t)
+    else:
+        sig = 1.0 / (1.0 + tl.exp2(x * -LOG2E))
+        grad = sig * (1.0 + x * (1.0 - sig))
+    return x * sig * scale, grad
+
+
+@triton.jit
+def _load_rows(base, rows, stride, limit, D: tl.constexpr, BLOCK_D: tl.constexpr,
+               CHECK_ROWS: tl.constexpr):
+    """Rows `rows` of a [*, D] slab (zeros for rows >= limit when CHECK_ROWS)."""
+    if CHECK_ROWS:
+        return _load_rows_where(base, rows, stride, rows < limit, D, BLOCK_D)
+    cols = tl.arange(0, BLOCK_D)
+    ptrs = base + rows[:, None] * stride + cols[None, :]
+    if BLOCK_D == D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=cols[None, :] < D, other=0.0)
+
+
+@triton.jit
+def _load_rows_where(base, rows, stride, row_ok, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows `rows` of a [*, D] slab, zeros where row_ok is false."""
+    cols = tl.arange(0, BLOCK_D)
+    ptrs = base + rows[:, None] * stride + cols[None, :]
+    if BLOCK_D == D:
+        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    return tl.load(ptrs, mask=row_ok[:, None] & (cols[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _store_rows(base, rows, stride, limit, value, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    cols = tl.arange(0, BLOCK_D)
+    ptrs = base + rows[:, None] * stride + cols[None, :]
+    if BLOCK_D == D:
+        tl.store(ptrs, value, mask=rows[:, None] < limit)
+    else:
+        tl.store(ptrs, value, mask=(rows[:, None] < limit) & (cols[None, :] < D))
+
+
+@triton.jit
+def _query_block_ranges(start_m, length, hist, mx, cs, contextual_seq_len, max_attn_len,
+                        HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr,
+                        HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    """Key ranges for query block [start_m, start_m + BLOCK_M), as three loops:
+    masked [0, ctx_end), unmasked [lo, full_end), masked [full_end, hi)."""
+    hi = tl.minimum(start_m + BLOCK_M, hist)
+    ctx_end = hi * 0
+    lo = hi * 0
+    full_end = hi * 0
+    if HAS_CONTEXT:
+        # A block holding contextual queries: they see every non-candidate key.
+        whole_row = start_m < contextual_seq_len
+    else:
+        whole_row = False
+    if whole_row:
+        ctx_end = hist
+        lo = hist
+        full_end = hist
+        hi = hist
+    else:
+        if HAS_WINDOW:
+            # Keys within max_attn_len ids of the block's first query (ids only grow).
+            if HAS_CONTEXT:
+                first_id = tl.maximum(start_m - cs, 0)
+            else:
+                first_id = start_m
+            if HAS_TARGETS:
+                first_id = tl.minimum(first_id, mx)
+            lo = tl.maximum(first_id - max_attn_len + cs, 0)
+            if HAS_CONTEXT:
+                # ...plus the contextual keys (id 0), which lie before that window.
+                ctx_keys = tl.minimum(contextual_seq_len, lo)
+                ctx_end = tl.cdiv(ctx_keys, BLOCK_N) * BLOCK_N
+                lo = tl.maximum(lo, ctx_end)
+            full_end = lo
+        else:
+            # Every key tile wholly before the block and before the candidates is unmasked,
+            # provided contextual keys (id 0) sit below every history id, i.e. hist >= c.
+            full_end = (tl.minimum(start_m, hist) // BLOCK_N) * BLOCK_N
+            if HAS_CONTEXT:
+                full_end = tl.where(hist >= contextual_seq_len, full_end, 0)
+    return ctx_end, lo, full_end, hi
+
+
+@triton.jit
+def _key_block_ranges(start_n, length, hist, mx, cs, contextual_seq_len, max_attn_len,
+                      HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query ranges that see key block [start_n, start_n + BLOCK_N) (for start_n < hist), as
+    three loops: masked [0, ctx_end), masked [lo, mask_end), unmasked [mask_end, hi)."""
+    hi = length
+    if HAS_WINDOW:
+        last_key = tl.minimum(start_n + BLOCK_N, hist) - 1
+        if HAS_CONTEXT:
+            last_id = tl.maximum(last_key - cs, 0)
+        else:
+            last_id = last_key
+        # History queries up to max_attn_len ids later; candidates (id mx) only if in reach.
+        hi = tl.where(mx <= last_id + max_attn_len, length,
+                      tl.minimum(length, last_id + max_attn_len + cs + 1))
+    lo = start_n
+    ctx_end = start_n * 0
+    if HAS_CONTEXT:
+        # Contextual queries before the block see it too.
+        ctx_end = tl.cdiv(tl.minimum(contextual_seq_len, start_n), BLOCK_M) * BLOCK_M
+        lo = tl.maximum(lo, ctx_end)
+        boundary = tl.maximum(start_n + BLOCK_N, contextual_seq_len)
+    else:
+        boundary = start_n + BLOCK_N
+    if HAS_WINDOW:
+        mask_end = hi
+    else:
+        # Query tiles after the whole key block (and past the contextual tokens) see all of it
+        # when the block holds no candidate key and contextual ids sit below history ids.
+        mask_end = lo + tl.cdiv(tl.maximum(boundary - lo, 0), BLOCK_M) * BLOCK_M
+        whole = start_n + BLOCK_N <= hist
+        if HAS_CONTEXT:
+            whole = whole & (hist >= contextual_seq_len)
+        mask_end = tl.where(whole, tl.minimum(mask_end, hi), hi)
+    return ctx_end, lo, mask_end, hi
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_tiles(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, lo, hi, length, hist, mx,
+               cs, max_attn_len, alpha, scale, MASKED: tl.constexpr,
+               HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr,
+               HAS_WINDOW: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
+               UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
+               BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_N: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K_row, offs_n, stride_km, hist, D_QK, BLOCK_D_QK, MASKED)
+        qk = dot(q, tl.trans(k), None, PRECISION, UPCAST)
+        p = _silu_scaled(qk, alpha, scale, FAST)
+        if MASKED:
+            ok = _valid(offs_m[:, None], offs_n[None, :], hist, mx, cs, max_attn_len,
+                        HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW)
+            p = tl.where(ok, p, 0.0)
+        v = _load_rows(V_row, offs_n, stride_vm, hist, D_V, BLOCK_D_V, MASKED)
+        acc = dot(p.to(v.dtype), v, acc, PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, seq_offsets, num_targets,
+              stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh,
+              stride_om, stride_oh,
+              H, alpha, scale, contextual_seq_len, max_attn_len,
+              HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              FAST: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+              D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
+              BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    start, length, hist, cs, mx = _row_info(seq_offsets, num_targets, b, contextual_seq_len,
+                                            HAS_TARGETS, HAS_CONTEXT)
+    start_m = pid_m * BLOCK_M
+    if start_m >= length:
+        return
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    Q_row = Q + start * stride_qm + h * stride_qh
+    K_row = K + start * stride_km + h * stride_kh
+    V_row = V + start * stride_vm + h * stride_vh
+    q = _load_rows(Q_row, offs_m, stride_qm, length, D_QK, BLOCK_D_QK, True)
+    acc = tl.zeros([BLOCK_M, BLOCK_D_V], dtype=tl.float32)
+    ctx_end, lo, full_end, hi = _query_block_ranges(
+        start_m, length, hist, mx, cs, contextual_seq_len, max_attn_len,
+        HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    if HAS_CONTEXT or HAS_WINDOW:
+        acc = _fwd_tiles(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, 0, ctx_end,
+                         length, hist, mx, cs, max_attn_len, alpha, scale, True,
+                         HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
+                         D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
+    acc = _fwd_tiles(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, lo, full_end,
+                     length, hist, mx, cs, max_attn_len, alpha, scale, False,
+                     HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
+                     D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
+    acc = _fwd_tiles(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, full_end, hi,
+                     length, hist, mx, cs, max_attn_len, alpha, scale, True,
+                     HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
+                     D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
+    if HAS_TARGETS:
+        if start_m + BLOCK_M > hist:
+            # Each candidate's own term: a row-wise dot, no other candidate's K/V.
+            own = (offs_m >= hist) & (offs_m < length)
+            k_own = _load_rows_where(K_row, offs_m, stride_km, own, D_QK, BLOCK_D_QK)
+            v_own = _load_rows_where(V_row, offs_m, stride_vm, own, D_V, BLOCK_D_V)
+            qk_own = tl.sum(q.to(tl.float32) * k_own.to(tl.float32), axis=1)
+            p_own = _silu_scaled(qk_own, alpha, scale, FAST)
+            p_own = tl.where(own, p_own, 0.0).to(v_own.dtype).to(tl.float32)
+            acc += p_own[:, None] * v_own.to(tl.float32)
+    O_row = O + start * stride_om + h * stride_oh
+    _store_rows(O_row, offs_m, stride_om, length, acc.to(O.dtype.element_ty), D_V, BLOCK_D_V)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _bwd_dkdv_tiles(dk, dv, k, v, Q_row, DO_row, DQ_row, stride_qm, stride_dom, stride_dqm,
+                    offs_n, lo, hi, length, hist, mx, cs, max_attn_len, alpha, scale,
+                    MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                    HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr,
+                    HAS_WINDOW: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
+                    UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
+                    BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr):
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        # Queries past the row end load as zeros, so they add exactly nothing.
+        q = _load_rows(Q_row, offs_m, stride_qm, length, D_QK, BLOCK_D_QK, True)
+        do = _load_rows(DO_row, offs_m, stride_dom, length, D_V, BLOCK_D_V, True)
+        qk_t = dot(k, tl.trans(q), None, PRECISION, UPCAST)  # [BLOCK_N, BLOCK_M]
+        p_t, grad_t = _silu_and_grad(qk_t, alpha, scale, FAST)
+        if MASKED:
+            ok = _valid(offs_m[None, :], offs_n[:, None], hist, mx, cs, max_attn_len,
+                        HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW)
+            p_t = tl.where(ok, p_t, 0.0)
+        dv = dot(p_t.to(do.dtype), do, dv, PRECISION, UPCAST)
+        dp_t = dot(v, tl.trans(do), None, PRECISION, UPCAST)
+        # d(score) without the constant alpha / S, applied once at the end (keeps 16-bit
+        # values away from the subnormal range).
+        ds_t = dp_t * grad_t
+        if MASKED:
+            ds_t = tl.where(ok, ds_t, 0.0)
+        ds_t = ds_t.to(q.dtype)
+        dk = dot(ds_t, q, dk, PRECISION, UPCAST)
+        if ATOMIC_DQ:
+            dq = dot(tl.trans(ds_t), k, None, PRECISION, UPCAST) * (alpha * scale)
+            cols = tl.arange(0, BLOCK_D_QK)
+            tl.atomic_add(DQ_row + offs_m[:, None] * stride_dqm + cols[None, :], dq,
+                          mask=(offs_m[:, None] < length) & (cols[None, :] < D_QK),
+                          sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, DK, GRAD_V, DQ, seq_offsets, num_targets,
+                   stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh,
+                   stride_dom, stride_doh, stride_dkm, stride_dkh, stride_dvm, stride_dvh,
+                   stride_dqm, stride_dqh,
+                   H, alpha, scale, contextual_seq_len, max_attn_len,
+                   ATOMIC_DQ: tl.constexpr, HAS_TARGETS: tl.constexpr,
+                   HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr, FAST: tl.constexpr,
+                   PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                   D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
+                   BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    start, length, hist, cs, mx = _row_info(seq_offsets, num_targets, b, contextual_seq_len,
+                                            HAS_TARGETS, HAS_CONTEXT)
+    start_n = pid_n * BLOCK_N
+    if start_n >= length:
+        return
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    Q_row = Q + start * stride_qm + h * stride_qh
+    K_row = K + start * stride_km + h * stride_kh
+    V_row = V + start * stride_vm + h * stride_vh
+    DO_row = DO + start * stride_dom + h * stride_doh
+    DQ_row = DQ + start * stride_dqm + h * stride_dqh
+    # Candidate keys (>= hist) load as zeros here: the loops never touch them.
+    k = _load_rows(K_row, offs_n, stride_km, hist, D_QK, BLOCK_D_QK, True)
+    v = _load_rows(V_row, offs_n, stride_vm, hist, D_V, BLOCK_D_V, True)
+    dk = tl.zeros([BLOCK_N, BLOCK_D_QK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D_V], dtype=tl.float32)
+    if start_n < hist:
+        ctx_end, lo, mask_end, hi = _key_block_ranges(
+            start_n, length, hist, mx, cs, contextual_seq_len, max_attn_len,
+            HAS_CONTEXT, HAS_WINDOW, BLOCK_M, BLOCK_N)
+        if HAS_CONTEXT:
+            dk, dv = _bwd_dkdv_tiles(
+                dk, dv, k, v, Q_row, DO_row, DQ_row, stride_qm, stride_dom, stride_dqm,
+                offs_n, 0, ctx_end, length, hist, mx, cs, max_attn_len, alpha, scale, True,
+                ATOMIC_DQ, HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
+                D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_M)
+        dk, dv = _bwd_dkdv_tiles(
+            dk, dv, k, v, Q_row, DO_row, DQ_row, stride_qm, stride_dom, stride_dqm,
+            offs_n, lo, mask_end, length, hist, mx, cs, max_attn_len, alpha, scale, True,
+            ATOMIC_DQ, HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
+            D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_M)
+        dk, dv = _bwd_dkdv_tiles(
+            dk, dv, k, v, Q_row, DO_row, DQ_row, stride_qm, stride_dom, stride_dqm,
+            offs_n, mask_end, hi, length, hist, mx, cs, max_attn_len, alpha, scale, False,
+            ATOMIC_DQ, HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
+            D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_M)
+    if HAS_TARGETS:
+        if start_n + BLOCK_N > hist:
+            # Candidate keys: only the candidate itself attends to them.
+            own = (offs_n >= hist) & (offs_n < length)
+            q_own = _load_rows_where(Q_row, offs_n, stride_qm, own, D_QK, BLOCK_D_QK)
+            do_own = _load_rows_where(DO_row, offs_n, stride_dom, own, D_V, BLOCK_D_V)
+            k_own = _load_rows_where(K_row, offs_n, stride_km, own, D_QK, BLOCK_D_QK)
+            v_own = _load_rows_where(V_row, offs_n, stride_vm, own, D_V, BLOCK_D_V)
+            qk_own = tl.sum(q_own.to(tl.float32) * k_own.to(tl.float32), axis=1)
+            p_own, grad_own = _silu_and_grad(qk_own, alpha, scale, FAST)
+            p_own = tl.where(own, p_own, 0.0).to(do_own.dtype).to(tl.float32)
+            dv += p_own[:, None] * do_own.to(tl.float32)
+            dp_own = tl.sum(do_own.to(tl.float32) * v_own.to(tl.float32), axis=1)
+            ds_own = tl.where(own, dp_own * grad_own, 0.0)
+            dk += ds_own[:, None] * q_own.to(tl.float32)
+            if ATOMIC_DQ:
+                cols = tl.arange(0, BLOCK_D_QK)
+                dq_own = ds_own[:, None] * k_own.to(tl.float32) * (alpha * scale)
+                tl.atomic_add(DQ_row + offs_n[:, None] * stride_dqm + cols[None, :], dq_own,
+                              mask=own[:, None] & (cols[None, :] < D_QK), sem="relaxed")
+    DK_row = DK + start * stride_dkm + h * stride_dkh
+    DV_row = GRAD_V + start * stride_dvm + h * stride_dvh
+    _store_rows(DK_row, offs_n, stride_dkm, length, (dk * (alpha * scale)).to(DK.dtype.element_ty),
+                D_QK, BLOCK_D_QK)
+    _store_rows(DV_row, offs_n, stride_dvm, length, dv.to(GRAD_V.dtype.element_ty), D_V, BLOCK_D_V)
+
+
+@triton.jit
+def _bwd_dq_tiles(dq, q, do, K_row, V_row, stride_km, stride_vm, offs_m, lo, hi, length, hist,
+                  mx, cs, max_attn_len, alpha, scale, MASKED: tl.constexpr,
+                  HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
+                  UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
+                  BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_N: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K_row, offs_n, stride_km, hist, D_QK, BLOCK_D_QK, MASKED)
+        v = _load_rows(V_row, offs_n, stride_vm, hist, D_V, BLOCK_D_V, MASKED)
+        qk = dot(q, tl.trans(k), None, PRECISION, UPCAST)
+        _, grad = _silu_and_grad(qk, alpha, scale, FAST)
+        dp = dot(do, tl.trans(v), None, PRECISION, UPCAST)
+        ds = dp * grad
+        if MASKED:
+            ok = _valid(offs_m[:, None], offs_n[None, :], hist, mx, cs, max_attn_len,
+                        HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW)
+            ds = tl.where(ok, ds, 0.0)
+        dq = dot(ds.to(k.dtype), k, dq, PRECISION, UPCAST)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, DQ, seq_offsets, num_targets,
+                 stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh,
+                 stride_dom, stride_doh, stride_dqm, stride_dqh,
+                 H, alpha, scale, contextual_seq_len, max_attn_len,
+                 HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
+                 UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
+                 BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    start, length, hist, cs, mx = _row_info(seq_offsets, num_targets, b, contextual_seq_len,
+                                            HAS_TARGETS, HAS_CONTEXT)
+    start_m = pid_m * BLOCK_M
+    if start_m >= length:
+        return
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    Q_row = Q + start * stride_qm + h * stride_qh
+    K_row = K + start * stride_km + h * stride_kh
+    V_row = V + start * stride_vm + h * stride_vh
+    DO_row = DO + start * stride_dom + h * stride_doh
+    q = _load_rows(Q_row, offs_m, stride_qm, length, D_QK, BLOCK_D_QK, True)
+    do = _load_rows(DO_row, offs_m, stride_dom, length, D_V, BLOCK_D_V, True)
+    dq = tl.zeros([BLOCK_M, BLOCK_D_QK], dtype=tl.float32)
+    ctx_end, lo, full_end, hi = _query_block_ranges(
+        start_m, length, hist, mx, cs, contextual_seq_len, max_attn_len,
+        HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    if HAS_CONTEXT or HAS_WINDOW:
+        dq = _bwd_dq_tiles(dq, q, do, K_row, V_row, stride_km, stride_vm, offs_m, 0, ctx_end,
+                           length, hist, mx, cs, max_attn_len, alpha, scale, True,
+                           HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
+                           D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
+    dq = _bwd_dq_tiles(dq, q, do, K_row, V_row, stride_km, stride_vm, offs_m, lo, full_end,
+                       length, hist, mx, cs, max_attn_len, alpha, scale, False,
+                       HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
+                       D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
+    dq = _bwd_dq_tiles(dq, q, do, K_row, V_row, stride_km, stride_vm, offs_m, full_end, hi,
+                       length, hist, mx, cs, max_attn_len, alpha, scale, True,
+                       HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
+                       D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
+    if HAS_TARGETS:
+        if start_m + BLOCK_M > hist:
+            own = (offs_m >= hist) & (offs_m < length)
+            k_own = _load_rows_where(K_row, offs_m, stride_km, own, D_QK, BLOCK_D_QK)
+            v_own = _load_rows_where(V_row, offs_m, stride_vm, own, D_V, BLOCK_D_V)
+            qk_own = tl.sum(q.to(tl.float32) * k_own.to(tl.float32), axis=1)
+            _, grad_own = _silu_and_grad(qk_own, alpha, scale, FAST)
+            dp_own = tl.sum(do.to(tl.float32) * v_own.to(tl.float32), axis=1)
+            ds_own = tl.where(own, dp_own * grad_own, 0.0)
+            dq += ds_own[:, None] * k_own.to(tl.float32)
+    DQ_row = DQ + start * stride_dqm + h * stride_dqh
+    _store_rows(DQ_row, offs_m, stride_dqm, length, (dq * (alpha * scale)).to(DQ.dtype.element_ty),
+                D_QK, BLOCK_D_QK)
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+class _Problem:
+    """Everything about one call that the kernels and the tuning key need."""
+
+    def __init__(self, q, k, v, seq_offsets, num_targets, max_seq_len, contextual_seq_len,
+                 max_attn_len, alpha, scale):
+        self.total, self.heads, self.dqk = q.shape
+        self.dv = v.shape[2]
+        self.batch = seq_offsets.numel() - 1
+        self.seq_offsets = seq_offsets
+        self.num_targets = num_targets
+        self.max_seq_len = max_seq_len
+        self.contextual_seq_len = contextual_seq_len
+        self.max_attn_len = max_attn_len
+        self.alpha = alpha
+        self.scale = scale
+        self.dtype = q.dtype
+        self.constants = dict(
+            HAS_TARGETS=num_targets is not None,
+            HAS_CONTEXT=contextual_seq_len > 0,
+            HAS_WINDOW=max_attn_len > 0,
+            FAST=q.dtype != torch.float32 and not interpreting(),
+            PRECISION=fp32_dot_precision() if q.dtype == torch.float32 else "tf32",
+            UPCAST=interpreting(),
+            D_QK=self.dqk,
+            D_V=self.dv,
+            BLOCK_D_QK=max(16, triton.next_power_of_2(self.dqk)),
+            BLOCK_D_V=max(16, triton.next_power_of_2(self.dv)),
+        )
+
+    def key(self) -> tuple:
+        flags = tuple(self.constants[name] for name in ("HAS_TARGETS", "HAS_CONTEXT", "HAS_WINDOW"))
+        return (str(self.dtype), self.dqk, self.dv, flags, seq_len_bucket(self.max_seq_len))
+
+    def scalars(self) -> tuple:
+        return (self.heads, self.alpha, self.scale, self.contextual_seq_len, self.max_attn_len)
+
+    def targets_arg(self) -> torch.Tensor:
+        # Any int tensor will do when HAS_TARGETS is off: the kernel never reads it.
+        return self.num_targets if self.num_targets is not None else self.seq_offsets
+
+
+def _strides(*tensors: torch.Tensor) -> list[int]:
+    out = []
+    for tensor in tensors:
+        out += [tensor.stride(0), tensor.stride(1)]
+    return out
+
+
+def _forward(problem: _Problem, q, k, v) -> torch.Tensor:
+    out = torch.empty((problem.total, problem.heads, problem.dv), dtype=v.dtype, device=v.device)
+    if problem.total == 0 or problem.batch == 0:
+        return out
+
+    def launch(tile: Tile) -> None:
+        grid = (problem.batch * problem.heads, triton.cdiv(problem.max_seq_len, tile.block_m))
+        _attn_fwd[grid](
+            q, k, v, out, problem.seq_offsets, problem.targets_arg(),
+            *_strides(q, k, v, out), *problem.scalars(), **problem.constants,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+            num_warps=tile.num_warps, num_stages=tile.num_stages,
+        )
+
+    tile = choose_tile("attn_fwd", problem.key(), FORWARD_TILES, INTERPRET_TILE, launch)
+    launch(tile)
+    return out
+
+
+def _backward(problem: _Problem, q, k, v, grad_out):
+    dq = torch.empty((problem.total, problem.heads, problem.dqk), dtype=q.dtype, device=q.device)
+    dk = torch.empty_like(dq)
+    dv = torch.empty((problem.total, problem.heads, problem.dv), dtype=v.dtype, device=v.device)
+    if problem.total == 0 or problem.batch == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    atomic = DQ_MODE == "atomic"
+    dq_acc = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device) if atomic else dq
+
+    def launch_dkdv(tile: Tile) -> None:
+        if atomic:
+            dq_acc.zero_()
+        grid = (problem.batch * problem.heads, triton.cdiv(problem.max_seq_len, tile.block_n))
+        _attn_bwd_dkdv[grid](
+            q, k, v, grad_out, dk, dv, dq_acc, problem.seq_offsets, problem.targets_arg(),
+            *_strides(q, k, v, grad_out, dk, dv, dq_acc), *problem.scalars(),
+            ATOMIC_DQ=atomic, **problem.constants,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+            num_warps=tile.num_warps, num_stages=tile.num_stages,
+        )
+
+    def launch_dq(tile: Tile) -> None:
+        grid = (problem.batch * problem.heads, triton.cdiv(problem.max_seq_len, tile.block_m))
+        _attn_bwd_dq[grid](
+            q, k, v, grad_out, dq, problem.seq_offsets, problem.targets_arg(),
+            *_strides(q, k, v, grad_out, dq), *problem.scalars(), **problem.constants,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+            num_warps=tile.num_warps, num_stages=tile.num_stages,
+        )
+
+    name = "attn_bwd_dkdv_atomic" if atomic else "attn_bwd_dkdv"
+    tile = choose_tile(name, problem.key(), BACKWARD_DKDV_TILES, INTERPRET_TILE, launch_dkdv)
+    launch_dkdv(tile)
+    if atomic:
+        dq.copy_(dq_acc)
+    else:
+        tile = choose_tile("attn_bwd_dq", problem.key(), BACKWARD_DQ_TILES, INTERPRET_TILE,
+                           launch_dq)
+        launch_dq(tile)
+    return dq, dk, dv
+
+
+def _last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+class HstuAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, seq_offsets, num_targets, max_seq_len, contextual_seq_len,
+                max_attn_len, alpha, scale):
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        problem = _Problem(q, k, v, seq_offsets, num_targets, max_seq_len, contextual_seq_len,
+                           max_attn_len, alpha, scale)
+        out = _forward(problem, q, k, v)
+        ctx.save_for_backward(q, k, v, seq_offsets, num_targets)
+        ctx.args = (max_seq_len, contextual_seq_len, max_attn_len, alpha, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, seq_offsets, num_targets = ctx.saved_tensors
+        problem = _Problem(q, k, v, seq_offsets, num_targets, *ctx.args)
+        dq, dk, dv = _backward(problem, q, k, v, _last_dim_contiguous(grad_out))
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def _check_inputs(q, k, v, seq_offsets, num_targets, max_seq_len, contextual_seq_len,
+                  max_attn_len):
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        if tensor.dim() != 3:
+            raise ValueError(f"hstu_mha: {name} must be [L, H, d]; got {tuple(tensor.shape)}")
+        triton_dtype_ok(tensor, f"hstu_mha: {name}")
+    if k.shape != q.shape:
+        raise ValueError(f"hstu_mha: k {tuple(k.shape)} must have q's shape {tuple(q.shape)}")
+    if v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"hstu_mha: v {tuple(v.shape)} must be [L, H, d_v] with q's L, H")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"hstu_mha: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if seq_offsets.dim() != 1 or seq_offsets.numel() == 0:
+        raise ValueError(f"hstu_mha: seq_offsets must be [B+1]; got {tuple(seq_offsets.shape)}")
+    if seq_offsets.dtype != torch.int64:
+        raise TypeError(f"hstu_mha: seq_offsets must be int64; got {seq_offsets.dtype}")
+    batch = seq_offsets.numel() - 1
+    if num_targets is not None:
+        if num_targets.shape != (batch,):
+            raise ValueError(
+                f"hstu_mha: num_targets must be [B] = [{batch}]; got {tuple(num_targets.shape)}"
+            )
+        if num_targets.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"hstu_mha: num_targets must be int32/int64; got {num_targets.dtype}")
+    for name, tensor in (("k", k), ("v", v), ("seq_offsets", seq_offsets),
+                         ("num_targets", num_targets)):
+        if tensor is not None and tensor.device != q.device:
+            raise ValueError(f"hstu_mha: {name} is on {tensor.device}, q on {q.device}")
+    if q.device.type != "cuda" and not interpreting():
+        raise RuntimeError(
+            "hstu_mha (TRITON) needs CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU"
+        )
+    if max_seq_len <= 0:
+        raise ValueError(f"hstu_mha: max_seq_len must be > 0; got {max_seq_len}")
+    if contextual_seq_len < 0 or max_attn_len < 0:
+        raise ValueError(
+            f"hstu_mha: contextual_seq_len ({contextual_seq_len}) and max_attn_len "
+            f"({max_attn_len}) must be >= 0"
+        )
+    if batch > 0:
+        longest = (seq_offsets[1:] - seq_offsets[:-1]).max()
+        if seq_offsets.device.type == "cuda":
+            # No host sync: a row longer than max_seq_len (whose tail the grid would not
+            # cover) stops the program with a device-side assert instead of being cut.
+            torch._assert_async(longest <= max_seq_len, "hstu_mha: a row exceeds max_seq_len")
+        elif int(longest) > max_seq_len:
+            raise ValueError(f"hstu_mha: a row has {int(longest)} tokens > max_seq_len {max_seq_len}")
+        if seq_offsets.device.type != "cuda" and int(seq_offsets[-1]) != q.shape[0]:
+            raise ValueError(
+                f"hstu_mha: seq_offsets[-1] = {int(seq_offsets[-1])} but q has {q.shape[0]} rows"
+            )
+
+
+def hstu_mha(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    *,
+    max_seq_len: int,
+    num_targets: torch.Tensor | None = None,
+    contextual_seq_len: int = 0,
+    max_attn_len: int = 0,
+    alpha: float | None = None,
+    scaling_seqlen: int | None = None,
+) -> torch.Tensor:
+    """Triton version of hstu.ops.attention.hstu_mha (same arguments, minus `kernel`).
+
+    q, k may be strided views (the last dimension must be contiguous, else it is copied).
+    Returns a new contiguous [L, H, d_v] tensor in v's dtype. Differentiable in q, k, v.
+    """
+    _check_inputs(q, k, v, seq_offsets, num_targets, max_seq_len, contextual_seq_len,
+                  max_attn_len)
+    if alpha is None:
+        alpha = q.shape[-1] ** -0.5
+    divisor = scaling_seqlen if scaling_seqlen is not None else max_seq_len
+    return HstuAttentionFunction.apply(
+        q, k, v, seq_offsets, num_targets, int(max_seq_len), int(contextual_seq_len),
+        int(max_attn_len), float(alpha), 1.0 / float(divisor),
+    )
