@@ -1,0 +1,172 @@
+"""`python launch.py prepare kuairand|synthetic ...`: make sample files (see docs/data.md)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sources = parser.add_subparsers(dest="source", metavar="SOURCE", required=True)
+
+    kuairand = sources.add_parser(
+        "kuairand",
+        help="convert raw KuaiRand logs into user-window samples",
+        description="Convert raw KuaiRand logs (log_standard_*.csv, comma or TAB separated) "
+        "plus the user features CSV into user-window samples: OUT/train/, OUT/eval/ parquet "
+        "shards, OUT/manifest.json and OUT/profile_codes.json.",
+    )
+    kuairand.add_argument("--log", nargs="+", required=True, metavar="CSV",
+                          help="raw interaction log file(s)")
+    kuairand.add_argument("--user-features", required=True, metavar="CSV",
+                          help="user features (user_id + the five profile columns)")
+    kuairand.add_argument("--video-features", metavar="CSV",
+                          help="video features: adds the MTGR columns (side info, cross features)")
+    kuairand.add_argument("--out", required=True, help="output directory")
+    kuairand.add_argument("--max-candidates", type=int, default=100,
+                          help="candidates per window (default 100)")
+    kuairand.add_argument("--max-seq-len", type=int, default=8000,
+                          help="the model's max_seq_len: history is capped to "
+                          "max_seq_len - contextual - max_candidates (default 8000)")
+    kuairand.add_argument("--contextual", type=int, default=6,
+                          help="contextual tokens per row (default 6)")
+    kuairand.add_argument("--min-history", type=int, default=0,
+                          help="first N interactions of a user are history only (default 0)")
+    split = kuairand.add_mutually_exclusive_group()
+    split.add_argument("--split-time", metavar="TIME",
+                       help="eval = interactions at/after TIME (epoch seconds or an ISO date/time, "
+                       "UTC)")
+    split.add_argument("--eval-fraction", type=float, default=0.1,
+                       help="eval = the latest FRACTION of all interactions (default 0.1)")
+    kuairand.add_argument("--column-map", nargs="+", default=[], metavar="TARGET=EXPR",
+                          help="compute a log column from the file's: NAME, 1-NAME or a constant; "
+                          "e.g. is_like=label is_hate=1-label")
+    kuairand.add_argument("--on-bad-rows", choices=("error", "skip"), default="error",
+                          help="stop at the first bad row (default) or skip and count bad rows")
+    kuairand.add_argument("--video-id-buckets", type=int, default=10_000_000,
+                          help="video ids modulo this (default 10000000, the recipes' table); "
+                          "0 keeps them")
+    kuairand.add_argument("--buckets", type=int,
+                          help="user partitions (default: about one per 128 MB of logs)")
+    kuairand.add_argument("--workers", type=int, default=1,
+                          help="run files and buckets as this many parallel Ray tasks")
+    kuairand.add_argument("--overwrite", action="store_true",
+                          help="replace OUT/train, OUT/eval and OUT/manifest.json")
+    kuairand.add_argument("--keep-buckets", action="store_true",
+                          help="keep OUT/_buckets (pass 1 output) for inspection")
+
+    synthetic = sources.add_parser(
+        "synthetic",
+        help="generate KuaiRand-27K-shaped samples with a learnable signal",
+        description="Generate synthetic user-window samples (docs/data.md says how labels "
+        "depend on hidden user/item factors and on the history).",
+    )
+    synthetic.add_argument("--out", required=True, help="output directory")
+    synthetic.add_argument("--users", type=int, required=True)
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--max-history", type=int, default=7894,
+                           help="UIH cap (default 7894 = 8000 - 6 contextual - 100 candidates)")
+    synthetic.add_argument("--median-history", type=int, default=1000)
+    synthetic.add_argument("--max-candidates", type=int, default=100)
+    synthetic.add_argument("--items", type=int, default=1_000_000)
+    synthetic.add_argument("--eval-fraction", type=float, default=0.1,
+                           help="share of users that also get an eval window (default 0.1)")
+    synthetic.add_argument("--mtgr", action="store_true",
+                           help="add the MTGR columns (cate1/cate2, cross1/cross2)")
+    synthetic.add_argument("--users-per-shard", type=int, default=1000)
+    synthetic.add_argument("--overwrite", action="store_true",
+                           help="replace OUT/train, OUT/eval and OUT/manifest.json")
+
+
+def parse_time(text: str) -> int:
+    """Epoch seconds, or an ISO date/time read as UTC -> int64 seconds."""
+    text = text.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--split-time {text!r}: not epoch seconds or an ISO date/time") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return int(moment.timestamp())
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    from hstu.data.validate import DataError
+
+    try:
+        if args.source == "kuairand":
+            manifest = _kuairand(args)
+        else:
+            manifest = _synthetic(args)
+    except (DataError, ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"launch.py prepare {args.source}: {error}", file=sys.stderr)
+        return 1
+    summary = {
+        split: {k: v for k, v in info.items() if k in ("rows", "tokens")}
+        for split, info in manifest["splits"].items()
+    }
+    print(json.dumps({"out": args.out, "splits": summary,
+                      "bad_rows": manifest["bad_rows"]}, indent=2))
+    return 0
+
+
+def _kuairand(args: argparse.Namespace) -> dict:
+    from hstu.data.kuairand import KuaiRandOptions, convert_kuairand, parse_column_map
+
+    parse_column_map(args.column_map)  # fail early on a bad mapping
+    options = KuaiRandOptions(
+        logs=tuple(args.log),
+        user_features=args.user_features,
+        video_features=args.video_features,
+        out=args.out,
+        max_candidates=args.max_candidates,
+        max_seq_len=args.max_seq_len,
+        contextual=args.contextual,
+        min_history=args.min_history,
+        split_time=parse_time(args.split_time) if args.split_time else None,
+        eval_fraction=args.eval_fraction,
+        column_map=tuple(tuple(item.split("=", 1)) for item in args.column_map),
+        on_bad_rows=args.on_bad_rows,
+        buckets=args.buckets,
+        video_id_buckets=args.video_id_buckets,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        keep_buckets=args.keep_buckets,
+    )
+    return convert_kuairand(options)
+
+
+def _synthetic(args: argparse.Namespace) -> dict:
+    import os
+    import shutil
+
+    from hstu.data.synthetic import SyntheticOptions, generate
+
+    targets = [os.path.join(args.out, n) for n in ("train", "eval", "manifest.json")]
+    existing = [t for t in targets if os.path.exists(t)]
+    if existing and not args.overwrite:
+        raise FileExistsError(
+            f"{args.out} already holds {', '.join(existing)}; pass --overwrite to replace"
+        )
+    for target in existing:
+        shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+    options = SyntheticOptions(
+        users=args.users,
+        seed=args.seed,
+        max_history=args.max_history,
+        median_history=min(args.median_history, args.max_history),
+        max_candidates=args.max_candidates,
+        items=args.items,
+        # About five items per cluster at least, so small worlds (smoke runs) keep a signal.
+        clusters=min(200, max(1, args.items // 5)),
+        eval_fraction=args.eval_fraction,
+        mtgr=args.mtgr,
+        users_per_shard=args.users_per_shard,
+    )
+    return generate(options, args.out)

@@ -1,0 +1,465 @@
+"""Sample files -> Ray Data -> one equal shard per training worker -> JaggedBatch.
+
+- `read_samples` opens the parquet files as a Ray Dataset (optionally in shuffled file order).
+  The trainer hands it to Ray Train, whose `get_dataset_shard` gives each worker an equal
+  split (`streaming_split(n, equal=True)`): every worker sees the same number of rows, so with
+  drop_last every worker takes the same number of steps (uneven steps hang TorchRec's
+  all_to_all).
+- `iter_jagged_batches` turns a worker's shard into JaggedBatches: Ray reads and (optionally)
+  shuffles rows within a local buffer and hands over Arrow tables; a background thread checks
+  and collates them (`arrow_to_batch`) and keeps `prefetch_batches` batches ready.
+- `arrow_to_batch` is the collation itself: list columns go to numpy through their Arrow
+  buffers (flat values + lengths) and on to torch without per-row Python objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from hstu.config.features import FeatureSpec, LabelSpec
+from hstu.data.batch import JaggedBatch
+from hstu.data.schema import SAMPLE_ID
+from hstu.data.validate import (
+    BadRowPolicy,
+    BadRowReport,
+    Column,
+    DataError,
+    find_bad_rows,
+    read_columns,
+    requests_for,
+    resolve_bad_rows,
+)
+
+logger = logging.getLogger(__name__)
+
+# Ray Data's per-row file column when read_samples(include_paths=True); names files in errors.
+PATH_COLUMN = "path"
+
+
+def arrow_to_batch(
+    table: pa.Table | pa.RecordBatch,
+    features: Sequence[FeatureSpec],
+    labels: Sequence[LabelSpec],
+    *,
+    source: str | None = None,
+    row_offset: int = 0,
+    on_bad_rows: BadRowPolicy = "error",
+    bad_rows: BadRowReport | None = None,
+) -> JaggedBatch:
+    """Collate an Arrow table of samples into a JaggedBatch, checking every row.
+
+    source: the file the table was read from (row numbers in errors are then file rows,
+        counted from `row_offset`). Without it, a `path` column (Ray's include_paths) names
+        each row's file and errors give the sample_id and the row within this batch.
+    on_bad_rows: "error" raises DataError for the first bad row; "skip" drops bad rows and
+        adds them to `bad_rows` (the batch then has fewer rows, possibly none).
+    """
+    if isinstance(table, pa.RecordBatch):
+        table = pa.Table.from_batches([table])
+    columns, findings = read_columns(table, requests_for(features, labels), path=source)
+    findings += find_bad_rows(columns, features, labels)
+    sample_ids = None
+    if SAMPLE_ID in table.column_names:
+        sample_ids = table.column(SAMPLE_ID).to_numpy()
+    if findings:
+        paths = None
+        if source is None and PATH_COLUMN in table.column_names:
+            paths = table.column(PATH_COLUMN).to_numpy(zero_copy_only=False)
+        keep, report = resolve_bad_rows(
+            findings,
+            table.num_rows,
+            on_bad_rows,
+            path=source,
+            row_offset=row_offset,
+            paths=paths,
+            sample_ids=sample_ids,
+        )
+        for reason, count in report.by_reason.items():
+            logger.warning("skipped %d row(s) of %s: %s", count, source or "a batch", reason)
+        if bad_rows is not None:
+            bad_rows.add(report)
+        columns = {name: column.take_rows(keep) for name, column in columns.items()}
+        if sample_ids is not None:
+            sample_ids = sample_ids[keep]
+    return _collate(columns, features, labels, sample_ids)
+
+
+def _collate(
+    columns: dict[str, Column],
+    features: Sequence[FeatureSpec],
+    labels: Sequence[LabelSpec],
+    sample_ids: np.ndarray | None,
+) -> JaggedBatch:
+    batch_size = _batch_size(columns)
+    ones = np.ones(batch_size, dtype=np.int64)
+    keys: list[str] = []
+    id_values: list[np.ndarray] = []
+    id_lengths: list[np.ndarray] = []
+    raw: dict[str, torch.Tensor] = {}
+    seq_lengths: dict[str, torch.Tensor] = {}
+    for spec in features:
+        column = columns[spec.column]
+        if spec.sequence is not None and spec.sequence not in seq_lengths:
+            seq_lengths[spec.sequence] = _tensor(column.lengths, np.int64)
+        if spec.kind == "id":
+            keys.append(spec.name)
+            id_values.append(column.values)
+            id_lengths.append(ones if column.lengths is None else column.lengths)
+        else:
+            raw[spec.name] = _tensor(column.values, np.dtype(spec.value_dtype))
+    label_tensors: dict[str, torch.Tensor] = {}
+    for label in labels:
+        column = columns[label.column]
+        if label.sequence not in seq_lengths:
+            seq_lengths[label.sequence] = _tensor(column.lengths, np.int64)
+        label_tensors[label.column] = _tensor(column.values, np.dtype(label.value_dtype))
+    sparse = KeyedJaggedTensor(
+        keys=keys,
+        values=torch.from_numpy(_concat(id_values, np.int64)),
+        lengths=torch.from_numpy(_concat(id_lengths, np.int64)),
+    )
+    return JaggedBatch(
+        sparse=sparse,
+        raw=raw,
+        seq_lengths=seq_lengths,
+        labels=label_tensors,
+        batch_size=batch_size,
+        sample_ids=None if sample_ids is None else _tensor(sample_ids, np.int64),
+    )
+
+
+def _tensor(array: np.ndarray, dtype: np.dtype) -> torch.Tensor:
+    # Arrow-backed numpy views are read-only; torch needs memory it may own and write.
+    array = np.asarray(array, dtype=dtype)
+    if not array.flags.writeable or not array.flags.c_contiguous:
+        array = array.copy()
+    return torch.from_numpy(array)
+
+
+def _concat(arrays: list[np.ndarray], dtype: type) -> np.ndarray:
+    if not arrays:
+        return np.zeros(0, dtype=dtype)
+    return np.concatenate(arrays).astype(dtype, copy=False)
+
+
+def _batch_size(columns: dict[str, Column]) -> int:
+    for column in columns.values():
+        return len(column.lengths) if column.lengths is not None else len(column.values)
+    return 0
+
+
+def read_samples(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    shuffle_files: bool = False,
+    seed: int = 0,
+    columns: Sequence[str] | None = None,
+    include_paths: bool = True,
+    override_num_blocks: int | None = None,
+):
+    """Open sample parquet files (files or directories) as a Ray Dataset.
+
+    shuffle_files: read the files in a random order, a new one each epoch (each execution of
+        the dataset), reproducible from `seed`. Rows are shuffled further, within a local
+        buffer, by iter_jagged_batches(shuffle_buffer=...).
+    columns: read only these columns (plus sample_id when present); default all.
+    include_paths: add a `path` column naming each row's file, so that data errors name it.
+    """
+    import ray.data
+
+    path_list = [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [
+        os.fspath(p) for p in paths
+    ]
+    if not path_list:
+        raise ValueError("read_samples: no paths given")
+    missing = [p for p in path_list if "://" not in p and not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"read_samples: no such file or directory: {', '.join(missing)}")
+    shuffle = ray.data.FileShuffleConfig(seed=seed) if shuffle_files else None
+    return ray.data.read_parquet(
+        path_list,
+        columns=list(columns) if columns is not None else None,
+        shuffle=shuffle,
+        include_paths=include_paths,
+        override_num_blocks=override_num_blocks,
+    )
+
+
+def sample_columns(features: Sequence[FeatureSpec], labels: Sequence[LabelSpec]) -> list[str]:
+    """The columns a model with these specs reads, plus sample_id (for read_samples(columns=))."""
+    names = [SAMPLE_ID]
+    for column in [f.column for f in features] + [label.column for label in labels]:
+        if column not in names:
+            names.append(column)
+    return names
+
+
+@dataclasses.dataclass
+class PipelineStats:
+    """What one iter_jagged_batches pass delivered, for accounting and benchmarks."""
+
+    rows_read: int = 0
+    rows: int = 0
+    tokens: int = 0
+    batches: int = 0
+    # Rows read but not delivered: the last short batch under drop_last.
+    dropped_rows: int = 0
+    # max_batches reached: the rest of the shard was not read this pass.
+    stopped_at_max_batches: bool = False
+    skipped: BadRowReport = dataclasses.field(default_factory=BadRowReport)
+    # Seconds the consumer waited inside next(): zero when the pipeline keeps up.
+    wait_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["skipped"] = {"rows": self.skipped.rows, "by_reason": dict(self.skipped.by_reason)}
+        return out
+
+
+class JaggedBatches:
+    """Iterable of JaggedBatch over one Ray shard; each `iter()` is one pass (one epoch).
+
+    `stats` describes the latest pass. Local shuffling is reseeded per pass (seed + pass index).
+    """
+
+    def __init__(
+        self,
+        shard,
+        features: Sequence[FeatureSpec],
+        labels: Sequence[LabelSpec],
+        *,
+        batch_size: int,
+        drop_last: bool,
+        shuffle_buffer: int | None,
+        token_budget: int | None,
+        prefetch_batches: int,
+        seed: int,
+        on_bad_rows: BadRowPolicy,
+        max_batches: int | None,
+        read_rows: int,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+        if token_budget is not None and token_budget < 1:
+            raise ValueError(f"token_budget must be >= 1, not {token_budget}")
+        self.shard = shard
+        self.features = list(features)
+        self.labels = list(labels)
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.shuffle_buffer = shuffle_buffer
+        self.token_budget = token_budget
+        self.prefetch_batches = max(1, prefetch_batches)
+        self.seed = seed
+        self.on_bad_rows = on_bad_rows
+        self.max_batches = max_batches
+        self.read_rows = read_rows
+        self.passes = 0
+        self.stats = PipelineStats()
+        # One column per sequence is enough to count a row's tokens.
+        self._length_columns = list(
+            {f.sequence: f.column for f in self.features if f.sequence is not None}.values()
+        )
+
+    def __iter__(self) -> Iterator[JaggedBatch]:
+        self.stats = PipelineStats()
+        seed = self.seed + self.passes
+        self.passes += 1
+        return self._consume(seed)
+
+    def _consume(self, seed: int) -> Iterator[JaggedBatch]:
+        ready: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
+        stop = threading.Event()
+        producer = threading.Thread(
+            target=self._produce, args=(seed, ready, stop), name="jagged-batches", daemon=True
+        )
+        producer.start()
+        try:
+            while True:
+                started = time.perf_counter()
+                item = ready.get()
+                self.stats.wait_s += time.perf_counter() - started
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                batch, tokens = item
+                self.stats.batches += 1
+                self.stats.rows += batch.batch_size
+                self.stats.tokens += tokens
+                yield batch
+                if self.max_batches is not None and self.stats.batches >= self.max_batches:
+                    self.stats.stopped_at_max_batches = True
+                    logger.info("stopped after max_batches=%d; rest of the shard unread",
+                                self.max_batches)
+                    return
+        finally:
+            stop.set()
+            # Unblock a producer waiting on a full queue so it sees `stop`.
+            while producer.is_alive():
+                try:
+                    ready.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+
+    def _produce(self, seed: int, ready: queue.Queue, stop: threading.Event) -> None:
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            for table in self._tables(seed):
+                if stop.is_set():
+                    return
+                batch = arrow_to_batch(
+                    table,
+                    self.features,
+                    self.labels,
+                    on_bad_rows=self.on_bad_rows,
+                    bad_rows=self.stats.skipped,
+                )
+                tokens = sum(int(lengths.sum()) for lengths in batch.seq_lengths.values())
+                if not put((batch, tokens)):
+                    return
+            put(_END)
+        except BaseException as error:  # handed to the consumer, which raises it
+            put(error)
+
+    def _tables(self, seed: int) -> Iterator[pa.Table]:
+        """Arrow tables, one per output batch (before bad rows are skipped)."""
+        rows_per_read = self.batch_size if self.token_budget is None else self.read_rows
+        arrow_batches = self.shard.iter_batches(
+            batch_size=rows_per_read,
+            batch_format="pyarrow",
+            drop_last=False,
+            prefetch_batches=self.prefetch_batches,
+            local_shuffle_buffer_size=self.shuffle_buffer,
+            local_shuffle_seed=seed if self.shuffle_buffer else None,
+        )
+        arrow_batches = self._count_rows(arrow_batches)
+        if self.token_budget is None:
+            for table in arrow_batches:
+                if table.num_rows < self.batch_size and self.drop_last:
+                    self.stats.dropped_rows += table.num_rows
+                    logger.info("drop_last: dropped the last %d row(s)", table.num_rows)
+                    continue
+                yield table
+            return
+        yield from self._pack_by_tokens(arrow_batches)
+
+    def _count_rows(self, tables) -> Iterator[pa.Table]:
+        for table in tables:
+            self.stats.rows_read += table.num_rows
+            yield table
+
+    def _pack_by_tokens(self, arrow_batches) -> Iterator[pa.Table]:
+        """Greedy packing: a batch closes when the next row would take it over the token
+        budget or when it has batch_size rows. A row longer than the budget goes alone."""
+        pending: pa.Table | None = None
+        pending_tokens = np.zeros(0, dtype=np.int64)
+        for table in arrow_batches:
+            tokens = row_tokens(table, self._length_columns)
+            if pending is not None and pending.num_rows:
+                table = pa.concat_tables([pending, table])
+                tokens = np.concatenate([pending_tokens, tokens])
+            start = 0
+            while start < len(tokens):
+                cumulative = np.cumsum(tokens[start:])
+                fits = int(np.searchsorted(cumulative, self.token_budget, side="right"))
+                take = min(max(fits, 1), self.batch_size)
+                if start + take == len(tokens) and take < self.batch_size and fits == take:
+                    break  # everything left fits: wait for more rows to fill the batch
+                yield table.slice(start, take)
+                start += take
+            pending, pending_tokens = table.slice(start), tokens[start:]
+        if pending is not None and pending.num_rows:
+            if self.drop_last:
+                self.stats.dropped_rows += pending.num_rows
+                logger.info("drop_last: dropped the last %d row(s)", pending.num_rows)
+            else:
+                yield pending
+
+
+_END = object()
+
+
+def row_tokens(table: pa.Table, length_columns: Sequence[str]) -> np.ndarray:
+    """Tokens per row: the sum of the row's sequence lengths (one column per sequence)."""
+    total = np.zeros(table.num_rows, dtype=np.int64)
+    for name in length_columns:
+        if name not in table.column_names:
+            raise DataError("missing column", column=name)
+        column = table.column(name)
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            # '|'-encoded: elements = delimiters + 1, and "" is empty.
+            count = pc.add(pc.count_substring(column, "|"), 1)
+            count = pc.if_else(pc.equal(column, ""), 0, count)
+        else:
+            count = pc.list_value_length(column)
+        total += count.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return total
+
+
+def iter_jagged_batches(
+    shard,
+    features: Sequence[FeatureSpec],
+    labels: Sequence[LabelSpec],
+    *,
+    batch_size: int,
+    drop_last: bool,
+    shuffle_buffer: int | None = None,
+    token_budget: int | None = None,
+    prefetch_batches: int = 2,
+    seed: int = 0,
+    on_bad_rows: BadRowPolicy = "error",
+    max_batches: int | None = None,
+    read_rows: int = 64,
+) -> JaggedBatches:
+    """JaggedBatches over a worker's shard (a Ray DataIterator or Dataset).
+
+    batch_size: rows per batch; with token_budget, the most rows a batch may hold.
+    drop_last: drop (and count in stats.dropped_rows) a last batch that is not full. Required
+        for training and eval over several workers: with equal shards it gives every worker
+        the same number of steps.
+    shuffle_buffer: rows held by Ray's local shuffle buffer (training); None keeps file order.
+    token_budget: pack rows so that each batch holds about this many sequence tokens
+        (UIH + candidates), for long-tailed lengths. Batch counts then differ between workers
+        even on equal shards: set `max_batches` to a count every worker reaches (see
+        docs/data.md), or end the epoch on all ranks when the first runs out.
+    prefetch_batches: batches collated ahead in a background thread (and Ray's own prefetch).
+    on_bad_rows: "error" stops at the first bad row; "skip" drops it and counts it in
+        stats.skipped (a batch may then hold fewer rows).
+    max_batches: stop the pass after this many batches.
+    read_rows: rows per Arrow table Ray hands over in token-budget mode.
+    """
+    return JaggedBatches(
+        shard,
+        features,
+        labels,
+        batch_size=batch_size,
+        drop_last=drop_last,
+        shuffle_buffer=shuffle_buffer,
+        token_budget=token_budget,
+        prefetch_batches=prefetch_batches,
+        seed=seed,
+        on_bad_rows=on_bad_rows,
+        max_batches=max_batches,
+        read_rows=read_rows,
+    )

@@ -1,0 +1,422 @@
+"""Reading sample columns into numpy and finding bad rows, vectorised (it runs on every batch).
+
+Two kinds of bad input:
+
+- A column that is missing or has the wrong type is wrong for every row: it always raises
+  `DataError`, whatever the bad-row policy, because there is no row to skip.
+- A bad row (sequences of one row with different lengths, no candidates, a negative or
+  decreasing timestamp, an id outside its table, a NaN or infinite float, a null, an
+  unparsable '|'-encoded element) raises `DataError` naming file, row and column under
+  policy "error" (the default); under "skip" the row is dropped and counted by reason.
+
+Nothing here loops over rows in Python: every check is a numpy expression over the flat values
+of a column, and bad elements are mapped to their rows with a binary search on the offsets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Literal, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from hstu.config.features import FeatureSpec, LabelSpec
+from hstu.data.schema import SAMPLE_ID, is_timestamp_column
+
+BadRowPolicy = Literal["error", "skip"]
+BAD_ROW_POLICIES: tuple[str, ...] = ("error", "skip")
+SEQUENCE_DELIMITER = "|"
+
+_INT_PATTERN = r"^[+-]?[0-9]{1,18}$"
+_FLOAT_PATTERN = (
+    r"^[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[nN][aA][nN]|[iI][nN][fF]([iI][nN][iI][tT][yY])?)$"
+)
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file, the row and the column where known."""
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        path: str | None = None,
+        row: int | None = None,
+        column: str | None = None,
+        sample_id: int | None = None,
+        hint: str | None = None,
+    ):
+        self.problem = problem
+        self.path = path
+        self.row = row
+        self.column = column
+        self.sample_id = sample_id
+        where = []
+        if path is not None:
+            where.append(f"file {path}")
+        if row is not None:
+            where.append(f"row {row}")
+        if sample_id is not None:
+            where.append(f"sample_id {sample_id}")
+        if column is not None:
+            where.append(f"column {column!r}")
+        message = (", ".join(where) + ": " if where else "") + problem
+        if hint:
+            message += f" ({hint})"
+        super().__init__(message)
+
+
+@dataclasses.dataclass
+class Column:
+    """One column of a batch as numpy: flat `values`, plus int64 `lengths` [B] for a list column
+    (None for a scalar column, which has exactly one value per row)."""
+
+    values: np.ndarray
+    lengths: np.ndarray | None = None
+    _offsets: np.ndarray | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        if self._offsets is None:
+            assert self.lengths is not None
+            offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)
+            np.cumsum(self.lengths, out=offsets[1:])
+            self._offsets = offsets
+        return self._offsets
+
+    def rows_of(self, element_indices: np.ndarray) -> np.ndarray:
+        """Row index of each flat element index."""
+        if self.lengths is None:
+            return element_indices
+        return np.searchsorted(self.offsets, element_indices, side="right") - 1
+
+    def take_rows(self, keep: np.ndarray) -> "Column":
+        if self.lengths is None:
+            return Column(self.values[keep])
+        return Column(self.values[np.repeat(keep, self.lengths)], self.lengths[keep])
+
+
+@dataclasses.dataclass
+class Finding:
+    """Rows (bool mask [B]) that break one rule in one column."""
+
+    column: str
+    problem: str
+    bad: np.ndarray
+
+    @property
+    def reason(self) -> str:
+        return f"{self.column}: {self.problem}"
+
+
+@dataclasses.dataclass
+class ColumnRequest:
+    """What the reader expects of a column: list or scalar, int64 or float32 values."""
+
+    column: str
+    is_list: bool
+    value_dtype: Literal["int64", "float32"]
+
+
+def requests_for(
+    features: Sequence[FeatureSpec], labels: Sequence[LabelSpec]
+) -> list[ColumnRequest]:
+    """One request per distinct column the specs read (features sharing a column read it once)."""
+    requests: dict[str, ColumnRequest] = {}
+    for spec in features:
+        dtype = "int64" if spec.kind == "id" else spec.value_dtype
+        _add_request(requests, ColumnRequest(spec.column, spec.sequence is not None, dtype))
+    for label in labels:
+        _add_request(requests, ColumnRequest(label.column, True, label.value_dtype))
+    return list(requests.values())
+
+
+def _add_request(requests: dict[str, ColumnRequest], request: ColumnRequest) -> None:
+    seen = requests.get(request.column)
+    if seen is not None and seen != request:
+        raise ValueError(
+            f"column {request.column!r} is read twice with different types: {seen} and {request}"
+        )
+    requests[request.column] = request
+
+
+def read_columns(
+    table: pa.Table | pa.RecordBatch,
+    requests: Sequence[ColumnRequest],
+    *,
+    path: str | None = None,
+) -> tuple[dict[str, Column], list[Finding]]:
+    """Arrow -> numpy for every requested column, plus the rows found bad while decoding
+    (nulls, unparsable '|'-encoded elements). Raises DataError for a missing or mistyped column."""
+    if isinstance(table, pa.RecordBatch):
+        table = pa.Table.from_batches([table])
+    columns: dict[str, Column] = {}
+    findings: list[Finding] = []
+    for request in requests:
+        if request.column not in table.column_names:
+            raise DataError(
+                "missing column",
+                path=path,
+                column=request.column,
+                hint=f"the file has {', '.join(table.column_names)}",
+            )
+        chunks = table.column(request.column).chunks or [
+            pa.array([], type=table.schema.field(request.column).type)
+        ]
+        parts = [_read_chunk(chunk, request, path) for chunk in chunks]
+        values = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        lengths = None
+        if request.is_list:
+            lengths = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        columns[request.column] = Column(values, lengths)
+        for problem in {problem for part in parts for problem in part[2]}:
+            bad = np.concatenate([p[2].get(problem, np.zeros(p[3], bool)) for p in parts])
+            findings.append(Finding(request.column, problem, bad))
+    return columns, findings
+
+
+def _read_chunk(
+    array: pa.Array, request: ColumnRequest, path: str | None
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray], int]:
+    """(values, lengths, {problem: bad-row mask}, number of rows) for one Arrow chunk."""
+    num_rows = len(array)
+    problems: dict[str, np.ndarray] = {}
+    array_type = array.type
+    if pa.types.is_dictionary(array_type):
+        array = array.dictionary_decode()
+        array_type = array.type
+
+    if not request.is_list:
+        if not pa.types.is_integer(array_type):
+            raise _mistyped(request, array_type, path)
+        if array.null_count:
+            problems["null value"] = array.is_null().to_numpy(zero_copy_only=False)
+            array = array.fill_null(0)
+        values = array.cast(pa.int64()).to_numpy(zero_copy_only=False)
+        return values, None, problems, num_rows
+
+    if pa.types.is_string(array_type) or pa.types.is_large_string(array_type):
+        array, problems = _decode_delimited(array, request)
+        array_type = array.type
+    if not (pa.types.is_list(array_type) or pa.types.is_large_list(array_type)):
+        raise _mistyped(request, array_type, path)
+    value_type = array_type.value_type
+    value_ok = pa.types.is_integer(value_type) or (
+        request.value_dtype == "float32" and pa.types.is_floating(value_type)
+    )
+    if not value_ok:
+        raise _mistyped(request, array_type, path)
+
+    if array.null_count:
+        problems["null list"] = array.is_null().to_numpy(zero_copy_only=False)
+    lengths = pc.list_value_length(array).fill_null(0).to_numpy(zero_copy_only=False)
+    lengths = lengths.astype(np.int64, copy=False)
+    flat = pc.list_flatten(array)
+    if flat.null_count:
+        null_elements = np.flatnonzero(flat.is_null().to_numpy(zero_copy_only=False))
+        bad = np.zeros(num_rows, dtype=bool)
+        bad[Column(np.empty(0), lengths).rows_of(null_elements)] = True
+        problems["null element"] = bad
+        flat = flat.fill_null(0)
+    target = pa.int64() if request.value_dtype == "int64" else pa.float32()
+    values = flat.cast(target).to_numpy(zero_copy_only=False)
+    return values, lengths, problems, num_rows
+
+
+def _decode_delimited(
+    array: pa.Array, request: ColumnRequest
+) -> tuple[pa.Array, dict[str, np.ndarray]]:
+    """'12|884|93' strings -> list<int64> / list<float32>, with the rows whose elements do
+    not parse. An empty string is an empty sequence; a null string stays null."""
+    problems: dict[str, np.ndarray] = {}
+    parts = pc.split_pattern(array, SEQUENCE_DELIMITER)
+    lengths = pc.list_value_length(parts).fill_null(0).to_numpy(zero_copy_only=False)
+    elements = pc.utf8_trim_whitespace(pc.list_flatten(parts))
+    # "" splits into one empty element; it means an empty sequence.
+    empty_row = pc.equal(array, "").fill_null(False).to_numpy(zero_copy_only=False)
+    if empty_row.any():
+        keep = ~np.repeat(empty_row, lengths)
+        elements = elements.filter(pa.array(keep))
+        lengths = np.where(empty_row, 0, lengths)
+    pattern = _INT_PATTERN if request.value_dtype == "int64" else _FLOAT_PATTERN
+    parsable = pc.match_substring_regex(elements, pattern).to_numpy(zero_copy_only=False)
+    if not parsable.all():
+        column = Column(np.empty(0), lengths.astype(np.int64))
+        bad = np.zeros(len(array), dtype=bool)
+        bad[column.rows_of(np.flatnonzero(~parsable))] = True
+        problems[f"element not a {'whole ' if pattern is _INT_PATTERN else ''}number"] = bad
+        elements = pc.if_else(pa.array(parsable), elements, "0")
+    target = pa.int64() if request.value_dtype == "int64" else pa.float32()
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    mask = array.is_null() if array.null_count else None
+    decoded = pa.ListArray.from_arrays(pa.array(offsets), elements.cast(target), mask=mask)
+    return decoded, problems
+
+
+def _mistyped(request: ColumnRequest, actual: pa.DataType, path: str | None) -> DataError:
+    element = "int64" if request.value_dtype == "int64" else "float32 (or an integer type)"
+    expected = f"list<{element}>" if request.is_list else "an integer type"
+    if request.is_list:
+        expected += " or a '|'-delimited string"
+    hint = None
+    if request.value_dtype == "int64" and request.is_list:
+        hint = "ids, bitmasks and timestamps must be integers; timestamps are int64 seconds"
+    return DataError(f"type {actual}, expected {expected}", path=path, column=request.column,
+                     hint=hint)
+
+
+def find_bad_rows(
+    columns: dict[str, Column],
+    features: Sequence[FeatureSpec],
+    labels: Sequence[LabelSpec],
+) -> list[Finding]:
+    """Every rule a row can break, checked on whole columns at once."""
+    findings: list[Finding] = []
+    num_rows = _num_rows(columns)
+
+    def flag(column: str, problem: str, element_indices: np.ndarray) -> None:
+        if len(element_indices):
+            bad = np.zeros(num_rows, dtype=bool)
+            bad[columns[column].rows_of(element_indices)] = True
+            findings.append(Finding(column, problem, bad))
+
+    # Every column of one sequence has the same length in a row.
+    by_sequence: dict[str, list[str]] = {}
+    for spec in features:
+        if spec.sequence is not None:
+            _append_once(by_sequence.setdefault(spec.sequence, []), spec.column)
+    for label in labels:
+        _append_once(by_sequence.setdefault(label.sequence, []), label.column)
+    for sequence, names in by_sequence.items():
+        reference = columns[names[0]].lengths
+        for name in names[1:]:
+            differs = columns[name].lengths != reference
+            if differs.any():
+                findings.append(
+                    Finding(name, f"length differs from {names[0]!r} in the same sequence", differs)
+                )
+
+    # A row must have something to score: the sequence its labels are aligned with is not empty.
+    for sequence in dict.fromkeys(label.sequence for label in labels):
+        if sequence in by_sequence:
+            name = by_sequence[sequence][0]
+            empty = columns[name].lengths == 0
+            if empty.any():
+                findings.append(Finding(name, f"no candidates (empty {sequence})", empty))
+
+    for spec in features:
+        column = columns[spec.column]
+        if spec.kind == "id":
+            flag(spec.column, "negative id", np.flatnonzero(column.values < 0))
+            if spec.num_buckets is not None:
+                too_big = np.flatnonzero(column.values >= spec.num_buckets)
+                flag(spec.column, f"id >= num_buckets {spec.num_buckets}", too_big)
+        elif is_timestamp_column(spec.column):
+            flag(spec.column, "negative timestamp", np.flatnonzero(column.values < 0))
+            flag(spec.column, "decreasing timestamp", _decreasing(column))
+    for name, column in columns.items():
+        if column.values.dtype.kind == "f":
+            flag(name, "NaN or infinite value", np.flatnonzero(~np.isfinite(column.values)))
+    return findings
+
+
+def _append_once(names: list[str], name: str) -> None:
+    if name not in names:
+        names.append(name)
+
+
+def _decreasing(column: Column) -> np.ndarray:
+    """Flat indices of elements smaller than the element before them in the same row."""
+    drops = np.flatnonzero(np.diff(column.values) < 0) + 1
+    if len(drops) == 0 or column.lengths is None:
+        return drops
+    # A drop at the first element of a row compares two different rows: not a decrease.
+    row_starts = column.offsets[column.rows_of(drops)]
+    return drops[drops != row_starts]
+
+
+def _num_rows(columns: dict[str, Column]) -> int:
+    for column in columns.values():
+        return len(column.lengths) if column.lengths is not None else len(column.values)
+    return 0
+
+
+@dataclasses.dataclass
+class BadRowReport:
+    """Rows dropped under policy 'skip', by reason ('column: problem'). A row that breaks
+    several rules counts once in `rows` and once under each reason."""
+
+    rows: int = 0
+    by_reason: Counter = dataclasses.field(default_factory=Counter)
+
+    def add(self, other: "BadRowReport") -> None:
+        self.rows += other.rows
+        self.by_reason.update(other.by_reason)
+
+
+def resolve_bad_rows(
+    findings: list[Finding],
+    num_rows: int,
+    policy: BadRowPolicy,
+    *,
+    path: str | None = None,
+    row_offset: int = 0,
+    paths: np.ndarray | None = None,
+    sample_ids: np.ndarray | None = None,
+) -> tuple[np.ndarray | None, BadRowReport]:
+    """Apply the policy: raise for the first bad row, or return the mask of rows to keep.
+
+    `paths` (per row) overrides `path` when rows come from several files (a Ray Data batch);
+    `row_offset` is added to the row index when `path` is one file read from its first row.
+    """
+    if policy not in BAD_ROW_POLICIES:
+        raise ValueError(f"on_bad_rows must be one of {BAD_ROW_POLICIES}, not {policy!r}")
+    report = BadRowReport()
+    if not findings:
+        return None, report
+    if policy == "error":
+        first = min(findings, key=lambda f: int(np.argmax(f.bad)))
+        row = int(np.argmax(first.bad))
+        row_path = str(paths[row]) if paths is not None else path
+        in_file = paths is None and path is not None
+        problem = first.problem if in_file else f"{first.problem} (row {row} of the batch)"
+        raise DataError(
+            problem,
+            path=row_path,
+            row=row + row_offset if in_file else None,
+            column=first.column,
+            sample_id=None if sample_ids is None else int(sample_ids[row]),
+            hint="pass on_bad_rows='skip' (--on-bad-rows skip) to skip and count such rows",
+        )
+    bad = np.zeros(num_rows, dtype=bool)
+    for finding in findings:
+        bad |= finding.bad
+        report.by_reason[finding.reason] += int(finding.bad.sum())
+    report.rows = int(bad.sum())
+    return ~bad, report
+
+
+def validate_table(
+    table: pa.Table,
+    features: Sequence[FeatureSpec],
+    labels: Sequence[LabelSpec],
+    *,
+    path: str | None = None,
+    row_offset: int = 0,
+    on_bad_rows: BadRowPolicy = "error",
+) -> BadRowReport:
+    """Check a whole table (e.g. one sample file) against the specs; see the module docstring."""
+    columns, findings = read_columns(table, requests_for(features, labels), path=path)
+    findings += find_bad_rows(columns, features, labels)
+    sample_ids = (
+        table.column(SAMPLE_ID).to_numpy() if SAMPLE_ID in table.column_names else None
+    )
+    _, report = resolve_bad_rows(
+        findings, table.num_rows, on_bad_rows, path=path, row_offset=row_offset,
+        sample_ids=sample_ids,
+    )
+    return report

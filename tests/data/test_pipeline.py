@@ -1,0 +1,240 @@
+"""arrow_to_batch on hand-built tables (exact values), batching, and the Ray sharding."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from hstu.data.pipeline import arrow_to_batch, iter_jagged_batches, read_samples, row_tokens
+from hstu.data.schema import sample_specs
+from hstu.data.synthetic import SyntheticOptions, generate
+from data_fixtures import small_specs, small_table
+
+
+def test_arrow_to_batch_exact_values_and_lengths():
+    features, labels = small_specs()
+    batch = arrow_to_batch(small_table(), features, labels)
+
+    assert batch.batch_size == 3
+    assert batch.sample_ids.tolist() == [10, 11, 12]
+    kjt = batch.sparse
+    assert kjt.keys() == ["user_id", "uih_seq__video_id", "cand_seq__video_id"]
+    # KJT values: every key's values back to back; lengths per key per row.
+    assert kjt.values().tolist() == [1, 2, 3, 5, 6, 7, 8, 9, 11, 12, 13, 14]
+    assert kjt.lengths().tolist() == [1, 1, 1, 2, 0, 3, 1, 2, 1]
+    assert kjt.values().dtype == torch.int64
+    per_key = kjt.to_dict()
+    assert per_key["uih_seq__video_id"].offsets().tolist() == [0, 2, 2, 5]
+    assert per_key["cand_seq__video_id"].values().tolist() == [11, 12, 13, 14]
+
+    assert batch.seq_lengths["uih_seq"].tolist() == [2, 0, 3]
+    assert batch.seq_lengths["cand_seq"].tolist() == [1, 2, 1]
+    assert batch.seq_lengths["uih_seq"].dtype == torch.int64
+    timestamps = batch.raw["uih_seq__action_timestamp"]
+    assert timestamps.dtype == torch.int64  # int64 seconds, never float32
+    assert timestamps.tolist() == [100, 101, 200, 200, 205]
+    assert batch.raw["uih_seq__watch_time"].dtype == torch.float32
+    assert batch.raw["uih_seq__watch_time"].tolist() == [1.5, 2.0, 0.0, 3.0, 4.5]
+    assert batch.raw["cand_seq__query_time"].tolist() == [102, 50, 60, 206]
+    assert batch.labels["cand_seq__action_weight"].tolist() == [3, 0, 64, 1]
+    assert batch.labels["cand_seq__watch_time"].tolist() == [9.0, 0.5, 7.25, 1.0]
+    assert batch.num_tokens() == 5 + 4
+    assert batch.num_tokens(contextual_tokens=6) == 9 + 18
+
+
+def test_arrow_to_batch_keeps_large_timestamps_exact():
+    # 1.65e9 s: float32 would round these to multiples of 128 s.
+    features, labels = small_specs()
+    table = small_table(
+        uih_seq__action_timestamp=[[1_650_000_001, 1_650_000_003], [], [1_650_000_005] * 3],
+        cand_seq__query_time=[[1_650_000_007], [1_650_000_011, 1_650_000_013], [1_650_000_017]],
+    )
+    batch = arrow_to_batch(table, features, labels)
+    assert batch.raw["uih_seq__action_timestamp"][:2].tolist() == [1_650_000_001, 1_650_000_003]
+    assert batch.raw["cand_seq__query_time"].tolist()[-1] == 1_650_000_017
+
+
+def test_arrow_to_batch_sliced_and_chunked_input():
+    features, labels = small_specs()
+    table = small_table()
+    # A slice starts mid-buffer; two chunks exercise the per-chunk path.
+    sliced = table.slice(1, 2)
+    batch = arrow_to_batch(sliced, features, labels)
+    assert batch.raw["uih_seq__action_timestamp"].tolist() == [200, 200, 205]
+    assert batch.seq_lengths["uih_seq"].tolist() == [0, 3]
+    chunked = pa.concat_tables([table.slice(0, 1), table.slice(1, 2)])
+    assert chunked.column("uih_seq__video_id").num_chunks == 2
+    batch = arrow_to_batch(chunked, features, labels)
+    assert batch.sparse.values().tolist() == [1, 2, 3, 5, 6, 7, 8, 9, 11, 12, 13, 14]
+
+
+def test_arrow_to_batch_pipe_delimited_strings():
+    features, labels = small_specs()
+    table = small_table(
+        uih_seq__video_id=pa.array(["5|6", "", " 7| 8 |9"]),
+        uih_seq__action_timestamp=pa.array(["100|101", "", "200|200|205"]),
+        uih_seq__watch_time=pa.array(["1.5|2", "", "0|3e0|4.5"]),
+        cand_seq__query_time=pa.array(["102", "50|60", "206"]),
+    )
+    batch = arrow_to_batch(table, features, labels)
+    expected = arrow_to_batch(small_table(), features, labels)
+    assert batch.sparse.values().tolist() == expected.sparse.values().tolist()
+    assert batch.sparse.lengths().tolist() == expected.sparse.lengths().tolist()
+    for name in expected.raw:
+        assert batch.raw[name].dtype == expected.raw[name].dtype
+        assert batch.raw[name].tolist() == expected.raw[name].tolist()
+
+
+def test_arrow_to_batch_accepts_narrower_integer_and_float_types():
+    features, labels = small_specs()
+    table = small_table(
+        user_id=pa.array([1, 2, 3], pa.int32()),
+        uih_seq__video_id=pa.array([[5, 6], [], [7, 8, 9]], pa.list_(pa.int32())),
+        uih_seq__watch_time=pa.array([[1.5, 2.0], [], [0.0, 3.0, 4.5]], pa.list_(pa.float64())),
+    )
+    batch = arrow_to_batch(table, features, labels)
+    assert batch.sparse.values().dtype == torch.int64
+    assert batch.raw["uih_seq__watch_time"].dtype == torch.float32
+
+
+class FakeShard:
+    """Stands in for a Ray DataIterator: hands out consecutive Arrow slices."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+
+    def iter_batches(self, *, batch_size, batch_format, drop_last, prefetch_batches,
+                     local_shuffle_buffer_size, local_shuffle_seed):
+        assert batch_format == "pyarrow" and not drop_last
+        for start in range(0, self.table.num_rows, batch_size):
+            yield self.table.slice(start, batch_size)
+
+
+def _rows_with_lengths(uih_lengths, cand_lengths) -> pa.Table:
+    rows = len(uih_lengths)
+    ints = pa.list_(pa.int64())
+    floats = pa.list_(pa.float32())
+    uih = [list(range(n)) for n in uih_lengths]
+    cand = [[1] * n for n in cand_lengths]
+    return pa.table({
+        "sample_id": pa.array(range(rows), pa.int64()),
+        "user_id": pa.array([1] * rows, pa.int64()),
+        "uih_seq__video_id": pa.array(uih, ints),
+        "uih_seq__action_timestamp": pa.array(uih, ints),
+        "uih_seq__watch_time": pa.array([[0.0] * n for n in uih_lengths], floats),
+        "cand_seq__video_id": pa.array(cand, ints),
+        "cand_seq__query_time": pa.array([[n] * c for n, c in zip(uih_lengths, cand_lengths)],
+                                         ints),
+        "cand_seq__action_weight": pa.array([[0] * n for n in cand_lengths], ints),
+        "cand_seq__watch_time": pa.array([[0.0] * n for n in cand_lengths], floats),
+    })
+
+
+def test_fixed_batches_drop_last_is_counted():
+    features, labels = small_specs()
+    table = _rows_with_lengths([3] * 10, [1] * 10)
+    batches = iter_jagged_batches(FakeShard(table), features, labels, batch_size=4,
+                                  drop_last=True)
+    sizes = [b.batch_size for b in batches]
+    assert sizes == [4, 4]
+    assert batches.stats.dropped_rows == 2
+    assert batches.stats.rows_read == 10
+    assert batches.stats.tokens == 8 * 4
+    # Without drop_last the short batch comes through.
+    batches = iter_jagged_batches(FakeShard(table), features, labels, batch_size=4,
+                                  drop_last=False)
+    assert [b.batch_size for b in batches] == [4, 4, 2]
+    assert batches.stats.dropped_rows == 0
+
+
+def test_token_budget_packs_rows_greedily():
+    features, labels = small_specs(num_buckets=10_000)
+    uih = [10, 10, 10, 50, 5, 5, 5, 200, 1, 1]
+    cand = [2] * 10
+    table = _rows_with_lengths(uih, cand)
+    assert row_tokens(table, ["uih_seq__video_id", "cand_seq__video_id"]).tolist() == [
+        u + c for u, c in zip(uih, cand)
+    ]
+    batches = iter_jagged_batches(FakeShard(table), features, labels, batch_size=3,
+                                  drop_last=False, token_budget=40, read_rows=4)
+    groups = [b.sample_ids.tolist() for b in batches]
+    # 12+12+12=36 fits; 52 alone exceeds (goes alone); 7*3=21 hits batch_size; 202 alone; 3+3.
+    assert groups == [[0, 1, 2], [3], [4, 5, 6], [7], [8, 9]]
+    assert batches.stats.rows == 10 and batches.stats.batches == 5
+    capped = iter_jagged_batches(FakeShard(table), features, labels, batch_size=3,
+                                 drop_last=False, token_budget=40, max_batches=2)
+    assert len(list(capped)) == 2 and capped.stats.stopped_at_max_batches
+
+
+def test_producer_error_reaches_consumer():
+    features, labels = small_specs()
+    table = small_table(cand_seq__query_time=[[102], [50], [206]])  # row 1: 2 vs 1 candidates
+    batches = iter_jagged_batches(FakeShard(table), features, labels, batch_size=2,
+                                  drop_last=False)
+    with pytest.raises(Exception, match="cand_seq__query_time"):
+        list(batches)
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    generate(SyntheticOptions(users=60, median_history=20, max_history=64, max_candidates=8,
+                              items=5000, clusters=20, users_per_shard=10), out)
+    return out
+
+
+@pytest.mark.slow
+def test_ray_two_equal_shards_lose_and_duplicate_nothing(ray_local, synthetic_dir):
+    features, labels = sample_specs(id_buckets=10_000)
+    total = pq.read_table(synthetic_dir / "train", columns=["sample_id"]).num_rows
+    assert total == 60
+    dataset = read_samples(synthetic_dir / "train", shuffle_files=True, seed=3)
+    shards = dataset.streaming_split(2, equal=True)
+    delivered: dict[int, list[int]] = {}
+    stats = {}
+
+    def consume(rank: int) -> None:
+        batches = iter_jagged_batches(shards[rank], features, labels, batch_size=7,
+                                      drop_last=False, shuffle_buffer=16, seed=rank)
+        delivered[rank] = [i for b in batches for i in b.sample_ids.tolist()]
+        stats[rank] = batches.stats
+
+    threads = [threading.Thread(target=consume, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(delivered[0]) == len(delivered[1]) == 30  # equal shards
+    everything = delivered[0] + delivered[1]
+    assert len(set(everything)) == 60  # no duplicates, nothing lost
+    expected = set(pq.read_table(synthetic_dir / "train", columns=["sample_id"])
+                   .column("sample_id").to_pylist())
+    assert set(everything) == expected
+    assert stats[0].batches == stats[1].batches == 5  # 30 rows / 7: same step count
+    assert stats[0].rows_read == 30 and stats[0].dropped_rows == 0
+
+
+@pytest.mark.slow
+def test_ray_bad_row_error_names_file_and_sample(ray_local, tmp_path):
+    features, labels = small_specs()
+    table = small_table(cand_seq__query_time=[[102], [60, 50], [206]])  # decreasing in row 1
+    pq.write_table(table, tmp_path / "bad.parquet")
+    dataset = read_samples(tmp_path)
+    with pytest.raises(Exception) as error:
+        list(iter_jagged_batches(dataset, features, labels, batch_size=3, drop_last=False))
+    message = str(error.value)
+    assert "bad.parquet" in message and "sample_id 11" in message
+    assert "cand_seq__query_time" in message and "decreasing timestamp" in message
+    batches = iter_jagged_batches(dataset, features, labels, batch_size=3, drop_last=False,
+                                  on_bad_rows="skip")
+    assert [i for b in batches for i in b.sample_ids.tolist()] == [10, 12]
+    assert batches.stats.skipped.rows == 1
+    assert batches.stats.skipped.by_reason == {
+        "cand_seq__query_time: decreasing timestamp": 1
+    }
+    np.testing.assert_array_equal(batches.stats.rows, 2)
