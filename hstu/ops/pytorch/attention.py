@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hstu.ops.pytorch.dtypes import upcast
 from hstu.ops.pytorch.jagged import jagged_to_padded, lengths_from_offsets, padded_to_jagged
 
 
@@ -83,7 +84,7 @@ def hstu_mha(
     padded_v = jagged_to_padded(v, seq_offsets, max_seq_len)
     scores = torch.einsum("bnhd,bmhd->bhnm", padded_q, padded_k) * alpha
     mask = attention_mask(lengths, max_seq_len, num_targets, contextual_seq_len, max_attn_len)
-    weights = F.silu(scores.float()) / scale
+    weights = F.silu(upcast(scores)) / scale
     weights = (weights * mask.unsqueeze(1)).to(v.dtype)
     out = torch.einsum("bhnm,bmhd->bnhd", weights, padded_v)
     return padded_to_jagged(out, seq_offsets)

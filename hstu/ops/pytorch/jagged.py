@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from hstu.ops.pytorch.dtypes import upcast
+
 
 def lengths_from_offsets(offsets: torch.Tensor) -> torch.Tensor:
     return offsets[1:] - offsets[:-1]
@@ -120,6 +122,6 @@ def jagged_dense_bmm_broadcast_add(
             f"dense {tuple(dense.shape)} and bias {tuple(bias.shape)} must be [B, K, N] and "
             f"[B, N] with B = {batch}"
         )
-    padded = jagged_to_padded(jagged.float(), seq_offsets, max_seq_len)  # [B, M, K]
-    out = torch.baddbmm(bias.float().unsqueeze(1), padded, dense.float())
+    padded = jagged_to_padded(upcast(jagged), seq_offsets, max_seq_len)  # [B, M, K]
+    out = torch.baddbmm(upcast(bias).unsqueeze(1), padded, upcast(dense))
     return padded_to_jagged(out, seq_offsets).to(jagged.dtype)

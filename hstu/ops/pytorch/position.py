@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from hstu.ops.pytorch.dtypes import upcast
 from hstu.ops.pytorch.jagged import jagged_row_and_col, lengths_from_offsets
 
 TIME_BUCKET_FNS = ("sqrt", "log")
@@ -87,7 +88,7 @@ def add_timestamp_positional_embeddings(
         num_position_buckets=position_table.shape[0],
         use_time_encoding=use_time_encoding,
     )
-    out = seq_embeddings.float() * alpha + position_table[positions].float()
+    out = upcast(seq_embeddings) * alpha + upcast(position_table[positions])
     if use_time_encoding:
         if time_table.shape[0] != num_time_buckets + 1:
             raise ValueError(
@@ -101,5 +102,5 @@ def add_timestamp_positional_embeddings(
             time_bucket_increments=time_bucket_increments,
             num_time_buckets=num_time_buckets,
         )
-        out = out + time_table[buckets].float()
+        out = out + upcast(time_table[buckets])
     return out.to(seq_embeddings.dtype)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from hstu.ops.pytorch.dtypes import upcast
+
 
 def _maybe_checkpoint(enabled: bool, fn, *args):
     if enabled and torch.is_grad_enabled():
@@ -19,7 +21,7 @@ def _maybe_checkpoint(enabled: bool, fn, *args):
 
 
 def _normalize(x, weight, bias, eps):
-    normed = F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps)
+    normed = F.layer_norm(upcast(x), (x.shape[-1],), upcast(weight), upcast(bias), eps)
     return normed.to(x.dtype)
 
 
@@ -29,7 +31,7 @@ def _project(normed, weight, bias):
 
 def _silu_u(uvqk, u_width):
     u = uvqk[:, :u_width]
-    return F.silu(u.float()).to(uvqk.dtype)
+    return F.silu(upcast(u)).to(uvqk.dtype)
 
 
 def stu_preprocess(
@@ -98,9 +100,9 @@ def stu_preprocess(
 def _output_norm(attn, weight, bias, eps, num_heads, group_norm):
     if group_norm:
         length, width = attn.shape
-        per_head = attn.float().view(length, num_heads, width // num_heads)
+        per_head = upcast(attn).view(length, num_heads, width // num_heads)
         normed = F.layer_norm(per_head, (per_head.shape[-1],), eps=eps)
-        normed = normed * weight.float().view(1, -1, 1) + bias.float().view(1, -1, 1)
+        normed = normed * upcast(weight).view(1, -1, 1) + upcast(bias).view(1, -1, 1)
         return normed.view(length, width).to(attn.dtype)
     return _normalize(attn, weight, bias, eps)
 
