@@ -33,8 +33,24 @@ def _short(full_name: str) -> str:
     return full_name.rpartition(".")[2]
 
 
+_REPEATED_SINGULAR = re.compile(r'should not have multiple "(?P<name>\w+)" fields')
+_ONEOF_CONFLICT = re.compile(
+    r'Field "(?P<field>\w+)" is specified along with field "(?P<other>\w+)", another member '
+    r'of oneof "(?P<oneof>\w+)"'
+)
+
+
 def explain_parse_error(message: str) -> str:
-    """Readable text for a text_format error message (unknown fields and enum values)."""
+    """Readable text for a text_format error message (enum values, repeats, oneofs)."""
+    match = _REPEATED_SINGULAR.search(message)
+    if match:
+        return f'"{match["name"]}" is set more than once; it takes one value'
+    match = _ONEOF_CONFLICT.search(message)
+    if match:
+        return (
+            f'"{match["field"]}" and "{match["other"]}" are both set, but they are '
+            f'alternatives ({match["oneof"]}): keep one'
+        )
     match = _UNKNOWN_ENUM.search(message)
     if match:
         enum = schema.pool().FindEnumTypeByName(match["type"])
@@ -81,6 +97,9 @@ def _parse_error(error: text_format.ParseError, text: str, source: str) -> Confi
             f'unknown field "{match["name"]}" in {message_type.name}'
             f"{suggest(match['name'], names)}",
         )
+    conflict = _ONEOF_CONFLICT.search(message)
+    if conflict and not scanned.pending_field:
+        path = f"{open_path}.{conflict['field']}" if open_path else conflict["field"]
     return ConfigError(where, path, explain_parse_error(message))
 
 
@@ -164,8 +183,9 @@ def _fill_defaults(config: Message) -> None:
                 continue
             setattr(message, field.name, field.default_value)
 
+    # Derived defaults, only inside blocks that are present (validation reports missing ones).
     data = config.data_config
-    if not data.HasField("eval_batch_size"):
+    if config.HasField("data_config") and not data.HasField("eval_batch_size"):
         data.eval_batch_size = data.batch_size
     for feature_config in config.feature_configs:
         if feature_config.WhichOneof("feature") == "sequence_feature":
@@ -173,8 +193,9 @@ def _fill_defaults(config: Message) -> None:
             if not sequence.HasField("sequence_pk"):
                 sequence.sequence_pk = f"user:{sequence.sequence_name}"
     train = config.train_config
-    for optimizer in (train.sparse_optimizer, train.dense_optimizer):
-        if optimizer.WhichOneof("learning_rate") is None:
+    for name in ("sparse_optimizer", "dense_optimizer"):
+        optimizer = getattr(train, name)
+        if train.HasField(name) and optimizer.WhichOneof("learning_rate") is None:
             optimizer.constant_learning_rate.SetInParent()
 
 

@@ -311,31 +311,39 @@ class _Checker:
             )
 
     def _sides(self, groups: dict[str, list[DeclaredFeature]], group_paths: dict[str, str]):
-        side_sequence = {}
+        """History groups read one sequence, candidate groups another.
+
+        A side is either one sequence_feature, or standalone sequence_id_feature /
+        sequence_raw_feature configs, which share the side's key (STANDALONE_*_SEQUENCE).
+        """
+        keys = {}
         for side, side_groups, standalone_key in (
             ("history", UIH_SIDE_GROUPS, STANDALONE_UIH_SEQUENCE),
             ("candidate", CANDIDATE_SIDE_GROUPS, STANDALONE_CANDIDATE_SEQUENCE),
         ):
-            first: tuple[str, str] | None = None  # (sequence, where)
+            first: tuple[str, str, str] | None = None  # (source, description, path)
             for group in side_groups:
                 for index, feature in enumerate(groups.get(group, [])):
-                    sequence = feature.sequence or standalone_key
+                    if feature.sequence is not None:
+                        source = f"sequence_feature {feature.sequence!r}"
+                    else:
+                        source = "standalone sequence features"
                     path = f"{group_paths[group]}.feature_names[{index}]"
                     if first is None:
-                        first = (sequence, path)
-                    elif sequence != first[0]:
+                        first = (source, feature.sequence or standalone_key, path)
+                    elif source != first[0]:
                         self.fail(
                             path,
-                            f"the {side} groups ({one_of(side_groups)}) must all come from one "
-                            f"sequence: {feature.name!r} is from {sequence!r}, but "
-                            f"{self.at(first[1])} uses {first[0]!r}",
+                            f"the {side} groups ({one_of(side_groups)}) must all read one "
+                            f"sequence: {feature.name!r} comes from {source}, but "
+                            f"{self.at(first[2])} from {first[0]}",
                         )
-            side_sequence[side] = first
-        history, candidate = side_sequence["history"], side_sequence["candidate"]
-        if history and candidate and history[0] == candidate[0]:
+            keys[side] = first
+        history, candidate = keys["history"], keys["candidate"]
+        if history and candidate and history[1] == candidate[1]:
             self.fail(
-                candidate[1],
-                f"history and candidate groups use the same sequence {history[0]!r}; "
+                candidate[2],
+                f"history and candidate groups both use the sequence key {history[1]!r}; "
                 "candidates need their own sequence",
             )
 

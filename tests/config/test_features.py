@@ -1,0 +1,119 @@
+"""feature_specs / label_specs / sequence_names: names, columns, tables and dtypes."""
+
+from __future__ import annotations
+
+from hstu.config import feature_specs, label_specs, sequence_names, unused_features, unused_labels
+
+
+def test_feature_specs_of_grouped_sequences(kit):
+    cfg = kit.load(kit.BASE)
+    specs = {spec.name: spec for spec in feature_specs(cfg)}
+    # Declared but in no group: not read, no table.
+    assert "uih_seq__cate" not in specs
+    assert unused_features(cfg) == ["uih_seq__cate"]
+
+    video = specs["uih_seq__video_id"]
+    assert (video.column, video.kind, video.sequence) == ("uih_seq__video_id", "id", "uih_seq")
+    assert (video.embedding_name, video.embedding_dim, video.num_buckets) == ("video_emb", 8, 100)
+    assert specs["cand_seq__video_id"].embedding_name == "video_emb"  # shared table
+    user = specs["user_id"]
+    assert (user.sequence, user.embedding_name, user.data_type) == (None, "user_id_emb", "FP32")
+
+    # Raw values: bitmasks and timestamps int64, everything else float32.
+    assert specs["uih_seq__action_weight"].value_dtype == "int64"
+    assert specs["uih_seq__action_timestamp"].value_dtype == "int64"
+    assert specs["cand_seq__query_time"].value_dtype == "int64"
+    assert specs["uih_seq__watch_time"].value_dtype == "float32"
+    assert {spec.kind for spec in specs.values() if spec.name.endswith("time")} == {"raw"}
+
+
+def test_column_comes_from_the_expression(kit):
+    text = kit.edit(
+        'feature_name: "action_weight" expression: "user:action_weight"',
+        'feature_name: "action_weight" expression: "user:actions"',
+    )
+    specs = {spec.name: spec for spec in feature_specs(kit.load(text))}
+    assert specs["uih_seq__action_weight"].column == "uih_seq__actions"
+
+
+STANDALONE_CANDIDATES = """
+feature_configs { sequence_id_feature { feature_name: "item_video_id" expression: "item:video_id"
+                  embedding_name: "video_emb" embedding_dim: 8 num_buckets: 100 } }
+feature_configs { sequence_raw_feature { feature_name: "item_query_time"
+                  expression: "context:query_time" } }
+"""
+
+
+def test_standalone_sequence_features_share_one_key_per_side(kit):
+    text = kit.edit(
+        'feature_names: "cand_seq__video_id"',
+        'feature_names: "item_video_id"',
+        'feature_names: "cand_seq__query_time"',
+        'feature_names: "item_query_time"',
+        'sequence_name: "cand_seq"',
+        'sequence_name: "unused_seq"',
+    ) + STANDALONE_CANDIDATES
+    cfg = kit.load(text)
+    assert sequence_names(cfg) == ("uih_seq", "cand_seq")
+    specs = {spec.name: spec for spec in feature_specs(cfg)}
+    video = specs["item_video_id"]
+    assert (video.sequence, video.column, video.embedding_name) == ("cand_seq", "video_id", "video_emb")
+    assert (specs["item_query_time"].sequence, specs["item_query_time"].value_dtype) == (
+        "cand_seq",
+        "int64",
+    )
+    assert [label.sequence for label in label_specs(cfg)] == ["cand_seq", "cand_seq"]
+
+
+def test_one_side_cannot_mix_grouped_and_standalone_sequences(kit):
+    text = kit.edit('feature_names: "cand_seq__query_time"', 'feature_names: "item_query_time"')
+    kit.expect_error(
+        text + STANDALONE_CANDIDATES,
+        "model_config.feature_groups[6].feature_names[0]",
+        "'item_query_time' comes from standalone sequence features",
+        at='feature_names: "item_query_time"',
+    )
+
+
+def test_standalone_key_must_differ_from_the_other_side(kit):
+    # The history side is a sequence_feature named "cand_seq", the candidates are standalone
+    # (key "cand_seq"): two sequences under one key would be indistinguishable in a batch.
+    text = kit.edit(
+        'sequence_name: "cand_seq"',
+        'sequence_name: "unused_seq"',
+        'sequence_name: "uih_seq"',
+        'sequence_name: "cand_seq"',
+    )
+    for old in ("uih_seq__video_id", "uih_seq__action_weight", "uih_seq__watch_time",
+                "uih_seq__action_timestamp"):
+        text = kit.replace_once(text, f'"{old}"', f'"{old.replace("uih_seq", "cand_seq")}"')
+    text = kit.replace_once(text, 'feature_names: "cand_seq__video_id"\n', 'feature_names: "item_video_id"\n')
+    text = kit.replace_once(
+        text, 'feature_names: "cand_seq__query_time"', 'feature_names: "item_query_time"'
+    )
+    kit.expect_error(
+        text + STANDALONE_CANDIDATES,
+        "model_config.feature_groups[2].feature_names[0]",
+        "both use the sequence key 'cand_seq'",
+    )
+
+
+def test_label_specs(kit):
+    cfg = kit.load(kit.BASE)
+    assert [(label.column, label.value_dtype, label.sequence) for label in label_specs(cfg)] == [
+        ("cand_seq__action_weight", "int64", "cand_seq"),
+        ("cand_seq__watch_time", "float32", "cand_seq"),
+    ]
+    assert sequence_names(cfg) == ("uih_seq", "cand_seq")
+
+
+def test_label_no_task_uses_is_left_out(kit):
+    text = kit.edit(
+        """      task_configs { task_name: "watch_time" label_name: "cand_seq__watch_time"
+                     losses { l2_loss {} } metrics { mean_absolute_error {} } }
+""",
+        "",
+    )
+    cfg = kit.load(text)
+    assert [label.column for label in label_specs(cfg)] == ["cand_seq__action_weight"]
+    assert unused_labels(cfg) == ["cand_seq__watch_time"]

@@ -1,0 +1,529 @@
+"""One test per cross-field rule: each breaks the valid BASE config and checks the error names
+the field path, its line:column and what was expected."""
+
+from __future__ import annotations
+
+import pytest
+
+GROUPS = "model_config.feature_groups"
+PRE = "model_config.dlrm_hstu.hstu.input_preprocessor.contextual_preprocessor"
+ACTION = f"{PRE}.action_encoder.simple_action_encoder"
+TASKS = "model_config.dlrm_hstu.fusion_mtl_tower.task_configs"
+
+
+def test_base_config_is_valid(kit):
+    kit.load(kit.BASE)
+
+
+# ---- feature groups ---------------------------------------------------------------------------
+
+
+def test_unknown_group_name(kit):
+    text = kit.edit('group_name: "uih_timestamp"', 'group_name: "uih_timestamps"')
+    kit.expect_error(
+        text,
+        f"{GROUPS}[5].group_name",
+        "unknown group 'uih_timestamps'",
+        'did you mean "uih_timestamp"',
+        at='group_name: "uih_timestamps"',
+    )
+
+
+def test_group_type(kit):
+    text = kit.edit(
+        'feature_names: "uih_seq__video_id" group_type: JAGGED_SEQUENCE',
+        'feature_names: "uih_seq__video_id" group_type: DEEP',
+    )
+    kit.expect_error(
+        text,
+        f"{GROUPS}[1].group_type",
+        "group 'uih' must be JAGGED_SEQUENCE, got DEEP",
+        at=("group_type: DEEP", 1),
+    )
+
+
+def test_contextual_group_may_be_sequence_type(kit):
+    kit.load(kit.edit("group_type: DEEP }", "group_type: SEQUENCE }"))
+
+
+def test_missing_required_group(kit):
+    text = kit.edit(
+        """  feature_groups { group_name: "uih_timestamp" feature_names: "uih_seq__action_timestamp"
+                   group_type: JAGGED_SEQUENCE }
+""",
+        "",
+    )
+    kit.expect_error(
+        text, "model_config", "missing feature group 'uih_timestamp'", at="model_config {"
+    )
+
+
+def test_uih_watchtime_group_is_optional(kit):
+    kit.load(
+        kit.edit(
+            """  feature_groups { group_name: "uih_watchtime" feature_names: "uih_seq__watch_time"
+                   group_type: JAGGED_SEQUENCE }
+""",
+            "",
+        )
+    )
+
+
+def test_group_defined_twice(kit):
+    text = kit.edit('group_name: "candidate_timestamp"', 'group_name: "candidate"')
+    kit.expect_error(
+        text,
+        f"{GROUPS}[6].group_name",
+        "group 'candidate' is defined twice",
+        at=('group_name: "candidate"', 1),
+    )
+
+
+def test_feature_in_group_must_be_declared(kit):
+    text = kit.edit('feature_names: "cand_seq__query_time"', 'feature_names: "cand_seq__query_tme"')
+    kit.expect_error(
+        text,
+        f"{GROUPS}[6].feature_names[0]",
+        "feature 'cand_seq__query_tme' is not declared in feature_configs",
+        'did you mean "cand_seq__query_time"',
+        at='feature_names: "cand_seq__query_tme"',
+    )
+
+
+def test_id_group_rejects_raw_feature(kit):
+    text = kit.edit(
+        'feature_names: "uih_seq__video_id" group_type',
+        'feature_names: ["uih_seq__video_id", "uih_seq__watch_time"] group_type',
+    )
+    kit.expect_error(
+        text,
+        f"{GROUPS}[1].feature_names[1]",
+        "group 'uih' takes id features",
+        at='"uih_seq__watch_time"',
+    )
+
+
+def test_raw_group_rejects_id_feature(kit):
+    text = kit.edit('feature_names: "uih_seq__action_weight"', 'feature_names: "uih_seq__cate"')
+    kit.expect_error(
+        text,
+        f"{GROUPS}[3].feature_names[0]",
+        "group 'uih_action' takes a raw feature",
+        at='feature_names: "uih_seq__cate"',
+    )
+
+
+def test_contextual_group_takes_scalar_features(kit):
+    text = kit.edit('["user_id", "user_level"]', '["user_id", "uih_seq__cate"]')
+    kit.expect_error(
+        text,
+        f"{GROUPS}[0].feature_names[1]",
+        "takes scalar features; 'uih_seq__cate' is a sequence",
+        at='"uih_seq__cate"',
+    )
+
+
+def test_raw_group_takes_exactly_one_feature(kit):
+    text = kit.edit(
+        'feature_names: "uih_seq__action_timestamp"',
+        'feature_names: ["uih_seq__action_timestamp", "uih_seq__watch_time"]',
+    )
+    kit.expect_error(
+        text,
+        f"{GROUPS}[5]",
+        "group 'uih_timestamp' takes exactly one raw feature, got 2",
+        at='feature_groups { group_name: "uih_timestamp"',
+    )
+
+
+def test_history_groups_come_from_one_sequence(kit):
+    text = kit.edit('feature_names: "uih_seq__action_weight"', 'feature_names: "cand_seq__query_time"')
+    kit.expect_error(
+        text,
+        f"{GROUPS}[3].feature_names[0]",
+        "must all read one sequence",
+        "'cand_seq__query_time' comes from sequence_feature 'cand_seq'",
+        at='feature_names: "cand_seq__query_time"',
+    )
+
+
+def test_candidate_groups_need_their_own_sequence(kit):
+    text = kit.edit(
+        'feature_names: "cand_seq__video_id"',
+        'feature_names: "uih_seq__cate"',
+        'feature_names: "cand_seq__query_time"',
+        'feature_names: "uih_seq__action_timestamp"',
+    )
+    kit.expect_error(
+        text,
+        f"{GROUPS}[2].feature_names[0]",
+        "history and candidate groups both use the sequence key 'uih_seq'",
+        at='feature_names: "uih_seq__cate"',
+    )
+
+
+# ---- content encoders ---------------------------------------------------------------------------
+
+
+def test_slice_content_encoder_needs_candidate_at_least_as_wide(kit):
+    text = kit.edit(
+        'feature_names: "uih_seq__video_id" group_type',
+        'feature_names: ["uih_seq__video_id", "uih_seq__cate"] group_type',
+    )
+    kit.expect_error(
+        text,
+        f"{PRE}.content_encoder.slice_content_encoder",
+        "candidate 8 < uih 16",
+        at="slice_content_encoder",
+    )
+
+
+def test_pad_content_encoder_needs_candidate_wider(kit):
+    text = kit.edit("slice_content_encoder {}", "pad_content_encoder {}")
+    kit.expect_error(
+        text,
+        f"{PRE}.content_encoder.pad_content_encoder",
+        "candidate 8 <= uih 8",
+        at="pad_content_encoder",
+    )
+
+
+def test_mlp_content_encoder_outputs_must_match(kit):
+    text = kit.edit(
+        "slice_content_encoder {}",
+        "mlp_content_encoder { uih_mlp { hidden_units: [16] } target_mlp { hidden_units: [12] } }",
+    )
+    kit.expect_error(
+        text,
+        f"{PRE}.content_encoder.mlp_content_encoder.target_mlp",
+        "same width: 16 != 12",
+        at="target_mlp",
+    )
+
+
+# ---- action encoder, postprocessor ----------------------------------------------------------------
+
+
+def test_action_weights_are_powers_of_two(kit):
+    text = kit.edit("action_weights: [1, 2, 4]", "action_weights: [1, 3, 4]")
+    line, column = kit.position(text, "action_weights: [1, 3, 4]")
+    kit.expect_error(
+        text,
+        f"{ACTION}.action_weights[1]",
+        "3 is not a power of two",
+        at=f"{kit.SOURCE}:{line}:{column + len('action_weights: [1, ')}",
+    )
+
+
+def test_action_weights_are_distinct(kit):
+    text = kit.edit("action_weights: [1, 2, 4]", "action_weights: [1, 2, 2]")
+    line, column = kit.position(text, "action_weights: [1, 2, 2]")
+    kit.expect_error(
+        text,
+        f"{ACTION}.action_weights[2]",
+        "bit 2 is used twice",
+        at=f"{kit.SOURCE}:{line}:{column + len('action_weights: [1, 2, ')}",
+    )
+
+
+def test_watchtime_thresholds_and_weights_have_equal_length(kit):
+    text = kit.edit(
+        "action_weights: [1, 2, 4]",
+        "action_weights: [1, 2, 4] watchtime_to_action_thresholds: [60, 300] "
+        "watchtime_to_action_weights: [8]",
+    )
+    kit.expect_error(
+        text,
+        f"{ACTION}.watchtime_to_action_weights",
+        "1 weights, 2 watchtime_to_action_thresholds",
+        at="watchtime_to_action_weights",
+    )
+
+
+def test_watchtime_weights_must_not_reuse_action_bits(kit):
+    text = kit.edit(
+        "action_weights: [1, 2, 4]",
+        "action_weights: [1, 2, 4] watchtime_to_action_thresholds: [60] "
+        "watchtime_to_action_weights: [2]",
+    )
+    line, column = kit.position(text, "watchtime_to_action_weights: [2]")
+    kit.expect_error(
+        text,
+        f"{ACTION}.watchtime_to_action_weights[0]",
+        "bit 2 is used twice",
+        at=f"{kit.SOURCE}:{line}:{column + len('watchtime_to_action_weights: [')}",
+    )
+
+
+def test_watchtime_actions_need_the_uih_watchtime_group(kit):
+    text = kit.edit(
+        "action_weights: [1, 2, 4]",
+        "action_weights: [1, 2, 4] watchtime_to_action_thresholds: [60] "
+        "watchtime_to_action_weights: [8]",
+        """  feature_groups { group_name: "uih_watchtime" feature_names: "uih_seq__watch_time"
+                   group_type: JAGGED_SEQUENCE }
+""",
+        "",
+    )
+    kit.expect_error(
+        text,
+        f"{ACTION}.watchtime_to_action_thresholds",
+        "need the uih_watchtime feature group",
+        at="watchtime_to_action_thresholds",
+    )
+
+
+def test_time_duration_lists_have_equal_length(kit):
+    text = kit.edit(
+        "time_duration_units_per_period: [24, 7]", "time_duration_units_per_period: [24]"
+    )
+    kit.expect_error(
+        text,
+        "model_config.dlrm_hstu.hstu.output_postprocessor.timestamp_layernorm_postprocessor"
+        ".time_duration_units_per_period",
+        "1 != 2",
+        at="time_duration_units_per_period",
+    )
+
+
+# ---- kernel -------------------------------------------------------------------------------------
+
+
+def test_cutlass_needs_attention_dim_equal_to_hidden_dim(kit):
+    text = kit.edit(
+        "kernel: PYTORCH",
+        "kernel: CUTLASS",
+        "attention_dim: 8",
+        "attention_dim: 4",
+        "num_epochs: 1",
+        'num_epochs: 1 mixed_precision: "BF16"',
+    )
+    line, column = kit.position(text, "kernel: CUTLASS")
+    kit.expect_error(
+        text,
+        "model_config.dlrm_hstu.hstu.stu.attention_dim",
+        f"kernel CUTLASS ({kit.SOURCE}:{line}:{column}) needs attention_dim == hidden_dim",
+        "attention_dim 4, hidden_dim 8",
+        at="attention_dim: 4",
+    )
+
+
+def test_cutlass_needs_mixed_precision(kit):
+    text = kit.edit("kernel: PYTORCH", "kernel: CUTLASS")
+    kit.expect_error(
+        text, "train_config.mixed_precision", '"BF16" or "FP16"', at="train_config {"
+    )
+
+
+def test_cutlass_with_matching_dims_and_bf16_loads(kit):
+    kit.load(kit.edit("kernel: PYTORCH", "kernel: CUTLASS", "num_epochs: 1",
+                      'num_epochs: 1 mixed_precision: "BF16"'))
+
+
+# ---- features and tables ------------------------------------------------------------------------
+
+
+def test_contextual_features_share_one_dim(kit):
+    text = kit.edit("embedding_dim: 8 num_buckets: 5 }", "embedding_dim: 16 num_buckets: 5 }")
+    kit.expect_error(
+        text,
+        f"{GROUPS}[0].feature_names[1]",
+        "contextual features must share one embedding_dim unless",
+        at='"user_level"]',
+    )
+
+
+def test_all_tables_share_one_dim_in_one_embedding_collection(kit):
+    text = kit.edit(
+        "embedding_dim: 8 num_buckets: 5 }",
+        "embedding_dim: 16 num_buckets: 5 }",
+        "max_seq_len: 128",
+        "max_seq_len: 128 concat_contextual_features: true",
+    )
+    kit.expect_error(
+        text,
+        "feature_configs[3].id_feature.embedding_dim",
+        "one TorchRec EmbeddingCollection",
+        at="embedding_dim: 16",
+    )
+
+
+def test_shared_table_must_agree(kit):
+    text = kit.BASE
+    second = text.index("num_buckets: 100", text.index("num_buckets: 100") + 1)
+    text = text[:second] + "num_buckets: 200" + text[second + len("num_buckets: 100") :]
+    kit.expect_error(
+        text,
+        "feature_configs[1].sequence_feature.features[0].id_feature.num_buckets",
+        "shares table 'video_emb' with 'uih_seq__video_id'",
+        "num_buckets must match: 200 != 100",
+        at="num_buckets: 200",
+    )
+
+
+def test_feature_declared_twice(kit):
+    text = kit.BASE + 'feature_configs { id_feature { feature_name: "user_id" ' \
+        'expression: "user:uid" embedding_dim: 8 num_buckets: 5 } }\n'
+    kit.expect_error(
+        text,
+        "feature_configs[4].id_feature.feature_name",
+        "feature 'user_id' is declared twice",
+        at=('feature_name: "user_id"', 1),
+    )
+
+
+def test_expression_needs_side_and_name(kit):
+    text = kit.edit('expression: "user:user_level"', 'expression: "user_level"')
+    kit.expect_error(
+        text,
+        "feature_configs[3].id_feature.expression",
+        "expected side:name",
+        at='expression: "user_level"',
+    )
+
+
+def test_id_feature_needs_num_buckets(kit):
+    text = kit.edit("embedding_dim: 8 num_buckets: 5 }", "embedding_dim: 8 }")
+    kit.expect_error(
+        text,
+        "feature_configs[3].id_feature",
+        "num_buckets is required",
+        at='id_feature { feature_name: "user_level"',
+    )
+
+
+def test_embedding_data_type(kit):
+    text = kit.edit("num_buckets: 5 }", 'num_buckets: 5 data_type: "INT8" }')
+    kit.expect_error(
+        text, "feature_configs[3].id_feature.data_type", "expected one of FP32, FP16", at="data_type"
+    )
+
+
+# ---- tasks and labels ---------------------------------------------------------------------------
+
+
+def test_task_label_must_be_a_label_field(kit):
+    text = kit.edit(
+        'task_name: "is_click" label_name: "cand_seq__action_weight"',
+        'task_name: "is_click" label_name: "cand_seq__action_weigth"',
+    )
+    kit.expect_error(
+        text,
+        f"{TASKS}[0].label_name",
+        "label 'cand_seq__action_weigth' is not in data_config.label_fields",
+        'did you mean "cand_seq__action_weight"',
+        at='label_name: "cand_seq__action_weigth"',
+    )
+
+
+def test_classification_task_needs_task_bitmask(kit):
+    text = kit.edit(
+        'label_name: "cand_seq__action_weight" task_bitmask: 1',
+        'label_name: "cand_seq__action_weight"',
+    )
+    kit.expect_error(
+        text,
+        f"{TASKS}[0]",
+        "set task_bitmask",
+        at='task_configs { task_name: "is_click"',
+    )
+
+
+def test_regression_task_takes_no_task_bitmask(kit):
+    text = kit.edit(
+        'label_name: "cand_seq__watch_time"', 'label_name: "cand_seq__watch_time" task_bitmask: 4'
+    )
+    kit.expect_error(
+        text, f"{TASKS}[2].task_bitmask", "remove task_bitmask", at="task_bitmask: 4"
+    )
+
+
+def test_label_has_one_type(kit):
+    text = kit.edit(
+        'task_name: "watch_time" label_name: "cand_seq__watch_time"',
+        'task_name: "watch_time" label_name: "cand_seq__action_weight"',
+    )
+    kit.expect_error(
+        text,
+        f"{TASKS}[2].label_name",
+        "used by a classification task",
+        at=('label_name: "cand_seq__action_weight"', 2),
+    )
+
+
+def test_metric_must_fit_the_task(kit):
+    text = kit.edit("metrics { mean_absolute_error {} }", "metrics { auc {} }")
+    kit.expect_error(
+        text,
+        f"{TASKS}[2].metrics[0].auc",
+        "auc does not fit a regression task",
+        at=("auc {}", 1),
+    )
+
+
+def test_grouped_auc_key_is_a_contextual_feature(kit):
+    text = kit.edit('grouping_key: "user_id"', 'grouping_key: "video_id"')
+    kit.expect_error(
+        text,
+        f"{TASKS}[1].metrics[0].grouped_auc.grouping_key",
+        "must be a feature of the contextual group",
+        at='grouping_key: "video_id"',
+    )
+
+
+def test_task_names_are_unique(kit):
+    text = kit.edit('task_name: "is_like"', 'task_name: "is_click"')
+    kit.expect_error(
+        text, f"{TASKS}[1].task_name", "task 'is_click' is defined twice", at=('task_name: "is_click"', 1)
+    )
+
+
+# ---- scalar sanity --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "old, new, path, fragment",
+    [
+        ('activation: "nn.SiLU"', 'activation: "nn.Swish"',
+         "model_config.dlrm_hstu.fusion_mtl_tower.mlp.activation", "expected one of nn.ReLU"),
+        ("use_ln: true", "use_ln: true use_bn: true",
+         "model_config.dlrm_hstu.fusion_mtl_tower.mlp.use_ln", "cannot both be true"),
+        ("use_time_encoding: true", 'use_time_encoding: true time_bucket_fn: "linear"',
+         "model_config.dlrm_hstu.hstu.positional_encoder.time_bucket_fn", "expected 'sqrt' or 'log'"),
+        ("max_seq_len: 128", "max_seq_len: 0", "model_config.dlrm_hstu.max_seq_len", "at least 1"),
+        ("num_heads: 2", "num_heads: 0", "model_config.dlrm_hstu.hstu.stu.num_heads", "at least 1"),
+        ("num_epochs: 1", 'num_epochs: 1 mixed_precision: "bf16"', "train_config.mixed_precision",
+         'expected "BF16", "FP16" or ""'),
+        ("lr: 0.01", "lr: 0", "train_config.sparse_optimizer.rowwise_adagrad_optimizer.lr",
+         "must be > 0"),
+        ("batch_size: 4", "batch_size: 0", "data_config.batch_size", "at least 1"),
+        ("dataset_type: ParquetDataset", "dataset_type: OdpsDataset", "data_config.dataset_type",
+         "supported by TorchEasyRec, not yet by this project"),
+        ("dataset_type: ParquetDataset", "dataset_type: ParquetDataset fg_mode: FG_NORMAL",
+         "data_config.fg_mode", "supported by TorchEasyRec, not yet by this project"),
+    ],
+)
+def test_field_values(kit, old, new, path, fragment):
+    text = kit.edit(old, new)
+    error = kit.expect_error(text, path, fragment)
+    assert error.where.line is not None
+
+
+def test_sparse_optimizer_must_be_chosen(kit):
+    text = kit.edit(
+        "sparse_optimizer { rowwise_adagrad_optimizer { lr: 0.01 } }",
+        "sparse_optimizer { constant_learning_rate {} }",
+    )
+    kit.expect_error(
+        text,
+        "train_config.sparse_optimizer",
+        "no optimizer chosen; expected one of sgd_optimizer",
+        at="sparse_optimizer",
+    )
+
+
+def test_train_config_is_required(kit):
+    start = kit.BASE.index("train_config {")
+    end = kit.BASE.index("data_config {")
+    text = kit.BASE[:start] + kit.BASE[end:]
+    kit.expect_error(text, "(top level)", "missing train_config", at=kit.SOURCE)
