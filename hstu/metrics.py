@@ -12,6 +12,9 @@ initialised; call it on every rank before compute()).
 - GroupedAUC: exact AUC per group (e.g. per user), unweighted mean over the groups that have
   both classes.
 - MeanAbsoluteError: sum |pred - label| / count.
+
+global_average_scale (used by DlrmHSTU.compute_losses) lives here too: like sync, it is a
+cross-rank reduction, and keeping it here keeps this module free of torchrec.
 """
 
 from __future__ import annotations
@@ -38,6 +41,23 @@ def _gather_cat(local: torch.Tensor) -> torch.Tensor:
     gathered = [torch.zeros_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded)
     return torch.cat([g[: int(s)] for g, s in zip(gathered, sizes)])
+
+
+def global_average_scale(num_targets: torch.Tensor) -> float:
+    """local candidates / mean candidates per rank (1.0 without torch.distributed).
+
+    A loss averaged over the local candidates, times this, has a gradient whose average over
+    ranks (what DDP and sharded embeddings compute) equals that of the mean over every
+    candidate of every rank. One all_reduce; every rank must call it.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 1.0
+    local = num_targets.sum().to(torch.float64).reshape(1)
+    total = local.clone()
+    # SUM then divide: gloo has no AVG reduction.
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    mean = float(total) / dist.get_world_size()
+    return float(local) / mean if mean > 0 else 1.0
 
 
 def exact_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:

@@ -13,7 +13,6 @@ import dataclasses
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import DataType, EmbeddingConfig
@@ -21,6 +20,7 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 
 from hstu.config.features import FeatureSpec, LabelSpec
 from hstu.data.batch import JaggedBatch
+from hstu.metrics import global_average_scale
 from hstu.modules.action_encoder import SimpleActionEncoder
 from hstu.modules.content_encoder import MLPContentEncoder, PadContentEncoder, SliceContentEncoder
 from hstu.modules.contextual_preprocessor import ContextualPreprocessor
@@ -40,7 +40,6 @@ from hstu.modules.postprocessors import (
 )
 from hstu.modules.stu import STULayer, STUStack
 from hstu.ops import Kernel
-from hstu.ops.pytorch.jagged import offsets_from_lengths
 
 # Feature groups DlrmHSTU reads by name (reference 1.5).
 REQUIRED_GROUPS = ("uih", "candidate", "uih_timestamp", "candidate_timestamp")
@@ -617,7 +616,9 @@ class DlrmHSTU(nn.Module):
         local count / mean count over ranks, so that averaging gradients over ranks gives the
         mean over all candidates of all ranks. total = plain sum over tasks."""
         labels = self.task_labels(batch)
-        scale = self._global_average_scale(output.num_targets)
+        scale = (
+            global_average_scale(output.num_targets) if self.enable_global_average_loss else 1.0
+        )
         losses = {}
         for task in self.tasks:
             logits, label = output.logits[task.name], labels[task.name]
@@ -637,19 +638,6 @@ class DlrmHSTU(nn.Module):
             losses[task.name] = task_loss * task.weight * scale
         total = torch.stack(list(losses.values())).sum()
         return total, losses
-
-    def _global_average_scale(self, num_targets: torch.Tensor) -> float:
-        if not (self.enable_global_average_loss and dist.is_available() and dist.is_initialized()):
-            return 1.0
-        world = dist.get_world_size()
-        if world == 1:
-            return 1.0
-        local = num_targets.sum().to(torch.float64).reshape(1)
-        total = local.clone()
-        # SUM then divide: gloo has no AVG reduction.
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        mean = float(total) / world
-        return float(local) / mean if mean > 0 else 1.0
 
     def grouping_key(self, batch: JaggedBatch, name: str, num_targets: torch.Tensor) -> torch.Tensor:
         """The per-row value of feature `name` (e.g. user_id), repeated for each candidate."""
