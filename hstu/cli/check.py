@@ -36,10 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _table(rows: list[list[str]], headers: list[str], indent: str = "  ") -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
-    lines = [indent + "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    lines = [indent + "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
     for row in rows:
-        lines.append(indent + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        lines.append(
+            indent + "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        )
     return "\n".join(lines)
 
 
@@ -59,7 +61,7 @@ def _dense_summary(cfg) -> tuple[str, bool]:
     except Exception as error:  # the model rejected this config: report it, do not hide it
         return f"model_summary failed: {type(error).__name__}: {error}", False
     dense = summary.get("dense_parameters")
-    text = f"{dense:,}" if isinstance(dense, int) else f"(model_summary gave no dense_parameters)"
+    text = f"{dense:,}" if isinstance(dense, int) else "(model_summary gave no dense_parameters)"
     for key in ("stu_parameters", "encoder_flops_per_sample", "encoder_flops_per_token"):
         if key in summary:
             value = summary[key]
@@ -74,6 +76,7 @@ def summarize(cfg, source: str) -> tuple[str, bool]:
     dlrm = cfg.model_config.dlrm_hstu
     hstu = dlrm.hstu
     stu = hstu.stu
+    content_encoder = hstu.input_preprocessor.contextual_preprocessor.content_encoder
     specs = feature_specs(cfg)
     labels = label_specs(cfg)
     uih_sequence, candidate_sequence = sequence_names(cfg)
@@ -84,7 +87,7 @@ def summarize(cfg, source: str) -> tuple[str, bool]:
         f"sequences: history {uih_sequence!r}, candidates {candidate_sequence!r}",
         f"encoder: D={stu.embedding_dim}, {stu.num_heads} heads x (qk {stu.attention_dim}, "
         f"v {stu.hidden_dim}), {hstu.attn_num_layers} layers, "
-        f"{hstu.input_preprocessor.contextual_preprocessor.content_encoder.WhichOneof('content_encoder')}, "
+        f"{content_encoder.WhichOneof('content_encoder')}, "
         f"{hstu.output_postprocessor.WhichOneof('output_postprocessor')}",
         "",
         f"features ({len(specs)}):",
@@ -163,7 +166,10 @@ def summarize(cfg, source: str) -> tuple[str, bool]:
         f"  dense: {dense_text}",
     ]
 
-    notes = [f"feature {name} is declared but in no feature group: not read" for name in unused_features(cfg)]
+    notes = [
+        f"feature {name} is declared but in no feature group: not read"
+        for name in unused_features(cfg)
+    ]
     notes += [f"label {name} is used by no task: not read" for name in unused_labels(cfg)]
     notes += [f"{path} has no effect here: {why}" for path, why in ignored_settings(cfg)]
     if notes:

@@ -3,6 +3,10 @@
 `FeatureSpec` is the contract between hstu/config (which derives the specs from
 `feature_configs`), hstu/data (which reads `column` and builds the batch) and hstu/model.py
 (which builds embedding tables from the id features and reads raw features by `name`).
+
+feature_specs(cfg), label_specs(cfg) and sequence_names(cfg) below are the only place that
+turns feature_configs into names, columns, tables and dtypes; the group-name constants are the
+names DlrmHSTU reads its feature groups by.
 """
 
 from __future__ import annotations
@@ -116,7 +120,7 @@ class DeclaredFeature:
 
 
 def input_name(expression: str) -> str:
-    """"item:video_id" -> "video_id" (the column a feature reads; validation checks the form)."""
+    """ "item:video_id" -> "video_id" (the column a feature reads; validation checks the form)."""
     return expression.partition(":")[2] or expression
 
 

@@ -21,7 +21,8 @@ from hstu.config.overrides import apply_overrides
 
 _UNKNOWN_FIELD = re.compile(r'Message type "(?P<type>[\w.]+)" has no field named "(?P<name>[^"]*)"')
 _UNKNOWN_ENUM = re.compile(
-    r'Enum type "(?P<type>[\w.]+)" has no value (?:named (?P<name>\S+?)|with number (?P<number>-?\d+))\.'
+    r'Enum type "(?P<type>[\w.]+)" has no value '
+    r"(?:named (?P<name>\S+?)|with number (?P<number>-?\d+))\."
 )
 
 
@@ -49,7 +50,7 @@ def explain_parse_error(message: str) -> str:
     if match:
         return (
             f'"{match["field"]}" and "{match["other"]}" are both set, but they are '
-            f'alternatives ({match["oneof"]}): keep one'
+            f"alternatives ({match['oneof']}): keep one"
         )
     match = _UNKNOWN_ENUM.search(message)
     if match:
@@ -117,9 +118,7 @@ def parse_config(text: str, source: str) -> tuple[Message, Locator]:
 def _check_required(message: Message, path: str, locator: Locator) -> None:
     for field in message.DESCRIPTOR.fields:
         if field.is_required and not message.HasField(field.name):
-            raise ConfigError(
-                locator.where(path), path, f'missing required field "{field.name}"'
-            )
+            raise ConfigError(locator.where(path), path, f'missing required field "{field.name}"')
     for field, value in message.ListFields():
         if field.message_type is None or field.message_type.GetOptions().map_entry:
             continue
@@ -199,9 +198,7 @@ def _fill_defaults(config: Message) -> None:
             optimizer.constant_learning_rate.SetInParent()
 
 
-def load_config_text(
-    text: str, source: str = "<config>", overrides: Sequence[str] = ()
-) -> Message:
+def load_config_text(text: str, source: str = "<config>", overrides: Sequence[str] = ()) -> Message:
     """load_config for a config given as text; `source` names it in error messages."""
     from hstu.config.validate import validate
 

@@ -167,17 +167,13 @@ class _Scanner:
                 self.index += 1
 
 
-def scan(
-    text: str, root: descriptor.Descriptor, stop: tuple[int, int] | None = None
-) -> ScanResult:
+def scan(text: str, root: descriptor.Descriptor, stop: tuple[int, int] | None = None) -> ScanResult:
     """Map field paths to positions; with `stop` (line, column), also report what was open there."""
     scanner = _Scanner(text, stop)
     try:
         scanner.message_body("", root, None)
     except _Stopped:
-        return ScanResult(
-            scanner.positions, list(scanner.open_messages), scanner.pending_field
-        )
+        return ScanResult(scanner.positions, list(scanner.open_messages), scanner.pending_field)
     return ScanResult(scanner.positions, [], None)
 
 
@@ -198,7 +194,9 @@ class Locator:
 
     def set_by_override(self, path: str, override: Location) -> None:
         # The override now owns this field and everything under it.
-        for known in [p for p in self.positions if p == path or p.startswith((path + ".", path + "["))]:
+        for known in [
+            p for p in self.positions if p == path or p.startswith((path + ".", path + "["))
+        ]:
             del self.positions[known]
         for known in [p for p in self.overrides if p.startswith((path + ".", path + "["))]:
             del self.overrides[known]

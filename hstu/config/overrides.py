@@ -182,7 +182,9 @@ def apply_override(config: Message, spec: str, locator: Locator) -> None:
         except ConfigError:
             raise
         except ValueError as error:
-            raise ConfigError(origin, field_path, f"cannot set {value.strip()!r}: {error}") from None
+            raise ConfigError(
+                origin, field_path, f"cannot set {value.strip()!r}: {error}"
+            ) from None
         path = field_path
     # Anything validation later reports about this field should point at the override.
     locator.set_by_override(path, origin)

@@ -29,6 +29,8 @@ _OTHER_MODELS = (
     "tdm rocket_launching sid_rqvae sid_rqkmeans generative_qwen prompt_generative_qwen"
 ).split()
 
+_USE_METRICS = "use auc, grouped_auc, mean_absolute_error or mean_squared_error"
+
 # field -> what to do instead (may be empty)
 UNSUPPORTED: dict[str, str] = {
     "EasyRecConfig.item_input_path": "it is for retrieval models",
@@ -79,8 +81,12 @@ UNSUPPORTED: dict[str, str] = {
         f"FeatureConfig.sequence_{name}": "use sequence_id_feature or sequence_raw_feature"
         for name in _OTHER_FEATURE_TYPES
     },
-    **{f"SeqFeatureConfig.{name}": "use id_feature or raw_feature" for name in _OTHER_FEATURE_TYPES},
-    "IdFeature.hash_bucket_size": "store ids already reduced to [0, num_buckets) and set num_buckets",
+    **{
+        f"SeqFeatureConfig.{name}": "use id_feature or raw_feature" for name in _OTHER_FEATURE_TYPES
+    },
+    "IdFeature.hash_bucket_size": (
+        "store ids already reduced to [0, num_buckets) and set num_buckets"
+    ),
     "IdFeature.vocab_list": "store integer ids and set num_buckets",
     "IdFeature.vocab_dict": "store integer ids and set num_buckets",
     "IdFeature.vocab_file": "store integer ids and set num_buckets",
@@ -130,9 +136,9 @@ UNSUPPORTED: dict[str, str] = {
     "LossConfig.softmax_cross_entropy": "use binary_cross_entropy or l2_loss",
     "LossConfig.jrc_loss": "use binary_cross_entropy or l2_loss",
     "LossConfig.binary_focal_loss": "use binary_cross_entropy or l2_loss",
-    "MetricConfig.multiclass_auc": "use auc, grouped_auc, mean_absolute_error or mean_squared_error",
-    "MetricConfig.recall_at_k": "use auc, grouped_auc, mean_absolute_error or mean_squared_error",
-    "MetricConfig.accuracy": "use auc, grouped_auc, mean_absolute_error or mean_squared_error",
+    "MetricConfig.multiclass_auc": _USE_METRICS,
+    "MetricConfig.recall_at_k": _USE_METRICS,
+    "MetricConfig.accuracy": _USE_METRICS,
     # eval_config / export_config
     "EvalConfig.evaluator_type": 'only "latest" is implemented',
     "ExportConfig.exporter_type": 'only "latest" is implemented',

@@ -7,7 +7,6 @@ plus what this project needs to read the data and build the model.
 
 from __future__ import annotations
 
-import collections
 import re
 
 from google.protobuf.message import Message
@@ -17,13 +16,11 @@ from hstu.config.errors import ConfigError, one_of, suggest
 from hstu.config.features import (
     CANDIDATE,
     CANDIDATE_SIDE_GROUPS,
-    CLASSIFICATION_LOSSES,
     CONTEXTUAL,
     GROUP_TYPES,
     ID_GROUPS,
     OPTIONAL_GROUPS,
     RAW_GROUPS,
-    REGRESSION_LOSSES,
     STANDALONE_CANDIDATE_SEQUENCE,
     STANDALONE_UIH_SEQUENCE,
     UIH,
@@ -165,7 +162,8 @@ class _Checker:
             if name in sequence_paths:
                 self.fail(
                     f"{sequence_path}.sequence_name",
-                    f"sequence {name!r} is declared twice (first at {self.at(sequence_paths[name])})",
+                    f"sequence {name!r} is declared twice "
+                    f"(first at {self.at(sequence_paths[name])})",
                 )
             sequence_paths[name] = f"{sequence_path}.sequence_name"
             if not len(sequence.features):
@@ -195,7 +193,7 @@ class _Checker:
                 self.fail(
                     f"{feature.path}.expression",
                     f"{config.expression!r}: expected side:name with side one of "
-                    f"{one_of(EXPRESSION_SIDES)} (e.g. \"item:video_id\")",
+                    f'{one_of(EXPRESSION_SIDES)} (e.g. "item:video_id")',
                 )
             if feature.kind == "id":
                 self._id_feature(feature)
@@ -282,7 +280,9 @@ class _Checker:
                 self.fail(path, f"group {name!r} takes exactly one raw feature, got {len(members)}")
             groups[name] = members
 
-        missing = [name for name in GROUP_TYPES if name not in groups and name not in OPTIONAL_GROUPS]
+        missing = [
+            name for name in GROUP_TYPES if name not in groups and name not in OPTIONAL_GROUPS
+        ]
         if missing:
             self.fail(
                 "model_config",
@@ -303,7 +303,9 @@ class _Checker:
                 f"{feature.name!r} is an id feature",
             )
         if group == CONTEXTUAL and feature.is_sequence:
-            self.fail(path, f"group 'contextual' takes scalar features; {feature.name!r} is a sequence")
+            self.fail(
+                path, f"group 'contextual' takes scalar features; {feature.name!r} is a sequence"
+            )
         if group != CONTEXTUAL and not feature.is_sequence:
             self.fail(
                 path,
@@ -433,7 +435,10 @@ class _Checker:
         which = content.WhichOneof("content_encoder")
         content_path = f"{path}.content_encoder"
         if which is None:
-            self.fail(content_path, "expected slice_content_encoder, pad_content_encoder or mlp_content_encoder")
+            self.fail(
+                content_path,
+                "expected slice_content_encoder, pad_content_encoder or mlp_content_encoder",
+            )
         if which == "slice_content_encoder" and candidate_dim < uih_dim:
             self.fail(
                 f"{content_path}.slice_content_encoder",
@@ -489,13 +494,18 @@ class _Checker:
             self.fail(path, "expected simple_action_encoder { ... }")
         simple, path = encoder.simple_action_encoder, f"{path}.simple_action_encoder"
         if simple.action_embedding_dim == 0:
-            self.fail(f"{path}.action_embedding_dim" if simple.HasField("action_embedding_dim") else path,
-                      "action_embedding_dim must be at least 1")
+            self.fail(
+                f"{path}.action_embedding_dim" if simple.HasField("action_embedding_dim") else path,
+                "action_embedding_dim must be at least 1",
+            )
         if not len(simple.action_weights):
             self.fail(path, "action_weights is empty: list the bit of each action")
         seen: dict[int, str] = {}
         self._bits(f"{path}.action_weights", simple.action_weights, seen)
-        thresholds, weights = simple.watchtime_to_action_thresholds, simple.watchtime_to_action_weights
+        thresholds, weights = (
+            simple.watchtime_to_action_thresholds,
+            simple.watchtime_to_action_weights,
+        )
         if len(thresholds) != len(weights):
             self.fail(
                 f"{path}.watchtime_to_action_weights",
@@ -522,7 +532,10 @@ class _Checker:
         if which == "timestamp_layernorm_postprocessor":
             timestamp = postprocessor.timestamp_layernorm_postprocessor
             path = f"{path}.{which}"
-            units, per_period = timestamp.time_duration_period_units, timestamp.time_duration_units_per_period
+            units, per_period = (
+                timestamp.time_duration_period_units,
+                timestamp.time_duration_units_per_period,
+            )
             if len(units) != len(per_period):
                 self.fail(
                     f"{path}.time_duration_units_per_period",
@@ -531,7 +544,10 @@ class _Checker:
                 )
             if not len(units):
                 self.fail(path, "time_duration_period_units is empty")
-            for name, values in (("time_duration_period_units", units), ("time_duration_units_per_period", per_period)):
+            for name, values in (
+                ("time_duration_period_units", units),
+                ("time_duration_units_per_period", per_period),
+            ):
                 for index, value in enumerate(values):
                     if value == 0:
                         self.fail(f"{path}.{name}[{index}]", "must be at least 1")
@@ -544,12 +560,15 @@ class _Checker:
         first = contextual[0]
         for index, feature in enumerate(contextual):
             if feature.config.embedding_dim != first.config.embedding_dim:
-                group_index = [g.group_name for g in self.config.model_config.feature_groups].index(CONTEXTUAL)
+                group_index = [g.group_name for g in self.config.model_config.feature_groups].index(
+                    CONTEXTUAL
+                )
                 self.fail(
                     f"model_config.feature_groups[{group_index}].feature_names[{index}]",
                     f"contextual features must share one embedding_dim unless "
                     f"dlrm_hstu.concat_contextual_features is true: {feature.name!r} has "
-                    f"{feature.config.embedding_dim}, {first.name!r} has {first.config.embedding_dim}",
+                    f"{feature.config.embedding_dim}, {first.name!r} has "
+                    f"{first.config.embedding_dim}",
                 )
 
     def _kernel(self) -> None:
@@ -603,7 +622,8 @@ class _Checker:
             if task.task_name in names:
                 self.fail(
                     f"{path}.task_name",
-                    f"task {task.task_name!r} is defined twice (first at {self.at(names[task.task_name])})",
+                    f"task {task.task_name!r} is defined twice "
+                    f"(first at {self.at(names[task.task_name])})",
                 )
             names[task.task_name] = f"{path}.task_name"
             if task.label_name not in labels:
@@ -616,7 +636,10 @@ class _Checker:
                 self.fail(path, f"task {task.task_name!r} has no losses")
             for loss_index, loss in enumerate(task.losses):
                 if loss.WhichOneof("loss") is None:
-                    self.fail(f"{path}.losses[{loss_index}]", "empty loss: expected binary_cross_entropy { } or l2_loss { }")
+                    self.fail(
+                        f"{path}.losses[{loss_index}]",
+                        "empty loss: expected binary_cross_entropy { } or l2_loss { }",
+                    )
             kind = task_label_kind(task)
             if kind is None:
                 self.fail(f"{path}.losses", "mixes classification and regression losses")
@@ -641,7 +664,8 @@ class _Checker:
                 self.fail(
                     f"{path}.label_name",
                     f"label {task.label_name!r} is used by a {previous[0]} task "
-                    f"({self.at(previous[1])}) and by this {kind} task; a label column has one type",
+                    f"({self.at(previous[1])}) and by this {kind} task; "
+                    "a label column has one type",
                 )
             self._metrics(path, task, kind, features, groups)
 

@@ -36,7 +36,8 @@ feature_configs {
                             embedding_dim: 8 num_buckets: 10 } }
     features { raw_feature { feature_name: "action_weight" expression: "user:action_weight" } }
     features { raw_feature { feature_name: "watch_time" expression: "user:watch_time" } }
-    features { raw_feature { feature_name: "action_timestamp" expression: "user:action_timestamp" } }
+    features { raw_feature { feature_name: "action_timestamp"
+                             expression: "user:action_timestamp" } }
   }
 }
 feature_configs {
@@ -56,7 +57,8 @@ feature_configs { id_feature { feature_name: "user_level" expression: "user:user
 model_config {
   feature_groups { group_name: "contextual" feature_names: ["user_id", "user_level"]
                    group_type: DEEP }
-  feature_groups { group_name: "uih" feature_names: "uih_seq__video_id" group_type: JAGGED_SEQUENCE }
+  feature_groups { group_name: "uih"
+                   feature_names: "uih_seq__video_id" group_type: JAGGED_SEQUENCE }
   feature_groups { group_name: "candidate" feature_names: "cand_seq__video_id"
                    group_type: JAGGED_SEQUENCE }
   feature_groups { group_name: "uih_action" feature_names: "uih_seq__action_weight"
@@ -169,7 +171,7 @@ class ConfigTestKit:
     def edit(self, *pairs: str) -> str:
         """BASE with each (old, new) pair replaced once."""
         text = self.BASE
-        for old, new in zip(pairs[::2], pairs[1::2]):
+        for old, new in zip(pairs[::2], pairs[1::2], strict=True):
             text = replace_once(text, old, new)
         return text
 

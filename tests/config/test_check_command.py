@@ -39,8 +39,17 @@ def test_check_prints_the_summary(kit, capsys):
 def test_check_with_overrides(kit, capsys):
     main = _launch_main(kit)
     recipe = str(kit.REPO_ROOT / "recipes" / "smoke.config")
-    status = main(["check", "--recipe", recipe, "--set", "model_config.kernel=TRITON",
-                   "--set", "model_config.dlrm_hstu.max_seq_len=512"])
+    status = main(
+        [
+            "check",
+            "--recipe",
+            recipe,
+            "--set",
+            "model_config.kernel=TRITON",
+            "--set",
+            "model_config.dlrm_hstu.max_seq_len=512",
+        ]
+    )
     out = capsys.readouterr().out
     assert status == 0
     assert "kernel TRITON, max_seq_len 512" in out
@@ -70,7 +79,7 @@ def test_bad_config_exits_1_with_one_message(kit, tmp_path):
     lines = result.stderr.strip().splitlines()
     line, column = kit.position(bad.read_text(), "kernal")
     assert lines == [
-        f"{bad}:{line}:{column}: model_config.dlrm_hstu.hstu: unknown field \"kernal\" in HSTU"
+        f'{bad}:{line}:{column}: model_config.dlrm_hstu.hstu: unknown field "kernal" in HSTU'
     ], result.stderr
 
 

@@ -45,19 +45,26 @@ feature_configs { sequence_raw_feature { feature_name: "item_query_time"
 
 
 def test_standalone_sequence_features_share_one_key_per_side(kit):
-    text = kit.edit(
-        'feature_names: "cand_seq__video_id"',
-        'feature_names: "item_video_id"',
-        'feature_names: "cand_seq__query_time"',
-        'feature_names: "item_query_time"',
-        'sequence_name: "cand_seq"',
-        'sequence_name: "unused_seq"',
-    ) + STANDALONE_CANDIDATES
+    text = (
+        kit.edit(
+            'feature_names: "cand_seq__video_id"',
+            'feature_names: "item_video_id"',
+            'feature_names: "cand_seq__query_time"',
+            'feature_names: "item_query_time"',
+            'sequence_name: "cand_seq"',
+            'sequence_name: "unused_seq"',
+        )
+        + STANDALONE_CANDIDATES
+    )
     cfg = kit.load(text)
     assert sequence_names(cfg) == ("uih_seq", "cand_seq")
     specs = {spec.name: spec for spec in feature_specs(cfg)}
     video = specs["item_video_id"]
-    assert (video.sequence, video.column, video.embedding_name) == ("cand_seq", "video_id", "video_emb")
+    assert (video.sequence, video.column, video.embedding_name) == (
+        "cand_seq",
+        "video_id",
+        "video_emb",
+    )
     assert (specs["item_query_time"].sequence, specs["item_query_time"].value_dtype) == (
         "cand_seq",
         "int64",
@@ -84,10 +91,16 @@ def test_standalone_key_must_differ_from_the_other_side(kit):
         'sequence_name: "uih_seq"',
         'sequence_name: "cand_seq"',
     )
-    for old in ("uih_seq__video_id", "uih_seq__action_weight", "uih_seq__watch_time",
-                "uih_seq__action_timestamp"):
+    for old in (
+        "uih_seq__video_id",
+        "uih_seq__action_weight",
+        "uih_seq__watch_time",
+        "uih_seq__action_timestamp",
+    ):
         text = kit.replace_once(text, f'"{old}"', f'"{old.replace("uih_seq", "cand_seq")}"')
-    text = kit.replace_once(text, 'feature_names: "cand_seq__video_id"\n', 'feature_names: "item_video_id"\n')
+    text = kit.replace_once(
+        text, 'feature_names: "cand_seq__video_id"\n', 'feature_names: "item_video_id"\n'
+    )
     text = kit.replace_once(
         text, 'feature_names: "cand_seq__query_time"', 'feature_names: "item_query_time"'
     )

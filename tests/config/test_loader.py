@@ -72,8 +72,13 @@ def grouped(sequence: str, features: list[tuple[str, str, str]]) -> str:
     """A sequence_feature with (kind, name, side) sub-features; ids get 32-dim tables."""
     body = ""
     for kind, name, side in features:
-        table = f' embedding_name: "{name}_emb" embedding_dim: 32 num_buckets: 1000' if kind == "id" else ""
-        body += f'    features {{ {kind}_feature {{ feature_name: "{name}" expression: "{side}:{name}"{table} }} }}\n'
+        table = (
+            f' embedding_name: "{name}_emb" embedding_dim: 32 num_buckets: 1000'
+            if kind == "id"
+            else ""
+        )
+        feature = f'feature_name: "{name}" expression: "{side}:{name}"{table}'
+        body += f"    features {{ {kind}_feature {{ {feature} }} }}\n"
     return (
         f'feature_configs {{\n  sequence_feature {{\n    sequence_name: "{sequence}"\n'
         f'    sequence_length: 8000\n    sequence_delim: "|"\n{body}  }}\n}}\n'
@@ -81,13 +86,11 @@ def grouped(sequence: str, features: list[tuple[str, str, str]]) -> str:
 
 
 def standalone(kind: str, name: str, side: str) -> str:
-    table = ' embedding_dim: 32 num_buckets: 1000' if kind == "id" else ""
+    table = " embedding_dim: 32 num_buckets: 1000" if kind == "id" else ""
     return (
         f'feature_configs {{ sequence_{kind}_feature {{ feature_name: "{name}" '
         f'expression: "{side}:{name}"{table} }} }}\n'
     )
-
-
 
 
 def _seed_blocks(kit) -> list[str]:

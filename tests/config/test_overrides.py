@@ -83,17 +83,42 @@ def test_whole_message_and_oneof_switch(kit):
 @pytest.mark.parametrize(
     "override, path, fragment",
     [
-        ("data_config.batch_sise=8", "data_config", 'unknown field "batch_sise" in DataConfig (did you mean "batch_size"'),
+        (
+            "data_config.batch_sise=8",
+            "data_config",
+            'unknown field "batch_sise" in DataConfig (did you mean "batch_size"',
+        ),
         ("data_config.batch_size=eight", "data_config.batch_size", "cannot set 'eight'"),
-        ("model_config.kernel=CUTLAS", "model_config.kernel", 'CUTLAS is not a value of Kernel; expected one of TRITON, PYTORCH, CUTLASS (did you mean "CUTLASS"?)'),
-        ("model_config.feature_groups[9].group_name=x", "model_config.feature_groups", "index 9 out of range: it has 7 element(s)"),
-        ("model_config.feature_groups[candidat].group_type=DEEP", "model_config.feature_groups", "no element named 'candidat' (did you mean \"candidate\""),
-        ("model_config.feature_groups.group_type=DEEP", "model_config.feature_groups", "select an element"),
+        (
+            "model_config.kernel=CUTLAS",
+            "model_config.kernel",
+            "CUTLAS is not a value of Kernel; expected one of TRITON, PYTORCH, CUTLASS "
+            '(did you mean "CUTLASS"?)',
+        ),
+        (
+            "model_config.feature_groups[9].group_name=x",
+            "model_config.feature_groups",
+            "index 9 out of range: it has 7 element(s)",
+        ),
+        (
+            "model_config.feature_groups[candidat].group_type=DEEP",
+            "model_config.feature_groups",
+            "no element named 'candidat' (did you mean \"candidate\"",
+        ),
+        (
+            "model_config.feature_groups.group_type=DEEP",
+            "model_config.feature_groups",
+            "select an element",
+        ),
         ("model_config.dlrm_hstu.hstu=3", "model_config.dlrm_hstu.hstu", "is a message (HSTU)"),
         ("data_config.label_fields=x", "data_config.label_fields", "give a list"),
         ("data_config.batch_size", "(top level)", "expected path.to.field=value"),
         ("data_config.batch_size.x=1", "data_config.batch_size", "is a value, it has no fields"),
-        ("model_config.deepfm.wide_output_dim=3", "model_config.deepfm", "supported by TorchEasyRec, not yet by this project"),
+        (
+            "model_config.deepfm.wide_output_dim=3",
+            "model_config.deepfm",
+            "supported by TorchEasyRec, not yet by this project",
+        ),
     ],
 )
 def test_bad_overrides_name_the_override_and_the_field(kit, override, path, fragment):
@@ -102,8 +127,12 @@ def test_bad_overrides_name_the_override_and_the_field(kit, override, path, frag
 
 def test_validation_errors_point_at_the_override_that_caused_them(kit):
     override = "model_config.dlrm_hstu.hstu.stu.attention_dim=4"
-    text = kit.edit("kernel: PYTORCH", "kernel: CUTLASS", "num_epochs: 1",
-                    'num_epochs: 1 mixed_precision: "BF16"')
+    text = kit.edit(
+        "kernel: PYTORCH",
+        "kernel: CUTLASS",
+        "num_epochs: 1",
+        'num_epochs: 1 mixed_precision: "BF16"',
+    )
     kit.expect_error(
         text,
         "model_config.dlrm_hstu.hstu.stu.attention_dim",

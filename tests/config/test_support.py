@@ -31,7 +31,10 @@ def test_unsupported_feature_type_with_contents(kit):
         'expression: ["user:os", "item:cate"] embedding_dim: 8 } }\n'
     )
     kit.expect_error(
-        text, "feature_configs[4].combo_feature", NOT_YET, "use id_feature or raw_feature",
+        text,
+        "feature_configs[4].combo_feature",
+        NOT_YET,
+        "use id_feature or raw_feature",
         at="combo_feature",
     )
 
@@ -52,7 +55,8 @@ def test_second_model_next_to_dlrm_hstu(kit):
 def test_unsupported_preprocessor_and_loss(kit):
     text = kit.edit(
         "contextual_preprocessor {\n",
-        "contextual_interleave_preprocessor { enable_interleaving: true }\n        contextual_preprocessor {\n",
+        "contextual_interleave_preprocessor { enable_interleaving: true }\n"
+        "        contextual_preprocessor {\n",
     )
     kit.expect_error(
         text,
@@ -62,7 +66,8 @@ def test_unsupported_preprocessor_and_loss(kit):
     )
     text = kit.edit(
         "losses { binary_cross_entropy {} }\n                     metrics { grouped_auc",
-        'losses { jrc_loss { session_name: "user_id" } }\n                     metrics { grouped_auc',
+        'losses { jrc_loss { session_name: "user_id" } }\n'
+        "                     metrics { grouped_auc",
     )
     kit.expect_error(
         text,

@@ -137,7 +137,9 @@ def test_raw_group_takes_exactly_one_feature(kit):
 
 
 def test_history_groups_come_from_one_sequence(kit):
-    text = kit.edit('feature_names: "uih_seq__action_weight"', 'feature_names: "cand_seq__query_time"')
+    text = kit.edit(
+        'feature_names: "uih_seq__action_weight"', 'feature_names: "cand_seq__query_time"'
+    )
     kit.expect_error(
         text,
         f"{GROUPS}[3].feature_names[0]",
@@ -201,7 +203,7 @@ def test_mlp_content_encoder_outputs_must_match(kit):
     )
 
 
-# ---- action encoder, postprocessor ----------------------------------------------------------------
+# ---- action encoder, postprocessor ------------------------------------------------------------
 
 
 def test_action_weights_are_powers_of_two(kit):
@@ -310,14 +312,18 @@ def test_cutlass_needs_attention_dim_equal_to_hidden_dim(kit):
 
 def test_cutlass_needs_mixed_precision(kit):
     text = kit.edit("kernel: PYTORCH", "kernel: CUTLASS")
-    kit.expect_error(
-        text, "train_config.mixed_precision", '"BF16" or "FP16"', at="train_config {"
-    )
+    kit.expect_error(text, "train_config.mixed_precision", '"BF16" or "FP16"', at="train_config {")
 
 
 def test_cutlass_with_matching_dims_and_bf16_loads(kit):
-    kit.load(kit.edit("kernel: PYTORCH", "kernel: CUTLASS", "num_epochs: 1",
-                      'num_epochs: 1 mixed_precision: "BF16"'))
+    kit.load(
+        kit.edit(
+            "kernel: PYTORCH",
+            "kernel: CUTLASS",
+            "num_epochs: 1",
+            'num_epochs: 1 mixed_precision: "BF16"',
+        )
+    )
 
 
 # ---- features and tables ------------------------------------------------------------------------
@@ -362,8 +368,10 @@ def test_shared_table_must_agree(kit):
 
 
 def test_feature_declared_twice(kit):
-    text = kit.BASE + 'feature_configs { id_feature { feature_name: "user_id" ' \
+    text = (
+        kit.BASE + 'feature_configs { id_feature { feature_name: "user_id" '
         'expression: "user:uid" embedding_dim: 8 num_buckets: 5 } }\n'
+    )
     kit.expect_error(
         text,
         "feature_configs[4].id_feature.feature_name",
@@ -395,7 +403,10 @@ def test_id_feature_needs_num_buckets(kit):
 def test_embedding_data_type(kit):
     text = kit.edit("num_buckets: 5 }", 'num_buckets: 5 data_type: "INT8" }')
     kit.expect_error(
-        text, "feature_configs[3].id_feature.data_type", "expected one of FP32, FP16", at="data_type"
+        text,
+        "feature_configs[3].id_feature.data_type",
+        "expected one of FP32, FP16",
+        at="data_type",
     )
 
 
@@ -433,9 +444,7 @@ def test_regression_task_takes_no_task_bitmask(kit):
     text = kit.edit(
         'label_name: "cand_seq__watch_time"', 'label_name: "cand_seq__watch_time" task_bitmask: 4'
     )
-    kit.expect_error(
-        text, f"{TASKS}[2].task_bitmask", "remove task_bitmask", at="task_bitmask: 4"
-    )
+    kit.expect_error(text, f"{TASKS}[2].task_bitmask", "remove task_bitmask", at="task_bitmask: 4")
 
 
 def test_label_has_one_type(kit):
@@ -474,33 +483,64 @@ def test_grouped_auc_key_is_a_contextual_feature(kit):
 def test_task_names_are_unique(kit):
     text = kit.edit('task_name: "is_like"', 'task_name: "is_click"')
     kit.expect_error(
-        text, f"{TASKS}[1].task_name", "task 'is_click' is defined twice", at=('task_name: "is_click"', 1)
+        text,
+        f"{TASKS}[1].task_name",
+        "task 'is_click' is defined twice",
+        at=('task_name: "is_click"', 1),
     )
 
 
-# ---- scalar sanity --------------------------------------------------------------------------------
+# ---- scalar sanity ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "old, new, path, fragment",
     [
-        ('activation: "nn.SiLU"', 'activation: "nn.Swish"',
-         "model_config.dlrm_hstu.fusion_mtl_tower.mlp.activation", "expected one of nn.ReLU"),
-        ("use_ln: true", "use_ln: true use_bn: true",
-         "model_config.dlrm_hstu.fusion_mtl_tower.mlp.use_ln", "cannot both be true"),
-        ("use_time_encoding: true", 'use_time_encoding: true time_bucket_fn: "linear"',
-         "model_config.dlrm_hstu.hstu.positional_encoder.time_bucket_fn", "expected 'sqrt' or 'log'"),
+        (
+            'activation: "nn.SiLU"',
+            'activation: "nn.Swish"',
+            "model_config.dlrm_hstu.fusion_mtl_tower.mlp.activation",
+            "expected one of nn.ReLU",
+        ),
+        (
+            "use_ln: true",
+            "use_ln: true use_bn: true",
+            "model_config.dlrm_hstu.fusion_mtl_tower.mlp.use_ln",
+            "cannot both be true",
+        ),
+        (
+            "use_time_encoding: true",
+            'use_time_encoding: true time_bucket_fn: "linear"',
+            "model_config.dlrm_hstu.hstu.positional_encoder.time_bucket_fn",
+            "expected 'sqrt' or 'log'",
+        ),
         ("max_seq_len: 128", "max_seq_len: 0", "model_config.dlrm_hstu.max_seq_len", "at least 1"),
         ("num_heads: 2", "num_heads: 0", "model_config.dlrm_hstu.hstu.stu.num_heads", "at least 1"),
-        ("num_epochs: 1", 'num_epochs: 1 mixed_precision: "bf16"', "train_config.mixed_precision",
-         'expected "BF16", "FP16" or ""'),
-        ("lr: 0.01", "lr: 0", "train_config.sparse_optimizer.rowwise_adagrad_optimizer.lr",
-         "must be > 0"),
+        (
+            "num_epochs: 1",
+            'num_epochs: 1 mixed_precision: "bf16"',
+            "train_config.mixed_precision",
+            'expected "BF16", "FP16" or ""',
+        ),
+        (
+            "lr: 0.01",
+            "lr: 0",
+            "train_config.sparse_optimizer.rowwise_adagrad_optimizer.lr",
+            "must be > 0",
+        ),
         ("batch_size: 4", "batch_size: 0", "data_config.batch_size", "at least 1"),
-        ("dataset_type: ParquetDataset", "dataset_type: OdpsDataset", "data_config.dataset_type",
-         "supported by TorchEasyRec, not yet by this project"),
-        ("dataset_type: ParquetDataset", "dataset_type: ParquetDataset fg_mode: FG_NORMAL",
-         "data_config.fg_mode", "supported by TorchEasyRec, not yet by this project"),
+        (
+            "dataset_type: ParquetDataset",
+            "dataset_type: OdpsDataset",
+            "data_config.dataset_type",
+            "supported by TorchEasyRec, not yet by this project",
+        ),
+        (
+            "dataset_type: ParquetDataset",
+            "dataset_type: ParquetDataset fg_mode: FG_NORMAL",
+            "data_config.fg_mode",
+            "supported by TorchEasyRec, not yet by this project",
+        ),
     ],
 )
 def test_field_values(kit, old, new, path, fragment):
