@@ -449,3 +449,14 @@ def test_model_summary_on_the_27k_recipe_without_tables():
     n = 8000
     linear = 2 * d * 2 * h * (dv + dqk) + 2 * 3 * h * dv * d
     assert summary["encoder_flops_per_sample"] == layers * (n * linear + h * (dqk + dv) * n * n)
+
+
+def test_concat_contextual_features_makes_one_wide_token():
+    cfg = load_config(SMOKE, ["model_config.dlrm_hstu.concat_contextual_features=true"])
+    model = build(cfg).eval()
+    tokens = model.encoder.preprocessor.contextual_tokens
+    assert (tokens.num_slots, tokens.slot_dim) == (1, 6 * 16)
+    assert all(layer.contextual_seq_len == 1 for layer in model.encoder.stu_stack.layers)
+    with torch.no_grad():
+        output = model(make_batch(model, [2, 3], [1, 2]))
+    assert output.probs["is_click"].shape == (3,)

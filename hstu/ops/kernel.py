@@ -50,5 +50,17 @@ def implementation(family: str, name: str, kernel: "Kernel | str | int") -> Call
     kernel = Kernel.parse(kernel)
     if family != "attention":
         kernel = kernel.non_attention()
-    module = importlib.import_module(f"hstu.ops.{kernel.value.lower()}.{family}")
-    return getattr(module, name)
+    module_name = f"hstu.ops.{kernel.value.lower()}.{family}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name != module_name:
+            raise  # something the module itself imports is missing: show that
+        raise NotImplementedError(
+            f"kernel {kernel.name} has no {family} ops yet ({module_name.replace('.', '/')}.py "
+            "is missing); use kernel: PYTORCH"
+        ) from None
+    impl = getattr(module, name, None)
+    if impl is None:
+        raise NotImplementedError(f"kernel {kernel.name} does not implement {family}.{name} yet")
+    return impl

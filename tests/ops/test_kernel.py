@@ -28,3 +28,10 @@ def test_dispatch_resolves_module_paths(monkeypatch):
     implementation("attention", "op", Kernel.CUTLASS)
     implementation("jagged", "op", "PYTORCH")
     assert imported == ["hstu.ops.triton.stu", "hstu.ops.cutlass.attention", "hstu.ops.pytorch.jagged"]
+
+
+def test_a_missing_kernel_family_is_a_clear_error():
+    with pytest.raises(NotImplementedError, match="kernel TRITON has no no_such_family ops"):
+        implementation("no_such_family", "op", Kernel.TRITON)
+    with pytest.raises(NotImplementedError, match="does not implement jagged.no_such_op"):
+        implementation("jagged", "no_such_op", Kernel.PYTORCH)
