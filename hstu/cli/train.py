@@ -1,0 +1,130 @@
+"""`launch.py train`: train a recipe on Ray Train (local Ray, or the cluster in RAY_ADDRESS)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXAMPLES = """examples:
+  python launch.py train --recipe recipes/smoke.config --workers 2
+  python launch.py train --recipe recipes/kuairand_dlrm_hstu.config --workers 8 --use-gpu \\
+      --max-failures 3 --storage /mnt/shared/experiments
+  python launch.py train --recipe recipes/smoke.config --workers 2 --resume --run-name NAME
+"""
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by train, eval and smoke."""
+    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
+    parser.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=None,
+        help="CPUs Ray reserves per worker (default on CPU: (CPUs - 1) / workers, at most 1, so "
+        "that Ray Data keeps a CPU; on GPU: 1)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a config field, e.g. --set train_config.num_steps=100 (repeatable)",
+    )
+    parser.add_argument(
+        "--sharding",
+        action="append",
+        default=[],
+        metavar="TABLE=TYPE[,TYPE]",
+        help="restrict a table's sharding types (table_wise, row_wise, column_wise, "
+        "table_row_wise, table_column_wise, data_parallel); the planner picks among them",
+    )
+    parser.add_argument("--mlflow-uri", default=None,
+                        help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "
+                        "sqlite:///<cwd>/mlflow.db)")
+    parser.add_argument("--experiment", default="hstu", help="MLflow experiment (default hstu)")
+    parser.add_argument("--run-name", default=None, help="Ray + MLflow run name")
+    parser.add_argument("--storage", default=None,
+                        help="Ray storage path for checkpoints (default: the config's model_dir; "
+                        "on a multi-node cluster a shared path or s3://...)")
+    parser.add_argument("--timeout-s", type=float, default=None,
+                        help="stop with an explanation if the run takes longer than this")
+    parser.add_argument("--show-ray-data-progress", action="store_true",
+                        help="show Ray Data's progress bars (hidden by default)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EXAMPLES
+    parser.add_argument("--recipe", required=True, help="pipeline config (protobuf text format)")
+    parser.add_argument("--train", nargs="+", default=None, metavar="PATH",
+                        help="training parquet files/directories (default: train_input_path)")
+    parser.add_argument("--eval", nargs="+", default=None, metavar="PATH",
+                        help="eval parquet files/directories (default: eval_input_path)")
+    add_common_arguments(parser)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a run from its latest checkpoint (same --workers; "
+                        "default run: the latest under --storage)")
+    parser.add_argument("--max-failures", type=int, default=0,
+                        help="worker failures to recover from by restarting from the latest "
+                        "checkpoint (default 0)")
+    parser.add_argument("--no-export", action="store_true", help="skip the export at the end")
+    parser.add_argument("--sample-log", default=None, metavar="DIR",
+                        help="each worker records the sample ids it trains on (delivery audit)")
+
+
+def options_from_args(args: argparse.Namespace):
+    from hstu.train.trainer import TrainOptions
+
+    return TrainOptions(
+        recipe=args.recipe,
+        overrides=list(args.overrides),
+        train_paths=getattr(args, "train", None),
+        eval_paths=getattr(args, "eval", None),
+        workers=args.workers,
+        use_gpu=args.use_gpu,
+        cpus_per_worker=args.cpus_per_worker,
+        resume=getattr(args, "resume", False),
+        run_name=args.run_name,
+        storage=args.storage,
+        tracking_uri=args.mlflow_uri,
+        experiment=args.experiment,
+        max_failures=getattr(args, "max_failures", 0),
+        sharding=list(args.sharding),
+        export=not getattr(args, "no_export", False),
+        sample_log_dir=getattr(args, "sample_log", None),
+        timeout_s=args.timeout_s,
+        show_ray_data_progress=args.show_ray_data_progress,
+        checkpoint=getattr(args, "checkpoint", None),
+    )
+
+
+def known_error(error: BaseException) -> bool:
+    """Errors whose message says everything: print it, no traceback."""
+    from hstu.config.errors import ConfigError
+    from hstu.model import ModelConfigError
+    from hstu.train.checkpoint import CheckpointError
+    from hstu.train.optimizers import OptimizerConfigError
+    from hstu.train.sharding import ShardingError
+    from hstu.train.trainer import TrainSetupError
+
+    return isinstance(
+        error,
+        (ConfigError, ModelConfigError, CheckpointError, OptimizerConfigError, ShardingError,
+         TrainSetupError, TimeoutError, FileNotFoundError),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from hstu.train.trainer import run_training, summary_text
+
+    try:
+        result = run_training(options_from_args(args))
+    except Exception as error:
+        if known_error(error):
+            print(f"launch.py train: {error}", file=sys.stderr)
+            return 1
+        raise
+    print("\n" + summary_text(result))
+    return 0

@@ -1,0 +1,138 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP), reported through Ray Train.
+
+Layout of one checkpoint directory (Ray merges what every rank reports into it):
+
+    .metadata            DCP's index (written by rank 0)
+    __<rank>_0.distcp    each rank's own shards: its embedding rows / tables, its part of the
+                         fused sparse-optimizer state, and (rank 0) the dense weights and the
+                         dense optimizer state
+    train_state.json     where training stands (epoch, step, samples, world size, sharding)
+
+Resuming needs the same world size (the sharding plan depends on it; train_state.json records
+it and `restore` refuses another). Loading the weights alone works with any world size, or in
+one process without torch.distributed (`load_model_weights`): DCP reassembles the shards by
+their global offsets, which is how `launch.py eval` and the exporter read a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+TRAIN_STATE_FILE = "train_state.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Progress, saved beside the weights. `epoch` is the epoch in progress (or the next one
+    when `epoch_done`); a restart replays that epoch from its first batch."""
+
+    epoch: int = 0
+    global_step: int = 0
+    samples: int = 0
+    tokens: int = 0
+    epoch_done: bool = False
+    world_size: int = 1
+    # Number of restores so far (a worker failure or --resume); tells attempts apart in logs.
+    restarts: int = 0
+
+    def resume_epoch(self) -> int:
+        return self.epoch + 1 if self.epoch_done else self.epoch
+
+
+def _training_state_dict(model: nn.Module, dense_optimizer) -> dict:
+    return {
+        "model": model.state_dict(),
+        "dense_optimizer": dense_optimizer.state_dict(),
+        "sparse_optimizer": model.fused_optimizer.state_dict(),
+    }
+
+
+def save(
+    directory: str | os.PathLike,
+    model: nn.Module,
+    dense_optimizer,
+    state: TrainState,
+    *,
+    rank: int,
+    extra: dict | None = None,
+) -> None:
+    """Every rank writes its shards into its own `directory` (Ray merges them on report)."""
+    import torch.distributed.checkpoint as dcp
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    dcp.save(_training_state_dict(model, dense_optimizer), checkpoint_id=str(directory))
+    if rank == 0:
+        payload = dataclasses.asdict(state)
+        payload.update(extra or {})
+        (directory / TRAIN_STATE_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True))
+
+
+def read_state(directory: str | os.PathLike) -> TrainState:
+    path = Path(directory) / TRAIN_STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{directory}: not a training checkpoint of this project (no {TRAIN_STATE_FILE})"
+        )
+    payload = json.loads(path.read_text())
+    fields = {f.name for f in dataclasses.fields(TrainState)}
+    return TrainState(**{k: v for k, v in payload.items() if k in fields})
+
+
+def restore(
+    directory: str | os.PathLike, model: nn.Module, dense_optimizer, *, world_size: int
+) -> TrainState:
+    """Load weights and both optimizers' state into the sharded model (every rank calls it)."""
+    import torch.distributed.checkpoint as dcp
+
+    state = read_state(directory)
+    if state.world_size != world_size:
+        raise CheckpointError(
+            f"{directory}: written by {state.world_size} workers, resuming with {world_size}. "
+            f"Resume needs the same number of workers (--workers {state.world_size}): the "
+            "sharding plan and the optimizer state are laid out per worker. To only read the "
+            "weights with another world size, use `launch.py eval --checkpoint`."
+        )
+    # Optimizers create their state lazily; make it exist so DCP has tensors to load into.
+    dense_optimizer.init_state()
+    target = _training_state_dict(model, dense_optimizer)
+    dcp.load(target, checkpoint_id=str(directory))
+    model.load_state_dict(target["model"])
+    dense_optimizer.load_state_dict(target["dense_optimizer"])
+    model.fused_optimizer.load_state_dict(target["sparse_optimizer"])
+    return state
+
+
+def load_model_weights(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Load only the model weights, into a sharded model (any world size) or a plain one."""
+    import torch.distributed.checkpoint as dcp
+
+    if not (Path(directory) / ".metadata").is_file():
+        raise CheckpointError(f"{directory}: no DCP checkpoint here (no .metadata file)")
+    target = {"model": model.state_dict()}
+    dcp.load(target, checkpoint_id=str(directory))
+    model.load_state_dict(target["model"])
+
+
+def load_for_inference(cfg, directory: str | os.PathLike, device: torch.device | str = "cpu"):
+    """A DlrmHSTU with real (unsharded) tables and the checkpoint's weights, in eval mode.
+
+    For single-process use (export, predict, notebooks): needs memory for every table."""
+    from hstu.config.features import feature_specs, label_specs
+    from hstu.model import DlrmHSTU
+
+    model = DlrmHSTU(
+        cfg, feature_specs(cfg), label_specs(cfg), embedding_device=torch.device(device)
+    ).to(device)
+    load_model_weights(model, directory)
+    return model.eval()

@@ -1,0 +1,448 @@
+"""The Ray Train worker loop: build, shard, train, evaluate, checkpoint (one function per worker).
+
+The model code knows nothing of this: DlrmHSTU is built with its tables on the meta device, the
+sparse optimizer is attached to the table parameters, and TorchRec's planner and
+DistributedModelParallel materialise and shard the tables here (sharding.py). Ray Train V2 has
+already created the process group (gloo on CPU, cpu:gloo,cuda:nccl on GPU) before this runs.
+
+Order of one training step on every rank:
+  lockstep: do all ranks have a batch? (one small all_reduce; see collectives.py)
+  forward (bf16 autocast on GPU when train_config.mixed_precision asks) -> per-task losses
+  backward: the fused sparse optimizer updates the embedding rows inside backward
+  dense optimizer step
+Every `log_step_count_steps` steps rank 0 prints a progress line and logs to MLflow; every
+`save_checkpoints_steps` steps (and/or epochs) all ranks save a DCP checkpoint and report it to
+Ray Train, and evaluation runs (or every train_config.eval_every_n_steps steps).
+
+Restarts: after a worker failure Ray Train starts a new worker group, and `ray.train.
+get_checkpoint()` returns the latest reported checkpoint. Weights, optimizer state and the step
+counter are restored, and the epoch in progress is replayed from its first batch: Ray Data
+cannot resume a pass in the middle, and its split is not reproducible across attempts. So a
+sample may be trained on twice after a restart, and none is lost (docs/training.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from hstu.train.checkpoint import TrainState, load_model_weights, restore, save
+from hstu.train.console import console, verbose
+from hstu.train.collectives import LockstepStats, all_reduce_sum, lockstep
+from hstu.train.evaluation import evaluate
+from hstu.train.job import TrainJob
+from hstu.train.optimizers import (
+    build_dense_optimizer,
+    schedule_from_config,
+    set_learning_rate,
+    sparse_optimizer_spec,
+)
+from hstu.train.progress import ProgressMeter, eval_table
+from hstu.train.tracking import RunLogger
+
+def train_loop_per_worker(job_values: dict) -> dict:
+    """Entry point given to TorchTrainer (train_loop_config is TrainJob.to_dict()). Returns a
+    summary (final metrics), which Ray hands to the driver as Result.return_value (rank 0's)."""
+    quiet_library_logs()
+    worker = Worker(TrainJob.from_dict(job_values))
+    if worker.job.mode == "eval":
+        return worker.run_eval()
+    return worker.run_training()
+
+
+def quiet_library_logs() -> None:
+    """Ray Train workers log INFO from every library; keep TorchRec's and FBGEMM's planner and
+    kernel chatter (hundreds of lines per worker) out of the console. HSTU_VERBOSE=1 keeps it."""
+    if verbose():
+        return
+    # FBGEMM logs through the root logger; Ray Train's own loggers set their own levels.
+    logging.getLogger().setLevel(logging.WARNING)
+    for name in ("torchrec", "fbgemm_gpu", "torch.distributed", "torch.fx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for category, pattern in (
+        (FutureWarning, ".*HeuristicalStorageReservation.*"),
+        (FutureWarning, ".*broadcast_buffers.*"),
+        (UserWarning, ".*TypedStorage is deprecated.*"),
+    ):
+        warnings.filterwarnings("ignore", message=pattern, category=category)
+
+
+def autocast_for(mixed_precision: str, device: torch.device):
+    """A context manager factory: bf16/fp16 autocast on GPU, nothing on CPU."""
+    name = (mixed_precision or "").upper()
+    if not name or device.type != "cuda":
+        return contextlib.nullcontext
+    if name not in ("BF16", "FP16"):
+        raise ValueError(
+            f"train_config.mixed_precision: {mixed_precision!r}; expected BF16, FP16 or unset"
+        )
+    dtype = torch.bfloat16 if name == "BF16" else torch.float16
+    return lambda: torch.autocast(device_type="cuda", dtype=dtype)
+
+
+class Worker:
+    def __init__(self, job: TrainJob) -> None:
+        import ray.train
+        import ray.train.torch
+        from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+        from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+        from hstu.config.features import feature_specs, label_specs
+        from hstu.config.loader import load_config_text
+        from hstu.model import DlrmHSTU
+        from hstu.train.sharding import shard_model
+
+        self.job = job
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.cfg = load_config_text(job.config_text, job.config_source)
+        self.features = feature_specs(self.cfg)
+        self.labels = label_specs(self.cfg)
+        train_cfg = self.cfg.train_config
+
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = bool(train_cfg.cuda_matmul_allow_tf32)
+            torch.backends.cudnn.allow_tf32 = bool(train_cfg.cudnn_allow_tf32)
+        elif train_cfg.mixed_precision:
+            self.say(
+                f"train_config.mixed_precision {train_cfg.mixed_precision} applies on GPU only; "
+                "this CPU run trains in fp32"
+            )
+        self.autocast = autocast_for(train_cfg.mixed_precision, self.device)
+
+        model = DlrmHSTU(self.cfg, self.features, self.labels, embedding_device=torch.device("meta"))
+        self.sparse_spec = sparse_optimizer_spec(train_cfg.sparse_optimizer, self.device)
+        apply_optimizer_in_backward(
+            self.sparse_spec.optimizer_class,
+            model.embedding_collection.parameters(),
+            dict(self.sparse_spec.kwargs),
+        )
+        self.sharded = shard_model(
+            model,
+            self.device,
+            world_size=self.world,
+            local_world_size=context.get_local_world_size(),
+            batch_size=int(self.cfg.data_config.batch_size),
+            overrides=job.sharding,
+        )
+        self.model = self.sharded.model
+        self.module = self.model.module  # the DlrmHSTU inside (not DDP-wrapped)
+        self.dense_optimizer = build_dense_optimizer(
+            train_cfg.dense_optimizer, in_backward_optimizer_filter(self.model.named_parameters())
+        )
+        self.dense_schedule = schedule_from_config(
+            train_cfg.dense_optimizer, "train_config.dense_optimizer"
+        )
+        self.sparse_schedule = schedule_from_config(
+            train_cfg.sparse_optimizer, "train_config.sparse_optimizer"
+        )
+        self.dense_base_lr = float(self.dense_optimizer.param_groups[0]["lr"])
+        self.tasks = [task.name for task in self.module.tasks]
+        contextual = self.module.groups.get("contextual", [])
+        self.contextual_tokens = (
+            (1 if contextual else 0) if self.module.concat_contextual_features else len(contextual)
+        )
+        self.log = RunLogger(job.tracking_uri, job.mlflow_run_id) if self.rank == 0 else RunLogger(
+            None, None
+        )
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def say(self, text: str) -> None:
+        if self.rank == 0:
+            console(text)
+
+    def tokens_of(self, batch) -> int:
+        return batch.num_tokens(contextual_tokens=self.contextual_tokens)
+
+    def _batches(self, split: str, *, training: bool, seed: int):
+        import ray.train
+
+        from hstu.data.pipeline import iter_jagged_batches
+
+        data_cfg = self.cfg.data_config
+        on_bad_rows = "skip" if data_cfg.on_bad_rows == 1 else "error"  # BadRowPolicy SKIP = 1
+        if training:
+            return iter_jagged_batches(
+                ray.train.get_dataset_shard(split),
+                self.features,
+                self.labels,
+                batch_size=int(data_cfg.batch_size),
+                # Several workers need equal step counts; lockstep() guards the rest.
+                drop_last=bool(data_cfg.drop_remainder) or self.world > 1,
+                shuffle_buffer=int(data_cfg.shuffle_buffer_size) if data_cfg.shuffle else None,
+                token_budget=int(data_cfg.token_budget) or None,
+                seed=seed,
+                on_bad_rows=on_bad_rows,
+            )
+        eval_cfg = self.cfg.eval_config
+        return iter_jagged_batches(
+            ray.train.get_dataset_shard(split),
+            self.features,
+            self.labels,
+            batch_size=int(data_cfg.eval_batch_size or data_cfg.batch_size),
+            drop_last=False,
+            token_budget=int(data_cfg.token_budget) or None,
+            on_bad_rows=on_bad_rows,
+            max_batches=int(eval_cfg.num_steps) if eval_cfg.HasField("num_steps") else None,
+        )
+
+    def _set_learning_rates(self, state: TrainState) -> dict[str, float]:
+        dense_lr = self.dense_schedule.learning_rate_at(
+            self.dense_base_lr, state.global_step, state.epoch
+        )
+        sparse_lr = self.sparse_schedule.learning_rate_at(
+            self.sparse_spec.lr, state.global_step, state.epoch
+        )
+        if self.dense_schedule.kind != "constant_learning_rate":
+            set_learning_rate(self.dense_optimizer, dense_lr)
+        if self.sparse_schedule.kind != "constant_learning_rate":
+            set_learning_rate(self.model.fused_optimizer, sparse_lr)
+            self.model.fused_optimizer.step()  # pushes the rate into the fused kernels
+        return {"train/lr/dense": dense_lr, "train/lr/sparse": sparse_lr}
+
+    def _evaluate(self, eval_batches, state: TrainState) -> dict[str, float]:
+        started = time.perf_counter()
+        metrics = evaluate(
+            self.model,
+            self.module,
+            eval_batches,
+            device=self.device,
+            autocast=self.autocast,
+            tokens_of=self.tokens_of,
+        )
+        metrics["eval/seconds"] = time.perf_counter() - started
+        self.say(
+            f"eval at step {state.global_step}: {int(metrics['eval/rows'])} rows in "
+            f"{metrics['eval/seconds']:.1f} s\n{eval_table(metrics, self.tasks)}"
+        )
+        self.log.metrics(metrics, step=state.global_step)
+        return metrics
+
+    def _save_and_report(
+        self, state: TrainState, metrics: dict[str, float], suffix: str = ""
+    ) -> None:
+        import ray.train
+
+        report = {
+            **metrics,
+            "global_step": state.global_step,
+            "epoch": state.epoch,
+            "samples": state.samples,
+            "restarts": state.restarts,
+        }
+        with tempfile.TemporaryDirectory(prefix="hstu-checkpoint-") as directory:
+            save(
+                directory,
+                self.model,
+                self.dense_optimizer,
+                state,
+                rank=self.rank,
+                extra={"run_name": self.job.run_name, "sharding": self.sharded.tables},
+            )
+            ray.train.report(
+                report,
+                checkpoint=ray.train.Checkpoint.from_directory(directory),
+                checkpoint_dir_name=f"checkpoint_{state.global_step:08d}{suffix}",
+            )
+
+    def _record_samples(self, batch, state: TrainState) -> None:
+        if not self.job.sample_log_dir or batch.sample_ids is None:
+            return
+        path = Path(self.job.sample_log_dir) / f"rank{self.rank}.jsonl"
+        line = {
+            "attempt": state.restarts,
+            "epoch": state.epoch,
+            "step": state.global_step,
+            "ids": batch.sample_ids.tolist(),
+        }
+        with path.open("a") as out:
+            out.write(json.dumps(line) + "\n")
+
+    def _maybe_crash(self, state: TrainState) -> None:
+        crash = self.job.crash
+        if not crash or self.rank != crash["rank"] or state.global_step != crash["step"]:
+            return
+        marker = Path(crash["marker"])
+        if marker.exists():
+            return
+        marker.write_text(f"rank {self.rank} exited after step {state.global_step}\n")
+        console(f"[test hook] rank {self.rank} exits now, after step {state.global_step}")
+        os._exit(1)
+
+    # ---- training --------------------------------------------------------------------------
+
+    def run_training(self) -> dict:
+        import ray.train
+
+        train_cfg = self.cfg.train_config
+        state = TrainState(world_size=self.world)
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                state = restore(
+                    directory, self.model, self.dense_optimizer, world_size=self.world
+                )
+            state.restarts += 1
+            self.say(
+                f"resumed from {checkpoint.path}: step {state.global_step}, epoch "
+                f"{state.resume_epoch()} replays from its first batch"
+            )
+        elif self.rank == 0:
+            self.say(f"sharding plan ({self.world} workers, {self.device.type}):\n"
+                     f"{self.sharded.plan_text()}")
+            self.log.text(self.job.config_text, "pipeline.config")
+            self.log.text(self.sharded.plan_text() + "\n", "sharding_plan.txt")
+            self.log.text(self.sharded.plan_json() + "\n", "sharding_plan.json")
+        if self.job.sample_log_dir:
+            os.makedirs(self.job.sample_log_dir, exist_ok=True)
+
+        max_steps = int(train_cfg.num_steps) if train_cfg.num_steps > 0 else None
+        if train_cfg.num_epochs > 0:
+            num_epochs = int(train_cfg.num_epochs)
+        else:
+            num_epochs = None if max_steps else 1  # neither set: one epoch
+        log_every = max(int(train_cfg.log_step_count_steps), 1)
+        save_steps = int(train_cfg.save_checkpoints_steps)
+        save_epochs = int(train_cfg.save_checkpoints_epochs)
+        eval_every = int(train_cfg.eval_every_n_steps)
+
+        batches = self._batches("train", training=True, seed=1000 * self.rank + state.restarts)
+        eval_batches = (
+            self._batches("eval", training=False, seed=0) if self.job.has_eval_data else None
+        )
+        meter = ProgressMeter(
+            self.tasks, total_steps=self._total_steps(max_steps, num_epochs),
+            start_step=state.global_step,
+        )
+        self.model.train()
+        started = time.perf_counter()
+        last_saved_step = state.global_step if checkpoint is not None else -1
+        last_eval: dict[str, float] = {}
+        last_eval_step = -1
+
+        def checkpoint_now(with_eval: bool) -> None:
+            nonlocal last_saved_step, last_eval, last_eval_step
+            if with_eval and eval_batches is not None and last_eval_step != state.global_step:
+                last_eval = self._evaluate(eval_batches, state)
+                last_eval_step = state.global_step
+            self._save_and_report(state, last_eval if last_eval_step == state.global_step else {})
+            last_saved_step = state.global_step
+
+        epoch = state.resume_epoch()
+        done = max_steps is not None and state.global_step >= max_steps
+        while not done and (num_epochs is None or epoch < num_epochs):
+            state.epoch, state.epoch_done = epoch, False
+            stats = LockstepStats()
+            for batch in lockstep(batches, stats, self.tokens_of):
+                lrs = self._set_learning_rates(state)
+                batch = batch.to(self.device, non_blocking=True)
+                with self.autocast():
+                    output = self.model(batch)
+                    total, losses = self.module.compute_losses(output, batch)
+                self.dense_optimizer.zero_grad()
+                total.backward()
+                self.dense_optimizer.step()
+                state.global_step += 1
+                state.samples += stats.last_rows
+                state.tokens += stats.last_tokens
+                meter.add(
+                    stats.last_rows,
+                    stats.last_tokens,
+                    {task: value.detach().item() for task, value in losses.items()},
+                    total.detach().item(),
+                )
+                self._record_samples(batch, state)
+                self._maybe_crash(state)
+
+                if state.global_step % log_every == 0:
+                    self._log_progress(meter, state, lrs)
+                if save_steps and state.global_step % save_steps == 0:
+                    checkpoint_now(with_eval=eval_every == 0)
+                if eval_every and state.global_step % eval_every == 0 and eval_batches is not None:
+                    if last_eval_step != state.global_step:
+                        last_eval = self._evaluate(eval_batches, state)
+                        last_eval_step = state.global_step
+                if max_steps is not None and state.global_step >= max_steps:
+                    done = True
+                    break
+            if stats.steps == 0 and not done:
+                raise RuntimeError(
+                    f"epoch {epoch}: the training data gave no batch to every one of the "
+                    f"{self.world} workers (batch_size {self.cfg.data_config.batch_size}"
+                    f"{', drop_last' if self.world > 1 else ''}); use more rows, fewer workers "
+                    "or a smaller data_config.batch_size"
+                )
+            if stats.unused_batches:
+                self.say(
+                    f"epoch {epoch}: {stats.unused_batches} batch(es) unused because another "
+                    "worker ran out of data first (unequal batch counts across workers)"
+                )
+            if not done:
+                state.epoch_done = True
+                if save_epochs and (epoch + 1) % save_epochs == 0:
+                    checkpoint_now(with_eval=eval_every == 0)
+            epoch += 1
+
+        # The last report carries the final evaluation (Ray keeps metrics with checkpoints).
+        need_eval = eval_batches is not None and last_eval_step != state.global_step
+        if need_eval:
+            last_eval = self._evaluate(eval_batches, state)
+            last_eval_step = state.global_step
+        if need_eval or last_saved_step != state.global_step:
+            suffix = "_final" if last_saved_step == state.global_step else ""
+            self._save_and_report(state, last_eval, suffix=suffix)
+        final = {
+            "global_step": state.global_step,
+            "epochs_completed": state.epoch + (1 if state.epoch_done else 0),
+            "samples": state.samples,
+            "tokens": state.tokens,
+            "seconds_this_attempt": round(time.perf_counter() - started, 2),
+            "restarts": state.restarts,
+            "world_size": self.world,
+            "device": self.device.type,
+            **last_eval,
+        }
+        self.log.json(final, "final_metrics.json")
+        return final
+
+    def _total_steps(self, max_steps: int | None, num_epochs: int | None) -> int | None:
+        if max_steps is not None:
+            return max_steps
+        data_cfg = self.cfg.data_config
+        if num_epochs is None or not self.job.train_rows or data_cfg.token_budget:
+            return None
+        per_worker_rows = self.job.train_rows // self.world
+        return num_epochs * (per_worker_rows // int(data_cfg.batch_size))
+
+    def _log_progress(self, meter: ProgressMeter, state: TrainState, lrs: dict) -> None:
+        # Each rank's loss is its local mean scaled to the global per-candidate mean, so the
+        # mean over ranks is the global loss (one collective, on every rank, at the same steps).
+        local = [meter.total_loss_sum] + [meter.loss_sums[task] for task in self.tasks]
+        summed = all_reduce_sum(local)
+        meter.total_loss_sum = summed[0] / self.world
+        for task, value in zip(self.tasks, summed[1:]):
+            meter.loss_sums[task] = value / self.world
+        line, metrics = meter.flush(state.global_step, state.epoch, extra=lrs)
+        if self.rank == 0:
+            console(line)
+            self.log.metrics(metrics, step=state.global_step)
+
+    # ---- evaluation of a checkpoint (launch.py eval) --------------------------------------
+
+    def run_eval(self) -> dict:
+        if not self.job.checkpoint_path:
+            raise ValueError("eval mode needs job.checkpoint_path")
+        load_model_weights(self.model, self.job.checkpoint_path)
+        state = TrainState(world_size=self.world)
+        return self._evaluate(self._batches("eval", training=False, seed=0), state)

@@ -1,0 +1,177 @@
+"""Sharding the embedding tables: TorchRec planner + DistributedModelParallel.
+
+The model only declares its tables (DlrmHSTU.embedding_collection, built on the meta device);
+this module decides where each table lives. The planner sees the world size and the compute
+device and picks a sharding type and kernel per table; `--sharding TABLE=TYPE` pins a table to
+one or more types (e.g. force a table row-wise to exercise that path on two CPU workers).
+
+What runs on CPU (measured, ../shared/docs/environment.md): table_wise, row_wise and column_wise
+with the fused kernel; data_parallel sharding of an EmbeddingCollection fails there, so it is
+rejected on CPU with a clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+SHARDING_TYPES = (
+    "table_wise",
+    "row_wise",
+    "column_wise",
+    "table_row_wise",
+    "table_column_wise",
+    "data_parallel",
+)
+_CPU_UNSUPPORTED_SHARDING = {
+    "data_parallel": "data_parallel sharding of an EmbeddingCollection fails on CPU",
+}
+
+
+class ShardingError(ValueError):
+    pass
+
+
+def parse_sharding_overrides(specs: Sequence[str]) -> dict[str, list[str]]:
+    """`TABLE=TYPE[,TYPE...]` strings (launch.py --sharding) -> {table: [types]}."""
+    overrides: dict[str, list[str]] = {}
+    for spec in specs:
+        table, sep, types = spec.partition("=")
+        table, types = table.strip(), [t.strip() for t in types.split(",") if t.strip()]
+        if not sep or not table or not types:
+            raise ShardingError(
+                f"--sharding {spec!r}: expected TABLE=TYPE[,TYPE...], e.g. video_id_emb=row_wise"
+            )
+        unknown = [t for t in types if t not in SHARDING_TYPES]
+        if unknown:
+            raise ShardingError(
+                f"--sharding {spec!r}: unknown sharding type {unknown[0]!r}; expected one of "
+                f"{', '.join(SHARDING_TYPES)}"
+            )
+        if table in overrides:
+            raise ShardingError(f"--sharding: table {table!r} is given twice")
+        overrides[table] = types
+    return overrides
+
+
+def table_names(model: nn.Module) -> list[str]:
+    return [table.name for table in model.embedding_collection.embedding_configs()]
+
+
+def sharding_constraints(
+    tables: Sequence[str], overrides: Mapping[str, Sequence[str]], device: torch.device
+) -> dict:
+    """ParameterConstraints per table: the pinned sharding types, and on CPU the fused kernel
+    (the only one whose optimizer runs inside backward there)."""
+    from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+    from torchrec.distributed.planner.types import ParameterConstraints
+
+    unknown = sorted(set(overrides) - set(tables))
+    if unknown:
+        raise ShardingError(
+            f"--sharding: no embedding table named {unknown[0]!r}; the model's tables are "
+            f"{', '.join(tables)}"
+        )
+    constraints = {}
+    for table in tables:
+        types = list(overrides.get(table, ()))
+        if device.type == "cpu":
+            for sharding_type in types:
+                if sharding_type in _CPU_UNSUPPORTED_SHARDING:
+                    raise ShardingError(
+                        f"--sharding {table}={sharding_type}: "
+                        f"{_CPU_UNSUPPORTED_SHARDING[sharding_type]}"
+                    )
+            if not types:
+                types = [t for t in SHARDING_TYPES if t not in _CPU_UNSUPPORTED_SHARDING]
+        kernels = [EmbeddingComputeKernel.FUSED.value] if device.type == "cpu" else None
+        constraints[table] = ParameterConstraints(
+            sharding_types=types or None, compute_kernels=kernels
+        )
+    return constraints
+
+
+def make_topology(world_size: int, local_world_size: int, device: torch.device):
+    from torchrec.distributed.planner.types import (
+        HardwareConfig,
+        KernelConfig,
+        TopologyFactory,
+        TrainerConfig,
+    )
+
+    hardware = None
+    if device.type == "cuda":
+        hardware = HardwareConfig(
+            hbm_cap_bytes=torch.cuda.get_device_properties(device).total_memory
+        )
+    return TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(world_size=world_size, local_world_size=local_world_size),
+        hardware_config=hardware,
+        kernel_config=KernelConfig(compute_device=device.type),
+    )
+
+
+@dataclasses.dataclass
+class ShardedModel:
+    model: nn.Module  # the DistributedModelParallel wrapper
+    plan: object  # torchrec ShardingPlan
+    tables: dict[str, dict]  # table -> {"sharding_type", "compute_kernel", "ranks"}
+
+    def plan_text(self) -> str:
+        lines = [f"{'table':<28} {'sharding':<18} {'kernel':<18} ranks"]
+        for name, info in self.tables.items():
+            ranks = ",".join(str(r) for r in info["ranks"])
+            lines.append(
+                f"{name:<28} {info['sharding_type']:<18} {info['compute_kernel']:<18} {ranks}"
+            )
+        return "\n".join(lines)
+
+    def plan_json(self) -> str:
+        return json.dumps(self.tables, indent=2, sort_keys=True)
+
+
+def shard_model(
+    model: nn.Module,
+    device: torch.device,
+    *,
+    world_size: int,
+    local_world_size: int,
+    batch_size: int,
+    overrides: Mapping[str, Sequence[str]] = {},
+) -> ShardedModel:
+    """Plan (collectively: every rank must call this) and wrap the model in
+    DistributedModelParallel. The embedding parameters must already carry their fused
+    optimizer (apply_optimizer_in_backward), and the tables must be on the meta device."""
+    import torch.distributed as dist
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+
+    constraints = sharding_constraints(table_names(model), overrides, device)
+    planner = EmbeddingShardingPlanner(
+        topology=make_topology(world_size, local_world_size, device),
+        batch_size=batch_size,
+        constraints=constraints,
+        debug=False,
+    )
+    sharders = [EmbeddingCollectionSharder()]
+    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    sharded = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
+    return ShardedModel(sharded, plan, describe_plan(plan))
+
+
+def describe_plan(plan) -> dict[str, dict]:
+    tables = {}
+    for module_plan in plan.plan.values():
+        for name, parameter_sharding in module_plan.items():
+            ranks = parameter_sharding.ranks or []
+            tables[name] = {
+                "sharding_type": parameter_sharding.sharding_type,
+                "compute_kernel": parameter_sharding.compute_kernel,
+                "ranks": sorted(set(ranks)),
+            }
+    return dict(sorted(tables.items()))

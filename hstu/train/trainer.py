@@ -1,0 +1,539 @@
+"""The driver: resolve the config, start or join Ray, create the MLflow run, run TorchTrainer.
+
+    result = run_training(TrainOptions(recipe="recipes/smoke.config", workers=2))
+
+Ray: `ray.init()` joins the cluster named by RAY_ADDRESS (or the one `ray job submit` runs the
+driver in) and otherwise starts a local one. Workers get `--cpus-per-worker` CPUs (default: what
+is left after one CPU for Ray Data, split over the workers, at most 1), so that on a 2-CPU
+machine the data pipeline is never starved (environment.md: with 1 CPU per worker it hangs).
+
+Run identity: the Ray run name (RunConfig.name; `--run-name`, default `<recipe>-<time>`) names
+the checkpoint directory <storage>/<run name>/ and the MLflow run; the MLflow run id is written to
+<storage>/<run name>/mlflow_run.json, and the MLflow run carries the Ray run name, job id and
+submission id as tags. `--resume` reuses a run name: Ray Train restores its latest checkpoint
+and the same MLflow run continues.
+"""
+
+from __future__ import annotations
+
+import _thread
+import dataclasses
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from hstu.train import tracking
+from hstu.train.console import filtered_console
+from hstu.train.job import TrainJob
+from hstu.train.progress import eval_table, format_duration, table
+
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
+
+
+class TrainSetupError(ValueError):
+    """A problem found before any worker starts (paths, run names, resources)."""
+
+
+@dataclasses.dataclass
+class TrainOptions:
+    recipe: str
+    overrides: list[str] = dataclasses.field(default_factory=list)
+    train_paths: list[str] | None = None  # default: the config's train_input_path
+    eval_paths: list[str] | None = None  # default: the config's eval_input_path
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float | None = None
+    resume: bool = False
+    run_name: str | None = None
+    storage: str | None = None  # default: the config's model_dir
+    tracking_uri: str | None = None
+    experiment: str = tracking.DEFAULT_EXPERIMENT
+    max_failures: int = 0
+    sharding: list[str] = dataclasses.field(default_factory=list)
+    export: bool = True
+    sample_log_dir: str | None = None
+    timeout_s: float | None = None
+    show_ray_data_progress: bool = False
+    # launch.py eval
+    checkpoint: str | None = None
+    # Test-only fault injection (TrainJob.crash).
+    crash: dict | None = None
+
+
+@dataclasses.dataclass
+class RunResult:
+    run_name: str
+    run_dir: str
+    tracking_uri: str | None
+    mlflow_run_id: str | None
+    checkpoint_path: str | None
+    metrics: dict
+    tasks: list[str]
+    seconds: float
+    export_dir: str | None = None
+    export_note: str = ""
+
+
+# ---- setup --------------------------------------------------------------------------------
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _local(path: str) -> str:
+    return path if _is_uri(path) else str(Path(path).expanduser().resolve())
+
+
+def _paths(given: list[str] | None, from_config: str, what: str) -> list[str] | None:
+    paths = given if given else ([from_config] if from_config else [])
+    if not paths:
+        return None
+    resolved = [_local(p) for p in paths]
+    missing = [p for p in resolved if not _is_uri(p) and not os.path.exists(p)]
+    if missing:
+        raise TrainSetupError(
+            f"{what} data not found: {', '.join(missing)} (make it with `launch.py prepare`, "
+            f"or pass --{what} PATH)"
+        )
+    return resolved
+
+
+def _latest_run(storage: Path) -> str:
+    runs = [p for p in storage.iterdir() if (p / SNAPSHOT_FILE).is_file()] if storage.is_dir() else []
+    if not runs:
+        raise TrainSetupError(f"--resume: no run with checkpoints under {storage}")
+    return max(runs, key=lambda p: (p / SNAPSHOT_FILE).stat().st_mtime).name
+
+
+def resolve_run(options: TrainOptions, storage: str, recipe_stem: str) -> tuple[str, bool]:
+    """(run name, whether it resumes). Refuses to silently continue an existing run."""
+    local = not _is_uri(storage)
+    if options.resume:
+        name = options.run_name or (_latest_run(Path(storage)) if local else None)
+        if name is None:
+            raise TrainSetupError("--resume with remote --storage needs --run-name")
+        if local and not (Path(storage) / name / SNAPSHOT_FILE).is_file():
+            raise TrainSetupError(
+                f"--resume: run {name!r} has no checkpoints under {storage} "
+                f"({Path(storage) / name / SNAPSHOT_FILE} is missing)"
+            )
+        return name, True
+    name = options.run_name or f"{recipe_stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if local and (Path(storage) / name / SNAPSHOT_FILE).is_file():
+        raise TrainSetupError(
+            f"run {name!r} already exists under {storage}: pass --resume to continue it, or "
+            "another --run-name"
+        )
+    return name, False
+
+
+def count_rows(paths: list[str]) -> int | None:
+    """Rows in parquet files, from their footers (no data read); None if it cannot tell."""
+    import pyarrow.dataset as pa_dataset
+
+    try:
+        return sum(int(pa_dataset.dataset(p, format="parquet").count_rows()) for p in paths)
+    except Exception:  # only used for the ETA
+        return None
+
+
+def default_cpus_per_worker(total_cpus: float, workers: int) -> float:
+    """Leave one CPU to Ray Data, split the rest over the workers, at most 1 each."""
+    share = (total_cpus - 1.0) / max(workers, 1)
+    return max(0.25, min(1.0, round(share, 2)))
+
+
+def init_ray(show_data_progress: bool) -> bool:
+    """Join RAY_ADDRESS / the job's cluster, or start a local Ray. True if this call started
+    (and so should stop) Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+    else:
+        ray.init(include_dashboard=False, logging_level="WARNING")
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = show_data_progress
+    context.print_on_execution_start = show_data_progress
+    return True
+
+
+class Watchdog:
+    """Interrupts the main thread after `seconds` with a message, so a stuck run ends with an
+    explanation instead of hanging. Cancelled when the work finishes."""
+
+    def __init__(self, seconds: float | None, what: str) -> None:
+        self.fired = False
+        self._timer = None
+        if seconds:
+            self._timer = threading.Timer(seconds, self._fire, args=(seconds, what))
+            self._timer.daemon = True
+
+    def _fire(self, seconds: float, what: str) -> None:
+        self.fired = True
+        print(
+            f"\n{what} did not finish within {format_duration(seconds)}; stopping it. On a "
+            "machine with few CPUs check that the workers leave CPU for Ray Data "
+            "(--cpus-per-worker), and look at the worker logs above.",
+            file=sys.stderr,
+            flush=True,
+        )
+        _thread.interrupt_main()
+
+    def __enter__(self) -> "Watchdog":
+        if self._timer:
+            self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._timer:
+            self._timer.cancel()
+
+
+def _ray_ids() -> dict[str, str]:
+    import ray
+
+    ids = {"hstu.ray_job_id": ray.get_runtime_context().get_job_id()}
+    if os.environ.get("RAY_JOB_SUBMISSION_ID"):
+        ids["hstu.ray_submission_id"] = os.environ["RAY_JOB_SUBMISSION_ID"]
+    return ids
+
+
+def _check_model(cfg, features, labels, options: TrainOptions):
+    """Build the model on the meta device once in the driver, so that config, optimizer and
+    sharding problems show up before Ray starts any worker."""
+    import torch
+
+    from hstu.model import DlrmHSTU
+    from hstu.train.optimizers import schedule_from_config, sparse_optimizer_spec
+    from hstu.train.sharding import parse_sharding_overrides, sharding_constraints, table_names
+
+    device = torch.device("cuda" if options.use_gpu else "cpu")
+    with torch.device("meta"):
+        model = DlrmHSTU(cfg, features, labels, embedding_device=torch.device("meta"))
+    sparse_optimizer_spec(cfg.train_config.sparse_optimizer, device)
+    schedule_from_config(cfg.train_config.sparse_optimizer, "train_config.sparse_optimizer")
+    schedule_from_config(cfg.train_config.dense_optimizer, "train_config.dense_optimizer")
+    overrides = parse_sharding_overrides(options.sharding)
+    sharding_constraints(table_names(model), overrides, device)
+    return model, overrides
+
+
+def _trainer(
+    job: TrainJob,
+    options: TrainOptions,
+    run_name: str,
+    storage: str,
+    datasets,
+    keep_checkpoints: int | None = None,
+):
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from hstu.train.loop import train_loop_per_worker
+
+    if options.workers < 1:
+        raise TrainSetupError("--workers must be >= 1")
+    cpus = options.cpus_per_worker
+    if cpus is None:
+        cpus = 1.0 if options.use_gpu else default_cpus_per_worker(
+            ray.cluster_resources().get("CPU", 1.0), options.workers
+        )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=job.to_dict(),
+        # On GPU: NCCL for the model's tensors, gloo for the small CPU tensors (metrics, lockstep).
+        torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if options.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=options.workers,
+            use_gpu=options.use_gpu,
+            resources_per_worker={"CPU": cpus, **({"GPU": 1} if options.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=options.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split="all"),
+    )
+
+
+# ---- training -----------------------------------------------------------------------------
+
+
+def run_training(options: TrainOptions) -> RunResult:
+    """Train per `options`; returns where everything is. Raises on failure (the MLflow run is
+    then marked FAILED)."""
+    with filtered_console():
+        return _run_training(options)
+
+
+def _run_training(options: TrainOptions) -> RunResult:
+    import ray
+    from google.protobuf import text_format
+
+    from hstu.config.features import feature_specs, label_specs
+    from hstu.config.loader import load_config
+    from hstu.data.pipeline import read_samples, sample_columns
+
+    started = time.perf_counter()
+    cfg = load_config(options.recipe, options.overrides)
+    features, labels = feature_specs(cfg), label_specs(cfg)
+    model, sharding = _check_model(cfg, features, labels, options)
+    tasks = [task.name for task in model.tasks]
+    train_paths = _paths(options.train_paths, cfg.train_input_path, "train")
+    if train_paths is None:
+        raise TrainSetupError("no training data: set train_input_path or pass --train")
+    eval_paths = _paths(options.eval_paths, cfg.eval_input_path, "eval")
+    storage = _local(options.storage or cfg.model_dir or "experiments")
+    run_name, resuming = resolve_run(options, storage, Path(options.recipe).stem)
+    run_dir = storage.rstrip("/") + "/" + run_name
+    config_text = text_format.MessageToString(cfg)
+
+    started_ray = init_ray(options.show_ray_data_progress)
+    tracking_uri = tracking.resolve_tracking_uri(options.tracking_uri, Path.cwd())
+    mlflow_run_id = None
+    try:
+        columns = sample_columns(features, labels)
+        data_cfg = cfg.data_config
+        datasets = {
+            "train": read_samples(train_paths, shuffle_files=bool(data_cfg.shuffle), columns=columns)
+        }
+        if eval_paths:
+            datasets["eval"] = read_samples(eval_paths, columns=columns)
+        train_rows = count_rows(train_paths)
+
+        link = tracking.read_run_link(run_dir) if (resuming and not _is_uri(run_dir)) else None
+        if link and not options.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+            tracking_uri = link["tracking_uri"]
+        params = tracking.flatten_config(cfg)
+        params.update(
+            {
+                "run.workers": str(options.workers),
+                "run.use_gpu": str(options.use_gpu).lower(),
+                "run.train_paths": ",".join(train_paths),
+                "run.eval_paths": ",".join(eval_paths or []),
+                "run.train_rows": str(train_rows),
+                "run.sharding": ",".join(options.sharding) or "(planner)",
+                "run.max_failures": str(options.max_failures),
+            }
+        )
+        tags = {
+            "hstu.ray_run_name": run_name,
+            "hstu.storage_path": storage,
+            "hstu.run_dir": run_dir,
+            "hstu.recipe": options.recipe,
+            "hstu.resumed": str(resuming).lower(),
+            **_ray_ids(),
+        }
+        mlflow_run_id = tracking.start_run(
+            tracking_uri,
+            options.experiment,
+            run_name,
+            tags=tags,
+            params=params,
+            resume_run_id=link["run_id"] if link else None,
+        )
+        if not _is_uri(run_dir):
+            tracking.write_run_link(run_dir, tracking_uri, mlflow_run_id)
+        print(
+            f"run {run_name}{' (resuming)' if resuming else ''}: {options.workers} worker(s) on "
+            f"{'GPU' if options.use_gpu else 'CPU'}, {train_rows} training rows\n"
+            f"  checkpoints: {run_dir}\n  MLflow: run {mlflow_run_id} in experiment "
+            f"{options.experiment!r} at {tracking_uri}",
+            flush=True,
+        )
+        job = TrainJob(
+            config_text=config_text,
+            config_source=options.recipe,
+            run_name=run_name,
+            use_gpu=options.use_gpu,
+            has_eval_data=bool(eval_paths),
+            sharding=sharding,
+            tracking_uri=tracking_uri,
+            mlflow_run_id=mlflow_run_id,
+            train_rows=train_rows,
+            sample_log_dir=_local(options.sample_log_dir) if options.sample_log_dir else None,
+            crash=options.crash,
+        )
+        keep = int(cfg.train_config.keep_checkpoint_max) or None  # 0 keeps all
+        trainer = _trainer(job, options, run_name, storage, datasets, keep_checkpoints=keep)
+        with Watchdog(options.timeout_s, f"training run {run_name}") as watchdog:
+            try:
+                result = trainer.fit()
+            except KeyboardInterrupt:
+                if watchdog.fired:
+                    raise TimeoutError(
+                        f"training run {run_name} timed out after {options.timeout_s:.0f} s"
+                    ) from None
+                raise
+        checkpoint_path = result.checkpoint.path if result.checkpoint else None
+        metrics = dict(result.return_value or result.metrics or {})
+        run = RunResult(
+            run_name=run_name,
+            run_dir=run_dir,
+            tracking_uri=tracking_uri,
+            mlflow_run_id=mlflow_run_id,
+            checkpoint_path=checkpoint_path,
+            metrics=metrics,
+            tasks=tasks,
+            seconds=time.perf_counter() - started,
+        )
+        if options.export and checkpoint_path:
+            run.export_dir, run.export_note = export_checkpoint(
+                options.recipe, options.overrides, checkpoint_path, run_dir + "/export"
+            )
+        _log_outcome(run, storage)
+        tracking.end_run(tracking_uri, mlflow_run_id, "FINISHED")
+        return run
+    except BaseException:
+        if mlflow_run_id:
+            try:
+                tracking.end_run(tracking_uri, mlflow_run_id, "FAILED")
+            except Exception as error:  # the original error matters more
+                print(f"mlflow: could not mark the run failed: {error}", file=sys.stderr)
+        raise
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def export_checkpoint(recipe: str, overrides: list[str], checkpoint: str, export_dir: str):
+    """(export dir, note): calls hstu.export when it provides export_checkpoint."""
+    try:
+        import hstu.export as export_module
+    except ImportError:
+        export_module = None
+    function = getattr(export_module, "export_checkpoint", None) if export_module else None
+    if function is None:
+        return None, "export is not available yet (hstu.export.export_checkpoint is missing)"
+    try:
+        return str(function(recipe=recipe, overrides=overrides, checkpoint=checkpoint,
+                            export_dir=export_dir)), ""
+    except Exception as error:
+        return None, f"export failed: {type(error).__name__}: {error}"
+
+
+def _log_outcome(run: RunResult, storage: str) -> None:
+    locations = {
+        "ray_run_dir": run.run_dir,
+        "ray_storage_path": storage,
+        "checkpoint": run.checkpoint_path,
+        "export_dir": run.export_dir,
+        "export_note": run.export_note,
+        "mlflow_run_id": run.mlflow_run_id,
+        "tracking_uri": run.tracking_uri,
+    }
+    logger = tracking.RunLogger(run.tracking_uri, run.mlflow_run_id)
+    logger.json(locations, "locations.json")
+    logger.text(summary_text(run) + "\n", "summary.txt")
+
+
+def summary_text(run: RunResult) -> str:
+    metrics = run.metrics
+    overview = table(
+        ["", ""],
+        [
+            ["run", run.run_name],
+            ["steps", metrics.get("global_step", "?")],
+            ["epochs completed", metrics.get("epochs_completed", "?")],
+            ["samples trained", metrics.get("samples", "?")],
+            ["restarts", metrics.get("restarts", 0)],
+            ["wall time", format_duration(run.seconds)],
+        ],
+    ).split("\n", 2)[2]  # no header rows
+    lines = [overview, "", eval_table(metrics, run.tasks)]
+    lines += [
+        "",
+        f"checkpoint   {run.checkpoint_path}",
+        f"export       {run.export_dir or run.export_note}",
+        f"MLflow run   {run.mlflow_run_id}  ({run.tracking_uri})",
+    ]
+    if run.tracking_uri and run.tracking_uri.startswith("sqlite:"):
+        lines.append(f"browse it    mlflow ui --backend-store-uri {run.tracking_uri}")
+    return "\n".join(lines)
+
+
+# ---- evaluation of a checkpoint -----------------------------------------------------------
+
+
+def run_evaluation(options: TrainOptions) -> tuple[dict, list[str]]:
+    """Evaluate `options.checkpoint` on the eval data with `options.workers` workers (any
+    number: DCP reassembles the shards). Logs to a new MLflow run tagged with the checkpoint."""
+    with filtered_console():
+        return _run_evaluation(options)
+
+
+def _run_evaluation(options: TrainOptions) -> tuple[dict, list[str]]:
+    import ray
+    from google.protobuf import text_format
+
+    from hstu.config.features import feature_specs, label_specs
+    from hstu.config.loader import load_config
+    from hstu.data.pipeline import read_samples, sample_columns
+
+    if not options.checkpoint:
+        raise TrainSetupError("--checkpoint is required")
+    checkpoint = _local(options.checkpoint)
+    if not _is_uri(checkpoint) and not (Path(checkpoint) / ".metadata").is_file():
+        raise TrainSetupError(f"--checkpoint {checkpoint}: not a checkpoint directory "
+                              "(no .metadata; expected <storage>/<run>/checkpoint_<step>)")
+    cfg = load_config(options.recipe, options.overrides)
+    features, labels = feature_specs(cfg), label_specs(cfg)
+    model, sharding = _check_model(cfg, features, labels, options)
+    eval_paths = _paths(options.eval_paths, cfg.eval_input_path, "eval")
+    if eval_paths is None:
+        raise TrainSetupError("no eval data: set eval_input_path or pass --eval")
+    storage = _local(options.storage or cfg.model_dir or "experiments")
+    run_name = options.run_name or f"eval-{Path(options.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    started_ray = init_ray(options.show_ray_data_progress)
+    tracking_uri = tracking.resolve_tracking_uri(options.tracking_uri, Path.cwd())
+    mlflow_run_id = None
+    try:
+        datasets = {"eval": read_samples(eval_paths, columns=sample_columns(features, labels))}
+        mlflow_run_id = tracking.start_run(
+            tracking_uri,
+            options.experiment,
+            run_name,
+            tags={"hstu.checkpoint": checkpoint, "hstu.recipe": options.recipe,
+                  "hstu.kind": "eval", **_ray_ids()},
+            params={"run.checkpoint": checkpoint, "run.eval_paths": ",".join(eval_paths),
+                    "run.workers": str(options.workers)},
+        )
+        job = TrainJob(
+            config_text=text_format.MessageToString(cfg),
+            config_source=options.recipe,
+            run_name=run_name,
+            mode="eval",
+            use_gpu=options.use_gpu,
+            sharding=sharding,
+            tracking_uri=tracking_uri,
+            mlflow_run_id=mlflow_run_id,
+            checkpoint_path=checkpoint,
+        )
+        trainer = _trainer(job, options, run_name, storage, datasets)
+        with Watchdog(options.timeout_s, f"evaluation {run_name}"):
+            result = trainer.fit()
+        metrics = dict(result.return_value or {})
+        tracking.RunLogger(tracking_uri, mlflow_run_id).json(metrics, "eval_metrics.json")
+        tracking.end_run(tracking_uri, mlflow_run_id, "FINISHED")
+        return metrics, [task.name for task in model.tasks]
+    except BaseException:
+        if mlflow_run_id:
+            tracking.end_run(tracking_uri, mlflow_run_id, "FAILED")
+        raise
+    finally:
+        if started_ray:
+            ray.shutdown()
+
