@@ -342,16 +342,29 @@ def partition_log(
             return "error"
         return "skip"
 
-    reader = pcsv.open_csv(
-        path,
-        read_options=pcsv.ReadOptions(block_size=options.block_size),
-        parse_options=pcsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_malformed),
-        convert_options=pcsv.ConvertOptions(
-            include_columns=sources,
-            column_types={s: pa.string() for s in sources},
-            strings_can_be_null=False,
-        ),
-    )
+    def unreadable(error: pa.ArrowInvalid) -> DataError:
+        if malformed:
+            return DataError(
+                f"malformed line (wrong number of fields): {malformed[-1]!r}",
+                path=path,
+                hint="pass --on-bad-rows skip to skip and count such lines",
+            )
+        return DataError(f"unreadable CSV: {error}", path=path)
+
+    try:
+        reader = pcsv.open_csv(
+            path,
+            read_options=pcsv.ReadOptions(block_size=options.block_size),
+            parse_options=pcsv.ParseOptions(delimiter=delimiter,
+                                            invalid_row_handler=on_malformed),
+            convert_options=pcsv.ConvertOptions(
+                include_columns=sources,
+                column_types={s: pa.string() for s in sources},
+                strings_can_be_null=False,
+            ),
+        )
+    except pa.ArrowInvalid as error:
+        raise unreadable(error) from None
     writers: dict[int, ipc.RecordBatchFileWriter] = {}
     minutes: list[np.ndarray] = []
     last_report = time.perf_counter()
@@ -362,13 +375,7 @@ def partition_log(
             except StopIteration:
                 break
             except pa.ArrowInvalid as error:
-                if malformed:
-                    raise DataError(
-                        f"malformed line (wrong number of fields): {malformed[-1]!r}",
-                        path=path,
-                        hint="pass --on-bad-rows skip to skip and count such lines",
-                    ) from None
-                raise DataError(f"unreadable CSV: {error}", path=path) from None
+                raise unreadable(error) from None
             first_row = result.rows
             result.rows += batch.num_rows
             rows = _log_rows(batch, exprs, path, first_row, len(malformed), options, result)

@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 # Ray Data's per-row file column when read_samples(include_paths=True); names files in errors.
 PATH_COLUMN = "path"
+# How long a finished pass waits for its producer thread to notice and exit.
+PRODUCER_EXIT_S = 10.0
 
 
 def arrow_to_batch(
@@ -307,12 +309,18 @@ class JaggedBatches:
                     return
         finally:
             stop.set()
-            # Unblock a producer waiting on a full queue so it sees `stop`.
-            while producer.is_alive():
+            # Unblock a producer waiting on a full queue so it sees `stop`. A producer stuck
+            # inside Ray's iterator is left behind (a daemon thread) rather than waited on
+            # for ever; the next pass starts a fresh one.
+            deadline = time.perf_counter() + PRODUCER_EXIT_S
+            while producer.is_alive() and time.perf_counter() < deadline:
                 try:
                     ready.get(timeout=0.05)
                 except queue.Empty:
                     pass
+            if producer.is_alive():
+                logger.warning("batch producer still busy %.0f s after the pass ended",
+                               PRODUCER_EXIT_S)
 
     def _produce(self, seed: int, ready: queue.Queue, stop: threading.Event) -> None:
         def put(item) -> bool:

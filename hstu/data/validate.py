@@ -381,13 +381,17 @@ def resolve_bad_rows(
     if policy == "error":
         first = min(findings, key=lambda f: int(np.argmax(f.bad)))
         row = int(np.argmax(first.bad))
-        row_path = str(paths[row]) if paths is not None else path
-        in_file = paths is None and path is not None
-        problem = first.problem if in_file else f"{first.problem} (row {row} of the batch)"
+        if paths is not None:
+            # Rows from several files (a Ray batch): the file, the sample_id and the batch row.
+            row_path, file_row = str(paths[row]), None
+            problem = f"{first.problem} (row {row} of the batch)"
+        else:
+            # One file read from row_offset on, or a table with no file behind it.
+            row_path, file_row, problem = path, row + row_offset, first.problem
         raise DataError(
             problem,
             path=row_path,
-            row=row + row_offset if in_file else None,
+            row=file_row,
             column=first.column,
             sample_id=None if sample_ids is None else int(sample_ids[row]),
             hint="pass on_bad_rows='skip' (--on-bad-rows skip) to skip and count such rows",

@@ -112,9 +112,11 @@ def plan_windows(
 
 
 def log2_bucket(counts: np.ndarray) -> np.ndarray:
-    """Cross-feature code of a count: 1 + floor(log2(count + 1)), capped; 0 stays for unknown."""
-    codes = 1 + np.floor(np.log2(counts.astype(np.float64) + 1.0)).astype(np.int64)
-    return np.minimum(codes, schema.CROSS_MAX_CODE)
+    """Cross-feature code of a count: 1 for 0, 2 for 1, 3 for 2-3, 4 for 4-7, ... (that is
+    2 + floor(log2(count))), capped at CROSS_MAX_CODE. Code 0 is left for unknown items."""
+    counts = counts.astype(np.int64)
+    codes = 2 + np.floor(np.log2(np.maximum(counts, 1))).astype(np.int64)
+    return np.minimum(np.where(counts == 0, 1, codes), schema.CROSS_MAX_CODE)
 
 
 def counts_before(
