@@ -460,3 +460,27 @@ def test_concat_contextual_features_makes_one_wide_token():
     with torch.no_grad():
         output = model(make_batch(model, [2, 3], [1, 2]))
     assert output.probs["is_click"].shape == (3,)
+
+
+def test_task_metrics_read_labels_and_grouping_keys_from_the_batch():
+    from hstu.metrics import AUC, GroupedAUC, TaskMetrics
+
+    cfg = load_config(SMOKE)
+    tasks = cfg.model_config.dlrm_hstu.fusion_mtl_tower.task_configs
+    tasks[1].metrics.add().grouped_auc.grouping_key = "user_id"
+    model = build(cfg).eval()
+    batch = make_batch(model, [3, 4, 2], [4, 3, 5], seed=8)
+    with torch.no_grad():
+        output = model(batch)
+    metrics = TaskMetrics(model.tasks)
+    metrics.update(model, output, batch)
+    metrics.sync()  # no process group: a no-op
+    values = metrics.compute()
+    assert set(values) == {f"auc_{t.name}" for t in model.tasks} | {"grouped_auc_is_like"}
+    like = (batch.labels["cand_seq__action_weight"] & 2) != 0
+    users = torch.repeat_interleave(batch.sparse["user_id"].values(), torch.tensor([4, 3, 5]))
+    expected_auc, expected_grouped = AUC(200), GroupedAUC()
+    expected_auc.update(output.probs["is_like"], like)
+    expected_grouped.update(output.probs["is_like"], like, users)
+    assert values["auc_is_like"] == expected_auc.compute()
+    assert values["grouped_auc_is_like"] == expected_grouped.compute()
