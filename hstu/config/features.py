@@ -73,7 +73,9 @@ GROUP_TYPES: dict[str, tuple[str, ...]] = {
     UIH_TIMESTAMP: ("JAGGED_SEQUENCE",),
     CANDIDATE_TIMESTAMP: ("JAGGED_SEQUENCE",),
 }
-OPTIONAL_GROUPS = (UIH_WATCHTIME,)
+# Optional: no contextual group means no contextual tokens; uih_action is needed only with an
+# action encoder (validation checks that), uih_watchtime only with watch-time thresholds.
+OPTIONAL_GROUPS = (CONTEXTUAL, UIH_ACTION, UIH_WATCHTIME)
 # Groups on the history side (one sequence) and on the candidate side (another sequence).
 UIH_SIDE_GROUPS = (UIH, UIH_ACTION, UIH_WATCHTIME, UIH_TIMESTAMP)
 CANDIDATE_SIDE_GROUPS = (CANDIDATE, CANDIDATE_TIMESTAMP)

@@ -220,11 +220,15 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Message:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as error:
         raise ConfigError(str(path), "", f"cannot read the config: {error.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
         raise ConfigError(
-            str(path), "", f"not UTF-8 text (byte {error.start}: {error.reason})"
+            Location(str(path), line, column), "", f"not UTF-8 text ({error.reason})"
         ) from None
     return load_config_text(text, str(path), overrides)

@@ -29,7 +29,8 @@ _OTHER_MODELS = (
     "tdm rocket_launching sid_rqvae sid_rqkmeans generative_qwen prompt_generative_qwen"
 ).split()
 
-_USE_METRICS = "use auc, grouped_auc, mean_absolute_error or mean_squared_error"
+_USE_METRICS = "use auc, grouped_auc or mean_absolute_error"
+_USE_LOSSES = "use binary_cross_entropy, softmax_cross_entropy or l2_loss"
 
 # field -> what to do instead (may be empty)
 UNSUPPORTED: dict[str, str] = {
@@ -131,14 +132,13 @@ UNSUPPORTED: dict[str, str] = {
     "STU.sla_k2": "semi-local attention",
     "GRInputPreprocessor.contextual_interleave_preprocessor": "use contextual_preprocessor",
     "GRInputPreprocessor.uih_preprocessor": "use contextual_preprocessor",
-    "FusionSubTaskConfig.num_class": "tasks have one logit (binary_cross_entropy or l2_loss)",
     "FusionSubTaskConfig.train_metrics": "",
-    "LossConfig.softmax_cross_entropy": "use binary_cross_entropy or l2_loss",
-    "LossConfig.jrc_loss": "use binary_cross_entropy or l2_loss",
-    "LossConfig.binary_focal_loss": "use binary_cross_entropy or l2_loss",
+    "LossConfig.jrc_loss": _USE_LOSSES,
+    "LossConfig.binary_focal_loss": _USE_LOSSES,
     "MetricConfig.multiclass_auc": _USE_METRICS,
     "MetricConfig.recall_at_k": _USE_METRICS,
     "MetricConfig.accuracy": _USE_METRICS,
+    "MetricConfig.mean_squared_error": _USE_METRICS,
     # eval_config / export_config
     "EvalConfig.evaluator_type": 'only "latest" is implemented',
     "ExportConfig.exporter_type": 'only "latest" is implemented',

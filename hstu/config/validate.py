@@ -24,6 +24,7 @@ from hstu.config.features import (
     STANDALONE_CANDIDATE_SEQUENCE,
     STANDALONE_UIH_SEQUENCE,
     UIH,
+    UIH_ACTION,
     UIH_SIDE_GROUPS,
     UIH_WATCHTIME,
     DeclaredFeature,
@@ -37,7 +38,8 @@ from hstu.config.support import NOT_YET
 MIXED_PRECISION = ("", "BF16", "FP16")
 EMBEDDING_DATA_TYPES = ("FP32", "FP16")
 EXPRESSION_SIDES = ("user", "item", "context")
-# Activations an MLP may name; the model builds them from torch.nn.
+# Common activations an MLP may name (checked without importing torch); any other argument-free
+# torch.nn module named "nn.<Class>" is accepted too.
 ACTIVATIONS = (
     "nn.ReLU",
     "nn.SiLU",
@@ -49,8 +51,19 @@ ACTIVATIONS = (
     "nn.Identity",
 )
 CLASSIFICATION_METRICS = ("auc", "grouped_auc")
-REGRESSION_METRICS = ("mean_absolute_error", "mean_squared_error")
+REGRESSION_METRICS = ("mean_absolute_error",)
 TIME_BUCKET_FNS = ("sqrt", "log")
+
+
+def _is_torch_module(name: str) -> bool:
+    """Whether "nn.<Class>" names a torch.nn module (imports torch: only for uncommon names)."""
+    prefix, _, class_name = name.partition(".")
+    if prefix != "nn" or not class_name.isidentifier():
+        return False
+    from torch import nn
+
+    module = getattr(nn, class_name, None)
+    return isinstance(module, type) and issubclass(module, nn.Module)
 
 
 class _Checker:
@@ -410,7 +423,7 @@ class _Checker:
             )
         for index, ratio in enumerate(mlp.dropout_ratio):
             self._ratio(f"{path}.dropout_ratio[{index}]", ratio)
-        if mlp.activation not in ACTIVATIONS:
+        if mlp.activation not in ACTIVATIONS and not _is_torch_module(mlp.activation):
             self.fail(
                 f"{path}.activation",
                 f"{mlp.activation!r}: expected one of {one_of(ACTIVATIONS)}"
@@ -462,15 +475,15 @@ class _Checker:
                     f"uih_mlp and target_mlp must end at the same width: "
                     f"{mlps.uih_mlp.hidden_units[-1]} != {mlps.target_mlp.hidden_units[-1]}",
                 )
-        self._contextualized_mlp(f"{path}.content_mlp", contextual.content_mlp)
+        self._contextualized_mlp(f"{path}.content_mlp", contextual.content_mlp, groups)
 
         if contextual.HasField("action_encoder"):
             self._action_encoder(f"{path}.action_encoder", contextual.action_encoder, groups)
             if not contextual.HasField("action_mlp"):
                 self.fail(f"{path}.action_encoder", "an action_encoder needs an action_mlp")
-            self._contextualized_mlp(f"{path}.action_mlp", contextual.action_mlp)
+            self._contextualized_mlp(f"{path}.action_mlp", contextual.action_mlp, groups)
 
-    def _contextualized_mlp(self, path: str, mlp: Message) -> None:
+    def _contextualized_mlp(self, path: str, mlp: Message, groups) -> None:
         which = mlp.WhichOneof("contextualized_mlp")
         if which is None:
             self.fail(path, "expected simple_mlp { hidden_dim: N } or parameterized_mlp { ... }")
@@ -478,6 +491,12 @@ class _Checker:
         if chosen.hidden_dim == 0:
             self.fail(f"{path}.{which}.hidden_dim", "must be at least 1")
         if which == "parameterized_mlp":
+            if CONTEXTUAL not in groups:
+                self.fail(
+                    f"{path}.{which}",
+                    "parameterized_mlp is computed from the contextual features: add a "
+                    "contextual feature group or use simple_mlp",
+                )
             self._ratio(f"{path}.{which}.contextual_dropout_ratio", chosen.contextual_dropout_ratio)
 
     def _bits(self, path: str, values, seen: dict[int, str]) -> None:
@@ -492,6 +511,10 @@ class _Checker:
     def _action_encoder(self, path: str, encoder: Message, groups) -> None:
         if encoder.WhichOneof("action_encoder") != "simple_action_encoder":
             self.fail(path, "expected simple_action_encoder { ... }")
+        if UIH_ACTION not in groups:
+            self.fail(
+                path, "an action encoder reads the uih_action feature group, which is missing"
+            )
         simple, path = encoder.simple_action_encoder, f"{path}.simple_action_encoder"
         if simple.action_embedding_dim == 0:
             self.fail(
@@ -556,7 +579,9 @@ class _Checker:
         dlrm = self.config.model_config.dlrm_hstu
         if dlrm.concat_contextual_features:
             return
-        contextual = groups[CONTEXTUAL]
+        contextual = groups.get(CONTEXTUAL, [])
+        if not contextual:
+            return
         first = contextual[0]
         for index, feature in enumerate(contextual):
             if feature.config.embedding_dim != first.config.embedding_dim:
@@ -593,7 +618,7 @@ class _Checker:
         """Every table in one TorchRec EmbeddingCollection, which needs a single embedding_dim."""
         first = None
         for group in ID_GROUPS:
-            for feature in groups[group]:
+            for feature in groups.get(group, []):
                 if first is None:
                     first = feature
                 elif feature.config.embedding_dim != first.config.embedding_dim:
@@ -635,7 +660,19 @@ class _Checker:
             if not len(task.losses):
                 self.fail(path, f"task {task.task_name!r} has no losses")
             for loss_index, loss in enumerate(task.losses):
-                if loss.WhichOneof("loss") is None:
+                which = loss.WhichOneof("loss")
+                if which == "softmax_cross_entropy" and task.num_class < 2:
+                    self.fail(
+                        f"{path}.losses[{loss_index}].{which}",
+                        f"softmax_cross_entropy needs num_class >= 2, got {task.num_class}",
+                    )
+                if which in ("binary_cross_entropy", "l2_loss") and task.num_class != 1:
+                    self.fail(
+                        f"{path}.num_class",
+                        f"{which} gives one logit per candidate: num_class must be 1, "
+                        f"got {task.num_class}",
+                    )
+                if which is None:
                     self.fail(
                         f"{path}.losses[{loss_index}]",
                         "empty loss: expected binary_cross_entropy { } or l2_loss { }",
@@ -683,7 +720,7 @@ class _Checker:
                 )
             if which == "grouped_auc":
                 key = metric.grouped_auc.grouping_key
-                contextual = [feature.name for feature in groups[CONTEXTUAL]]
+                contextual = [feature.name for feature in groups.get(CONTEXTUAL, [])]
                 if key not in contextual:
                     self.fail(
                         f"{metric_path}.grouped_auc.grouping_key",

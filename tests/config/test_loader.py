@@ -281,7 +281,7 @@ def test_missing_required_field_names_the_message(kit):
 
 def test_missing_required_top_level_path(kit):
     text = kit.edit('model_dir: "model_dir"\n', "")
-    kit.expect_error(text, "(top level)", 'missing required field "model_dir"', at=None)
+    kit.expect_error(text, "(top level)", 'missing required field "model_dir"', at=kit.SOURCE)
 
 
 def test_defaults_are_filled(kit):
@@ -323,6 +323,11 @@ def test_mlp_hidden_dim_shorthand_conflicts_with_hidden_units(kit):
 def test_unreadable_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read the config"):
         load_config(tmp_path / "missing.config")
+    binary = tmp_path / "binary.config"
+    binary.write_bytes(b'model_dir: "x"\nmodel_config {\n  \xff\n}\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(binary)
+    assert str(caught.value).startswith(f"{binary}:3:3: (top level): not UTF-8 text")
 
 
 def test_pipeline_config_class_is_built_from_the_protos():

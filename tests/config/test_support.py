@@ -92,3 +92,13 @@ def test_ignored_fields_are_reported_as_notes(kit):
     text = kit.edit("num_epochs: 1", "num_epochs: 1 use_tensorboard: false")
     notes = dict(ignored_settings(kit.load(text)))
     assert notes == {"train_config.use_tensorboard": "metrics go to MLflow"}
+
+
+def test_metric_the_model_does_not_compute(kit):
+    text = kit.edit("metrics { mean_absolute_error {} }", "metrics { mean_squared_error {} }")
+    kit.expect_error(
+        text,
+        "model_config.dlrm_hstu.fusion_mtl_tower.task_configs[2].metrics[0].mean_squared_error",
+        NOT_YET,
+        at="mean_squared_error",
+    )

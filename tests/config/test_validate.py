@@ -567,3 +567,84 @@ def test_train_config_is_required(kit):
     end = kit.BASE.index("data_config {")
     text = kit.BASE[:start] + kit.BASE[end:]
     kit.expect_error(text, "(top level)", "missing train_config", at=kit.SOURCE)
+
+
+def test_any_torch_nn_activation_is_accepted(kit):
+    kit.load(kit.edit('activation: "nn.SiLU"', 'activation: "nn.Hardswish"'))
+
+
+CONTEXTUAL_GROUP = (
+    '  feature_groups { group_name: "contextual" feature_names: ["user_id", "user_level"]\n'
+    "                   group_type: DEEP }\n"
+)
+UIH_ACTION_GROUP = (
+    '  feature_groups { group_name: "uih_action" feature_names: "uih_seq__action_weight"\n'
+    "                   group_type: JAGGED_SEQUENCE }\n"
+)
+ACTION_ENCODER = """          action_encoder { simple_action_encoder { action_embedding_dim: 4
+                                                   action_weights: [1, 2, 4] } }
+          action_mlp { simple_mlp { hidden_dim: 16 } }
+"""
+
+
+def test_contextual_group_is_optional(kit):
+    text = kit.edit(
+        CONTEXTUAL_GROUP,
+        "",
+        'metrics { grouped_auc { grouping_key: "user_id" } }',
+        "metrics { auc {} }",
+    )
+    kit.load(text)
+
+
+def test_parameterized_mlp_needs_the_contextual_group(kit):
+    text = kit.edit(
+        CONTEXTUAL_GROUP,
+        "",
+        'metrics { grouped_auc { grouping_key: "user_id" } }',
+        "metrics { auc {} }",
+        "content_mlp { simple_mlp { hidden_dim: 16 } }",
+        "content_mlp { parameterized_mlp { hidden_dim: 16 } }",
+    )
+    kit.expect_error(
+        text,
+        f"{PRE}.content_mlp.parameterized_mlp",
+        "computed from the contextual features",
+        at="parameterized_mlp",
+    )
+
+
+def test_uih_action_group_is_needed_only_by_an_action_encoder(kit):
+    kit.load(kit.edit(UIH_ACTION_GROUP, "", ACTION_ENCODER, ""))
+    text = kit.edit(UIH_ACTION_GROUP, "")
+    kit.expect_error(
+        text,
+        f"{PRE}.action_encoder",
+        "reads the uih_action feature group, which is missing",
+        at="action_encoder",
+    )
+
+
+def test_num_class_fits_the_loss(kit):
+    text = kit.edit(
+        'label_name: "cand_seq__action_weight" task_bitmask: 1',
+        'label_name: "cand_seq__action_weight" task_bitmask: 1 num_class: 2',
+    )
+    kit.expect_error(text, f"{TASKS}[0].num_class", "num_class must be 1, got 2", at="num_class: 2")
+    text = kit.edit(
+        "task_bitmask: 1\n                     losses { binary_cross_entropy {} }",
+        "task_bitmask: 1\n                     losses { softmax_cross_entropy {} }",
+    )
+    kit.expect_error(
+        text,
+        f"{TASKS}[0].losses[0].softmax_cross_entropy",
+        "needs num_class >= 2, got 1",
+        at="softmax_cross_entropy",
+    )
+    kit.load(
+        kit.edit(
+            "task_bitmask: 1\n                     losses { binary_cross_entropy {} }",
+            "task_bitmask: 1 num_class: 2\n"
+            "                     losses { softmax_cross_entropy { label_smoothing: 0.1 } }",
+        )
+    )
