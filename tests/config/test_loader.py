@@ -333,3 +333,12 @@ def test_unreadable_file_is_a_config_error(tmp_path):
 def test_pipeline_config_class_is_built_from_the_protos():
     assert PipelineConfig.DESCRIPTOR.full_name == "hstu.config.EasyRecConfig"
     assert schema.pool() is schema.pool()  # compiled once per process
+
+
+def test_effective_config_round_trips_through_text(kit):
+    # Training ships text_format.MessageToString(cfg) to its workers, which load it again.
+    from google.protobuf import text_format
+
+    cfg = kit.load(kit.BASE, overrides=["data_config.batch_size=2"])
+    again = kit.load(text_format.MessageToString(cfg))
+    assert again == cfg
