@@ -330,3 +330,17 @@ def test_subset_video_ids_fit_the_recipe_table(subset_out):
     manifest = json.loads((subset_out / "manifest.json").read_text())
     assert manifest["max_values"]["video_id"] < 10_000_000  # taken modulo 10M
     assert os.path.exists(subset_out / "profile_codes.json")
+
+
+@pytest.mark.slow
+def test_ray_tasks_give_the_same_samples(ray_local, tmp_path):
+    """--workers 2: files and buckets as Ray tasks; several buckets; same rows as one process."""
+    for name in ("one", "many"):
+        (tmp_path / name).mkdir()
+    convert(tmp_path / "one")
+    convert(tmp_path / "many", workers=2, buckets=3)
+    for split in ("train", "eval"):
+        one = pq.read_table(tmp_path / "one" / "out" / split).sort_by("sample_id")
+        many = pq.read_table(tmp_path / "many" / "out" / split).sort_by("sample_id")
+        assert one.equals(many)
+    assert len(list((tmp_path / "many" / "out" / "train").glob("*.parquet"))) == 3
