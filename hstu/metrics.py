@@ -88,7 +88,8 @@ class AUC:
             raise ValueError("AUC thresholds must be 0 (exact) or >= 2")
         self.thresholds = thresholds
         if thresholds:
-            self.edges = torch.linspace(0, 1, thresholds, dtype=torch.float64)
+            # float32 edges and scores, compared as torchmetrics compares them.
+            self.edges = torch.linspace(0, 1, thresholds, dtype=torch.float32)
             self.positives_above = torch.zeros(thresholds, dtype=torch.int64)
             self.negatives_above = torch.zeros(thresholds, dtype=torch.int64)
         else:
@@ -96,16 +97,21 @@ class AUC:
             self.labels: list[torch.Tensor] = []
 
     def update(self, scores: torch.Tensor, labels: torch.Tensor) -> None:
-        scores = scores.detach().flatten().cpu().double()
+        scores = scores.detach().flatten().cpu()
         positive = labels.detach().flatten().cpu() > 0
         if not self.thresholds:
-            self.scores.append(scores)
+            self.scores.append(scores.double())
             self.labels.append(positive)
             return
-        # Number of scores >= each threshold = scores whose bucket index is >= it.
-        above = scores.unsqueeze(1) >= self.edges.unsqueeze(0)  # [N, T]
-        self.positives_above += above[positive].sum(0)
-        self.negatives_above += above[~positive].sum(0)
+        # passed[i] = how many thresholds score i reaches (edges[0 .. passed-1] <= score).
+        passed = torch.searchsorted(self.edges, scores.float(), right=True)
+        self.positives_above += self._reaching(passed[positive])
+        self.negatives_above += self._reaching(passed[~positive])
+
+    def _reaching(self, passed: torch.Tensor) -> torch.Tensor:
+        """[T]: how many of the scores reach each threshold (>= it)."""
+        counts = torch.bincount(passed, minlength=self.thresholds + 1)[1:]
+        return counts.flip(0).cumsum(0).flip(0)
 
     def merge(self, other: "AUC") -> None:
         if other.thresholds != self.thresholds:

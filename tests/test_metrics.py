@@ -40,6 +40,8 @@ def test_binned_auc_matches_torchmetrics_and_approaches_exact():
     g = torch.Generator().manual_seed(1)
     labels = torch.rand(2000, generator=g) < 0.4
     scores = torch.sigmoid(torch.randn(2000, generator=g) + labels.float())
+    # Some scores sit exactly on thresholds (counted as reaching them, like torchmetrics).
+    scores[:50] = torch.linspace(0, 1, 200)[torch.randint(0, 199, (50,), generator=g)]
     metric = AUC(thresholds=200)
     for part in torch.split(torch.arange(2000), 700):
         metric.update(scores[part], labels[part])
