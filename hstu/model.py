@@ -284,7 +284,8 @@ class DlrmHSTU(nn.Module):
                     f"contextual features have different embedding dims {contextual_dims}; "
                     "make them equal or set dlrm_hstu.concat_contextual_features: true",
                 )
-            num_slots, slot_dim = len(contextual_dims), (contextual_dims[0] if contextual_dims else 0)
+            num_slots = len(contextual_dims)
+            slot_dim = contextual_dims[0] if contextual_dims else 0
 
         self.encoder = self._build_encoder(hstu_model.hstu, num_slots, slot_dim)
         embedding_dim = int(hstu_model.hstu.stu.embedding_dim)
@@ -481,7 +482,11 @@ class DlrmHSTU(nn.Module):
 
         post_kind = _which(
             hstu_cfg.output_postprocessor,
-            ("l2norm_postprocessor", "layernorm_postprocessor", "timestamp_layernorm_postprocessor"),
+            (
+                "l2norm_postprocessor",
+                "layernorm_postprocessor",
+                "timestamp_layernorm_postprocessor",
+            ),
             "dlrm_hstu.hstu.output_postprocessor",
         )
         if post_kind == "l2norm_postprocessor":
@@ -511,7 +516,8 @@ class DlrmHSTU(nn.Module):
         for module in self.modules():
             if module is self or not hasattr(module, "kernel"):
                 continue
-            module.kernel = self.kernel if isinstance(module, STULayer) else self.kernel.non_attention()
+            attention = isinstance(module, STULayer)
+            module.kernel = self.kernel if attention else self.kernel.non_attention()
 
     # ---- forward ---------------------------------------------------------------------------
 
@@ -639,7 +645,9 @@ class DlrmHSTU(nn.Module):
         total = torch.stack(list(losses.values())).sum()
         return total, losses
 
-    def grouping_key(self, batch: JaggedBatch, name: str, num_targets: torch.Tensor) -> torch.Tensor:
+    def grouping_key(
+        self, batch: JaggedBatch, name: str, num_targets: torch.Tensor
+    ) -> torch.Tensor:
         """The per-row value of feature `name` (e.g. user_id), repeated for each candidate."""
         if name in self.features and self.features[name].kind == "id":
             jagged = batch.sparse[name]

@@ -73,13 +73,15 @@ CONTEXTUAL = "".join(
 def seed_metagr_config():
     block = seed_model_blocks()[0]
     sequences = (
-        'feature_configs { sequence_feature { sequence_name: "uih_seq" sequence_length: 100 sequence_delim: "|" '
+        'feature_configs { sequence_feature { sequence_name: "uih_seq" sequence_length: 100 '
+        'sequence_delim: "|" '
         f'features {{ {id_feature("video_id", "item", "video_id_emb")} }} '
         f'features {{ {raw_feature("action_weight", "user")} }} '
         f'features {{ {raw_feature("watch_time", "user")} }} '
         f'features {{ {raw_feature("action_timestamp", "user")} }} }} }}\n'
         # The block names cand_seq___video_id (three underscores): sequence "cand_seq_".
-        'feature_configs { sequence_feature { sequence_name: "cand_seq_" sequence_length: 100 sequence_delim: "|" '
+        'feature_configs { sequence_feature { sequence_name: "cand_seq_" sequence_length: 100 '
+        'sequence_delim: "|" '
         f'features {{ {id_feature("video_id", "item", "video_id_emb")} }} '
         f'features {{ {raw_feature("query_time", "context")} }} }} }}\n'
     )
@@ -121,7 +123,8 @@ def make_batch(model: DlrmHSTU, uih_lengths, num_targets, seed=0, rows=None) -> 
     batch_size = len(uih_lengths)
     uih_seq = model.features[model.groups["uih"][0]].sequence
     cand_seq = model.features[model.groups["candidate"][0]].sequence
-    lengths_of = {uih_seq: uih_lengths, cand_seq: num_targets, None: torch.ones(batch_size, dtype=torch.int64)}
+    scalar = torch.ones(batch_size, dtype=torch.int64)
+    lengths_of = {uih_seq: uih_lengths, cand_seq: num_targets, None: scalar}
 
     def values(spec):
         total = int(lengths_of[spec.sequence].sum())
@@ -229,8 +232,11 @@ def test_forward_shapes_for_both_seed_configs(which):
 
 
 def test_embedding_collection_shares_tables_and_keeps_storage_dtype():
-    cfg = load_config(SMOKE, ["feature_configs[0].sequence_feature.features[0].id_feature.data_type=FP16",
-                              "feature_configs[1].sequence_feature.features[0].id_feature.data_type=FP16"])
+    fp16 = [
+        f"feature_configs[{i}].sequence_feature.features[0].id_feature.data_type=FP16"
+        for i in (0, 1)
+    ]
+    cfg = load_config(SMOKE, fp16)
     model = build(cfg)
     tables = model.embedding_collection.embeddings
     assert set(tables) == {
@@ -244,7 +250,9 @@ def test_embedding_collection_shares_tables_and_keeps_storage_dtype():
     largest = float(video.detach().abs().max())
     assert 0.8 * bound < largest <= bound
     # On the meta device nothing is allocated (the trainer shards and materialises).
-    meta = DlrmHSTU(cfg, feature_specs(cfg), label_specs(cfg), embedding_device=torch.device("meta"))
+    meta = DlrmHSTU(
+        cfg, feature_specs(cfg), label_specs(cfg), embedding_device=torch.device("meta")
+    )
     assert all(p.is_meta for p in meta.embedding_collection.parameters())
     assert not any(p.is_meta for n, p in meta.named_parameters() if "embedding_collection" not in n)
 
@@ -400,8 +408,10 @@ def test_losses_against_their_formulas():
     assert like_logits.shape == (5, 2)
     like = torch.tensor([0, 0, 1, 1, 0])
     log_softmax = like_logits - torch.logsumexp(like_logits, dim=1, keepdim=True)
-    torch.testing.assert_close(losses["is_like"].double(), -log_softmax[torch.arange(5), like].mean())
-    torch.testing.assert_close(output.probs["is_like"].double(), torch.softmax(like_logits, 1)[:, 1])
+    cross_entropy = -log_softmax[torch.arange(5), like].mean()
+    torch.testing.assert_close(losses["is_like"].double(), cross_entropy)
+    like_probability = torch.softmax(like_logits, 1)[:, 1]
+    torch.testing.assert_close(output.probs["is_like"].double(), like_probability)
 
     watch = output.logits["watch"].double()
     target = batch.labels["cand_seq__watch_time"].double()
@@ -432,7 +442,8 @@ def test_unsupported_settings_are_named():
     with pytest.raises(ModelConfigError, match="attention truncation"):
         build(cfg)
     cfg = load_config(SMOKE)
-    cfg.model_config.dlrm_hstu.fusion_mtl_tower.task_configs[0].losses[0].jrc_loss.session_name = "u"
+    first_loss = cfg.model_config.dlrm_hstu.fusion_mtl_tower.task_configs[0].losses[0]
+    first_loss.jrc_loss.session_name = "u"
     with pytest.raises(ModelConfigError, match=r"task_configs\[0\]\.losses\[0\]: jrc_loss"):
         build(cfg)
 

@@ -11,7 +11,8 @@ def test_slice_keeps_the_first_uih_dim_candidate_columns():
     uih, cand = torch.randn(3, 2), torch.randn(3, 4)
     values, offsets = SliceContentEncoder(2, 4)(uih, UIH_OFFSETS, cand, CAND_OFFSETS)
     assert values.shape == (6, 2) and offsets.tolist() == [0, 3, 6]
-    assert torch.equal(values, torch.stack([uih[0], uih[1], cand[0, :2], uih[2], cand[1, :2], cand[2, :2]]))
+    expected = [uih[0], uih[1], cand[0, :2], uih[2], cand[1, :2], cand[2, :2]]
+    assert torch.equal(values, torch.stack(expected))
     with pytest.raises(ValueError, match="candidate dim"):
         SliceContentEncoder(4, 2)
 

@@ -12,7 +12,8 @@ def test_simple_mlp_formula():
     mlp = SimpleContextualizedMLP(3, 4, 5)
     x = torch.randn(6, 3)
     hidden = swish_ln(mlp.input_linear(x), mlp.hidden_norm)
-    expected = F.layer_norm(mlp.output_linear(hidden), (4,), mlp.output_norm.weight, mlp.output_norm.bias)
+    norm = mlp.output_norm
+    expected = F.layer_norm(mlp.output_linear(hidden), (4,), norm.weight, norm.bias)
     torch.testing.assert_close(mlp(x, torch.tensor([0, 6]), 6, None), expected)
 
 

@@ -25,7 +25,9 @@ def test_hour_and_weekday_features_use_the_literal_3_14():
     features = post.time_features(ts)[0]
     hour_angle = 5 / 24 * 2 * 3.14
     day_angle = (19724 % 7) / 7 * 2 * 3.14
-    expected = [math.cos(hour_angle), math.sin(hour_angle), math.cos(day_angle), math.sin(day_angle)]
+    expected = [
+        math.cos(hour_angle), math.sin(hour_angle), math.cos(day_angle), math.sin(day_angle)
+    ]
     torch.testing.assert_close(features, torch.tensor(expected))
     emb = torch.randn(1, 4)
     out = post(emb, ts)

@@ -33,7 +33,9 @@ def test_concat_gradients_route_back():
 
 def test_split_rejects_lengths_that_do_not_add_up():
     with pytest.raises(ValueError, match="must equal the row lengths"):
-        split_2d_jagged(torch.zeros(3, 1), torch.tensor([0, 3]), torch.tensor([1]), torch.tensor([1]))
+        split_2d_jagged(
+            torch.zeros(3, 1), torch.tensor([0, 3]), torch.tensor([1]), torch.tensor([1])
+        )
 
 
 def test_jagged_dense_bmm_broadcast_add_per_row():

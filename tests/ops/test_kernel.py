@@ -27,7 +27,9 @@ def test_dispatch_resolves_module_paths(monkeypatch):
     implementation("stu", "op", Kernel.CUTLASS)
     implementation("attention", "op", Kernel.CUTLASS)
     implementation("jagged", "op", "PYTORCH")
-    assert imported == ["hstu.ops.triton.stu", "hstu.ops.cutlass.attention", "hstu.ops.pytorch.jagged"]
+    assert imported == [
+        "hstu.ops.triton.stu", "hstu.ops.cutlass.attention", "hstu.ops.pytorch.jagged"
+    ]
 
 
 def test_a_missing_kernel_family_is_a_clear_error():
