@@ -77,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     synthetic.add_argument("--mtgr", action="store_true",
                            help="add the MTGR columns (cate1/cate2, cross1/cross2)")
     synthetic.add_argument("--users-per-shard", type=int, default=1000)
+    synthetic.add_argument("--workers", type=int, default=1,
+                           help="generate shards in this many processes (same output)")
     synthetic.add_argument("--overwrite", action="store_true",
                            help="replace OUT/train, OUT/eval and OUT/manifest.json")
 
@@ -169,4 +171,4 @@ def _synthetic(args: argparse.Namespace) -> dict:
         mtgr=args.mtgr,
         users_per_shard=args.users_per_shard,
     )
-    return generate(options, args.out)
+    return generate(options, args.out, workers=args.workers)

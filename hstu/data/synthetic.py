@@ -25,11 +25,15 @@ part of the history), mirroring the KuaiRand converter's split by time.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
+import math
+import multiprocessing
 import os
 import time
+from statistics import NormalDist
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -115,7 +119,6 @@ class SyntheticOptions:
 class World:
     """Everything about items, fixed by the seed; indexed by popularity rank."""
 
-    rank_cdf: np.ndarray  # Zipf CDF over ranks
     item_id: np.ndarray  # rank -> video id (1..items, shuffled so ids don't reveal rank)
     item_factor: np.ndarray  # rank -> [d] float32
     item_bias: np.ndarray  # rank -> float32 (popular items are liked a little more)
@@ -129,15 +132,12 @@ def make_world(options: SyntheticOptions) -> World:
     rng = np.random.default_rng([options.seed, 0])
     ranks = np.arange(options.items)
     weights = (ranks + 1.0) ** -options.zipf_exponent
-    cdf = np.cumsum(weights)
-    cdf /= cdf[-1]
     centroids = rng.normal(0.0, 1.0, (options.clusters, options.factor_dim)).astype(np.float32)
     cluster = ranks % options.clusters
     factor = centroids[cluster] + rng.normal(0.0, 0.6, (options.items, options.factor_dim))
     factor /= np.sqrt(options.factor_dim)
     tag_in_cluster = rng.integers(0, options.tags_per_cluster, options.items)
     return World(
-        rank_cdf=cdf,
         item_id=rng.permutation(options.items).astype(np.int64) + 1,
         item_factor=factor.astype(np.float32),
         item_bias=(0.3 * np.log(weights / weights.mean()) / np.log(options.items)).astype(
@@ -152,10 +152,23 @@ def make_world(options: SyntheticOptions) -> World:
     )
 
 
+def zipf_ranks(rng: np.random.Generator, size: int, items: int, exponent: float) -> np.ndarray:
+    """Popularity ranks 0..items-1 with P(rank r) ~ (r + 1) ** -exponent (exponent != 1), by
+    inverting the CDF of the continuous power law on [1, items + 1): one formula per draw,
+    no table lookup."""
+    one_minus = 1.0 - exponent
+    top = (items + 1.0) ** one_minus
+    uniform = rng.random(size)
+    ranks = np.floor((1.0 + uniform * (top - 1.0)) ** (1.0 / one_minus)).astype(np.int64) - 1
+    return np.clip(ranks, 0, items - 1)
+
+
 def generate_shard(options: SyntheticOptions, world: World, shard: int) -> dict:
     """Tables ("train", "eval") for users [shard * users_per_shard, ...), deterministic."""
     rng = np.random.default_rng([options.seed, 1, shard])
     first_user = shard * options.users_per_shard
+    if not 0 <= first_user < options.users:
+        raise ValueError(f"shard {shard} is past the last user ({options.users} users)")
     num_users = min(options.users_per_shard, options.users - first_user)
     user_ids = np.arange(first_user, first_user + num_users, dtype=np.int64) + 1
 
@@ -163,7 +176,7 @@ def generate_shard(options: SyntheticOptions, world: World, shard: int) -> dict:
     favourites = rng.integers(0, options.clusters, (num_users, 3))
     user_factor = world.centroids[favourites].mean(axis=1) + rng.normal(
         0.0, 0.5, (num_users, options.factor_dim)
-    )
+    ).astype(np.float32)
     history_len = np.exp(
         rng.normal(np.log(options.median_history), options.history_sigma, num_users)
     )
@@ -182,10 +195,9 @@ def generate_shard(options: SyntheticOptions, world: World, shard: int) -> dict:
     num_tokens = int(user_start[-1])
     token_user = np.repeat(np.arange(num_users), timeline_len)
     position = np.arange(num_tokens) - user_start[token_user]
-    rank = np.searchsorted(world.rank_cdf, rng.random(num_tokens))
-    rank = np.minimum(rank, options.items - 1)
-    steer = rng.random(num_tokens) < 0.5
-    favourite = favourites[token_user, rng.integers(0, 3, num_tokens)]
+    rank = zipf_ranks(rng, num_tokens, options.items, options.zipf_exponent)
+    steer = rng.random(num_tokens, dtype=np.float32) < 0.5
+    favourite = favourites[token_user, rng.integers(0, 3, num_tokens, dtype=np.int8)]
     steered = rank - rank % options.clusters + favourite
     rank = np.where(steer & (steered < options.items), steered, rank)
 
@@ -197,7 +209,7 @@ def generate_shard(options: SyntheticOptions, world: World, shard: int) -> dict:
     score = np.einsum("td,td->t", user_factor[token_user], world.item_factor[rank])
     score += world.item_bias[rank]
     action_weight = np.zeros(num_tokens, dtype=np.int64)
-    watch_ratio = np.zeros(num_tokens, dtype=np.float64)
+    watch_ratio = np.zeros(num_tokens, dtype=np.float32)
     history = ~is_candidate
     action_weight[history], watch_ratio[history] = _actions(rng, score[history])
     clicked = (action_weight & schema.ACTION_BITS["is_click"]) > 0
@@ -206,10 +218,9 @@ def generate_shard(options: SyntheticOptions, world: World, shard: int) -> dict:
     action_weight[is_candidate], watch_ratio[is_candidate] = _actions(rng, score[is_candidate])
     watch_time = (world.item_duration_ms[rank] * watch_ratio).astype(np.float32)
 
-    gaps = np.where(
-        rng.random(num_tokens) < 0.08,
-        rng.exponential(3 * 3600.0, num_tokens),
-        rng.exponential(25.0, num_tokens),
+    session_gap = rng.random(num_tokens, dtype=np.float32) < 0.08
+    gaps = rng.standard_exponential(num_tokens, dtype=np.float32) * np.where(
+        session_gap, np.float32(3 * 3600.0), np.float32(25.0)
     )
     gaps = 1 + np.floor(gaps).astype(np.int64)  # strictly increasing seconds
     user_t0 = START_TIME + rng.integers(0, 14 * 86400, num_users)
@@ -269,8 +280,13 @@ def _profiles(rng: np.random.Generator, history_len: np.ndarray, options) -> dic
     profiles = {}
     for name, cardinality in PROFILE_CARDINALITY.items():
         if name == "user_active_degree":
-            activity = np.log(history_len) + rng.normal(0.0, 0.5, len(history_len))
-            edges = np.quantile(activity, np.linspace(0, 1, cardinality + 1)[1:-1])
+            # Equal-probability bins of the activity distribution (fixed edges, so a user's
+            # code does not depend on which shard it falls in); code 1 = most active.
+            noise = 0.5
+            activity = np.log(history_len) + rng.normal(0.0, noise, len(history_len))
+            spread = NormalDist(math.log(options.median_history),
+                                math.hypot(options.history_sigma, noise))
+            edges = [spread.inv_cdf(q) for q in np.linspace(0, 1, cardinality + 1)[1:-1]]
             profiles[name] = (cardinality - np.searchsorted(edges, activity)).astype(np.int64)
         else:
             weights = 1.0 / np.arange(1, cardinality + 1)
@@ -309,13 +325,16 @@ def _history_affinity(
 
 def _actions(rng: np.random.Generator, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Bitmask per token from the score, and the watch ratio (watch time / duration)."""
-    noisy = score + rng.normal(0.0, 0.5, len(score))
+    score = score.astype(np.float32)
+    noisy = score + np.float32(0.5) * rng.standard_normal(len(score), dtype=np.float32)
     offsets = _calibrated_offsets(noisy, ACTION_SLOPES)
     action_weight = np.zeros(len(score), dtype=np.int64)
     for name, slope in ACTION_SLOPES.items():
-        happens = rng.random(len(score)) < _sigmoid(offsets[name] + slope * noisy)
+        logit = np.float32(offsets[name]) + np.float32(slope) * noisy
+        happens = rng.random(len(score), dtype=np.float32) < _sigmoid(logit)
         action_weight |= happens.astype(np.int64) * schema.ACTION_BITS[name]
-    watch_ratio = np.exp(0.6 * noisy + rng.normal(np.log(0.5), 0.6, len(score)))
+    watch_ratio = np.exp(np.float32(0.6) * noisy + np.float32(np.log(0.5)) + np.float32(0.6)
+                         * rng.standard_normal(len(score), dtype=np.float32))
     long_view = watch_ratio >= np.quantile(watch_ratio, 1.0 - ACTION_RATES["long_view"])
     action_weight |= long_view.astype(np.int64) * schema.ACTION_BITS["long_view"]
     return action_weight, watch_ratio
@@ -342,14 +361,56 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def generate(options: SyntheticOptions, out_dir: str | os.PathLike) -> dict:
+def _write_shard(options: SyntheticOptions, out_dir: str, shard: int) -> dict:
+    """Generate and write one shard; returns what the manifest needs from it."""
+    world = _world_cache.get(options)
+    if world is None:
+        _world_cache.clear()
+        world = _world_cache[options] = make_world(options)
+    written = {}
+    for split, (table, windows) in generate_shard(options, world, shard).items():
+        if table.num_rows == 0:
+            continue
+        name = f"{split}/part-{shard:05d}.parquet"
+        pq.write_table(table, os.path.join(out_dir, name), row_group_size=256)
+        written[split] = {
+            "file": name,
+            "rows": table.num_rows,
+            "uih_tokens": int(windows.uih_lengths.sum()),
+            "candidate_tokens": int(windows.cand_lengths.sum()),
+            "uih_hist": length_histogram(windows.uih_lengths),
+            "cand_hist": length_histogram(windows.cand_lengths),
+        }
+    return written
+
+
+def _gather(results, totals: dict, options: SyntheticOptions, started: float) -> None:
+    done = 0
+    for written in results:
+        for split, part in written.items():
+            total = totals[split]
+            for key in ("rows", "uih_tokens", "candidate_tokens"):
+                total[key] += part[key]
+            total["files"].append(part["file"])
+            total["uih_hist"] += part["uih_hist"]
+            total["cand_hist"] += part["cand_hist"]
+        done += 1
+        logger.info("prepare synthetic: %d/%d users done (%.1f s)",
+                    min(done * options.users_per_shard, options.users), options.users,
+                    time.perf_counter() - started)
+
+
+# The world of the latest options, per process (a worker process makes it once).
+_world_cache: dict[SyntheticOptions, World] = {}
+
+
+def generate(options: SyntheticOptions, out_dir: str | os.PathLike, workers: int = 1) -> dict:
     """Write train/ and eval/ parquet shards plus manifest.json under out_dir; returns the
-    manifest."""
+    manifest. `workers` > 1 generates shards in that many processes (same output)."""
     started = time.perf_counter()
     out_dir = os.fspath(out_dir)
     for split in ("train", "eval"):
         os.makedirs(os.path.join(out_dir, split), exist_ok=True)
-    world = make_world(options)
     num_shards = -(-options.users // options.users_per_shard)
     totals = {
         split: {"rows": 0, "uih_tokens": 0, "candidate_tokens": 0, "files": [],
@@ -357,22 +418,14 @@ def generate(options: SyntheticOptions, out_dir: str | os.PathLike) -> dict:
                 "cand_hist": np.zeros(len(histogram_labels()), np.int64)}
         for split in ("train", "eval")
     }
-    for shard in range(num_shards):
-        for split, (table, windows) in generate_shard(options, world, shard).items():
-            if table.num_rows == 0:
-                continue
-            name = f"part-{shard:05d}.parquet"
-            pq.write_table(table, os.path.join(out_dir, split, name), row_group_size=256)
-            total = totals[split]
-            total["rows"] += table.num_rows
-            total["uih_tokens"] += int(windows.uih_lengths.sum())
-            total["candidate_tokens"] += int(windows.cand_lengths.sum())
-            total["files"].append(f"{split}/{name}")
-            total["uih_hist"] += length_histogram(windows.uih_lengths)
-            total["cand_hist"] += length_histogram(windows.cand_lengths)
-        logger.info("synthetic: %d/%d users done (%.1f s)",
-                    min((shard + 1) * options.users_per_shard, options.users), options.users,
-                    time.perf_counter() - started)
+    calls = [(options, out_dir, shard) for shard in range(num_shards)]
+    if workers > 1 and num_shards > 1:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            results = pool.map(_write_shard, *zip(*calls))
+            _gather(results, totals, options, started)
+    else:
+        _gather((_write_shard(*call) for call in calls), totals, options, started)
     manifest = {
         "format": "hstu-samples/1",
         "source": "synthetic",
