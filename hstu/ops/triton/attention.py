@@ -49,7 +49,7 @@ from hstu.ops.triton._common import (
     triton_dtype_ok,
 )
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 # Launch configs, each checked on an H200 (torch 2.11, CUDA 13, Triton 3.6) in its own
 # process for faults and for its error against the PyTorch path: benchmarks/gpu_sweep.py.
@@ -325,6 +325,17 @@ def _attn_fwd(Q, K, V, O, seq_offsets, num_targets,
     V_row = V + start * stride_vm + h * stride_vh
     q = _load_rows(Q_row, offs_m, stride_qm, length, D_QK, BLOCK_D_QK, True)
     acc = tl.zeros([BLOCK_M, BLOCK_D_V], dtype=tl.float32)
+    if HAS_TARGETS:
+        if start_m + BLOCK_M > hist:
+            # Each candidate's own term, a row-wise dot that reads no other candidate's K/V;
+            # done first, while no accumulator is live, to keep register pressure down.
+            own = (offs_m >= hist) & (offs_m < length)
+            k_own = _load_rows_where(K_row, offs_m, stride_km, own, D_QK, BLOCK_D_QK)
+            qk_own = tl.sum(q.to(tl.float32) * k_own.to(tl.float32), axis=1)
+            p_own = _silu_scaled(qk_own, alpha, scale, FAST)
+            v_own = _load_rows_where(V_row, offs_m, stride_vm, own, D_V, BLOCK_D_V)
+            p_own = tl.where(own, p_own, 0.0).to(v_own.dtype).to(tl.float32)
+            acc = p_own[:, None] * v_own.to(tl.float32)
     ctx_end, lo, full_end, hi = _query_block_ranges(
         start_m, length, hist, mx, cs, contextual_seq_len, max_attn_len,
         HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, BLOCK_M, BLOCK_N)
@@ -341,16 +352,6 @@ def _attn_fwd(Q, K, V, O, seq_offsets, num_targets,
                      length, hist, mx, cs, max_attn_len, alpha, scale, True,
                      HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
                      D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
-    if HAS_TARGETS:
-        if start_m + BLOCK_M > hist:
-            # Each candidate's own term: a row-wise dot, no other candidate's K/V.
-            own = (offs_m >= hist) & (offs_m < length)
-            k_own = _load_rows_where(K_row, offs_m, stride_km, own, D_QK, BLOCK_D_QK)
-            v_own = _load_rows_where(V_row, offs_m, stride_vm, own, D_V, BLOCK_D_V)
-            qk_own = tl.sum(q.to(tl.float32) * k_own.to(tl.float32), axis=1)
-            p_own = _silu_scaled(qk_own, alpha, scale, FAST)
-            p_own = tl.where(own, p_own, 0.0).to(v_own.dtype).to(tl.float32)
-            acc += p_own[:, None] * v_own.to(tl.float32)
     O_row = O + start * stride_om + h * stride_oh
     _store_rows(O_row, offs_m, stride_om, length, acc.to(O.dtype.element_ty), D_V, BLOCK_D_V)
 
@@ -421,12 +422,33 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, GRAD_V, DQ, seq_offsets, num_targets,
     V_row = V + start * stride_vm + h * stride_vh
     DO_row = DO + start * stride_dom + h * stride_doh
     DQ_row = DQ + start * stride_dqm + h * stride_dqh
-    # Candidate keys (>= hist) load as zeros here: the loops never touch them.
-    k = _load_rows(K_row, offs_n, stride_km, hist, D_QK, BLOCK_D_QK, True)
-    v = _load_rows(V_row, offs_n, stride_vm, hist, D_V, BLOCK_D_V, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D_QK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D_V], dtype=tl.float32)
+    if HAS_TARGETS:
+        if start_n + BLOCK_N > hist:
+            # Candidate keys: only the candidate itself attends to them. Done before the
+            # loops, while dk and dv hold nothing yet (register pressure).
+            own = (offs_n >= hist) & (offs_n < length)
+            q_own = _load_rows_where(Q_row, offs_n, stride_qm, own, D_QK, BLOCK_D_QK)
+            do_own = _load_rows_where(DO_row, offs_n, stride_dom, own, D_V, BLOCK_D_V)
+            k_own = _load_rows_where(K_row, offs_n, stride_km, own, D_QK, BLOCK_D_QK)
+            v_own = _load_rows_where(V_row, offs_n, stride_vm, own, D_V, BLOCK_D_V)
+            qk_own = tl.sum(q_own.to(tl.float32) * k_own.to(tl.float32), axis=1)
+            p_own, grad_own = _silu_and_grad(qk_own, alpha, scale, FAST)
+            p_own = tl.where(own, p_own, 0.0).to(do_own.dtype).to(tl.float32)
+            dv = p_own[:, None] * do_own.to(tl.float32)
+            dp_own = tl.sum(do_own.to(tl.float32) * v_own.to(tl.float32), axis=1)
+            ds_own = tl.where(own, dp_own * grad_own, 0.0)
+            dk = ds_own[:, None] * q_own.to(tl.float32)
+            if ATOMIC_DQ:
+                cols = tl.arange(0, BLOCK_D_QK)
+                dq_own = ds_own[:, None] * k_own.to(tl.float32) * (alpha * scale)
+                tl.atomic_add(DQ_row + offs_n[:, None] * stride_dqm + cols[None, :], dq_own,
+                              mask=own[:, None] & (cols[None, :] < D_QK), sem="relaxed")
     if start_n < hist:
+        # Candidate keys (>= hist) load as zeros here: the loops never touch them.
+        k = _load_rows(K_row, offs_n, stride_km, hist, D_QK, BLOCK_D_QK, True)
+        v = _load_rows(V_row, offs_n, stride_vm, hist, D_V, BLOCK_D_V, True)
         ctx_end, lo, mask_end, hi = _key_block_ranges(
             start_n, length, hist, mx, cs, contextual_seq_len, max_attn_len,
             HAS_CONTEXT, HAS_WINDOW, BLOCK_M, BLOCK_N)
@@ -446,9 +468,86 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, GRAD_V, DQ, seq_offsets, num_targets,
             offs_n, mask_end, hi, length, hist, mx, cs, max_attn_len, alpha, scale, False,
             ATOMIC_DQ, HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
             D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_M)
+    DK_row = DK + start * stride_dkm + h * stride_dkh
+    DV_row = GRAD_V + start * stride_dvm + h * stride_dvh
+    _store_rows(DK_row, offs_n, stride_dkm, length, (dk * (alpha * scale)).to(DK.dtype.element_ty),
+                D_QK, BLOCK_D_QK)
+    _store_rows(DV_row, offs_n, stride_dvm, length, dv.to(GRAD_V.dtype.element_ty), D_V, BLOCK_D_V)
+
+
+@triton.jit
+def _bwd_dq_tiles(dq, q, do, K_row, V_row, stride_km, stride_vm, offs_m, lo, hi, length, hist,
+                  mx, cs, max_attn_len, alpha, scale, MASKED: tl.constexpr,
+                  HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
+                  UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
+                  BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_N: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K_row, offs_n, stride_km, hist, D_QK, BLOCK_D_QK, MASKED)
+        v = _load_rows(V_row, offs_n, stride_vm, hist, D_V, BLOCK_D_V, MASKED)
+        qk = dot(q, tl.trans(k), None, PRECISION, UPCAST)
+        _, grad = _silu_and_grad(qk, alpha, scale, FAST)
+        dp = dot(do, tl.trans(v), None, PRECISION, UPCAST)
+        ds = dp * grad
+        if MASKED:
+            ok = _valid(offs_m[:, None], offs_n[None, :], hist, mx, cs, max_attn_len,
+                        HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW)
+            ds = tl.where(ok, ds, 0.0)
+        dq = dot(ds.to(k.dtype), k, dq, PRECISION, UPCAST)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, DQ, seq_offsets, num_targets,
+                 stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh,
+                 stride_dom, stride_doh, stride_dqm, stride_dqh,
+                 H, alpha, scale, contextual_seq_len, max_attn_len,
+                 HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
+                 UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
+                 BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    start, length, hist, cs, mx = _row_info(seq_offsets, num_targets, b, contextual_seq_len,
+                                            HAS_TARGETS, HAS_CONTEXT)
+    start_m = pid_m * BLOCK_M
+    if start_m >= length:
+        return
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    Q_row = Q + start * stride_qm + h * stride_qh
+    K_row = K + start * stride_km + h * stride_kh
+    V_row = V + start * stride_vm + h * stride_vh
+    DO_row = DO + start * stride_dom + h * stride_doh
+    q = _load_rows(Q_row, offs_m, stride_qm, length, D_QK, BLOCK_D_QK, True)
+    do = _load_rows(DO_row, offs_m, stride_dom, length, D_V, BLOCK_D_V, True)
+    dq = tl.zeros([BLOCK_M, BLOCK_D_QK], dtype=tl.float32)
+    ctx_end, lo, full_end, hi = _query_block_ranges(
+        start_m, length, hist, mx, cs, contextual_seq_len, max_attn_len,
+        HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    if HAS_CONTEXT or HAS_WINDOW:
+        dq = _bwd_dq_tiles(dq, q, do, K_row, V_row, stride_km, stride_vm, offs_m, 0, ctx_end,
+                           length, hist, mx, cs, max_attn_len, alpha, scale, True,
+                           HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
+                           D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
+    dq = _bwd_dq_tiles(dq, q, do, K_row, V_row, stride_km, stride_vm, offs_m, lo, full_end,
+                       length, hist, mx, cs, max_attn_len, alpha, scale, False,
+                       HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
+                       D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
+    dq = _bwd_dq_tiles(dq, q, do, K_row, V_row, stride_km, stride_vm, offs_m, full_end, hi,
+                       length, hist, mx, cs, max_attn_len, alpha, scale, True,
+                       HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
+                       D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
+    DQ_row = DQ + start * stride_dqm + h * stride_dqh
+    dk = tl.zeros([BLOCK_N, BLOCK_D_QK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D_V], dtype=tl.float32)
     if HAS_TARGETS:
         if start_n + BLOCK_N > hist:
-            # Candidate keys: only the candidate itself attends to them.
+            # Candidate keys: only the candidate itself attends to them. Done before the
+            # loops, while dk and dv hold nothing yet (register pressure).
             own = (offs_n >= hist) & (offs_n < length)
             q_own = _load_rows_where(Q_row, offs_n, stride_qm, own, D_QK, BLOCK_D_QK)
             do_own = _load_rows_where(DO_row, offs_n, stride_dom, own, D_V, BLOCK_D_V)
@@ -457,15 +556,38 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, GRAD_V, DQ, seq_offsets, num_targets,
             qk_own = tl.sum(q_own.to(tl.float32) * k_own.to(tl.float32), axis=1)
             p_own, grad_own = _silu_and_grad(qk_own, alpha, scale, FAST)
             p_own = tl.where(own, p_own, 0.0).to(do_own.dtype).to(tl.float32)
-            dv += p_own[:, None] * do_own.to(tl.float32)
+            dv = p_own[:, None] * do_own.to(tl.float32)
             dp_own = tl.sum(do_own.to(tl.float32) * v_own.to(tl.float32), axis=1)
             ds_own = tl.where(own, dp_own * grad_own, 0.0)
-            dk += ds_own[:, None] * q_own.to(tl.float32)
+            dk = ds_own[:, None] * q_own.to(tl.float32)
             if ATOMIC_DQ:
                 cols = tl.arange(0, BLOCK_D_QK)
                 dq_own = ds_own[:, None] * k_own.to(tl.float32) * (alpha * scale)
                 tl.atomic_add(DQ_row + offs_n[:, None] * stride_dqm + cols[None, :], dq_own,
                               mask=own[:, None] & (cols[None, :] < D_QK), sem="relaxed")
+    if start_n < hist:
+        # Candidate keys (>= hist) load as zeros here: the loops never touch them.
+        k = _load_rows(K_row, offs_n, stride_km, hist, D_QK, BLOCK_D_QK, True)
+        v = _load_rows(V_row, offs_n, stride_vm, hist, D_V, BLOCK_D_V, True)
+        ctx_end, lo, mask_end, hi = _key_block_ranges(
+            start_n, length, hist, mx, cs, contextual_seq_len, max_attn_len,
+            HAS_CONTEXT, HAS_WINDOW, BLOCK_M, BLOCK_N)
+        if HAS_CONTEXT:
+            dk, dv = _bwd_dkdv_tiles(
+                dk, dv, k, v, Q_row, DO_row, DQ_row, stride_qm, stride_dom, stride_dqm,
+                offs_n, 0, ctx_end, length, hist, mx, cs, max_attn_len, alpha, scale, True,
+                ATOMIC_DQ, HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
+                D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_M)
+        dk, dv = _bwd_dkdv_tiles(
+            dk, dv, k, v, Q_row, DO_row, DQ_row, stride_qm, stride_dom, stride_dqm,
+            offs_n, lo, mask_end, length, hist, mx, cs, max_attn_len, alpha, scale, True,
+            ATOMIC_DQ, HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
+            D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_M)
+        dk, dv = _bwd_dkdv_tiles(
+            dk, dv, k, v, Q_row, DO_row, DQ_row, stride_qm, stride_dom, stride_dqm,
+            offs_n, mask_end, hi, length, hist, mx, cs, max_attn_len, alpha, scale, False,
+            ATOMIC_DQ, HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
+            D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_M)
     DK_row = DK + start * stride_dkm + h * stride_dkh
     DV_row = GRAD_V + start * stride_dvm + h * stride_dvh
     _store_rows(DK_row, offs_n, stride_dkm, length, (dk * (alpha * scale)).to(DK.dtype.element_ty),

@@ -1,0 +1,255 @@
+"""Kernel benchmark (run on the GPU): HSTU attention TFLOP/s and one STU layer, TRITON vs PYTORCH.
+
+    python benchmarks/kernel_bench.py --out DIR [--parts attention,stu] [--dq-mode atomic]
+
+Attention (bf16, H=4, d_qk=d_v=128, <= 20 candidates per row, no contextual tokens):
+  (B=32, N=8192, lengths U[0.9N, N]), (B=128, N=2048, lengths U[0, N]),
+  (B=512, N=512, lengths U[0.9N, N]).
+  FLOPs as docs/dlrm_hstu_reference.md section 3.5 counts them: forward = sum over rows of
+  2*H*(d_qk + d_v)*len^2/2; backward = 3*f_qk + 2*f_v (f_x = sum 2*H*d_x*len^2/2);
+  forward+backward TFLOP/s = (forward + backward FLOPs) / (forward + backward time).
+  Reference point in the same run: torch scaled_dot_product_attention, flash backend, causal,
+  dense [B, H, N, d] at the same B, N (FLOPs with len = N for every row).
+  The PYTORCH HSTU path (padded) is timed where it fits (N <= 2048).
+STU layer (seed dims D=512, H=4, d=128, group norm, dropout 0.1, training, 6 contextual
+  tokens, S = N): stu_preprocess -> hstu_mha -> stu_postprocess, forward+backward time and
+  peak memory above the inputs, TRITON vs PYTORCH.
+
+Times are medians of triton.testing.do_bench (CUDA events). Prints a table; writes
+DIR/kernel_bench.json. Imports only torch, triton and hstu.ops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from hstu.ops import Kernel, hstu_mha, stu_postprocess, stu_preprocess  # noqa: E402
+
+ATTENTION_SHAPES = [
+    dict(batch=32, max_len=8192, low=0.9),
+    dict(batch=128, max_len=2048, low=0.0),
+    dict(batch=512, max_len=512, low=0.9),
+]
+STU_SHAPES = [dict(batch=32, max_len=2048, low=0.9), dict(batch=8, max_len=8192, low=0.9)]
+HEADS, DIM = 4, 128
+
+
+def jagged_problem(batch, max_len, low_fraction, max_targets=20, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(int(low_fraction * max_len), max_len + 1, (batch,),
+                            generator=generator)
+    targets = torch.minimum(torch.randint(1, max_targets + 1, (batch,), generator=generator),
+                            lengths)
+    offsets = torch.zeros(batch + 1, dtype=torch.int64)
+    offsets[1:] = lengths.cumsum(0)
+    return lengths, offsets.cuda(), targets.cuda()
+
+
+def attention_flops(lengths: torch.Tensor) -> tuple[float, float]:
+    """(forward, backward) FLOPs, reference section 3.5 (causal factor 1/2)."""
+    squares = float((lengths.double() ** 2).sum())
+    f_qk = 2 * HEADS * DIM * squares / 2
+    f_v = 2 * HEADS * DIM * squares / 2
+    return f_qk + f_v, 3 * f_qk + 2 * f_v
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def time_forward_and_backward(forward, inputs, grad):
+    """(forward ms, forward+backward ms) of out = forward(*inputs); out.backward(grad)."""
+
+    def forward_only():
+        with torch.no_grad():
+            forward(*inputs)
+
+    def forward_backward():
+        out = forward(*inputs)
+        torch.autograd.grad(out, inputs, grad)
+
+    forward_backward()  # tuning and compilation happen here, outside the timing
+    return bench(forward_only), bench(forward_backward)
+
+
+def attention_rows(include_pytorch_up_to: int) -> list[dict]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows = []
+    for shape in ATTENTION_SHAPES:
+        lengths, offsets, targets = jagged_problem(shape["batch"], shape["max_len"], shape["low"])
+        total = int(lengths.sum())
+        name = f"B={shape['batch']} N={shape['max_len']}"
+        fwd_flops, bwd_flops = attention_flops(lengths)
+        q, k, v = (torch.randn(total, HEADS, DIM, device="cuda", dtype=torch.bfloat16)
+                   .requires_grad_() for _ in range(3))
+        grad = torch.randn(total, HEADS, DIM, device="cuda", dtype=torch.bfloat16)
+        kernels = [Kernel.TRITON]
+        if shape["max_len"] <= include_pytorch_up_to:
+            kernels.append(Kernel.PYTORCH)
+        for kernel in kernels:
+            def forward(q, k, v, kernel=kernel):
+                return hstu_mha(q, k, v, offsets, max_seq_len=shape["max_len"],
+                                num_targets=targets, kernel=kernel)
+
+            fwd_ms, both_ms = time_forward_and_backward(forward, (q, k, v), grad)
+            rows.append(dict(op="hstu_mha", impl=kernel.value, shape=name, fwd_ms=fwd_ms,
+                             fwd_bwd_ms=both_ms, fwd_tflops=fwd_flops / fwd_ms / 1e9,
+                             fwd_bwd_tflops=(fwd_flops + bwd_flops) / both_ms / 1e9))
+            print(_attention_line(rows[-1]), flush=True)
+        del q, k, v, grad
+        # SDPA reference: dense, causal, every row N long.
+        dense = [torch.randn(shape["batch"], HEADS, shape["max_len"], DIM, device="cuda",
+                             dtype=torch.bfloat16).requires_grad_() for _ in range(3)]
+        dense_grad = torch.randn_like(dense[0])
+        full = torch.full((shape["batch"],), shape["max_len"])
+        fwd_flops, bwd_flops = attention_flops(full)
+
+        def sdpa(q, k, v):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        fwd_ms, both_ms = time_forward_and_backward(sdpa, tuple(dense), dense_grad)
+        rows.append(dict(op="sdpa_flash_causal", impl="torch", shape=name, fwd_ms=fwd_ms,
+                         fwd_bwd_ms=both_ms, fwd_tflops=fwd_flops / fwd_ms / 1e9,
+                         fwd_bwd_tflops=(fwd_flops + bwd_flops) / both_ms / 1e9))
+        print(_attention_line(rows[-1]), flush=True)
+        del dense, dense_grad
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _attention_line(row: dict) -> str:
+    return (f"{row['op']:<18} {row['impl']:<8} {row['shape']:<16} fwd {row['fwd_ms']:8.3f} ms "
+            f"{row['fwd_tflops']:6.1f} TFLOP/s | fwd+bwd {row['fwd_bwd_ms']:8.3f} ms "
+            f"{row['fwd_bwd_tflops']:6.1f} TFLOP/s")
+
+
+def stu_layer(kernel: Kernel, shape: dict) -> dict:
+    """One STU layer forward+backward: median time and peak memory above the inputs."""
+    dim, heads, d = 512, 4, 128
+    contextual = 6
+    lengths, offsets, targets = jagged_problem(shape["batch"], shape["max_len"], shape["low"],
+                                               seed=3)
+    total = int(lengths.sum())
+    generator = torch.Generator(device="cuda").manual_seed(0)
+
+    def param(*shape, scale):
+        return (torch.randn(*shape, device="cuda", generator=generator) * scale).requires_grad_()
+
+    params = dict(
+        norm_weight=param(dim, scale=0.1) + 1.0,
+        norm_bias=param(dim, scale=0.1),
+        uvqk_weight=param(dim, 2 * heads * 2 * d, scale=dim ** -0.5),
+        uvqk_bias=param(2 * heads * 2 * d, scale=0.01),
+        out_norm_weight=param(heads, scale=0.1) + 1.0,
+        out_norm_bias=param(heads, scale=0.1),
+        output_weight=param(3 * heads * d, dim, scale=(3 * heads * d) ** -0.5),
+    )
+    params = {name: p.detach().requires_grad_() for name, p in params.items()}
+    x = torch.randn(total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(total, dim, device="cuda", dtype=torch.bfloat16)
+    leaves = (x, *params.values())
+
+    def layer():
+        u, q, k, v = stu_preprocess(
+            x, params["norm_weight"], params["norm_bias"], 1e-6, params["uvqk_weight"],
+            params["uvqk_bias"], num_heads=heads, attention_dim=d, hidden_dim=d, kernel=kernel)
+        attn = hstu_mha(q, k, v, offsets, max_seq_len=shape["max_len"], num_targets=targets,
+                        contextual_seq_len=contextual, kernel=kernel)
+        return stu_postprocess(
+            attn.flatten(1), u, x, params["out_norm_weight"], params["out_norm_bias"], 1e-6,
+            params["output_weight"], num_heads=heads, dropout_ratio=0.1, training=True,
+            group_norm=True, kernel=kernel)
+
+    def step():
+        torch.autograd.grad(layer(), leaves, grad)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    ms = bench(step)
+    return dict(op="stu_layer", impl=kernel.value,
+                shape=f"B={shape['batch']} N={shape['max_len']}", tokens=total,
+                fwd_bwd_ms=ms, peak_gib=peak / 2**30)
+
+
+def stu_rows() -> list[dict]:
+    rows = []
+    for shape in STU_SHAPES:
+        for kernel in (Kernel.TRITON, Kernel.PYTORCH):
+            try:
+                row = stu_layer(kernel, shape)
+            except torch.cuda.OutOfMemoryError:
+                row = dict(op="stu_layer", impl=kernel.value,
+                           shape=f"B={shape['batch']} N={shape['max_len']}", error="OOM")
+            torch.cuda.empty_cache()
+            rows.append(row)
+            if "error" in row:
+                print(f"stu_layer {row['impl']:<8} {row['shape']:<16} {row['error']}", flush=True)
+            else:
+                print(f"stu_layer {row['impl']:<8} {row['shape']:<16} fwd+bwd "
+                      f"{row['fwd_bwd_ms']:8.3f} ms  peak {row['peak_gib']:6.2f} GiB", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--parts", default="attention,stu")
+    parser.add_argument("--dq-mode", choices=["atomic", "separate"], default=None)
+    parser.add_argument("--pytorch-attention-up-to", type=int, default=2048,
+                        help="also time the padded PyTorch attention for N up to this")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("kernel_bench.py needs a CUDA GPU")
+    from hstu.ops.triton import attention as triton_attention
+    from hstu.ops.triton._common import tuned_tiles
+
+    if args.dq_mode:
+        triton_attention.DQ_MODE = args.dq_mode
+    parts = args.parts.split(",")
+    rows = []
+    if "attention" in parts:
+        rows += attention_rows(args.pytorch_attention_up_to)
+    if "stu" in parts:
+        rows += stu_rows()
+    result = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=torch.cuda.get_device_name(), torch=torch.__version__,
+        triton=triton.__version__, cuda=torch.version.cuda, dq_mode=triton_attention.DQ_MODE,
+        tuned={"/".join(map(str, key)): str(tile) for key, tile in tuned_tiles().items()},
+        rows=rows,
+    )
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "kernel_bench.json"), "w") as handle:
+        json.dump(result, handle, indent=1)
+    print(f"\n{result['device']}, torch {result['torch']}, triton {result['triton']}, "
+          f"CUDA {result['cuda']}, {result['date']}, dq mode {result['dq_mode']}")
+    for row in rows:
+        if row["op"] == "stu_layer":
+            if "error" in row:
+                print(f"stu_layer {row['impl']:<8} {row['shape']:<16} {row['error']}")
+            else:
+                print(f"stu_layer {row['impl']:<8} {row['shape']:<16} fwd+bwd "
+                      f"{row['fwd_bwd_ms']:8.3f} ms  peak {row['peak_gib']:6.2f} GiB")
+        else:
+            print(_attention_line(row))
+
+
+if __name__ == "__main__":
+    main()
