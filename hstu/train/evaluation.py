@@ -2,8 +2,10 @@
 
 Each rank scores its own shard; the metric accumulators (hstu/metrics.py) merge their state over
 all ranks before computing, so the AUC is that of the whole eval set, not an average of
-per-rank AUCs. Metric keys: eval/auc/<task>, eval/grouped_auc/<task>, eval/mae/<task>,
-eval/loss/<task> (mean over eval steps of the global per-candidate loss), eval/rows.
+per-rank AUCs. The eval set is split unequally (trainer.py) so that no row is dropped, and
+ranks that run out first pad with a filler batch whose results are ignored (collectives.py).
+Metric keys: eval/auc/<task>, eval/grouped_auc/<task>, eval/mae/<task>, eval/loss/<task> (the
+per-candidate mean over the whole eval set), eval/rows.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Iterable
 import torch
 
 from hstu.metrics import TaskMetrics
-from hstu.train.collectives import LockstepStats, all_reduce_sum, lockstep, world_size
+from hstu.train.collectives import LockstepStats, all_reduce_sum, lockstep_padded
 
 # hstu.metrics' names (auc_<task>) -> the MLflow / report keys used here.
 _METRIC_PREFIXES = (("grouped_auc_", "grouped_auc"), ("auc_", "auc"), ("mae_", "mae"))
@@ -40,32 +42,41 @@ def evaluate(
     the DlrmHSTU inside it (for labels, losses and grouping keys). Every rank must call this."""
     metrics = TaskMetrics(module.tasks)
     tasks = [task.name for task in module.tasks]
+    # Per task: sum of per-candidate losses, and the candidate count, over this rank's rows.
     loss_sums = {task: 0.0 for task in tasks}
+    candidates = 0
     stats = LockstepStats()
     was_training = model.training
+    # The global-average loss rescales by other ranks' counts (a collective, and skewed by
+    # filler batches); here each batch's local per-candidate mean is what we want.
+    global_average = module.enable_global_average_loss
+    module.enable_global_average_loss = False
     model.eval()
     try:
         with torch.no_grad():
-            for batch in lockstep(batches, stats, tokens_of):
+            for batch, is_real in lockstep_padded(batches, stats, tokens_of):
                 batch = batch.to(device, non_blocking=True)
                 with autocast():
                     output = model(batch)
                     _, losses = module.compute_losses(output, batch)
+                if not is_real:
+                    continue
+                count = int(output.num_targets.sum())
+                candidates += count
                 for task, value in losses.items():
-                    loss_sums[task] += float(value)
+                    loss_sums[task] += float(value) * count
                 metrics.update(module, output, batch)
     finally:
+        module.enable_global_average_loss = global_average
         model.train(was_training)
     metrics.sync()
     results = {metric_key(name): value for name, value in metrics.compute().items()}
-    steps = max(stats.steps, 1)
-    # With the global-average loss, a rank's loss is its local mean scaled by its share of the
-    # candidates, so the mean over ranks is the per-candidate mean over all ranks.
-    summed = all_reduce_sum([loss_sums[task] for task in tasks])
-    world = world_size()
-    for task, value in zip(tasks, summed):
-        results[f"eval/loss/{task}"] = value / world / steps
+    totals = all_reduce_sum([loss_sums[task] for task in tasks] + [candidates])
+    total_candidates = totals[-1]
+    for task, value in zip(tasks, totals[:-1]):
+        results[f"eval/loss/{task}"] = value / total_candidates if total_candidates else float("nan")
     results["eval/rows"] = float(stats.rows)
+    results["eval/candidates"] = float(total_candidates)
     results["eval/steps"] = float(stats.steps)
     if stats.unused_batches:
         results["eval/unused_batches"] = float(stats.unused_batches)

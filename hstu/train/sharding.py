@@ -151,6 +151,7 @@ def shard_model(
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner
 
+    register_model_output()
     constraints = sharding_constraints(table_names(model), overrides, device)
     planner = EmbeddingShardingPlanner(
         topology=make_topology(world_size, local_world_size, device),
@@ -162,6 +163,23 @@ def shard_model(
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     sharded = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
     return ShardedModel(sharded, plan, describe_plan(plan))
+
+
+def register_model_output() -> None:
+    """Let DistributedDataParallel see the tensors inside DlrmHSTU's ModelOutput.
+
+    DMP wraps the dense part in DDP with static_graph=True, whose gradient all-reduce hangs on
+    the tensors it finds in the forward output. ModelOutput is a dataclass, which DDP cannot
+    look into unless it is a registered pytree node; without this, the dense gradients were
+    never averaged and the ranks' dense weights drifted apart (found by comparing a 2-worker
+    run's eval with a reload of its checkpoint; tests/train/test_trainer.py checks it).
+    """
+    import torch.utils._pytree as pytree
+
+    from hstu.model import ModelOutput
+
+    if ModelOutput not in pytree.SUPPORTED_NODES:
+        pytree.register_dataclass(ModelOutput)
 
 
 def describe_plan(plan) -> dict[str, dict]:

@@ -24,7 +24,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -209,7 +208,9 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in values.items() if v == v]  # not NaN
+        # NaN is logged too (e.g. an AUC with no positive label in the eval set): a missing
+        # metric would look like a bug, a NaN says "undefined".
+        items = [Metric(k, float(v), now, step) for k, v in values.items()]
         self._guard("log metrics", self._client and self._client.log_batch, self.run_id,
                     metrics=items)
 
@@ -224,13 +225,3 @@ class RunLogger:
         self._guard(f"log {path}", self._client and self._client.log_artifact, self.run_id,
                     str(path), artifact_path)
 
-
-def log_text_artifact(tracking_uri: str, run_id: str, text: str, artifact_file: str) -> None:
-    client(tracking_uri).log_text(run_id, text, artifact_file)
-
-
-def temporary_copy(text: str, name: str) -> Path:
-    directory = Path(tempfile.mkdtemp(prefix="hstu-mlflow-"))
-    path = directory / name
-    path.write_text(text)
-    return path

@@ -227,6 +227,40 @@ def _check_model(cfg, features, labels, options: TrainOptions):
     return model, overrides
 
 
+def _data_config():
+    """Training data in equal splits (the same rows, so the same step count, on every worker);
+    eval data split unequally so that no row is dropped (evaluation pads, collectives.py).
+
+    Ray's DataConfig splits with equal=True only; its documented extension point, configure(),
+    is overridden for the eval split."""
+    from ray.train import DataConfig
+
+    class _Splits(DataConfig):
+        WHOLE = ("eval",)
+
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            equal = {name: ds for name, ds in datasets.items() if name not in self.WHOLE}
+            output = (
+                super().configure(equal, world_size, worker_handles, worker_node_ids, **kwargs)
+                if equal
+                else [{} for _ in range(world_size)]
+            )
+            hints = worker_node_ids if self._enable_shard_locality else None
+            for name, dataset in datasets.items():
+                if name not in self.WHOLE:
+                    continue
+                if dataset.name is None:
+                    dataset.set_name(name)
+                dataset = dataset.copy(dataset)
+                dataset.context.execution_options = self._resolve_execution_options(name)
+                splits = dataset.streaming_split(world_size, equal=False, locality_hints=hints)
+                for rank, split in enumerate(splits):
+                    output[rank][name] = split
+            return output
+
+    return _Splits(datasets_to_split="all")
+
+
 def _trainer(
     job: TrainJob,
     options: TrainOptions,
@@ -236,7 +270,7 @@ def _trainer(
     keep_checkpoints: int | None = None,
 ):
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from hstu.train.loop import train_loop_per_worker
@@ -265,7 +299,7 @@ def _trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split="all"),
+        dataset_config=_data_config(),
     )
 
 
@@ -419,8 +453,14 @@ def export_checkpoint(recipe: str, overrides: list[str], checkpoint: str, export
     if function is None:
         return None, "export is not available yet (hstu.export.export_checkpoint is missing)"
     try:
+        from hstu.config.features import sequence_names
+        from hstu.config.loader import load_config
+
+        # A DLRM-HSTU export must name its candidate sequence (model_acc.json's cand_seq_pk).
+        cand_seq_pk = sequence_names(load_config(recipe, overrides))[1]
         return str(function(recipe=recipe, overrides=overrides, checkpoint=checkpoint,
-                            export_dir=export_dir)), ""
+                            export_dir=export_dir,
+                            additional_export_config={"cand_seq_pk": cand_seq_pk})), ""
     except Exception as error:
         return None, f"export failed: {type(error).__name__}: {error}"
 
