@@ -1,0 +1,169 @@
+"""Positional + time embedding add in Triton (spec: hstu/ops/position.py, reference 2.5).
+
+Forward: one program per (batch row, share of the row) walks its tokens, computes each token's
+position-table row and time bucket in-kernel (int64 time difference, then float32, with
+correctly rounded division and square root so buckets match PyTorch's exactly) and writes
+x * alpha + P[pos] + T[bucket]. The two index vectors are kept for the backward.
+Backward: d x = d out * alpha; the table gradients are scatter-adds of d out rows by those
+indices (torch.index_add_ in float32; the kernel adds nothing a library scatter would not).
+The "log" bucket function uses Triton's log (about 1 ulp off libm): a time difference whose
+log lies within ~1e-6 of an integer could land one bucket away from PyTorch's choice.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hstu.ops.pytorch.position import TIME_BUCKET_FNS
+from hstu.ops.triton._common import interpreting, triton_dtype_ok
+
+
+@triton.jit
+def _add_position_time(X, TS, P, T, OUT, POS, BUCKET, seq_offsets, num_targets, stride_x,
+                       stride_p, stride_t, stride_out, alpha, contextual_seq_len, num_positions,
+                       time_bucket_increments, num_time_buckets, D: tl.constexpr,
+                       HAS_TARGETS: tl.constexpr, USE_TIME: tl.constexpr, LOG: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0)
+    share = tl.program_id(1)
+    start = tl.load(seq_offsets + b)
+    length = (tl.load(seq_offsets + b + 1) - start).to(tl.int32)
+    if HAS_TARGETS:
+        first_target = length - tl.load(num_targets + b).to(tl.int32)
+    else:
+        first_target = length
+    if USE_TIME:
+        query_time = tl.load(TS + start + tl.maximum(length - 1, 0), mask=length > 0, other=0)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    for first in range(share * BLOCK_R, length, tl.num_programs(1) * BLOCK_R):
+        i = first + tl.arange(0, BLOCK_R)
+        ok = i < length
+        if USE_TIME:
+            pos = contextual_seq_len + first_target - tl.minimum(i, first_target)
+            pos = tl.where(i < contextual_seq_len, i, pos)
+        else:
+            pos = tl.minimum(i, first_target)
+        pos = tl.minimum(pos, num_positions - 1)
+        rows = (start + i)[:, None]
+        mask = ok[:, None] & col_ok[None, :]
+        value = tl.load(X + rows * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        value = value * alpha + tl.load(P + pos[:, None] * stride_p + cols[None, :], mask=mask,
+                                        other=0.0).to(tl.float32)
+        tl.store(POS + start + i, pos, mask=ok)
+        if USE_TIME:
+            ts = tl.load(TS + start + i, mask=ok, other=0)
+            delta = (query_time - ts).to(tl.float32)
+            delta = tl.math.div_rn(tl.maximum(delta, 1e-6), time_bucket_increments)
+            if LOG:
+                scaled = tl.log(delta)
+            else:
+                scaled = tl.math.sqrt_rn(delta)
+            unit = tl.minimum(tl.maximum(tl.math.div_rn(scaled, num_time_buckets), 0.0), 1.0)
+            bucket = (unit * num_time_buckets).to(tl.int32)
+            value += tl.load(T + bucket[:, None] * stride_t + cols[None, :], mask=mask,
+                             other=0.0).to(tl.float32)
+            tl.store(BUCKET + start + i, bucket, mask=ok)
+        tl.store(OUT + rows * stride_out + cols[None, :], value.to(OUT.dtype.element_ty),
+                 mask=mask)
+
+
+class _AddPositionTime(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, seq_embeddings, seq_offsets, timestamps, num_targets, position_table,
+                time_table, alpha, contextual_seq_len, time_bucket_fn, time_bucket_increments,
+                num_time_buckets, use_time_encoding):
+        x = seq_embeddings if seq_embeddings.stride(-1) == 1 else seq_embeddings.contiguous()
+        total, dim = x.shape
+        out = torch.empty_like(x)
+        positions = torch.empty(total, dtype=torch.int32, device=x.device)
+        buckets = torch.empty(total if use_time_encoding else 0, dtype=torch.int32,
+                              device=x.device)
+        batch = seq_offsets.numel() - 1
+        if total and batch:
+            block_d = max(16, triton.next_power_of_2(dim))
+            block_r = max(1, min(64, 8192 // block_d))
+            if interpreting():
+                shares = 1
+            else:
+                sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+                shares = max(1, min(16, (4 * sms) // batch))
+            _add_position_time[(batch, shares)](
+                x, timestamps if use_time_encoding else seq_offsets, position_table,
+                time_table if use_time_encoding else position_table, out, positions,
+                buckets if use_time_encoding else positions, seq_offsets,
+                num_targets if num_targets is not None else seq_offsets, x.stride(0),
+                position_table.stride(0), time_table.stride(0) if use_time_encoding else 0,
+                out.stride(0), float(alpha), int(contextual_seq_len),
+                position_table.shape[0], float(time_bucket_increments),
+                float(num_time_buckets), D=dim, HAS_TARGETS=num_targets is not None,
+                USE_TIME=use_time_encoding, LOG=time_bucket_fn == "log", BLOCK_R=block_r,
+                BLOCK_D=block_d,
+            )
+        ctx.save_for_backward(positions, buckets)
+        ctx.config = (alpha, position_table.shape, position_table.dtype, time_table.shape,
+                      time_table.dtype, use_time_encoding)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        positions, buckets = ctx.saved_tensors
+        alpha, p_shape, p_dtype, t_shape, t_dtype, use_time = ctx.config
+        d_x = d_out * alpha
+        grad32 = d_out.float()
+        d_position = torch.zeros(p_shape, dtype=torch.float32, device=d_out.device)
+        d_position.index_add_(0, positions.long(), grad32)
+        d_time = torch.zeros(t_shape, dtype=torch.float32, device=d_out.device)
+        if use_time:
+            d_time.index_add_(0, buckets.long(), grad32)
+        return (d_x, None, None, None, d_position.to(p_dtype), d_time.to(t_dtype), None, None,
+                None, None, None, None)
+
+
+def add_timestamp_positional_embeddings(
+    seq_embeddings: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    timestamps: torch.Tensor,
+    num_targets: torch.Tensor | None,
+    position_table: torch.Tensor,
+    time_table: torch.Tensor,
+    *,
+    alpha: float,
+    contextual_seq_len: int,
+    time_bucket_fn: str = "sqrt",
+    time_bucket_increments: float = 60.0,
+    num_time_buckets: int = 0,
+    use_time_encoding: bool = True,
+) -> torch.Tensor:
+    op = "add_timestamp_positional_embeddings"
+    triton_dtype_ok(seq_embeddings, f"{op}: seq_embeddings")
+    if seq_embeddings.device.type != "cuda" and not interpreting():
+        raise RuntimeError(f"{op} (TRITON) needs CUDA tensors, or TRITON_INTERPRET=1")
+    total = seq_embeddings.shape[0]
+    if seq_offsets.dim() != 1 or seq_offsets.dtype != torch.int64 or seq_offsets.numel() == 0:
+        raise ValueError(f"{op}: seq_offsets must be a 1-D int64 tensor [B+1]")
+    if position_table.dim() != 2 or position_table.shape[1] != seq_embeddings.shape[1]:
+        raise ValueError(f"{op}: position_table {tuple(position_table.shape)} must be [P, D] "
+                         f"with D = {seq_embeddings.shape[1]}")
+    if num_targets is not None and num_targets.shape != (seq_offsets.numel() - 1,):
+        raise ValueError(f"{op}: num_targets must be [B]; got {tuple(num_targets.shape)}")
+    if use_time_encoding:
+        if time_bucket_fn not in TIME_BUCKET_FNS:
+            raise ValueError(f"{op}: time_bucket_fn {time_bucket_fn!r}; expected one of "
+                             f"{TIME_BUCKET_FNS}")
+        if timestamps.dtype != torch.int64:
+            raise TypeError(f"{op}: timestamps must be int64 seconds; got {timestamps.dtype}")
+        if timestamps.shape != (total,):
+            raise ValueError(f"{op}: timestamps has shape {tuple(timestamps.shape)}; expected "
+                             f"({total},), one per token")
+        if time_table.shape != (num_time_buckets + 1, seq_embeddings.shape[1]):
+            raise ValueError(f"{op}: time_table has shape {tuple(time_table.shape)}; expected "
+                             f"({num_time_buckets + 1}, {seq_embeddings.shape[1]}) = "
+                             "(num_time_buckets + 1, D)")
+    return _AddPositionTime.apply(
+        seq_embeddings, seq_offsets, timestamps, num_targets, position_table, time_table,
+        float(alpha), int(contextual_seq_len), time_bucket_fn, float(time_bucket_increments),
+        int(num_time_buckets), bool(use_time_encoding),
+    )

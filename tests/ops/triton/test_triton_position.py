@@ -1,0 +1,104 @@
+"""TRITON add_timestamp_positional_embeddings vs PyTorch: output, d x, d position table,
+d time table; the table rows chosen must be exactly PyTorch's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hstu.ops.pytorch import position as torch_ops
+from hstu.ops.triton import position as triton_ops
+from hstu.ops.triton.testing import assert_within_bound, compare_op
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _offsets(lengths):
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
+    return offsets.to(DEVICE)
+
+
+def _case(lengths, targets, seed, num_positions=20, dim=24):
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    # Epoch seconds: the int64 difference must be taken before any float conversion.
+    timestamps = torch.randint(1_600_000_000, 1_700_000_000, (total,), generator=g)
+    inputs = {
+        "x": torch.randn(total, dim, generator=g, dtype=torch.float64),
+        "position_table": torch.randn(num_positions, dim, generator=g, dtype=torch.float64),
+        "time_table": torch.randn(2049, dim, generator=g, dtype=torch.float64),
+    }
+    inputs = {name: t.to(DEVICE).requires_grad_() for name, t in inputs.items()}
+    num_targets = None if targets is None else torch.tensor(targets, device=DEVICE)
+    return _offsets(lengths), timestamps.to(DEVICE), num_targets, inputs
+
+
+def _op(module, offsets, timestamps, num_targets, **options):
+    def run(x, position_table, time_table):
+        return module.add_timestamp_positional_embeddings(
+            x, offsets, timestamps, num_targets, position_table, time_table, alpha=22.6,
+            num_time_buckets=2048, time_bucket_increments=60.0, **options)
+
+    return run
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("time_bucket_fn", ["sqrt", "log"])
+def test_matches_pytorch(dtype, time_bucket_fn):
+    # Row 2 is longer than the 20-row position table (clamped); row 1 is one token.
+    offsets, timestamps, num_targets, inputs = _case([9, 1, 30, 0], [2, 1, 5, 0], seed=1)
+    options = dict(contextual_seq_len=3, time_bucket_fn=time_bucket_fn)
+    results = compare_op(_op(triton_ops, offsets, timestamps, num_targets, **options),
+                         _op(torch_ops, offsets, timestamps, num_targets, **options),
+                         inputs, dtype=dtype)
+    assert_within_bound(results)
+
+
+def test_without_time_encoding_or_targets():
+    offsets, timestamps, _, inputs = _case([12, 5], None, seed=2)
+    options = dict(contextual_seq_len=0, use_time_encoding=False)
+    results = compare_op(_op(triton_ops, offsets, timestamps, None, **options),
+                         _op(torch_ops, offsets, timestamps, None, **options),
+                         inputs, dtype=torch.float32, names=("x", "position_table"))
+    assert_within_bound(results)
+
+
+def test_bucket_choice_is_exact():
+    """A one-hot time table makes the output reveal each token's bucket."""
+    lengths = [40, 25]
+    offsets, timestamps, num_targets, inputs = _case(lengths, [3, 2], seed=3, dim=2049)
+    eye = torch.eye(2049, device=DEVICE)
+    zeros_x = torch.zeros(sum(lengths), 2049, device=DEVICE)
+    zeros_p = torch.zeros(20, 2049, device=DEVICE)
+    buckets = []
+    for module in (triton_ops, torch_ops):
+        out = module.add_timestamp_positional_embeddings(
+            zeros_x, offsets, timestamps, num_targets, zeros_p, eye, alpha=1.0,
+            contextual_seq_len=2, num_time_buckets=2048)
+        buckets.append(out.argmax(1))
+    assert torch.equal(buckets[0], buckets[1])
+
+
+def test_bad_timestamps_are_named():
+    offsets, timestamps, num_targets, inputs = _case([4], [1], seed=4)
+    with pytest.raises(TypeError, match="timestamps must be int64 seconds"):
+        triton_ops.add_timestamp_positional_embeddings(
+            inputs["x"].detach().float(), offsets, timestamps.float(), num_targets,
+            inputs["position_table"].detach().float(), inputs["time_table"].detach().float(),
+            alpha=1.0, contextual_seq_len=0, num_time_buckets=2048)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_full_size_on_gpu(dtype):
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.randint(1, 3000, (16,), generator=g).tolist()
+    targets = [min(n, 20) for n in lengths]
+    offsets, timestamps, num_targets, inputs = _case(lengths, targets, seed=6,
+                                                     num_positions=8192, dim=512)
+    options = dict(contextual_seq_len=6, time_bucket_fn="sqrt")
+    results = compare_op(_op(triton_ops, offsets, timestamps, num_targets, **options),
+                         _op(torch_ops, offsets, timestamps, num_targets, **options),
+                         inputs, dtype=dtype)
+    assert_within_bound(results)
