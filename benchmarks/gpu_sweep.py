@@ -27,12 +27,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # (kernel name used by `pinned`, dq mode, tile) candidates; broader than the tuning lists.
-FORWARD = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
-           (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4), (64, 64, 4, 4)]
-DKDV = [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2),
-        (32, 128, 4, 3), (128, 128, 8, 2), (64, 128, 8, 3), (128, 64, 8, 2)]
-DQ = [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 2),
-      (64, 128, 4, 2)]
+# Candidates whose sm_90 build spills little or nothing (Triton 3.6, checked with ptxas on the
+# CPU machine first: docs/kernels.md); element 0 of each list is the partner config used for
+# the other kernels of a pass.
+FORWARD = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3),
+           (64, 32, 4, 3)]
+DKDV = [(64, 64, 8, 2), (64, 64, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (64, 32, 4, 2),
+        (32, 64, 4, 3)]
+DQ = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3)]
 
 
 # --smoke: the whole pipeline on the CPU under the Triton interpreter, tiny shapes, two
@@ -52,8 +54,7 @@ def candidates() -> list[dict]:
 
 
 # Checks per config: (dtype, contextual, window). Every flag combination compiles its own kernel.
-CHECKS = [("bfloat16", 0, 0), ("bfloat16", 6, 0), ("bfloat16", 6, 200), ("float16", 6, 0),
-          ("float32", 6, 0)]
+CHECKS = [("bfloat16", 0, 0), ("bfloat16", 6, 0), ("bfloat16", 6, 200), ("float32", 6, 0)]
 
 
 def _problem(batch, max_len, low_fraction, max_targets, heads, dim, seed, device):
@@ -120,6 +121,8 @@ def run_check(spec: dict) -> list[dict]:
 
 def sweep_checks(out_dir: str, jobs: int) -> list[dict]:
     path = os.path.join(out_dir, "sweep_checks.jsonl")
+    if os.path.exists(path):
+        os.remove(path)
     pending = list(candidates())
     running: list[tuple[dict, subprocess.Popen, str]] = []
     lines = []
@@ -147,14 +150,14 @@ def sweep_checks(out_dir: str, jobs: int) -> list[dict]:
             else:
                 results = [dict(spec, check="process", ok=False, crashed=True,
                                 returncode=proc.returncode, log=output[-2000:])]
+            with open(path, "a") as handle:
+                for result in results:
+                    handle.write(json.dumps(result) + "\n")
             for result in results:
                 lines.append(result)
                 status = "ok" if result["ok"] else ("CRASH" if result.get("crashed") else "FAIL")
                 print(f"check {spec['kernel']:<22} {str(spec['tile']):<18} "
                       f"{result['check']:<22} {status}", flush=True)
-    with open(path, "w") as handle:
-        for line in lines:
-            handle.write(json.dumps(line) + "\n")
     return lines
 
 

@@ -207,11 +207,45 @@ def stu_rows() -> list[dict]:
     return rows
 
 
+def matmul_ceiling() -> float:
+    """bf16 8192^3 matmul TFLOP/s on random data: the ceiling the figures are read against."""
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ms = bench(lambda: a @ b)
+    return 2 * 8192**3 / ms / 1e9
+
+
+def restrict_to_sweep(path: str, module) -> None:
+    from hstu.ops.triton._common import Tile
+
+    failed = set()
+    with open(path) as handle:
+        for line in handle:
+            result = json.loads(line)
+            if not result["ok"]:
+                failed.add((result["kernel"], tuple(result["tile"])))
+    lists = {"attn_fwd": "FORWARD_TILES", "attn_bwd_dq": "BACKWARD_DQ_TILES"}
+    for kernel, attribute in lists.items():
+        kept = [t for t in getattr(module, attribute)
+                if (kernel, (t.block_m, t.block_n, t.num_warps, t.num_stages)) not in failed]
+        setattr(module, attribute, kept)
+    # dK/dV serves both dQ modes: keep a config only if it passed in both.
+    kept = [t for t in module.BACKWARD_DKDV_TILES
+            if not any((k, (t.block_m, t.block_n, t.num_warps, t.num_stages)) in failed
+                       for k in ("attn_bwd_dkdv", "attn_bwd_dkdv_atomic"))]
+    module.BACKWARD_DKDV_TILES = kept
+    print("tuning among:", {a: [str(t) for t in getattr(module, a)] for a in
+                            ("FORWARD_TILES", "BACKWARD_DKDV_TILES", "BACKWARD_DQ_TILES")},
+          flush=True)
+    assert all(isinstance(t, Tile) for t in kept)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=".")
     parser.add_argument("--parts", default="attention,stu")
     parser.add_argument("--dq-mode", choices=["atomic", "separate"], default=None)
+    parser.add_argument("--sweep", help="sweep_checks.jsonl of benchmarks/gpu_sweep.py: tune "
+                        "only among the configs that passed every check there")
     parser.add_argument("--pytorch-attention-up-to", type=int, default=2048,
                         help="also time the padded PyTorch attention for N up to this")
     args = parser.parse_args()
@@ -222,6 +256,10 @@ def main() -> None:
 
     if args.dq_mode:
         triton_attention.DQ_MODE = args.dq_mode
+    if args.sweep:
+        restrict_to_sweep(args.sweep, triton_attention)
+    ceiling = matmul_ceiling()
+    print(f"bf16 matmul 8192^3 on this GPU now: {ceiling:.0f} TFLOP/s", flush=True)
     parts = args.parts.split(",")
     rows = []
     if "attention" in parts:
@@ -232,6 +270,7 @@ def main() -> None:
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         device=torch.cuda.get_device_name(), torch=torch.__version__,
         triton=triton.__version__, cuda=torch.version.cuda, dq_mode=triton_attention.DQ_MODE,
+        matmul_ceiling_tflops=ceiling,
         tuned={"/".join(map(str, key)): str(tile) for key, tile in tuned_tiles().items()},
         rows=rows,
     )

@@ -57,18 +57,24 @@ FORWARD_TILES = [
     Tile(128, 64, 8, 2),
     Tile(128, 64, 8, 3),
     Tile(128, 128, 8, 2),
+    Tile(128, 32, 8, 3),
     Tile(64, 64, 4, 3),
+    Tile(64, 32, 4, 3),
 ]
 BACKWARD_DKDV_TILES = [
-    Tile(64, 64, 4, 2),
+    Tile(64, 64, 8, 2),
+    Tile(64, 64, 8, 3),
     Tile(64, 128, 8, 2),
-    Tile(32, 128, 8, 2),
-    Tile(64, 64, 4, 3),
+    Tile(32, 128, 8, 3),
+    Tile(64, 32, 4, 2),
+    Tile(32, 64, 4, 3),
 ]
 BACKWARD_DQ_TILES = [
     Tile(128, 64, 8, 2),
-    Tile(64, 64, 4, 3),
-    Tile(128, 32, 4, 3),
+    Tile(128, 64, 8, 3),
+    Tile(128, 32, 8, 2),
+    Tile(64, 64, 8, 2),
+    Tile(64, 32, 4, 3),
 ]
 # Under the interpreter the cost is per program per loop step: big tiles, few programs.
 INTERPRET_TILE = Tile(32, 32, 4, 1)
