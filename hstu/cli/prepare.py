@@ -19,44 +19,89 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "plus the user features CSV into user-window samples: OUT/train/, OUT/eval/ parquet "
         "shards, OUT/manifest.json and OUT/profile_codes.json.",
     )
-    kuairand.add_argument("--log", nargs="+", required=True, metavar="CSV",
-                          help="raw interaction log file(s)")
-    kuairand.add_argument("--user-features", required=True, metavar="CSV",
-                          help="user features (user_id + the five profile columns)")
-    kuairand.add_argument("--video-features", metavar="CSV",
-                          help="video features: adds the MTGR columns (side info, cross features)")
+    kuairand.add_argument(
+        "--log", nargs="+", required=True, metavar="CSV", help="raw interaction log file(s)"
+    )
+    kuairand.add_argument(
+        "--user-features",
+        required=True,
+        metavar="CSV",
+        help="user features (user_id + the five profile columns)",
+    )
+    kuairand.add_argument(
+        "--video-features",
+        metavar="CSV",
+        help="video features: adds the MTGR columns (side info, cross features)",
+    )
     kuairand.add_argument("--out", required=True, help="output directory")
-    kuairand.add_argument("--max-candidates", type=int, default=100,
-                          help="candidates per window (default 100)")
-    kuairand.add_argument("--max-seq-len", type=int, default=8000,
-                          help="the model's max_seq_len: history is capped to "
-                          "max_seq_len - contextual - max_candidates (default 8000)")
-    kuairand.add_argument("--contextual", type=int, default=6,
-                          help="contextual tokens per row (default 6)")
-    kuairand.add_argument("--min-history", type=int, default=0,
-                          help="first N interactions of a user are history only (default 0)")
+    kuairand.add_argument(
+        "--max-candidates", type=int, default=100, help="candidates per window (default 100)"
+    )
+    kuairand.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=8000,
+        help="the model's max_seq_len: history is capped to "
+        "max_seq_len - contextual - max_candidates (default 8000)",
+    )
+    kuairand.add_argument(
+        "--contextual", type=int, default=6, help="contextual tokens per row (default 6)"
+    )
+    kuairand.add_argument(
+        "--min-history",
+        type=int,
+        default=0,
+        help="first N interactions of a user are history only (default 0)",
+    )
     split = kuairand.add_mutually_exclusive_group()
-    split.add_argument("--split-time", metavar="TIME",
-                       help="eval = interactions at/after TIME (epoch seconds or an ISO date/time, "
-                       "UTC)")
-    split.add_argument("--eval-fraction", type=float, default=0.1,
-                       help="eval = the latest FRACTION of all interactions (default 0.1)")
-    kuairand.add_argument("--column-map", nargs="+", default=[], metavar="TARGET=EXPR",
-                          help="compute a log column from the file's: NAME, 1-NAME or a constant; "
-                          "e.g. is_like=label is_hate=1-label")
-    kuairand.add_argument("--on-bad-rows", choices=("error", "skip"), default="error",
-                          help="stop at the first bad row (default) or skip and count bad rows")
-    kuairand.add_argument("--video-id-buckets", type=int, default=10_000_000,
-                          help="video ids modulo this (default 10000000, the recipes' table); "
-                          "0 keeps them")
-    kuairand.add_argument("--buckets", type=int,
-                          help="user partitions (default: about one per 128 MB of logs)")
-    kuairand.add_argument("--workers", type=int, default=1,
-                          help="run files and buckets as this many parallel Ray tasks")
-    kuairand.add_argument("--overwrite", action="store_true",
-                          help="replace OUT/train, OUT/eval and OUT/manifest.json")
-    kuairand.add_argument("--keep-buckets", action="store_true",
-                          help="keep OUT/_buckets (pass 1 output) for inspection")
+    split.add_argument(
+        "--split-time",
+        metavar="TIME",
+        help="eval = interactions at/after TIME (epoch seconds or an ISO date/time, UTC)",
+    )
+    split.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=0.1,
+        help="eval = the latest FRACTION of all interactions (default 0.1)",
+    )
+    kuairand.add_argument(
+        "--column-map",
+        nargs="+",
+        default=[],
+        metavar="TARGET=EXPR",
+        help="compute a log column from the file's: NAME, 1-NAME or a constant; "
+        "e.g. is_like=label is_hate=1-label",
+    )
+    kuairand.add_argument(
+        "--on-bad-rows",
+        choices=("error", "skip"),
+        default="error",
+        help="stop at the first bad row (default) or skip and count bad rows",
+    )
+    kuairand.add_argument(
+        "--video-id-buckets",
+        type=int,
+        default=10_000_000,
+        help="video ids modulo this (default 10000000, the recipes' table); 0 keeps them",
+    )
+    kuairand.add_argument(
+        "--buckets", type=int, help="user partitions (default: about one per 128 MB of logs)"
+    )
+    kuairand.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="run files and buckets as this many parallel Ray tasks",
+    )
+    kuairand.add_argument(
+        "--overwrite", action="store_true", help="replace OUT/train, OUT/eval and OUT/manifest.json"
+    )
+    kuairand.add_argument(
+        "--keep-buckets",
+        action="store_true",
+        help="keep OUT/_buckets (pass 1 output) for inspection",
+    )
 
     synthetic = sources.add_parser(
         "synthetic",
@@ -67,20 +112,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     synthetic.add_argument("--out", required=True, help="output directory")
     synthetic.add_argument("--users", type=int, required=True)
     synthetic.add_argument("--seed", type=int, default=0)
-    synthetic.add_argument("--max-history", type=int, default=7894,
-                           help="UIH cap (default 7894 = 8000 - 6 contextual - 100 candidates)")
+    synthetic.add_argument(
+        "--max-history",
+        type=int,
+        default=7894,
+        help="UIH cap (default 7894 = 8000 - 6 contextual - 100 candidates)",
+    )
     synthetic.add_argument("--median-history", type=int, default=1000)
     synthetic.add_argument("--max-candidates", type=int, default=100)
     synthetic.add_argument("--items", type=int, default=1_000_000)
-    synthetic.add_argument("--eval-fraction", type=float, default=0.1,
-                           help="share of users that also get an eval window (default 0.1)")
-    synthetic.add_argument("--mtgr", action="store_true",
-                           help="add the MTGR columns (cate1/cate2, cross1/cross2)")
+    synthetic.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=0.1,
+        help="share of users that also get an eval window (default 0.1)",
+    )
+    synthetic.add_argument(
+        "--mtgr", action="store_true", help="add the MTGR columns (cate1/cate2, cross1/cross2)"
+    )
     synthetic.add_argument("--users-per-shard", type=int, default=1000)
-    synthetic.add_argument("--workers", type=int, default=1,
-                           help="generate shards in this many processes (same output)")
-    synthetic.add_argument("--overwrite", action="store_true",
-                           help="replace OUT/train, OUT/eval and OUT/manifest.json")
+    synthetic.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="generate shards in this many processes (same output)",
+    )
+    synthetic.add_argument(
+        "--overwrite", action="store_true", help="replace OUT/train, OUT/eval and OUT/manifest.json"
+    )
 
 
 def parse_time(text: str) -> int:
@@ -93,7 +152,7 @@ def parse_time(text: str) -> int:
     except ValueError:
         raise ValueError(f"--split-time {text!r}: not epoch seconds or an ISO date/time") from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.timezone.utc)
+        moment = moment.replace(tzinfo=datetime.UTC)
     return int(moment.timestamp())
 
 
@@ -113,8 +172,9 @@ def run(args: argparse.Namespace) -> int:
         split: {k: v for k, v in info.items() if k in ("rows", "tokens")}
         for split, info in manifest["splits"].items()
     }
-    print(json.dumps({"out": args.out, "splits": summary,
-                      "bad_rows": manifest["bad_rows"]}, indent=2))
+    print(
+        json.dumps({"out": args.out, "splits": summary, "bad_rows": manifest["bad_rows"]}, indent=2)
+    )
     return 0
 
 

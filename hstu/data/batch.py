@@ -30,7 +30,7 @@ class JaggedBatch:
     batch_size: int
     sample_ids: torch.Tensor | None = None
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "JaggedBatch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> JaggedBatch:
         return JaggedBatch(
             sparse=self.sparse.to(device=torch.device(device), non_blocking=non_blocking),
             raw={k: v.to(device, non_blocking=non_blocking) for k, v in self.raw.items()},
@@ -44,7 +44,7 @@ class JaggedBatch:
             else self.sample_ids.to(device, non_blocking=non_blocking),
         )
 
-    def pin_memory(self) -> "JaggedBatch":
+    def pin_memory(self) -> JaggedBatch:
         return JaggedBatch(
             sparse=self.sparse.pin_memory(),
             raw={k: v.pin_memory() for k, v in self.raw.items()},

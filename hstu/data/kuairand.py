@@ -32,14 +32,15 @@ import re
 import shutil
 import time
 from collections import Counter
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
-import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
+from pyarrow import ipc
 
 from hstu.data import schema
 from hstu.data.validate import BAD_ROW_POLICIES, DataError, validate_table
@@ -78,7 +79,7 @@ class ColumnExpr:
     constant: int | None = None
 
     @staticmethod
-    def parse(text: str) -> "ColumnExpr":
+    def parse(text: str) -> ColumnExpr:
         text = text.strip()
         if re.fullmatch(r"[+-]?\d+", text):
             return ColumnExpr(None, constant=int(text))
@@ -200,8 +201,11 @@ def _read_side_csv(
     header = _header(path, delimiter)
     missing = [c for c in needed if c not in header]
     if missing:
-        raise DataError(f"missing column(s) {', '.join(missing)}", path=path,
-                        hint=f"the file has {', '.join(header)}")
+        raise DataError(
+            f"missing column(s) {', '.join(missing)}",
+            path=path,
+            hint=f"the file has {', '.join(header)}",
+        )
     table = pcsv.read_csv(
         path,
         parse_options=pcsv.ParseOptions(delimiter=delimiter),
@@ -214,14 +218,24 @@ def _read_side_csv(
     ids, bad = _parse_int(table.column(id_column))
     if bad is not None:
         row = int(np.argmax(bad))
-        raise DataError("id is missing or not a whole number", path=path, row=row + 2,
-                        column=id_column, hint="row = line number")
+        raise DataError(
+            "id is missing or not a whole number",
+            path=path,
+            row=row + 2,
+            column=id_column,
+            hint="row = line number",
+        )
     order = np.argsort(ids, kind="stable")
     duplicate = np.flatnonzero(ids[order][1:] == ids[order][:-1])
     if len(duplicate):
         row = int(order[duplicate[0] + 1])
-        raise DataError(f"duplicate id {ids[row]}", path=path, row=row + 2,
-                        column=id_column, hint="row = line number")
+        raise DataError(
+            f"duplicate id {ids[row]}",
+            path=path,
+            row=row + 2,
+            column=id_column,
+            hint="row = line number",
+        )
     return table, ids, order
 
 
@@ -250,7 +264,8 @@ def load_user_profiles(path: str) -> CodedTable:
 def load_video_features(path: str) -> CodedTable:
     """video features CSV -> cate1 (upload_type code), cate2 (first tag code), author id."""
     table, ids, order = _read_side_csv(
-        path, ("video_id", VIDEO_AUTHOR_SOURCE, VIDEO_CATE1_SOURCE, VIDEO_CATE2_SOURCE),
+        path,
+        ("video_id", VIDEO_AUTHOR_SOURCE, VIDEO_CATE1_SOURCE, VIDEO_CATE2_SOURCE),
         "video_id",
     )
     cate1, cate1_map = _dense_codes(table.column(VIDEO_CATE1_SOURCE))
@@ -355,8 +370,7 @@ def partition_log(
         reader = pcsv.open_csv(
             path,
             read_options=pcsv.ReadOptions(block_size=options.block_size),
-            parse_options=pcsv.ParseOptions(delimiter=delimiter,
-                                            invalid_row_handler=on_malformed),
+            parse_options=pcsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_malformed),
             convert_options=pcsv.ConvertOptions(
                 include_columns=sources,
                 column_types={s: pa.string() for s in sources},
@@ -386,8 +400,9 @@ def partition_log(
             _write_buckets(rows, file_index, num_buckets, bucket_dir, writers)
             now = time.perf_counter()
             if now - last_report > PROGRESS_SECONDS:
-                logger.info("prepare kuairand: %s: %d rows read", os.path.basename(path),
-                            result.rows)
+                logger.info(
+                    "prepare kuairand: %s: %d rows read", os.path.basename(path), result.rows
+                )
                 last_report = now
     finally:
         for writer in writers.values():
@@ -396,14 +411,19 @@ def partition_log(
     if malformed:
         result.bad_rows["malformed line (wrong number of fields)"] += len(malformed)
         result.skipped_rows += len(malformed)
-        logger.warning("%s: skipped %d malformed line(s), e.g. %r", path, len(malformed),
-                       malformed[0])
+        logger.warning(
+            "%s: skipped %d malformed line(s), e.g. %r", path, len(malformed), malformed[0]
+        )
     if minutes:
         merged = np.concatenate(minutes, axis=1)
         result.minutes, inverse = np.unique(merged[0], return_inverse=True)
         result.minute_counts = np.bincount(inverse.reshape(-1), weights=merged[1]).astype(np.int64)
-    logger.info("prepare kuairand: %s: %d rows read, %d skipped", os.path.basename(path),
-                result.rows + result.malformed_lines, result.skipped_rows)
+    logger.info(
+        "prepare kuairand: %s: %d rows read, %d skipped",
+        os.path.basename(path),
+        result.rows + result.malformed_lines,
+        result.skipped_rows,
+    )
     return result
 
 
@@ -537,8 +557,14 @@ class BucketResult:
 
 def _empty_split() -> dict[str, Any]:
     bins = len(histogram_labels())
-    return {"rows": 0, "uih_tokens": 0, "candidate_tokens": 0, "files": [],
-            "uih_hist": np.zeros(bins, np.int64), "cand_hist": np.zeros(bins, np.int64)}
+    return {
+        "rows": 0,
+        "uih_tokens": 0,
+        "candidate_tokens": 0,
+        "files": [],
+        "uih_hist": np.zeros(bins, np.int64),
+        "cand_hist": np.zeros(bins, np.int64),
+    }
 
 
 def build_bucket(
@@ -609,7 +635,10 @@ def build_bucket(
             result.max_values[name] = int(tokens[name].max())
 
     check_features, check_labels = schema.sample_specs(
-        videos is not None, id_buckets=None, profile_buckets={}, cate_buckets=(None, None),
+        videos is not None,
+        id_buckets=None,
+        profile_buckets={},
+        cate_buckets=(None, None),
         cross_buckets=None,
     )
     for chunk_index, chunk in enumerate(_chunks(windows, CHUNK_TOKENS)):
@@ -721,8 +750,12 @@ def convert_kuairand(options: KuaiRandOptions) -> dict:
         shutil.rmtree(bucket_dir)
     os.makedirs(bucket_dir)
 
-    logger.info("prepare kuairand: pass 1: partition %d file(s), %.1f MB, into %d bucket(s)",
-                len(options.logs), input_bytes / 1e6, num_buckets)
+    logger.info(
+        "prepare kuairand: pass 1: partition %d file(s), %.1f MB, into %d bucket(s)",
+        len(options.logs),
+        input_bytes / 1e6,
+        num_buckets,
+    )
     partitions: list[PartitionResult] = _run_tasks(
         partition_log,
         [(i, path, options, bucket_dir, num_buckets) for i, path in enumerate(options.logs)],
@@ -744,8 +777,15 @@ def convert_kuairand(options: KuaiRandOptions) -> dict:
     if not options.keep_buckets:
         shutil.rmtree(bucket_dir)
 
-    manifest = _manifest(options, partitions, buckets, split_time, num_buckets,
-                         pass1_s, time.perf_counter() - started)
+    manifest = _manifest(
+        options,
+        partitions,
+        buckets,
+        split_time,
+        num_buckets,
+        pass1_s,
+        time.perf_counter() - started,
+    )
     with open(os.path.join(options.out, "profile_codes.json"), "w") as f:
         json.dump(profiles.mappings, f, indent=2, ensure_ascii=False)
     if videos is not None:
@@ -801,14 +841,14 @@ def _manifest(
     return {
         "format": "hstu-samples/1",
         "source": "kuairand",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "mtgr": options.video_features is not None,
         "options": options_dict,
-        "schema": {f.name: str(f.type) for f in schema.sample_schema(options.video_features
-                                                                      is not None)},
+        "schema": {
+            f.name: str(f.type) for f in schema.sample_schema(options.video_features is not None)
+        },
         "split_time": split_time,
-        "split_time_utc": datetime.datetime.fromtimestamp(split_time, datetime.timezone.utc)
-        .isoformat(),
+        "split_time_utc": datetime.datetime.fromtimestamp(split_time, datetime.UTC).isoformat(),
         "time_range": [min(r[0] for r in ranges), max(r[1] for r in ranges)] if ranges else None,
         "splits": splits,
         "input": {
@@ -819,14 +859,14 @@ def _manifest(
             "history_only": sum(b.history_only for b in buckets),
             "skipped": sum(p.skipped_rows for p in partitions),
         },
-        "bad_rows": {"rows": sum(p.skipped_rows for p in partitions),
-                     "by_reason": dict(bad_rows)},
+        "bad_rows": {"rows": sum(p.skipped_rows for p in partitions), "by_reason": dict(bad_rows)},
         "users": {
             "total": sum(b.users for b in buckets),
             "without_profile": sum(b.users_without_profile for b in buckets),
         },
         "unknown_video_interactions": sum(b.unknown_videos for b in buckets)
-        if options.video_features else None,
+        if options.video_features
+        else None,
         # Largest value per id column: a table needs num_buckets > this.
         "max_values": max_values,
         "buckets": num_buckets,

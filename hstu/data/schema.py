@@ -165,7 +165,10 @@ def sample_specs(
 
     def raw_spec(column: str, dtype: str) -> FeatureSpec:
         return FeatureSpec(
-            name=column, column=column, kind="raw", sequence=split_column(column)[0],
+            name=column,
+            column=column,
+            kind="raw",
+            sequence=split_column(column)[0],
             value_dtype=dtype,  # type: ignore[arg-type]
         )
 

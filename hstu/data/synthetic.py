@@ -182,8 +182,9 @@ def generate_shard(options: SyntheticOptions, world: World, shard: int) -> dict:
     )
     history_len = np.clip(np.round(history_len), 1, options.max_history).astype(np.int64)
     full = rng.random(num_users) < 0.8
-    train_cands = np.where(full, options.max_candidates,
-                           rng.integers(1, options.max_candidates + 1, num_users))
+    train_cands = np.where(
+        full, options.max_candidates, rng.integers(1, options.max_candidates + 1, num_users)
+    )
     has_eval = rng.random(num_users) < options.eval_fraction
     eval_cands = np.where(has_eval, rng.integers(1, options.max_candidates + 1, num_users), 0)
     timeline_len = history_len + train_cands + eval_cands
@@ -284,8 +285,9 @@ def _profiles(rng: np.random.Generator, history_len: np.ndarray, options) -> dic
             # code does not depend on which shard it falls in); code 1 = most active.
             noise = 0.5
             activity = np.log(history_len) + rng.normal(0.0, noise, len(history_len))
-            spread = NormalDist(math.log(options.median_history),
-                                math.hypot(options.history_sigma, noise))
+            spread = NormalDist(
+                math.log(options.median_history), math.hypot(options.history_sigma, noise)
+            )
             edges = [spread.inv_cdf(q) for q in np.linspace(0, 1, cardinality + 1)[1:-1]]
             profiles[name] = (cardinality - np.searchsorted(edges, activity)).astype(np.int64)
         else:
@@ -333,8 +335,11 @@ def _actions(rng: np.random.Generator, score: np.ndarray) -> tuple[np.ndarray, n
         logit = np.float32(offsets[name]) + np.float32(slope) * noisy
         happens = rng.random(len(score), dtype=np.float32) < _sigmoid(logit)
         action_weight |= happens.astype(np.int64) * schema.ACTION_BITS[name]
-    watch_ratio = np.exp(np.float32(0.6) * noisy + np.float32(np.log(0.5)) + np.float32(0.6)
-                         * rng.standard_normal(len(score), dtype=np.float32))
+    watch_ratio = np.exp(
+        np.float32(0.6) * noisy
+        + np.float32(np.log(0.5))
+        + np.float32(0.6) * rng.standard_normal(len(score), dtype=np.float32)
+    )
     long_view = watch_ratio >= np.quantile(watch_ratio, 1.0 - ACTION_RATES["long_view"])
     action_weight |= long_view.astype(np.int64) * schema.ACTION_BITS["long_view"]
     return action_weight, watch_ratio
@@ -385,8 +390,7 @@ def _write_shard(options: SyntheticOptions, out_dir: str, shard: int) -> dict:
 
 
 def _gather(results, totals: dict, options: SyntheticOptions, started: float) -> None:
-    done = 0
-    for written in results:
+    for done, written in enumerate(results, start=1):
         for split, part in written.items():
             total = totals[split]
             for key in ("rows", "uih_tokens", "candidate_tokens"):
@@ -394,10 +398,12 @@ def _gather(results, totals: dict, options: SyntheticOptions, started: float) ->
             total["files"].append(part["file"])
             total["uih_hist"] += part["uih_hist"]
             total["cand_hist"] += part["cand_hist"]
-        done += 1
-        logger.info("prepare synthetic: %d/%d users done (%.1f s)",
-                    min(done * options.users_per_shard, options.users), options.users,
-                    time.perf_counter() - started)
+        logger.info(
+            "prepare synthetic: %d/%d users done (%.1f s)",
+            min(done * options.users_per_shard, options.users),
+            options.users,
+            time.perf_counter() - started,
+        )
 
 
 # The world of the latest options, per process (a worker process makes it once).
@@ -413,9 +419,14 @@ def generate(options: SyntheticOptions, out_dir: str | os.PathLike, workers: int
         os.makedirs(os.path.join(out_dir, split), exist_ok=True)
     num_shards = -(-options.users // options.users_per_shard)
     totals = {
-        split: {"rows": 0, "uih_tokens": 0, "candidate_tokens": 0, "files": [],
-                "uih_hist": np.zeros(len(histogram_labels()), np.int64),
-                "cand_hist": np.zeros(len(histogram_labels()), np.int64)}
+        split: {
+            "rows": 0,
+            "uih_tokens": 0,
+            "candidate_tokens": 0,
+            "files": [],
+            "uih_hist": np.zeros(len(histogram_labels()), np.int64),
+            "cand_hist": np.zeros(len(histogram_labels()), np.int64),
+        }
         for split in ("train", "eval")
     }
     calls = [(options, out_dir, shard) for shard in range(num_shards)]

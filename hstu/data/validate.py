@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -31,8 +32,10 @@ BAD_ROW_POLICIES: tuple[str, ...] = ("error", "skip")
 SEQUENCE_DELIMITER = "|"
 
 _INT_PATTERN = r"^[+-]?[0-9]{1,18}$"
+# A decimal number, or nan / inf / infinity in any case (the NaN check reports those).
 _FLOAT_PATTERN = (
-    r"^[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[nN][aA][nN]|[iI][nN][fF]([iI][nN][iI][tT][yY])?)$"
+    r"^[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?"
+    r"|[nN][aA][nN]|[iI][nN][fF]([iI][nN][iI][tT][yY])?)$"
 )
 
 
@@ -93,7 +96,7 @@ class Column:
             return element_indices
         return np.searchsorted(self.offsets, element_indices, side="right") - 1
 
-    def take_rows(self, keep: np.ndarray) -> "Column":
+    def take_rows(self, keep: np.ndarray) -> Column:
         if self.lengths is None:
             return Column(self.values[keep])
         return Column(self.values[np.repeat(keep, self.lengths)], self.lengths[keep])
@@ -265,8 +268,9 @@ def _mistyped(request: ColumnRequest, actual: pa.DataType, path: str | None) -> 
     hint = None
     if request.value_dtype == "int64" and request.is_list:
         hint = "ids, bitmasks and timestamps must be integers; timestamps are int64 seconds"
-    return DataError(f"type {actual}, expected {expected}", path=path, column=request.column,
-                     hint=hint)
+    return DataError(
+        f"type {actual}, expected {expected}", path=path, column=request.column, hint=hint
+    )
 
 
 def find_bad_rows(
@@ -353,7 +357,7 @@ class BadRowReport:
     rows: int = 0
     by_reason: Counter = dataclasses.field(default_factory=Counter)
 
-    def add(self, other: "BadRowReport") -> None:
+    def add(self, other: BadRowReport) -> None:
         self.rows += other.rows
         self.by_reason.update(other.by_reason)
 
@@ -416,11 +420,13 @@ def validate_table(
     """Check a whole table (e.g. one sample file) against the specs; see the module docstring."""
     columns, findings = read_columns(table, requests_for(features, labels), path=path)
     findings += find_bad_rows(columns, features, labels)
-    sample_ids = (
-        table.column(SAMPLE_ID).to_numpy() if SAMPLE_ID in table.column_names else None
-    )
+    sample_ids = table.column(SAMPLE_ID).to_numpy() if SAMPLE_ID in table.column_names else None
     _, report = resolve_bad_rows(
-        findings, table.num_rows, on_bad_rows, path=path, row_offset=row_offset,
+        findings,
+        table.num_rows,
+        on_bad_rows,
+        path=path,
+        row_offset=row_offset,
         sample_ids=sample_ids,
     )
     return report

@@ -9,6 +9,7 @@ uih_end == cand_start. All work is numpy over whole arrays; no Python loop over 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pyarrow as pa
@@ -41,7 +42,7 @@ class Windows:
     def cand_lengths(self) -> np.ndarray:
         return self.cand_end - self.cand_start
 
-    def select(self, rows: np.ndarray | slice) -> "Windows":
+    def select(self, rows: np.ndarray | slice) -> Windows:
         return Windows(**{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)})
 
 
@@ -85,7 +86,11 @@ def plan_windows(
     # Segments in (user, period) order so windows come out sorted by (user, time).
     order = np.lexsort((segment_is_eval, segment_user))
     segments_start, segments_end = segments_start[order], segments_end[order]
-    segment_user, segment_is_eval, counts = segment_user[order], segment_is_eval[order], counts[order]
+    segment_user, segment_is_eval, counts = (
+        segment_user[order],
+        segment_is_eval[order],
+        counts[order],
+    )
 
     window_segment = np.repeat(np.arange(len(counts)), counts)
     segment_offsets = np.zeros(len(counts) + 1, dtype=np.int64)
@@ -242,7 +247,7 @@ def length_histogram(lengths: np.ndarray) -> list[int]:
 def histogram_labels() -> list[str]:
     """'0', '1', '2-3', '4-7', ..., '16384+' for HISTOGRAM_EDGES."""
     labels = []
-    for low, high in zip(HISTOGRAM_EDGES[:-1], HISTOGRAM_EDGES[1:]):
+    for low, high in itertools.pairwise(HISTOGRAM_EDGES):
         if high == HISTOGRAM_EDGES[-1]:
             labels.append(f"{low}+")
         elif high - low == 1:

@@ -1,9 +1,12 @@
-"""Shared fixtures for the data tests: one local Ray for the whole session, small specs."""
+"""Shared fixtures for the data tests: one local Ray for the whole session, and hand-built
+specs and tables (`make_specs`, `make_table`)."""
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pytest
 
+from hstu.config.features import FeatureSpec, LabelSpec
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +23,103 @@ def ray_local():
     yield ray
     if started_here:
         ray.shutdown()
+
+
+def small_specs(num_buckets: int = 100) -> tuple[list[FeatureSpec], list[LabelSpec]]:
+    """A hand-built spec set: user_id scalar, a history of (video_id, action_timestamp,
+    watch_time), candidates of (video_id, query_time) sharing the video table, two labels."""
+    features = [
+        FeatureSpec(
+            "user_id",
+            "user_id",
+            "id",
+            embedding_name="user",
+            embedding_dim=4,
+            num_buckets=num_buckets,
+        ),
+        FeatureSpec(
+            "uih_seq__video_id",
+            "uih_seq__video_id",
+            "id",
+            sequence="uih_seq",
+            embedding_name="video",
+            embedding_dim=4,
+            num_buckets=num_buckets,
+        ),
+        FeatureSpec(
+            "uih_seq__action_timestamp",
+            "uih_seq__action_timestamp",
+            "raw",
+            sequence="uih_seq",
+            value_dtype="int64",
+        ),
+        FeatureSpec(
+            "uih_seq__watch_time",
+            "uih_seq__watch_time",
+            "raw",
+            sequence="uih_seq",
+            value_dtype="float32",
+        ),
+        FeatureSpec(
+            "cand_seq__video_id",
+            "cand_seq__video_id",
+            "id",
+            sequence="cand_seq",
+            embedding_name="video",
+            embedding_dim=4,
+            num_buckets=num_buckets,
+        ),
+        FeatureSpec(
+            "cand_seq__query_time",
+            "cand_seq__query_time",
+            "raw",
+            sequence="cand_seq",
+            value_dtype="int64",
+        ),
+    ]
+    labels = [
+        LabelSpec("cand_seq__action_weight", "int64"),
+        LabelSpec("cand_seq__watch_time", "float32"),
+    ]
+    return features, labels
+
+
+def small_table(**overrides) -> pa.Table:
+    """Three rows that satisfy small_specs(); keyword arguments replace columns (python lists)."""
+    ints = pa.list_(pa.int64())
+    floats = pa.list_(pa.float32())
+    columns = {
+        "sample_id": (pa.int64(), [10, 11, 12]),
+        "user_id": (pa.int64(), [1, 2, 3]),
+        "uih_seq__video_id": (ints, [[5, 6], [], [7, 8, 9]]),
+        "uih_seq__action_timestamp": (ints, [[100, 101], [], [200, 200, 205]]),
+        "uih_seq__watch_time": (floats, [[1.5, 2.0], [], [0.0, 3.0, 4.5]]),
+        "cand_seq__video_id": (ints, [[11], [12, 13], [14]]),
+        "cand_seq__query_time": (ints, [[102], [50, 60], [206]]),
+        "cand_seq__action_weight": (ints, [[3], [0, 64], [1]]),
+        "cand_seq__watch_time": (floats, [[9.0], [0.5, 7.25], [1.0]]),
+    }
+    arrays = {}
+    for name, (default_type, values) in columns.items():
+        if name in overrides:
+            value = overrides.pop(name)
+            arrays[name] = (
+                value
+                if isinstance(value, (pa.Array, pa.ChunkedArray))
+                else pa.array(value, type=default_type)
+            )
+        else:
+            arrays[name] = pa.array(values, type=default_type)
+    for name, value in overrides.items():  # extra columns
+        arrays[name] = value if isinstance(value, pa.Array) else pa.array(value)
+    return pa.table(arrays)
+
+
+@pytest.fixture
+def make_specs():
+    return small_specs
+
+
+@pytest.fixture
+def make_table():
+    return small_table

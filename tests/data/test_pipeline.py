@@ -12,12 +12,11 @@ import torch
 from hstu.data.pipeline import arrow_to_batch, iter_jagged_batches, read_samples, row_tokens
 from hstu.data.schema import sample_specs
 from hstu.data.synthetic import SyntheticOptions, generate
-from data_fixtures import small_specs, small_table
 
 
-def test_arrow_to_batch_exact_values_and_lengths():
-    features, labels = small_specs()
-    batch = arrow_to_batch(small_table(), features, labels)
+def test_arrow_to_batch_exact_values_and_lengths(make_specs, make_table):
+    features, labels = make_specs()
+    batch = arrow_to_batch(make_table(), features, labels)
 
     assert batch.batch_size == 3
     assert batch.sample_ids.tolist() == [10, 11, 12]
@@ -46,10 +45,10 @@ def test_arrow_to_batch_exact_values_and_lengths():
     assert batch.num_tokens(contextual_tokens=6) == 9 + 18
 
 
-def test_arrow_to_batch_keeps_large_timestamps_exact():
+def test_arrow_to_batch_keeps_large_timestamps_exact(make_specs, make_table):
     # 1.65e9 s: float32 would round these to multiples of 128 s.
-    features, labels = small_specs()
-    table = small_table(
+    features, labels = make_specs()
+    table = make_table(
         uih_seq__action_timestamp=[[1_650_000_001, 1_650_000_003], [], [1_650_000_005] * 3],
         cand_seq__query_time=[[1_650_000_007], [1_650_000_011, 1_650_000_013], [1_650_000_017]],
     )
@@ -58,9 +57,9 @@ def test_arrow_to_batch_keeps_large_timestamps_exact():
     assert batch.raw["cand_seq__query_time"].tolist()[-1] == 1_650_000_017
 
 
-def test_arrow_to_batch_sliced_and_chunked_input():
-    features, labels = small_specs()
-    table = small_table()
+def test_arrow_to_batch_sliced_and_chunked_input(make_specs, make_table):
+    features, labels = make_specs()
+    table = make_table()
     # A slice starts mid-buffer; two chunks exercise the per-chunk path.
     sliced = table.slice(1, 2)
     batch = arrow_to_batch(sliced, features, labels)
@@ -72,16 +71,16 @@ def test_arrow_to_batch_sliced_and_chunked_input():
     assert batch.sparse.values().tolist() == [1, 2, 3, 5, 6, 7, 8, 9, 11, 12, 13, 14]
 
 
-def test_arrow_to_batch_pipe_delimited_strings():
-    features, labels = small_specs()
-    table = small_table(
+def test_arrow_to_batch_pipe_delimited_strings(make_specs, make_table):
+    features, labels = make_specs()
+    table = make_table(
         uih_seq__video_id=pa.array(["5|6", "", " 7| 8 |9"]),
         uih_seq__action_timestamp=pa.array(["100|101", "", "200|200|205"]),
         uih_seq__watch_time=pa.array(["1.5|2", "", "0|3e0|4.5"]),
         cand_seq__query_time=pa.array(["102", "50|60", "206"]),
     )
     batch = arrow_to_batch(table, features, labels)
-    expected = arrow_to_batch(small_table(), features, labels)
+    expected = arrow_to_batch(make_table(), features, labels)
     assert batch.sparse.values().tolist() == expected.sparse.values().tolist()
     assert batch.sparse.lengths().tolist() == expected.sparse.lengths().tolist()
     for name in expected.raw:
@@ -89,9 +88,9 @@ def test_arrow_to_batch_pipe_delimited_strings():
         assert batch.raw[name].tolist() == expected.raw[name].tolist()
 
 
-def test_arrow_to_batch_accepts_narrower_integer_and_float_types():
-    features, labels = small_specs()
-    table = small_table(
+def test_arrow_to_batch_accepts_narrower_integer_and_float_types(make_specs, make_table):
+    features, labels = make_specs()
+    table = make_table(
         user_id=pa.array([1, 2, 3], pa.int32()),
         uih_seq__video_id=pa.array([[5, 6], [], [7, 8, 9]], pa.list_(pa.int32())),
         uih_seq__watch_time=pa.array([[1.5, 2.0], [], [0.0, 3.0, 4.5]], pa.list_(pa.float64())),
@@ -107,8 +106,16 @@ class FakeShard:
     def __init__(self, table: pa.Table):
         self.table = table
 
-    def iter_batches(self, *, batch_size, batch_format, drop_last, prefetch_batches,
-                     local_shuffle_buffer_size, local_shuffle_seed):
+    def iter_batches(
+        self,
+        *,
+        batch_size,
+        batch_format,
+        drop_last,
+        prefetch_batches,
+        local_shuffle_buffer_size,
+        local_shuffle_seed,
+    ):
         assert batch_format == "pyarrow" and not drop_last
         for start in range(0, self.table.num_rows, batch_size):
             yield self.table.slice(start, batch_size)
@@ -120,61 +127,75 @@ def _rows_with_lengths(uih_lengths, cand_lengths) -> pa.Table:
     floats = pa.list_(pa.float32())
     uih = [list(range(n)) for n in uih_lengths]
     cand = [[1] * n for n in cand_lengths]
-    return pa.table({
-        "sample_id": pa.array(range(rows), pa.int64()),
-        "user_id": pa.array([1] * rows, pa.int64()),
-        "uih_seq__video_id": pa.array(uih, ints),
-        "uih_seq__action_timestamp": pa.array(uih, ints),
-        "uih_seq__watch_time": pa.array([[0.0] * n for n in uih_lengths], floats),
-        "cand_seq__video_id": pa.array(cand, ints),
-        "cand_seq__query_time": pa.array([[n] * c for n, c in zip(uih_lengths, cand_lengths)],
-                                         ints),
-        "cand_seq__action_weight": pa.array([[0] * n for n in cand_lengths], ints),
-        "cand_seq__watch_time": pa.array([[0.0] * n for n in cand_lengths], floats),
-    })
+    return pa.table(
+        {
+            "sample_id": pa.array(range(rows), pa.int64()),
+            "user_id": pa.array([1] * rows, pa.int64()),
+            "uih_seq__video_id": pa.array(uih, ints),
+            "uih_seq__action_timestamp": pa.array(uih, ints),
+            "uih_seq__watch_time": pa.array([[0.0] * n for n in uih_lengths], floats),
+            "cand_seq__video_id": pa.array(cand, ints),
+            "cand_seq__query_time": pa.array(
+                [[n] * c for n, c in zip(uih_lengths, cand_lengths)], ints
+            ),
+            "cand_seq__action_weight": pa.array([[0] * n for n in cand_lengths], ints),
+            "cand_seq__watch_time": pa.array([[0.0] * n for n in cand_lengths], floats),
+        }
+    )
 
 
-def test_fixed_batches_drop_last_is_counted():
-    features, labels = small_specs()
+def test_fixed_batches_drop_last_is_counted(make_specs):
+    features, labels = make_specs()
     table = _rows_with_lengths([3] * 10, [1] * 10)
-    batches = iter_jagged_batches(FakeShard(table), features, labels, batch_size=4,
-                                  drop_last=True)
+    batches = iter_jagged_batches(FakeShard(table), features, labels, batch_size=4, drop_last=True)
     sizes = [b.batch_size for b in batches]
     assert sizes == [4, 4]
     assert batches.stats.dropped_rows == 2
     assert batches.stats.rows_read == 10
     assert batches.stats.tokens == 8 * 4
     # Without drop_last the short batch comes through.
-    batches = iter_jagged_batches(FakeShard(table), features, labels, batch_size=4,
-                                  drop_last=False)
+    batches = iter_jagged_batches(FakeShard(table), features, labels, batch_size=4, drop_last=False)
     assert [b.batch_size for b in batches] == [4, 4, 2]
     assert batches.stats.dropped_rows == 0
 
 
-def test_token_budget_packs_rows_greedily():
-    features, labels = small_specs(num_buckets=10_000)
+def test_token_budget_packs_rows_greedily(make_specs):
+    features, labels = make_specs(num_buckets=10_000)
     uih = [10, 10, 10, 50, 5, 5, 5, 200, 1, 1]
     cand = [2] * 10
     table = _rows_with_lengths(uih, cand)
     assert row_tokens(table, ["uih_seq__video_id", "cand_seq__video_id"]).tolist() == [
         u + c for u, c in zip(uih, cand)
     ]
-    batches = iter_jagged_batches(FakeShard(table), features, labels, batch_size=3,
-                                  drop_last=False, token_budget=40, read_rows=4)
+    batches = iter_jagged_batches(
+        FakeShard(table),
+        features,
+        labels,
+        batch_size=3,
+        drop_last=False,
+        token_budget=40,
+        read_rows=4,
+    )
     groups = [b.sample_ids.tolist() for b in batches]
     # 12+12+12=36 fits; 52 alone exceeds (goes alone); 7*3=21 hits batch_size; 202 alone; 3+3.
     assert groups == [[0, 1, 2], [3], [4, 5, 6], [7], [8, 9]]
     assert batches.stats.rows == 10 and batches.stats.batches == 5
-    capped = iter_jagged_batches(FakeShard(table), features, labels, batch_size=3,
-                                 drop_last=False, token_budget=40, max_batches=2)
+    capped = iter_jagged_batches(
+        FakeShard(table),
+        features,
+        labels,
+        batch_size=3,
+        drop_last=False,
+        token_budget=40,
+        max_batches=2,
+    )
     assert len(list(capped)) == 2 and capped.stats.stopped_at_max_batches
 
 
-def test_producer_error_reaches_consumer():
-    features, labels = small_specs()
-    table = small_table(cand_seq__query_time=[[102], [50], [206]])  # row 1: 2 vs 1 candidates
-    batches = iter_jagged_batches(FakeShard(table), features, labels, batch_size=2,
-                                  drop_last=False)
+def test_producer_error_reaches_consumer(make_specs, make_table):
+    features, labels = make_specs()
+    table = make_table(cand_seq__query_time=[[102], [50], [206]])  # row 1: 2 vs 1 candidates
+    batches = iter_jagged_batches(FakeShard(table), features, labels, batch_size=2, drop_last=False)
     with pytest.raises(Exception, match="cand_seq__query_time"):
         list(batches)
 
@@ -182,8 +203,18 @@ def test_producer_error_reaches_consumer():
 @pytest.fixture(scope="module")
 def synthetic_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
-    generate(SyntheticOptions(users=60, median_history=20, max_history=64, max_candidates=8,
-                              items=5000, clusters=20, users_per_shard=10), out)
+    generate(
+        SyntheticOptions(
+            users=60,
+            median_history=20,
+            max_history=64,
+            max_candidates=8,
+            items=5000,
+            clusters=20,
+            users_per_shard=10,
+        ),
+        out,
+    )
     return out
 
 
@@ -199,8 +230,15 @@ def test_ray_two_equal_shards_lose_and_duplicate_nothing(ray_local, synthetic_di
     stats = {}
 
     def consume(rank: int) -> None:
-        batches = iter_jagged_batches(shards[rank], features, labels, batch_size=7,
-                                      drop_last=False, shuffle_buffer=16, seed=rank)
+        batches = iter_jagged_batches(
+            shards[rank],
+            features,
+            labels,
+            batch_size=7,
+            drop_last=False,
+            shuffle_buffer=16,
+            seed=rank,
+        )
         delivered[rank] = [i for b in batches for i in b.sample_ids.tolist()]
         stats[rank] = batches.stats
 
@@ -212,8 +250,11 @@ def test_ray_two_equal_shards_lose_and_duplicate_nothing(ray_local, synthetic_di
     assert len(delivered[0]) == len(delivered[1]) == 30  # equal shards
     everything = delivered[0] + delivered[1]
     assert len(set(everything)) == 60  # no duplicates, nothing lost
-    expected = set(pq.read_table(synthetic_dir / "train", columns=["sample_id"])
-                   .column("sample_id").to_pylist())
+    expected = set(
+        pq.read_table(synthetic_dir / "train", columns=["sample_id"])
+        .column("sample_id")
+        .to_pylist()
+    )
     assert set(everything) == expected
     assert stats[0].batches == stats[1].batches == 5  # 30 rows / 7: same step count
     assert stats[0].rows_read == 30 and stats[0].dropped_rows == 0

@@ -18,8 +18,12 @@ def test_schema_columns():
     assert str(base.field("cand_seq__watch_time").type) == "list<item: float>"
     mtgr = schema.sample_schema(True)
     assert set(mtgr.names) - set(base.names) == {
-        "uih_seq__video_cate1", "uih_seq__video_cate2", "cand_seq__video_cate1",
-        "cand_seq__video_cate2", "cand_seq__user_video_cross1", "cand_seq__user_video_cross2",
+        "uih_seq__video_cate1",
+        "uih_seq__video_cate2",
+        "cand_seq__video_cate1",
+        "cand_seq__video_cate2",
+        "cand_seq__user_video_cross1",
+        "cand_seq__user_video_cross2",
     }
     assert schema.split_column("uih_seq__video_id") == ("uih_seq", "video_id")
     assert schema.split_column("user_id") == (None, "user_id")
@@ -36,7 +40,11 @@ def test_sample_specs_match_the_recipes(recipe, mtgr):
     for spec in feature_specs(cfg):
         mine = ours[spec.name]
         assert (mine.column, mine.kind, mine.sequence, mine.num_buckets) == (
-            spec.column, spec.kind, spec.sequence, spec.num_buckets), spec.name
+            spec.column,
+            spec.kind,
+            spec.sequence,
+            spec.num_buckets,
+        ), spec.name
         if spec.kind == "raw":
             assert mine.value_dtype == spec.value_dtype
     recipe_labels = {label.column for label in label_specs(cfg)}

@@ -8,7 +8,6 @@ import math
 import pyarrow as pa
 import pytest
 
-from data_fixtures import small_specs, small_table
 from hstu.data.pipeline import arrow_to_batch
 from hstu.data.validate import BadRowReport, DataError, validate_table
 
@@ -16,41 +15,118 @@ NAN = math.nan
 
 # (case, column overrides, column named in the error, problem text, the bad row)
 BAD_ROWS = [
-    ("uih lengths differ", {"uih_seq__watch_time": [[1.5, 2.0], [], [0.0, 3.0]]},
-     "uih_seq__watch_time", "length differs from 'uih_seq__video_id'", 2),
-    ("cand lengths differ", {"cand_seq__query_time": [[102], [50], [206]]},
-     "cand_seq__query_time", "length differs from 'cand_seq__video_id'", 1),
-    ("label length differs", {"cand_seq__action_weight": [[3], [0, 64], [1, 1]]},
-     "cand_seq__action_weight", "length differs", 2),
-    ("no candidates", {"cand_seq__video_id": [[11], [], [14]],
-                       "cand_seq__query_time": [[102], [], [206]],
-                       "cand_seq__action_weight": [[3], [], [1]],
-                       "cand_seq__watch_time": [[9.0], [], [1.0]]},
-     "cand_seq__video_id", "no candidates", 1),
-    ("negative timestamp", {"uih_seq__action_timestamp": [[100, 101], [], [-5, 200, 205]]},
-     "uih_seq__action_timestamp", "negative timestamp", 2),
-    ("decreasing timestamp", {"uih_seq__action_timestamp": [[101, 100], [], [200, 200, 205]]},
-     "uih_seq__action_timestamp", "decreasing timestamp", 0),
-    ("decreasing query time", {"cand_seq__query_time": [[102], [60, 50], [206]]},
-     "cand_seq__query_time", "decreasing timestamp", 1),
-    ("id beyond table", {"uih_seq__video_id": [[5, 6], [], [7, 100, 9]]},
-     "uih_seq__video_id", "id >= num_buckets 100", 2),
+    (
+        "uih lengths differ",
+        {"uih_seq__watch_time": [[1.5, 2.0], [], [0.0, 3.0]]},
+        "uih_seq__watch_time",
+        "length differs from 'uih_seq__video_id'",
+        2,
+    ),
+    (
+        "cand lengths differ",
+        {"cand_seq__query_time": [[102], [50], [206]]},
+        "cand_seq__query_time",
+        "length differs from 'cand_seq__video_id'",
+        1,
+    ),
+    (
+        "label length differs",
+        {"cand_seq__action_weight": [[3], [0, 64], [1, 1]]},
+        "cand_seq__action_weight",
+        "length differs",
+        2,
+    ),
+    (
+        "no candidates",
+        {
+            "cand_seq__video_id": [[11], [], [14]],
+            "cand_seq__query_time": [[102], [], [206]],
+            "cand_seq__action_weight": [[3], [], [1]],
+            "cand_seq__watch_time": [[9.0], [], [1.0]],
+        },
+        "cand_seq__video_id",
+        "no candidates",
+        1,
+    ),
+    (
+        "negative timestamp",
+        {"uih_seq__action_timestamp": [[100, 101], [], [-5, 200, 205]]},
+        "uih_seq__action_timestamp",
+        "negative timestamp",
+        2,
+    ),
+    (
+        "decreasing timestamp",
+        {"uih_seq__action_timestamp": [[101, 100], [], [200, 200, 205]]},
+        "uih_seq__action_timestamp",
+        "decreasing timestamp",
+        0,
+    ),
+    (
+        "decreasing query time",
+        {"cand_seq__query_time": [[102], [60, 50], [206]]},
+        "cand_seq__query_time",
+        "decreasing timestamp",
+        1,
+    ),
+    (
+        "id beyond table",
+        {"uih_seq__video_id": [[5, 6], [], [7, 100, 9]]},
+        "uih_seq__video_id",
+        "id >= num_buckets 100",
+        2,
+    ),
     ("scalar id beyond table", {"user_id": [1, 2, 100]}, "user_id", "id >= num_buckets", 2),
-    ("negative id", {"cand_seq__video_id": [[11], [12, -13], [14]]},
-     "cand_seq__video_id", "negative id", 1),
-    ("NaN watch time", {"uih_seq__watch_time": [[1.5, NAN], [], [0.0, 3.0, 4.5]]},
-     "uih_seq__watch_time", "NaN or infinite", 0),
-    ("infinite label", {"cand_seq__watch_time": [[9.0], [0.5, 7.25], [math.inf]]},
-     "cand_seq__watch_time", "NaN or infinite", 2),
-    ("null list", {"uih_seq__video_id": [[5, 6], None, [7, 8, 9]]},
-     "uih_seq__video_id", "null list", 1),
-    ("null element", {"cand_seq__video_id": [[11], [12, None], [14]]},
-     "cand_seq__video_id", "null element", 1),
+    (
+        "negative id",
+        {"cand_seq__video_id": [[11], [12, -13], [14]]},
+        "cand_seq__video_id",
+        "negative id",
+        1,
+    ),
+    (
+        "NaN watch time",
+        {"uih_seq__watch_time": [[1.5, NAN], [], [0.0, 3.0, 4.5]]},
+        "uih_seq__watch_time",
+        "NaN or infinite",
+        0,
+    ),
+    (
+        "infinite label",
+        {"cand_seq__watch_time": [[9.0], [0.5, 7.25], [math.inf]]},
+        "cand_seq__watch_time",
+        "NaN or infinite",
+        2,
+    ),
+    (
+        "null list",
+        {"uih_seq__video_id": [[5, 6], None, [7, 8, 9]]},
+        "uih_seq__video_id",
+        "null list",
+        1,
+    ),
+    (
+        "null element",
+        {"cand_seq__video_id": [[11], [12, None], [14]]},
+        "cand_seq__video_id",
+        "null element",
+        1,
+    ),
     ("null scalar", {"user_id": [1, None, 3]}, "user_id", "null value", 1),
-    ("unparsable '|' element", {"uih_seq__video_id": pa.array(["5|6", "", "7|x|9"])},
-     "uih_seq__video_id", "element not a whole number", 2),
-    ("empty '|' element", {"uih_seq__action_timestamp": pa.array(["100||101", "", "200|200|205"])},
-     "uih_seq__action_timestamp", "element not a whole number", 0),
+    (
+        "unparsable '|' element",
+        {"uih_seq__video_id": pa.array(["5|6", "", "7|x|9"])},
+        "uih_seq__video_id",
+        "element not a whole number",
+        2,
+    ),
+    (
+        "empty '|' element",
+        {"uih_seq__action_timestamp": pa.array(["100||101", "", "200|200|205"])},
+        "uih_seq__action_timestamp",
+        "element not a whole number",
+        0,
+    ),
 ]
 
 
@@ -59,9 +135,11 @@ BAD_ROWS = [
     [case[1:] for case in BAD_ROWS],
     ids=[case[0] for case in BAD_ROWS],
 )
-def test_bad_row_stops_with_file_row_and_column(overrides, column, problem, bad_row):
-    features, labels = small_specs()
-    table = small_table(**overrides)
+def test_bad_row_stops_with_file_row_and_column(
+    overrides, column, problem, bad_row, make_specs, make_table
+):
+    features, labels = make_specs()
+    table = make_table(**overrides)
     with pytest.raises(DataError) as error:
         arrow_to_batch(table, features, labels, source="part-7.parquet", row_offset=1000)
     assert error.value.path == "part-7.parquet"
@@ -78,30 +156,31 @@ def test_bad_row_stops_with_file_row_and_column(overrides, column, problem, bad_
     [case[1:] for case in BAD_ROWS],
     ids=[case[0] for case in BAD_ROWS],
 )
-def test_bad_row_skipped_and_counted(overrides, column, problem, bad_row):
-    features, labels = small_specs()
+def test_bad_row_skipped_and_counted(overrides, column, problem, bad_row, make_specs, make_table):
+    features, labels = make_specs()
     report = BadRowReport()
-    batch = arrow_to_batch(small_table(**overrides), features, labels, on_bad_rows="skip",
-                           bad_rows=report)
+    batch = arrow_to_batch(
+        make_table(**overrides), features, labels, on_bad_rows="skip", bad_rows=report
+    )
     kept = [10 + row for row in range(3) if row != bad_row]
     assert batch.sample_ids.tolist() == kept
     assert batch.batch_size == 2
     assert report.rows == 1
     # One row can break several rules ("100||101" also decreases): each reason counts it.
     assert set(report.by_reason.values()) == {1}
-    assert any(reason.startswith(f"{column}: ") and problem in reason
-               for reason in report.by_reason)
+    assert any(
+        reason.startswith(f"{column}: ") and problem in reason for reason in report.by_reason
+    )
     # The kept rows are intact: lengths still add up to the values.
-    for sequence, lengths in batch.seq_lengths.items():
+    for lengths in batch.seq_lengths.values():
         assert lengths.shape == (2,)
-    assert int(batch.seq_lengths["cand_seq"].sum()) == len(
-        batch.labels["cand_seq__action_weight"])
+    assert int(batch.seq_lengths["cand_seq"].sum()) == len(batch.labels["cand_seq__action_weight"])
     assert batch.sparse.lengths().sum() == batch.sparse.values().numel()
 
 
-def test_several_bad_rows_first_is_reported_all_are_counted():
-    features, labels = small_specs()
-    table = small_table(
+def test_several_bad_rows_first_is_reported_all_are_counted(make_specs, make_table):
+    features, labels = make_specs()
+    table = make_table(
         user_id=[1, 200, 3],  # row 1
         uih_seq__watch_time=[[1.5, 2.0], [], [0.0, NAN, 4.5]],  # row 2
     )
@@ -113,9 +192,9 @@ def test_several_bad_rows_first_is_reported_all_are_counted():
     assert sum(report.by_reason.values()) == 2
 
 
-def test_rows_from_several_files_name_each_rows_file():
-    features, labels = small_specs()
-    table = small_table(
+def test_rows_from_several_files_name_each_rows_file(make_specs, make_table):
+    features, labels = make_specs()
+    table = make_table(
         cand_seq__video_id=[[11], [12, 13], [140]],
         path=pa.array(["a.parquet", "b.parquet", "c.parquet"]),
     )
@@ -126,9 +205,9 @@ def test_rows_from_several_files_name_each_rows_file():
 
 
 @pytest.mark.parametrize("on_bad_rows", ["error", "skip"])
-def test_missing_column_always_stops(on_bad_rows):
-    features, labels = small_specs()
-    table = small_table().drop_columns(["cand_seq__query_time"])
+def test_missing_column_always_stops(on_bad_rows, make_specs, make_table):
+    features, labels = make_specs()
+    table = make_table().drop_columns(["cand_seq__query_time"])
     with pytest.raises(DataError) as error:
         arrow_to_batch(table, features, labels, source="x.parquet", on_bad_rows=on_bad_rows)
     assert error.value.column == "cand_seq__query_time" and error.value.path == "x.parquet"
@@ -136,8 +215,11 @@ def test_missing_column_always_stops(on_bad_rows):
 
 
 MISTYPED = [
-    ("float timestamps", "uih_seq__action_timestamp",
-     pa.array([[100.0, 101.0], [], [200.0, 200.0, 205.0]], pa.list_(pa.float64()))),
+    (
+        "float timestamps",
+        "uih_seq__action_timestamp",
+        pa.array([[100.0, 101.0], [], [200.0, 200.0, 205.0]], pa.list_(pa.float64())),
+    ),
     ("string scalar id", "user_id", pa.array(["1", "2", "3"])),
     ("scalar where a list is expected", "cand_seq__video_id", pa.array([11, 12, 14])),
     ("list of strings", "uih_seq__video_id", pa.array([["5"], [], ["7"]])),
@@ -146,23 +228,23 @@ MISTYPED = [
 
 @pytest.mark.parametrize("column, array", [c[1:] for c in MISTYPED], ids=[c[0] for c in MISTYPED])
 @pytest.mark.parametrize("on_bad_rows", ["error", "skip"])
-def test_mistyped_column_always_stops(column, array, on_bad_rows):
-    features, labels = small_specs()
-    table = small_table(**{column: array})
+def test_mistyped_column_always_stops(column, array, on_bad_rows, make_specs, make_table):
+    features, labels = make_specs()
+    table = make_table(**{column: array})
     with pytest.raises(DataError) as error:
         arrow_to_batch(table, features, labels, source="y.parquet", on_bad_rows=on_bad_rows)
     assert error.value.column == column and error.value.path == "y.parquet"
     assert "expected" in str(error.value)
 
 
-def test_equal_timestamps_and_row_boundaries_are_fine():
+def test_equal_timestamps_and_row_boundaries_are_fine(make_specs, make_table):
     # A later row may start earlier than the previous row ended: only within a row counts.
-    features, labels = small_specs()
-    table = small_table(uih_seq__action_timestamp=[[300, 300], [], [200, 200, 205]])
+    features, labels = make_specs()
+    table = make_table(uih_seq__action_timestamp=[[300, 300], [], [200, 200, 205]])
     assert arrow_to_batch(table, features, labels).batch_size == 3
 
 
-def test_unknown_policy_is_rejected():
-    features, labels = small_specs()
+def test_unknown_policy_is_rejected(make_specs, make_table):
+    features, labels = make_specs()
     with pytest.raises(ValueError, match="on_bad_rows"):
-        arrow_to_batch(small_table(user_id=[1, 2, 500]), features, labels, on_bad_rows="drop")
+        arrow_to_batch(make_table(user_id=[1, 2, 500]), features, labels, on_bad_rows="drop")

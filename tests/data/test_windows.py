@@ -23,8 +23,12 @@ def test_ranges_to_indices():
 def test_plan_windows_periods_cap_and_min_history():
     # User 0 owns tokens 0..9 (eval from 8), user 1 owns 10..12 (no eval).
     windows, history_only = plan_windows(
-        np.array([0, 10]), np.array([10, 13]), np.array([8, 13]),
-        max_candidates=3, max_history=4, min_history=1,
+        np.array([0, 10]),
+        np.array([10, 13]),
+        np.array([8, 13]),
+        max_candidates=3,
+        max_history=4,
+        min_history=1,
     )
     assert windows.cand_start.tolist() == [1, 4, 7, 8, 11]
     assert windows.cand_end.tolist() == [4, 7, 8, 10, 13]
@@ -37,7 +41,11 @@ def test_plan_windows_periods_cap_and_min_history():
 
 def test_plan_windows_user_with_only_history():
     windows, history_only = plan_windows(
-        np.array([0]), np.array([2]), np.array([2]), max_candidates=5, max_history=10,
+        np.array([0]),
+        np.array([2]),
+        np.array([2]),
+        max_candidates=5,
+        max_history=10,
         min_history=3,
     )
     assert len(windows) == 0 and history_only.tolist() == [2]
@@ -55,8 +63,7 @@ def test_counts_before():
 
 
 def test_log2_bucket_and_histogram():
-    assert log2_bucket(np.array([0, 1, 2, 3, 4, 7, 8, 10**9])).tolist() == [
-        1, 2, 3, 3, 4, 4, 5, 15]
+    assert log2_bucket(np.array([0, 1, 2, 3, 4, 7, 8, 10**9])).tolist() == [1, 2, 3, 3, 4, 4, 5, 15]
     assert log2_bucket(np.array([8191, 8192])).tolist() == [14, 15]
     assert histogram_labels()[:5] == ["0", "1", "2-3", "4-7", "8-15"]
     assert histogram_labels()[-1] == "16384+"
