@@ -219,12 +219,8 @@ def _aoti_package(serving, features, trace_inputs, staging: Path) -> str:
     return AOTI_FILE
 
 
-def _staging_dir(export_dir: Path, overwrite: bool) -> Path:
-    if export_dir.exists() and any(export_dir.iterdir()) and not overwrite:
-        raise ExportError(
-            f"--export_dir {export_dir} exists and is not empty; choose another directory or "
-            "pass --overwrite"
-        )
+def _staging_dir(export_dir: Path) -> Path:
+    """A fresh sibling of export_dir, renamed to it once everything is written."""
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = export_dir.parent / f".{export_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -280,6 +276,12 @@ def export_checkpoint(
             f"--checkpoint {checkpoint}: not a checkpoint directory (no .metadata; expected "
             "<storage>/<run>/checkpoint_<...> as written by `launch.py train`)"
         )
+    target = Path(export_dir)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise ExportError(
+            f"--export_dir {export_dir} exists and is not an empty directory; choose another "
+            "directory or pass --overwrite"
+        )
     features, labels = feature_specs(cfg), label_specs(cfg)
     model = _load_model(cfg, checkpoint_dir, recipe)
     model.set_kernel(Kernel.PYTORCH)
@@ -296,8 +298,7 @@ def export_checkpoint(
     # Without example inputs the archive holds no pickle at all (artifacts.check_pickle_free).
     program.example_inputs = None
 
-    target = Path(export_dir)
-    staging = _staging_dir(target, overwrite)
+    staging = _staging_dir(target)
     try:
         torch.export.save(program, str(staging / PROGRAM_FILE))
         files = [PROGRAM_FILE]
@@ -345,8 +346,10 @@ def export_checkpoint(
             "files": artifacts.file_records(staging, files),
         }
         _write_json(staging / MANIFEST_FILE, manifest)
-        if target.exists():
+        if target.is_dir():
             shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -357,18 +360,23 @@ def export_checkpoint(
 
 
 def _load_model(cfg, checkpoint_dir: Path, recipe: str):
+    from torch.distributed.checkpoint.api import CheckpointException
+
     from hstu.train.checkpoint import CheckpointError, load_for_inference
 
     try:
         return load_for_inference(cfg, checkpoint_dir, device="cpu")
     except CheckpointError as error:
         raise ExportError(str(error)) from None
-    except (RuntimeError, ValueError, KeyError) as error:
-        # DCP names the tensor whose shape or presence differs.
+    except (CheckpointException, RuntimeError, ValueError, KeyError) as error:
+        # DCP wraps the per-rank error, which names the tensor whose shape or presence differs.
+        cause = error
+        if isinstance(error, CheckpointException) and error.failures:
+            cause = next(iter(error.failures.values()))[0]  # (exception, traceback summary)
         raise ExportError(
             f"--checkpoint {checkpoint_dir} does not fit {recipe} (was it trained with another "
-            f"recipe or other --set values?): {type(error).__name__}: {error}"
-        ) from error
+            f"recipe or other --set values?): {type(cause).__name__}: {cause}"
+        ) from None
 
 
 def _write_json(path: Path, payload: dict) -> None:

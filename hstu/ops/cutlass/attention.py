@@ -93,11 +93,6 @@ def needs_triton_fallback(max_attn_len: int, contextual_seq_len: int, has_target
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """The kernel's input requirements (module docstring), each with what to change."""
-    if q.device.type != "cuda":
-        raise ValueError(
-            f"kernel CUTLASS runs on CUDA GPUs only; q is on {q.device}. Use kernel PYTORCH or "
-            "TRITON here (e.g. --set model_config.kernel=PYTORCH)."
-        )
     if q.dtype not in HALF_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(
             f"kernel CUTLASS needs bfloat16 or float16 q/k/v; got {q.dtype}/{k.dtype}/{v.dtype}. "
@@ -118,6 +113,42 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             f"kernel CUTLASS takes fewer than 2^31 tokens per batch (int32 offsets); got "
             f"{q.shape[0]}. Use a smaller batch."
         )
+    if q.device.type != "cuda":
+        raise ValueError(
+            f"kernel CUTLASS runs on CUDA GPUs only; q is on {q.device}. Use kernel PYTORCH or "
+            "TRITON here (e.g. --set model_config.kernel=PYTORCH)."
+        )
+
+
+def kernel_arguments(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    *,
+    max_seq_len: int,
+    num_targets: torch.Tensor | None,
+    contextual_seq_len: int,
+    max_attn_len: int,
+    alpha: float | None,
+    scaling_seqlen: int | None,
+) -> tuple[tuple, dict]:
+    """(args, kwargs) of hstu_attn_varlen_func for one hstu_mha call (reference 3.4)."""
+    batch = seq_offsets.numel() - 1
+    cu_seqlens = seq_offsets.to(torch.int32)
+    num_contexts = None
+    if contextual_seq_len > 0:
+        num_contexts = torch.full((batch,), contextual_seq_len, dtype=torch.int32, device=q.device)
+    args = (q, k, v, cu_seqlens, cu_seqlens, max_seq_len, max_seq_len)
+    kwargs = dict(
+        num_contexts=num_contexts,
+        num_targets=num_targets.to(torch.int32) if num_targets is not None else None,
+        target_group_size=1,
+        window_size=(max_attn_len if max_attn_len > 0 else -1, 0),
+        alpha=alpha if alpha is not None else q.shape[-1] ** -0.5,
+        scaling_seqlen=scaling_seqlen if scaling_seqlen is not None else max_seq_len,
+    )
+    return args, kwargs
 
 
 def hstu_mha(
@@ -152,24 +183,9 @@ def hstu_mha(
         )
     function = kernel_function()
     check_inputs(q, k, v)
-    batch = seq_offsets.numel() - 1
-    cu_seqlens = seq_offsets.to(torch.int32)
-    num_contexts = None
-    if contextual_seq_len > 0:
-        num_contexts = torch.full((batch,), contextual_seq_len, dtype=torch.int32, device=q.device)
-    targets = num_targets.to(torch.int32) if num_targets is not None else None
-    return function(
-        q,
-        k,
-        v,
-        cu_seqlens,
-        cu_seqlens,
-        max_seq_len,
-        max_seq_len,
-        num_contexts=num_contexts,
-        num_targets=targets,
-        target_group_size=1,
-        window_size=(max_attn_len if max_attn_len > 0 else -1, 0),
-        alpha=alpha if alpha is not None else q.shape[-1] ** -0.5,
-        scaling_seqlen=scaling_seqlen if scaling_seqlen is not None else max_seq_len,
+    args, kwargs = kernel_arguments(
+        q, k, v, seq_offsets, max_seq_len=max_seq_len, num_targets=num_targets,
+        contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len, alpha=alpha,
+        scaling_seqlen=scaling_seqlen,
     )
+    return function(*args, **kwargs)

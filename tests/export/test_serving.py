@@ -1,0 +1,73 @@
+"""ServingModule against DlrmHSTU.forward (eager, no export): the same numbers, both timestamp
+orders; the filler row changes no other row's scores."""
+
+from __future__ import annotations
+
+import glob
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from export.fixtures import SMOKE_RECIPE
+
+
+def _model_and_batch(overrides, samples):
+    from hstu.config import feature_specs, label_specs, load_config
+    from hstu.data.pipeline import arrow_to_batch
+    from hstu.model import DlrmHSTU
+
+    cfg = load_config(SMOKE_RECIPE, overrides)
+    features, labels = feature_specs(cfg), label_specs(cfg)
+    torch.manual_seed(0)
+    model = DlrmHSTU(cfg, features, labels).eval()
+    table = pq.read_table(sorted(glob.glob(str(samples["train"] / "*.parquet")))[0]).slice(0, 6)
+    return model, features, arrow_to_batch(table, features, labels)
+
+
+def _serving_inputs(batch, features):
+    from hstu.export.serving import lengths_key
+
+    sparse = batch.sparse.to_dict()
+    inputs = {f.name: sparse[f.name].values() if f.kind == "id" else batch.raw[f.name]
+              for f in features}
+    for sequence, lengths in batch.seq_lengths.items():
+        inputs[lengths_key(sequence)] = lengths
+    return inputs
+
+
+@pytest.mark.parametrize("ascending", [True, False])
+def test_serving_module_equals_the_model(ascending, samples):
+    from hstu.export.serving import ServingModule
+
+    overrides = [] if ascending else ["model_config.dlrm_hstu.sequence_timestamp_is_ascending=false"]
+    model, features, batch = _model_and_batch(overrides, samples)
+    serving = ServingModule(model).eval()
+    with torch.no_grad():
+        expected = model(batch).probs
+        got = serving(_serving_inputs(batch, features))
+    assert list(got) == list(expected)
+    for task in expected:
+        torch.testing.assert_close(got[task], expected[task], rtol=1e-6, atol=1e-6)
+
+
+def test_the_filler_row_changes_no_other_score(samples):
+    from hstu.export.serving import (
+        FILLER_TOKENS,
+        ServingModule,
+        serving_inputs,
+        with_filler_row,
+        without_filler_scores,
+    )
+
+    model, features, batch = _model_and_batch([], samples)
+    serving = ServingModule(model).eval()
+    inputs = _serving_inputs(batch, features)
+    padded = with_filler_row(inputs, serving_inputs(features))
+    assert padded["user_id"].shape[0] == inputs["user_id"].shape[0] + 1
+    assert padded["cand_seq.lengths"][-1] == FILLER_TOKENS
+    with torch.no_grad():
+        plain = serving(inputs)
+        filled = serving(padded)
+    for task, scores in without_filler_scores(filled).items():
+        torch.testing.assert_close(scores, plain[task], rtol=1e-5, atol=1e-6)
