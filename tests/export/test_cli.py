@@ -6,11 +6,9 @@ import json
 
 import pyarrow.parquet as pq
 
-import launch
 
-
-def test_export_without_cand_seq_pk_prints_the_command(tmp_path, capsys):
-    code = launch.main(["export", "--recipe", "recipes/smoke.config", "--checkpoint",
+def test_export_without_cand_seq_pk_prints_the_command(tmp_path, capsys, launch_main, recipes):
+    code = launch_main(["export", "--recipe", recipes.smoke, "--checkpoint",
                         str(tmp_path / "ckpt"), "--export_dir", str(tmp_path / "out")])
     assert code == 1
     error = capsys.readouterr().err
@@ -20,9 +18,9 @@ def test_export_without_cand_seq_pk_prints_the_command(tmp_path, capsys):
 
 
 def test_predict_writes_scores_and_a_summary(smoke_export, samples, tmp_path, capsys,
-                                             reuse_smoke_predictor):
+                                             reuse_smoke_predictor, launch_main):
     out = tmp_path / "scores.parquet"
-    code = launch.main(["predict", "--export_dir", str(smoke_export.export_dir), "--data",
+    code = launch_main(["predict", "--export_dir", str(smoke_export.export_dir), "--data",
                         str(samples["edge"]), "--out", str(out), "--batch-size", "2"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -34,9 +32,9 @@ def test_predict_writes_scores_and_a_summary(smoke_export, samples, tmp_path, ca
         len(s) for s in table.column("probs_is_click").to_pylist()]
 
 
-def test_predict_from_a_foreign_directory_explains(tmp_path, capsys):
+def test_predict_from_a_foreign_directory_explains(tmp_path, capsys, launch_main):
     (tmp_path / "weights.bin").write_bytes(b"\0")
-    code = launch.main(["predict", "--export_dir", str(tmp_path), "--data", str(tmp_path),
+    code = launch_main(["predict", "--export_dir", str(tmp_path), "--data", str(tmp_path),
                         "--out", str(tmp_path / "o.parquet")])
     assert code == 1
     assert "not an export directory of this project" in capsys.readouterr().err

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from export.fixtures import EXTRA_EXPORT_CONFIG, SMOKE_RECIPE, flat_scores
+
+
+def flat_scores(table: pa.Table, column: str) -> np.ndarray:
+    return np.asarray(table.column(column).combine_chunks().flatten(), dtype=np.float32)
 
 
 @pytest.mark.slow
@@ -50,9 +54,9 @@ def test_mtgr_export_reads_side_info_and_cross_features(mtgr_export):
     assert "cand_seq__user_video_cross2" in [i["name"] for i in manifest["inputs"]]
 
 
-def test_model_acc_json_holds_the_merged_keys(smoke_export):
+def test_model_acc_json_holds_the_merged_keys(smoke_export, extra_export_config):
     model_acc = json.loads((smoke_export.export_dir / "model_acc.json").read_text())
-    for key, value in EXTRA_EXPORT_CONFIG.items():
+    for key, value in extra_export_config.items():
         assert model_acc[key] == value
     assert model_acc["SPARSE_INT64"] == "1"
     assert model_acc["KERNEL"] == "PYTORCH"
@@ -80,18 +84,18 @@ def test_export_dir_layout_and_manifest(smoke_export):
     assert load_config(directory / "pipeline.config").model_config.dlrm_hstu.max_seq_len == 256
 
 
-def test_missing_cand_seq_pk_shows_the_command(tmp_path):
+def test_missing_cand_seq_pk_shows_the_command(tmp_path, recipes):
     from hstu.export.exporter import ExportError, export_checkpoint
 
     with pytest.raises(ExportError) as raised:
-        export_checkpoint(recipe=SMOKE_RECIPE, checkpoint=str(tmp_path / "ckpt"),
+        export_checkpoint(recipe=recipes.smoke, checkpoint=str(tmp_path / "ckpt"),
                           export_dir=str(tmp_path / "out"),
                           additional_export_config='{"other": 1}',
                           overrides=["data_config.batch_size=4"])
     message = str(raised.value)
     assert "cand_seq_pk" in message
     assert (
-        f"python launch.py export --recipe {SMOKE_RECIPE} --set data_config.batch_size=4 "
+        f"python launch.py export --recipe {recipes.smoke} --set data_config.batch_size=4 "
         f"--checkpoint {tmp_path / 'ckpt'} --export_dir {tmp_path / 'out'} "
         """--additional_export_config '{"other": 1, "cand_seq_pk": "cand_seq"}'"""
     ) in message
@@ -107,28 +111,28 @@ def test_missing_cand_seq_pk_shows_the_command(tmp_path):
         ('["cand_seq"]', "must be a JSON object"),
     ],
 )
-def test_bad_additional_export_config(given, fragment, tmp_path):
+def test_bad_additional_export_config(given, fragment, tmp_path, recipes):
     from hstu.export.exporter import ExportError, export_checkpoint
 
     with pytest.raises(ExportError, match="additional_export_config") as raised:
-        export_checkpoint(recipe=SMOKE_RECIPE, checkpoint=str(tmp_path), export_dir=str(tmp_path / "o"),
+        export_checkpoint(recipe=recipes.smoke, checkpoint=str(tmp_path), export_dir=str(tmp_path / "o"),
                           additional_export_config=given)
     assert fragment in str(raised.value)
 
 
-def test_refuses_a_checkpoint_of_another_recipe(mtgr_export, tmp_path):
+def test_refuses_a_checkpoint_of_another_recipe(mtgr_export, tmp_path, recipes):
     from hstu.export.exporter import ExportError, export_checkpoint
 
-    with pytest.raises(ExportError, match="does not fit recipes/smoke.config"):
-        export_checkpoint(recipe=SMOKE_RECIPE, checkpoint=str(mtgr_export.checkpoint),
+    with pytest.raises(ExportError, match="does not fit .*smoke.config .*Size mismatch"):
+        export_checkpoint(recipe=recipes.smoke, checkpoint=str(mtgr_export.checkpoint),
                           export_dir=str(tmp_path / "o"),
                           additional_export_config={"cand_seq_pk": "cand_seq"})
 
 
-def test_refuses_a_non_checkpoint_and_a_non_empty_export_dir(smoke_export, tmp_path):
+def test_refuses_a_non_checkpoint_and_a_non_empty_export_dir(smoke_export, tmp_path, recipes):
     from hstu.export.exporter import ExportError, export_checkpoint
 
-    args = dict(recipe=SMOKE_RECIPE, additional_export_config={"cand_seq_pk": "cand_seq"})
+    args = dict(recipe=recipes.smoke, additional_export_config={"cand_seq_pk": "cand_seq"})
     with pytest.raises(ExportError, match="not a checkpoint directory"):
         export_checkpoint(checkpoint=str(tmp_path), export_dir=str(tmp_path / "o"), **args)
     with pytest.raises(ExportError, match="exists and is not an empty directory"):

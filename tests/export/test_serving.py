@@ -9,15 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from export.fixtures import SMOKE_RECIPE
 
 
-def _model_and_batch(overrides, samples):
+def _model_and_batch(recipe, overrides, samples):
     from hstu.config import feature_specs, label_specs, load_config
     from hstu.data.pipeline import arrow_to_batch
     from hstu.model import DlrmHSTU
 
-    cfg = load_config(SMOKE_RECIPE, overrides)
+    cfg = load_config(recipe, overrides)
     features, labels = feature_specs(cfg), label_specs(cfg)
     torch.manual_seed(0)
     model = DlrmHSTU(cfg, features, labels).eval()
@@ -37,11 +36,11 @@ def _serving_inputs(batch, features):
 
 
 @pytest.mark.parametrize("ascending", [True, False])
-def test_serving_module_equals_the_model(ascending, samples):
+def test_serving_module_equals_the_model(ascending, samples, recipes):
     from hstu.export.serving import ServingModule
 
     overrides = [] if ascending else ["model_config.dlrm_hstu.sequence_timestamp_is_ascending=false"]
-    model, features, batch = _model_and_batch(overrides, samples)
+    model, features, batch = _model_and_batch(recipes.smoke, overrides, samples)
     serving = ServingModule(model).eval()
     with torch.no_grad():
         expected = model(batch).probs
@@ -51,7 +50,7 @@ def test_serving_module_equals_the_model(ascending, samples):
         torch.testing.assert_close(got[task], expected[task], rtol=1e-6, atol=1e-6)
 
 
-def test_the_filler_row_changes_no_other_score(samples):
+def test_the_filler_row_changes_no_other_score(samples, recipes):
     from hstu.export.serving import (
         FILLER_TOKENS,
         ServingModule,
@@ -60,7 +59,7 @@ def test_the_filler_row_changes_no_other_score(samples):
         without_filler_scores,
     )
 
-    model, features, batch = _model_and_batch([], samples)
+    model, features, batch = _model_and_batch(recipes.smoke, [], samples)
     serving = ServingModule(model).eval()
     inputs = _serving_inputs(batch, features)
     padded = with_filler_row(inputs, serving_inputs(features))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,7 +131,7 @@ def test_a_window_with_targets_falls_back_to_triton_and_says_so(monkeypatch):
 def test_config_load_checks_cutlass_requirements(overrides, path, fragment):
     from hstu.config import ConfigError, load_config
 
-    recipe = "recipes/kuairand_dlrm_hstu.config"
+    recipe = Path(__file__).resolve().parents[3] / "recipes" / "kuairand_dlrm_hstu.config"
     cfg = load_config(recipe, ["model_config.kernel=CUTLASS"])  # 128 == 128, BF16: loads
     assert cfg.model_config.dlrm_hstu.hstu.stu.hidden_dim == 128
     with pytest.raises(ConfigError) as raised:
