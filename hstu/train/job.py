@@ -26,11 +26,11 @@ class TrainJob:
     train_rows: int | None = None
     # eval mode: the checkpoint directory whose weights to evaluate.
     checkpoint_path: str | None = None
-    # Delivery audit: each rank appends the sample ids of every trained step to
-    # <dir>/rank<r>.jsonl (docs/training.md, "Delivery guarantee").
+    # Delivery audit: each rank appends one JSON line per trained step to <dir>/rank<r>.jsonl:
+    # {"restarts", "pid", "epoch", "step", "ids"} (docs/training.md, "Delivery guarantee").
     sample_log_dir: str | None = None
-    # Test-only fault injection: {"rank": r, "step": s, "marker": path}. Rank r exits the
-    # process right after global step s, once (the marker file records that it happened).
+    # Test-only fault injection: {"rank": r, "step": s, "marker": path, "delay_s": d}. Rank r
+    # exits the process d seconds after global step s, once (the marker file records it).
     crash: dict | None = None
 
     def to_dict(self) -> dict:

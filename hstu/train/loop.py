@@ -24,7 +24,6 @@ sample may be trained on twice after a restart, and none is lost (docs/training.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import tempfile
@@ -37,6 +36,7 @@ import torch
 from hstu.train.checkpoint import TrainState, load_model_weights, restore, save
 from hstu.train.console import console, verbose
 from hstu.train.collectives import LockstepStats, all_reduce_sum, lockstep
+from hstu.train.delivery import append_step
 from hstu.train.evaluation import evaluate
 from hstu.train.job import TrainJob
 from hstu.train.optimizers import (
@@ -259,15 +259,15 @@ class Worker:
     def _record_samples(self, batch, state: TrainState) -> None:
         if not self.job.sample_log_dir or batch.sample_ids is None:
             return
-        path = Path(self.job.sample_log_dir) / f"rank{self.rank}.jsonl"
-        line = {
-            "attempt": state.restarts,
-            "epoch": state.epoch,
-            "step": state.global_step,
-            "ids": batch.sample_ids.tolist(),
-        }
-        with path.open("a") as out:
-            out.write(json.dumps(line) + "\n")
+        append_step(
+            self.job.sample_log_dir,
+            self.rank,
+            restarts=state.restarts,
+            pid=os.getpid(),
+            epoch=state.epoch,
+            step=state.global_step,
+            ids=batch.sample_ids.tolist(),
+        )
 
     def _maybe_crash(self, state: TrainState) -> None:
         crash = self.job.crash
@@ -277,6 +277,9 @@ class Worker:
         if marker.exists():
             return
         marker.write_text(f"rank {self.rank} exited after step {state.global_step}\n")
+        # Ray Train's controller collects reports when it polls the workers (every 2 s by
+        # default); a checkpoint reported just before a crash may not be registered yet.
+        time.sleep(float(crash.get("delay_s", 0)))
         console(f"[test hook] rank {self.rank} exits now, after step {state.global_step}")
         os._exit(1)
 
