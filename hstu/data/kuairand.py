@@ -677,20 +677,38 @@ def _chunks(windows: Windows, max_tokens: int):
 # Driver.
 
 
-def _run_tasks(fn: Callable, calls: list[tuple], workers: int, what: str) -> list:
-    """fn(*call) for every call: in this process, or as Ray tasks when workers > 1."""
+def _run_tasks(
+    fn: Callable,
+    calls: list[tuple],
+    workers: int,
+    what: str,
+    progress: Callable[[Any], str] = lambda result: "",
+) -> list:
+    """fn(*call) for every call: in this process, or as Ray tasks when workers > 1.
+    Logs each completion with `progress(result)` (a running total, say)."""
     if workers <= 1 or len(calls) <= 1:
         results = []
         for i, call in enumerate(calls):
             results.append(fn(*call))
-            logger.info("prepare kuairand: %s %d/%d done", what, i + 1, len(calls))
+            logger.info(
+                "prepare kuairand: %s %d/%d done%s", what, i + 1, len(calls), progress(results[-1])
+            )
         return results
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=True)
+    # Large shared arguments (the side tables) go to the object store once, not per task.
+    shared: dict[int, Any] = {}
+    for call in calls:
+        for arg in call:
+            if isinstance(arg, CodedTable) and id(arg) not in shared:
+                shared[id(arg)] = ray.put(arg)
     remote = ray.remote(num_cpus=1)(fn)
-    pending = {remote.remote(*call): i for i, call in enumerate(calls)}
+    pending = {
+        remote.remote(*[shared.get(id(arg), arg) for arg in call]): i
+        for i, call in enumerate(calls)
+    }
     results: list = [None] * len(calls)
     done_count = 0
     while pending:
@@ -699,10 +717,16 @@ def _run_tasks(fn: Callable, calls: list[tuple], workers: int, what: str) -> lis
         try:
             results[index] = ray.get(ready[0])
         except ray.exceptions.RayTaskError as error:
-            cause = error.cause if hasattr(error, "cause") else None
+            cause = getattr(error, "cause", None)
             raise (cause if isinstance(cause, DataError) else error) from None
         done_count += 1
-        logger.info("prepare kuairand: %s %d/%d done", what, done_count, len(calls))
+        logger.info(
+            "prepare kuairand: %s %d/%d done%s",
+            what,
+            done_count,
+            len(calls),
+            progress(results[index]),
+        )
     return results
 
 
@@ -761,6 +785,7 @@ def convert_kuairand(options: KuaiRandOptions) -> dict:
         [(i, path, options, bucket_dir, num_buckets) for i, path in enumerate(options.logs)],
         options.workers,
         "log file",
+        progress=lambda result: f", {result.rows:,} rows read, {result.skipped_rows:,} skipped",
     )
     pass1_s = time.perf_counter() - started
     split_time = options.split_time
@@ -768,11 +793,18 @@ def convert_kuairand(options: KuaiRandOptions) -> dict:
         split_time = _split_time_for_fraction(partitions, options.eval_fraction)
 
     logger.info("prepare kuairand: pass 2: build windows of %d bucket(s)", num_buckets)
+    users_done = [0]
+
+    def count_users(result: BucketResult) -> str:
+        users_done[0] += result.users
+        return f", {users_done[0]:,} users done"
+
     buckets: list[BucketResult] = _run_tasks(
         build_bucket,
         [(b, options, bucket_dir, split_time, profiles, videos) for b in range(num_buckets)],
         options.workers,
         "bucket",
+        progress=count_users,
     )
     if not options.keep_buckets:
         shutil.rmtree(bucket_dir)
