@@ -38,16 +38,22 @@ class ProgressMeter:
     """Accumulates per-step figures and turns each interval into a line and a metrics dict."""
 
     def __init__(
-        self, tasks: Sequence[str], *, total_steps: int | None, start_step: int = 0
+        self,
+        tasks: Sequence[str],
+        *,
+        total_steps: int | None,
+        start_step: int = 0,
+        clock=time.perf_counter,
     ) -> None:
         self.tasks = list(tasks)
         self.total_steps = total_steps
-        self.started = time.perf_counter()
+        self.clock = clock
+        self.started = clock()
         self.start_step = start_step
         self._reset(start_step)
 
     def _reset(self, step: int) -> None:
-        self.interval_start = time.perf_counter()
+        self.interval_start = self.clock()
         self.interval_first_step = step
         self.rows = 0
         self.tokens = 0
@@ -66,12 +72,12 @@ class ProgressMeter:
     def eta_seconds(self, step: int) -> float | None:
         if not self.total_steps or step <= self.start_step:
             return None
-        per_step = (time.perf_counter() - self.started) / (step - self.start_step)
+        per_step = (self.clock() - self.started) / (step - self.start_step)
         return max(self.total_steps - step, 0) * per_step
 
     def flush(self, step: int, epoch: int, extra: Mapping[str, float] = {}) -> tuple[str, dict]:
         """(line, metrics) for the interval that ends at `step`; starts the next interval."""
-        seconds = max(time.perf_counter() - self.interval_start, 1e-9)
+        seconds = max(self.clock() - self.interval_start, 1e-9)
         steps = max(self.steps, 1)
         samples_per_s = self.rows / seconds
         tokens_per_s = self.tokens / seconds
@@ -91,7 +97,7 @@ class ProgressMeter:
             f"step {step:>6}{of_total}  epoch {epoch}  |  "
             f"{format_rate(samples_per_s)} samples/s  {format_rate(tokens_per_s)} tokens/s  |  "
             f"loss {total_loss:.4f}  {task_text}  |  "
-            f"elapsed {format_duration(time.perf_counter() - self.started)}  "
+            f"elapsed {format_duration(self.clock() - self.started)}  "
             f"ETA {format_duration(self.eta_seconds(step))}"
         )
         self._reset(step)

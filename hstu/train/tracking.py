@@ -188,17 +188,23 @@ class RunLogger:
     def __init__(self, tracking_uri: str | None, run_id: str | None) -> None:
         self.run_id = run_id
         self.failures = 0
-        self._client = client(tracking_uri) if (tracking_uri and run_id) else None
+        self._client = None
+        if tracking_uri and run_id:
+            try:
+                self._client = client(tracking_uri)
+            except Exception as error:
+                self.failures += 1
+                print(f"mlflow: cannot log to {tracking_uri}: {error}", file=sys.stderr)
 
     @property
     def enabled(self) -> bool:
         return self._client is not None
 
-    def _guard(self, what: str, fn, *args, **kwargs) -> None:
+    def _call(self, what: str, method: str, *args) -> None:
         if self._client is None:
             return
         try:
-            fn(*args, **kwargs)
+            getattr(self._client, method)(self.run_id, *args)
         except Exception as error:  # keep training; report the problem
             self.failures += 1
             if self.failures <= 3:
@@ -211,17 +217,10 @@ class RunLogger:
         # NaN is logged too (e.g. an AUC with no positive label in the eval set): a missing
         # metric would look like a bug, a NaN says "undefined".
         items = [Metric(k, float(v), now, step) for k, v in values.items()]
-        self._guard("log metrics", self._client and self._client.log_batch, self.run_id,
-                    metrics=items)
+        self._call("log metrics", "log_batch", items)
 
     def text(self, text: str, artifact_file: str) -> None:
-        self._guard(f"log {artifact_file}", self._client and self._client.log_text, self.run_id,
-                    text, artifact_file)
+        self._call(f"log {artifact_file}", "log_text", text, artifact_file)
 
     def json(self, payload, artifact_file: str) -> None:
         self.text(json.dumps(payload, indent=2, sort_keys=True, default=str), artifact_file)
-
-    def file(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        self._guard(f"log {path}", self._client and self._client.log_artifact, self.run_id,
-                    str(path), artifact_path)
-

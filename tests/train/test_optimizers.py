@@ -1,0 +1,130 @@
+"""Optimizers and learning-rate schedules read from train_config."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hstu.config.loader import load_config
+from hstu.train.optimizers import (
+    OptimizerConfigError,
+    dense_optimizer_factory,
+    schedule_from_config,
+    sparse_optimizer_spec,
+)
+
+CPU = torch.device("cpu")
+GPU = torch.device("cuda")  # only the device type is read: no GPU needed
+
+
+def train_config(smoke_recipe, *overrides):
+    return load_config(smoke_recipe, list(overrides)).train_config
+
+
+def test_rowwise_adagrad_becomes_the_fused_kernel_with_its_settings(smoke_recipe):
+    import torchrec.optim as trec_optim
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMode
+
+    cfg = train_config(
+        smoke_recipe,
+        "train_config.sparse_optimizer.rowwise_adagrad_optimizer.weight_decay=0.01",
+        "train_config.sparse_optimizer.rowwise_adagrad_optimizer.weight_decay_mode=DECOUPLE",
+    )
+    spec = sparse_optimizer_spec(cfg.sparse_optimizer, CPU)
+    assert spec.optimizer_class is trec_optim.RowWiseAdagrad
+    assert spec.lr == pytest.approx(0.001)
+    assert spec.kwargs["weight_decay"] == pytest.approx(0.01)
+    assert spec.kwargs["weight_decay_mode"] is WeightDecayMode.DECOUPLE
+
+
+@pytest.mark.parametrize(
+    "block, class_name",
+    [("sgd_optimizer { lr: 0.1 }", "SGD"), ("adagrad_optimizer { lr: 0.1 }", "Adagrad")],
+)
+def test_sgd_and_adagrad_map_to_fused_kernels(smoke_recipe, block, class_name):
+    import torchrec.optim as trec_optim
+
+    cfg = train_config(smoke_recipe, f"train_config.sparse_optimizer={{ {block} }}")
+    spec = sparse_optimizer_spec(cfg.sparse_optimizer, CPU)
+    assert spec.optimizer_class is getattr(trec_optim, class_name)
+    assert spec.kwargs == {"lr": pytest.approx(0.1)}
+
+
+def test_fused_adam_is_refused_on_cpu_with_the_way_out(smoke_recipe):
+    cfg = train_config(
+        smoke_recipe, "train_config.sparse_optimizer={ adam_optimizer { lr: 0.01 beta2: 0.99 } }"
+    )
+    with pytest.raises(OptimizerConfigError) as error:
+        sparse_optimizer_spec(cfg.sparse_optimizer, CPU)
+    message = str(error.value)
+    assert message.startswith("train_config.sparse_optimizer.adam_optimizer:")
+    assert "CPU" in message and "rowwise_adagrad_optimizer" in message
+    spec = sparse_optimizer_spec(cfg.sparse_optimizer, GPU)
+    assert spec.kwargs["beta2"] == pytest.approx(0.99)
+
+
+def test_dense_adam_gets_its_betas(smoke_recipe):
+    cfg = train_config(
+        smoke_recipe, "train_config.dense_optimizer.adam_optimizer.beta1=0.8"
+    )
+    factory, lr = dense_optimizer_factory(cfg.dense_optimizer)
+    optimizer = factory([torch.nn.Parameter(torch.zeros(2))])
+    assert isinstance(optimizer, torch.optim.Adam)
+    assert optimizer.defaults["betas"] == pytest.approx((0.8, 0.999))
+    assert lr == pytest.approx(0.001)
+
+
+def test_constant_schedule_keeps_the_base_rate(smoke_recipe):
+    schedule = schedule_from_config(train_config(smoke_recipe).dense_optimizer, "dense")
+    assert schedule.learning_rate_at(0.5, step=1000, epoch=3) == 0.5
+
+
+def test_exponential_decay_with_warmup_staircase_and_floor(smoke_recipe):
+    cfg = train_config(
+        smoke_recipe,
+        "train_config.dense_optimizer.exponential_decay_learning_rate={ decay_size: 10 "
+        "decay_factor: 0.5 warmup_size: 4 warmup_learning_rate: 0.02 min_learning_rate: 0.01 }",
+    )
+    schedule = schedule_from_config(cfg.dense_optimizer, "dense")
+    rate = lambda step: schedule.learning_rate_at(0.1, step=step, epoch=0)  # noqa: E731
+    assert rate(0) == pytest.approx(0.02)
+    assert rate(2) == pytest.approx(0.06)  # halfway through the warmup
+    assert rate(4) == pytest.approx(0.1)
+    assert rate(13) == pytest.approx(0.1)  # staircase: no decay before 10 steps past warmup
+    assert rate(14) == pytest.approx(0.05)
+    assert rate(100) == pytest.approx(0.01)  # floored at min_learning_rate
+
+
+def test_exponential_decay_by_epoch_without_staircase(smoke_recipe):
+    cfg = train_config(
+        smoke_recipe,
+        "train_config.sparse_optimizer.exponential_decay_learning_rate={ decay_size: 2 "
+        "decay_factor: 0.5 staircase: false by_epoch: true }",
+    )
+    schedule = schedule_from_config(cfg.sparse_optimizer, "sparse")
+    assert schedule.learning_rate_at(1.0, step=999, epoch=1) == pytest.approx(math.sqrt(0.5))
+
+
+def test_manual_steps_with_warmup(smoke_recipe):
+    cfg = train_config(
+        smoke_recipe,
+        "train_config.dense_optimizer.manual_step_learning_rate={ schedule_sizes: [10, 20] "
+        "learning_rates: [0.05, 0.01] warmup: true }",
+    )
+    schedule = schedule_from_config(cfg.dense_optimizer, "dense")
+    rate = lambda step: schedule.learning_rate_at(0.1, step=step, epoch=0)  # noqa: E731
+    assert rate(5) == pytest.approx(0.075)  # linear from the base rate towards 0.05
+    assert rate(11) == pytest.approx(0.05)
+    assert rate(21) == pytest.approx(0.01)
+
+
+def test_manual_steps_of_unequal_lengths_are_refused(smoke_recipe):
+    cfg = train_config(
+        smoke_recipe,
+        "train_config.dense_optimizer.manual_step_learning_rate={ schedule_sizes: [10, 20] "
+        "learning_rates: [0.05] }",
+    )
+    with pytest.raises(OptimizerConfigError, match="equal length"):
+        schedule_from_config(cfg.dense_optimizer, "train_config.dense_optimizer")
