@@ -80,6 +80,10 @@ BACKWARD_DQ_TILES = [
 # Under the interpreter the cost is per program per loop step: big tiles, few programs.
 INTERPRET_TILE = Tile(32, 32, 4, 1)
 
+# Where the forward adds the candidates' own terms: before the key loops (fewer live registers)
+# or after them. Same numbers either way; docs/kernels.md has the timing of both.
+FORWARD_OWN_TERM_FIRST = True
+
 DQ_MODES = ("atomic", "separate")
 DQ_MODE = "atomic"
 
@@ -309,6 +313,20 @@ def _fwd_tiles(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, lo, hi, lengt
 
 
 @triton.jit
+def _fwd_own_term(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, length, hist, alpha, scale,
+                  FAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
+                  BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr):
+    """acc + each candidate's own term: a row-wise dot that reads no other candidate's K/V."""
+    own = (offs_m >= hist) & (offs_m < length)
+    k_own = _load_rows_where(K_row, offs_m, stride_km, own, D_QK, BLOCK_D_QK)
+    qk_own = tl.sum(q.to(tl.float32) * k_own.to(tl.float32), axis=1)
+    p_own = _silu_scaled(qk_own, alpha, scale, FAST)
+    v_own = _load_rows_where(V_row, offs_m, stride_vm, own, D_V, BLOCK_D_V)
+    p_own = tl.where(own, p_own, 0.0).to(v_own.dtype).to(tl.float32)
+    return acc + p_own[:, None] * v_own.to(tl.float32)
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, O, seq_offsets, num_targets,
               stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh,
               stride_om, stride_oh,
@@ -316,7 +334,8 @@ def _attn_fwd(Q, K, V, O, seq_offsets, num_targets,
               HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
               FAST: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
               D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
-              BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              OWN_TERM_FIRST: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // H
@@ -332,17 +351,10 @@ def _attn_fwd(Q, K, V, O, seq_offsets, num_targets,
     V_row = V + start * stride_vm + h * stride_vh
     q = _load_rows(Q_row, offs_m, stride_qm, length, D_QK, BLOCK_D_QK, True)
     acc = tl.zeros([BLOCK_M, BLOCK_D_V], dtype=tl.float32)
-    if HAS_TARGETS:
+    if HAS_TARGETS and OWN_TERM_FIRST:
         if start_m + BLOCK_M > hist:
-            # Each candidate's own term, a row-wise dot that reads no other candidate's K/V;
-            # done first, while no accumulator is live, to keep register pressure down.
-            own = (offs_m >= hist) & (offs_m < length)
-            k_own = _load_rows_where(K_row, offs_m, stride_km, own, D_QK, BLOCK_D_QK)
-            qk_own = tl.sum(q.to(tl.float32) * k_own.to(tl.float32), axis=1)
-            p_own = _silu_scaled(qk_own, alpha, scale, FAST)
-            v_own = _load_rows_where(V_row, offs_m, stride_vm, own, D_V, BLOCK_D_V)
-            p_own = tl.where(own, p_own, 0.0).to(v_own.dtype).to(tl.float32)
-            acc = p_own[:, None] * v_own.to(tl.float32)
+            acc = _fwd_own_term(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, length,
+                                hist, alpha, scale, FAST, D_QK, D_V, BLOCK_D_QK, BLOCK_D_V)
     ctx_end, lo, full_end, hi = _query_block_ranges(
         start_m, length, hist, mx, cs, contextual_seq_len, max_attn_len,
         HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, BLOCK_M, BLOCK_N)
@@ -359,6 +371,10 @@ def _attn_fwd(Q, K, V, O, seq_offsets, num_targets,
                      length, hist, mx, cs, max_attn_len, alpha, scale, True,
                      HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
                      D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
+    if HAS_TARGETS and not OWN_TERM_FIRST:
+        if start_m + BLOCK_M > hist:
+            acc = _fwd_own_term(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, length,
+                                hist, alpha, scale, FAST, D_QK, D_V, BLOCK_D_QK, BLOCK_D_V)
     O_row = O + start * stride_om + h * stride_oh
     _store_rows(O_row, offs_m, stride_om, length, acc.to(O.dtype.element_ty), D_V, BLOCK_D_V)
 
@@ -744,7 +760,7 @@ def _forward(problem: _Problem, q, k, v) -> torch.Tensor:
         _attn_fwd[grid](
             q, k, v, out, problem.seq_offsets, problem.targets_arg(),
             *_strides(q, k, v, out), *problem.scalars(), **problem.constants,
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, OWN_TERM_FIRST=FORWARD_OWN_TERM_FIRST,
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
 
