@@ -314,6 +314,25 @@ def _parse_int(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarr
     return values, ~ok.to_numpy(zero_copy_only=False)
 
 
+def log_columns(path: str, options: KuaiRandOptions) -> tuple[dict[str, ColumnExpr], str, list]:
+    """(log column -> expression, delimiter, file columns to read); DataError naming the file
+    when a needed column is not in its header."""
+    mapping = parse_column_map([f"{k}={v}" for k, v in options.column_map])
+    exprs = {name: mapping.get(name, ColumnExpr(name)) for name in LOG_COLUMNS}
+    delimiter = _sniff_delimiter(path)
+    header = _header(path, delimiter)
+    sources = sorted({e.source for e in exprs.values() if e.source is not None})
+    missing = [s for s in sources if s not in header]
+    if missing:
+        raise DataError(
+            f"missing column(s) {', '.join(missing)}",
+            path=path,
+            hint=f"the file has {', '.join(header)}; map columns with --column-map, "
+            "e.g. is_like=label is_hate=1-label",
+        )
+    return exprs, delimiter, sources
+
+
 @dataclasses.dataclass
 class PartitionResult:
     path: str
@@ -335,19 +354,7 @@ def partition_log(
     """Pass 1 for one log file (see the module docstring). Raises DataError for a bad row
     under on_bad_rows='error'."""
     result = PartitionResult(path)
-    mapping = parse_column_map([f"{k}={v}" for k, v in options.column_map])
-    exprs = {name: mapping.get(name, ColumnExpr(name)) for name in LOG_COLUMNS}
-    delimiter = _sniff_delimiter(path)
-    header = _header(path, delimiter)
-    sources = sorted({e.source for e in exprs.values() if e.source is not None})
-    missing = [s for s in sources if s not in header]
-    if missing:
-        raise DataError(
-            f"missing column(s) {', '.join(missing)}",
-            path=path,
-            hint=f"the file has {', '.join(header)}; map columns with --column-map, "
-            "e.g. is_like=label is_hate=1-label",
-        )
+    exprs, delimiter, sources = log_columns(path, options)
 
     malformed: list[str] = []
 
@@ -763,6 +770,8 @@ def _prepare_out_dir(options: KuaiRandOptions) -> None:
 def convert_kuairand(options: KuaiRandOptions) -> dict:
     """Run both passes and write manifest.json; returns the manifest."""
     options.check()
+    for path in options.logs:
+        log_columns(path, options)  # a missing column stops the run before anything is written
     started = time.perf_counter()
     _prepare_out_dir(options)
     profiles = load_user_profiles(options.user_features)
@@ -774,40 +783,43 @@ def convert_kuairand(options: KuaiRandOptions) -> dict:
         shutil.rmtree(bucket_dir)
     os.makedirs(bucket_dir)
 
-    logger.info(
-        "prepare kuairand: pass 1: partition %d file(s), %.1f MB, into %d bucket(s)",
-        len(options.logs),
-        input_bytes / 1e6,
-        num_buckets,
-    )
-    partitions: list[PartitionResult] = _run_tasks(
-        partition_log,
-        [(i, path, options, bucket_dir, num_buckets) for i, path in enumerate(options.logs)],
-        options.workers,
-        "log file",
-        progress=lambda result: f", {result.rows:,} rows read, {result.skipped_rows:,} skipped",
-    )
-    pass1_s = time.perf_counter() - started
-    split_time = options.split_time
-    if split_time is None:
-        split_time = _split_time_for_fraction(partitions, options.eval_fraction)
+    # manifest.json is written last: an output directory without it is incomplete.
+    try:
+        logger.info(
+            "prepare kuairand: pass 1: partition %d file(s), %.1f MB, into %d bucket(s)",
+            len(options.logs),
+            input_bytes / 1e6,
+            num_buckets,
+        )
+        partitions: list[PartitionResult] = _run_tasks(
+            partition_log,
+            [(i, path, options, bucket_dir, num_buckets) for i, path in enumerate(options.logs)],
+            options.workers,
+            "log file",
+            progress=lambda result: f", {result.rows:,} rows read, {result.skipped_rows:,} skipped",
+        )
+        pass1_s = time.perf_counter() - started
+        split_time = options.split_time
+        if split_time is None:
+            split_time = _split_time_for_fraction(partitions, options.eval_fraction)
 
-    logger.info("prepare kuairand: pass 2: build windows of %d bucket(s)", num_buckets)
-    users_done = [0]
+        logger.info("prepare kuairand: pass 2: build windows of %d bucket(s)", num_buckets)
+        users_done = [0]
 
-    def count_users(result: BucketResult) -> str:
-        users_done[0] += result.users
-        return f", {users_done[0]:,} users done"
+        def count_users(result: BucketResult) -> str:
+            users_done[0] += result.users
+            return f", {users_done[0]:,} users done"
 
-    buckets: list[BucketResult] = _run_tasks(
-        build_bucket,
-        [(b, options, bucket_dir, split_time, profiles, videos) for b in range(num_buckets)],
-        options.workers,
-        "bucket",
-        progress=count_users,
-    )
-    if not options.keep_buckets:
-        shutil.rmtree(bucket_dir)
+        buckets: list[BucketResult] = _run_tasks(
+            build_bucket,
+            [(b, options, bucket_dir, split_time, profiles, videos) for b in range(num_buckets)],
+            options.workers,
+            "bucket",
+            progress=count_users,
+        )
+    finally:
+        if not options.keep_buckets:
+            shutil.rmtree(bucket_dir, ignore_errors=True)
 
     manifest = _manifest(
         options,
