@@ -425,8 +425,15 @@ def _run_training(options: TrainOptions) -> RunResult:
             seconds=time.perf_counter() - started,
         )
         if options.export and checkpoint_path:
+            from hstu.config.features import sequence_names
+
+            print("exporting the final checkpoint ...", flush=True)
             run.export_dir, run.export_note = export_checkpoint(
-                options.recipe, options.overrides, checkpoint_path, run_dir + "/export"
+                options.recipe,
+                options.overrides,
+                checkpoint_path,
+                run_dir + "/export",
+                candidate_sequence=sequence_names(cfg)[1],
             )
         _log_outcome(run, storage)
         tracking.end_run(tracking_uri, mlflow_run_id, "FINISHED")
@@ -443,25 +450,27 @@ def _run_training(options: TrainOptions) -> RunResult:
             ray.shutdown()
 
 
-def export_checkpoint(recipe: str, overrides: list[str], checkpoint: str, export_dir: str):
-    """(export dir, note): calls hstu.export when it provides export_checkpoint."""
-    try:
-        import hstu.export as export_module
-    except ImportError:
-        export_module = None
-    function = getattr(export_module, "export_checkpoint", None) if export_module else None
-    if function is None:
-        return None, "export is not available yet (hstu.export.export_checkpoint is missing)"
-    try:
-        from hstu.config.features import sequence_names
-        from hstu.config.loader import load_config
+def export_checkpoint(recipe: str, overrides: list[str], checkpoint: str, export_dir: str,
+                      candidate_sequence: str):
+    """(export dir, note): export with hstu.export (when present) and log it to the run.
 
-        # A DLRM-HSTU export must name its candidate sequence (model_acc.json's cand_seq_pk).
-        cand_seq_pk = sequence_names(load_config(recipe, overrides))[1]
-        return str(function(recipe=recipe, overrides=overrides, checkpoint=checkpoint,
-                            export_dir=export_dir,
-                            additional_export_config={"cand_seq_pk": cand_seq_pk})), ""
-    except Exception as error:
+    cand_seq_pk, which TorchEasyRec's exporter needs, is the config's candidate sequence."""
+    try:
+        from hstu.export import export_checkpoint as export
+    except ImportError:
+        return None, "export is not available (hstu.export.export_checkpoint is missing)"
+    if _is_uri(checkpoint):
+        return None, f"not exported: the checkpoint is remote ({checkpoint}); run launch.py export"
+    try:
+        path = export(
+            recipe=recipe,
+            overrides=overrides,
+            checkpoint=checkpoint,
+            export_dir=export_dir,
+            additional_export_config={"cand_seq_pk": candidate_sequence},
+        )
+        return str(path), ""
+    except Exception as error:  # training succeeded; say why the export did not
         return None, f"export failed: {type(error).__name__}: {error}"
 
 
