@@ -17,28 +17,59 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n\n", 1)[1]
-    parser.add_argument("--recipe", required=True, help="pipeline config the checkpoint was trained with")
-    parser.add_argument("--checkpoint", required=True,
-                        help="DCP checkpoint directory (<storage>/<run>/checkpoint_<...>)")
-    parser.add_argument("--export_dir", "--export-dir", dest="export_dir", required=True,
-                        help="directory to write (must not exist or be empty, unless --overwrite)")
-    parser.add_argument("--additional_export_config", "--additional-export-config",
-                        dest="additional_export_config", default=None, metavar="JSON",
-                        help='JSON object merged into model_acc.json; DLRM-HSTU needs cand_seq_pk, '
-                        'e.g. \'{"cand_seq_pk": "cand_seq"}\'')
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="FIELD=VALUE", help="config override, as in training (repeatable)")
-    parser.add_argument("--aoti", choices=("auto", "on", "off"), default="auto",
-                        help="AOTInductor package for CUDA: auto (when a GPU is present), on, off")
+    parser.add_argument(
+        "--recipe", required=True, help="pipeline config the checkpoint was trained with"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="DCP checkpoint directory (<storage>/<run>/checkpoint_<...>)",
+    )
+    parser.add_argument(
+        "--export_dir",
+        "--export-dir",
+        dest="export_dir",
+        required=True,
+        help="directory to write (must not exist or be empty, unless --overwrite)",
+    )
+    parser.add_argument(
+        "--additional_export_config",
+        "--additional-export-config",
+        dest="additional_export_config",
+        default=None,
+        metavar="JSON",
+        help="JSON object merged into model_acc.json; DLRM-HSTU needs cand_seq_pk, "
+        'e.g. \'{"cand_seq_pk": "cand_seq"}\'',
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="config override, as in training (repeatable)",
+    )
+    parser.add_argument(
+        "--aoti",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="AOTInductor package for CUDA: auto (when a GPU is present), on, off",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export_dir")
     tracking = parser.add_mutually_exclusive_group()
-    tracking.add_argument("--mlflow-run-id", default=None,
-                          help="log the export to this MLflow run (default: the training run "
-                          "recorded beside the checkpoint, if any)")
+    tracking.add_argument(
+        "--mlflow-run-id",
+        default=None,
+        help="log the export to this MLflow run (default: the training run "
+        "recorded beside the checkpoint, if any)",
+    )
     tracking.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    parser.add_argument("--mlflow-uri", default=None,
-                        help="tracking URI for --mlflow-run-id (default $MLFLOW_TRACKING_URI, "
-                        "else sqlite:///<cwd>/mlflow.db)")
+    parser.add_argument(
+        "--mlflow-uri",
+        default=None,
+        help="tracking URI for --mlflow-run-id (default $MLFLOW_TRACKING_URI, "
+        "else sqlite:///<cwd>/mlflow.db)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,20 +20,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n\n", 1)[1]
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--export_dir", "--export-dir", dest="export_dir",
-                        help="export directory written by `launch.py export`")
-    source.add_argument("--checkpoint", help="score with a training checkpoint instead (needs --recipe)")
+    source.add_argument(
+        "--export_dir",
+        "--export-dir",
+        dest="export_dir",
+        help="export directory written by `launch.py export`",
+    )
+    source.add_argument(
+        "--checkpoint", help="score with a training checkpoint instead (needs --recipe)"
+    )
     parser.add_argument("--recipe", help="pipeline config of --checkpoint")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="FIELD=VALUE", help="config override for --checkpoint (repeatable)")
-    parser.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                        help="sample parquet files or directories")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="config override for --checkpoint (repeatable)",
+    )
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="sample parquet files or directories",
+    )
     parser.add_argument("--out", required=True, help="output parquet file")
-    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=256,
-                        help="rows per forward pass (default 256)")
-    parser.add_argument("--on-bad-rows", choices=("error", "skip"), default="error",
-                        help="stop at the first bad row (default), or skip and count bad rows "
-                        "(they are then missing from the output)")
+    parser.add_argument(
+        "--batch-size",
+        "--batch_size",
+        dest="batch_size",
+        type=int,
+        default=256,
+        help="rows per forward pass (default 256)",
+    )
+    parser.add_argument(
+        "--on-bad-rows",
+        choices=("error", "skip"),
+        default="error",
+        help="stop at the first bad row (default), or skip and count bad rows "
+        "(they are then missing from the output)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -44,12 +71,17 @@ def run(args: argparse.Namespace) -> int:
     from hstu.export.predict import CheckpointScorer, Predictor, predict_files
 
     if args.export_dir and (args.recipe or args.overrides):
-        print("launch.py predict: --recipe/--set go with --checkpoint; an export directory "
-              "carries its own config", file=sys.stderr)
+        print(
+            "launch.py predict: --recipe/--set go with --checkpoint; an export directory "
+            "carries its own config",
+            file=sys.stderr,
+        )
         return 2
     if args.checkpoint and not args.recipe:
-        print("launch.py predict: --checkpoint needs --recipe (the config it was trained with)",
-              file=sys.stderr)
+        print(
+            "launch.py predict: --checkpoint needs --recipe (the config it was trained with)",
+            file=sys.stderr,
+        )
         return 2
     try:
         if args.export_dir:
@@ -69,13 +101,21 @@ def run(args: argparse.Namespace) -> int:
     except (ExportDirError, DataError, ConfigError, FileNotFoundError) as error:
         print(f"launch.py predict: {error}", file=sys.stderr)
         return 1
-    print(json.dumps({
-        "out": summary.out,
-        "rows_in": summary.rows_in,
-        "rows_out": summary.rows_out,
-        "candidates": summary.candidates,
-        "files": summary.files,
-        "seconds": round(summary.seconds, 2),
-        "bad_rows": {"rows": summary.bad_rows.rows, "by_reason": dict(summary.bad_rows.by_reason)},
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "out": summary.out,
+                "rows_in": summary.rows_in,
+                "rows_out": summary.rows_out,
+                "candidates": summary.candidates,
+                "files": summary.files,
+                "seconds": round(summary.seconds, 2),
+                "bad_rows": {
+                    "rows": summary.bad_rows.rows,
+                    "by_reason": dict(summary.bad_rows.by_reason),
+                },
+            },
+            indent=2,
+        )
+    )
     return 0

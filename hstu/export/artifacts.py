@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import zipfile
 from pathlib import Path
@@ -133,8 +134,9 @@ def check_pickle_free(path: Path) -> None:
         raise ExportDirError(f"{path}: not a readable torch.export archive ({error})") from None
     with archive:
         names = archive.namelist()
-        configs = [n for n in names if n.endswith("_weights_config.json")
-                   or n.endswith("_constants_config.json")]
+        configs = [
+            n for n in names if n.endswith(("_weights_config.json", "_constants_config.json"))
+        ]
         if not any(n.endswith("_weights_config.json") for n in names):
             raise ExportDirError(f"{path}: not a torch.export archive (no weights config)")
         for name in configs:
@@ -169,6 +171,11 @@ def load_program(directory: str | os.PathLike, manifest: dict):
 
     path = Path(directory) / PROGRAM_FILE
     check_pickle_free(path)
+    # torch warns that the program's data-dependent size symbols (from .item()) "did not
+    # appear in the graph": expected for this program, and not actionable by a user.
+    serde_log = logging.getLogger("torch._export.serde.serialize")
+    level = serde_log.level
+    serde_log.setLevel(logging.ERROR)
     try:
         return torch.export.load(str(path))
     except Exception as error:  # torch's own message, with where it happened
@@ -176,6 +183,8 @@ def load_program(directory: str | os.PathLike, manifest: dict):
             f"{path}: torch.export.load failed ({type(error).__name__}: {error}); exported with "
             f"torch {manifest.get('torch_version')}, loading with torch {torch.__version__}"
         ) from error
+    finally:
+        serde_log.setLevel(level)
 
 
 def open_export_dir(directory: str | os.PathLike):

@@ -24,8 +24,9 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from hstu.export import artifacts
 from hstu.export.artifacts import (
@@ -60,7 +61,7 @@ def parse_additional_config(text_or_mapping: str | Mapping[str, Any] | None) -> 
     except json.JSONDecodeError as error:
         raise ExportError(
             f"--additional_export_config is not valid JSON (column {error.colno}: {error.msg}): "
-            f"{text_or_mapping!r}. Example: '{{\"cand_seq_pk\": \"cand_seq\"}}'"
+            f'{text_or_mapping!r}. Example: \'{{"cand_seq_pk": "cand_seq"}}\''
         ) from None
     if not isinstance(value, dict):
         raise ExportError(
@@ -136,13 +137,19 @@ def sample_schema(features, labels, tasks, reserved_columns: list[str]) -> dict:
         "have equal lengths in a row; timestamps are int64 seconds",
         "columns": columns,
         "optional_columns": [{"name": "sample_id", "type": "int64"}]
-        + [{"name": label.column, "type": f"list<{label.value_dtype}>", "kind": "label"}
-           for label in labels],
+        + [
+            {"name": label.column, "type": f"list<{label.value_dtype}>", "kind": "label"}
+            for label in labels
+        ],
         "prediction": {
             "keeps": reserved_columns,
             "adds": [
-                {"name": f"probs_{task.name}", "type": "list<float32>", "task": task.name,
-                 "meaning": task_meaning(task)}
+                {
+                    "name": f"probs_{task.name}",
+                    "type": "list<float32>",
+                    "task": task.name,
+                    "meaning": task_meaning(task),
+                }
                 for task in tasks
             ],
         },
@@ -200,22 +207,22 @@ def check_program(program_module, serving, features) -> None:
                 )
 
 
-def _aoti_package(serving, features, trace_inputs, staging: Path) -> str:
-    """AOTInductor package for CUDA, compiled from the same module. NOT VERIFIED on a GPU by
-    this project's tests (CI has none)."""
+def _aoti_package(program, trace_inputs, staging: Path) -> str:
+    """AOTInductor package for CUDA, compiled from the CPU program moved to the GPU.
+
+    EXPERIMENTAL, not verified end to end: on an H200 (torch 2.11, CUDA 13) this compile step
+    ran (about 70 s for the smoke model), but loading the package with
+    torch._inductor.aoti_load_package crashed (segmentation fault), in a fresh process too.
+    Nothing in this project loads the package; predict always runs the CPU program."""
     import torch
+    from torch.export.passes import move_to_device_pass
 
-    from hstu.export.serving import dynamic_shapes, serving_inputs
-
-    device = torch.device("cuda")
-    module = serving.to(device)
-    inputs = {k: v.to(device) for k, v in trace_inputs.items()}
-    program = torch.export.export(
-        module, (inputs,), dynamic_shapes=dynamic_shapes(serving_inputs(features)), strict=False
-    )
+    device = f"cuda:{torch.cuda.current_device()}"
+    gpu_program = move_to_device_pass(program, device)
+    # AOTInductor wants example inputs; the saved CPU program has none (artifacts.py says why).
+    gpu_program.example_inputs = (({k: v.to(device) for k, v in trace_inputs.items()},), {})
     (staging / AOTI_FILE).parent.mkdir(parents=True, exist_ok=True)
-    torch._inductor.aoti_compile_and_package(program, package_path=str(staging / AOTI_FILE))
-    serving.to("cpu")
+    torch._inductor.aoti_compile_and_package(gpu_program, package_path=str(staging / AOTI_FILE))
     return AOTI_FILE
 
 
@@ -306,9 +313,14 @@ def export_checkpoint(
         if aoti == "off":
             aoti_note = "no AOTInductor package: --aoti off"
         elif torch.cuda.is_available():
-            _log("compiling the AOTInductor package for CUDA (not verified by this project)...")
-            files.append(_aoti_package(serving, features, trace_inputs, staging))
-            aoti_note = f"{AOTI_FILE}: AOTInductor package for {torch.cuda.get_device_name()}"
+            _log(
+                "compiling the AOTInductor package for CUDA (experimental, see docs/serving.md)..."
+            )
+            files.append(_aoti_package(program, trace_inputs, staging))
+            aoti_note = (
+                f"{AOTI_FILE}: AOTInductor package for {torch.cuda.get_device_name()} "
+                "(experimental, not verified: docs/serving.md)"
+            )
 
         tasks = model.tasks
         keep = reserved_columns(model)
@@ -332,7 +344,7 @@ def export_checkpoint(
         manifest = {
             "format": artifacts.FORMAT,
             "format_version": artifacts.FORMAT_VERSION,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "torch_version": torch.__version__,
             "recipe": str(recipe),
             "overrides": list(overrides),

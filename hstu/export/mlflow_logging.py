@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.metadata
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 MODEL_NAME = "hstu_ranker"
@@ -57,10 +58,13 @@ def log_export(export_dir: str | Path, tracking_uri: str, run_id: str):
     try:
         # The package's source, without caches: the model needs it to predict.
         package = Path(hstu.__file__).parent
-        shutil.copytree(package, staging / "hstu",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(
+            package, staging / "hstu", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
         mlflow.set_tracking_uri(tracking_uri)
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+            # MLflow suggests type hints on predict(); see pyfunc_model.py for why there are none.
+            warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME,
                 python_model=pyfunc_model.__file__,

@@ -18,8 +18,8 @@ import dataclasses
 import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -265,7 +265,10 @@ def predict_files(
     try:
         for path, row, table in _batches(files, scorer.needed_columns(), batch_size):
             result = scorer.predict_table(
-                table, source=str(path), row_offset=row, on_bad_rows=on_bad_rows,
+                table,
+                source=str(path),
+                row_offset=row,
+                on_bad_rows=on_bad_rows,
                 bad_rows=bad_rows,
             )
             if writer is None:
@@ -316,7 +319,9 @@ def dataframe_to_table(frame, scorer: _RowScorer) -> pa.Table:
     for request in requests_for(scorer.features, []):
         if request.column not in frame.columns:
             raise DataError(
-                "missing column", path="model_input", column=request.column,
+                "missing column",
+                path="model_input",
+                column=request.column,
                 hint=f"the DataFrame has {', '.join(map(str, frame.columns))}",
             )
         value_type = pa.int64() if request.value_dtype == "int64" else pa.float32()
@@ -328,7 +333,8 @@ def dataframe_to_table(frame, scorer: _RowScorer) -> pa.Table:
             columns[request.column] = pa.array(values, type=arrow_type)
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as error:
             raise DataError(
-                f"cannot be read as {arrow_type} ({error})", path="model_input",
+                f"cannot be read as {arrow_type} ({error})",
+                path="model_input",
                 column=request.column,
             ) from None
     for name in scorer.reserved:

@@ -14,8 +14,6 @@ reserved columns (sample_id, user_id, candidate ids) when given, and `probs_<tas
 one score per candidate.
 """
 
-from __future__ import annotations
-
 import mlflow
 from mlflow.pyfunc import PythonModel
 
@@ -28,6 +26,8 @@ class HSTURankerModel(PythonModel):
 
         self.predictor = Predictor(context.artifacts[EXPORT_ARTIFACT])
 
+    # No type hints on purpose: MLflow would then convert the input by its own rules; here
+    # dataframe_to_table checks and converts every column the model reads.
     def predict(self, context, model_input, params=None):
         from hstu.export.predict import dataframe_to_table
 

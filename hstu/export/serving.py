@@ -22,7 +22,7 @@ Feature names never contain ".", so "<sequence>.lengths" cannot collide with a f
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -114,17 +114,17 @@ class ServingModule(nn.Module):
             contextual = torch.cat(
                 [self._embed(inputs, name) for name in self.groups["contextual"]], dim=1
             )
-        encoder_inputs = dict(
-            contextual=contextual,
-            uih=self._group_values(inputs, "uih"),
-            uih_lengths=inputs[lengths_key(self.uih_sequence)].to(torch.int64),
-            candidates=self._group_values(inputs, "candidate"),
-            num_targets=inputs[lengths_key(self.candidate_sequence)].to(torch.int64),
-            uih_timestamps=self._raw(inputs, "uih_timestamp").to(torch.int64),
-            candidate_timestamps=self._raw(inputs, "candidate_timestamp").to(torch.int64),
-            uih_actions=self._raw(inputs, "uih_action"),
-            uih_watch_times=self._raw(inputs, "uih_watchtime"),
-        )
+        encoder_inputs = {
+            "contextual": contextual,
+            "uih": self._group_values(inputs, "uih"),
+            "uih_lengths": inputs[lengths_key(self.uih_sequence)].to(torch.int64),
+            "candidates": self._group_values(inputs, "candidate"),
+            "num_targets": inputs[lengths_key(self.candidate_sequence)].to(torch.int64),
+            "uih_timestamps": self._raw(inputs, "uih_timestamp").to(torch.int64),
+            "candidate_timestamps": self._raw(inputs, "candidate_timestamp").to(torch.int64),
+            "uih_actions": self._raw(inputs, "uih_action"),
+            "uih_watch_times": self._raw(inputs, "uih_watchtime"),
+        }
         if not self.ascending:
             # As DlrmHSTU.forward: newest-first rows are reversed, outputs flipped back.
             encoder_inputs = {
@@ -221,8 +221,10 @@ def synthetic_inputs(
         elif spec.name in timestamp_features:
             # Timestamps: increasing within each row; candidates after the whole history.
             offset = 0 if spec.sequence == uih_sequence else 100_000
-            per_row = [start + offset + np.cumsum(rng.integers(1, 600, size=n))
-                       for n in lengths[spec.sequence]]
+            per_row = [
+                start + offset + np.cumsum(rng.integers(1, 600, size=n))
+                for n in lengths[spec.sequence]
+            ]
             values = np.concatenate(per_row) if per_row else np.zeros(0)
             inputs[spec.name] = torch.from_numpy(values.astype(np.int64))
         elif spec.value_dtype == "int64":

@@ -85,12 +85,21 @@ def samples(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("samples")
     generate(
-        SyntheticOptions(users=24, seed=3, max_history=30, median_history=10, max_candidates=6,
-                         items=900, clusters=50, eval_fraction=0.5, mtgr=True,
-                         users_per_shard=12),
+        SyntheticOptions(
+            users=24,
+            seed=3,
+            max_history=30,
+            median_history=10,
+            max_candidates=6,
+            items=900,
+            clusters=50,
+            eval_fraction=0.5,
+            mtgr=True,
+            users_per_shard=12,
+        ),
         root,
     )
-    table = pq.read_table(sorted((root / "eval").glob("*.parquet"))[0]).slice(0, 3)
+    table = pq.read_table(min((root / "eval").glob("*.parquet"))).slice(0, 3)
     pq.write_table(edge_rows(table), root / "edge.parquet")
     return {"train": root / "train", "eval": root / "eval", "edge": root / "edge.parquet"}
 
@@ -155,8 +164,9 @@ def reuse_smoke_predictor(monkeypatch, smoke_predictor):
 
 @pytest.fixture(scope="session")
 def recipes():
-    return types.SimpleNamespace(smoke=SMOKE_RECIPE, mtgr=MTGR_RECIPE,
-                                 mtgr_overrides=MTGR_SMOKE_OVERRIDES, root=REPO_ROOT)
+    return types.SimpleNamespace(
+        smoke=SMOKE_RECIPE, mtgr=MTGR_RECIPE, mtgr_overrides=MTGR_SMOKE_OVERRIDES, root=REPO_ROOT
+    )
 
 
 @pytest.fixture(scope="session")

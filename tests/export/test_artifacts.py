@@ -20,7 +20,9 @@ def copy_of(smoke_export, tmp_path):
 
 def test_a_directory_without_manifest_is_not_an_export(tmp_path):
     (tmp_path / "model.pt2").write_bytes(b"not a program")
-    with pytest.raises(ExportDirError, match="not an export directory of this project .* model.pt2"):
+    with pytest.raises(
+        ExportDirError, match="not an export directory of this project .* model.pt2"
+    ):
         open_export_dir(tmp_path)
     with pytest.raises(ExportDirError, match="no such export directory"):
         open_export_dir(tmp_path / "missing")
@@ -31,7 +33,9 @@ def test_a_foreign_manifest_is_refused(copy_of):
     with pytest.raises(ExportDirError, match="not an hstu export manifest"):
         open_export_dir(copy_of)
     (copy_of / "export_manifest.json").write_text('{"format": "hstu-export", ')
-    with pytest.raises(ExportDirError, match=r"export_manifest.json is corrupted: not valid JSON \(line 1"):
+    with pytest.raises(
+        ExportDirError, match=r"export_manifest.json is corrupted: not valid JSON \(line 1"
+    ):
         open_export_dir(copy_of)
 
 

@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 
 
-
 def flat_scores(table: pa.Table, column: str) -> np.ndarray:
     return np.asarray(table.column(column).combine_chunks().flatten(), dtype=np.float32)
 
@@ -27,14 +26,22 @@ def test_export_then_predict_equals_checkpoint_scoring(name, request, samples, t
     reference_scorer = CheckpointScorer(exported.config(), exported.checkpoint)
     tasks = predictor.tasks
     for data, batch_size in ((samples["eval"], 5), (samples["edge"], 1)):
-        predict_files(predictor, data, tmp_path / "ours.parquet", batch_size=batch_size,
-                      progress=False)
-        predict_files(reference_scorer, data, tmp_path / "reference.parquet",
-                      batch_size=batch_size + 2, progress=False)
+        predict_files(
+            predictor, data, tmp_path / "ours.parquet", batch_size=batch_size, progress=False
+        )
+        predict_files(
+            reference_scorer,
+            data,
+            tmp_path / "reference.parquet",
+            batch_size=batch_size + 2,
+            progress=False,
+        )
         ours = pq.read_table(tmp_path / "ours.parquet")
         reference = pq.read_table(tmp_path / "reference.parquet")
         files = [data] if data.is_file() else sorted(data.glob("*.parquet"))
-        assert ours.num_rows == reference.num_rows == sum(pq.read_metadata(f).num_rows for f in files)
+        assert (
+            ours.num_rows == reference.num_rows == sum(pq.read_metadata(f).num_rows for f in files)
+        )
         assert ours.column("sample_id").to_pylist() == reference.column("sample_id").to_pylist()
         for task in tasks:
             got, want = flat_scores(ours, f"probs_{task}"), flat_scores(reference, f"probs_{task}")
@@ -47,8 +54,12 @@ def test_export_then_predict_equals_checkpoint_scoring(name, request, samples, t
 def test_mtgr_export_reads_side_info_and_cross_features(mtgr_export):
     schema = json.loads((mtgr_export.export_dir / "sample_schema.json").read_text())
     columns = {c["name"]: c for c in schema["columns"]}
-    for name in ("uih_seq__video_cate1", "cand_seq__video_cate2", "cand_seq__user_video_cross1",
-                 "cand_seq__user_video_cross2"):
+    for name in (
+        "uih_seq__video_cate1",
+        "cand_seq__video_cate2",
+        "cand_seq__user_video_cross1",
+        "cand_seq__user_video_cross2",
+    ):
         assert columns[name]["type"] == "list<int64>" and columns[name]["kind"] == "id"
     manifest = json.loads((mtgr_export.export_dir / "export_manifest.json").read_text())
     assert "cand_seq__user_video_cross2" in [i["name"] for i in manifest["inputs"]]
@@ -70,14 +81,23 @@ def test_export_dir_layout_and_manifest(smoke_export):
     directory = smoke_export.export_dir
     manifest = json.loads((directory / "export_manifest.json").read_text())
     assert sorted(p.name for p in directory.iterdir()) == sorted(
-        ["export_manifest.json", "model.pt2", "model_acc.json", "pipeline.config",
-         "sample_schema.json"])
+        [
+            "export_manifest.json",
+            "model.pt2",
+            "model_acc.json",
+            "pipeline.config",
+            "sample_schema.json",
+        ]
+    )
     for name, record in manifest["files"].items():
         assert record["sha256"] == sha256_of(directory / name)
     assert manifest["candidate_sequence"] == "cand_seq"
     assert manifest["reserved_columns"] == ["sample_id", "user_id", "cand_seq__video_id"]
     schema = json.loads((directory / "sample_schema.json").read_text())
-    assert [a["name"] for a in schema["prediction"]["adds"]][:2] == ["probs_is_click", "probs_is_like"]
+    assert [a["name"] for a in schema["prediction"]["adds"]][:2] == [
+        "probs_is_click",
+        "probs_is_like",
+    ]
     # The config written is the resolved one: it loads as it is.
     from hstu.config import load_config
 
@@ -88,10 +108,13 @@ def test_missing_cand_seq_pk_shows_the_command(tmp_path, recipes):
     from hstu.export.exporter import ExportError, export_checkpoint
 
     with pytest.raises(ExportError) as raised:
-        export_checkpoint(recipe=recipes.smoke, checkpoint=str(tmp_path / "ckpt"),
-                          export_dir=str(tmp_path / "out"),
-                          additional_export_config='{"other": 1}',
-                          overrides=["data_config.batch_size=4"])
+        export_checkpoint(
+            recipe=recipes.smoke,
+            checkpoint=str(tmp_path / "ckpt"),
+            export_dir=str(tmp_path / "out"),
+            additional_export_config='{"other": 1}',
+            overrides=["data_config.batch_size=4"],
+        )
     message = str(raised.value)
     assert "cand_seq_pk" in message
     assert (
@@ -115,8 +138,12 @@ def test_bad_additional_export_config(given, fragment, tmp_path, recipes):
     from hstu.export.exporter import ExportError, export_checkpoint
 
     with pytest.raises(ExportError, match="additional_export_config") as raised:
-        export_checkpoint(recipe=recipes.smoke, checkpoint=str(tmp_path), export_dir=str(tmp_path / "o"),
-                          additional_export_config=given)
+        export_checkpoint(
+            recipe=recipes.smoke,
+            checkpoint=str(tmp_path),
+            export_dir=str(tmp_path / "o"),
+            additional_export_config=given,
+        )
     assert fragment in str(raised.value)
 
 
@@ -124,17 +151,21 @@ def test_refuses_a_checkpoint_of_another_recipe(mtgr_export, tmp_path, recipes):
     from hstu.export.exporter import ExportError, export_checkpoint
 
     with pytest.raises(ExportError, match="does not fit .*smoke.config .*Size mismatch"):
-        export_checkpoint(recipe=recipes.smoke, checkpoint=str(mtgr_export.checkpoint),
-                          export_dir=str(tmp_path / "o"),
-                          additional_export_config={"cand_seq_pk": "cand_seq"})
+        export_checkpoint(
+            recipe=recipes.smoke,
+            checkpoint=str(mtgr_export.checkpoint),
+            export_dir=str(tmp_path / "o"),
+            additional_export_config={"cand_seq_pk": "cand_seq"},
+        )
 
 
 def test_refuses_a_non_checkpoint_and_a_non_empty_export_dir(smoke_export, tmp_path, recipes):
     from hstu.export.exporter import ExportError, export_checkpoint
 
-    args = dict(recipe=recipes.smoke, additional_export_config={"cand_seq_pk": "cand_seq"})
+    args = {"recipe": recipes.smoke, "additional_export_config": {"cand_seq_pk": "cand_seq"}}
     with pytest.raises(ExportError, match="not a checkpoint directory"):
         export_checkpoint(checkpoint=str(tmp_path), export_dir=str(tmp_path / "o"), **args)
     with pytest.raises(ExportError, match="exists and is not an empty directory"):
-        export_checkpoint(checkpoint=str(smoke_export.checkpoint),
-                          export_dir=str(smoke_export.export_dir), **args)
+        export_checkpoint(
+            checkpoint=str(smoke_export.checkpoint), export_dir=str(smoke_export.export_dir), **args
+        )

@@ -22,7 +22,9 @@ def test_export_is_logged_to_the_training_run_and_loads_as_pyfunc(
 
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri)
-    experiment = client.create_experiment("export-test", artifact_location=(tmp_path / "mlruns").as_uri())
+    experiment = client.create_experiment(
+        "export-test", artifact_location=(tmp_path / "mlruns").as_uri()
+    )
     run_id = client.create_run(experiment).info.run_id
     # The trainer's layout: <run dir>/mlflow_run.json beside <run dir>/checkpoint_<...>.
     run_dir = tmp_path / "run"
@@ -44,7 +46,7 @@ def test_export_is_logged_to_the_training_run_and_loads_as_pyfunc(
         model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{models[0].model_id}"))
     finally:
         mlflow.set_tracking_uri(previous_uri)
-    table = pq.read_table(sorted(samples["eval"].glob("*.parquet"))[0])
+    table = pq.read_table(min(samples["eval"].glob("*.parquet")))
     scores = model.predict(table.to_pandas())
     expected = smoke_predictor.predict_table(table).to_pandas()
     assert list(scores.columns) == list(expected.columns)

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 
-
 def _model_and_batch(recipe, overrides, samples):
     from hstu.config import feature_specs, label_specs, load_config
     from hstu.data.pipeline import arrow_to_batch
@@ -20,7 +19,7 @@ def _model_and_batch(recipe, overrides, samples):
     features, labels = feature_specs(cfg), label_specs(cfg)
     torch.manual_seed(0)
     model = DlrmHSTU(cfg, features, labels).eval()
-    table = pq.read_table(sorted(glob.glob(str(samples["train"] / "*.parquet")))[0]).slice(0, 6)
+    table = pq.read_table(min(glob.glob(str(samples["train"] / "*.parquet")))).slice(0, 6)
     return model, features, arrow_to_batch(table, features, labels)
 
 
@@ -28,8 +27,9 @@ def _serving_inputs(batch, features):
     from hstu.export.serving import lengths_key
 
     sparse = batch.sparse.to_dict()
-    inputs = {f.name: sparse[f.name].values() if f.kind == "id" else batch.raw[f.name]
-              for f in features}
+    inputs = {
+        f.name: sparse[f.name].values() if f.kind == "id" else batch.raw[f.name] for f in features
+    }
     for sequence, lengths in batch.seq_lengths.items():
         inputs[lengths_key(sequence)] = lengths
     return inputs
@@ -39,7 +39,9 @@ def _serving_inputs(batch, features):
 def test_serving_module_equals_the_model(ascending, samples, recipes):
     from hstu.export.serving import ServingModule
 
-    overrides = [] if ascending else ["model_config.dlrm_hstu.sequence_timestamp_is_ascending=false"]
+    overrides = (
+        [] if ascending else ["model_config.dlrm_hstu.sequence_timestamp_is_ascending=false"]
+    )
     model, features, batch = _model_and_batch(recipes.smoke, overrides, samples)
     serving = ServingModule(model).eval()
     with torch.no_grad():

@@ -140,14 +140,14 @@ def kernel_arguments(
     if contextual_seq_len > 0:
         num_contexts = torch.full((batch,), contextual_seq_len, dtype=torch.int32, device=q.device)
     args = (q, k, v, cu_seqlens, cu_seqlens, max_seq_len, max_seq_len)
-    kwargs = dict(
-        num_contexts=num_contexts,
-        num_targets=num_targets.to(torch.int32) if num_targets is not None else None,
-        target_group_size=1,
-        window_size=(max_attn_len if max_attn_len > 0 else -1, 0),
-        alpha=alpha if alpha is not None else q.shape[-1] ** -0.5,
-        scaling_seqlen=scaling_seqlen if scaling_seqlen is not None else max_seq_len,
-    )
+    kwargs = {
+        "num_contexts": num_contexts,
+        "num_targets": num_targets.to(torch.int32) if num_targets is not None else None,
+        "target_group_size": 1,
+        "window_size": (max_attn_len if max_attn_len > 0 else -1, 0),
+        "alpha": alpha if alpha is not None else q.shape[-1] ** -0.5,
+        "scaling_seqlen": scaling_seqlen if scaling_seqlen is not None else max_seq_len,
+    }
     return args, kwargs
 
 
@@ -177,15 +177,29 @@ def hstu_mha(
         from hstu.ops.triton.attention import hstu_mha as triton_hstu_mha
 
         return triton_hstu_mha(
-            q, k, v, seq_offsets, max_seq_len=max_seq_len, num_targets=num_targets,
-            contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len, alpha=alpha,
+            q,
+            k,
+            v,
+            seq_offsets,
+            max_seq_len=max_seq_len,
+            num_targets=num_targets,
+            contextual_seq_len=contextual_seq_len,
+            max_attn_len=max_attn_len,
+            alpha=alpha,
             scaling_seqlen=scaling_seqlen,
         )
     function = kernel_function()
     check_inputs(q, k, v)
     args, kwargs = kernel_arguments(
-        q, k, v, seq_offsets, max_seq_len=max_seq_len, num_targets=num_targets,
-        contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len, alpha=alpha,
+        q,
+        k,
+        v,
+        seq_offsets,
+        max_seq_len=max_seq_len,
+        num_targets=num_targets,
+        contextual_seq_len=contextual_seq_len,
+        max_attn_len=max_attn_len,
+        alpha=alpha,
         scaling_seqlen=scaling_seqlen,
     )
     return function(*args, **kwargs)

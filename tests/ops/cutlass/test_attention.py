@@ -38,8 +38,10 @@ def test_missing_package_names_it_and_how_to_install():
         hstu_mha(q, k, v, offsets, max_seq_len=5, kernel=Kernel.CUTLASS)
     message = str(raised.value)
     assert "fused HSTU attention package 'hstu_attn'" in message
-    assert ("pip install hstu_attn-0.1.0+bea6b4b.${DEVICE} -f "
-            "https://tzrec.oss-accelerate.aliyuncs.com/third_party/hstu/${DEVICE}/repo.html") in message
+    assert (
+        "pip install hstu_attn-0.1.0+bea6b4b.${DEVICE} -f "
+        "https://tzrec.oss-accelerate.aliyuncs.com/third_party/hstu/${DEVICE}/repo.html"
+    ) in message
     assert "model_config.kernel to TRITON or PYTORCH" in message
     assert isinstance(raised.value, ImportError)
 
@@ -56,8 +58,21 @@ def test_a_package_without_the_function_or_scaling_seqlen_is_refused(monkeypatch
     with pytest.raises(cutlass.CutlassUnavailableError, match="has no hstu_attn_varlen_func"):
         cutlass.kernel_function()
 
-    def old_release(q, k, v, cu_q, cu_k, max_q, max_k, num_contexts=None, num_targets=None,
-                    target_group_size=1, window_size=(-1, -1), alpha=1.0, rab=None):
+    def old_release(
+        q,
+        k,
+        v,
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        num_contexts=None,
+        num_targets=None,
+        target_group_size=1,
+        window_size=(-1, -1),
+        alpha=1.0,
+        rab=None,
+    ):
         raise AssertionError("must not be called")
 
     _stand_in(monkeypatch, old_release)
@@ -68,10 +83,13 @@ def test_a_package_without_the_function_or_scaling_seqlen_is_refused(monkeypatch
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [
-        (dict(dtype=torch.float32), 'needs bfloat16 or float16 q/k/v; got torch.float32'),
-        (dict(d_qk=32, d_v=64), "needs attention_dim == hidden_dim; got q/k head size 32 and v head size 64"),
-        (dict(d_qk=48, d_v=48), "supports head sizes (32, 64, 128, 256); got 48"),
-        (dict(), "runs on CUDA GPUs only; q is on cpu"),
+        ({"dtype": torch.float32}, "needs bfloat16 or float16 q/k/v; got torch.float32"),
+        (
+            {"d_qk": 32, "d_v": 64},
+            "needs attention_dim == hidden_dim; got q/k head size 32 and v head size 64",
+        ),
+        ({"d_qk": 48, "d_v": 48}, "supports head sizes (32, 64, 128, 256); got 48"),
+        ({}, "runs on CUDA GPUs only; q is on cpu"),
     ],
 )
 def test_input_checks_say_what_to_change(kwargs, fragment):
@@ -84,8 +102,16 @@ def test_input_checks_say_what_to_change(kwargs, fragment):
 def test_the_kernel_gets_int32_offsets_contexts_targets_and_the_constant_scale(monkeypatch):
     q, k, v, offsets = _inputs(lengths=(6, 4))
     args, kwargs = cutlass.kernel_arguments(
-        q, k, v, offsets, max_seq_len=6, num_targets=torch.tensor([2, 1]), contextual_seq_len=2,
-        max_attn_len=0, alpha=None, scaling_seqlen=256,
+        q,
+        k,
+        v,
+        offsets,
+        max_seq_len=6,
+        num_targets=torch.tensor([2, 1]),
+        contextual_seq_len=2,
+        max_attn_len=0,
+        alpha=None,
+        scaling_seqlen=256,
     )
     assert args[:3] == (q, k, v) and args[5:] == (6, 6)
     assert args[3].dtype == torch.int32 and args[3].tolist() == [0, 6, 10]
@@ -96,8 +122,16 @@ def test_the_kernel_gets_int32_offsets_contexts_targets_and_the_constant_scale(m
     assert kwargs["alpha"] == pytest.approx(32**-0.5)
     assert kwargs["scaling_seqlen"] == 256
     _, plain = cutlass.kernel_arguments(
-        q, k, v, offsets, max_seq_len=6, num_targets=None, contextual_seq_len=0, max_attn_len=3,
-        alpha=0.5, scaling_seqlen=None,
+        q,
+        k,
+        v,
+        offsets,
+        max_seq_len=6,
+        num_targets=None,
+        contextual_seq_len=0,
+        max_attn_len=3,
+        alpha=0.5,
+        scaling_seqlen=None,
     )
     assert plain["num_contexts"] is None and plain["num_targets"] is None
     assert plain["window_size"] == (3, 0) and plain["alpha"] == 0.5
@@ -110,11 +144,17 @@ def test_a_window_with_targets_falls_back_to_triton_and_says_so(monkeypatch):
     from hstu.ops.pytorch.attention import hstu_mha as reference
 
     monkeypatch.setattr(cutlass, "_fallback_warned", False)
-    monkeypatch.setattr(cutlass, "kernel_function",
-                        lambda: pytest.fail("the CUTLASS package must not be asked for"))
+    monkeypatch.setattr(
+        cutlass, "kernel_function", lambda: pytest.fail("the CUTLASS package must not be asked for")
+    )
     q, k, v, offsets = _inputs(dtype=torch.float32, d_qk=16, d_v=16, lengths=(6, 4), heads=1)
-    options = dict(max_seq_len=6, num_targets=torch.tensor([2, 1]), contextual_seq_len=1,
-                   max_attn_len=2, scaling_seqlen=6)
+    options = {
+        "max_seq_len": 6,
+        "num_targets": torch.tensor([2, 1]),
+        "contextual_seq_len": 1,
+        "max_attn_len": 2,
+        "scaling_seqlen": 6,
+    }
     with pytest.warns(UserWarning, match="attention runs the TRITON kernel instead"):
         got = hstu_mha(q, k, v, offsets, kernel=Kernel.CUTLASS, **options)
     torch.testing.assert_close(got, reference(q, k, v, offsets, **options), atol=1e-4, rtol=1e-3)
@@ -123,8 +163,11 @@ def test_a_window_with_targets_falls_back_to_triton_and_says_so(monkeypatch):
 @pytest.mark.parametrize(
     "overrides, path, fragment",
     [
-        (["model_config.dlrm_hstu.hstu.stu.attention_dim=64"],
-         "model_config.dlrm_hstu.hstu.stu.attention_dim", "needs attention_dim == hidden_dim"),
+        (
+            ["model_config.dlrm_hstu.hstu.stu.attention_dim=64"],
+            "model_config.dlrm_hstu.hstu.stu.attention_dim",
+            "needs attention_dim == hidden_dim",
+        ),
         (['train_config.mixed_precision=""'], "train_config.mixed_precision", '"BF16" or "FP16"'),
     ],
 )
@@ -146,8 +189,12 @@ def test_cutlass_matches_the_pytorch_reference_on_gpu():
     from hstu.ops.pytorch.attention import hstu_mha as reference
 
     q, k, v, offsets = (t.cuda() for t in _inputs(d_qk=128, d_v=128, lengths=(300, 64, 129)))
-    options = dict(max_seq_len=300, num_targets=torch.tensor([20, 5, 9]).cuda(),
-                   contextual_seq_len=4, scaling_seqlen=512)
+    options = {
+        "max_seq_len": 300,
+        "num_targets": torch.tensor([20, 5, 9]).cuda(),
+        "contextual_seq_len": 4,
+        "scaling_seqlen": 512,
+    }
     got = hstu_mha(q, k, v, offsets, kernel=Kernel.CUTLASS, **options)
     want = reference(q.float(), k.float(), v.float(), offsets, **options)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=1e-2)
