@@ -316,11 +316,18 @@ def export_checkpoint(
             _log(
                 "compiling the AOTInductor package for CUDA (experimental, see docs/serving.md)..."
             )
-            files.append(_aoti_package(program, trace_inputs, staging))
-            aoti_note = (
-                f"{AOTI_FILE}: AOTInductor package for {torch.cuda.get_device_name()} "
-                "(experimental, not verified: docs/serving.md)"
-            )
+            try:
+                files.append(_aoti_package(program, trace_inputs, staging))
+                aoti_note = (
+                    f"{AOTI_FILE}: AOTInductor package for {torch.cuda.get_device_name()} "
+                    "(experimental, not verified: docs/serving.md)"
+                )
+            except Exception as error:  # an optional extra: keep the CPU export (unless --aoti on)
+                if aoti == "on":
+                    raise
+                shutil.rmtree(staging / Path(AOTI_FILE).parent, ignore_errors=True)
+                aoti_note = f"no AOTInductor package: compiling it failed ({type(error).__name__})"
+                _log(f"{aoti_note}: {error}")
 
         tasks = model.tasks
         keep = reserved_columns(model)
