@@ -47,31 +47,42 @@ class LockstepStats:
     # The step just yielded, summed over ranks.
     last_rows: int = 0
     last_tokens: int = 0
+    # lockstep(): whether the step just yielded is the pass's last (the next was already asked).
+    is_last: bool = False
 
 
 def lockstep(batches: Iterable, stats: LockstepStats, tokens_of) -> Iterator:
     """Yield this rank's batches for as long as every rank has one.
 
-    `tokens_of(batch)` counts a batch's tokens; the global row and token totals of each step are
-    gathered in the same collective and added to `stats` (rank 0 uses them for throughput).
+    It looks one step ahead (the collective for step k+1 runs before step k is yielded), so
+    `stats.is_last` tells the caller that the step it is about to run ends the pass, e.g. to
+    write an end-of-epoch checkpoint at the last step rather than after it. `tokens_of(batch)`
+    counts a batch's tokens; the global row and token totals of each step are gathered in the
+    same collective and added to `stats` (rank 0 uses them for throughput).
     """
     world = world_size()
     iterator = iter(batches)
+
+    def ask():
+        batch = next(iterator, None)
+        has = batch is not None
+        rows = batch.batch_size if has else 0
+        tokens = tokens_of(batch) if has else 0
+        have, total_rows, total_tokens = all_reduce_sum([float(has), rows, tokens])
+        return batch, int(have), int(total_rows), int(total_tokens)
+
     try:
-        while True:
-            batch = next(iterator, None)
-            has = batch is not None
-            rows = batch.batch_size if has else 0
-            tokens = tokens_of(batch) if has else 0
-            have, total_rows, total_tokens = all_reduce_sum([float(has), rows, tokens])
-            if int(have) < world:
-                stats.unused_batches += int(have)
-                return
+        batch, have, rows, tokens = ask()
+        while have == world:
+            following = ask()
             stats.steps += 1
-            stats.last_rows, stats.last_tokens = int(total_rows), int(total_tokens)
-            stats.rows += stats.last_rows
-            stats.tokens += stats.last_tokens
+            stats.last_rows, stats.last_tokens = rows, tokens
+            stats.rows += rows
+            stats.tokens += tokens
+            stats.is_last = following[1] < world
             yield batch
+            batch, have, rows, tokens = following
+        stats.unused_batches += have
     finally:
         # Stop the pipeline's prefetch thread now rather than at garbage collection.
         close = getattr(iterator, "close", None)

@@ -367,10 +367,15 @@ class Worker:
                 )
                 self._record_samples(batch, state)
                 self._maybe_crash(state)
+                # At the epoch's last step, a checkpoint resumes at the next epoch.
+                state.epoch_done = stats.is_last
 
                 if state.global_step % log_every == 0:
                     self._log_progress(meter, state, lrs)
-                if save_steps and state.global_step % save_steps == 0:
+                save_now = bool(save_steps) and state.global_step % save_steps == 0
+                if state.epoch_done and save_epochs and (epoch + 1) % save_epochs == 0:
+                    save_now = True
+                if save_now:
                     checkpoint_now(with_eval=eval_every == 0)
                 if eval_every and state.global_step % eval_every == 0 and eval_batches is not None:
                     if last_eval_step != state.global_step:
@@ -391,10 +396,6 @@ class Worker:
                     f"epoch {epoch}: {stats.unused_batches} batch(es) unused because another "
                     "worker ran out of data first (unequal batch counts across workers)"
                 )
-            if not done:
-                state.epoch_done = True
-                if save_epochs and (epoch + 1) % save_epochs == 0:
-                    checkpoint_now(with_eval=eval_every == 0)
             epoch += 1
 
         # The last report carries the final evaluation (Ray keeps metrics with checkpoints).

@@ -44,3 +44,9 @@ def smoke_data(tmp_path_factory) -> dict:
     assert manifest["splits"]["train"]["rows"] == TRAIN_ROWS
     return {"train": str(out / "train"), "eval": str(out / "eval"), "rows": TRAIN_ROWS,
             "manifest": manifest}
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory) -> str:
+    """One sqlite tracking store for the session (creating one costs seconds of migrations)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"

@@ -66,6 +66,7 @@ def test_training_stops_on_every_rank_when_one_runs_out(outcomes):
         assert stats["steps"] == 1
         assert stats["rows"] == 8 and stats["tokens"] == 80  # global totals of the step
         assert stats["unused_batches"] == 1  # rank 0's next batch, counted not dropped
+        assert stats["is_last"]
 
 
 def test_eval_pads_the_rank_that_ran_out_so_every_row_is_scored(outcomes):
@@ -84,6 +85,10 @@ def test_single_process_lockstep_yields_everything():
     assert not (dist.is_available() and dist.is_initialized())
     batches = [SimpleNamespace(batch_size=n) for n in (4, 4, 2)]
     stats = LockstepStats()
-    assert list(lockstep(batches, stats, lambda b: 1)) == batches
+    yielded, last_flags = [], []
+    for batch in lockstep(batches, stats, lambda b: 1):
+        yielded.append(batch)
+        last_flags.append(stats.is_last)  # known before the step runs (one-step lookahead)
+    assert yielded == batches and last_flags == [False, False, True]
     assert stats.rows == 10 and stats.tokens == 3
     assert [real for _, real in lockstep_padded(batches, LockstepStats(), lambda b: 1)] == [True] * 3

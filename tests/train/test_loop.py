@@ -18,12 +18,12 @@ STEPS_PER_EPOCH = TRAIN_ROWS // WORKERS // BATCH  # 4
 CRASH_AFTER_STEP = 3  # after the checkpoint of step 2
 
 
-def test_worker_failure_resumes_from_checkpoint_and_loses_no_sample(
-    ray_session, smoke_data, smoke_recipe, tmp_path
-):
-    from hstu.train.delivery import audit, effective_steps, read_log
+@pytest.fixture(scope="module")
+def faulted(ray_session, smoke_data, smoke_recipe, mlflow_uri, tmp_path_factory):
+    """One 1-epoch run in which rank 1 dies after step 3; Ray Train may restart once."""
     from hstu.train.trainer import TrainOptions, run_training
 
+    tmp_path = tmp_path_factory.mktemp("faulted")
     marker = tmp_path / "crashed"
     options = TrainOptions(
         recipe=smoke_recipe,
@@ -37,19 +37,24 @@ def test_worker_failure_resumes_from_checkpoint_and_loses_no_sample(
         eval_paths=[smoke_data["eval"]],
         workers=WORKERS,
         storage=str(tmp_path / "runs"),
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        tracking_uri=mlflow_uri,
         max_failures=1,
         export=False,
         sample_log_dir=str(tmp_path / "samples"),
         # The delay lets Ray's controller register the step-2 checkpoint (it polls workers
         # every 2 s); without it the restart may begin from scratch, which also keeps the
         # guarantee but tests less.
-        crash={"rank": 1, "step": CRASH_AFTER_STEP, "marker": str(marker), "delay_s": 6},
+        crash={"rank": 1, "step": CRASH_AFTER_STEP, "marker": str(marker), "delay_s": 4},
         timeout_s=900,
     )
-    result = run_training(options)
+    return run_training(options), options, tmp_path
 
-    assert marker.is_file(), "the fault was never injected"
+
+def test_worker_failure_resumes_from_checkpoint_and_loses_no_sample(faulted, smoke_data):
+    from hstu.train.delivery import audit, effective_steps, read_log
+
+    result, _, tmp_path = faulted
+    assert (tmp_path / "crashed").is_file(), "the fault was never injected"
     assert result.metrics["restarts"] == 1
     steps = read_log(tmp_path / "samples")
     attempts = sorted({s.attempt for s in steps})
@@ -85,3 +90,35 @@ def test_worker_failure_resumes_from_checkpoint_and_loses_no_sample(
     run = client(result.tracking_uri).get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert all(f"eval/auc/{task}" in run.data.metrics for task in result.tasks)
+
+
+def test_resume_continues_the_same_run_and_mlflow_run(faulted):
+    """--resume with the run's name: Ray Train restores its latest checkpoint (end of epoch 0),
+    a second epoch trains, and the same MLflow run receives it."""
+    import dataclasses
+
+    from hstu.train.tracking import client
+    from hstu.train.trainer import run_training
+
+    first, options, _ = faulted
+    resumed = run_training(
+        dataclasses.replace(
+            options,
+            overrides=[*options.overrides, "train_config.num_epochs=2"],
+            resume=True,
+            run_name=first.run_name,
+            crash=None,
+            sample_log_dir=None,
+        )
+    )
+    assert resumed.run_name == first.run_name
+    assert resumed.mlflow_run_id == first.mlflow_run_id
+    assert resumed.metrics["global_step"] == first.metrics["global_step"] + STEPS_PER_EPOCH
+    assert resumed.metrics["epochs_completed"] == 2
+    assert resumed.metrics["restarts"] == first.metrics["restarts"] + 1
+    mlflow_client = client(resumed.tracking_uri)
+    run = mlflow_client.get_run(resumed.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["hstu.resumed"] == "true"
+    steps = [m.step for m in mlflow_client.get_metric_history(run.info.run_id, "train/loss")]
+    assert max(steps) == resumed.metrics["global_step"]

@@ -23,7 +23,7 @@ STEPS = TRAIN_ROWS // WORKERS // BATCH  # one epoch
 
 
 @pytest.fixture(scope="module")
-def trained(ray_session, smoke_data, smoke_recipe, tmp_path_factory):
+def trained(ray_session, smoke_data, smoke_recipe, mlflow_uri, tmp_path_factory):
     from hstu.train.trainer import TrainOptions, run_training
 
     assert smoke_data["rows"] == TRAIN_ROWS
@@ -40,7 +40,7 @@ def trained(ray_session, smoke_data, smoke_recipe, tmp_path_factory):
         eval_paths=[smoke_data["eval"]],
         workers=WORKERS,
         storage=str(root / "runs"),
-        tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
+        tracking_uri=mlflow_uri,
         sharding=["video_id_emb=row_wise", "user_id_emb=table_wise"],
         export=False,
         timeout_s=600,
@@ -68,6 +68,7 @@ def test_checkpoints_hold_every_rank_shards(trained):
     assert {".metadata", "__0_0.distcp", "__1_0.distcp", "train_state.json"} <= names
     state = json.loads((final / "train_state.json").read_text())
     assert state["world_size"] == WORKERS and state["global_step"] == STEPS
+    assert state["epoch_done"]  # saved at the epoch's last step: a resume starts epoch 1
     assert state["sharding"]["video_id_emb"]["sharding_type"] == "row_wise"
     # save_checkpoints_steps=2: the step-2 checkpoint is kept beside the final one.
     assert (Path(result.run_dir) / "checkpoint_00000002" / ".metadata").is_file()
