@@ -48,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--contextual", type=int, default=6, help="contextual tokens per row (default 6)"
     )
     kuairand.add_argument(
+        "--candidate-query-time",
+        choices=("window_start", "own"),
+        default="window_start",
+        help="candidates' query time: the window's first interaction time, shared by its "
+        "candidates (default; keeps candidates isolated as at serving), or each one's own time",
+    )
+    kuairand.add_argument(
         "--min-history",
         type=int,
         default=0,
@@ -132,6 +139,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     synthetic.add_argument("--users-per-shard", type=int, default=1000)
     synthetic.add_argument(
+        "--candidate-query-time",
+        choices=("window_start", "own"),
+        default="window_start",
+        help="candidates' query time: the window's first interaction time, shared by its "
+        "candidates (default; keeps candidates isolated as at serving), or each one's own time",
+    )
+    synthetic.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -200,6 +214,7 @@ def _kuairand(args: argparse.Namespace) -> dict:
         workers=args.workers,
         overwrite=args.overwrite,
         keep_buckets=args.keep_buckets,
+        candidate_query_time=args.candidate_query_time,
     )
     return convert_kuairand(options)
 
@@ -230,5 +245,6 @@ def _synthetic(args: argparse.Namespace) -> dict:
         eval_fraction=args.eval_fraction,
         mtgr=args.mtgr,
         users_per_shard=args.users_per_shard,
+        candidate_query_time=args.candidate_query_time,
     )
     return generate(options, args.out, workers=args.workers)

@@ -15,8 +15,9 @@ Sample layout per user, interactions sorted by time:
   each period is cut into consecutive windows of at most `max_candidates`, from its start;
 - a window's history (UIH) is every earlier interaction of the user, the most recent
   `max_seq_len - contextual - max_candidates` of them (eval windows see the training period);
-- a candidate's query time is its own interaction time (the request that showed it): a
-  per-candidate time, so the model's time features tell candidates of one window apart.
+- a candidate's query time is the time of its window's first interaction (the request that
+  opened the window), shared by the window's candidates; `candidate_query_time="own"` keeps each
+  candidate's own time instead (hstu.data.windows.CANDIDATE_QUERY_TIMES says why and when).
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ class KuaiRandOptions:
     block_size: int = 16 << 20
     overwrite: bool = False
     keep_buckets: bool = False
+    candidate_query_time: str = "window_start"  # or "own": see windows.CANDIDATE_QUERY_TIMES
 
     @property
     def max_history(self) -> int:
@@ -653,7 +655,13 @@ def build_bucket(
             selected = chunk.select(chunk.is_eval == is_eval)
             if len(selected) == 0:
                 continue
-            samples = windows_to_table(selected, tokens, users, mtgr=videos is not None)
+            samples = windows_to_table(
+                selected,
+                tokens,
+                users,
+                mtgr=videos is not None,
+                candidate_query_time=options.candidate_query_time,
+            )
             # What we write must read back cleanly: a failure here is a converter bug.
             validate_table(samples, check_features, check_labels)
             name = f"{split}/part-{bucket:05d}-{chunk_index:04d}.parquet"

@@ -122,13 +122,14 @@ def make_sample_ids(user_ids, window_indices):
 
 
 MAX_USER_ID_FOR_SAMPLE_ID = 1 << 43
-# Profile table sizes in the KuaiRand recipes (Meta's DLRMv3 tables).
+# Profile table sizes in the KuaiRand recipes: the distinct values of each column in KuaiRand's
+# user features file, coded 1..K by `prepare kuairand`, plus row 0 for an unknown user.
 RECIPE_PROFILE_BUCKETS = {
-    "user_active_degree": 8,
+    "user_active_degree": 10,
     "follow_user_num_range": 9,
-    "fans_user_num_range": 9,
+    "fans_user_num_range": 10,
     "friend_user_num_range": 8,
-    "register_days_range": 8,
+    "register_days_range": 9,
 }
 MAX_WINDOWS_PER_USER = 1 << 20
 

@@ -101,6 +101,7 @@ class SyntheticOptions:
     eval_fraction: float = 0.1
     mtgr: bool = False
     users_per_shard: int = 1000
+    candidate_query_time: str = "window_start"  # or "own": see windows.CANDIDATE_QUERY_TIMES
 
     def __post_init__(self):
         if self.users < 1:
@@ -244,7 +245,13 @@ def generate_shard(options: SyntheticOptions, world: World, shard: int) -> dict:
     tables = {}
     for split, is_eval in (("train", False), ("eval", True)):
         chosen = windows.select(windows.is_eval == is_eval)
-        tables[split] = (windows_to_table(chosen, tokens, users, mtgr=options.mtgr), chosen)
+        tables[split] = (windows_to_table(
+            chosen,
+            tokens,
+            users,
+            mtgr=options.mtgr,
+            candidate_query_time=options.candidate_query_time,
+        ), chosen)
     return tables
 
 

@@ -166,14 +166,32 @@ def list_column(values: np.ndarray, offsets: np.ndarray, value_type: pa.DataType
     )
 
 
+# How a window's candidates get their query time (cand_seq__query_time).
+# - window_start: all candidates share the time of the window's first interaction. The model
+#   measures every token's age from the row's last query time and gives all candidates one
+#   position, so with a shared query time a candidate's score depends on nothing but the
+#   contextual tokens, the history and the candidate itself: adding, removing or reordering the
+#   window's other candidates leaves it unchanged, exactly as at serving time, where all
+#   candidates of a request share the request time.
+# - own: each candidate keeps its own interaction time; the hour/day features of the
+#   postprocessor are then exact per candidate, but the row's time anchor (its last candidate's
+#   time) moves with the window's other candidates, so training rows are not candidate-isolated.
+CANDIDATE_QUERY_TIMES = ("window_start", "own")
+
+
 def windows_to_table(
     windows: Windows,
     tokens: dict[str, np.ndarray],
     users: dict[str, np.ndarray],
     *,
     mtgr: bool,
+    candidate_query_time: str = "window_start",
 ) -> pa.Table:
     """Sample rows for `windows`.
+
+    candidate_query_time: "window_start" (default) gives every candidate of a window the time
+        of the window's first interaction, the moment its request was served; "own" gives each
+        candidate its own interaction time. See CANDIDATE_QUERY_TIMES.
 
     tokens: flat per-token arrays: video_id, action_weight, watch_time, timestamp, and for
         MTGR video_cate1, video_cate2, user_video_cross1, user_video_cross2 (the cross codes
@@ -207,8 +225,17 @@ def windows_to_table(
     columns[schema.UIH_WATCH_TIME] = uih("watch_time", float32)
     columns[schema.UIH_ACTION_TIMESTAMP] = uih("timestamp", int64)
     columns[schema.CAND_VIDEO_ID] = cand("video_id", int64)
-    # A candidate's query time is its own interaction time.
-    columns[schema.CAND_QUERY_TIME] = cand("timestamp", int64)
+    if candidate_query_time == "window_start":
+        first = tokens["timestamp"][windows.cand_start]
+        query_times = np.repeat(first, windows.cand_end - windows.cand_start)
+        columns[schema.CAND_QUERY_TIME] = list_column(query_times, cand_offsets, int64)
+    elif candidate_query_time == "own":
+        columns[schema.CAND_QUERY_TIME] = cand("timestamp", int64)
+    else:
+        raise ValueError(
+            f"candidate_query_time must be one of {CANDIDATE_QUERY_TIMES}, "
+            f"not {candidate_query_time!r}"
+        )
     columns[schema.CAND_ACTION_WEIGHT] = cand("action_weight", int64)
     columns[schema.CAND_WATCH_TIME] = cand("watch_time", float32)
     if mtgr:
