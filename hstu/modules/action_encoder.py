@@ -87,7 +87,7 @@ class SimpleActionEncoder(nn.Module):
         bits = self.action_bits(actions, watch_times)
         uih = (bits.unsqueeze(2).to(self.action_table.dtype) * self.action_table.unsqueeze(0))
         uih = uih.reshape(actions.shape[0], self.output_dim)
-        num_candidates = int(candidate_offsets[-1])
+        num_candidates = candidate_offsets[-1].item()  # .item(): traceable by torch.export
         candidates = self.target_embedding.expand(num_candidates, -1)
         merged, _ = concat_2d_jagged(
             uih.to(dtype), uih_offsets, candidates.to(dtype), candidate_offsets, kernel=self.kernel

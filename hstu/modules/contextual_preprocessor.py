@@ -97,7 +97,8 @@ class ContextualPreprocessor(nn.Module):
             uih, uih_offsets, candidates, candidate_offsets
         )
         item_lengths = uih_lengths + num_targets
-        max_item_len = int(item_lengths.max()) if item_lengths.numel() else 0
+        # .item(), not int(): traceable by torch.export (hstu/export).
+        max_item_len = item_lengths.max().item() if item_lengths.numel() else 0
         x = self.content_mlp(content, item_offsets, max_item_len, contextual)
         if self.action_encoder is not None:
             if uih_actions is None:

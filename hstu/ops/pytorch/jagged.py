@@ -42,7 +42,8 @@ def jagged_to_padded(
 
 def padded_to_jagged(padded: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """[B, max_len, *rest] -> [sum_len, *rest] keeping the first len_b entries of each row."""
-    total = int(offsets[-1].item()) if offsets.numel() else 0
+    # .item(), not int(): torch.export can trace .item() (hstu/export).
+    total = offsets[-1].item() if offsets.numel() else 0
     rows, cols = jagged_row_and_col(offsets, total)
     return padded[rows, cols]
 
@@ -50,7 +51,13 @@ def padded_to_jagged(padded: torch.Tensor, offsets: torch.Tensor) -> torch.Tenso
 def _check_offsets(offsets: torch.Tensor, values: torch.Tensor, name: str) -> None:
     if offsets.dim() != 1 or offsets.numel() == 0:
         raise ValueError(f"{name} must be a 1-D tensor [B+1]; got shape {tuple(offsets.shape)}")
-    if offsets.shape[0] > 1 and int(offsets[-1]) != values.shape[0]:
+    # Data-dependent checks are skipped while torch.export traces (hstu/export): it cannot
+    # branch on tensor values. They run in eager mode as before.
+    if (
+        offsets.shape[0] > 1
+        and not torch.compiler.is_exporting()
+        and int(offsets[-1]) != values.shape[0]
+    ):
         raise ValueError(
             f"{name}[-1] = {int(offsets[-1])} but the values have {values.shape[0]} rows"
         )
@@ -93,15 +100,17 @@ def split_2d_jagged(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_offsets(offsets, values, "offsets")
     lengths = lengths_from_offsets(offsets)
-    if not torch.equal(left_lengths.to(lengths.dtype) + right_lengths.to(lengths.dtype), lengths):
+    if not torch.compiler.is_exporting() and not torch.equal(
+        left_lengths.to(lengths.dtype) + right_lengths.to(lengths.dtype), lengths
+    ):
         raise ValueError(
             "split_2d_jagged: left_lengths + right_lengths must equal the row lengths; got "
             f"{left_lengths.tolist()} + {right_lengths.tolist()} vs {lengths.tolist()}"
         )
     left_offsets = offsets_from_lengths(left_lengths)
     right_offsets = offsets_from_lengths(right_lengths)
-    left_rows, left_cols = jagged_row_and_col(left_offsets, int(left_offsets[-1]))
-    right_rows, right_cols = jagged_row_and_col(right_offsets, int(right_offsets[-1]))
+    left_rows, left_cols = jagged_row_and_col(left_offsets, left_offsets[-1].item())
+    right_rows, right_cols = jagged_row_and_col(right_offsets, right_offsets[-1].item())
     left = values[offsets[left_rows] + left_cols]
     right = values[offsets[right_rows] + left_lengths[right_rows] + right_cols]
     return left, right
