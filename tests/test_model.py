@@ -454,7 +454,7 @@ def test_model_summary_on_the_27k_recipe_without_tables():
     stu_layer = d * 2 * h * (dv + dqk) + 2 * h * (dv + dqk) + 2 * d + 3 * h * dv * d + 2 * h
     assert summary["stu_parameters"] == layers * stu_layer
     # Two 10M x 256 tables (video_id shared by history and candidates) + profile tables.
-    assert summary["sparse_parameters"] == (2 * 10_000_000 + 8 + 9 + 9 + 8 + 8) * 256
+    assert summary["sparse_parameters"] == (2 * 10_000_000 + 10 + 9 + 10 + 8 + 9) * 256
     assert summary["sparse_bytes"] == 2 * summary["sparse_parameters"]  # FP16
     assert 12.5e6 < summary["dense_parameters"] < 13.1e6  # reference 2.16: about 12.8M
     n = 8000
