@@ -52,8 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--aoti",
         choices=("auto", "on", "off"),
-        default="auto",
-        help="AOTInductor package for CUDA: auto (when a GPU is present), on, off",
+        default="off",
+        help="AOTInductor package for CUDA (experimental, unverified: see docs/serving.md): "
+        "off (default), auto (when a GPU is present), on",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export_dir")
     tracking = parser.add_mutually_exclusive_group()

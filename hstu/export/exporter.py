@@ -246,7 +246,7 @@ def export_checkpoint(
     export_dir: str,
     additional_export_config: str | Mapping[str, Any] | None = None,
     overrides: list[str] | tuple[str, ...] = (),
-    aoti: str = "auto",
+    aoti: str = "off",
     overwrite: bool = False,
     mlflow_run: str | tuple[str, str] | None = "auto",
 ) -> Path:
@@ -254,8 +254,9 @@ def export_checkpoint(
 
     additional_export_config: JSON object (text or mapping) merged into model_acc.json; must
         hold cand_seq_pk, the candidate sequence's name.
-    aoti: "auto" (an AOTInductor package when CUDA is available), "off", or "on" (fail
-        without CUDA).
+    aoti: "off" (default), "auto" (an AOTInductor package when CUDA is available) or "on"
+        (fail without CUDA). Off by default: the one package built so far (H200, torch 2.11)
+        compiled but crashed when loaded, so it is opt-in until verified.
     mlflow_run: "auto" logs the export to the training run recorded beside the checkpoint
         (<run dir>/mlflow_run.json) when there is one; (tracking_uri, run_id) logs to that run;
         None does not log.
