@@ -153,6 +153,9 @@ def worker(rank: int, world: int, args, kernel: str, init_file: str, out_file: s
     device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        # Share the cores as Ray Train does (one CPU per worker and as many threads).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
@@ -219,6 +222,7 @@ def worker(rank: int, world: int, args, kernel: str, init_file: str, out_file: s
             "tokens_per_s": sum(float(g[2]) for g in gathered) / step_s,
             "model_tflops": sum(float(g[3]) for g in gathered) / step_s / 1e12,
             "tokens_per_step": sum(float(g[2]) for g in gathered),
+            "torch_threads_per_worker": torch.get_num_threads(),
             "plan": sharded.tables,
             "peak_gpu_mem_gb": (torch.cuda.max_memory_allocated(device) / 2**30
                                 if device.type == "cuda" else None),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -115,12 +116,20 @@ def restore(
 
 def load_model_weights(model: nn.Module, directory: str | os.PathLike) -> None:
     """Load only the model weights, into a sharded model (any world size) or a plain one."""
+    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
+    if "://" in str(directory):
+        raise CheckpointError(f"{directory}: remote checkpoints cannot be read directly; copy "
+                              "the directory to local disk first")
     if not (Path(directory) / ".metadata").is_file():
         raise CheckpointError(f"{directory}: no DCP checkpoint here (no .metadata file)")
     target = {"model": model.state_dict()}
-    dcp.load(target, checkpoint_id=str(directory))
+    single_process = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():
+        # One process reading a sharded checkpoint is intended here; DCP warns about it anyway.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(target, checkpoint_id=str(directory), no_dist=single_process)
     model.load_state_dict(target["model"])
 
 

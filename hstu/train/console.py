@@ -4,7 +4,8 @@
   logger, and the driver shows it twice. `console()` writes to stdout directly, once.
 - Driver: without Ray's dashboard (this project installs ray[data,train], not ray[default]),
   Ray Train's placement-group cleaner cannot reach the state API and warns about it every
-  second; `filtered_console()` drops exactly those lines. HSTU_VERBOSE=1 shows everything.
+  second; `filtered_console()` drops exactly those lines and a few other known-benign ones
+  (RAY_NOISE). HSTU_VERBOSE=1 shows everything.
 """
 
 from __future__ import annotations
@@ -13,10 +14,19 @@ import contextlib
 import os
 import sys
 
-# Lines from Ray that say nothing actionable on a machine without the dashboard.
+# Lines from Ray that say nothing actionable here (HSTU_VERBOSE=1 shows them): the cleaner's
+# state-API warning without a dashboard, a deprecation inside Ray Train's own data setup, an
+# internal actor-restart note, Ray Data's per-dataset info, Ray Train's per-rank checkpoint
+# line (rank 0 prints one line per checkpoint instead), the local token-auth notice.
 RAY_NOISE = (
     "Failed to query Ray Train Controller actor state",
     "Progress bars disabled. To enable, set",
+    "exclude_resources",
+    "has constructor arguments in the object store and max_restarts",
+    "execution finished in",
+    "Estimated parquet",
+    "Checkpoint successfully created at",
+    "Token authentication is enabled for this Ray cluster",
 )
 
 

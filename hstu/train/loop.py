@@ -66,7 +66,8 @@ def quiet_library_logs() -> None:
     # FBGEMM logs through the root logger; Ray Train's own loggers set their own levels.
     logging.getLogger().setLevel(logging.WARNING)
     for name in ("torchrec", "fbgemm_gpu", "torch.distributed", "torch.fx"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        # Their warnings here are about planner estimates and tracing internals, not the run.
+        logging.getLogger(name).setLevel(logging.ERROR)
     for category, pattern in (
         (FutureWarning, ".*HeuristicalStorageReservation.*"),
         (FutureWarning, ".*broadcast_buffers.*"),
@@ -250,11 +251,13 @@ class Worker:
                 rank=self.rank,
                 extra={"run_name": self.job.run_name, "sharding": self.sharded.tables},
             )
+            name = f"checkpoint_{state.global_step:08d}{suffix}"
             ray.train.report(
                 report,
                 checkpoint=ray.train.Checkpoint.from_directory(directory),
-                checkpoint_dir_name=f"checkpoint_{state.global_step:08d}{suffix}",
+                checkpoint_dir_name=name,
             )
+        self.say(f"checkpoint {name} saved (step {state.global_step}, epoch {state.epoch})")
 
     def _record_samples(self, batch, state: TrainState) -> None:
         if not self.job.sample_log_dir or batch.sample_ids is None:
@@ -302,8 +305,10 @@ class Worker:
                 f"{state.resume_epoch()} replays from its first batch"
             )
         elif self.rank == 0:
-            self.say(f"sharding plan ({self.world} workers, {self.device.type}):\n"
-                     f"{self.sharded.plan_text()}")
+            self.say(
+                f"sharding plan ({self.world} workers on {self.device.type}, "
+                f"{torch.get_num_threads()} torch thread(s) each):\n{self.sharded.plan_text()}"
+            )
             self.log.text(self.job.config_text, "pipeline.config")
             self.log.text(self.sharded.plan_text() + "\n", "sharding_plan.txt")
             self.log.text(self.sharded.plan_json() + "\n", "sharding_plan.json")

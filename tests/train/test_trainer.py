@@ -7,14 +7,14 @@ One trainer run serves every check here (each start costs tens of seconds on 2 C
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
-pytestmark = pytest.mark.slow
 
 BATCH = 8
 WORKERS = 2
@@ -51,6 +51,7 @@ def trained(ray_session, smoke_data, smoke_recipe, mlflow_uri, tmp_path_factory)
     return result, client(result.tracking_uri)
 
 
+@pytest.mark.slow
 def test_trains_one_epoch_on_both_workers(trained):
     result, _ = trained
     assert result.metrics["global_step"] == STEPS
@@ -60,6 +61,7 @@ def test_trains_one_epoch_on_both_workers(trained):
     assert result.metrics["restarts"] == 0
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_every_rank_shards(trained):
     result, _ = trained
     final = Path(result.checkpoint_path)
@@ -74,6 +76,7 @@ def test_checkpoints_hold_every_rank_shards(trained):
     assert (Path(result.run_dir) / "checkpoint_00000002" / ".metadata").is_file()
 
 
+@pytest.mark.slow
 def test_mlflow_run_holds_params_tags_and_every_task_auc(trained):
     result, mlflow_client = trained
     run = mlflow_client.get_run(result.mlflow_run_id)
@@ -97,6 +100,7 @@ def test_mlflow_run_holds_params_tags_and_every_task_auc(trained):
     assert [m.step for m in history] == list(range(1, STEPS + 1))
 
 
+@pytest.mark.slow
 def test_mlflow_artifacts_record_config_plan_and_locations(trained, tmp_path):
     result, mlflow_client = trained
     run_id = result.mlflow_run_id
@@ -124,6 +128,7 @@ def _eval_batches(eval_dir: str, features, labels, rows_per_batch: int = 5):
     ]
 
 
+@pytest.mark.slow
 def test_reloaded_checkpoint_scores_like_the_distributed_eval(trained, smoke_data, smoke_recipe):
     """One process reloads the 2-worker checkpoint (DCP reassembles row-wise and table-wise
     shards) and evaluates the whole eval set: its per-task AUC must equal the AUC the two
@@ -153,3 +158,48 @@ def test_reloaded_checkpoint_scores_like_the_distributed_eval(trained, smoke_dat
         assert single == pytest.approx(distributed, abs=1e-3), task
         compared += 1
     assert compared >= 2
+
+
+# ---- the driver's setup, without Ray ---------------------------------------------------------
+
+
+def test_default_cpus_leave_one_for_ray_data():
+    from hstu.train.trainer import default_cpus_per_worker
+
+    assert default_cpus_per_worker(2, 2) == 0.5
+    assert default_cpus_per_worker(2, 1) == 1.0
+    assert default_cpus_per_worker(64, 8) == 1.0
+    assert default_cpus_per_worker(1, 2) == 0.25
+
+
+def test_run_names_are_never_silently_reused(tmp_path):
+    from hstu.train.trainer import SNAPSHOT_FILE, TrainOptions, TrainSetupError, resolve_run
+
+    storage = str(tmp_path)
+    name, resuming = resolve_run(TrainOptions(recipe="r", run_name="a"), storage, "smoke")
+    assert (name, resuming) == ("a", False)
+    for run, age in (("old", 100), ("new", 200)):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / SNAPSHOT_FILE).write_text("{}")
+        os.utime(tmp_path / run / SNAPSHOT_FILE, (age, age))
+    with pytest.raises(TrainSetupError, match="'old' already exists.*--resume"):
+        resolve_run(TrainOptions(recipe="r", run_name="old"), storage, "smoke")
+    assert resolve_run(TrainOptions(recipe="r", resume=True), storage, "smoke") == ("new", True)
+    assert resolve_run(TrainOptions(recipe="r", resume=True, run_name="old"), storage, "x") == (
+        "old", True)
+    with pytest.raises(TrainSetupError, match="run 'a' has no checkpoints"):
+        resolve_run(TrainOptions(recipe="r", resume=True, run_name="a"), storage, "smoke")
+
+
+def test_watchdog_interrupts_a_stuck_run_with_a_message(capsys):
+    from hstu.train.trainer import Watchdog
+
+    with pytest.raises(KeyboardInterrupt):
+        with Watchdog(0.2, "training run x") as watchdog:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+    assert watchdog.fired
+    assert "training run x did not finish within 0s" in capsys.readouterr().err
+    with Watchdog(None, "nothing"):  # no timeout: nothing happens
+        time.sleep(0.01)
