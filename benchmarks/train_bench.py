@@ -80,8 +80,7 @@ def load_bench_config(args, kernel: str):
     if args.table_rows:
         # Shrink the big tables (lookup cost barely depends on a table's size, memory does).
         for feature in _id_features(cfg):
-            if feature.num_buckets > args.table_rows:
-                feature.num_buckets = args.table_rows
+            feature.num_buckets = min(feature.num_buckets, args.table_rows)
     return cfg
 
 

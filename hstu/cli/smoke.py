@@ -10,6 +10,9 @@ stops it with an explanation if it runs past --timeout-s instead of hanging.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,16 +21,16 @@ RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "smoke.config"
 
 # Synthetic data sized for recipes/smoke.config: ids below its tables' num_buckets (1000),
 # rows that fit max_seq_len 256 (6 contextual + <=200 history + <=20 candidates).
-SMOKE_DATA = dict(
-    items=900,
-    clusters=30,
-    authors=200,
-    max_history=200,
-    median_history=60,
-    max_candidates=20,
-    eval_fraction=0.5,
-    users_per_shard=200,
-)
+SMOKE_DATA = {
+    "items": 900,
+    "clusters": 30,
+    "authors": 200,
+    "max_history": 200,
+    "median_history": 60,
+    "max_candidates": 20,
+    "eval_fraction": 0.5,
+    "users_per_shard": 200,
+}
 
 
 # Settings on top of recipes/smoke.config so that two CPU workers show a learning signal in a
@@ -47,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where data and checkpoints go (default outputs/smoke)")
     parser.add_argument("--users", type=int, default=800,
                         help="synthetic users, one training row each (default 800, at most 999)")
-    parser.add_argument("--seed", type=int, default=0)
+    # --seed (from the common options) seeds the synthetic data as well as the model.
     parser.add_argument("--recipe", default=str(RECIPE), help=argparse.SUPPRESS)
     add_common_arguments(parser)
     parser.set_defaults(workers=2, timeout_s=900.0)
@@ -58,15 +61,15 @@ def make_data(out: Path, users: int, seed: int) -> tuple[Path, Path]:
 
     data = out / "data"
     manifest = data / "manifest.json"
+    options = SyntheticOptions(users=users, seed=seed, **SMOKE_DATA)
     if manifest.is_file():
-        import json
-
         existing = json.loads(manifest.read_text())
-        if existing.get("users") == users and existing["options"].get("seed") == seed:
+        if existing.get("options") == dataclasses.asdict(options):
             print(f"data: reusing {data} ({existing['splits']['train']['rows']} training rows)")
             return data / "train", data / "eval"
+        shutil.rmtree(data)  # made with other settings
     started = time.perf_counter()
-    result = generate(SyntheticOptions(users=users, seed=seed, **SMOKE_DATA), data)
+    result = generate(options, data)
     print(
         f"data: {result['splits']['train']['rows']} training and "
         f"{result['splits']['eval']['rows']} eval rows in {data} "

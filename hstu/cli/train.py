@@ -52,6 +52,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop with an explanation if the run takes longer than this")
     parser.add_argument("--show-ray-data-progress", action="store_true",
                         help="show Ray Data's progress bars (hidden by default)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds model initialisation and dropout (default 0)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,6 +96,7 @@ def options_from_args(args: argparse.Namespace):
         sharding=list(args.sharding),
         export=not getattr(args, "no_export", False),
         sample_log_dir=getattr(args, "sample_log", None),
+        seed=args.seed,
         timeout_s=args.timeout_s,
         show_ray_data_progress=args.show_ray_data_progress,
         checkpoint=getattr(args, "checkpoint", None),

@@ -22,6 +22,9 @@ class TrainJob:
     sharding: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
+    # Seeds model initialisation and dropout (per rank: seed + 7919 * rank). Data order is not
+    # reproducible anyway: Ray Data's split assigns blocks to workers as they ask.
+    seed: int = 0
     # Rows in the training set (for the ETA); None when unknown.
     train_rows: int | None = None
     # eval mode: the checkpoint directory whose weights to evaluate.
@@ -37,5 +40,5 @@ class TrainJob:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainJob":
+    def from_dict(cls, values: dict) -> TrainJob:
         return cls(**values)

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 from hstu.train.checkpoint import TrainState, load_model_weights, restore, save
-from hstu.train.console import console, verbose
 from hstu.train.collectives import LockstepStats, all_reduce_sum, lockstep
+from hstu.train.console import console, verbose
 from hstu.train.delivery import append_step
 from hstu.train.evaluation import evaluate
 from hstu.train.job import TrainJob
@@ -47,6 +47,7 @@ from hstu.train.optimizers import (
 )
 from hstu.train.progress import ProgressMeter, eval_table
 from hstu.train.tracking import RunLogger
+
 
 def train_loop_per_worker(job_values: dict) -> dict:
     """Entry point given to TorchTrainer (train_loop_config is TrainJob.to_dict()). Returns a
@@ -121,6 +122,9 @@ class Worker:
             )
         self.autocast = autocast_for(train_cfg.mixed_precision, self.device)
 
+        # Different per rank: each rank initialises its own table shards (DDP then copies rank 0's
+        # dense weights to all).
+        torch.manual_seed(job.seed + 7919 * self.rank)
         model = DlrmHSTU(self.cfg, self.features, self.labels, embedding_device=torch.device("meta"))
         self.sparse_spec = sparse_optimizer_spec(train_cfg.sparse_optimizer, self.device)
         apply_optimizer_in_backward(
@@ -382,10 +386,10 @@ class Worker:
                     save_now = True
                 if save_now:
                     checkpoint_now(with_eval=eval_every == 0)
-                if eval_every and state.global_step % eval_every == 0 and eval_batches is not None:
-                    if last_eval_step != state.global_step:
-                        last_eval = self._evaluate(eval_batches, state)
-                        last_eval_step = state.global_step
+                eval_now = eval_every and state.global_step % eval_every == 0
+                if eval_now and eval_batches is not None and last_eval_step != state.global_step:
+                    last_eval = self._evaluate(eval_batches, state)
+                    last_eval_step = state.global_step
                 if max_steps is not None and state.global_step >= max_steps:
                     done = True
                     break

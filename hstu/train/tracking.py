@@ -192,7 +192,7 @@ class RunLogger:
         if tracking_uri and run_id:
             try:
                 self._client = client(tracking_uri)
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - tracking must not stop training
                 self.failures += 1
                 print(f"mlflow: cannot log to {tracking_uri}: {error}", file=sys.stderr)
 
@@ -205,7 +205,7 @@ class RunLogger:
             return
         try:
             getattr(self._client, method)(self.run_id, *args)
-        except Exception as error:  # keep training; report the problem
+        except Exception as error:  # noqa: BLE001 - keep training; report the problem
             self.failures += 1
             if self.failures <= 3:
                 print(f"mlflow: could not {what}: {error}", file=sys.stderr)

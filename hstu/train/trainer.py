@@ -19,10 +19,12 @@ from __future__ import annotations
 import _thread
 import dataclasses
 import os
+import signal
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 from hstu.train import tracking
 from hstu.train.console import filtered_console
@@ -54,6 +56,7 @@ class TrainOptions:
     sharding: list[str] = dataclasses.field(default_factory=list)
     export: bool = True
     sample_log_dir: str | None = None
+    seed: int = 0
     timeout_s: float | None = None
     show_ray_data_progress: bool = False
     # launch.py eval
@@ -136,7 +139,7 @@ def count_rows(paths: list[str]) -> int | None:
 
     try:
         return sum(int(pa_dataset.dataset(p, format="parquet").count_rows()) for p in paths)
-    except Exception:  # only used for the ETA
+    except Exception:  # noqa: BLE001 - the count only feeds the ETA
         return None
 
 
@@ -167,18 +170,23 @@ def init_ray(show_data_progress: bool) -> bool:
 
 
 class Watchdog:
-    """Interrupts the main thread after `seconds` with a message, so a stuck run ends with an
-    explanation instead of hanging. Cancelled when the work finishes."""
+    """Interrupts the main thread (SIGINT) after `seconds`, with a message, so that a stuck run
+    ends with an explanation instead of hanging. Cancelled when the work finishes."""
 
     def __init__(self, seconds: float | None, what: str) -> None:
         self.fired = False
+        self._finished = False
+        self._lock = threading.Lock()
         self._timer = None
         if seconds:
             self._timer = threading.Timer(seconds, self._fire, args=(seconds, what))
             self._timer.daemon = True
 
     def _fire(self, seconds: float, what: str) -> None:
-        self.fired = True
+        with self._lock:
+            if self._finished:
+                return
+            self.fired = True
         print(
             f"\n{what} did not finish within {format_duration(seconds)}; stopping it. On a "
             "machine with few CPUs check that the workers leave CPU for Ray Data "
@@ -188,14 +196,41 @@ class Watchdog:
         )
         _thread.interrupt_main()
 
-    def __enter__(self) -> "Watchdog":
+    def __enter__(self) -> Self:
         if self._timer:
             self._timer.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._finished = True
         if self._timer:
             self._timer.cancel()
+
+
+def fit_with_timeout(trainer, seconds: float | None, what: str):
+    """trainer.fit(), stopped after `seconds` with a TimeoutError that says why.
+
+    During fit, Ray Train has its own SIGINT handler, which aborts the run gracefully (workers
+    and resources released) and lets fit return; before and after, SIGINT raises
+    KeyboardInterrupt. Either way the watchdog's interrupt ends here as a TimeoutError. Ray
+    Train leaves its handler installed after fit; the previous one is put back."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if in_main_thread else None
+    timed_out = TimeoutError(f"{what} timed out after {seconds or 0:.0f} s")
+    with Watchdog(seconds, what) as watchdog:
+        try:
+            result = trainer.fit()
+        except BaseException:
+            if watchdog.fired:
+                raise timed_out from None
+            raise
+        finally:
+            if in_main_thread and previous is not None:
+                signal.signal(signal.SIGINT, previous)
+    if watchdog.fired:
+        raise timed_out
+    return result
 
 
 def _ray_ids() -> dict[str, str]:
@@ -361,6 +396,7 @@ def _run_training(options: TrainOptions) -> RunResult:
                 "run.train_rows": str(train_rows),
                 "run.sharding": ",".join(options.sharding) or "(planner)",
                 "run.max_failures": str(options.max_failures),
+                "run.seed": str(options.seed),
             }
         )
         tags = {
@@ -399,19 +435,12 @@ def _run_training(options: TrainOptions) -> RunResult:
             mlflow_run_id=mlflow_run_id,
             train_rows=train_rows,
             sample_log_dir=_local(options.sample_log_dir) if options.sample_log_dir else None,
+            seed=options.seed,
             crash=options.crash,
         )
         keep = int(cfg.train_config.keep_checkpoint_max) or None  # 0 keeps all
         trainer = _trainer(job, options, run_name, storage, datasets, keep_checkpoints=keep)
-        with Watchdog(options.timeout_s, f"training run {run_name}") as watchdog:
-            try:
-                result = trainer.fit()
-            except KeyboardInterrupt:
-                if watchdog.fired:
-                    raise TimeoutError(
-                        f"training run {run_name} timed out after {options.timeout_s:.0f} s"
-                    ) from None
-                raise
+        result = fit_with_timeout(trainer, options.timeout_s, f"training run {run_name}")
         checkpoint_path = result.checkpoint.path if result.checkpoint else None
         metrics = dict(result.return_value or result.metrics or {})
         run = RunResult(
@@ -424,7 +453,9 @@ def _run_training(options: TrainOptions) -> RunResult:
             tasks=tasks,
             seconds=time.perf_counter() - started,
         )
-        if options.export and checkpoint_path:
+        if not options.export:
+            run.export_note = "skipped (--no-export)"
+        elif checkpoint_path:
             from hstu.config.features import sequence_names
 
             print("exporting the final checkpoint ...", flush=True)
@@ -442,7 +473,7 @@ def _run_training(options: TrainOptions) -> RunResult:
         if mlflow_run_id:
             try:
                 tracking.end_run(tracking_uri, mlflow_run_id, "FAILED")
-            except Exception as error:  # the original error matters more
+            except Exception as error:  # noqa: BLE001 - the original error matters more
                 print(f"mlflow: could not mark the run failed: {error}", file=sys.stderr)
         raise
     finally:
@@ -470,7 +501,7 @@ def export_checkpoint(recipe: str, overrides: list[str], checkpoint: str, export
             additional_export_config={"cand_seq_pk": candidate_sequence},
         )
         return str(path), ""
-    except Exception as error:  # training succeeded; say why the export did not
+    except Exception as error:  # noqa: BLE001 - training succeeded; say why export did not
         return None, f"export failed: {type(error).__name__}: {error}"
 
 
@@ -572,8 +603,7 @@ def _run_evaluation(options: TrainOptions) -> tuple[dict, list[str]]:
             checkpoint_path=checkpoint,
         )
         trainer = _trainer(job, options, run_name, storage, datasets)
-        with Watchdog(options.timeout_s, f"evaluation {run_name}"):
-            result = trainer.fit()
+        result = fit_with_timeout(trainer, options.timeout_s, f"evaluation {run_name}")
         metrics = dict(result.return_value or {})
         tracking.RunLogger(tracking_uri, mlflow_run_id).json(metrics, "eval_metrics.json")
         tracking.end_run(tracking_uri, mlflow_run_id, "FINISHED")

@@ -70,11 +70,11 @@ def test_worker_failure_resumes_from_checkpoint_and_loses_no_sample(faulted, smo
     assert len({s.step for s in second_group}) == STEPS_PER_EPOCH
     assert result.metrics["global_step"] == resumed_from + STEPS_PER_EPOCH
 
-    expected = set(
+    expected = {
         int(i)
         for path in sorted(Path(smoke_data["train"]).glob("*.parquet"))
         for i in pq.read_table(path, columns=["sample_id"]).column("sample_id").to_pylist()
-    )
+    }
     assert len(expected) == TRAIN_ROWS
     delivery = audit(steps, expected)[0]
     assert delivery.lost == set(), "a sample never reached the final model"

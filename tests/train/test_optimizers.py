@@ -88,7 +88,7 @@ def test_exponential_decay_with_warmup_staircase_and_floor(smoke_recipe):
         "decay_factor: 0.5 warmup_size: 4 warmup_learning_rate: 0.02 min_learning_rate: 0.01 }",
     )
     schedule = schedule_from_config(cfg.dense_optimizer, "dense")
-    rate = lambda step: schedule.learning_rate_at(0.1, step=step, epoch=0)  # noqa: E731
+    rate = lambda step: schedule.learning_rate_at(0.1, step=step, epoch=0)
     assert rate(0) == pytest.approx(0.02)
     assert rate(2) == pytest.approx(0.06)  # halfway through the warmup
     assert rate(4) == pytest.approx(0.1)
@@ -114,7 +114,7 @@ def test_manual_steps_with_warmup(smoke_recipe):
         "learning_rates: [0.05, 0.01] warmup: true }",
     )
     schedule = schedule_from_config(cfg.dense_optimizer, "dense")
-    rate = lambda step: schedule.learning_rate_at(0.1, step=step, epoch=0)  # noqa: E731
+    rate = lambda step: schedule.learning_rate_at(0.1, step=step, epoch=0)
     assert rate(5) == pytest.approx(0.075)  # linear from the base rate towards 0.05
     assert rate(11) == pytest.approx(0.05)
     assert rate(21) == pytest.approx(0.01)

@@ -7,7 +7,9 @@ One trainer run serves every check here (each start costs tens of seconds on 2 C
 from __future__ import annotations
 
 import json
+import math
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -152,8 +154,8 @@ def test_reloaded_checkpoint_scores_like_the_distributed_eval(trained, smoke_dat
     for task in result.tasks:
         key = f"eval/auc/{task}"
         distributed, single = result.metrics[key], metrics[key]
-        if distributed != distributed:  # NaN: the eval set has no positive for this task
-            assert single != single
+        if math.isnan(distributed):  # the eval set has no positive label for this task
+            assert math.isnan(single)
             continue
         assert single == pytest.approx(distributed, abs=1e-3), task
         compared += 1
@@ -191,15 +193,53 @@ def test_run_names_are_never_silently_reused(tmp_path):
         resolve_run(TrainOptions(recipe="r", resume=True, run_name="a"), storage, "smoke")
 
 
-def test_watchdog_interrupts_a_stuck_run_with_a_message(capsys):
-    from hstu.train.trainer import Watchdog
+@pytest.fixture
+def default_sigint():
+    """A plain SIGINT handler for the test (Ray Train's fit leaves its own installed)."""
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
-    with pytest.raises(KeyboardInterrupt):
-        with Watchdog(0.2, "training run x") as watchdog:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                time.sleep(0.01)
-    assert watchdog.fired
+
+class StuckTrainer:
+    def fit(self):
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+        return "finished"
+
+
+class GracefulTrainer:
+    """Like Ray Train: fit installs a SIGINT handler that makes fit return early."""
+
+    def fit(self):
+        aborted = []
+        signal.signal(signal.SIGINT, lambda signum, frame: aborted.append(signum))
+        deadline = time.monotonic() + 20
+        while not aborted and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return "aborted" if aborted else "finished"
+
+
+@pytest.mark.parametrize("trainer", [StuckTrainer(), GracefulTrainer()])
+def test_a_stuck_run_ends_with_a_timeout_and_a_message(default_sigint, capsys, trainer):
+    from hstu.train.trainer import fit_with_timeout
+
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="training run x timed out after 0 s"):
+        fit_with_timeout(trainer, 0.3, "training run x")
+    assert time.monotonic() - started < 10
     assert "training run x did not finish within 0s" in capsys.readouterr().err
-    with Watchdog(None, "nothing"):  # no timeout: nothing happens
-        time.sleep(0.01)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+def test_no_timeout_leaves_the_run_alone(default_sigint):
+    from hstu.train.trainer import fit_with_timeout
+
+    class Quick:
+        def fit(self):
+            return "done"
+
+    assert fit_with_timeout(Quick(), None, "x") == "done"
+    assert fit_with_timeout(Quick(), 30, "x") == "done"
