@@ -150,6 +150,9 @@ def shard_model(
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.storage_reservations import (
+        FixedPercentageStorageReservation,
+    )
 
     register_model_output()
     constraints = sharding_constraints(table_names(model), overrides, device)
@@ -157,6 +160,9 @@ def shard_model(
         topology=make_topology(world_size, local_world_size, device),
         batch_size=batch_size,
         constraints=constraints,
+        # Keep 15% of each device's memory free for dense weights, activations and inputs.
+        # (TorchRec's default heuristic is deprecated and over-estimates on meta tensors.)
+        storage_reservation=FixedPercentageStorageReservation(0.15),
         debug=False,
     )
     sharders = [EmbeddingCollectionSharder()]

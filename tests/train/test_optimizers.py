@@ -128,3 +128,40 @@ def test_manual_steps_of_unequal_lengths_are_refused(smoke_recipe):
     )
     with pytest.raises(OptimizerConfigError, match="equal length"):
         schedule_from_config(cfg.dense_optimizer, "train_config.dense_optimizer")
+
+
+def test_a_scheduled_rate_reaches_the_fused_embedding_kernels(smoke_recipe, tmp_path):
+    """set_learning_rate + step() on DMP's fused optimizer changes the FBGEMM kernels' rate."""
+    import torch.distributed as dist
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+    from hstu.config.features import feature_specs, label_specs
+    from hstu.model import DlrmHSTU
+    from hstu.train.optimizers import set_learning_rate
+    from hstu.train.sharding import shard_model
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        cfg = load_config(smoke_recipe)
+        model = DlrmHSTU(cfg, feature_specs(cfg), label_specs(cfg),
+                         embedding_device=torch.device("meta"))
+        spec = sparse_optimizer_spec(cfg.train_config.sparse_optimizer, CPU)
+        apply_optimizer_in_backward(spec.optimizer_class, model.embedding_collection.parameters(),
+                                    dict(spec.kwargs))
+        fused = shard_model(model, CPU, world_size=1, local_world_size=1, batch_size=4).model
+        fused = fused.fused_optimizer
+
+        def kernel_rates(optimizer):
+            for _, sub in getattr(optimizer, "optimizers", []):
+                kernel = getattr(sub, "_emb_module", None)
+                if kernel is not None:
+                    yield kernel.get_learning_rate()
+                yield from kernel_rates(sub)
+
+        assert list(kernel_rates(fused)) and all(
+            r == pytest.approx(0.001) for r in kernel_rates(fused))
+        set_learning_rate(fused, 0.0456)
+        fused.step()
+        assert all(r == pytest.approx(0.0456) for r in kernel_rates(fused))
+    finally:
+        dist.destroy_process_group()
