@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""The dense encoder of the 27K recipe, forward + backward, per kernel (GPU).
+
+    python benchmarks/encoder_bench.py --out OUT            # on a CUDA machine
+    python benchmarks/encoder_bench.py --device cpu --shapes 2x64 --kernels PYTORCH   # tiny check
+
+What is timed: preprocessor (contextual tokens, content and action MLPs), positional + time
+embeddings, 3 STU layers, candidate extraction and the timestamp postprocessor, with the seed's
+dimensions (D=512, 4 heads of 128, 6 contextual tokens, 100 candidates per row, S=8000), under
+bf16 autocast on GPU, training mode (dropout on). Embedding lookups, the item tower and the
+fusion tower are not included: this needs only torch and triton (the GPU machine has no
+torchrec). Inputs are random, with history lengths uniform in [0.9n, n).
+
+Achieved TFLOP/s counts the STU layers only: per layer and token 2*D*2H(d_v+d_qk) (uvqk) +
+2*3*H*d_v*D (output projection), plus per row 2*H*(d_qk+d_v)*L^2/2 of causal attention; forward
++ backward = 3x forward. Prints a table and writes JSON (OUT/encoder_bench.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hstu.modules.action_encoder import SimpleActionEncoder  # noqa: E402
+from hstu.modules.content_encoder import SliceContentEncoder  # noqa: E402
+from hstu.modules.contextual_preprocessor import ContextualPreprocessor  # noqa: E402
+from hstu.modules.contextualized_mlp import SimpleContextualizedMLP  # noqa: E402
+from hstu.modules.hstu_transducer import HSTUTransducer  # noqa: E402
+from hstu.modules.positional_encoder import HSTUPositionalEncoder  # noqa: E402
+from hstu.modules.postprocessors import TimestampLayerNormPostprocessor  # noqa: E402
+from hstu.modules.stu import STULayer, STUStack  # noqa: E402
+from hstu.ops import Kernel  # noqa: E402
+
+D, HEADS, DIM, LAYERS, CONTEXTUAL, CANDIDATES, SCALING = 512, 4, 128, 3, 6, 100, 8000
+
+
+def build_encoder(device: str) -> HSTUTransducer:
+    def mlp(in_dim: int) -> SimpleContextualizedMLP:
+        return SimpleContextualizedMLP(in_dim, D, 256)
+
+    return HSTUTransducer(
+        preprocessor=ContextualPreprocessor(
+            embedding_dim=D,
+            num_contextual_slots=CONTEXTUAL,
+            contextual_slot_dim=256,
+            content_encoder=SliceContentEncoder(256, 256),
+            content_mlp=mlp(256),
+            action_encoder=SimpleActionEncoder(8, [1, 2, 4, 8, 16, 32, 64, 128]),
+            action_mlp=mlp(64),
+        ),
+        positional_encoder=HSTUPositionalEncoder(
+            embedding_dim=D, num_position_buckets=8192, num_time_buckets=2048,
+            use_time_encoding=True,
+        ),
+        stu_stack=STUStack(
+            [
+                STULayer(
+                    embedding_dim=D, num_heads=HEADS, hidden_dim=DIM, attention_dim=DIM,
+                    scaling_seqlen=SCALING, output_dropout_ratio=0.1, use_group_norm=True,
+                    contextual_seq_len=CONTEXTUAL,
+                )
+                for _ in range(LAYERS)
+            ]
+        ),
+        postprocessor=TimestampLayerNormPostprocessor(D, [3600, 86400], [24, 7]),
+    ).to(device).train()
+
+
+def set_kernel(model: torch.nn.Module, kernel: Kernel) -> None:
+    for module in model.modules():
+        if hasattr(module, "kernel"):
+            module.kernel = kernel
+
+
+def random_inputs(rows: int, history: int, device: str, generator: torch.Generator) -> dict:
+    lengths = torch.randint(int(0.9 * history), history, (rows,), generator=generator)
+    targets = torch.full((rows,), CANDIDATES)
+    num_history, num_candidates = int(lengths.sum()), int(targets.sum())
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device)
+
+    return dict(
+        contextual=randn(rows, CONTEXTUAL * 256),
+        uih=randn(num_history, 256),
+        uih_lengths=lengths.to(device),
+        candidates=randn(num_candidates, 256),
+        num_targets=targets.to(device),
+        uih_timestamps=(1_700_000_000 + torch.randint(0, 10**6, (num_history,))).to(device),
+        candidate_timestamps=torch.full((num_candidates,), 1_701_000_000).to(device),
+        uih_actions=torch.randint(0, 256, (num_history,), generator=generator).to(device),
+    )
+
+
+def stu_flops_forward(inputs: dict) -> float:
+    row_lengths = CONTEXTUAL + inputs["uih_lengths"].cpu() + inputs["num_targets"].cpu()
+    tokens = float(row_lengths.sum())
+    linear = 2 * D * 2 * HEADS * (DIM + DIM) + 2 * 3 * HEADS * DIM * D
+    attention = 2 * HEADS * (DIM + DIM) * float((row_lengths.double() ** 2).sum()) / 2
+    return LAYERS * (linear * tokens + attention)
+
+
+def time_case(model, inputs, device: str, repeats: int) -> dict:
+    autocast = torch.autocast("cuda", torch.bfloat16) if device == "cuda" else torch.autocast(
+        "cpu", enabled=False
+    )
+
+    def step():
+        with autocast:
+            out = model(**inputs)
+        out.float().sum().backward()
+
+    step()  # warm-up: compiles / autotunes
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(repeats):
+            model.zero_grad(set_to_none=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    else:
+        import time
+
+        times = []
+        for _ in range(repeats):
+            model.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+        peak = float("nan")
+    times.sort()
+    return {"ms": times[len(times) // 2], "peak_gib": peak}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--kernels", nargs="+", default=["TRITON", "PYTORCH"])
+    parser.add_argument(
+        "--shapes", nargs="+", default=["32x7894", "32x1024", "8x4000", "2x7894"],
+        help="ROWSxHISTORY cases (100 candidates and 6 contextual tokens are added per row)",
+    )
+    parser.add_argument(
+        "--pytorch-max-tokens", type=int, default=40_000,
+        help="skip PYTORCH cases above this many tokens (its padded attention needs B*H*N^2)",
+    )
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="outputs")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    model = build_encoder(args.device)
+    results = []
+    os.makedirs(args.out, exist_ok=True)
+    path = Path(args.out) / "encoder_bench.json"
+    for shape in args.shapes:
+        rows, history = (int(x) for x in shape.split("x"))
+        inputs = random_inputs(rows, history, args.device, torch.Generator().manual_seed(rows))
+        tokens = int((CONTEXTUAL + inputs["uih_lengths"] + inputs["num_targets"]).sum())
+        flops = 3 * stu_flops_forward(inputs)
+        for name in args.kernels:
+            kernel = Kernel.parse(name)
+            case = {"kernel": name, "rows": rows, "history": history, "tokens": tokens}
+            if kernel is Kernel.PYTORCH and tokens > args.pytorch_max_tokens:
+                case["skipped"] = f"more than {args.pytorch_max_tokens} tokens"
+            else:
+                set_kernel(model, kernel)
+                try:
+                    case.update(time_case(model, inputs, args.device, args.repeats))
+                    case["stu_tflops"] = flops / (case["ms"] * 1e-3) / 1e12
+                except torch.OutOfMemoryError as error:
+                    case["skipped"] = f"out of memory: {str(error).splitlines()[0]}"
+                    torch.cuda.empty_cache()
+            results.append(case)
+            print(json.dumps(case), flush=True)
+            path.write_text(json.dumps({
+                "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                "torch": torch.__version__,
+                "date": datetime.date.today().isoformat(),
+                "results": results,
+            }, indent=1))
+
+    print(f"\n{'kernel':8} {'rows x history':>15} {'tokens':>8} {'ms':>9} {'peak GiB':>9} "
+          f"{'STU TFLOP/s':>11}")
+    for case in results:
+        if "skipped" in case:
+            print(f"{case['kernel']:8} {case['rows']:>6} x {case['history']:<6} "
+                  f"{case['tokens']:>8}   skipped: {case['skipped']}")
+        else:
+            print(f"{case['kernel']:8} {case['rows']:>6} x {case['history']:<6} "
+                  f"{case['tokens']:>8} {case['ms']:>9.1f} {case['peak_gib']:>9.2f} "
+                  f"{case['stu_tflops']:>11.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
