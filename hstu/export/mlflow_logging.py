@@ -17,7 +17,8 @@ from __future__ import annotations
 import importlib.metadata
 import shutil
 import tempfile
-import warnings
+import logging
+import os
 from pathlib import Path
 
 MODEL_NAME = "hstu_ranker"
@@ -54,6 +55,15 @@ def log_export(export_dir: str | Path, tracking_uri: str, run_id: str):
     client.log_artifacts(run_id, str(export_dir), ARTIFACT_DIR)
 
     previous_uri = mlflow.get_tracking_uri()
+    # log_model reloads the model to check it, drawing a download bar per file on stderr:
+    # noise in a training log. Off while we log, restored after.
+    previous_bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    # The model has no signature on purpose (pyfunc_model.py: predict checks its input
+    # itself); MLflow logs a warning about that on every export. Quiet while we log.
+    pyfunc_logger = logging.getLogger("mlflow.pyfunc")
+    previous_level = pyfunc_logger.level
+    pyfunc_logger.setLevel(logging.ERROR)
     staging = Path(tempfile.mkdtemp(prefix="hstu-pyfunc-"))
     try:
         # The package's source, without caches: the model needs it to predict.
@@ -62,9 +72,7 @@ def log_export(export_dir: str | Path, tracking_uri: str, run_id: str):
             package, staging / "hstu", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
         )
         mlflow.set_tracking_uri(tracking_uri)
-        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-            # MLflow suggests type hints on predict(); see pyfunc_model.py for why there are none.
-            warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+        with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME,
                 python_model=pyfunc_model.__file__,
@@ -75,5 +83,10 @@ def log_export(export_dir: str | Path, tracking_uri: str, run_id: str):
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         mlflow.set_tracking_uri(previous_uri)
+        pyfunc_logger.setLevel(previous_level)
+        if previous_bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = previous_bar
         client.update_run(run_id, status=status)
     return info

@@ -15,6 +15,7 @@ one score per candidate.
 """
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 EXPORT_ARTIFACT = "export_dir"
@@ -26,9 +27,10 @@ class HSTURankerModel(PythonModel):
 
         self.predictor = Predictor(context.artifacts[EXPORT_ARTIFACT])
 
-    # No type hints on purpose: MLflow would then convert the input by its own rules; here
-    # dataframe_to_table checks and converts every column the model reads.
-    def predict(self, context, model_input, params=None):
+    # pd.DataFrame is a hint MLflow infers no schema from, so it converts nothing (a schema-
+    # bearing hint would make MLflow convert the input by its own rules, and no hint at all
+    # makes it print a warning): dataframe_to_table checks and converts every column itself.
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         from hstu.export.predict import dataframe_to_table
 
         table = dataframe_to_table(model_input, self.predictor)
