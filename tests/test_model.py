@@ -495,3 +495,136 @@ def test_task_metrics_read_labels_and_grouping_keys_from_the_batch():
     expected_grouped.update(output.probs["is_like"], like, users)
     assert values["auc_is_like"] == expected_auc.compute()
     assert values["grouped_auc_is_like"] == expected_grouped.compute()
+
+
+# ---- the whole model against the reference formulas ---------------------------------------
+
+
+def reference_row_scores(model: DlrmHSTU, cfg, batch: JaggedBatch, row: int) -> torch.Tensor:
+    """Probabilities [t, tasks] of one row, recomputed from docs/dlrm_hstu_reference.md section
+    2 with plain tensor algebra over the model's own parameters (smoke recipe: DEEP contextual
+    group, slice content encoder, simple MLPs, sqrt time buckets, group norm, timestamp
+    postprocessor). Loops and explicit index lists on purpose: nothing shared with the model's
+    jagged code path except the parameters."""
+    import torch.nn.functional as F
+
+    hstu_cfg = cfg.model_config.dlrm_hstu.hstu
+    embedded = model.embedding_collection(batch.sparse)
+    uih_seq = model.features["uih_seq__video_id"].sequence
+    cand_seq = model.features["cand_seq__video_id"].sequence
+    n_all, t_all = batch.seq_lengths[uih_seq], batch.seq_lengths[cand_seq]
+    n, t = int(n_all[row]), int(t_all[row])
+    h0, c0 = int(n_all[:row].sum()), int(t_all[:row].sum())
+
+    def linear(layer, x):
+        return x @ layer.weight.T + layer.bias
+
+    def layer_norm(x, norm, eps=1e-5):
+        return F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, eps)
+
+    def simple_mlp(mlp, x):  # LN(Linear(SwishLN(Linear(x))))
+        hidden = linear(mlp.input_linear, x)
+        hidden = hidden * torch.sigmoid(layer_norm(hidden, mlp.hidden_norm))
+        return layer_norm(linear(mlp.output_linear, hidden), mlp.output_norm)
+
+    # Contextual tokens: one affine map per slot.
+    slots = model.groups["contextual"]
+    tokens = model.encoder.preprocessor.contextual_tokens
+    contextual = torch.stack(
+        [
+            embedded[name].values()[row].float() @ tokens.weight[k] + tokens.bias[k, 0]
+            for k, name in enumerate(slots)
+        ]
+    )
+    c = len(slots)
+    uih = embedded["uih_seq__video_id"].values()[h0 : h0 + n].float()
+    cand = embedded["cand_seq__video_id"].values()[c0 : c0 + t].float()
+    pre = model.encoder.preprocessor
+    content = simple_mlp(pre.content_mlp, torch.cat([uih, cand[:, : uih.shape[1]]]))
+    # Action bits: a concatenation of one slot per action type; candidates get E_tgt.
+    encoder = pre.action_encoder
+    weights = list(hstu_cfg.input_preprocessor.contextual_preprocessor.action_encoder
+                   .simple_action_encoder.action_weights)
+    actions = batch.raw["uih_seq__action_weight"][h0 : h0 + n].tolist()
+    slots_of = [
+        torch.cat([encoder.action_table[k] * float((a & w) > 0) for k, w in enumerate(weights)])
+        for a in actions
+    ]
+    action_rows = torch.stack(slots_of) if slots_of else torch.zeros(0, encoder.output_dim)
+    action = simple_mlp(
+        pre.action_mlp, torch.cat([action_rows, encoder.target_embedding.expand(t, -1)])
+    )
+    x = torch.cat([contextual, content + action])
+    length, dim = c + n + t, x.shape[1]
+
+    # Positions and time buckets (section 2.5).
+    timestamps = [0] * c
+    timestamps += batch.raw["uih_seq__action_timestamp"][h0 : h0 + n].tolist()
+    timestamps += batch.raw["cand_seq__query_time"][c0 : c0 + t].tolist()
+    first_target = length - t
+    positions = [i if i < c else c + first_target - min(i, first_target) for i in range(length)]
+    buckets_count = hstu_cfg.positional_encoder.num_time_buckets
+    buckets = []
+    for ts in timestamps:
+        gap = max(float(timestamps[-1] - ts), 1e-6) / 60.0
+        buckets.append(int(min(max(math.sqrt(gap) / buckets_count, 0.0), 1.0) * buckets_count))
+    positional = model.encoder.positional_encoder
+    x = x * math.sqrt(dim) + positional.position_table[positions] + positional.time_table[buckets]
+
+    # Mask (section 2.7), element by element.
+    first_target_id = (length - c + 1) - t
+    ids = [min(max(i - c + 1, 0), first_target_id) for i in range(length)]
+    mask = torch.tensor(
+        [
+            [
+                (i == j or ids[i] > ids[j]) or (ids[i] == 0 and ids[j] < first_target_id)
+                for j in range(length)
+            ]
+            for i in range(length)
+        ],
+        dtype=torch.float32,
+    )
+    scale = cfg.model_config.dlrm_hstu.max_seq_len
+    for layer in model.encoder.stu_stack.layers:
+        heads, d_v, d_qk = layer.num_heads, layer.hidden_dim, layer.attention_dim
+        z = F.layer_norm(x, (dim,), layer.input_norm_weight, layer.input_norm_bias, 1e-6)
+        widths = [heads * d_v, heads * d_v, heads * d_qk, heads * d_qk]
+        u, v, q, k = torch.split(z @ layer.uvqk_weight + layer.uvqk_bias, widths, 1)
+        u = F.silu(u)
+        q, k = q.view(length, heads, d_qk), k.view(length, heads, d_qk)
+        v = v.view(length, heads, d_v)
+        scores = torch.einsum("ihd,jhd->hij", q, k) / math.sqrt(d_qk)
+        o = torch.einsum("hij,jhd->ihd", F.silu(scores) / scale * mask, v)
+        normed = F.layer_norm(o, (d_v,), eps=1e-6)  # group norm: per head, scalar affine
+        normed = normed * layer.output_norm_weight.view(1, heads, 1)
+        normed = normed + layer.output_norm_bias.view(1, heads, 1)
+        o, normed = o.reshape(length, -1), normed.reshape(length, -1)
+        x = x + torch.cat([u, o, u * normed], 1) @ layer.output_weight
+
+    # Candidates -> hour/day features (literal 3.14) -> postprocessor; item tower; fusion tower.
+    query = torch.tensor(timestamps[-t:])
+    features = []
+    for period, units in ((3600, 24), (86400, 7)):
+        phase = ((query // period) % units).float() / units * 2 * 3.14
+        features += [torch.cos(phase), torch.sin(phase)]
+    post = model.encoder.postprocessor
+    user = layer_norm(linear(post.linear, torch.cat([x[-t:], torch.stack(features, 1)], 1)),
+                      post.norm)
+    item = simple_mlp(model.item_tower, cand)
+    logits = linear(model.fusion_tower.head, model.fusion_tower.mlp(user * item))
+    return torch.sigmoid(logits)
+
+
+def test_the_whole_model_matches_the_reference_formulas():
+    cfg = load_config(str(SMOKE), [*NO_DROPOUT, "model_config.kernel=PYTORCH"])
+    assert cfg.model_config.dlrm_hstu.hstu.stu.use_group_norm  # what the reference above assumes
+    model = build(cfg, seed=1).eval()
+    batch = make_batch(model, [5, 0, 9], [3, 2, 1], seed=3)  # an empty history in the middle
+    with torch.no_grad():
+        output = model(batch)
+        starts = [0, 3, 5]
+        for row, start in enumerate(starts):
+            expected = reference_row_scores(model, cfg, batch, row)
+            got = torch.stack([output.probs[task.name] for task in model.tasks], 1)
+            got = got[start : start + expected.shape[0]]
+            torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
