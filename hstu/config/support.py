@@ -167,6 +167,7 @@ IGNORED: dict[str, str] = {
     "RawFeature.sequence_length": "it is a feature-generation cap, not a model cap",
     "RawFeature.sequence_fields": "no feature generation runs here",
     "GRSimpleActionEncoder.embedding_init_std": "fixed at 0.1, as in TorchEasyRec",
+    "STU.sort_by_length": "no kernel here reorders rows by length; it changes no number",
 }
 
 

@@ -47,7 +47,7 @@ class Windows:
 
 
 def ranges_to_indices(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenation of arange(start, end) over all ranges, and the int32 offsets [n+1]."""
+    """Concatenation of arange(start, end) over all ranges, and the int64 offsets [n+1]."""
     lengths = (ends - starts).astype(np.int64)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])

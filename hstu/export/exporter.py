@@ -5,7 +5,7 @@ TorchEasyRec) -> load the recipe -> read the DCP checkpoint into an unsharded mo
 (world size 1) -> eval mode, PYTORCH kernel -> ServingModule -> torch.export with dynamic rows
 and per-sequence token counts -> check the program against the eager model on batches of other
 shapes (one row, empty histories) -> save without example inputs (so nothing is pickled) ->
-AOTInductor package when a GPU is present -> model_acc.json, pipeline.config,
+AOTInductor package when asked (--aoti; off by default, unverified) -> model_acc.json, pipeline.config,
 sample_schema.json, export_manifest.json (sha256 of every file). Everything is written into a
 temporary sibling directory and renamed at the end: a failed export leaves nothing behind.
 

@@ -31,7 +31,9 @@ def hstu_mha(
     alpha: score scale (default 1/sqrt(d_qk)). scaling_seqlen: the constant divisor S
     (default max_seq_len). Returns [L, H, d_v] in v's dtype.
 
-    out_i = sum_j SiLU(alpha <q_i, k_j>) / S * M_ij * v_j, scores and SiLU in float32.
+    out_i = sum_j SiLU(alpha <q_i, k_j>) / S * M_ij * v_j. The SiLU is taken in float32; the
+    scores come from a float32-accumulating product (TRITON) or from a matmul in the inputs'
+    dtype (PYTORCH: bf16 scores under autocast).
     The mask M is `hstu.ops.pytorch.attention.attention_mask` (causal over the history,
     contextual tokens bidirectional over contextual + history, each candidate sees contextual +
     history + itself only).
