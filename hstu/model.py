@@ -31,6 +31,7 @@ from hstu.modules.contextualized_mlp import (
 from hstu.modules.fusion_tower import FusionMTLTower
 from hstu.modules.hstu_transducer import HSTUTransducer
 from hstu.modules.item_tower import ItemTower
+from hstu.modules.scoring import score_candidates, task_outputs
 from hstu.modules.mlp import MLP
 from hstu.modules.positional_encoder import HSTUPositionalEncoder
 from hstu.modules.postprocessors import (
@@ -572,25 +573,11 @@ class DlrmHSTU(nn.Module):
             uih_actions=self._raw(batch, "uih_action"),
             uih_watch_times=self._raw(batch, "uih_watchtime"),
         )
-        if not self.sequence_timestamp_is_ascending:
-            # Reversing every tensor along dim 0 reverses the batch order and the order inside
-            # each row, making newest-first histories oldest-first; outputs are flipped back.
-            inputs = {k: (v.flip(0) if v is not None else None) for k, v in inputs.items()}
-        candidate_inputs = inputs["candidates"]
-        user = self.encoder(**inputs)
-        item = self.item_tower(candidate_inputs)
-        per_task = self.fusion_tower(user, item)
-        if not self.sequence_timestamp_is_ascending:
-            per_task = [logits.flip(0) for logits in per_task]
-
-        logits, probs = {}, {}
-        for task, task_logits in zip(self.tasks, per_task):
-            if task.num_class == 1:
-                task_logits = task_logits.squeeze(1)
-                probs[task.name] = task_logits if task.is_regression else torch.sigmoid(task_logits)
-            else:
-                probs[task.name] = torch.softmax(task_logits, dim=1)[:, 1]
-            logits[task.name] = task_logits
+        per_task = score_candidates(
+            self.encoder, self.item_tower, self.fusion_tower, inputs,
+            ascending=self.sequence_timestamp_is_ascending,
+        )
+        logits, probs = task_outputs(self.tasks, per_task)
         return ModelOutput(logits=logits, probs=probs, num_targets=num_targets)
 
     # ---- labels, losses, metric inputs ----------------------------------------------------

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hstu.config.features import FeatureSpec
+from hstu.modules.scoring import score_candidates, task_outputs
 
 LENGTHS_SUFFIX = ".lengths"
 
@@ -69,12 +70,8 @@ class ServingModule(nn.Module):
         super().__init__()
         self.features: dict[str, FeatureSpec] = dict(model.features)
         self.groups: dict[str, list[str]] = {k: list(v) for k, v in model.groups.items()}
+        self.tasks = list(model.tasks)
         self.task_names = [task.name for task in model.tasks]
-        # ("sigmoid" | "softmax" | "identity") per task, as DlrmHSTU turns logits into probs.
-        self.task_outputs = [
-            ("softmax" if t.num_class > 1 else "identity" if t.is_regression else "sigmoid")
-            for t in model.tasks
-        ]
         self.ascending = bool(model.sequence_timestamp_is_ascending)
         self.uih_sequence = self.features[self.groups["uih"][0]].sequence
         self.candidate_sequence = self.features[self.groups["candidate"][0]].sequence
@@ -125,25 +122,11 @@ class ServingModule(nn.Module):
             "uih_actions": self._raw(inputs, "uih_action"),
             "uih_watch_times": self._raw(inputs, "uih_watchtime"),
         }
-        if not self.ascending:
-            # As DlrmHSTU.forward: newest-first rows are reversed, outputs flipped back.
-            encoder_inputs = {
-                k: (v.flip(0) if v is not None else None) for k, v in encoder_inputs.items()
-            }
-        user = self.encoder(**encoder_inputs)
-        item = self.item_tower(encoder_inputs["candidates"])
-        per_task = self.fusion_tower(user, item)
-        if not self.ascending:
-            per_task = [logits.flip(0) for logits in per_task]
-        scores = {}
-        for name, kind, logits in zip(self.task_names, self.task_outputs, per_task):
-            if kind == "softmax":
-                scores[name] = torch.softmax(logits, dim=1)[:, 1]
-            elif kind == "sigmoid":
-                scores[name] = torch.sigmoid(logits.squeeze(1))
-            else:
-                scores[name] = logits.squeeze(1)
-        return scores
+        per_task = score_candidates(
+            self.encoder, self.item_tower, self.fusion_tower, encoder_inputs,
+            ascending=self.ascending,
+        )
+        return task_outputs(self.tasks, per_task)[1]
 
 
 # Every batch the program runs on gets one filler row with this many history and candidate tokens
