@@ -41,6 +41,15 @@ class FeatureSpec:
     # raw features only: dtype of the values in JaggedBatch.raw. Timestamps and action bitmasks
     # are int64 (never rounded through float32); everything else float32.
     value_dtype: Literal["int64", "float32"] = "int64"
+    # A feature of the uih_timestamp or candidate_timestamp group: its values must be
+    # non-negative and in time order within a row. The group decides, not the column's name.
+    is_timestamp: bool = False
+    # The time order of timestamp features: model_config.dlrm_hstu.
+    # sequence_timestamp_is_ascending (True: oldest first; False: newest first).
+    timestamps_ascending: bool = True
+    # Element separator when a sequence column is stored as a string ("12|884|93"): the
+    # sequence_delim of its sequence_feature (or of the standalone sequence_*_feature).
+    sequence_delim: str = ";"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +60,8 @@ class LabelSpec:
     value_dtype: Literal["int64", "float32"]
     # The sequence the label is aligned with (its lengths must equal that sequence's).
     sequence: str = "cand_seq"
+    # Element separator when the column is stored as a string: the candidate sequence's.
+    sequence_delim: str = ";"
 
 
 # ---- Feature groups DlrmHSTU reads by name (reference section 1.5) --------------------------
@@ -84,6 +95,8 @@ ID_GROUPS = (CONTEXTUAL, UIH, CANDIDATE)
 RAW_GROUPS = (UIH_ACTION, UIH_WATCHTIME, UIH_TIMESTAMP, CANDIDATE_TIMESTAMP)
 # Raw values kept as int64: action bitmasks and timestamps (never rounded through float32).
 INT64_RAW_GROUPS = (UIH_ACTION, UIH_TIMESTAMP, CANDIDATE_TIMESTAMP)
+# Groups of timestamps: checked as non-negative and time-ordered within a row.
+TIMESTAMP_GROUPS = (UIH_TIMESTAMP, CANDIDATE_TIMESTAMP)
 
 # Sequence keys for standalone sequence_id_feature / sequence_raw_feature configs, which have
 # no sequence_name: one key per side, named like this project's grouped sequences.
@@ -115,6 +128,11 @@ class DeclaredFeature:
     config: Message
     # Field path of `config`, e.g. "feature_configs[3].sequence_feature.features[0].id_feature".
     path: str
+    # sequence_delim of the enclosing sequence_feature, or of a standalone sequence feature;
+    # None for scalar features.
+    sequence_delim: str | None = None
+    # Field path of that sequence_delim (for errors).
+    sequence_delim_path: str | None = None
 
     @property
     def is_sequence(self) -> bool:
@@ -152,6 +170,10 @@ def declared_features(cfg: Message) -> list[DeclaredFeature]:
                     standalone_sequence=which in _STANDALONE_KINDS,
                     config=feature,
                     path=path,
+                    sequence_delim=(
+                        feature.sequence_delim if which in _STANDALONE_KINDS else None
+                    ),
+                    sequence_delim_path=f"{path}.sequence_delim",
                 )
             )
         elif which == "sequence_feature":
@@ -171,6 +193,8 @@ def declared_features(cfg: Message) -> list[DeclaredFeature]:
                         standalone_sequence=False,
                         config=feature,
                         path=f"{path}.features[{sub_index}].{sub_which}",
+                        sequence_delim=sequence.sequence_delim,
+                        sequence_delim_path=f"{path}.sequence_delim",
                     )
                 )
     return declared
@@ -233,6 +257,8 @@ def feature_specs(cfg: Message) -> list[FeatureSpec]:
             for name in groups.get(group, []):
                 standalone_side[name] = key
     int64_raw = {name for group in INT64_RAW_GROUPS for name in groups.get(group, [])}
+    timestamps = {name for group in TIMESTAMP_GROUPS for name in groups.get(group, [])}
+    ascending = bool(cfg.model_config.dlrm_hstu.sequence_timestamp_is_ascending)
 
     specs = []
     for feature in declared_features(cfg):
@@ -241,31 +267,51 @@ def feature_specs(cfg: Message) -> list[FeatureSpec]:
         sequence = feature.sequence
         if feature.standalone_sequence:
             sequence = standalone_side[feature.name]
+        shared = dict(
+            name=feature.name,
+            column=feature.column,
+            sequence=sequence,
+            sequence_delim=sequence_delimiter(feature),
+        )
         if feature.kind == "id":
             specs.append(
                 FeatureSpec(
-                    name=feature.name,
-                    column=feature.column,
                     kind="id",
-                    sequence=sequence,
                     embedding_name=embedding_name(feature),
                     embedding_dim=feature.config.embedding_dim,
                     num_buckets=feature.config.num_buckets,
                     data_type=feature.config.data_type,
                     value_dtype="int64",
+                    **shared,
                 )
             )
         else:
+            is_timestamp = feature.name in timestamps
             specs.append(
                 FeatureSpec(
-                    name=feature.name,
-                    column=feature.column,
                     kind="raw",
-                    sequence=sequence,
                     value_dtype="int64" if feature.name in int64_raw else "float32",
+                    is_timestamp=is_timestamp,
+                    timestamps_ascending=ascending if is_timestamp else True,
+                    **shared,
                 )
             )
     return specs
+
+
+def sequence_delimiter(feature: DeclaredFeature) -> str:
+    """The separator of a string-encoded sequence column (";" for scalar features, which have
+    none: TorchEasyRec's default). An empty one could not split anything."""
+    if feature.sequence_delim is None:
+        return ";"
+    if not feature.sequence_delim:
+        raise ConfigError(
+            "<config>",
+            feature.sequence_delim_path or feature.path,
+            "sequence_delim is empty; it separates the elements of a string-encoded sequence "
+            "column (e.g. \"|\" for \"12|884|93\")",
+        )
+    return feature.sequence_delim
 
 
 def unused_features(cfg: Message) -> list[str]:
@@ -301,6 +347,7 @@ def label_specs(cfg: Message) -> list[LabelSpec]:
     (nothing reads them; `launch.py check` lists them). `cfg` must come from load_config.
     """
     _, candidate_sequence = sequence_names(cfg)
+    delimiter = _candidate_delimiter(cfg)
     tasks = cfg.model_config.dlrm_hstu.fusion_mtl_tower.task_configs
     unused = set(unused_labels(cfg))
     specs = []
@@ -316,5 +363,22 @@ def label_specs(cfg: Message) -> list[LabelSpec]:
                 "was the config loaded with load_config?",
             )
         dtype = "int64" if kinds.pop() == "classification" else "float32"
-        specs.append(LabelSpec(column=column, value_dtype=dtype, sequence=candidate_sequence))
+        specs.append(
+            LabelSpec(
+                column=column,
+                value_dtype=dtype,
+                sequence=candidate_sequence,
+                sequence_delim=delimiter,
+            )
+        )
     return specs
+
+
+def _candidate_delimiter(cfg: Message) -> str:
+    """Labels are aligned with the candidates, so a string-encoded label column is split like
+    the candidate sequence: the sequence_delim of the first feature of the candidate group."""
+    by_name = {feature.name: feature for feature in declared_features(cfg)}
+    for name in group_feature_names(cfg).get(CANDIDATE, []):
+        if name in by_name:
+            return sequence_delimiter(by_name[name])
+    return ";"

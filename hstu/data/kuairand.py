@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 from pyarrow import ipc
 
 from hstu.data import schema
-from hstu.data.validate import BAD_ROW_POLICIES, DataError, validate_table
+from hstu.data.validate import BAD_ROW_POLICIES, INT_PATTERN, DataError, validate_table
 from hstu.data.windows import (
     Windows,
     cross_codes,
@@ -223,9 +223,8 @@ def _read_side_csv(
         raise DataError(
             "id is missing or not a whole number",
             path=path,
-            row=row + 2,
+            line=row + 2,  # 1-based, after the header line
             column=id_column,
-            hint="row = line number",
         )
     order = np.argsort(ids, kind="stable")
     duplicate = np.flatnonzero(ids[order][1:] == ids[order][:-1])
@@ -234,9 +233,8 @@ def _read_side_csv(
         raise DataError(
             f"duplicate id {ids[row]}",
             path=path,
-            row=row + 2,
+            line=row + 2,
             column=id_column,
-            hint="row = line number",
         )
     return table, ids, order
 
@@ -311,7 +309,7 @@ def _parse_int(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarr
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         pass
     trimmed = pc.utf8_trim_whitespace(column)
-    ok = pc.match_substring_regex(trimmed, r"^[+-]?[0-9]{1,18}$")
+    ok = pc.match_substring_regex(trimmed, INT_PATTERN)
     values = pc.cast(pc.if_else(ok, trimmed, "0"), pa.int64()).to_numpy(zero_copy_only=False)
     return values, ~ok.to_numpy(zero_copy_only=False)
 
@@ -479,9 +477,9 @@ def _log_rows(
             raise DataError(
                 problem,
                 path=path,
-                row=row + 2 + malformed_before,
+                line=row + 2 + malformed_before,
                 column=column,
-                hint="row = line number; pass --on-bad-rows skip to skip and count such rows",
+                hint="pass --on-bad-rows skip to skip and count such rows",
             )
         bad_any = np.zeros(num_rows, dtype=bool)
         for column, problem, bad in problems:

@@ -20,7 +20,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -36,10 +36,12 @@ from hstu.data.validate import (
     BadRowReport,
     Column,
     DataError,
+    delimited_element_counts,
     find_bad_rows,
     read_columns,
     requests_for,
     resolve_bad_rows,
+    row_count,
 )
 
 logger = logging.getLogger(__name__)
@@ -66,7 +68,8 @@ def arrow_to_batch(
         counted from `row_offset`). Without it, a `path` column (Ray's include_paths) names
         each row's file and errors give the sample_id and the row within this batch.
     on_bad_rows: "error" raises DataError for the first bad row; "skip" drops bad rows and
-        adds them to `bad_rows` (the batch then has fewer rows, possibly none).
+        adds them to `bad_rows` (the batch then has fewer rows, possibly none;
+        iter_jagged_batches never hands on an empty one).
     """
     if isinstance(table, pa.RecordBatch):
         table = pa.Table.from_batches([table])
@@ -76,9 +79,7 @@ def arrow_to_batch(
     if SAMPLE_ID in table.column_names:
         sample_ids = table.column(SAMPLE_ID).to_numpy()
     if findings:
-        paths = None
-        if source is None and PATH_COLUMN in table.column_names:
-            paths = table.column(PATH_COLUMN).to_numpy(zero_copy_only=False)
+        paths = _row_paths(table) if source is None else None
         keep, report = resolve_bad_rows(
             findings,
             table.num_rows,
@@ -88,8 +89,13 @@ def arrow_to_batch(
             paths=paths,
             sample_ids=sample_ids,
         )
-        for reason, count in report.by_reason.items():
-            logger.warning("skipped %d row(s) of %s: %s", count, source or "a batch", reason)
+        for finding in findings:
+            logger.warning(
+                "skipped %d row(s) of %s: %s",
+                int(finding.bad.sum()),
+                source or _files_of(paths, finding.bad) or "a batch",
+                finding.reason,
+            )
         if bad_rows is not None:
             bad_rows.add(report)
         columns = {name: column.take_rows(keep) for name, column in columns.items()}
@@ -98,13 +104,32 @@ def arrow_to_batch(
     return _collate(columns, features, labels, sample_ids)
 
 
+def _row_paths(table: pa.Table) -> np.ndarray | None:
+    """Each row's file (Ray's include_paths column), or None when the table has no such column."""
+    if PATH_COLUMN not in table.column_names:
+        return None
+    return table.column(PATH_COLUMN).to_numpy(zero_copy_only=False)
+
+
+def _files_of(
+    paths: np.ndarray | None, rows: np.ndarray | None = None, limit: int = 3
+) -> str | None:
+    """The files of the given rows (a bool mask; all rows when None), for messages; None when
+    the rows' files are not known."""
+    if paths is None:
+        return None
+    names = sorted({str(p) for p in (paths if rows is None else paths[rows])})
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
 def _collate(
     columns: dict[str, Column],
     features: Sequence[FeatureSpec],
     labels: Sequence[LabelSpec],
     sample_ids: np.ndarray | None,
 ) -> JaggedBatch:
-    batch_size = _batch_size(columns)
+    batch_size = row_count(columns)
     ones = np.ones(batch_size, dtype=np.int64)
     keys: list[str] = []
     id_values: list[np.ndarray] = []
@@ -154,12 +179,6 @@ def _concat(arrays: list[np.ndarray], dtype: type) -> np.ndarray:
     if not arrays:
         return np.zeros(0, dtype=dtype)
     return np.concatenate(arrays).astype(dtype, copy=False)
-
-
-def _batch_size(columns: dict[str, Column]) -> int:
-    for column in columns.values():
-        return len(column.lengths) if column.lengths is not None else len(column.values)
-    return 0
 
 
 def read_samples(
@@ -286,10 +305,13 @@ class JaggedBatches:
         self.read_rows = read_rows
         self.passes = 0
         self.stats = PipelineStats()
-        # One column per sequence is enough to count a row's tokens.
-        self._length_columns = list(
-            {f.sequence: f.column for f in self.features if f.sequence is not None}.values()
-        )
+        # One column per sequence is enough to count a row's tokens (with its separator, for
+        # string-encoded columns).
+        first_of_sequence: dict[str, tuple[str, str]] = {}
+        for spec in self.features:
+            if spec.sequence is not None:
+                first_of_sequence.setdefault(spec.sequence, (spec.column, spec.sequence_delim))
+        self._length_columns = dict(first_of_sequence.values())
 
     def __iter__(self) -> Iterator[JaggedBatch]:
         self.stats = PipelineStats()
@@ -361,6 +383,10 @@ class JaggedBatches:
                     on_bad_rows=self.on_bad_rows,
                     bad_rows=self.stats.skipped,
                 )
+                if batch.batch_size == 0:
+                    # Every row was bad (skipped and counted above). A 0-row batch would
+                    # count as a step and fail inside the model's embedding lookup.
+                    continue
                 tokens = sum(int(lengths.sum()) for lengths in batch.seq_lengths.values())
                 if not put((batch, tokens)):
                     return
@@ -426,20 +452,24 @@ class JaggedBatches:
 _END = object()
 
 
-def row_tokens(table: pa.Table, length_columns: Sequence[str]) -> np.ndarray:
-    """Tokens per row: the sum of the row's sequence lengths (one column per sequence)."""
+def row_tokens(table: pa.Table, length_columns: Mapping[str, str]) -> np.ndarray:
+    """Tokens per row: the sum of the row's sequence lengths. `length_columns` maps one
+    column per sequence to its sequence_delim (used when the column is string-encoded)."""
     total = np.zeros(table.num_rows, dtype=np.int64)
-    for name in length_columns:
+    for name, delimiter in length_columns.items():
         if name not in table.column_names:
-            raise DataError("missing column", column=name)
+            raise DataError(
+                "missing column",
+                path=_files_of(_row_paths(table)),
+                column=name,
+                hint=f"the data has {', '.join(table.column_names)}",
+            )
         column = table.column(name)
         if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-            # '|'-encoded: elements = delimiters + 1, and "" is empty.
-            count = pc.add(pc.count_substring(column, "|"), 1)
-            count = pc.if_else(pc.equal(column, ""), 0, count)
+            total += delimited_element_counts(column, delimiter)
         else:
             count = pc.list_value_length(column)
-        total += count.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+            total += count.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
     return total
 
 

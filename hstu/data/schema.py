@@ -78,9 +78,6 @@ MTGR_FIELDS: tuple[pa.Field, ...] = tuple(
     )
 )
 
-# Fields of a sequence that hold timestamps: validated as non-negative and non-decreasing.
-TIMESTAMP_FIELDS = ("action_timestamp", "query_time")
-
 # Action bitmask (KuaiRand event -> bit), the same bits as Meta's and TorchEasyRec's tasks.
 ACTION_BITS: dict[str, int] = {
     "is_click": 1,
@@ -109,10 +106,6 @@ def split_column(column: str) -> tuple[str | None, str]:
     return (sequence, field) if sep else (None, column)
 
 
-def is_timestamp_column(column: str) -> bool:
-    return split_column(column)[1] in TIMESTAMP_FIELDS
-
-
 def make_sample_ids(user_ids, window_indices):
     """sample_id = user_id * 2**20 + window index: unique per (user, window) and readable.
 
@@ -132,6 +125,8 @@ RECIPE_PROFILE_BUCKETS = {
     "register_days_range": 9,
 }
 MAX_WINDOWS_PER_USER = 1 << 20
+# The recipes' sequence_delim, for sequence columns stored as strings ("12|884|93").
+RECIPE_SEQUENCE_DELIM = "|"
 
 
 def sample_specs(
@@ -154,23 +149,28 @@ def sample_specs(
         profile_buckets = dict(RECIPE_PROFILE_BUCKETS)
 
     def id_spec(column: str, table: str, buckets: int | None) -> FeatureSpec:
+        sequence = split_column(column)[0]
         return FeatureSpec(
             name=column,
             column=column,
             kind="id",
-            sequence=split_column(column)[0],
+            sequence=sequence,
             embedding_name=table,
             embedding_dim=embedding_dim,
             num_buckets=buckets,
+            # As feature_specs does: scalars keep the proto default (they are never split).
+            sequence_delim=RECIPE_SEQUENCE_DELIM if sequence else ";",
         )
 
-    def raw_spec(column: str, dtype: str) -> FeatureSpec:
+    def raw_spec(column: str, dtype: str, is_timestamp: bool = False) -> FeatureSpec:
         return FeatureSpec(
             name=column,
             column=column,
             kind="raw",
             sequence=split_column(column)[0],
             value_dtype=dtype,  # type: ignore[arg-type]
+            is_timestamp=is_timestamp,
+            sequence_delim=RECIPE_SEQUENCE_DELIM,
         )
 
     features = [id_spec(USER_ID, "user_id_emb", id_buckets)]
@@ -181,9 +181,9 @@ def sample_specs(
         id_spec(UIH_VIDEO_ID, "video_id_emb", id_buckets),
         raw_spec(UIH_ACTION_WEIGHT, "int64"),
         raw_spec(UIH_WATCH_TIME, "float32"),
-        raw_spec(UIH_ACTION_TIMESTAMP, "int64"),
+        raw_spec(UIH_ACTION_TIMESTAMP, "int64", is_timestamp=True),
         id_spec(CAND_VIDEO_ID, "video_id_emb", id_buckets),
-        raw_spec(CAND_QUERY_TIME, "int64"),
+        raw_spec(CAND_QUERY_TIME, "int64", is_timestamp=True),
     ]
     if mtgr:
         features += [
@@ -195,7 +195,7 @@ def sample_specs(
             id_spec(CAND_USER_VIDEO_CROSS2, "user_video_cross2_emb", cross_buckets),
         ]
     labels = [
-        LabelSpec(column=CAND_ACTION_WEIGHT, value_dtype="int64"),
-        LabelSpec(column=CAND_WATCH_TIME, value_dtype="float32"),
+        LabelSpec(CAND_ACTION_WEIGHT, "int64", sequence_delim=RECIPE_SEQUENCE_DELIM),
+        LabelSpec(CAND_WATCH_TIME, "float32", sequence_delim=RECIPE_SEQUENCE_DELIM),
     ]
     return features, labels

@@ -4,10 +4,11 @@ Two kinds of bad input:
 
 - A column that is missing or has the wrong type is wrong for every row: it always raises
   `DataError`, whatever the bad-row policy, because there is no row to skip.
-- A bad row (sequences of one row with different lengths, no candidates, a negative or
-  decreasing timestamp, an id outside its table, a NaN or infinite float, a null, an
-  unparsable '|'-encoded element) raises `DataError` naming file, row and column under
-  policy "error" (the default); under "skip" the row is dropped and counted by reason.
+- A bad row (sequences of one row with different lengths, no candidates, a negative
+  timestamp or one out of time order, an id outside its table, a negative label, a NaN or
+  infinite float, a null, an unparsable element of a string-encoded sequence) raises
+  `DataError` naming file, row and column under policy "error" (the default); under "skip"
+  the row is dropped and counted by reason.
 
 Nothing here loops over rows in Python: every check is a numpy expression over the flat values
 of a column, and bad elements are mapped to their rows with a binary search on the offsets.
@@ -25,13 +26,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hstu.config.features import FeatureSpec, LabelSpec
-from hstu.data.schema import SAMPLE_ID, is_timestamp_column
+from hstu.data.schema import SAMPLE_ID
 
 BadRowPolicy = Literal["error", "skip"]
 BAD_ROW_POLICIES: tuple[str, ...] = ("error", "skip")
-SEQUENCE_DELIMITER = "|"
 
-_INT_PATTERN = r"^[+-]?[0-9]{1,18}$"
+# A whole number written as text. At most 18 digits, so that every match fits int64.
+INT_PATTERN = r"^[+-]?[0-9]{1,18}$"
 # A decimal number, or nan / inf / infinity in any case (the NaN check reports those).
 _FLOAT_PATTERN = (
     r"^[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?"
@@ -40,7 +41,11 @@ _FLOAT_PATTERN = (
 
 
 class DataError(ValueError):
-    """Bad input data. The message names the file, the row and the column where known."""
+    """Bad input data. The message names the file, the row and the column where known.
+
+    `row` is a 0-based row of a table (parquet files, batches); `line` is a 1-based line of a
+    text file (CSV logs, the header being line 1). The message says which it is.
+    """
 
     def __init__(
         self,
@@ -48,6 +53,7 @@ class DataError(ValueError):
         *,
         path: str | None = None,
         row: int | None = None,
+        line: int | None = None,
         column: str | None = None,
         sample_id: int | None = None,
         hint: str | None = None,
@@ -55,13 +61,16 @@ class DataError(ValueError):
         self.problem = problem
         self.path = path
         self.row = row
+        self.line = line
         self.column = column
         self.sample_id = sample_id
         where = []
         if path is not None:
             where.append(f"file {path}")
         if row is not None:
-            where.append(f"row {row}")
+            where.append(f"row {row} (0-based)")
+        if line is not None:
+            where.append(f"line {line}")
         if sample_id is not None:
             where.append(f"sample_id {sample_id}")
         if column is not None:
@@ -117,11 +126,13 @@ class Finding:
 
 @dataclasses.dataclass
 class ColumnRequest:
-    """What the reader expects of a column: list or scalar, int64 or float32 values."""
+    """What the reader expects of a column: list or scalar, int64 or float32 values, and for a
+    list stored as a string, the separator of its elements."""
 
     column: str
     is_list: bool
     value_dtype: Literal["int64", "float32"]
+    delimiter: str = ";"
 
 
 def requests_for(
@@ -131,9 +142,12 @@ def requests_for(
     requests: dict[str, ColumnRequest] = {}
     for spec in features:
         dtype = "int64" if spec.kind == "id" else spec.value_dtype
-        _add_request(requests, ColumnRequest(spec.column, spec.sequence is not None, dtype))
+        is_list = spec.sequence is not None
+        delimiter = spec.sequence_delim if is_list else ";"
+        _add_request(requests, ColumnRequest(spec.column, is_list, dtype, delimiter))
     for label in labels:
-        _add_request(requests, ColumnRequest(label.column, True, label.value_dtype))
+        request = ColumnRequest(label.column, True, label.value_dtype, label.sequence_delim)
+        _add_request(requests, request)
     return list(requests.values())
 
 
@@ -153,7 +167,8 @@ def read_columns(
     path: str | None = None,
 ) -> tuple[dict[str, Column], list[Finding]]:
     """Arrow -> numpy for every requested column, plus the rows found bad while decoding
-    (nulls, unparsable '|'-encoded elements). Raises DataError for a missing or mistyped column."""
+    (nulls, unparsable elements of string-encoded sequences). Raises DataError for a missing
+    or mistyped column, or one whose values do not convert to int64 / float32."""
     if isinstance(table, pa.RecordBatch):
         table = pa.Table.from_batches([table])
     columns: dict[str, Column] = {}
@@ -198,11 +213,11 @@ def _read_chunk(
         if array.null_count:
             problems["null value"] = array.is_null().to_numpy(zero_copy_only=False)
             array = array.fill_null(0)
-        values = array.cast(pa.int64()).to_numpy(zero_copy_only=False)
+        values = _cast(array, request, path).to_numpy(zero_copy_only=False)
         return values, None, problems, num_rows
 
     if pa.types.is_string(array_type) or pa.types.is_large_string(array_type):
-        array, problems = _decode_delimited(array, request)
+        array, problems = _decode_delimited(array, request, path)
         array_type = array.type
     if not (pa.types.is_list(array_type) or pa.types.is_large_list(array_type)):
         raise _mistyped(request, array_type, path)
@@ -224,18 +239,42 @@ def _read_chunk(
         bad[Column(np.empty(0), lengths).rows_of(null_elements)] = True
         problems["null element"] = bad
         flat = flat.fill_null(0)
-    target = pa.int64() if request.value_dtype == "int64" else pa.float32()
-    values = flat.cast(target).to_numpy(zero_copy_only=False)
+    values = _cast(flat, request, path).to_numpy(zero_copy_only=False)
     return values, lengths, problems, num_rows
 
 
+def _cast(array: pa.Array, request: ColumnRequest, path: str | None) -> pa.Array:
+    """Values -> int64 or float32. Float features take any number: an integer above 2**24
+    (e.g. a watch time of 20,000,000 ms) or a double rounds to the nearest float32, and a
+    double beyond float32's range becomes inf, which the NaN/inf check reports per row. A
+    conversion that still fails (an unsigned id above 2**63) names the file and column."""
+    is_float = request.value_dtype == "float32"
+    target = pa.float32() if is_float else pa.int64()
+    try:
+        return array.cast(target, safe=not is_float)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+        raise DataError(
+            f"values of type {array.type} do not convert to {target} ({error})",
+            path=path,
+            column=request.column,
+        ) from None
+
+
+def delimited_element_counts(array: pa.Array | pa.ChunkedArray, delimiter: str) -> np.ndarray:
+    """Elements per string-encoded sequence: separators + 1, and 0 for "" or a null."""
+    count = pc.add(pc.count_substring(array, delimiter), 1)
+    count = pc.if_else(pc.equal(array, ""), 0, count)
+    return count.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
 def _decode_delimited(
-    array: pa.Array, request: ColumnRequest
+    array: pa.Array, request: ColumnRequest, path: str | None
 ) -> tuple[pa.Array, dict[str, np.ndarray]]:
-    """'12|884|93' strings -> list<int64> / list<float32>, with the rows whose elements do
-    not parse. An empty string is an empty sequence; a null string stays null."""
+    """'12|884|93' strings (split at request.delimiter) -> list<int64> / list<float32>, with
+    the rows whose elements do not parse. An empty string is an empty sequence; a null string
+    stays null."""
     problems: dict[str, np.ndarray] = {}
-    parts = pc.split_pattern(array, SEQUENCE_DELIMITER)
+    parts = pc.split_pattern(array, request.delimiter)
     lengths = pc.list_value_length(parts).fill_null(0).to_numpy(zero_copy_only=False)
     elements = pc.utf8_trim_whitespace(pc.list_flatten(parts))
     # "" splits into one empty element; it means an empty sequence.
@@ -244,19 +283,23 @@ def _decode_delimited(
         keep = ~np.repeat(empty_row, lengths)
         elements = elements.filter(pa.array(keep))
         lengths = np.where(empty_row, 0, lengths)
-    pattern = _INT_PATTERN if request.value_dtype == "int64" else _FLOAT_PATTERN
+    is_int = request.value_dtype == "int64"
+    pattern = INT_PATTERN if is_int else _FLOAT_PATTERN
     parsable = pc.match_substring_regex(elements, pattern).to_numpy(zero_copy_only=False)
     if not parsable.all():
         column = Column(np.empty(0), lengths.astype(np.int64))
         bad = np.zeros(len(array), dtype=bool)
         bad[column.rows_of(np.flatnonzero(~parsable))] = True
-        problems[f"element not a {'whole ' if pattern is _INT_PATTERN else ''}number"] = bad
+        # The separator is part of the message: data split at the wrong one reads as
+        # "12;884" elements, and the config's sequence_delim is then what to check.
+        number = "whole number" if is_int else "number"
+        problems[f"element not a {number} (split at {request.delimiter!r})"] = bad
         elements = pc.if_else(pa.array(parsable), elements, "0")
-    target = pa.int64() if request.value_dtype == "int64" else pa.float32()
     offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     mask = array.is_null() if array.null_count else None
-    decoded = pa.ListArray.from_arrays(pa.array(offsets), elements.cast(target), mask=mask)
+    values = _cast(elements, request, path)
+    decoded = pa.ListArray.from_arrays(pa.array(offsets), values, mask=mask)
     return decoded, problems
 
 
@@ -264,7 +307,7 @@ def _mistyped(request: ColumnRequest, actual: pa.DataType, path: str | None) -> 
     element = "int64" if request.value_dtype == "int64" else "float32 (or an integer type)"
     expected = f"list<{element}>" if request.is_list else "an integer type"
     if request.is_list:
-        expected += " or a '|'-delimited string"
+        expected += f" or a {request.delimiter!r}-delimited string"
     hint = None
     if request.value_dtype == "int64" and request.is_list:
         hint = "ids, bitmasks and timestamps must be integers; timestamps are int64 seconds"
@@ -280,11 +323,11 @@ def find_bad_rows(
 ) -> list[Finding]:
     """Every rule a row can break, checked on whole columns at once."""
     findings: list[Finding] = []
-    num_rows = _num_rows(columns)
+    rows = row_count(columns)
 
     def flag(column: str, problem: str, element_indices: np.ndarray) -> None:
         if len(element_indices):
-            bad = np.zeros(num_rows, dtype=bool)
+            bad = np.zeros(rows, dtype=bool)
             bad[columns[column].rows_of(element_indices)] = True
             findings.append(Finding(column, problem, bad))
 
@@ -319,9 +362,22 @@ def find_bad_rows(
             if spec.num_buckets is not None:
                 too_big = np.flatnonzero(column.values >= spec.num_buckets)
                 flag(spec.column, f"id >= num_buckets {spec.num_buckets}", too_big)
-        elif is_timestamp_column(spec.column):
+        elif spec.is_timestamp:
             flag(spec.column, "negative timestamp", np.flatnonzero(column.values < 0))
-            flag(spec.column, "decreasing timestamp", _decreasing(column))
+            if spec.timestamps_ascending:
+                flag(spec.column, "decreasing timestamp", _out_of_order(column, ascending=True))
+            else:
+                flag(
+                    spec.column,
+                    "increasing timestamp (sequence_timestamp_is_ascending is false: "
+                    "newest first)",
+                    _out_of_order(column, ascending=False),
+                )
+    for label in labels:
+        # A bitmask label is tested with `& task_bitmask`: -1 would be positive for every task.
+        if label.value_dtype == "int64":
+            values = columns[label.column].values
+            flag(label.column, "negative label", np.flatnonzero(values < 0))
     for name, column in columns.items():
         if column.values.dtype.kind == "f":
             flag(name, "NaN or infinite value", np.flatnonzero(~np.isfinite(column.values)))
@@ -333,17 +389,20 @@ def _append_once(names: list[str], name: str) -> None:
         names.append(name)
 
 
-def _decreasing(column: Column) -> np.ndarray:
-    """Flat indices of elements smaller than the element before them in the same row."""
-    drops = np.flatnonzero(np.diff(column.values) < 0) + 1
+def _out_of_order(column: Column, *, ascending: bool) -> np.ndarray:
+    """Flat indices of elements smaller (ascending) or larger (descending) than the element
+    before them in the same row. Equal neighbours are in order either way."""
+    steps = np.diff(column.values)
+    drops = np.flatnonzero(steps < 0 if ascending else steps > 0) + 1
     if len(drops) == 0 or column.lengths is None:
         return drops
-    # A drop at the first element of a row compares two different rows: not a decrease.
+    # A step into the first element of a row compares two different rows: not out of order.
     row_starts = column.offsets[column.rows_of(drops)]
     return drops[drops != row_starts]
 
 
-def _num_rows(columns: dict[str, Column]) -> int:
+def row_count(columns: dict[str, Column]) -> int:
+    """Rows of a batch read by read_columns (0 when no column was read)."""
     for column in columns.values():
         return len(column.lengths) if column.lengths is not None else len(column.values)
     return 0
@@ -388,7 +447,7 @@ def resolve_bad_rows(
         if paths is not None:
             # Rows from several files (a Ray batch): the file, the sample_id and the batch row.
             row_path, file_row = str(paths[row]), None
-            problem = f"{first.problem} (row {row} of the batch)"
+            problem = f"{first.problem} (row {row} of the batch, 0-based)"
         else:
             # One file read from row_offset on, or a table with no file behind it.
             row_path, file_row, problem = path, row + row_offset, first.problem

@@ -160,7 +160,20 @@ def counts_before(
     return np.where(found, high - low, 0)
 
 
+# A list column's offsets are int32 (the sample schema's list<...> type, not large_list).
+MAX_LIST_VALUES = np.iinfo(np.int32).max
+
+
 def list_column(values: np.ndarray, offsets: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    """A list<value_type> column from flat values and int64 offsets [rows + 1]."""
+    total = int(offsets[-1]) if len(offsets) else 0
+    if total > MAX_LIST_VALUES:
+        # Cast to int32, the offsets would wrap around and corrupt the column.
+        raise ValueError(
+            f"{total:,} values in one list column of one table: more than a list column's "
+            f"int32 offsets hold ({MAX_LIST_VALUES:,}); write fewer rows per file "
+            "(prepare synthetic: a smaller --users-per-shard or --max-history)"
+        )
     return pa.ListArray.from_arrays(
         pa.array(offsets.astype(np.int32)), pa.array(values, type=value_type)
     )

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from hstu.config import feature_specs, label_specs, sequence_names, unused_features, unused_labels
+import pytest
+
+from hstu.config import (
+    ConfigError,
+    feature_specs,
+    label_specs,
+    sequence_names,
+    unused_features,
+    unused_labels,
+)
 
 
 def test_feature_specs_of_grouped_sequences(kit):
@@ -130,3 +139,66 @@ def test_label_no_task_uses_is_left_out(kit):
     cfg = kit.load(text)
     assert [label.column for label in label_specs(cfg)] == ["cand_seq__action_weight"]
     assert unused_labels(cfg) == ["cand_seq__watch_time"]
+
+
+def test_timestamp_features_come_from_the_timestamp_groups(kit):
+    # Standalone candidates name their query time "item_query_time" (TorchEasyRec's 27K
+    # naming): a timestamp because the candidate_timestamp group holds it, not by its name.
+    text = (
+        kit.edit(
+            'feature_names: "cand_seq__video_id"',
+            'feature_names: "item_video_id"',
+            'feature_names: "cand_seq__query_time"',
+            'feature_names: "item_query_time"',
+            'sequence_name: "cand_seq"',
+            'sequence_name: "unused_seq"',
+        )
+        + STANDALONE_CANDIDATES
+    )
+    specs = {spec.name: spec for spec in feature_specs(kit.load(text))}
+    timestamps = {name for name, spec in specs.items() if spec.is_timestamp}
+    assert timestamps == {"uih_seq__action_timestamp", "item_query_time"}
+    assert all(spec.timestamps_ascending for spec in specs.values())
+
+
+def test_newest_first_config_gives_descending_timestamp_specs(kit):
+    flag = "model_config.dlrm_hstu.sequence_timestamp_is_ascending=false"
+    specs = feature_specs(kit.load(kit.BASE, [flag]))
+    order = {spec.name: spec.timestamps_ascending for spec in specs if spec.is_timestamp}
+    assert order == {"uih_seq__action_timestamp": False, "cand_seq__query_time": False}
+
+
+def test_sequence_delim_comes_from_the_sequence_config(kit):
+    text = kit.BASE.replace('sequence_delim: "|"', 'sequence_delim: ";"', 1)  # uih_seq only
+    cfg = kit.load(text)
+    delims = {spec.name: spec.sequence_delim for spec in feature_specs(cfg)}
+    assert delims["uih_seq__video_id"] == delims["uih_seq__action_timestamp"] == ";"
+    assert delims["cand_seq__video_id"] == delims["cand_seq__query_time"] == "|"
+    # Labels are aligned with the candidates: split like them.
+    assert {label.sequence_delim for label in label_specs(cfg)} == {"|"}
+
+    # Standalone sequence features carry their own (proto default ";").
+    standalone = (
+        kit.edit(
+            'feature_names: "cand_seq__video_id"',
+            'feature_names: "item_video_id"',
+            'feature_names: "cand_seq__query_time"',
+            'feature_names: "item_query_time"',
+            'sequence_name: "cand_seq"',
+            'sequence_name: "unused_seq"',
+        )
+        + STANDALONE_CANDIDATES.replace(
+            'expression: "item:video_id"', 'expression: "item:video_id" sequence_delim: ","'
+        )
+    )
+    cfg = kit.load(standalone)
+    delims = {spec.name: spec.sequence_delim for spec in feature_specs(cfg)}
+    assert (delims["item_video_id"], delims["item_query_time"]) == (",", ";")
+    assert {label.sequence_delim for label in label_specs(cfg)} == {","}
+
+
+def test_an_empty_sequence_delim_is_a_config_error(kit):
+    text = kit.BASE.replace('sequence_delim: "|"', 'sequence_delim: ""', 1)
+    with pytest.raises(ConfigError) as error:
+        feature_specs(kit.load(text))
+    assert error.value.path == "feature_configs[0].sequence_feature.sequence_delim"

@@ -25,9 +25,12 @@ def ray_local():
         ray.shutdown()
 
 
-def small_specs(num_buckets: int = 100) -> tuple[list[FeatureSpec], list[LabelSpec]]:
+def small_specs(
+    num_buckets: int = 100, *, ascending: bool = True, delim: str = "|"
+) -> tuple[list[FeatureSpec], list[LabelSpec]]:
     """A hand-built spec set: user_id scalar, a history of (video_id, action_timestamp,
-    watch_time), candidates of (video_id, query_time) sharing the video table, two labels."""
+    watch_time), candidates of (video_id, query_time) sharing the video table, two labels.
+    `ascending`: the timestamps' order; `delim`: the separator of string-encoded sequences."""
     features = [
         FeatureSpec(
             "user_id",
@@ -45,6 +48,7 @@ def small_specs(num_buckets: int = 100) -> tuple[list[FeatureSpec], list[LabelSp
             embedding_name="video",
             embedding_dim=4,
             num_buckets=num_buckets,
+            sequence_delim=delim,
         ),
         FeatureSpec(
             "uih_seq__action_timestamp",
@@ -52,6 +56,9 @@ def small_specs(num_buckets: int = 100) -> tuple[list[FeatureSpec], list[LabelSp
             "raw",
             sequence="uih_seq",
             value_dtype="int64",
+            is_timestamp=True,
+            timestamps_ascending=ascending,
+            sequence_delim=delim,
         ),
         FeatureSpec(
             "uih_seq__watch_time",
@@ -59,6 +66,7 @@ def small_specs(num_buckets: int = 100) -> tuple[list[FeatureSpec], list[LabelSp
             "raw",
             sequence="uih_seq",
             value_dtype="float32",
+            sequence_delim=delim,
         ),
         FeatureSpec(
             "cand_seq__video_id",
@@ -68,6 +76,7 @@ def small_specs(num_buckets: int = 100) -> tuple[list[FeatureSpec], list[LabelSp
             embedding_name="video",
             embedding_dim=4,
             num_buckets=num_buckets,
+            sequence_delim=delim,
         ),
         FeatureSpec(
             "cand_seq__query_time",
@@ -75,11 +84,14 @@ def small_specs(num_buckets: int = 100) -> tuple[list[FeatureSpec], list[LabelSp
             "raw",
             sequence="cand_seq",
             value_dtype="int64",
+            is_timestamp=True,
+            timestamps_ascending=ascending,
+            sequence_delim=delim,
         ),
     ]
     labels = [
-        LabelSpec("cand_seq__action_weight", "int64"),
-        LabelSpec("cand_seq__watch_time", "float32"),
+        LabelSpec("cand_seq__action_weight", "int64", sequence_delim=delim),
+        LabelSpec("cand_seq__watch_time", "float32", sequence_delim=delim),
     ]
     return features, labels
 

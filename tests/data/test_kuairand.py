@@ -266,7 +266,8 @@ def test_bad_log_line(tmp_path, line, column, problem):
     }
     with pytest.raises(DataError) as error:
         convert_kuairand(KuaiRandOptions(**options))
-    assert error.value.path == str(log) and error.value.row == 4
+    assert error.value.path == str(log) and error.value.line == 4 and error.value.row is None
+    assert f"file {log}, line 4, column {column!r}" in str(error.value)
     assert error.value.column == column and problem in error.value.problem
 
     manifest = convert_kuairand(KuaiRandOptions(**options, on_bad_rows="skip", overwrite=True))

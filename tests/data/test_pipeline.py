@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hstu.data.pipeline import arrow_to_batch, iter_jagged_batches, read_samples, row_tokens
+from hstu.data.validate import DataError
 from hstu.data.schema import sample_specs
 from hstu.data.synthetic import SyntheticOptions, generate
 
@@ -164,9 +165,8 @@ def test_token_budget_packs_rows_greedily(make_specs):
     uih = [10, 10, 10, 50, 5, 5, 5, 200, 1, 1]
     cand = [2] * 10
     table = _rows_with_lengths(uih, cand)
-    assert row_tokens(table, ["uih_seq__video_id", "cand_seq__video_id"]).tolist() == [
-        u + c for u, c in zip(uih, cand)
-    ]
+    length_columns = {"uih_seq__video_id": "|", "cand_seq__video_id": "|"}
+    assert row_tokens(table, length_columns).tolist() == [u + c for u, c in zip(uih, cand)]
     batches = iter_jagged_batches(
         FakeShard(table),
         features,
@@ -198,6 +198,60 @@ def test_producer_error_reaches_consumer(make_specs, make_table):
     batches = iter_jagged_batches(FakeShard(table), features, labels, batch_size=2, drop_last=False)
     with pytest.raises(Exception, match="cand_seq__query_time"):
         list(batches)
+
+
+def test_a_batch_of_only_bad_rows_is_not_handed_on(make_specs):
+    """Under skip, a batch whose every row is bad would reach the model with 0 rows (and fail
+    inside TorchRec); it is left out, its rows counted."""
+    features, labels = make_specs()
+    table = _rows_with_lengths([3] * 6, [1] * 6)
+    video_ids = [[0, 1, 2]] * 6
+    video_ids[0] = video_ids[1] = [0, 1, 500]  # the whole first batch: id >= num_buckets 100
+    table = table.set_column(2, "uih_seq__video_id", pa.array(video_ids, pa.list_(pa.int64())))
+    for token_budget in (None, 100):
+        batches = iter_jagged_batches(
+            FakeShard(table),
+            features,
+            labels,
+            batch_size=2,
+            drop_last=False,
+            token_budget=token_budget,
+            read_rows=2,
+            on_bad_rows="skip",
+        )
+        delivered = [b.sample_ids.tolist() for b in batches]
+        assert delivered == [[2, 3], [4, 5]], token_budget
+        assert batches.stats.batches == 2 and batches.stats.rows == 4
+        assert batches.stats.skipped.rows == 2
+
+
+def test_string_encoded_tokens_count_at_the_configured_separator():
+    table = pa.table(
+        {
+            "a": pa.array(["1;2;3", "", None, "7"]),
+            "b": pa.array([[1], [], [2, 3], [4, 5]], pa.list_(pa.int64())),
+        }
+    )
+    assert row_tokens(table, {"a": ";", "b": "|"}).tolist() == [4, 0, 2, 3]
+    assert row_tokens(table, {"a": "|"}).tolist() == [1, 0, 0, 1]
+
+
+def test_token_count_of_a_missing_column_names_the_files():
+    table = pa.table({"path": pa.array(["d/p1.parquet", "d/p0.parquet"]), "b": [1, 2]})
+    with pytest.raises(DataError) as error:
+        row_tokens(table, {"cand_seq__video_id": "|"})
+    assert error.value.path == "d/p0.parquet, d/p1.parquet"
+    assert error.value.column == "cand_seq__video_id"
+
+
+def test_skip_warning_names_the_rows_files(make_specs, make_table, caplog):
+    features, labels = make_specs()
+    table = make_table(
+        user_id=[1, 200, 3], path=pa.array(["a.parquet", "b.parquet", "c.parquet"])
+    )
+    with caplog.at_level("WARNING", logger="hstu.data.pipeline"):
+        arrow_to_batch(table, features, labels, on_bad_rows="skip")
+    assert "skipped 1 row(s) of b.parquet: user_id: id >= num_buckets 100" in caplog.text
 
 
 @pytest.fixture(scope="module")

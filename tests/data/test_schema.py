@@ -27,8 +27,8 @@ def test_schema_columns():
     }
     assert schema.split_column("uih_seq__video_id") == ("uih_seq", "video_id")
     assert schema.split_column("user_id") == (None, "user_id")
-    assert schema.is_timestamp_column("cand_seq__query_time")
-    assert not schema.is_timestamp_column("uih_seq__watch_time")
+    timestamps = {spec.column for spec in schema.sample_specs(True)[0] if spec.is_timestamp}
+    assert timestamps == {"uih_seq__action_timestamp", "cand_seq__query_time"}
 
 
 @pytest.mark.parametrize("recipe, mtgr", [("kuairand_dlrm_hstu", False), ("kuairand_mtgr", True)])
@@ -47,5 +47,11 @@ def test_sample_specs_match_the_recipes(recipe, mtgr):
         ), spec.name
         if spec.kind == "raw":
             assert mine.value_dtype == spec.value_dtype
-    recipe_labels = {label.column for label in label_specs(cfg)}
-    assert recipe_labels <= {label.column for label in schema.sample_specs(mtgr)[1]}
+        assert (mine.is_timestamp, mine.timestamps_ascending, mine.sequence_delim) == (
+            spec.is_timestamp,
+            spec.timestamps_ascending,
+            spec.sequence_delim,
+        ), spec.name
+    ours_labels = {label.column: label for label in schema.sample_specs(mtgr)[1]}
+    for label in label_specs(cfg):
+        assert ours_labels[label.column] == label

@@ -85,6 +85,13 @@ BAD_ROWS = [
         1,
     ),
     (
+        "negative bitmask label",
+        {"cand_seq__action_weight": [[3], [0, 64], [-1]]},
+        "cand_seq__action_weight",
+        "negative label",
+        2,
+    ),
+    (
         "NaN watch time",
         {"uih_seq__watch_time": [[1.5, NAN], [], [0.0, 3.0, 4.5]]},
         "uih_seq__watch_time",
@@ -147,7 +154,7 @@ def test_bad_row_stops_with_file_row_and_column(
     assert error.value.column == column
     assert problem in error.value.problem
     message = str(error.value)
-    assert f"file part-7.parquet, row {1000 + bad_row}" in message
+    assert f"file part-7.parquet, row {1000 + bad_row} (0-based)" in message
     assert f"sample_id {10 + bad_row}" in message and repr(column) in message
 
 
@@ -201,7 +208,7 @@ def test_rows_from_several_files_name_each_rows_file(make_specs, make_table):
     with pytest.raises(DataError) as error:
         arrow_to_batch(table, features, labels)
     assert error.value.path == "c.parquet" and error.value.sample_id == 12
-    assert "row 2 of the batch" in str(error.value)
+    assert "row 2 of the batch, 0-based" in str(error.value)
 
 
 @pytest.mark.parametrize("on_bad_rows", ["error", "skip"])
@@ -248,3 +255,127 @@ def test_unknown_policy_is_rejected(make_specs, make_table):
     features, labels = make_specs()
     with pytest.raises(ValueError, match="on_bad_rows"):
         arrow_to_batch(make_table(user_id=[1, 2, 500]), features, labels, on_bad_rows="drop")
+
+
+# ---- timestamp order follows sequence_timestamp_is_ascending --------------------------------
+
+NEWEST_FIRST = {
+    "uih_seq__action_timestamp": [[101, 100], [], [205, 200, 200]],
+    "cand_seq__query_time": [[102], [60, 50], [206]],
+}
+
+
+def test_newest_first_rows_pass_when_timestamps_are_descending(make_specs, make_table):
+    features, labels = make_specs(ascending=False)
+    batch = arrow_to_batch(make_table(**NEWEST_FIRST), features, labels)
+    assert batch.batch_size == 3
+    assert batch.raw["uih_seq__action_timestamp"].tolist() == [101, 100, 205, 200, 200]
+
+
+def test_oldest_first_row_is_out_of_order_when_timestamps_are_descending(make_specs, make_table):
+    features, labels = make_specs(ascending=False)
+    table = make_table(**dict(NEWEST_FIRST, cand_seq__query_time=[[102], [50, 60], [206]]))
+    with pytest.raises(DataError) as error:
+        arrow_to_batch(table, features, labels, source="new.parquet")
+    assert (error.value.row, error.value.column) == (1, "cand_seq__query_time")
+    assert "increasing timestamp" in error.value.problem
+    assert "sequence_timestamp_is_ascending" in error.value.problem
+    # The same rows are out of order for the default (oldest-first) specs.
+    ascending_features, _ = make_specs()
+    with pytest.raises(DataError, match="decreasing timestamp"):
+        arrow_to_batch(make_table(**NEWEST_FIRST), ascending_features, labels)
+
+
+def test_timestamp_checks_follow_the_spec_not_the_column_name(make_specs, make_table):
+    import dataclasses
+
+    features, labels = make_specs()
+    # TorchEasyRec's seed doc names the candidates' times "cand_seq___query_time" (three
+    # underscores): still a timestamp because its spec says so.
+    renamed = [
+        dataclasses.replace(f, name="cand_seq___query_time", column="cand_seq___query_time")
+        if f.column == "cand_seq__query_time"
+        else f
+        for f in features
+    ]
+    table = make_table(cand_seq__query_time=[[102], [60, 50], [206]])
+    table = table.rename_columns(
+        ["cand_seq___query_time" if n == "cand_seq__query_time" else n for n in table.column_names]
+    )
+    with pytest.raises(DataError, match="decreasing timestamp") as error:
+        arrow_to_batch(table, renamed, labels)
+    assert error.value.column == "cand_seq___query_time"
+    # A column named like a timestamp whose spec is not one is not checked as one.
+    not_timestamps = [dataclasses.replace(f, is_timestamp=False) for f in features]
+    table = make_table(uih_seq__action_timestamp=[[101, 100], [], [200, 200, 205]])
+    assert arrow_to_batch(table, not_timestamps, labels).batch_size == 3
+
+
+# ---- casts: float features take any number, and a failing cast names file and column ---------
+
+
+def test_large_integer_float_feature_is_rounded_not_rejected(make_specs, make_table):
+    # Watch time in ms as list<int64>: 20,000,000 ms (5.6 h) is above 2**24, where a safe cast
+    # to float32 fails. It rounds to the nearest float32 instead (exact here).
+    features, labels = make_specs()
+    ints = pa.list_(pa.int64())
+    table = make_table(
+        uih_seq__watch_time=pa.array([[20_000_000, 16_777_217], [], [1, 2, 3]], ints),
+        cand_seq__watch_time=pa.array([[30_000_000], [1, 2], [3]], ints),
+    )
+    for policy in ("error", "skip"):
+        batch = arrow_to_batch(table, features, labels, on_bad_rows=policy)
+        assert batch.raw["uih_seq__watch_time"][:2].tolist() == [20_000_000.0, 16_777_216.0]
+        assert batch.labels["cand_seq__watch_time"][0].item() == 30_000_000.0
+
+
+def test_double_beyond_float32_is_a_bad_row(make_specs, make_table):
+    features, labels = make_specs()
+    doubles = pa.list_(pa.float64())
+    table = make_table(uih_seq__watch_time=pa.array([[1.0, 2.0], [], [1e300, 0.0, 1.0]], doubles))
+    with pytest.raises(DataError) as error:
+        arrow_to_batch(table, features, labels, source="w.parquet")
+    assert (error.value.row, error.value.column) == (2, "uih_seq__watch_time")
+    batch = arrow_to_batch(table, features, labels, on_bad_rows="skip")
+    assert batch.sample_ids.tolist() == [10, 11]
+
+
+@pytest.mark.parametrize("on_bad_rows", ["error", "skip"])
+def test_unconvertible_values_name_file_and_column(on_bad_rows, make_specs, make_table):
+    features, labels = make_specs()
+    huge = pa.array([[5, 6], [], [7, 2**64 - 1, 9]], pa.list_(pa.uint64()))
+    table = make_table(uih_seq__video_id=huge)
+    with pytest.raises(DataError) as error:
+        arrow_to_batch(table, features, labels, source="u.parquet", on_bad_rows=on_bad_rows)
+    assert error.value.path == "u.parquet" and error.value.column == "uih_seq__video_id"
+    assert "do not convert to int64" in str(error.value)
+
+
+# ---- sequence_delim: string-encoded sequences split at the configured separator -------------
+
+
+def test_semicolon_delimited_columns_follow_the_specs_separator(make_specs, make_table):
+    features, labels = make_specs(delim=";")
+    table = make_table(
+        uih_seq__video_id=pa.array(["5;6", "", "7; 8;9"]),
+        uih_seq__action_timestamp=pa.array(["100;101", "", "200;200;205"]),
+        uih_seq__watch_time=pa.array(["1.5;2", "", "0;3;4.5"]),
+        cand_seq__query_time=pa.array(["102", "50;60", "206"]),
+        cand_seq__action_weight=pa.array(["3", "0;64", "1"]),
+    )
+    batch = arrow_to_batch(table, features, labels)
+    expected = arrow_to_batch(make_table(), features, labels)
+    assert batch.sparse.values().tolist() == expected.sparse.values().tolist()
+    assert batch.sparse.lengths().tolist() == expected.sparse.lengths().tolist()
+    for name in expected.raw:
+        assert batch.raw[name].tolist() == expected.raw[name].tolist()
+    assert batch.labels["cand_seq__action_weight"].tolist() == [3, 0, 64, 1]
+
+
+def test_wrong_separator_names_the_one_used(make_specs, make_table):
+    features, labels = make_specs(delim="|")
+    table = make_table(uih_seq__video_id=pa.array(["5;6", "", "7;8;9"]))
+    with pytest.raises(DataError) as error:
+        arrow_to_batch(table, features, labels)
+    assert error.value.row == 0
+    assert "element not a whole number (split at '|')" in error.value.problem

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pytest
 
 from hstu.data.windows import (
+    MAX_LIST_VALUES,
     counts_before,
     histogram_labels,
     length_histogram,
+    list_column,
     log2_bucket,
     plan_windows,
     ranges_to_indices,
@@ -68,3 +72,11 @@ def test_log2_bucket_and_histogram():
     assert histogram_labels()[:5] == ["0", "1", "2-3", "4-7", "8-15"]
     assert histogram_labels()[-1] == "16384+"
     assert length_histogram(np.array([0, 1, 3, 3, 100000]))[:3] == [1, 1, 2]
+
+
+def test_list_column_refuses_more_values_than_int32_offsets_hold():
+    column = list_column(np.arange(3), np.array([0, 1, 3]), pa.int64())
+    assert column.to_pylist() == [[0], [1, 2]]
+    # Checked before any value is touched: 2**31 offsets would wrap to negative int32.
+    with pytest.raises(ValueError, match="int32 offsets"):
+        list_column(np.zeros(1, np.int64), np.array([0, MAX_LIST_VALUES + 1]), pa.int64())
