@@ -5,12 +5,14 @@ all ranks before computing, so the AUC is that of the whole eval set, not an ave
 per-rank AUCs. The eval set is split unequally (trainer.py) so that no row is dropped, and
 ranks that run out first pad with a filler batch whose results are ignored (collectives.py).
 Metric keys: eval/auc/<task>, eval/grouped_auc/<task>, eval/mae/<task>, eval/loss/<task> (the
-per-candidate mean over the whole eval set), eval/rows.
+per-candidate mean over the whole eval set), eval/rows (rows scored), eval/skipped_rows (bad rows
+left out under on_bad_rows SKIP: eval/rows does not include them).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterable
 
 import torch
@@ -20,6 +22,44 @@ from hstu.train.collectives import LockstepStats, all_reduce_sum, lockstep_padde
 
 # hstu.metrics' names (auc_<task>) -> the MLflow / report keys used here.
 _METRIC_PREFIXES = (("grouped_auc_", "grouped_auc"), ("auc_", "auc"), ("mae_", "mae"))
+
+
+@dataclasses.dataclass(frozen=True)
+class RowsLeftOut:
+    """Rows a pass read but did not deliver, summed over ranks: bad rows skipped (on_bad_rows
+    SKIP) and rows dropped by drop_last."""
+
+    skipped: int = 0
+    dropped: int = 0
+
+    def __add__(self, other: RowsLeftOut) -> RowsLeftOut:
+        return RowsLeftOut(self.skipped + other.skipped, self.dropped + other.dropped)
+
+    def describe(self) -> str:
+        """'3 bad row(s) skipped, 2 row(s) dropped (drop_last)'; '' when nothing was left out."""
+        parts = []
+        if self.skipped:
+            parts.append(
+                f"{self.skipped} bad row(s) skipped (on_bad_rows SKIP; the workers' warnings "
+                "name files and reasons)"
+            )
+        if self.dropped:
+            parts.append(f"{self.dropped} row(s) dropped (drop_last: the last partial batch)")
+        return ", ".join(parts)
+
+
+def local_rows_left_out(batches) -> tuple[int, int]:
+    """(skipped, dropped) of this rank's latest pass; (0, 0) for a plain list of batches."""
+    stats = getattr(batches, "stats", None)  # hstu.data.pipeline.JaggedBatches has them
+    if stats is None:
+        return 0, 0
+    return int(stats.skipped.rows), int(stats.dropped_rows)
+
+
+def rows_left_out(batches) -> RowsLeftOut:
+    """This pass's rows left out, summed over ranks (one collective: every rank calls it)."""
+    skipped, dropped = all_reduce_sum(list(local_rows_left_out(batches)))
+    return RowsLeftOut(int(skipped), int(dropped))
 
 
 def metric_key(name: str) -> str:
@@ -71,11 +111,18 @@ def evaluate(
         model.train(was_training)
     metrics.sync()
     results = {metric_key(name): value for name, value in metrics.compute().items()}
-    totals = all_reduce_sum([loss_sums[task] for task in tasks] + [candidates])
-    total_candidates = totals[-1]
-    for task, value in zip(tasks, totals[:-1]):
+    # The pass's skipped and dropped rows ride on the same collective as the loss sums.
+    skipped, dropped = local_rows_left_out(batches)
+    totals = all_reduce_sum(
+        [loss_sums[task] for task in tasks] + [skipped, dropped, candidates]
+    )
+    total_skipped, total_dropped, total_candidates = totals[-3:]
+    for task, value in zip(tasks, totals[:-3]):
         results[f"eval/loss/{task}"] = value / total_candidates if total_candidates else float("nan")
     results["eval/rows"] = float(stats.rows)
+    results["eval/skipped_rows"] = float(total_skipped)
+    if total_dropped:  # evaluation reads with drop_last off; a caller's batches might not
+        results["eval/dropped_rows"] = float(total_dropped)
     results["eval/candidates"] = float(total_candidates)
     results["eval/steps"] = float(stats.steps)
     if stats.unused_batches:

@@ -12,7 +12,10 @@ Order of one training step on every rank:
   dense optimizer step
 Every `log_step_count_steps` steps rank 0 prints a progress line and logs to MLflow; every
 `save_checkpoints_steps` steps (and/or epochs) all ranks save a DCP checkpoint and report it to
-Ray Train, and evaluation runs (or every train_config.eval_every_n_steps steps).
+Ray Train, and evaluation runs (or every train_config.eval_every_n_steps steps). After each
+epoch the rows the data pipeline left out (bad rows skipped, rows dropped by drop_last) are
+summed over ranks: a console line when there are any, train/skipped_rows and
+train/dropped_rows in MLflow and final_metrics.json.
 
 Restarts: after a worker failure Ray Train starts a new worker group, and `ray.train.
 get_checkpoint()` returns the latest reported checkpoint. Weights, optimizer state and the step
@@ -37,7 +40,7 @@ from hstu.train.checkpoint import TrainState, load_model_weights, restore, save
 from hstu.train.collectives import LockstepStats, all_reduce_sum, lockstep
 from hstu.train.console import console, verbose
 from hstu.train.delivery import append_step
-from hstu.train.evaluation import evaluate
+from hstu.train.evaluation import RowsLeftOut, evaluate, rows_left_out
 from hstu.train.job import TrainJob
 from hstu.train.optimizers import (
     build_dense_optimizer,
@@ -227,9 +230,13 @@ class Worker:
             tokens_of=self.tokens_of,
         )
         metrics["eval/seconds"] = time.perf_counter() - started
+        left_out = RowsLeftOut(
+            int(metrics.get("eval/skipped_rows", 0)), int(metrics.get("eval/dropped_rows", 0))
+        ).describe()
         self.say(
             f"eval at step {state.global_step}: {int(metrics['eval/rows'])} rows in "
-            f"{metrics['eval/seconds']:.1f} s\n{eval_table(metrics, self.tasks)}"
+            f"{metrics['eval/seconds']:.1f} s{'; ' + left_out if left_out else ''}\n"
+            f"{eval_table(metrics, self.tasks)}"
         )
         self.log.metrics(metrics, step=state.global_step)
         return metrics
@@ -353,6 +360,8 @@ class Worker:
 
         epoch = state.resume_epoch()
         done = max_steps is not None and state.global_step >= max_steps
+        # Rows read but not trained on, over the epochs of this attempt (a restart counts anew).
+        left_out_total = RowsLeftOut()
         while not done and (num_epochs is None or epoch < num_epochs):
             state.epoch, state.epoch_done = epoch, False
             stats = LockstepStats()
@@ -393,6 +402,7 @@ class Worker:
                 if max_steps is not None and state.global_step >= max_steps:
                     done = True
                     break
+            left_out_total += self._report_rows_left_out(batches, epoch, left_out_total, state)
             if stats.steps == 0 and not done:
                 raise RuntimeError(
                     f"epoch {epoch}: the training data gave no batch to every one of the "
@@ -424,10 +434,27 @@ class Worker:
             "restarts": state.restarts,
             "world_size": self.world,
             "device": self.device.type,
+            "train/skipped_rows": left_out_total.skipped,
+            "train/dropped_rows": left_out_total.dropped,
             **last_eval,
         }
         self.log.json(final, "final_metrics.json")
         return final
+
+    def _report_rows_left_out(
+        self, batches, epoch: int, before: RowsLeftOut, state: TrainState
+    ) -> RowsLeftOut:
+        """The epoch's skipped and dropped rows over all ranks: a console line when there are
+        any, and the attempt's running totals to MLflow. Every rank calls it (a collective)."""
+        left_out = rows_left_out(batches)
+        if left_out.skipped or left_out.dropped:
+            self.say(f"epoch {epoch}: {left_out.describe()}")
+        total = before + left_out
+        self.log.metrics(
+            {"train/skipped_rows": total.skipped, "train/dropped_rows": total.dropped},
+            step=state.global_step,
+        )
+        return left_out
 
     def _total_steps(self, max_steps: int | None, num_epochs: int | None) -> int | None:
         if max_steps is not None:

@@ -18,8 +18,10 @@ REPO = Path(__file__).resolve().parents[2]
 # batches, rank 1 one for training and none for evaluation.
 WORKER = r"""
 import dataclasses, json, sys
+from types import SimpleNamespace
 import torch.distributed as dist
 from hstu.train.collectives import LockstepStats, lockstep, lockstep_padded
+from hstu.train.evaluation import rows_left_out
 
 @dataclasses.dataclass
 class FakeBatch:
@@ -36,9 +38,14 @@ tokens = lambda batch: 10 * batch.batch_size
 stats, padded = LockstepStats(), LockstepStats()
 trained = [b.tag for b in lockstep(held["train"][rank], stats, tokens)]
 scored = [[b.tag, real] for b, real in lockstep_padded(held["eval"][rank], padded, tokens)]
+# A pass's pipeline stats: rank 0 skipped 3 bad rows and dropped 1, rank 1 dropped 2.
+pass_stats = [SimpleNamespace(skipped=SimpleNamespace(rows=3), dropped_rows=1),
+              SimpleNamespace(skipped=SimpleNamespace(rows=0), dropped_rows=2)][rank]
+left_out = rows_left_out(SimpleNamespace(stats=pass_stats))
 dist.destroy_process_group()
 json.dump({"trained": trained, "stats": dataclasses.asdict(stats), "scored": scored,
-           "padded": dataclasses.asdict(padded)}, open(out, "w"))
+           "padded": dataclasses.asdict(padded), "left_out": dataclasses.asdict(left_out)},
+          open(out, "w"))
 """
 
 
@@ -75,6 +82,12 @@ def test_eval_pads_the_rank_that_ran_out_so_every_row_is_scored(outcomes):
     assert outcomes[1]["scored"] == [["a0", False], ["a0", False], ["a0", False]]
     for stats in (outcomes[0]["padded"], outcomes[1]["padded"]):
         assert stats["steps"] == 3 and stats["rows"] == 10 and stats["unused_batches"] == 0
+
+
+def test_rows_left_out_are_summed_over_ranks(outcomes):
+    # Every rank sees the totals, so any rank may report them (rank 0 does).
+    for outcome in outcomes:
+        assert outcome["left_out"] == {"skipped": 3, "dropped": 3}
 
 
 def test_single_process_lockstep_yields_everything():

@@ -1,7 +1,10 @@
 """A real 2-worker Ray TorchTrainer run on CPU: TorchRec sharding (one table pinned row-wise, one
 table-wise), training, evaluation over both workers, checkpoints and the MLflow run.
 
-One trainer run serves every check here (each start costs tens of seconds on 2 CPUs).
+One trainer run serves every check here (each start costs tens of seconds on 2 CPUs). Its data
+is the smoke data plus two extra training rows (one each worker beyond a full batch: dropped by
+drop_last) and two bad eval rows (skipped under on_bad_rows SKIP), so that the run also shows
+the left-out rows summed over both workers and reported.
 """
 
 from __future__ import annotations
@@ -22,6 +25,29 @@ BATCH = 8
 WORKERS = 2
 TRAIN_ROWS = 64  # conftest.smoke_data
 STEPS = TRAIN_ROWS // WORKERS // BATCH  # one epoch
+EXTRA_TRAIN_ROWS = 2  # equal shards of 33 rows: 4 batches of 8 + 1 row dropped on each worker
+BAD_EVAL_ROWS = 2
+
+
+def _extra_rows(directory: str, count: int, first_id: int) -> pa.Table:
+    """`count` rows copied from the data in `directory`, with new sample ids."""
+    table = pq.read_table(sorted(Path(directory).glob("*.parquet"))[0]).slice(0, count)
+    ids = pa.array(range(first_id, first_id + count), pa.int64())
+    return table.set_column(table.column_names.index("sample_id"), "sample_id", ids)
+
+
+def _with_bad_rows(table: pa.Table) -> pa.Table:
+    """Row 0: a negative bitmask label; row 1: a user_id beyond its table (1000 rows)."""
+    labels = table.column("cand_seq__action_weight").to_pylist()
+    labels[0] = [-1] * len(labels[0])
+    users = table.column("user_id").to_pylist()
+    users[1] = 1000
+    table = table.set_column(
+        table.column_names.index("cand_seq__action_weight"),
+        "cand_seq__action_weight",
+        pa.array(labels, pa.list_(pa.int64())),
+    )
+    return table.set_column(table.column_names.index("user_id"), "user_id", pa.array(users))
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +56,21 @@ def trained(ray_session, smoke_data, smoke_recipe, mlflow_uri, tmp_path_factory)
 
     assert smoke_data["rows"] == TRAIN_ROWS
     root = tmp_path_factory.mktemp("trained")
+    extra_train, bad_eval = root / "extra_train.parquet", root / "bad_eval.parquet"
+    pq.write_table(_extra_rows(smoke_data["train"], EXTRA_TRAIN_ROWS, 10**12), extra_train)
+    pq.write_table(_with_bad_rows(_extra_rows(smoke_data["eval"], BAD_EVAL_ROWS, 2 * 10**12)),
+                   bad_eval)
     options = TrainOptions(
         recipe=smoke_recipe,
         overrides=[
             f"data_config.batch_size={BATCH}",
+            "data_config.on_bad_rows=SKIP",
             "train_config.num_epochs=1",
             "train_config.save_checkpoints_steps=2",
             "train_config.log_step_count_steps=1",
         ],
-        train_paths=[smoke_data["train"]],
-        eval_paths=[smoke_data["eval"]],
+        train_paths=[smoke_data["train"], str(extra_train)],
+        eval_paths=[smoke_data["eval"], str(bad_eval)],
         workers=WORKERS,
         storage=str(root / "runs"),
         tracking_uri=mlflow_uri,
@@ -61,6 +92,22 @@ def test_trains_one_epoch_on_both_workers(trained):
     assert result.metrics["epochs_completed"] == 1
     assert result.metrics["world_size"] == WORKERS
     assert result.metrics["restarts"] == 0
+
+
+@pytest.mark.slow
+def test_rows_left_out_are_summed_over_workers_and_reported(trained, tmp_path):
+    result, mlflow_client = trained
+    # One row beyond the last full batch on each worker (drop_last), no bad training row; the
+    # two bad eval rows skipped (a negative label, an id beyond its table).
+    assert result.metrics["train/dropped_rows"] == WORKERS
+    assert result.metrics["train/skipped_rows"] == 0
+    assert result.metrics["eval/skipped_rows"] == BAD_EVAL_ROWS
+    logged = mlflow_client.get_run(result.mlflow_run_id).data.metrics
+    assert logged["train/dropped_rows"] == WORKERS and logged["train/skipped_rows"] == 0
+    assert logged["eval/skipped_rows"] == BAD_EVAL_ROWS
+    final = json.loads(Path(mlflow_client.download_artifacts(
+        result.mlflow_run_id, "final_metrics.json", str(tmp_path))).read_text())
+    assert (final["train/dropped_rows"], final["eval/skipped_rows"]) == (WORKERS, BAD_EVAL_ROWS)
 
 
 @pytest.mark.slow
@@ -147,7 +194,8 @@ def test_reloaded_checkpoint_scores_like_the_distributed_eval(trained, smoke_dat
     model = load_for_inference(cfg, result.checkpoint_path)
     metrics = evaluate(model, model, _eval_batches(smoke_data["eval"], features, labels),
                        device=torch.device("cpu"))
-    # Every eval row is scored: the eval split is unequal and the shorter rank pads.
+    # Every good eval row is scored (the eval split is unequal and the shorter rank pads); the
+    # bad rows added to the run's eval data were skipped.
     eval_rows = smoke_data["manifest"]["splits"]["eval"]["rows"]
     assert result.metrics["eval/rows"] == metrics["eval/rows"] == eval_rows
     compared = 0
