@@ -130,4 +130,7 @@ def run(args: argparse.Namespace) -> int:
             return 1
         raise
     print("\n" + summary_text(result))
+    if result.export_note.startswith("export failed"):
+        print("launch.py train: training worked, the export did not (see above)", file=sys.stderr)
+        return 1
     return 0

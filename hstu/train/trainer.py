@@ -111,6 +111,23 @@ def _latest_run(storage: Path) -> str:
     return max(runs, key=lambda p: (p / SNAPSHOT_FILE).stat().st_mtime).name
 
 
+def _check_resume_workers(run_dir: Path, workers: int) -> None:
+    """Refuse, before Ray starts and before the MLflow run is reopened, a resume with another
+    worker count than the run's latest checkpoint (the sharding plan depends on it)."""
+    from hstu.train.checkpoint import TRAIN_STATE_FILE, read_state
+
+    checkpoints = sorted(p.parent for p in run_dir.glob(f"checkpoint_*/{TRAIN_STATE_FILE}"))
+    if not checkpoints:
+        return
+    latest = read_state(checkpoints[-1])
+    if latest.world_size != workers:
+        raise TrainSetupError(
+            f"--resume: run {run_dir.name!r} was trained by {latest.world_size} workers "
+            f"({checkpoints[-1].name}); resume it with --workers {latest.world_size}, not "
+            f"{workers} (the sharding plan depends on the worker count)"
+        )
+
+
 def resolve_run(options: TrainOptions, storage: str, recipe_stem: str) -> tuple[str, bool]:
     """(run name, whether it resumes). Refuses to silently continue an existing run."""
     local = not _is_uri(storage)
@@ -123,6 +140,8 @@ def resolve_run(options: TrainOptions, storage: str, recipe_stem: str) -> tuple[
                 f"--resume: run {name!r} has no checkpoints under {storage} "
                 f"({Path(storage) / name / SNAPSHOT_FILE} is missing)"
             )
+        if local:
+            _check_resume_workers(Path(storage) / name, options.workers)
         return name, True
     name = options.run_name or f"{recipe_stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if local and (Path(storage) / name / SNAPSHOT_FILE).is_file():
@@ -499,6 +518,8 @@ def export_checkpoint(recipe: str, overrides: list[str], checkpoint: str, export
             checkpoint=checkpoint,
             export_dir=export_dir,
             additional_export_config={"cand_seq_pk": candidate_sequence},
+            # The run's own export directory: a resumed run replaces the earlier export.
+            overwrite=True,
         )
         return str(path), ""
     except Exception as error:  # noqa: BLE001 - training succeeded; say why export did not

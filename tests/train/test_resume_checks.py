@@ -1,0 +1,30 @@
+"""--resume is checked in the driver, before Ray starts or the MLflow run is reopened."""
+
+import json
+
+import pytest
+
+from hstu.train.trainer import SNAPSHOT_FILE, TrainOptions, TrainSetupError, resolve_run
+
+
+def make_run(storage, name, world_size):
+    run = storage / name
+    (run / "checkpoint_00000004").mkdir(parents=True)
+    (run / SNAPSHOT_FILE).write_text("{}")
+    state = {"epoch": 1, "global_step": 4, "world_size": world_size}
+    (run / "checkpoint_00000004" / "train_state.json").write_text(json.dumps(state))
+
+
+def test_resume_with_another_worker_count_is_refused_up_front(tmp_path):
+    make_run(tmp_path, "r1", world_size=2)
+    options = TrainOptions(recipe="x.config", resume=True, run_name="r1", workers=1)
+    with pytest.raises(TrainSetupError, match="trained by 2 workers.*--workers 2"):
+        resolve_run(options, str(tmp_path), "x")
+    options.workers = 2
+    assert resolve_run(options, str(tmp_path), "x") == ("r1", True)
+
+
+def test_a_new_run_with_an_existing_name_is_refused(tmp_path):
+    make_run(tmp_path, "r1", world_size=1)
+    with pytest.raises(TrainSetupError, match="pass --resume"):
+        resolve_run(TrainOptions(recipe="x.config", run_name="r1"), str(tmp_path), "x")
