@@ -181,7 +181,7 @@ def test_seed_mtgr_block_loads_verbatim_with_standalone_sequence_features(kit):
 
 
 def test_recipes_load(kit):
-    for name in ("kuairand_dlrm_hstu", "kuairand_mtgr", "smoke"):
+    for name in ("kuairand_dlrm_hstu", "kuairand_mtgr", "smoke", "kuairand_subset_cpu"):
         cfg = load_config(kit.REPO_ROOT / "recipes" / f"{name}.config")
         assert sequence_names(cfg) == ("uih_seq", "cand_seq")
     cfg = load_config(kit.REPO_ROOT / "recipes" / "kuairand_dlrm_hstu.config")

@@ -408,3 +408,31 @@ def test_ray_tasks_give_the_same_samples(ray_local, tmp_path):
         many = pq.read_table(tmp_path / "many" / "out" / split).sort_by("sample_id")
         assert one.equals(many)
     assert len(list((tmp_path / "many" / "out" / "train").glob("*.parquet"))) == 3
+
+
+def test_subset_with_the_cpu_recipes_options_fits_that_recipe(tmp_path):
+    """recipes/kuairand_subset_cpu.config: the prepare command in its header gives samples
+    whose ids fit its tables and whose rows fit its max_seq_len."""
+    from hstu.config import feature_specs, label_specs, load_config
+
+    if not SUBSET_LOG.exists():
+        pytest.skip(f"shared KuaiRand subset not found at {SUBSET_LOG}")
+    cfg = load_config(str(REPO / "recipes" / "kuairand_subset_cpu.config"))
+    out = tmp_path / "subset"
+    argv = ["prepare", "kuairand", "--log", str(SUBSET_LOG), "--user-features", str(PURE_USERS),
+            "--column-map", "is_like=label", "is_hate=1-label", "--max-seq-len", "256",
+            "--max-candidates", "20", "--video-id-buckets", "100000", "--out", str(out)]
+    assert _launch().main(argv) == 0
+    features, labels = feature_specs(cfg), label_specs(cfg)
+    contextual = len([s for s in features if s.sequence is None])
+    for split in ("train", "eval"):
+        table = pq.read_table(out / split)
+        validate_table(table, features, labels)
+        lengths = [
+            contextual + len(uih) + len(cand)
+            for uih, cand in zip(
+                table.column("uih_seq__video_id").to_pylist(),
+                table.column("cand_seq__video_id").to_pylist(),
+            )
+        ]
+        assert max(lengths) <= cfg.model_config.dlrm_hstu.max_seq_len
