@@ -36,13 +36,16 @@ def main(argv: list[str] | None = None) -> int:
         subparsers.add_parser(name, help=help_text, add_help=False)
 
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"launch.py: unknown command {argv[0]!r}", file=sys.stderr)
-            parser.print_help(sys.stderr)
-            return 2
+    if argv and argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0
+    if not argv or argv[0] not in COMMANDS:
+        print(
+            f"launch.py: unknown command {argv[0]!r}" if argv else "launch.py: no command given",
+            file=sys.stderr,
+        )
+        parser.print_help(sys.stderr)
+        return 2
 
     name, rest = argv[0], argv[1:]
     module_name, help_text = COMMANDS[name]

@@ -71,6 +71,12 @@ def _scalar_text(field: descriptor.FieldDescriptor, value) -> str:
         return field.enum_type.values_by_number[value].name
     if isinstance(value, bool):
         return "true" if value else "false"
+    if field.type == descriptor.FieldDescriptor.TYPE_FLOAT:
+        # float32 fields read back as the nearest double (0.001 -> 0.0010000000474974513);
+        # numpy's shortest float32 text gives the value the config wrote ("0.001", "0.0").
+        import numpy as np
+
+        return str(np.float32(value))
     return str(value)
 
 

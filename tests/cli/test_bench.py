@@ -27,7 +27,8 @@ def test_arguments_reach_the_script():
     assert "--workers" in result.stdout  # an option of train_bench.py itself
 
 
-def test_unknown_command_and_help():
+def test_unknown_command_no_command_and_help():
     assert launch("nonsense").returncode == 2
+    assert launch().returncode == 2
     result = launch("--help")
     assert result.returncode == 0 and "check" in result.stdout

@@ -107,3 +107,9 @@ def test_compare_shows_differing_params_and_final_metrics(two_runs):
     auc_line = next(line for line in lines if line.startswith("eval/auc/is_click"))
     assert auc_line.split() == ["eval/auc/is_click", "0.61", "0.72"]
     assert any(line.startswith("batch ") for line in comparison(runs, all_params=True).splitlines())
+
+
+def test_float32_fields_are_logged_as_written(smoke_config):
+    flat = tracking.flatten_config(smoke_config)
+    assert flat["train_config.sparse_optimizer.rowwise_adagrad_optimizer.lr"] == "0.05"
+    assert flat["train_config.dense_optimizer.adam_optimizer.lr"] == "0.003"
