@@ -36,7 +36,14 @@ from pathlib import Path
 
 import torch
 
-from hstu.train.checkpoint import TrainState, load_model_weights, restore, save
+from hstu.train.checkpoint import (
+    CheckpointError,
+    TrainState,
+    load_model_weights,
+    read_state,
+    restore,
+    save,
+)
 from hstu.train.collectives import LockstepStats, all_reduce_sum, lockstep
 from hstu.train.console import console, verbose
 from hstu.train.delivery import append_step
@@ -484,5 +491,9 @@ class Worker:
         if not self.job.checkpoint_path:
             raise ValueError("eval mode needs job.checkpoint_path")
         load_model_weights(self.model, self.job.checkpoint_path)
-        state = TrainState(world_size=self.world)
+        try:  # the step the checkpoint was written at, for the console and MLflow
+            step = read_state(self.job.checkpoint_path).global_step
+        except CheckpointError:  # a remote checkpoint: its state file is not read here
+            step = 0
+        state = TrainState(world_size=self.world, global_step=step)
         return self._evaluate(self._batches("eval", training=False, seed=0), state)

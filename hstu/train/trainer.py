@@ -628,6 +628,7 @@ def _run_evaluation(options: TrainOptions) -> tuple[dict, list[str]]:
         metrics = dict(result.return_value or {})
         tracking.RunLogger(tracking_uri, mlflow_run_id).json(metrics, "eval_metrics.json")
         tracking.end_run(tracking_uri, mlflow_run_id, "FINISHED")
+        print(f"MLflow run {mlflow_run_id} ({run_name}) at {tracking_uri}", flush=True)
         return metrics, [task.name for task in model.tasks]
     except BaseException:
         if mlflow_run_id:
