@@ -117,17 +117,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "depend on hidden user/item factors and on the history).",
     )
     synthetic.add_argument("--out", required=True, help="output directory")
-    synthetic.add_argument("--users", type=int, required=True)
-    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--users", type=int, required=True,
+                           help="users to generate: one training row each, some an eval row too")
+    synthetic.add_argument("--seed", type=int, default=0,
+                           help="random seed; the same seed gives the same files (default 0)")
     synthetic.add_argument(
         "--max-history",
         type=int,
         default=7894,
         help="UIH cap (default 7894 = 8000 - 6 contextual - 100 candidates)",
     )
-    synthetic.add_argument("--median-history", type=int, default=1000)
-    synthetic.add_argument("--max-candidates", type=int, default=100)
-    synthetic.add_argument("--items", type=int, default=1_000_000)
+    synthetic.add_argument("--median-history", type=int, default=1000,
+                           help="median history length; lengths are log-normal (default 1000)")
+    synthetic.add_argument("--max-candidates", type=int, default=100,
+                           help="candidates per window, at most (default 100)")
+    synthetic.add_argument("--items", type=int, default=1_000_000,
+                           help="distinct items; ids stay below this (default 1,000,000)")
     synthetic.add_argument(
         "--eval-fraction",
         type=float,
@@ -137,7 +142,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     synthetic.add_argument(
         "--mtgr", action="store_true", help="add the MTGR columns (cate1/cate2, cross1/cross2)"
     )
-    synthetic.add_argument("--users-per-shard", type=int, default=1000)
+    synthetic.add_argument("--users-per-shard", type=int, default=1000,
+                           help="users per parquet file (default 1000)")
     synthetic.add_argument(
         "--candidate-query-time",
         choices=("window_start", "own"),

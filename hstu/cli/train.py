@@ -15,7 +15,8 @@ EXAMPLES = """examples:
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by train, eval and smoke."""
-    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="Ray Train workers (default: %(default)s)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
     parser.add_argument(
         "--cpus-per-worker",
@@ -49,7 +50,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Ray storage path for checkpoints (default: the config's model_dir; "
                         "on a multi-node cluster a shared path or s3://...)")
     parser.add_argument("--timeout-s", type=float, default=None,
-                        help="stop with an explanation if the run takes longer than this")
+                        help="stop with an explanation if the run takes longer than this many "
+                        "seconds (default: %(default)s)")
     parser.add_argument("--show-ray-data-progress", action="store_true",
                         help="show Ray Data's progress bars (hidden by default)")
     parser.add_argument("--seed", type=int, default=0,
