@@ -111,15 +111,28 @@ def _latest_run(storage: Path) -> str:
     return max(runs, key=lambda p: (p / SNAPSHOT_FILE).stat().st_mtime).name
 
 
-def _check_resume_workers(run_dir: Path, workers: int) -> None:
+def _check_resume(run_dir: Path, workers: int, train_cfg=None) -> None:
     """Refuse, before Ray starts and before the MLflow run is reopened, a resume with another
-    worker count than the run's latest checkpoint (the sharding plan depends on it)."""
+    worker count than the run's latest checkpoint (the sharding plan depends on it), or of a
+    run that has already trained as far as the config asks."""
     from hstu.train.checkpoint import TRAIN_STATE_FILE, read_state
 
     checkpoints = sorted(p.parent for p in run_dir.glob(f"checkpoint_*/{TRAIN_STATE_FILE}"))
     if not checkpoints:
         return
     latest = read_state(checkpoints[-1])
+    if train_cfg is not None:
+        steps, epochs = int(train_cfg.num_steps), int(train_cfg.num_epochs)
+        done = (
+            latest.global_step >= steps if steps > 0
+            else latest.resume_epoch() >= (epochs if epochs > 0 else 1)
+        )
+        if done:
+            raise TrainSetupError(
+                f"--resume: run {run_dir.name!r} is already complete (step "
+                f"{latest.global_step}, {latest.resume_epoch()} epoch(s)); raise "
+                "train_config.num_epochs or num_steps (--set) to train it further"
+            )
     if latest.world_size != workers:
         raise TrainSetupError(
             f"--resume: run {run_dir.name!r} was trained by {latest.world_size} workers "
@@ -128,7 +141,9 @@ def _check_resume_workers(run_dir: Path, workers: int) -> None:
         )
 
 
-def resolve_run(options: TrainOptions, storage: str, recipe_stem: str) -> tuple[str, bool]:
+def resolve_run(
+    options: TrainOptions, storage: str, recipe_stem: str, train_cfg=None
+) -> tuple[str, bool]:
     """(run name, whether it resumes). Refuses to silently continue an existing run."""
     local = not _is_uri(storage)
     if options.resume:
@@ -141,7 +156,7 @@ def resolve_run(options: TrainOptions, storage: str, recipe_stem: str) -> tuple[
                 f"({Path(storage) / name / SNAPSHOT_FILE} is missing)"
             )
         if local:
-            _check_resume_workers(Path(storage) / name, options.workers)
+            _check_resume(Path(storage) / name, options.workers, train_cfg)
         return name, True
     name = options.run_name or f"{recipe_stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if local and (Path(storage) / name / SNAPSHOT_FILE).is_file():
@@ -385,7 +400,9 @@ def _run_training(options: TrainOptions) -> RunResult:
         raise TrainSetupError("no training data: set train_input_path or pass --train")
     eval_paths = _paths(options.eval_paths, cfg.eval_input_path, "eval")
     storage = _local(options.storage or cfg.model_dir or "experiments")
-    run_name, resuming = resolve_run(options, storage, Path(options.recipe).stem)
+    run_name, resuming = resolve_run(
+        options, storage, Path(options.recipe).stem, cfg.train_config
+    )
     run_dir = storage.rstrip("/") + "/" + run_name
     config_text = text_format.MessageToString(cfg)
 

@@ -1,6 +1,7 @@
 """--resume is checked in the driver, before Ray starts or the MLflow run is reopened."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -8,10 +9,11 @@ from hstu.train.trainer import SNAPSHOT_FILE, TrainOptions, TrainSetupError, res
 
 
 def make_run(storage, name, world_size):
+    """A run whose latest checkpoint closed epoch 1 (two epochs done) at step 4."""
     run = storage / name
     (run / "checkpoint_00000004").mkdir(parents=True)
     (run / SNAPSHOT_FILE).write_text("{}")
-    state = {"epoch": 1, "global_step": 4, "world_size": world_size}
+    state = {"epoch": 1, "epoch_done": True, "global_step": 4, "world_size": world_size}
     (run / "checkpoint_00000004" / "train_state.json").write_text(json.dumps(state))
 
 
@@ -28,3 +30,18 @@ def test_a_new_run_with_an_existing_name_is_refused(tmp_path):
     make_run(tmp_path, "r1", world_size=1)
     with pytest.raises(TrainSetupError, match="pass --resume"):
         resolve_run(TrainOptions(recipe="x.config", run_name="r1"), str(tmp_path), "x")
+
+
+def test_resuming_a_complete_run_says_how_to_train_further(tmp_path):
+    from hstu.config.loader import load_config
+
+    make_run(tmp_path, "r1", world_size=1)
+    smoke = str(Path(__file__).resolve().parents[2] / "recipes" / "smoke.config")
+    options = TrainOptions(recipe=smoke, resume=True, run_name="r1")
+    two_epochs = load_config(smoke, ["train_config.num_epochs=2"]).train_config
+    with pytest.raises(TrainSetupError, match="already complete.*num_epochs"):
+        resolve_run(options, str(tmp_path), "x", two_epochs)
+    three_epochs = load_config(smoke, ["train_config.num_epochs=3"]).train_config
+    assert resolve_run(options, str(tmp_path), "x", three_epochs) == ("r1", True)
+    five_steps = load_config(smoke, ["train_config.num_steps=5"]).train_config
+    assert resolve_run(options, str(tmp_path), "x", five_steps) == ("r1", True)
