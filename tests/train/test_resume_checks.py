@@ -26,12 +26,6 @@ def test_resume_with_another_worker_count_is_refused_up_front(tmp_path):
     assert resolve_run(options, str(tmp_path), "x") == ("r1", True)
 
 
-def test_a_new_run_with_an_existing_name_is_refused(tmp_path):
-    make_run(tmp_path, "r1", world_size=1)
-    with pytest.raises(TrainSetupError, match="pass --resume"):
-        resolve_run(TrainOptions(recipe="x.config", run_name="r1"), str(tmp_path), "x")
-
-
 def test_resuming_a_complete_run_says_how_to_train_further(tmp_path):
     from hstu.config.loader import load_config
 
