@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 EXAMPLES = """examples:
@@ -105,20 +106,45 @@ def options_from_args(args: argparse.Namespace):
     )
 
 
-def known_error(error: BaseException) -> bool:
-    """Errors whose message says everything: print it, no traceback."""
+def _known_types() -> tuple[type, ...]:
     from hstu.config.errors import ConfigError
+    from hstu.data.validate import DataError
     from hstu.model import ModelConfigError
     from hstu.train.checkpoint import CheckpointError
     from hstu.train.optimizers import OptimizerConfigError
     from hstu.train.sharding import ShardingError
     from hstu.train.trainer import TrainSetupError
 
-    return isinstance(
-        error,
-        (ConfigError, ModelConfigError, CheckpointError, OptimizerConfigError, ShardingError,
-         TrainSetupError, TimeoutError, FileNotFoundError),
-    )
+    return (ConfigError, DataError, ModelConfigError, CheckpointError, OptimizerConfigError,
+            ShardingError, TrainSetupError, TimeoutError, FileNotFoundError)
+
+
+# The last "hstu.<module>.<Name>Error: message" line of a worker's traceback text.
+_HSTU_ERROR_LINE = re.compile(r"^hstu(?:\.\w+)+Error: (.+)$", re.MULTILINE)
+
+
+def error_line(error: BaseException) -> str | None:
+    """One line for an error whose message says everything (bad config or data, impossible
+    setting, timeout), also when it stopped a Ray Train worker; None for anything else, which
+    keeps its traceback."""
+    known = _known_types()
+    if isinstance(error, known):
+        return str(error)
+    failures = getattr(error, "worker_failures", None) or {}  # ray.train.WorkerGroupError
+    for rank, failure in sorted(failures.items()):
+        cause = failure
+        while cause is not None:
+            if isinstance(cause, known):
+                return f"worker {rank} stopped: {cause}"
+            cause = cause.__cause__
+        matches = _HSTU_ERROR_LINE.findall(str(failure))
+        if matches:
+            return f"worker {rank} stopped: {matches[-1].strip()}"
+    return None
+
+
+def known_error(error: BaseException) -> bool:
+    return error_line(error) is not None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         result = run_training(options_from_args(args))
     except Exception as error:
         if known_error(error):
-            print(f"launch.py train: {error}", file=sys.stderr)
+            print(f"launch.py train: {error_line(error)}", file=sys.stderr)
             return 1
         raise
     print("\n" + summary_text(result))

@@ -457,7 +457,8 @@ def resolve_bad_rows(
             row=file_row,
             column=first.column,
             sample_id=None if sample_ids is None else int(sample_ids[row]),
-            hint="pass on_bad_rows='skip' (--on-bad-rows skip) to skip and count such rows",
+            hint="to skip and count such rows instead: data_config.on_bad_rows: SKIP in training "
+            "(--set data_config.on_bad_rows=SKIP), --on-bad-rows skip for prepare and predict",
         )
     bad = np.zeros(num_rows, dtype=bool)
     for finding in findings:
