@@ -31,10 +31,11 @@ def test_rowwise_adagrad_becomes_the_fused_kernel_with_its_settings(smoke_recipe
         smoke_recipe,
         "train_config.sparse_optimizer.rowwise_adagrad_optimizer.weight_decay=0.01",
         "train_config.sparse_optimizer.rowwise_adagrad_optimizer.weight_decay_mode=DECOUPLE",
+        "train_config.sparse_optimizer.rowwise_adagrad_optimizer.lr=0.0123",
     )
     spec = sparse_optimizer_spec(cfg.sparse_optimizer, CPU)
     assert spec.optimizer_class is trec_optim.RowWiseAdagrad
-    assert spec.lr == pytest.approx(0.001)
+    assert spec.lr == pytest.approx(0.0123)
     assert spec.kwargs["weight_decay"] == pytest.approx(0.01)
     assert spec.kwargs["weight_decay_mode"] is WeightDecayMode.DECOUPLE
 
@@ -67,13 +68,15 @@ def test_fused_adam_is_refused_on_cpu_with_the_way_out(smoke_recipe):
 
 def test_dense_adam_gets_its_betas(smoke_recipe):
     cfg = train_config(
-        smoke_recipe, "train_config.dense_optimizer.adam_optimizer.beta1=0.8"
+        smoke_recipe,
+        "train_config.dense_optimizer.adam_optimizer.beta1=0.8",
+        "train_config.dense_optimizer.adam_optimizer.lr=0.0042",
     )
     factory, lr = dense_optimizer_factory(cfg.dense_optimizer)
     optimizer = factory([torch.nn.Parameter(torch.zeros(2))])
     assert isinstance(optimizer, torch.optim.Adam)
     assert optimizer.defaults["betas"] == pytest.approx((0.8, 0.999))
-    assert lr == pytest.approx(0.001)
+    assert lr == pytest.approx(0.0042)
 
 
 def test_constant_schedule_keeps_the_base_rate(smoke_recipe):
@@ -158,8 +161,9 @@ def test_a_scheduled_rate_reaches_the_fused_embedding_kernels(smoke_recipe, tmp_
                     yield kernel.get_learning_rate()
                 yield from kernel_rates(sub)
 
+        configured = cfg.train_config.sparse_optimizer.rowwise_adagrad_optimizer.lr
         assert list(kernel_rates(fused)) and all(
-            r == pytest.approx(0.001) for r in kernel_rates(fused))
+            r == pytest.approx(configured) for r in kernel_rates(fused))
         set_learning_rate(fused, 0.0456)
         fused.step()
         assert all(r == pytest.approx(0.0456) for r in kernel_rates(fused))
