@@ -1,6 +1,7 @@
 """Kernel benchmark (run on the GPU): HSTU attention TFLOP/s and one STU layer, TRITON vs PYTORCH.
 
     python benchmarks/kernel_bench.py --out DIR [--parts attention,stu] [--dq-mode atomic]
+        [--max-lens 8192] [--first-tiles-only]
 
 Attention (bf16, H=4, d_qk=d_v=128, <= 20 candidates per row, no contextual tokens):
   (B=32, N=8192, lengths U[0.9N, N]), (B=128, N=2048, lengths U[0, N]),
@@ -82,11 +83,13 @@ def time_forward_and_backward(forward, inputs, grad):
     return bench(forward_only), bench(forward_backward)
 
 
-def attention_rows(include_pytorch_up_to: int) -> list[dict]:
+def attention_rows(include_pytorch_up_to: int, max_lens: list[int] | None = None) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     rows = []
     for shape in ATTENTION_SHAPES:
+        if max_lens and shape["max_len"] not in max_lens:
+            continue
         lengths, offsets, targets = jagged_problem(shape["batch"], shape["max_len"], shape["low"])
         total = int(lengths.sum())
         name = f"B={shape['batch']} N={shape['max_len']}"
@@ -246,6 +249,12 @@ def main() -> None:
     parser.add_argument("--dq-mode", choices=["atomic", "separate"], default=None)
     parser.add_argument("--sweep", help="sweep_checks.jsonl of benchmarks/gpu_sweep.py: tune "
                         "only among the configs that passed every check there")
+    parser.add_argument("--max-lens", type=int, nargs="+", default=None,
+                        help="only the attention shapes with these N (default: all three)")
+    parser.add_argument("--first-tiles-only", action="store_true",
+                        help="no tuning: launch each attention kernel with the first config of "
+                        "its list (the fastest of the last sweep, docs/kernels.md); for a "
+                        "quick call that must not spend its time compiling every config")
     parser.add_argument("--pytorch-attention-up-to", type=int, default=2048,
                         help="also time the padded PyTorch attention for N up to this")
     args = parser.parse_args()
@@ -258,12 +267,15 @@ def main() -> None:
         triton_attention.DQ_MODE = args.dq_mode
     if args.sweep:
         restrict_to_sweep(args.sweep, triton_attention)
+    if args.first_tiles_only:
+        for attribute in ("FORWARD_TILES", "BACKWARD_DKDV_TILES", "BACKWARD_DQ_TILES"):
+            setattr(triton_attention, attribute, getattr(triton_attention, attribute)[:1])
     ceiling = matmul_ceiling()
     print(f"bf16 matmul 8192^3 on this GPU now: {ceiling:.0f} TFLOP/s", flush=True)
     parts = args.parts.split(",")
     rows = []
     if "attention" in parts:
-        rows += attention_rows(args.pytorch_attention_up_to)
+        rows += attention_rows(args.pytorch_attention_up_to, args.max_lens)
     if "stu" in parts:
         rows += stu_rows()
     result = dict(
