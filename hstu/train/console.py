@@ -2,8 +2,8 @@
 
 - Workers: Ray Train patches print() so that a printed line goes both to stdout and to the root
   logger, and the driver shows it twice. `console()` writes to stdout directly, once.
-- Driver: without Ray's dashboard (this project installs ray[data,train], not ray[default]),
-  Ray Train's placement-group cleaner cannot reach the state API and warns about it every
+- Driver: without Ray's dashboard (local runs start Ray with include_dashboard=False), Ray
+  Train's placement-group cleaner cannot reach the state API and may warn about it every
   second; `filtered_console()` drops exactly those lines and a few other known-benign ones
   (RAY_NOISE). HSTU_VERBOSE=1 shows everything.
 """

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import _thread
 import dataclasses
+import json
 import os
 import signal
 import sys
@@ -271,9 +272,28 @@ def _ray_ids() -> dict[str, str]:
     import ray
 
     ids = {"hstu.ray_job_id": ray.get_runtime_context().get_job_id()}
-    if os.environ.get("RAY_JOB_SUBMISSION_ID"):
-        ids["hstu.ray_submission_id"] = os.environ["RAY_JOB_SUBMISSION_ID"]
+    submission_id = job_submission_id()
+    if submission_id:
+        ids["hstu.ray_submission_id"] = submission_id
     return ids
+
+
+def job_submission_id() -> str | None:
+    """The `ray job submit` id (raysubmit_...) of the job this driver runs in, else None.
+
+    Ray 2.60 has no public API for it: the job supervisor hands the driver its job config as
+    JSON in RAY_JOB_CONFIG_JSON_ENV_VAR, with the id under metadata.job_submission_id
+    (checked with a local `ray start --head` + `ray job submit`, docs/training.md section 7).
+    """
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        metadata = json.loads(raw).get("metadata") or {}
+    except (ValueError, AttributeError):
+        return None
+    value = metadata.get("job_submission_id") if isinstance(metadata, dict) else None
+    return str(value) if value else None
 
 
 def _check_model(cfg, features, labels, options: TrainOptions):

@@ -222,6 +222,22 @@ def test_default_cpus_leave_one_for_ray_data():
     assert default_cpus_per_worker(1, 2) == 0.25
 
 
+def test_the_ray_job_submission_id_is_read_from_the_job_config_ray_hands_the_driver(
+        monkeypatch):
+    from hstu.train.trainer import job_submission_id
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert job_submission_id() is None  # a driver started by hand, not by `ray job submit`
+    # The shape Ray 2.60's job supervisor writes (seen in a local `ray job submit` run).
+    job_config = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0.zip"},
+                  "metadata": {"job_submission_id": "raysubmit_AbC123",
+                               "job_name": "raysubmit_AbC123"}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job_config))
+    assert job_submission_id() == "raysubmit_AbC123"
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{not json")
+    assert job_submission_id() is None
+
+
 def test_run_names_are_never_silently_reused(tmp_path):
     from hstu.train.trainer import SNAPSHOT_FILE, TrainOptions, TrainSetupError, resolve_run
 
