@@ -113,10 +113,11 @@ def _known_types() -> tuple[type, ...]:
     from hstu.train.checkpoint import CheckpointError
     from hstu.train.optimizers import OptimizerConfigError
     from hstu.train.sharding import ShardingError
+    from hstu.train.tracking import TrackingServerError
     from hstu.train.trainer import TrainSetupError
 
     return (ConfigError, DataError, ModelConfigError, CheckpointError, OptimizerConfigError,
-            ShardingError, TrainSetupError, TimeoutError, FileNotFoundError)
+            ShardingError, TrainSetupError, TrackingServerError, TimeoutError, FileNotFoundError)
 
 
 # The last "hstu.<module>.<Name>Error: message" line of a worker's traceback text.

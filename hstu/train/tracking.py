@@ -49,6 +49,47 @@ def resolve_tracking_uri(cli_uri: str | None, default_dir: str | os.PathLike) ->
     return f"sqlite:///{path}"
 
 
+class TrackingServerError(RuntimeError):
+    """The MLflow tracking server named for the run does not answer."""
+
+
+def check_server_reachable(uri: str, source: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, before Ray starts, when an http(s) tracking URI does not answer.
+
+    Without this, MLflow's client retries each request for minutes and the run ends in a chain
+    of tracebacks. Any HTTP answer counts as reachable (a server behind authentication answers
+    401); only a refused connection, an unknown host or a timeout is an error. Other schemes
+    (sqlite, file, databricks) are left to MLflow.
+    """
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    if urllib.parse.urlparse(uri).scheme not in ("http", "https"):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+            pass
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise TrackingServerError(
+            f"MLflow tracking server {uri} (from {source}) is not reachable: {reason}. "
+            "Start it, or point --mlflow-uri / MLFLOW_TRACKING_URI at a server every node can "
+            "reach (sqlite:///PATH works on one machine)"
+        ) from None
+
+
+def tracking_uri_source(cli_uri: str | None) -> str:
+    """Where resolve_tracking_uri took the URI from, for error messages."""
+    if cli_uri:
+        return "--mlflow-uri"
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return "MLFLOW_TRACKING_URI"
+    return "the default"
+
+
 def _element_key(element: Message, index: int) -> str:
     name = None
     candidates = [element]

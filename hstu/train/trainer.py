@@ -426,8 +426,14 @@ def _run_training(options: TrainOptions) -> RunResult:
     run_dir = storage.rstrip("/") + "/" + run_name
     config_text = text_format.MessageToString(cfg)
 
-    started_ray = init_ray(options.show_ray_data_progress)
     tracking_uri = tracking.resolve_tracking_uri(options.tracking_uri, Path.cwd())
+    uri_source = tracking.tracking_uri_source(options.tracking_uri)
+    link = tracking.read_run_link(run_dir) if (resuming and not _is_uri(run_dir)) else None
+    if link and not options.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        tracking_uri, uri_source = link["tracking_uri"], f"{run_dir}/{tracking.RUN_LINK_FILE}"
+    tracking.check_server_reachable(tracking_uri, uri_source)
+
+    started_ray = init_ray(options.show_ray_data_progress)
     mlflow_run_id = None
     try:
         columns = sample_columns(features, labels)
@@ -439,9 +445,6 @@ def _run_training(options: TrainOptions) -> RunResult:
             datasets["eval"] = read_samples(eval_paths, columns=columns)
         train_rows = count_rows(train_paths)
 
-        link = tracking.read_run_link(run_dir) if (resuming and not _is_uri(run_dir)) else None
-        if link and not options.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
-            tracking_uri = link["tracking_uri"]
         params = tracking.flatten_config(cfg)
         params.update(
             {
@@ -635,8 +638,9 @@ def _run_evaluation(options: TrainOptions) -> tuple[dict, list[str]]:
         raise TrainSetupError("no eval data: set eval_input_path or pass --eval")
     storage = _local(options.storage or cfg.model_dir or "experiments")
     run_name = options.run_name or f"eval-{Path(options.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    started_ray = init_ray(options.show_ray_data_progress)
     tracking_uri = tracking.resolve_tracking_uri(options.tracking_uri, Path.cwd())
+    tracking.check_server_reachable(tracking_uri, tracking.tracking_uri_source(options.tracking_uri))
+    started_ray = init_ray(options.show_ray_data_progress)
     mlflow_run_id = None
     try:
         datasets = {"eval": read_samples(eval_paths, columns=sample_columns(features, labels))}

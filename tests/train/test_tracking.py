@@ -113,3 +113,49 @@ def test_float32_fields_are_logged_as_written(smoke_config):
     flat = tracking.flatten_config(smoke_config)
     assert flat["train_config.sparse_optimizer.rowwise_adagrad_optimizer.lr"] == "0.05"
     assert flat["train_config.dense_optimizer.adam_optimizer.lr"] == "0.003"
+
+
+def test_an_unreachable_tracking_server_is_one_clear_error_before_ray_starts():
+    import socket
+
+    with socket.socket() as probe:  # a port that nothing listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(tracking.TrackingServerError) as error:
+        tracking.check_server_reachable(f"http://127.0.0.1:{port}", "--mlflow-uri", timeout_s=5)
+    message = str(error.value)
+    assert f"http://127.0.0.1:{port} (from --mlflow-uri) is not reachable" in message
+    assert "MLFLOW_TRACKING_URI" in message
+    from hstu.cli.train import error_line
+
+    assert error_line(error.value) == message  # the CLI prints it as one line
+
+
+def test_a_tracking_server_that_answers_passes_even_when_it_refuses_the_request():
+    import http.server
+    import threading
+
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.path)
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    for status_path in ("/health", "/elsewhere"):
+        server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        thread = threading.Thread(target=server.handle_request, daemon=True)
+        thread.start()
+        base = f"http://127.0.0.1:{server.server_port}"
+        # "/elsewhere": the server answers 404 to /health, still an answer, still reachable.
+        uri = base if status_path == "/health" else base + "/elsewhere"
+        tracking.check_server_reachable(uri, "MLFLOW_TRACKING_URI", timeout_s=5)
+        thread.join(5)
+        server.server_close()
+    assert seen == ["/health", "/elsewhere/health"]
+    # Non-http stores are MLflow's business: no network call, no error.
+    tracking.check_server_reachable("sqlite:////nonexistent/dir/mlflow.db", "the default")
