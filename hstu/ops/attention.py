@@ -38,6 +38,7 @@ def hstu_mha(
     contextual tokens bidirectional over contextual + history, each candidate sees contextual +
     history + itself only).
     """
+    _check_inputs(q, k, v, seq_offsets, max_seq_len, num_targets)
     impl = implementation("attention", "hstu_mha", kernel)
     return impl(
         q,
@@ -51,3 +52,44 @@ def hstu_mha(
         alpha=alpha,
         scaling_seqlen=scaling_seqlen,
     )
+
+
+def _check_inputs(q, k, v, seq_offsets, max_seq_len, num_targets) -> None:
+    """Errors that name the argument, instead of an IndexError deep inside a kernel.
+
+    Shapes are checked always (metadata only, safe under torch.compile/export). The values of
+    seq_offsets (total length, longest row) are checked only for CPU tensors in eager mode: on
+    a GPU that would cost a host sync per layer (the TRITON kernel asserts on the device).
+    """
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        if tensor.dim() != 3:
+            raise ValueError(f"hstu_mha: {name} must be [L, H, d], got shape {tuple(tensor.shape)}")
+    if q.shape != k.shape:
+        raise ValueError(f"hstu_mha: q and k must have one shape, got {tuple(q.shape)} "
+                         f"and {tuple(k.shape)}")
+    if v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"hstu_mha: v must be [L, H, d_v] with q's L and H {tuple(q.shape[:2])}, "
+                         f"got {tuple(v.shape)}")
+    if seq_offsets.dim() != 1 or seq_offsets.numel() < 1 or seq_offsets.is_floating_point():
+        raise ValueError("hstu_mha: seq_offsets must be a 1-D integer tensor [B+1], got "
+                         f"{seq_offsets.dtype} of shape {tuple(seq_offsets.shape)}")
+    batch = seq_offsets.numel() - 1
+    if num_targets is not None and tuple(num_targets.shape) != (batch,):
+        raise ValueError(f"hstu_mha: num_targets must be [B] = [{batch}] (one per row of "
+                         f"seq_offsets), got shape {tuple(num_targets.shape)}")
+    if seq_offsets.device.type != "cpu" or torch.compiler.is_compiling() or (
+            torch.compiler.is_exporting()):
+        return
+    total = int(seq_offsets[-1])
+    if total != q.shape[0] or int(seq_offsets[0]) != 0:
+        raise ValueError(f"hstu_mha: seq_offsets must run from 0 to L = {q.shape[0]} (q's "
+                         f"length), got {int(seq_offsets[0])} .. {total}")
+    if batch:
+        lengths = seq_offsets[1:] - seq_offsets[:-1]
+        longest = int(lengths.max())
+        if int(lengths.min()) < 0:
+            raise ValueError("hstu_mha: seq_offsets must not decrease")
+        if longest > max_seq_len:
+            row = int(lengths.argmax())
+            raise ValueError(f"hstu_mha: row {row} has {longest} tokens, more than "
+                             f"max_seq_len = {max_seq_len}")

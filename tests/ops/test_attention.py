@@ -1,6 +1,7 @@
 """HSTU attention reference: the mask of the worked example, and the math against a per-row loop."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -87,3 +88,27 @@ def test_hstu_mha_matches_per_token_loop(contextual):
         q, k, v, offsets, num_targets, contextual, 1 / math.sqrt(4), 8.0
     )
     torch.testing.assert_close(out_default, expected_default)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(max_seq_len=4), "row 1 has 5 tokens, more than max_seq_len = 4"),
+        (dict(v=torch.zeros(7, 2, 8)), "v must be [L, H, d_v] with q's L and H (8, 2)"),
+        (dict(k=torch.zeros(8, 2, 4)), "q and k must have one shape"),
+        (dict(seq_offsets=torch.tensor([0, 3, 7])), "seq_offsets must run from 0 to L = 8"),
+        (dict(seq_offsets=torch.tensor([0.0, 3.0, 8.0])), "seq_offsets must be a 1-D integer"),
+        (dict(num_targets=torch.tensor([1, 1, 1])), "num_targets must be [B] = [2]"),
+        (dict(q=torch.zeros(8, 8)), "q must be [L, H, d]"),
+    ],
+)
+def test_bad_arguments_are_named(change, message):
+    args = dict(q=torch.zeros(8, 2, 8), k=torch.zeros(8, 2, 8), v=torch.zeros(8, 2, 8),
+                seq_offsets=torch.tensor([0, 3, 8]), max_seq_len=5,
+                num_targets=torch.tensor([1, 2]))
+    args.update(change)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        hstu_mha(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("seq_offsets"), **args)
+    # The unchanged arguments are fine: the check is the one that fires, not something else.
+    hstu_mha(torch.zeros(8, 2, 8), torch.zeros(8, 2, 8), torch.zeros(8, 2, 8),
+             torch.tensor([0, 3, 8]), max_seq_len=5, num_targets=torch.tensor([1, 2]))
