@@ -25,8 +25,8 @@ Fallback (as TorchEasyRec): a local window (max_attn_len > 0) combined with cont
 or candidates is not supported by the kernel; such calls run the TRITON kernel instead, with a
 one-time warning that says so.
 
-Kernel call, per reference section 3.4: hstu_attn_varlen_func(q, k, v, cu_seqlens_q,
-cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_contexts=[c]*B or None, num_targets (int32) or
+Kernel call, per reference section 3.4: hstu_attn_varlen_func(q, k, v, cu_seqlens_q=,
+cu_seqlens_k=, max_seqlen_q=, max_seqlen_k=, num_contexts=[c]*B or None, num_targets (int32) or
 None, target_group_size=1, window_size=(max_attn_len or -1, 0), alpha, scaling_seqlen=S), which
 computes SiLU(alpha q k^T) / S under the HSTU mask, as the other kernels do.
 """
@@ -139,8 +139,15 @@ def kernel_arguments(
     num_contexts = None
     if contextual_seq_len > 0:
         num_contexts = torch.full((batch,), contextual_seq_len, dtype=torch.int32, device=q.device)
-    args = (q, k, v, cu_seqlens, cu_seqlens, max_seq_len, max_seq_len)
+    # Offsets and lengths by keyword: releases differ in what sits between them (some take
+    # seqused_q / seqused_k before max_seqlen_q), and a positional call would bind the maximum
+    # length to the wrong parameter without an error. A release with other names fails loudly.
+    args = (q, k, v)
     kwargs = {
+        "cu_seqlens_q": cu_seqlens,
+        "cu_seqlens_k": cu_seqlens,
+        "max_seqlen_q": max_seq_len,
+        "max_seqlen_k": max_seq_len,
         "num_contexts": num_contexts,
         "num_targets": num_targets.to(torch.int32) if num_targets is not None else None,
         "target_group_size": 1,

@@ -113,9 +113,11 @@ def test_the_kernel_gets_int32_offsets_contexts_targets_and_the_constant_scale(m
         alpha=None,
         scaling_seqlen=256,
     )
-    assert args[:3] == (q, k, v) and args[5:] == (6, 6)
-    assert args[3].dtype == torch.int32 and args[3].tolist() == [0, 6, 10]
-    assert args[4] is args[3]
+    assert args == (q, k, v)
+    assert kwargs["max_seqlen_q"] == kwargs["max_seqlen_k"] == 6
+    cu_seqlens = kwargs["cu_seqlens_q"]
+    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.tolist() == [0, 6, 10]
+    assert kwargs["cu_seqlens_k"] is cu_seqlens
     assert kwargs["num_contexts"].dtype == torch.int32 and kwargs["num_contexts"].tolist() == [2, 2]
     assert kwargs["num_targets"].dtype == torch.int32 and kwargs["num_targets"].tolist() == [2, 1]
     assert kwargs["window_size"] == (-1, 0) and kwargs["target_group_size"] == 1
