@@ -110,6 +110,7 @@ def _known_types() -> tuple[type, ...]:
     from hstu.config.errors import ConfigError
     from hstu.data.validate import DataError
     from hstu.model import ModelConfigError
+    from hstu.ops.cutlass.attention import CutlassUnavailableError
     from hstu.train.checkpoint import CheckpointError
     from hstu.train.optimizers import OptimizerConfigError
     from hstu.train.sharding import ShardingError
@@ -117,7 +118,8 @@ def _known_types() -> tuple[type, ...]:
     from hstu.train.trainer import TrainSetupError
 
     return (ConfigError, DataError, ModelConfigError, CheckpointError, OptimizerConfigError,
-            ShardingError, TrainSetupError, TrackingServerError, TimeoutError, FileNotFoundError)
+            ShardingError, TrainSetupError, TrackingServerError, CutlassUnavailableError,
+            TimeoutError, FileNotFoundError)
 
 
 # The last "hstu.<module>.<Name>Error: message" line of a worker's traceback text.

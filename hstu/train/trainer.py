@@ -296,6 +296,29 @@ def job_submission_id() -> str | None:
     return str(value) if value else None
 
 
+def check_kernel_runs_here(cfg, use_gpu: bool) -> None:
+    """TRITON and CUTLASS need the workers on GPUs: say so before Ray starts, not after the
+    first batch fails in some jagged op of a worker.
+
+    The CUTLASS package is not looked for here: on a cluster the driver often runs on a CPU
+    head node without it. A worker without it stops with CutlassUnavailableError, which the
+    CLI prints as one line with the install command.
+    """
+    kernel = _kernel_name(cfg)
+    if kernel in ("TRITON", "CUTLASS") and not use_gpu and os.environ.get("TRITON_INTERPRET") != "1":
+        raise TrainSetupError(
+            f"model_config.kernel is {kernel}, whose kernels run on CUDA GPUs only: pass "
+            "--use-gpu (one GPU per worker), or train on CPU with "
+            "--set model_config.kernel=PYTORCH (TRITON_INTERPRET=1 runs the Triton kernels on "
+            "a CPU, very slowly: for tests)"
+        )
+
+
+def _kernel_name(cfg) -> str:
+    field = cfg.model_config.DESCRIPTOR.fields_by_name["kernel"]
+    return field.enum_type.values_by_number[cfg.model_config.kernel].name
+
+
 def _check_model(cfg, features, labels, options: TrainOptions):
     """Build the model on the meta device once in the driver, so that config, optimizer and
     sharding problems show up before Ray starts any worker."""
@@ -305,6 +328,7 @@ def _check_model(cfg, features, labels, options: TrainOptions):
     from hstu.train.optimizers import schedule_from_config, sparse_optimizer_spec
     from hstu.train.sharding import parse_sharding_overrides, sharding_constraints, table_names
 
+    check_kernel_runs_here(cfg, options.use_gpu)
     device = torch.device("cuda" if options.use_gpu else "cpu")
     with torch.device("meta"):
         model = DlrmHSTU(cfg, features, labels, embedding_device=torch.device("meta"))

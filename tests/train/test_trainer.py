@@ -307,3 +307,32 @@ def test_no_timeout_leaves_the_run_alone(default_sigint):
 
     assert fit_with_timeout(Quick(), None, "x") == "done"
     assert fit_with_timeout(Quick(), 30, "x") == "done"
+
+
+@pytest.mark.parametrize("kernel", ["TRITON", "CUTLASS"])
+def test_gpu_kernels_without_use_gpu_are_refused_before_ray_starts(kernel, monkeypatch,
+                                                                   smoke_recipe):
+    from hstu.config.loader import load_config
+    from hstu.train.trainer import TrainSetupError, check_kernel_runs_here
+
+    overrides = [f"model_config.kernel={kernel}"]
+    if kernel == "CUTLASS":  # its config rules want half precision and equal head dims
+        overrides.append("train_config.mixed_precision=BF16")
+    cfg = load_config(smoke_recipe, overrides)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(TrainSetupError, match=f"kernel is {kernel}.*--use-gpu.*kernel=PYTORCH"):
+        check_kernel_runs_here(cfg, use_gpu=False)
+    check_kernel_runs_here(cfg, use_gpu=True)  # the workers get GPUs: nothing to say here
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_kernel_runs_here(cfg, use_gpu=False)  # the interpreter runs them on CPU (tests)
+    check_kernel_runs_here(load_config(smoke_recipe), use_gpu=False)  # PYTORCH runs anywhere
+
+
+def test_a_worker_without_the_cutlass_package_ends_as_one_line():
+    from hstu.cli.train import error_line
+    from hstu.ops.cutlass.attention import CutlassUnavailableError
+
+    class WorkerGroupError(Exception):
+        worker_failures = {0: CutlassUnavailableError("kernel CUTLASS needs ... pip install x")}
+
+    assert error_line(WorkerGroupError()) == "worker 0 stopped: kernel CUTLASS needs ... pip install x"
