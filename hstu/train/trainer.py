@@ -92,11 +92,25 @@ def _local(path: str) -> str:
 
 
 def _paths(given: list[str] | None, from_config: str, what: str) -> list[str] | None:
+    """Data paths as TorchEasyRec reads input_path: comma-separated, each part a file, a
+    directory or (local paths) a glob pattern such as `data/train/part-*.parquet`."""
+    import glob
+
     paths = given if given else ([from_config] if from_config else [])
-    if not paths:
+    parts = [part.strip() for path in paths for part in path.split(",") if part.strip()]
+    if not parts:
         return None
-    resolved = [_local(p) for p in paths]
-    missing = [p for p in resolved if not _is_uri(p) and not os.path.exists(p)]
+    resolved, missing = [], []
+    for part in map(_local, parts):
+        if _is_uri(part):
+            resolved.append(part)
+        elif glob.has_magic(part):
+            matches = sorted(glob.glob(part))
+            resolved.extend(matches) if matches else missing.append(f"{part} (no match)")
+        elif os.path.exists(part):
+            resolved.append(part)
+        else:
+            missing.append(part)
     if missing:
         raise TrainSetupError(
             f"{what} data not found: {', '.join(missing)} (make it with `launch.py prepare`, "

@@ -336,3 +336,19 @@ def test_a_worker_without_the_cutlass_package_ends_as_one_line():
         worker_failures = {0: CutlassUnavailableError("kernel CUTLASS needs ... pip install x")}
 
     assert error_line(WorkerGroupError()) == "worker 0 stopped: kernel CUTLASS needs ... pip install x"
+
+
+def test_data_paths_are_read_as_torcheasyrec_reads_input_path(tmp_path):
+    """Comma-separated parts, each a file, a directory or a glob pattern."""
+    from hstu.train.trainer import TrainSetupError, _paths
+
+    for name in ("a/part-0.parquet", "a/part-1.parquet", "b/part-0.parquet"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    pattern, folder = str(tmp_path / "a" / "part-*.parquet"), str(tmp_path / "b")
+    assert _paths(None, f"{pattern}, {folder}", "train") == [
+        str(tmp_path / "a" / "part-0.parquet"), str(tmp_path / "a" / "part-1.parquet"), folder]
+    assert _paths([folder], "ignored-when-given", "eval") == [folder]
+    assert _paths(None, "", "eval") is None
+    with pytest.raises(TrainSetupError, match=r"train data not found: .*nothing-\*\.parquet \(no match\)"):
+        _paths(None, f"{folder},{tmp_path / 'nothing-*.parquet'}", "train")
