@@ -168,6 +168,13 @@ IGNORED: dict[str, str] = {
     "RawFeature.sequence_fields": "no feature generation runs here",
     "GRSimpleActionEncoder.embedding_init_std": "fixed at 0.1, as in TorchEasyRec",
     "STU.sort_by_length": "no kernel here reorders rows by length; it changes no number",
+    "DataConfig.num_workers": "Ray Data runs the reading: it gets the CPUs the training "
+    "workers leave (--cpus-per-worker)",
+    "DataConfig.pin_memory": "batches are copied to the GPU from pageable memory",
+    "EvalConfig.log_step_count_steps": "evaluation prints one line per evaluation",
+    "ExportConfig.mixed_precision": "the export is a float32 program that loads on CPU",
+    "ExportConfig.cudnn_allow_tf32": "the export is a float32 program that loads on CPU",
+    "ExportConfig.cuda_matmul_allow_tf32": "the export is a float32 program that loads on CPU",
 }
 
 
