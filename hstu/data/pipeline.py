@@ -66,7 +66,9 @@ def arrow_to_batch(
 
     source: the file the table was read from (row numbers in errors are then file rows,
         counted from `row_offset`). Without it, a `path` column (Ray's include_paths) names
-        each row's file and errors give the sample_id and the row within this batch.
+        each row's file; an error then reads that file once to give the row's row in it (by
+        sample_id, or the file's first row breaking the same rule), and the row within this
+        batch only when the file cannot be read.
     on_bad_rows: "error" raises DataError for the first bad row; "skip" drops bad rows and
         adds them to `bad_rows` (the batch then has fewer rows, possibly none;
         iter_jagged_batches never hands on an empty one).
@@ -88,6 +90,7 @@ def arrow_to_batch(
             row_offset=row_offset,
             paths=paths,
             sample_ids=sample_ids,
+            specs=(features, labels),
         )
         for finding in findings:
             logger.warning(

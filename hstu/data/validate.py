@@ -17,6 +17,7 @@ of a column, and bad elements are mapped to their rows with a binary search on t
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections import Counter
 from collections.abc import Sequence
 from typing import Literal
@@ -430,11 +431,15 @@ def resolve_bad_rows(
     row_offset: int = 0,
     paths: np.ndarray | None = None,
     sample_ids: np.ndarray | None = None,
+    specs: tuple[Sequence[FeatureSpec], Sequence[LabelSpec]] | None = None,
 ) -> tuple[np.ndarray | None, BadRowReport]:
     """Apply the policy: raise for the first bad row, or return the mask of rows to keep.
 
     `paths` (per row) overrides `path` when rows come from several files (a Ray Data batch);
     `row_offset` is added to the row index when `path` is one file read from its first row.
+    `specs` (features, labels): with `paths`, the error finds the bad row's row in its file
+    (locate_row_in_file); without them, or when the file cannot be read, it gives the row of
+    the batch.
     """
     if policy not in BAD_ROW_POLICIES:
         raise ValueError(f"on_bad_rows must be one of {BAD_ROW_POLICIES}, not {policy!r}")
@@ -444,10 +449,22 @@ def resolve_bad_rows(
     if policy == "error":
         first = min(findings, key=lambda f: int(np.argmax(f.bad)))
         row = int(np.argmax(first.bad))
+        sample_id = None if sample_ids is None else int(sample_ids[row])
         if paths is not None:
-            # Rows from several files (a Ray batch): the file, the sample_id and the batch row.
-            row_path, file_row = str(paths[row]), None
-            problem = f"{first.problem} (row {row} of the batch, 0-based)"
+            # Rows from several files (a Ray batch): find the row in its file (this is the
+            # error path, so reading the file once is affordable); the batch row otherwise.
+            row_path, file_row, problem = str(paths[row]), None, first.problem
+            if specs is not None:
+                file_row, why_not = locate_row_in_file(
+                    row_path, first, *specs, sample_id=sample_id
+                )
+            else:
+                why_not = "no specs given to find it"
+            if file_row is None:
+                problem += (
+                    f" (row {row} of the batch, 0-based; its row in the file is not known: "
+                    f"{why_not})"
+                )
         else:
             # One file read from row_offset on, or a table with no file behind it.
             row_path, file_row, problem = path, row + row_offset, first.problem
@@ -456,7 +473,7 @@ def resolve_bad_rows(
             path=row_path,
             row=file_row,
             column=first.column,
-            sample_id=None if sample_ids is None else int(sample_ids[row]),
+            sample_id=sample_id,
             hint="to skip and count such rows instead: data_config.on_bad_rows: SKIP in training "
             "(--set data_config.on_bad_rows=SKIP), --on-bad-rows skip for prepare and predict",
         )
@@ -466,6 +483,54 @@ def resolve_bad_rows(
         report.by_reason[finding.reason] += int(finding.bad.sum())
     report.rows = int(bad.sum())
     return ~bad, report
+
+
+# Rows per read when a file is searched for a bad row.
+LOCATE_READ_ROWS = 8192
+
+
+def locate_row_in_file(
+    path: str,
+    finding: Finding,
+    features: Sequence[FeatureSpec],
+    labels: Sequence[LabelSpec],
+    *,
+    sample_id: int | None = None,
+) -> tuple[int | None, str | None]:
+    """The 0-based row of `path` behind a bad row found in a batch of rows from several files:
+    (row, None), or (None, why not) when the file cannot be read.
+
+    With the row's sample_id and a sample_id column in the file, the row holding that id (one
+    column read). Otherwise the file is checked with the same rules as the batch, a block of
+    rows at a time, and the first row that breaks the same rule (column and problem) is
+    returned. Only the error path calls this: it reads the file once at most.
+    """
+    import pyarrow.parquet as pq
+
+    if "://" in path or not os.path.isfile(path):
+        return None, f"{path} is not a local file"
+    try:
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+        if sample_id is not None and SAMPLE_ID in names:
+            ids = parquet.read(columns=[SAMPLE_ID]).column(SAMPLE_ID)
+            same = pc.equal(ids, sample_id).fill_null(False)
+            matches = np.flatnonzero(same.to_numpy(zero_copy_only=False))
+            if len(matches):
+                return int(matches[0]), None
+        requests = requests_for(features, labels)
+        columns = [r.column for r in requests if r.column in names]
+        offset = 0
+        for batch in parquet.iter_batches(batch_size=LOCATE_READ_ROWS, columns=columns):
+            found, findings = read_columns(batch, requests, path=path)
+            findings += find_bad_rows(found, features, labels)
+            for candidate in findings:
+                if (candidate.column, candidate.problem) == (finding.column, finding.problem):
+                    return offset + int(np.argmax(candidate.bad)), None
+            offset += batch.num_rows
+    except (OSError, pa.ArrowException, DataError) as error:
+        return None, f"reading {path} failed: {error}"
+    return None, f"no row of {path} breaks this rule when read again"
 
 
 def validate_table(

@@ -17,7 +17,9 @@ def ray_local():
 
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+        # address="local": always a fresh local instance, never a cluster that RAY_ADDRESS or
+        # a stale /tmp/ray/ray_current_cluster (left by another `ray start`) points at.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     yield ray

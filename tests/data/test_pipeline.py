@@ -312,3 +312,78 @@ def test_ray_two_equal_shards_lose_and_duplicate_nothing(ray_local, synthetic_di
     assert set(everything) == expected
     assert stats[0].batches == stats[1].batches == 5  # 30 rows / 7: same step count
     assert stats[0].rows_read == 30 and stats[0].dropped_rows == 0
+
+
+def _sample_file(path, rows: int, bad_rows=(), *, first_id: int | None = None) -> None:
+    """`rows` valid rows for small_specs() (num_buckets 100), written to `path`; the rows in
+    `bad_rows` hold history video id 500 (>= num_buckets). With `first_id`, a sample_id column
+    numbers the rows from it."""
+    ints, floats = pa.list_(pa.int64()), pa.list_(pa.float32())
+    videos = [[500, 6] if i in bad_rows else [5, 6] for i in range(rows)]
+    columns = {
+        "user_id": pa.array(range(rows), pa.int64()),
+        "uih_seq__video_id": pa.array(videos, ints),
+        "uih_seq__action_timestamp": pa.array([[100, 101]] * rows, ints),
+        "uih_seq__watch_time": pa.array([[1.5, 2.0]] * rows, floats),
+        "cand_seq__video_id": pa.array([[11]] * rows, ints),
+        "cand_seq__query_time": pa.array([[102]] * rows, ints),
+        "cand_seq__action_weight": pa.array([[3]] * rows, ints),
+        "cand_seq__watch_time": pa.array([[9.0]] * rows, floats),
+    }
+    if first_id is not None:
+        columns = {"sample_id": pa.array(range(first_id, first_id + rows), pa.int64()), **columns}
+    pq.write_table(pa.table(columns), path)
+
+
+@pytest.mark.slow
+def test_ray_batch_error_names_the_bad_rows_file_and_its_row_in_it(ray_local, tmp_path, make_specs):
+    """A batch of rows from two files, no sample_id column: the error names the second file
+    and the bad row's row in that file (7), not its row in the batch (4 + 7)."""
+    features, labels = make_specs()
+    _sample_file(tmp_path / "part-0.parquet", 4)
+    _sample_file(tmp_path / "part-1.parquet", 9, bad_rows=(7,))
+    dataset = read_samples(tmp_path)
+    batches = iter_jagged_batches(dataset, features, labels, batch_size=32, drop_last=False)
+    with pytest.raises(DataError) as error:
+        list(batches)
+    assert error.value.path == str(tmp_path / "part-1.parquet")
+    assert error.value.row == 7 and error.value.column == "uih_seq__video_id"
+    assert f"file {tmp_path / 'part-1.parquet'}, row 7 (0-based)" in str(error.value)
+    assert "of the batch" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_ray_batch_error_finds_the_row_by_its_sample_id(ray_local, tmp_path, make_specs):
+    """With sample_ids, the row is the one holding the reported sample_id, even when rows are
+    shuffled and the file has two rows breaking the same rule."""
+    features, labels = make_specs()
+    _sample_file(tmp_path / "part-0.parquet", 4, first_id=0)
+    _sample_file(tmp_path / "part-1.parquet", 9, bad_rows=(5, 8), first_id=1000)
+    dataset = read_samples(tmp_path)
+    batches = iter_jagged_batches(
+        dataset, features, labels, batch_size=32, drop_last=False, shuffle_buffer=13, seed=1
+    )
+    with pytest.raises(DataError) as error:
+        list(batches)
+    assert error.value.path == str(tmp_path / "part-1.parquet")
+    assert error.value.sample_id in (1005, 1008)
+    assert error.value.row == error.value.sample_id - 1000
+
+
+def test_batch_error_falls_back_to_the_batch_row_when_the_file_is_unreadable(
+    tmp_path, make_specs, make_table
+):
+    features, labels = make_specs()
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    paths = [str(tmp_path / "gone.parquet"), str(tmp_path / "broken.parquet")] * 2
+    for bad in (1, 2):  # row 1: the broken file; row 2: a file that does not exist
+        ids = [1, 2, 3]
+        ids[bad] = 500
+        table = make_table(user_id=ids, path=pa.array(paths[:3]))
+        with pytest.raises(DataError) as error:
+            arrow_to_batch(table, features, labels)
+        assert error.value.path == paths[bad] and error.value.row is None
+        assert f"row {bad} of the batch, 0-based; its row in the file is not known" in str(
+            error.value
+        )
+        assert ("reading" if bad == 1 else "not a local file") in str(error.value)
