@@ -1,10 +1,11 @@
 """DlrmHSTU: TorchRec embeddings + the HSTU encoder + a fused multi-task tower (docs/model.md).
 
 Built from a TorchEasyRec-compatible config (`cfg.model_config.dlrm_hstu`, field names as in
-docs/dlrm_hstu_reference.md section 4). The only sparse part is `embedding_collection`, one
-TorchRec EmbeddingCollection over every id feature; the trainer builds it on the meta device and
-shards it. Nothing else in this file knows about distribution, except the global-average loss,
-which asks torch.distributed for the candidate count of the other ranks when it is initialised.
+docs/dlrm_hstu_reference.md section 4). The only sparse part is `embedding_collection`
+(hstu/modules/embeddings.py: one TorchRec EmbeddingCollection per embedding_dim, over every id
+feature); the trainer builds it on the meta device and shards each collection. Nothing else in
+this file knows about distribution, except the global-average loss, which asks
+torch.distributed for the candidate count of the other ranks when it is initialised.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import DataType, EmbeddingConfig
-from torchrec.modules.embedding_modules import EmbeddingCollection
 
 from hstu.config.features import FeatureSpec, LabelSpec
 from hstu.data.batch import JaggedBatch
@@ -28,6 +28,7 @@ from hstu.modules.contextualized_mlp import (
     ParameterizedContextualizedMLP,
     SimpleContextualizedMLP,
 )
+from hstu.modules.embeddings import MultiDimEmbeddingCollection
 from hstu.modules.fusion_tower import FusionMTLTower
 from hstu.modules.hstu_transducer import HSTUTransducer
 from hstu.modules.item_tower import ItemTower
@@ -184,7 +185,8 @@ def _contextualized_mlp(cfg, path, *, in_dim, out_dim, contextual_dim, kernel) -
 
 
 def _embedding_tables(features: Sequence[FeatureSpec]) -> list[EmbeddingConfig]:
-    """One table per embedding_name (features with the same name share it)."""
+    """One table per embedding_name (features with the same name share it). Widths may differ
+    between tables: MultiDimEmbeddingCollection keeps one EmbeddingCollection per width."""
     tables: dict[str, EmbeddingConfig] = {}
     for spec in features:
         if spec.kind != "id":
@@ -222,14 +224,6 @@ def _embedding_tables(features: Sequence[FeatureSpec]) -> list[EmbeddingConfig]:
                 f"instead of {shape[0]}/{shape[1]}/{existing.data_type.name}",
             )
         existing.feature_names.append(spec.name)
-    dims = {table.embedding_dim for table in tables.values()}
-    if len(dims) > 1:
-        # TorchRec's EmbeddingCollection holds tables of one width only.
-        listing = ", ".join(f"{t.name}={t.embedding_dim}" for t in tables.values())
-        raise ModelConfigError(
-            "feature_configs",
-            f"all id features must have one embedding_dim (one EmbeddingCollection); got {listing}",
-        )
     return list(tables.values())
 
 
@@ -268,8 +262,8 @@ class DlrmHSTU(nn.Module):
                     f"{', '.join(self.label_specs) or '(none)'}",
                 )
 
-        self.embedding_collection = EmbeddingCollection(
-            tables=_embedding_tables(features), device=embedding_device
+        self.embedding_collection = MultiDimEmbeddingCollection(
+            _embedding_tables(features), device=embedding_device
         )
 
         self.uih_dim = sum(self._feature_width(name) for name in self.groups["uih"])
@@ -279,12 +273,17 @@ class DlrmHSTU(nn.Module):
         if self.concat_contextual_features:
             num_slots, slot_dim = (1, self.contextual_dim) if contextual_dims else (0, 0)
         else:
-            if len(set(contextual_dims)) > 1:
-                raise ModelConfigError(
-                    "feature_groups[contextual]",
-                    f"contextual features have different embedding dims {contextual_dims}; "
-                    "make them equal or set dlrm_hstu.concat_contextual_features: true",
-                )
+            # One token per feature through one batched affine map: every slot needs the same
+            # width. Concatenated (one token), widths may differ.
+            names = self.groups["contextual"]
+            for name, dim in zip(names, contextual_dims):
+                if dim != contextual_dims[0]:
+                    raise ModelConfigError(
+                        "feature_groups[contextual]",
+                        f"contextual feature {name!r} has embedding_dim {dim} but {names[0]!r} "
+                        f"has {contextual_dims[0]}; make them equal or set "
+                        "dlrm_hstu.concat_contextual_features: true",
+                    )
             num_slots = len(contextual_dims)
             slot_dim = contextual_dims[0] if contextual_dims else 0
 

@@ -1,9 +1,9 @@
 """The serving module: DlrmHSTU's forward pass over plain tensors, for torch.export.
 
-Training looks ids up through TorchRec's EmbeddingCollection, which takes a KeyedJaggedTensor
-and may be sharded; neither traces with torch.export. `ServingModule` keeps the trained
-model's dense submodules as they are (encoder, item tower, fusion tower) and replaces the
-lookup by `F.embedding` over the same table weights. Its input is a flat dict of tensors:
+Training looks ids up through TorchRec EmbeddingCollections (one per embedding width), which
+take a KeyedJaggedTensor and may be sharded; neither traces with torch.export. `ServingModule`
+keeps the trained model's dense submodules as they are (encoder, item tower, fusion tower) and
+replaces the lookup by `F.embedding` over the same table weights. Its input is a flat dict of tensors:
 
     <feature name>        one tensor per feature the model reads
                           scalar id feature (e.g. "user_id"):       int64 [B]
@@ -76,11 +76,14 @@ class ServingModule(nn.Module):
         self.uih_sequence = self.features[self.groups["uih"][0]].sequence
         self.candidate_sequence = self.features[self.groups["candidate"][0]].sequence
 
-        # The EmbeddingCollection's own weights (same storage): one table per embedding_name.
+        # The embedding tables' own weights (same storage): one table per embedding_name, of
+        # every width (embedding_collection holds one EmbeddingCollection per width; its
+        # `embeddings` maps table names to nn.Embedding across them).
         self.tables = nn.ParameterDict()
         self.table_of: dict[str, str] = {}
+        embeddings = model.embedding_collection.embeddings
         for config in model.embedding_collection.embedding_configs():
-            weight = model.embedding_collection.embeddings[config.name].weight
+            weight = embeddings[config.name].weight
             self.tables[config.name] = nn.Parameter(weight.detach(), requires_grad=False)
             for feature in config.feature_names:
                 self.table_of[feature] = config.name

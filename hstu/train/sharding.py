@@ -1,9 +1,13 @@
 """Sharding the embedding tables: TorchRec planner + DistributedModelParallel.
 
-The model only declares its tables (DlrmHSTU.embedding_collection, built on the meta device);
-this module decides where each table lives. The planner sees the world size and the compute
-device and picks a sharding type and kernel per table; `--sharding TABLE=TYPE` pins a table to
-one or more types (e.g. force a table row-wise to exercise that path on two CPU workers).
+The model only declares its tables (DlrmHSTU.embedding_collection, built on the meta device:
+one TorchRec EmbeddingCollection per embedding width, hstu/modules/embeddings.py); this module
+decides where each table lives. The planner finds every collection inside the model and plans
+each table by its name (names are unique across widths), so constraints, --sharding and the
+plan summary are per table whatever collection holds it. The planner sees the world size and
+the compute device and picks a sharding type and kernel per table; `--sharding TABLE=TYPE` pins
+a table to one or more types (e.g. force a table row-wise to exercise that path on two CPU
+workers).
 
 What runs on CPU (measured, ../shared/docs/environment.md): table_wise, row_wise and column_wise
 with the fused kernel; data_parallel sharding of an EmbeddingCollection fails there, so it is
@@ -59,6 +63,7 @@ def parse_sharding_overrides(specs: Sequence[str]) -> dict[str, list[str]]:
 
 
 def table_names(model: nn.Module) -> list[str]:
+    """Every table of the model, all widths."""
     return [table.name for table in model.embedding_collection.embedding_configs()]
 
 

@@ -88,3 +88,37 @@ def test_the_filler_row_changes_no_other_score(samples, recipes):
         filled = serving(padded)
     for task, scores in without_filler_scores(filled).items():
         torch.testing.assert_close(scores, plain[task], rtol=1e-5, atol=1e-6)
+
+
+# One process writing a checkpoint is intended here.
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_tables_of_three_widths_go_from_checkpoint_to_serving(samples, recipes, tmp_path):
+    """A DCP checkpoint of a model whose tables are 4, 8 and 16 wide (one EmbeddingCollection
+    each), read back unsharded, serves the model's scores. (The export traces the same
+    ServingModule; its flat table dict does not depend on how the collections are grouped.)"""
+    import torch.distributed.checkpoint as dcp
+
+    from hstu.config import load_config
+    from hstu.export.serving import ServingModule
+    from hstu.train.checkpoint import load_for_inference
+
+    overrides = [
+        "model_config.dlrm_hstu.concat_contextual_features=true",
+        "feature_configs[2].id_feature.embedding_dim=4",
+        "feature_configs[3].id_feature.embedding_dim=8",
+    ]
+    model, features, batch = _model_and_batch(recipes.smoke, overrides, samples)
+    assert sorted(model.embedding_collection.collections) == ["dim16", "dim4", "dim8"]
+    with torch.no_grad():
+        for parameter in model.parameters():  # off the initial values
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp_path / "checkpoint"))
+    loaded = load_for_inference(load_config(recipes.smoke, overrides), tmp_path / "checkpoint")
+    serving = ServingModule(loaded).eval()
+    assert serving.tables["user_id_emb"].shape == (1000, 4)
+    assert serving.tables["user_active_degree_emb"].shape == (8, 8)
+    with torch.no_grad():
+        expected = model(batch).probs
+        got = serving(_serving_inputs(batch, features))
+    for task in expected:
+        torch.testing.assert_close(got[task], expected[task], rtol=1e-6, atol=1e-6)

@@ -1,6 +1,13 @@
-"""Sharding choices: --sharding parsing and the planner constraints built from it."""
+"""Sharding choices: --sharding parsing and the planner constraints built from it; a two-process
+DistributedModelParallel run over tables of two widths."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +22,9 @@ TABLES = ["video_id_emb", "user_id_emb"]
 
 
 def test_overrides_parse_into_types_per_table():
-    parsed = parse_sharding_overrides(["video_id_emb=row_wise", "user_id_emb=table_wise,column_wise"])
+    parsed = parse_sharding_overrides(
+        ["video_id_emb=row_wise", "user_id_emb=table_wise,column_wise"]
+    )
     assert parsed == {"video_id_emb": ["row_wise"], "user_id_emb": ["table_wise", "column_wise"]}
 
 
@@ -57,3 +66,208 @@ def test_gpu_leaves_unpinned_tables_to_the_planner():
     assert constraints["video_id_emb"].sharding_types == ["row_wise"]
     assert constraints["user_id_emb"].sharding_types is None
     assert constraints["user_id_emb"].compute_kernels is None
+
+
+# ---- two gloo processes: tables of two widths, sharded, trained, checkpointed ------------------
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE = REPO / "recipes" / "smoke.config"
+# One profile table 8 wide, the rest 16: two EmbeddingCollections inside embedding_collection.
+MIXED_DIMS = [
+    "model_config.dlrm_hstu.concat_contextual_features=true",
+    "feature_configs[3].id_feature.embedding_dim=8",
+]
+# A table of each width pinned row-wise (rows on both ranks), one table-wise.
+PINNED = {
+    "video_id_emb": ["row_wise"],
+    "user_active_degree_emb": ["row_wise"],
+    "user_id_emb": ["table_wise"],
+}
+
+# Each rank runs this script (a separate interpreter, as under Ray): shard, one training step,
+# checkpoint, a second step, restore. It reports per table whether its local shards changed.
+WORKER = r"""
+import json, sys
+import torch
+import torch.distributed as dist
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from hstu.config import feature_specs, label_specs, load_config
+from hstu.data.batch import JaggedBatch
+from hstu.model import DlrmHSTU
+from hstu.train import checkpoint
+from hstu.train.optimizers import build_dense_optimizer, sparse_optimizer_spec
+from hstu.train.sharding import shard_model
+
+rank, recipe, root = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+overrides, pinned = json.loads(sys.argv[4]), json.loads(sys.argv[5])
+CPU = torch.device("cpu")
+dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=2)
+cfg = load_config(recipe, overrides)
+features, labels = feature_specs(cfg), label_specs(cfg)
+torch.manual_seed(11 + rank)
+model = DlrmHSTU(cfg, features, labels, embedding_device=torch.device("meta"))
+spec = sparse_optimizer_spec(cfg.train_config.sparse_optimizer, CPU)
+apply_optimizer_in_backward(
+    spec.optimizer_class, model.embedding_collection.parameters(), dict(spec.kwargs))
+sharded = shard_model(model, CPU, world_size=2, local_world_size=2, batch_size=4,
+                      overrides=pinned)
+dmp = sharded.model
+dense_optimizer = build_dense_optimizer(
+    cfg.train_config.dense_optimizer, in_backward_optimizer_filter(dmp.named_parameters()))
+
+def batch(seed):
+    # 4 rows. Every id feature's values include 0 and num_buckets - 1, so both row-wise
+    # halves of every table are looked up.
+    g = torch.Generator().manual_seed(seed)
+    uih, cand = torch.tensor([3, 5, 2, 4]), torch.tensor([2, 1, 3, 2])
+    uih_seq = model.features[model.groups["uih"][0]].sequence
+    cand_seq = model.features[model.groups["candidate"][0]].sequence
+    lengths = {uih_seq: uih, cand_seq: cand, None: torch.ones(4, dtype=torch.int64)}
+    def values(s):
+        n = int(lengths[s.sequence].sum())
+        if s.kind == "id":
+            v = torch.randint(0, s.num_buckets, (n,), generator=g)
+            v[0], v[-1] = 0, s.num_buckets - 1
+            return v
+        if s.name in model.groups["uih_timestamp"]:
+            return 1_700_000_000 + torch.arange(n) * 60
+        if s.name in model.groups["candidate_timestamp"]:
+            return torch.repeat_interleave(torch.full((4,), 1_701_000_000), cand)
+        if s.name in model.groups["uih_action"]:
+            return torch.randint(0, 256, (n,), generator=g)
+        return torch.rand(n, generator=g) * 600
+    ids = [s for s in features if s.kind == "id"]
+    sparse = KeyedJaggedTensor.from_lengths_sync(
+        keys=[s.name for s in ids], values=torch.cat([values(s) for s in ids]),
+        lengths=torch.cat([lengths[s.sequence] for s in ids]))
+    n = int(cand.sum())
+    label_values = {
+        s.column: torch.randint(0, 256, (n,), generator=g) if s.value_dtype == "int64"
+        else torch.rand(n, generator=g) for s in labels}
+    return JaggedBatch(sparse=sparse, raw={s.name: values(s) for s in features if s.kind == "raw"},
+                       seq_lengths={uih_seq: uih, cand_seq: cand}, labels=label_values,
+                       batch_size=4)
+
+def local_shards():
+    # {table: [(offsets, values)]} of this rank's shards (none for another rank's table).
+    out = {}
+    for name, tensor in dmp.state_dict().items():
+        if name.startswith("embedding_collection."):
+            out[name.split(".")[-2]] = [
+                (list(s.metadata.shard_offsets), s.tensor.detach().clone())
+                for s in tensor.local_shards()]
+    return out
+
+def step(seed):
+    b = batch(seed + rank)
+    dense_optimizer.zero_grad()
+    output = dmp(b)
+    total, _ = dmp.module.compute_losses(output, b)
+    total.backward()
+    dense_optimizer.step()
+    return output
+
+def all_differ(a, b):
+    return {t: all(not torch.equal(x, y) for (_, x), (_, y) in zip(a[t], b[t])) for t in a if a[t]}
+
+initial = local_shards()
+output = step(0)
+after_one = local_shards()
+checkpoint.save(f"{root}/ckpt", dmp, dense_optimizer, checkpoint.TrainState(world_size=2),
+                rank=rank)
+step(100)
+after_two = local_shards()
+checkpoint.restore(f"{root}/ckpt", dmp, dense_optimizer, world_size=2)
+restored = local_shards()
+torch.save(after_one, f"{root}/shards{rank}.pt")
+json.dump({
+    "collections": sorted(model.embedding_collection.collections),
+    "plan": sharded.tables,
+    "first_step_changed": all_differ(initial, after_one),
+    "second_step_changed": all_differ(after_one, after_two),
+    "restored": {t: all(torch.equal(x, y) for (_, x), (_, y) in zip(after_one[t], restored[t]))
+                 for t in after_one if after_one[t]},
+    "probs_shapes": sorted({tuple(p.shape) for p in output.probs.values()}),
+}, open(f"{root}/out{rank}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+@pytest.fixture(scope="module")
+def mixed_dims_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed_dims")
+    script = root / "worker.py"
+    script.write_text(WORKER)
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(rank), str(SMOKE), str(root),
+             json.dumps(MIXED_DIMS), json.dumps(PINNED)],
+            env=env, stderr=subprocess.PIPE, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    for worker in workers:
+        _, stderr = worker.communicate(timeout=300)
+        assert worker.returncode == 0, stderr[-4000:]
+    outcomes = [json.loads((root / f"out{rank}.json").read_text()) for rank in (0, 1)]
+    return root, outcomes
+
+
+ALL_TABLES = {
+    "video_id_emb", "user_id_emb", "user_active_degree_emb", "follow_user_num_range_emb",
+    "fans_user_num_range_emb", "friend_user_num_range_emb", "register_days_range_emb",
+}
+
+
+@pytest.mark.slow
+def test_mixed_widths_are_sharded_trained_and_restored(mixed_dims_run):
+    _, outcomes = mixed_dims_run
+    for outcome in outcomes:
+        assert outcome["collections"] == ["dim16", "dim8"]
+        assert set(outcome["plan"]) == ALL_TABLES  # the planner placed every table of both
+        assert outcome["probs_shapes"] == [[8]]  # 8 candidates per rank's batch
+    plan = outcomes[0]["plan"]
+    assert plan["video_id_emb"]["sharding_type"] == "row_wise"
+    assert plan["user_active_degree_emb"]["sharding_type"] == "row_wise"  # the 8-wide table
+    assert plan["user_active_degree_emb"]["ranks"] == [0, 1]
+    assert plan["user_id_emb"]["sharding_type"] == "table_wise"
+    # Every table has a shard somewhere, and the fused row-wise Adagrad moved every shard of
+    # every table in each of the two steps.
+    held = set().union(*(outcome["first_step_changed"] for outcome in outcomes))
+    assert held == ALL_TABLES
+    for outcome in outcomes:
+        assert all(outcome["first_step_changed"].values()), outcome["first_step_changed"]
+        assert all(outcome["second_step_changed"].values()), outcome["second_step_changed"]
+        # Restoring the checkpoint brought back the weights saved after the first step.
+        assert all(outcome["restored"].values()) and outcome["restored"].keys() == (
+            outcome["first_step_changed"].keys()
+        )
+
+
+@pytest.mark.slow
+def test_the_sharded_checkpoint_loads_into_one_unsharded_model(mixed_dims_run):
+    """DCP reassembles every table of both widths from the two ranks' shards."""
+    from hstu.config import load_config
+    from hstu.train.checkpoint import load_for_inference
+
+    root, _ = mixed_dims_run
+    model = load_for_inference(load_config(SMOKE, MIXED_DIMS), root / "ckpt")
+    tables = model.embedding_collection.embeddings
+    assert set(tables) == ALL_TABLES
+    covered = {
+        name: torch.zeros(table.weight.shape, dtype=torch.bool) for name, table in tables.items()
+    }
+    for rank in (0, 1):
+        for name, shards in torch.load(root / f"shards{rank}.pt").items():
+            for (row, column), values in shards:
+                rows, columns = values.shape
+                loaded = tables[name].weight[row : row + rows, column : column + columns]
+                assert torch.equal(loaded, values), name
+                covered[name][row : row + rows, column : column + columns] = True
+    assert all(bool(mask.all()) for mask in covered.values())
+    assert tables["user_active_degree_emb"].weight.shape == (8, 8)

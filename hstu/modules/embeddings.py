@@ -1,0 +1,149 @@
+"""Id-feature lookups over tables of several widths (`DlrmHSTU.embedding_collection`).
+
+TorchRec's EmbeddingCollection requires every table it holds to have one embedding_dim, while
+TorchEasyRec configs mix widths (e.g. 16-wide profile features concatenated into one contextual
+token, or side-info features of another width next to the item id). This module holds one
+EmbeddingCollection per distinct width (`collections["dim16"]`, ...) and looks every id
+feature up in the collection of its table. DistributedModelParallel finds and shards each
+collection like any other (the planner sees every table by its own name); this module itself
+has no parameters and stays unsharded: it only routes the KeyedJaggedTensor's keys.
+
+With a single width there is one collection over exactly the tables, in the order, a plain
+EmbeddingCollection would have held, so tables are initialised identically for a given seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+
+
+def collection_key(embedding_dim: int) -> str:
+    """The ModuleDict key of the collection holding tables `embedding_dim` wide."""
+    return f"dim{int(embedding_dim)}"
+
+
+class MultiDimEmbeddingCollection(nn.Module):
+    """One TorchRec EmbeddingCollection per embedding_dim; forward(KJT) -> {feature: JaggedTensor}.
+
+    tables: every table (TorchRec EmbeddingConfig with its feature_names), any widths. Table
+    names must be unique across widths (the sharding planner and checkpoints key on them).
+    device: where the tables are allocated ("meta": nothing is, the trainer shards them).
+    """
+
+    def __init__(
+        self, tables: Sequence[EmbeddingConfig], device: torch.device | None = None
+    ) -> None:
+        super().__init__()
+        if not tables:
+            raise ValueError("MultiDimEmbeddingCollection needs at least one table")
+        names = [table.name for table in tables]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"embedding table {repeated[0]!r} is declared twice")
+        self._tables = list(tables)
+        by_dim: dict[int, list[EmbeddingConfig]] = {}
+        for table in self._tables:
+            # First-appearance order of widths: construction (and so initialisation) follows
+            # the config's table order as far as the widths allow.
+            by_dim.setdefault(int(table.embedding_dim), []).append(table)
+        self.collections = nn.ModuleDict(
+            {
+                collection_key(dim): EmbeddingCollection(tables=group, device=device)
+                for dim, group in by_dim.items()
+            }
+        )
+        # Feature names per collection, in the collection's own order.
+        self._features: dict[str, list[str]] = {
+            collection_key(dim): [f for table in group for f in table.feature_names]
+            for dim, group in by_dim.items()
+        }
+        seen: dict[str, str] = {}
+        for table in self._tables:
+            for feature in table.feature_names:
+                if feature in seen:
+                    raise ValueError(
+                        f"feature {feature!r} is looked up in two tables, {seen[feature]!r} and "
+                        f"{table.name!r}"
+                    )
+                seen[feature] = table.name
+        self._table_of_feature = seen
+        # Per input key order: (permutation, split sizes), computed on first sight of an order.
+        self._routes: dict[tuple[str, ...], tuple[list[int], list[int]]] = {}
+
+    # ---- description -----------------------------------------------------------------------
+
+    def embedding_configs(self) -> list[EmbeddingConfig]:
+        """Every table, in the order they were given (all widths)."""
+        return list(self._tables)
+
+    def feature_names(self) -> list[str]:
+        return list(self._table_of_feature)
+
+    def table_of(self, feature: str) -> str:
+        return self._table_of_feature[feature]
+
+    @property
+    def embeddings(self) -> dict[str, nn.Module]:
+        """{table name: nn.Embedding} over all collections (unsharded model only: a sharded
+        collection keeps its tables inside its lookup kernels)."""
+        tables: dict[str, nn.Module] = {}
+        for key, collection in self.collections.items():
+            modules = getattr(collection, "embeddings", None)
+            if not isinstance(modules, nn.ModuleDict):
+                raise TypeError(
+                    f"embedding_collection.collections[{key!r}] is sharded "
+                    f"({type(collection).__name__}); its tables are not nn.Embedding modules"
+                )
+            tables.update(modules.items())
+        return tables
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def _route(self, keys: list[str]) -> tuple[list[int], list[int]]:
+        """Permutation of `keys` that groups them by collection (in collection order), and the
+        group sizes. Keys the model does not look up are left out; missing ones are an error."""
+        cached = self._routes.get(tuple(keys))
+        if cached is not None:
+            return cached
+        position = {key: index for index, key in enumerate(keys)}
+        missing = [f for f in self._table_of_feature if f not in position]
+        if missing:
+            raise KeyError(
+                f"the batch's sparse features lack {missing[0]!r} (table "
+                f"{self._table_of_feature[missing[0]]!r}); it has {keys}"
+            )
+        permutation: list[int] = []
+        splits: list[int] = []
+        for features in self._features.values():
+            permutation.extend(position[f] for f in features)
+            splits.append(len(features))
+        self._routes[tuple(keys)] = (permutation, splits)
+        return permutation, splits
+
+    def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        keys = list(features.keys())
+        collections = list(self.collections.values())
+        if len(collections) == 1 and sorted(keys) == sorted(self._table_of_feature):
+            # One width and exactly its features: hand the KJT over as a plain
+            # EmbeddingCollection would get it (no copy, same numbers as before).
+            parts = [features]
+        else:
+            permutation, splits = self._route(keys)
+            grouped = features
+            if permutation != list(range(len(keys))):
+                grouped = features.permute(permutation)
+            parts = grouped.split(splits) if len(splits) > 1 else [grouped]
+        # Start every collection's lookup before waiting on any: under DistributedModelParallel
+        # each returns an awaitable whose communication can then overlap.
+        pending = [collection(part) for collection, part in zip(collections, parts)]
+        out: dict[str, JaggedTensor] = {}
+        for result in pending:
+            wait = getattr(result, "wait", None)
+            out.update(wait() if callable(wait) else result)
+        return out
