@@ -614,22 +614,6 @@ class _Checker:
                 'only: set train_config.mixed_precision to "BF16" or "FP16"',
             )
 
-    def one_embedding_dim(self, groups) -> None:
-        """Every table in one TorchRec EmbeddingCollection, which needs a single embedding_dim."""
-        first = None
-        for group in ID_GROUPS:
-            for feature in groups.get(group, []):
-                if first is None:
-                    first = feature
-                elif feature.config.embedding_dim != first.config.embedding_dim:
-                    self.fail(
-                        f"{feature.path}.embedding_dim",
-                        f"{feature.name!r} has embedding_dim {feature.config.embedding_dim} but "
-                        f"{first.name!r} has {first.config.embedding_dim}: this project looks up "
-                        "all id features in one TorchRec EmbeddingCollection, which needs one "
-                        "embedding_dim for all tables",
-                    )
-
     # ---- tasks and labels --------------------------------------------------------------------
 
     def tasks(self, features: dict[str, DeclaredFeature], groups) -> None:
@@ -738,5 +722,4 @@ def validate(config: Message, locator: Locator) -> None:
     features = checker.features()
     groups = checker.groups(features)
     checker.model(groups)
-    checker.one_embedding_dim(groups)
     checker.tasks(features, groups)
