@@ -760,26 +760,145 @@ def _split_time_for_fraction(results: list[PartitionResult], eval_fraction: floa
     return int(unique[index]) * 60
 
 
-def _prepare_out_dir(options: KuaiRandOptions) -> None:
+# Where a run writes its splits until it has succeeded (inside OUT, so that moving them into
+# place is a rename on the same file system, also on a cluster's shared storage).
+STAGING_DIR = "_incomplete"
+# What a previous run left in OUT that a new one replaces (only with --overwrite for the first
+# three).
+OUTPUTS = ("train", "eval", "manifest.json", "profile_codes.json", "video_codes.json")
+
+
+def _check_out_dir(options: KuaiRandOptions) -> None:
+    """Refuse an output directory that holds a previous run's output, unless --overwrite.
+    Empty train/ and eval/ directories (left by a failed run of an earlier version) do not
+    count. Nothing is created or removed here: the previous output stays until this run has
+    succeeded (_publish)."""
     targets = [os.path.join(options.out, n) for n in ("train", "eval", "manifest.json")]
-    existing = [t for t in targets if os.path.exists(t)]
+    existing = [
+        t for t in targets if os.path.exists(t) and not (os.path.isdir(t) and not os.listdir(t))
+    ]
     if existing and not options.overwrite:
         raise FileExistsError(
             f"{options.out} already holds {', '.join(existing)}; pass --overwrite to replace"
         )
-    for target in existing:
-        shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+
+
+def _check_splits(manifest: dict, options: KuaiRandOptions) -> list[str]:
+    """An empty train split is an error, and so is an empty eval split unless it was asked for
+    (--eval-fraction 0, no --split-time); that one is a warning (returned, for the manifest).
+    The messages say what to change."""
+    train, evaluation = (manifest["splits"][s]["rows"] for s in ("train", "eval"))
+    split_time = manifest["split_time"]
+    time_range = manifest["time_range"]
+
+    def utc(seconds: int) -> str:
+        return datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat()
+
+    where = f"split time {split_time} ({utc(split_time)})"
+    if time_range is not None:
+        where += (
+            f"; the interactions run from {time_range[0]} ({utc(time_range[0])}) "
+            f"to {time_range[1]} ({utc(time_range[1])})"
+        )
+    if options.split_time is None:
+        how = (
+            f"--eval-fraction {options.eval_fraction} put it at a minute boundary "
+            "(the default split is whole minutes)"
+        )
+    else:
+        how = "set by --split-time"
+    if train == 0 and evaluation == 0:
+        counts = manifest["input"]
+        raise ValueError(
+            f"no samples: of {counts['rows']} input rows, {counts['skipped']} were skipped as "
+            f"bad and {counts['history_only']} are history only (--min-history "
+            f"{options.min_history}); nothing is left to train or evaluate on"
+        )
+    if train == 0:
+        raise ValueError(
+            f"the train split is empty: all {evaluation} windows are at or after the {where}; "
+            f"{how}. Pass an earlier --split-time (epoch seconds or an ISO time inside that "
+            "range) or a lower --eval-fraction; a log that spans less than two minutes needs "
+            "--split-time"
+        )
+    if evaluation > 0:
+        return []
+    if options.split_time is None and options.eval_fraction == 0:
+        warning = (
+            "the eval split is empty (--eval-fraction 0): train and evaluate need eval data "
+            "from elsewhere; pass --eval-fraction > 0 or --split-time for an eval split"
+        )
+        logger.warning("prepare kuairand: %s", warning)
+        return [warning]
+    raise ValueError(
+        f"the eval split is empty: no window starts at or after the {where}; {how}. Pass an "
+        "earlier --split-time or a higher --eval-fraction (with --min-history, eval "
+        "interactions that are among a user's first ones are history only), or "
+        "--eval-fraction 0 without --split-time to make no eval split on purpose"
+    )
+
+
+def _publish(
+    options: KuaiRandOptions,
+    staging: str,
+    manifest: dict,
+    profiles: CodedTable,
+    videos: CodedTable | None,
+) -> None:
+    """Move a successful run's output from the staging directory into OUT, replacing a
+    previous output (--overwrite, checked before the run); manifest.json goes last."""
+    for name in OUTPUTS:
+        target = os.path.join(options.out, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        elif os.path.exists(target):
+            os.remove(target)
     for split in ("train", "eval"):
-        os.makedirs(os.path.join(options.out, split), exist_ok=True)
+        os.replace(os.path.join(staging, split), os.path.join(options.out, split))
+    os.rmdir(staging)
+    with open(os.path.join(options.out, "profile_codes.json"), "w") as f:
+        json.dump(profiles.mappings, f, indent=2, ensure_ascii=False)
+    if videos is not None:
+        with open(os.path.join(options.out, "video_codes.json"), "w") as f:
+            json.dump(videos.mappings, f, indent=2, ensure_ascii=False)
+    with open(os.path.join(options.out, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
 
 
 def convert_kuairand(options: KuaiRandOptions) -> dict:
-    """Run both passes and write manifest.json; returns the manifest."""
+    """Run both passes and write manifest.json; returns the manifest.
+
+    The splits are written to OUT/_incomplete and moved into OUT only when the run has
+    succeeded: a failed run (bad input, an empty split, an interrupt) leaves OUT as it was,
+    so that it can be re-run without --overwrite, and an --overwrite run keeps the previous
+    output until the new one is complete."""
     options.check()
     for path in options.logs:
         log_columns(path, options)  # a missing column stops the run before anything is written
+    _check_out_dir(options)
     started = time.perf_counter()
-    _prepare_out_dir(options)
+    created_out = not os.path.exists(options.out)
+    staging = os.path.join(options.out, STAGING_DIR)
+    if os.path.exists(staging):
+        shutil.rmtree(staging)  # left by a run that was killed
+    for split in ("train", "eval"):
+        os.makedirs(os.path.join(staging, split))
+    staged = dataclasses.replace(options, out=staging)
+    try:
+        manifest = _convert(options, staged, started)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created_out:
+            try:
+                os.rmdir(options.out)  # only if this run left nothing else in it
+            except OSError:
+                pass
+        raise
+    return manifest
+
+
+def _convert(options: KuaiRandOptions, staged: KuaiRandOptions, started: float) -> dict:
+    """The passes of convert_kuairand; the samples go to staged.out."""
     profiles = load_user_profiles(options.user_features)
     videos = load_video_features(options.video_features) if options.video_features else None
     input_bytes = sum(os.path.getsize(p) for p in options.logs)
@@ -789,7 +908,6 @@ def convert_kuairand(options: KuaiRandOptions) -> dict:
         shutil.rmtree(bucket_dir)
     os.makedirs(bucket_dir)
 
-    # manifest.json is written last: an output directory without it is incomplete.
     try:
         logger.info(
             "prepare kuairand: pass 1: partition %d file(s), %.1f MB, into %d bucket(s)",
@@ -818,7 +936,7 @@ def convert_kuairand(options: KuaiRandOptions) -> dict:
 
         buckets: list[BucketResult] = _run_tasks(
             build_bucket,
-            [(b, options, bucket_dir, split_time, profiles, videos) for b in range(num_buckets)],
+            [(b, staged, bucket_dir, split_time, profiles, videos) for b in range(num_buckets)],
             options.workers,
             "bucket",
             progress=count_users,
@@ -836,13 +954,8 @@ def convert_kuairand(options: KuaiRandOptions) -> dict:
         pass1_s,
         time.perf_counter() - started,
     )
-    with open(os.path.join(options.out, "profile_codes.json"), "w") as f:
-        json.dump(profiles.mappings, f, indent=2, ensure_ascii=False)
-    if videos is not None:
-        with open(os.path.join(options.out, "video_codes.json"), "w") as f:
-            json.dump(videos.mappings, f, indent=2, ensure_ascii=False)
-    with open(os.path.join(options.out, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=2)
+    manifest["warnings"] = _check_splits(manifest, options)
+    _publish(options, staged.out, manifest, profiles, videos)
     return manifest
 
 

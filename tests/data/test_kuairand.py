@@ -307,6 +307,82 @@ def test_refuses_to_overwrite(tmp_path):
         convert(tmp_path)
 
 
+def test_failed_run_leaves_nothing_behind(tmp_path):
+    """A run that stops on bad input leaves no train/ or eval/ behind: the re-run on fixed
+    input needs no --overwrite. An --overwrite run that fails keeps the previous output."""
+    log, users, _ = write_inputs(tmp_path)
+    good_users = users.read_text()
+    users.write_text(good_users.replace("7,high_active", "x7,high_active"))
+    options = {
+        "logs": (str(log),),
+        "user_features": str(users),
+        "out": str(tmp_path / "out"),
+        "max_candidates": 3,
+        "max_seq_len": 6,
+        "contextual": 1,
+        "split_time": SPLIT_TIME,
+    }
+    with pytest.raises(DataError, match="not a whole number") as error:
+        convert_kuairand(KuaiRandOptions(**options))
+    assert error.value.path == str(users) and error.value.line == 2
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()  # an existing OUT: kept, and left as it was
+    with pytest.raises(DataError):
+        convert_kuairand(KuaiRandOptions(**options))
+    assert list((tmp_path / "out").iterdir()) == []
+
+    users.write_text(good_users)
+    manifest = convert_kuairand(KuaiRandOptions(**options))
+    assert manifest["splits"]["train"]["rows"] == 4
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "eval", "manifest.json", "profile_codes.json", "train"
+    ]
+
+    users.write_text(good_users.replace("7,high_active", "x7,high_active"))
+    with pytest.raises(DataError):
+        convert_kuairand(KuaiRandOptions(**options, overwrite=True))
+    assert len(rows(tmp_path / "out", "train")) == 4
+    assert (tmp_path / "out" / "manifest.json").exists()
+    assert not (tmp_path / "out" / "_incomplete").exists()
+
+
+def test_empty_directories_of_an_old_failed_run_are_not_an_output(tmp_path):
+    for split in ("train", "eval"):
+        (tmp_path / "out" / split).mkdir(parents=True)
+    assert convert(tmp_path)["splits"]["eval"]["rows"] == 2
+
+
+def test_empty_train_split_is_an_error_that_says_what_to_change(tmp_path):
+    """Two interactions within one minute: the default split (whole minutes, --eval-fraction
+    0.1) puts both in eval."""
+    log, users, _ = write_inputs(tmp_path)
+    lines = [log_line(3, 101, 1_000_000_500, 1, 10), log_line(3, 102, 1_000_010_500, 1, 10)]
+    log.write_text(HEADER + "\n" + "\n".join(lines) + "\n")
+    options = {"logs": (str(log),), "user_features": str(users), "out": str(tmp_path / "out")}
+    with pytest.raises(ValueError, match="the train split is empty") as error:
+        convert_kuairand(KuaiRandOptions(**options))
+    message = str(error.value)
+    assert "--split-time" in message and "--eval-fraction 0.1" in message
+    assert "from 1000000 (1970-01-12T13:46:40+00:00) to 1000010" in message
+    assert not (tmp_path / "out").exists()
+    # What the message suggests: a split time inside the range.
+    manifest = convert_kuairand(KuaiRandOptions(**options, split_time=1_000_005))
+    assert [manifest["splits"][s]["rows"] for s in ("train", "eval")] == [1, 1]
+    assert manifest["warnings"] == []
+
+
+def test_empty_eval_split_is_an_error_unless_asked_for(tmp_path):
+    with pytest.raises(ValueError, match="the eval split is empty") as error:
+        convert(tmp_path, split_time=2_000_000)
+    assert "--eval-fraction 0 without --split-time" in str(error.value)
+    manifest = convert(tmp_path, split_time=None, eval_fraction=0.0)
+    assert manifest["splits"]["eval"]["rows"] == 0 and manifest["splits"]["train"]["rows"] > 0
+    (warning,) = manifest["warnings"]
+    assert "eval split is empty (--eval-fraction 0)" in warning
+    written = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert written["warnings"] == [warning]
+
+
 def _launch():
     spec = importlib.util.spec_from_file_location("launch", REPO / "launch.py")
     module = importlib.util.module_from_spec(spec)
