@@ -710,7 +710,7 @@ def _run_tasks(
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=True)
     # Large shared arguments (the side tables) go to the object store once, not per task.
     shared: dict[int, Any] = {}
     for call in calls:

@@ -199,8 +199,8 @@ def default_cpus_per_worker(total_cpus: float, workers: int) -> float:
 
 
 def init_ray(show_data_progress: bool) -> bool:
-    """Join RAY_ADDRESS / the job's cluster, or start a local Ray. True if this call started
-    (and so should stop) Ray."""
+    """Join RAY_ADDRESS / the job's cluster (`ray job submit` sets it), or start a local Ray.
+    True if this call started (and so should stop) Ray."""
     import ray
 
     if ray.is_initialized():
@@ -209,7 +209,10 @@ def init_ray(show_data_progress: bool) -> bool:
     if address:
         ray.init(address=address, logging_level="WARNING")
     else:
-        ray.init(include_dashboard=False, logging_level="WARNING")
+        # "local": always a new Ray of this process. Without it ray.init() joins whatever
+        # cluster /tmp/ray/ray_current_cluster names: a `ray start` cluster the user did not
+        # mean for this run, or a dead one, which hangs the start for minutes.
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     import ray.data
 
     context = ray.data.DataContext.get_current()
