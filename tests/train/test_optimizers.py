@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +170,74 @@ def test_a_scheduled_rate_reaches_the_fused_embedding_kernels(smoke_recipe, tmp_
         assert all(r == pytest.approx(0.0456) for r in kernel_rates(fused))
     finally:
         dist.destroy_process_group()
+
+
+# ---- the fused sparse optimizers, numerically ---------------------------------------------------
+
+def _fused_step(block: str, tmp_path):
+    """One table (10 x 4) under DMP with the fused optimizer `block` (a sparse_optimizer
+    config), one backward of the linear loss sum(lookup * coefficient). Returns (weights
+    before, weights after, the exact gradient of the table)."""
+    import torch.distributed as dist
+    from torchrec.modules.embedding_configs import EmbeddingConfig
+    from torchrec.modules.embedding_modules import EmbeddingCollection
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from hstu.config.loader import load_config
+    from hstu.train.sharding import shard_model
+
+    class OneTable(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding_collection = EmbeddingCollection(
+                tables=[EmbeddingConfig(name="t", embedding_dim=4, num_embeddings=10,
+                                        feature_names=["f"])],
+                device=torch.device("meta"))
+
+        def forward(self, features):
+            return self.embedding_collection(features)["f"].values()
+
+    recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "smoke.config")
+    sparse_cfg = load_config(recipe, [f"train_config.sparse_optimizer={{ {block} }}"]
+                             ).train_config.sparse_optimizer
+    spec = sparse_optimizer_spec(sparse_cfg, CPU)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = OneTable()
+        apply_optimizer_in_backward(spec.optimizer_class, model.parameters(), dict(spec.kwargs))
+        dmp = shard_model(model, CPU, world_size=1, local_world_size=1, batch_size=4,
+                          overrides={"t": ["table_wise"]}).model
+
+        def weights():
+            (tensor,) = [t for n, t in dmp.state_dict().items() if n.endswith("t.weight")]
+            return tensor.local_shards()[0].tensor.detach().clone()
+
+        ids = torch.tensor([1, 3, 3, 7, 1, 1])  # rows 1 and 3 repeat; 0, 2, 4-6, 8, 9 unused
+        features = KeyedJaggedTensor.from_lengths_sync(
+            keys=["f"], values=ids, lengths=torch.tensor([2, 1, 3]))
+        coefficient = torch.randn(len(ids), 4, generator=torch.Generator().manual_seed(0))
+        before = weights()
+        (dmp(features) * coefficient).sum().backward()
+        gradient = torch.zeros(10, 4).index_add_(0, ids, coefficient)
+        return before, weights(), gradient
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad"])
+def test_fused_sparse_optimizers_apply_their_update_rule(optimizer, tmp_path):
+    """SGD: -lr g. Adagrad, first step: -lr g / sqrt(g^2) per element. Row-wise Adagrad,
+    first step: -lr g / sqrt(mean over the row of g^2). Rows not looked up stay as they were."""
+    lr = 0.05
+    before, after, g = _fused_step(f"{optimizer}_optimizer {{ lr: {lr} }}", tmp_path)
+    if optimizer == "sgd":
+        expected = -lr * g
+    elif optimizer == "adagrad":
+        expected = -lr * g / g.abs().clamp_min(1e-12)
+    else:
+        expected = -lr * g / g.pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
+    touched = g.abs().sum(dim=1) > 0
+    assert touched.tolist() == [i in (1, 3, 7) for i in range(10)]
+    torch.testing.assert_close(after - before, expected, rtol=1e-4, atol=1e-6)
+    assert torch.equal(after[~touched], before[~touched])
