@@ -69,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     from hstu.data.validate import DataError
     from hstu.export.artifacts import ExportDirError
     from hstu.export.predict import CheckpointScorer, Predictor, predict_files
+    from hstu.model import ModelConfigError
+    from hstu.train.checkpoint import CheckpointError
 
     if args.export_dir and (args.recipe or args.overrides):
         print(
@@ -98,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
             on_bad_rows=args.on_bad_rows,
             progress=not args.quiet,
         )
-    except (ExportDirError, DataError, ConfigError, FileNotFoundError) as error:
+    except (ExportDirError, DataError, ConfigError, ModelConfigError, CheckpointError,
+            FileNotFoundError) as error:
         print(f"launch.py predict: {error}", file=sys.stderr)
         return 1
     print(

@@ -63,10 +63,30 @@ def train_loop_per_worker(job_values: dict) -> dict:
     """Entry point given to TorchTrainer (train_loop_config is TrainJob.to_dict()). Returns a
     summary (final metrics), which Ray hands to the driver as Result.return_value (rank 0's)."""
     quiet_library_logs()
-    worker = Worker(TrainJob.from_dict(job_values))
-    if worker.job.mode == "eval":
-        return worker.run_eval()
-    return worker.run_training()
+    try:
+        worker = Worker(TrainJob.from_dict(job_values))
+        if worker.job.mode == "eval":
+            return worker.run_eval()
+        return worker.run_training()
+    except _self_explaining_errors() as error:
+        if verbose():
+            raise
+        # The message already names the file, row and column (or the config field); Ray prints
+        # a worker's traceback twice on the console, ~20 frames each, which adds nothing to act
+        # on. The CLI ends with the message as one line. HSTU_VERBOSE=1 keeps the frames.
+        raise error.with_traceback(None) from None
+
+
+def _self_explaining_errors() -> tuple[type, ...]:
+    from hstu.config.errors import ConfigError
+    from hstu.data.validate import DataError
+    from hstu.model import ModelConfigError
+    from hstu.ops.cutlass.attention import CutlassUnavailableError
+    from hstu.train.checkpoint import CheckpointError
+    from hstu.train.optimizers import OptimizerConfigError
+
+    return (ConfigError, DataError, ModelConfigError, CutlassUnavailableError, CheckpointError,
+            OptimizerConfigError)
 
 
 def quiet_library_logs() -> None:

@@ -71,3 +71,16 @@ def test_predict_from_a_foreign_directory_explains(tmp_path, capsys, launch_main
     )
     assert code == 1
     assert "not an export directory of this project" in capsys.readouterr().err
+
+
+def test_predict_from_a_directory_that_is_no_checkpoint_is_one_line(tmp_path, capsys,
+                                                                     launch_main, recipes):
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")
+    code = launch_main(
+        ["predict", "--checkpoint", str(tmp_path / "checkpoint_manager_snapshot.json"),
+         "--recipe", recipes.smoke, "--data", str(tmp_path), "--out", str(tmp_path / "o.parquet")]
+    )
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("launch.py predict: ") and "no DCP checkpoint here" in err
+    assert "Traceback" not in err
