@@ -172,9 +172,28 @@ def summarize(cfg, source: str) -> tuple[str, bool]:
     ]
     notes += [f"label {name} is used by no task: not read" for name in unused_labels(cfg)]
     notes += [f"{path} has no effect here: {why}" for path, why in ignored_settings(cfg)]
+    notes += _kernel_notes(cfg)
     if notes:
         out += ["", "notes:"] + [f"  {note}" for note in notes]
     return "\n".join(out), usable
+
+
+def _kernel_notes(cfg) -> list[str]:
+    """What the chosen kernel needs that this machine may lack (the config itself is fine)."""
+    field = cfg.model_config.DESCRIPTOR.fields_by_name["kernel"]
+    kernel = field.enum_type.values_by_number[cfg.model_config.kernel].name
+    notes = []
+    if kernel in ("TRITON", "CUTLASS"):
+        notes.append(f"model_config.kernel {kernel} runs on CUDA GPUs: train with --use-gpu")
+    if kernel == "CUTLASS":
+        from hstu.ops.cutlass.attention import CutlassUnavailableError, kernel_function
+
+        try:
+            kernel_function()
+        except CutlassUnavailableError as error:
+            message = " ".join(line.strip() for line in str(error).splitlines())
+            notes.append(f"not on this machine (the GPU workers need it): {message}")
+    return notes
 
 
 def run(args: argparse.Namespace) -> int:

@@ -94,3 +94,17 @@ def test_bad_override_exits_1(kit, capsys):
     assert captured.err.startswith(f"{recipe}:")
     assert ": train_config.mixed_precision: kernel CUTLASS" in captured.err
     assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_check_notes_what_a_gpu_kernel_needs(kit, capsys):
+    main = _launch_main(kit)
+    recipe = str(kit.REPO_ROOT / "recipes" / "smoke.config")
+    status = main(["check", "--recipe", recipe, "--set", "model_config.kernel=CUTLASS",
+                   "--set", "train_config.mixed_precision=BF16"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "model_config.kernel CUTLASS runs on CUDA GPUs: train with --use-gpu" in out
+    if importlib.util.find_spec("hstu_attn") is None:
+        assert "not on this machine (the GPU workers need it): kernel CUTLASS needs" in out
+    main(["check", "--recipe", recipe])
+    assert "CUDA GPUs" not in capsys.readouterr().out  # PYTORCH runs anywhere: no note
