@@ -103,6 +103,9 @@ def quiet_library_logs() -> None:
         (FutureWarning, ".*HeuristicalStorageReservation.*"),
         (FutureWarning, ".*broadcast_buffers.*"),
         (UserWarning, ".*TypedStorage is deprecated.*"),
+        # Loading a DCP checkpoint of TorchRec's ShardedTensors (eval, resume): torch's notice
+        # about its own future, nothing this run can change.
+        (FutureWarning, ".*Please use DTensor instead.*"),
     ):
         warnings.filterwarnings("ignore", message=pattern, category=category)
 
