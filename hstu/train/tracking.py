@@ -58,9 +58,11 @@ def check_server_reachable(uri: str, source: str, timeout_s: float = 10.0) -> No
 
     Without this, MLflow's client retries each request for minutes and the run ends in a chain
     of tracebacks. Any HTTP answer counts as reachable (a server behind authentication answers
-    401); only a refused connection, an unknown host or a timeout is an error. Other schemes
-    (sqlite, file, databricks) are left to MLflow.
+    401, a TLS handshake urllib does not trust also counts); only a refused connection, an
+    unknown host or a timeout is an error. Other schemes (sqlite, file, databricks) are left to
+    MLflow.
     """
+    import ssl
     import urllib.error
     import urllib.parse
     import urllib.request
@@ -74,6 +76,11 @@ def check_server_reachable(uri: str, source: str, timeout_s: float = 10.0) -> No
         return
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
+        if isinstance(reason, ssl.SSLError) or isinstance(error, ssl.SSLError):
+            # It answered with TLS that urllib does not trust (a private CA, or one MLflow is
+            # told to accept through MLFLOW_TRACKING_INSECURE_TLS / _SERVER_CERT_PATH):
+            # reachable; certificates are MLflow's business.
+            return
         raise TrackingServerError(
             f"MLflow tracking server {uri} (from {source}) is not reachable: {reason}. "
             "Start it, or point --mlflow-uri / MLFLOW_TRACKING_URI at a server every node can "

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Self
 
 from hstu.train import tracking
-from hstu.train.console import filtered_console
+from hstu.train.console import console, filtered_console
 from hstu.train.job import TrainJob
 from hstu.train.progress import eval_table, format_duration, table
 
@@ -102,15 +102,15 @@ def _paths(given: list[str] | None, from_config: str, what: str) -> list[str] | 
         return None
     resolved, missing = [], []
     for part in map(_local, parts):
-        if _is_uri(part):
+        if _is_uri(part) or os.path.exists(part):  # an existing name wins: `run[1]/` is a path
             resolved.append(part)
         elif glob.has_magic(part):
             matches = sorted(glob.glob(part))
             resolved.extend(matches) if matches else missing.append(f"{part} (no match)")
-        elif os.path.exists(part):
-            resolved.append(part)
         else:
             missing.append(part)
+    # A file named twice (`dir/a.parquet,dir/*.parquet`) is read once, not trained on twice.
+    resolved = list(dict.fromkeys(resolved))
     if missing:
         raise TrainSetupError(
             f"{what} data not found: {', '.join(missing)} (make it with `launch.py prepare`, "
@@ -295,6 +295,23 @@ def _ray_ids() -> dict[str, str]:
     return ids
 
 
+def mlflow_run_to_resume(link: dict | None, tracking_uri: str, uri_source: str) -> str | None:
+    """The MLflow run id a resumed run continues, from its run link; None for a new run.
+
+    A link made on another tracking server than the one this resume logs to (--mlflow-uri or
+    MLFLOW_TRACKING_URI changed) names a run that does not exist here: the resumed part then
+    goes to a new MLflow run, and the console says where the first part is.
+    """
+    if not link:
+        return None
+    if link["tracking_uri"] != tracking_uri:
+        console(f"  MLflow: this run was tracked at {link['tracking_uri']} (run "
+                f"{link['run_id']}); {uri_source} names {tracking_uri}, so the resumed part "
+                "goes to a new MLflow run there")
+        return None
+    return link["run_id"]
+
+
 def job_submission_id() -> str | None:
     """The `ray job submit` id (raysubmit_...) of the job this driver runs in, else None.
 
@@ -472,6 +489,7 @@ def _run_training(options: TrainOptions) -> RunResult:
     link = tracking.read_run_link(run_dir) if (resuming and not _is_uri(run_dir)) else None
     if link and not options.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
         tracking_uri, uri_source = link["tracking_uri"], f"{run_dir}/{tracking.RUN_LINK_FILE}"
+    resume_mlflow_run = mlflow_run_to_resume(link, tracking_uri, uri_source)
     tracking.check_server_reachable(tracking_uri, uri_source)
 
     started_ray = init_ray(options.show_ray_data_progress)
@@ -513,7 +531,7 @@ def _run_training(options: TrainOptions) -> RunResult:
             run_name,
             tags=tags,
             params=params,
-            resume_run_id=link["run_id"] if link else None,
+            resume_run_id=resume_mlflow_run,
         )
         if not _is_uri(run_dir):
             tracking.write_run_link(run_dir, tracking_uri, mlflow_run_id)

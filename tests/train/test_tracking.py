@@ -159,3 +159,50 @@ def test_a_tracking_server_that_answers_passes_even_when_it_refuses_the_request(
     assert seen == ["/health", "/elsewhere/health"]
     # Non-http stores are MLflow's business: no network call, no error.
     tracking.check_server_reachable("sqlite:////nonexistent/dir/mlflow.db", "the default")
+
+
+def test_a_tls_server_with_a_certificate_urllib_does_not_trust_counts_as_reachable(tmp_path):
+    """MLflow may be told to trust it (MLFLOW_TRACKING_INSECURE_TLS, a private CA): the probe
+    must not refuse what MLflow can use."""
+    import datetime
+    import http.server
+    import ssl
+    import threading
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                   .public_key(key.public_key()).serial_number(1)
+                   .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+                   .sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.handle_request, daemon=True)
+    thread.start()
+    try:
+        tracking.check_server_reachable(f"https://127.0.0.1:{server.server_port}",
+                                        "MLFLOW_TRACKING_URI", timeout_s=5)
+    finally:
+        thread.join(5)
+        server.server_close()

@@ -350,5 +350,23 @@ def test_data_paths_are_read_as_torcheasyrec_reads_input_path(tmp_path):
         str(tmp_path / "a" / "part-0.parquet"), str(tmp_path / "a" / "part-1.parquet"), folder]
     assert _paths([folder], "ignored-when-given", "eval") == [folder]
     assert _paths(None, "", "eval") is None
+    bracketed = tmp_path / "run[1]"  # an existing name with glob characters is a path
+    bracketed.mkdir()
+    assert _paths([str(bracketed)], "", "train") == [str(bracketed)]
+    first = str(tmp_path / "a" / "part-0.parquet")  # named twice: read once
+    assert _paths([f"{first},{pattern}"], "", "train") == [
+        first, str(tmp_path / "a" / "part-1.parquet")]
     with pytest.raises(TrainSetupError, match=r"train data not found: .*nothing-\*\.parquet \(no match\)"):
         _paths(None, f"{folder},{tmp_path / 'nothing-*.parquet'}", "train")
+
+
+def test_a_resume_logging_to_another_mlflow_server_starts_a_new_run_there(capsys):
+    from hstu.train.trainer import mlflow_run_to_resume
+
+    link = {"tracking_uri": "sqlite:////old/mlflow.db", "run_id": "abc123"}
+    assert mlflow_run_to_resume(link, "sqlite:////old/mlflow.db", "the default") == "abc123"
+    assert mlflow_run_to_resume(None, "sqlite:////old/mlflow.db", "the default") is None
+    assert mlflow_run_to_resume(link, "http://mlflow:5000", "--mlflow-uri") is None
+    out = capsys.readouterr().out
+    assert "tracked at sqlite:////old/mlflow.db (run abc123); --mlflow-uri names " \
+        "http://mlflow:5000" in out
