@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="a checkpoint directory (<storage>/<run>/checkpoint_<step>)")
     parser.add_argument("--eval", nargs="+", default=None, metavar="PATH",
-                        help="eval parquet files/directories (default: eval_input_path)")
+                        help="eval parquet files, directories or glob patterns, also "
+                        "comma-separated (default: eval_input_path)")
     parser.add_argument("--json", dest="json_out", default=None, metavar="FILE",
                         help="also write the metrics to this JSON file")
     add_common_arguments(parser)

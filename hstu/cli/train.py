@@ -64,9 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLES
     parser.add_argument("--recipe", required=True, help="pipeline config (protobuf text format)")
     parser.add_argument("--train", nargs="+", default=None, metavar="PATH",
-                        help="training parquet files/directories (default: train_input_path)")
+                        help="training parquet files, directories or glob patterns, also "
+                        "comma-separated (default: train_input_path)")
     parser.add_argument("--eval", nargs="+", default=None, metavar="PATH",
-                        help="eval parquet files/directories (default: eval_input_path)")
+                        help="eval parquet files, directories or glob patterns, also "
+                        "comma-separated (default: eval_input_path)")
     add_common_arguments(parser)
     parser.add_argument("--resume", action="store_true",
                         help="continue a run from its latest checkpoint (same --workers; "

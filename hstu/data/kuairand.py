@@ -710,7 +710,11 @@ def _run_tasks(
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=True)
+        if os.environ.get("RAY_ADDRESS"):  # a cluster (docs/data.md): its CPUs, not ours
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        else:  # a Ray of our own, never a stale or unrelated `ray start` cluster
+            ray.init(address="local", num_cpus=workers, include_dashboard=False,
+                     log_to_driver=True)
     # Large shared arguments (the side tables) go to the object store once, not per task.
     shared: dict[int, Any] = {}
     for call in calls:

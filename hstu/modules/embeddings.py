@@ -94,8 +94,11 @@ class MultiDimEmbeddingCollection(nn.Module):
         collection keeps its tables inside its lookup kernels)."""
         tables: dict[str, nn.Module] = {}
         for key, collection in self.collections.items():
+            # A sharded collection also has an `embeddings` ModuleDict, of shard-local
+            # slices: only the unsharded class holds whole tables.
             modules = getattr(collection, "embeddings", None)
-            if not isinstance(modules, nn.ModuleDict):
+            unsharded = type(collection) is EmbeddingCollection
+            if not unsharded or not isinstance(modules, nn.ModuleDict):
                 raise TypeError(
                     f"embedding_collection.collections[{key!r}] is sharded "
                     f"({type(collection).__name__}); its tables are not nn.Embedding modules"

@@ -70,7 +70,8 @@ def _check_inputs(q, k, v, seq_offsets, max_seq_len, num_targets) -> None:
     if v.shape[:2] != q.shape[:2]:
         raise ValueError(f"hstu_mha: v must be [L, H, d_v] with q's L and H {tuple(q.shape[:2])}, "
                          f"got {tuple(v.shape)}")
-    if seq_offsets.dim() != 1 or seq_offsets.numel() < 1 or seq_offsets.is_floating_point():
+    if seq_offsets.dim() != 1 or seq_offsets.numel() < 1 or seq_offsets.dtype not in (
+            torch.int32, torch.int64):
         raise ValueError("hstu_mha: seq_offsets must be a 1-D integer tensor [B+1], got "
                          f"{seq_offsets.dtype} of shape {tuple(seq_offsets.shape)}")
     batch = seq_offsets.numel() - 1

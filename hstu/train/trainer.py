@@ -339,7 +339,8 @@ def check_kernel_runs_here(cfg, use_gpu: bool) -> None:
     CLI prints as one line with the install command.
     """
     kernel = _kernel_name(cfg)
-    if kernel in ("TRITON", "CUTLASS") and not use_gpu and os.environ.get("TRITON_INTERPRET") != "1":
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if kernel in ("TRITON", "CUTLASS") and not use_gpu and not interpreted:
         raise TrainSetupError(
             f"model_config.kernel is {kernel}, whose kernels run on CUDA GPUs only: pass "
             "--use-gpu (one GPU per worker), or train on CPU with "
@@ -698,7 +699,8 @@ def _run_evaluation(options: TrainOptions) -> tuple[dict, list[str]]:
     storage = _local(options.storage or cfg.model_dir or "experiments")
     run_name = options.run_name or f"eval-{Path(options.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     tracking_uri = tracking.resolve_tracking_uri(options.tracking_uri, Path.cwd())
-    tracking.check_server_reachable(tracking_uri, tracking.tracking_uri_source(options.tracking_uri))
+    uri_source = tracking.tracking_uri_source(options.tracking_uri)
+    tracking.check_server_reachable(tracking_uri, uri_source)
     started_ray = init_ray(options.show_ray_data_progress)
     mlflow_run_id = None
     try:

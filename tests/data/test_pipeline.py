@@ -387,3 +387,16 @@ def test_batch_error_falls_back_to_the_batch_row_when_the_file_is_unreadable(
             error.value
         )
         assert ("reading" if bad == 1 else "not a local file") in str(error.value)
+
+
+def test_locating_by_sample_id_finds_that_row_not_the_first_bad_one(tmp_path, make_specs):
+    """Two rows (5 and 8) break the same rule: the sample_id decides which one is reported.
+    (The rule scan alone would say 5; the Ray test above cannot tell the two apart.)"""
+    from hstu.data.validate import Finding, locate_row_in_file
+
+    features, labels = make_specs()
+    path = tmp_path / "part-1.parquet"
+    _sample_file(path, 9, bad_rows=(5, 8), first_id=1000)
+    finding = Finding("uih_seq__video_id", "unused by the sample_id lookup", np.zeros(1, bool))
+    assert locate_row_in_file(str(path), finding, features, labels, sample_id=1008) == (8, None)
+    assert locate_row_in_file(str(path), finding, features, labels, sample_id=1005) == (5, None)

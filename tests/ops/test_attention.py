@@ -98,6 +98,7 @@ def test_hstu_mha_matches_per_token_loop(contextual):
         (dict(k=torch.zeros(8, 2, 4)), "q and k must have one shape"),
         (dict(seq_offsets=torch.tensor([0, 3, 7])), "seq_offsets must run from 0 to L = 8"),
         (dict(seq_offsets=torch.tensor([0.0, 3.0, 8.0])), "seq_offsets must be a 1-D integer"),
+        (dict(seq_offsets=torch.tensor([False, True, True])), "seq_offsets must be a 1-D integer"),
         (dict(num_targets=torch.tensor([1, 1, 1])), "num_targets must be [B] = [2]"),
         (dict(q=torch.zeros(8, 8)), "q must be [L, H, d]"),
     ],
