@@ -465,6 +465,11 @@ def resolve_bad_rows(
                     f" (row {row} of the batch, 0-based; its row in the file is not known: "
                     f"{why_not})"
                 )
+            elif why_not == FOUND_BY_RULE:
+                # Maybe another row than the batch's (two rows breaking one rule): say how it
+                # was found, and drop the batch row's sample_id, which may not be this row's.
+                problem += f" ({FOUND_BY_RULE})"
+                sample_id = None
         else:
             # One file read from row_offset on, or a table with no file behind it.
             row_path, file_row, problem = path, row + row_offset, first.problem
@@ -487,6 +492,8 @@ def resolve_bad_rows(
 
 # Rows per read when a file is searched for a bad row.
 LOCATE_READ_ROWS = 8192
+# locate_row_in_file's note for a row found by re-checking the file rather than by sample_id.
+FOUND_BY_RULE = "the file's first row breaking this rule"
 
 
 def locate_row_in_file(
@@ -498,7 +505,8 @@ def locate_row_in_file(
     sample_id: int | None = None,
 ) -> tuple[int | None, str | None]:
     """The 0-based row of `path` behind a bad row found in a batch of rows from several files:
-    (row, None), or (None, why not) when the file cannot be read.
+    (row, None) when found by its sample_id, (row, FOUND_BY_RULE) when found by re-checking
+    the file, or (None, why not) when the file cannot be read.
 
     With the row's sample_id and a sample_id column in the file, the row holding that id (one
     column read). Otherwise the file is checked with the same rules as the batch, a block of
@@ -514,10 +522,14 @@ def locate_row_in_file(
         names = parquet.schema_arrow.names
         if sample_id is not None and SAMPLE_ID in names:
             ids = parquet.read(columns=[SAMPLE_ID]).column(SAMPLE_ID)
-            same = pc.equal(ids, sample_id).fill_null(False)
-            matches = np.flatnonzero(same.to_numpy(zero_copy_only=False))
-            if len(matches):
-                return int(matches[0]), None
+            try:
+                same = pc.equal(ids, sample_id).fill_null(False)
+            except pa.ArrowException:  # a sample_id column of another type: use the rules
+                same = None
+            if same is not None:
+                matches = np.flatnonzero(same.to_numpy(zero_copy_only=False))
+                if len(matches):
+                    return int(matches[0]), None
         requests = requests_for(features, labels)
         columns = [r.column for r in requests if r.column in names]
         offset = 0
@@ -526,7 +538,7 @@ def locate_row_in_file(
             findings += find_bad_rows(found, features, labels)
             for candidate in findings:
                 if (candidate.column, candidate.problem) == (finding.column, finding.problem):
-                    return offset + int(np.argmax(candidate.bad)), None
+                    return offset + int(np.argmax(candidate.bad)), FOUND_BY_RULE
             offset += batch.num_rows
     except (OSError, pa.ArrowException, DataError) as error:
         return None, f"reading {path} failed: {error}"

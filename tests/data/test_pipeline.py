@@ -351,6 +351,7 @@ def test_ray_batch_error_names_the_bad_rows_file_and_its_row_in_it(ray_local, tm
     assert error.value.row == 7 and error.value.column == "uih_seq__video_id"
     assert f"file {tmp_path / 'part-1.parquet'}, row 7 (0-based)" in str(error.value)
     assert "of the batch" not in str(error.value)
+    assert "the file's first row breaking this rule" in str(error.value)  # how it was found
 
 
 @pytest.mark.slow
