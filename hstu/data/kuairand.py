@@ -850,16 +850,20 @@ def _publish(
     videos: CodedTable | None,
 ) -> None:
     """Move a successful run's output from the staging directory into OUT, replacing a
-    previous output (--overwrite, checked before the run); manifest.json goes last."""
+    previous output (--overwrite, checked before the run); manifest.json goes last.
+
+    The previous output is renamed aside (into the staging directory) before the new one
+    moves in and deleted only after: renames are cheap, so no moment leaves OUT with neither.
+    """
+    previous = os.path.join(staging, "_previous")
+    os.makedirs(previous, exist_ok=True)
     for name in OUTPUTS:
         target = os.path.join(options.out, name)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        elif os.path.exists(target):
-            os.remove(target)
+        if os.path.lexists(target):
+            os.replace(target, os.path.join(previous, name))
     for split in ("train", "eval"):
         os.replace(os.path.join(staging, split), os.path.join(options.out, split))
-    os.rmdir(staging)
+    shutil.rmtree(staging)
     with open(os.path.join(options.out, "profile_codes.json"), "w") as f:
         json.dump(profiles.mappings, f, indent=2, ensure_ascii=False)
     if videos is not None:
