@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         required=True,
         metavar="PATH",
-        help="sample parquet files or directories",
+        help="sample parquet files, directories or glob patterns, also comma-separated",
     )
     parser.add_argument("--out", required=True, help="output parquet file")
     parser.add_argument(

@@ -197,10 +197,23 @@ def _tensor(array: np.ndarray):
 
 
 def parquet_files(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Parquet files of the given files / directories (a directory: its *.parquet, sorted)."""
+    """Parquet files of the given files / directories (a directory: its *.parquet, sorted), as
+    training reads them: comma-separated parts, glob patterns for names that do not exist."""
+    import glob
+
     items = [data] if isinstance(data, (str, os.PathLike)) else list(data)
-    files: list[Path] = []
+    expanded: list[str] = []
     for item in items:
+        for part in (p.strip() for p in str(item).split(",")):
+            if part and not os.path.exists(part) and glob.has_magic(part):
+                matches = sorted(glob.glob(part))
+                if not matches:
+                    raise FileNotFoundError(f"--data {part}: the pattern matches nothing")
+                expanded += matches
+            elif part:
+                expanded.append(part)
+    files: list[Path] = []
+    for item in dict.fromkeys(expanded):
         path = Path(item)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*.parquet") if p.is_file())
@@ -211,7 +224,7 @@ def parquet_files(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list
             files.append(path)
         else:
             raise FileNotFoundError(f"--data {path}: no such file or directory")
-    return files
+    return list(dict.fromkeys(files))  # a file named twice is scored once
 
 
 def _batches(files: list[Path], columns: list[str], batch_size: int) -> Iterator:

@@ -114,3 +114,16 @@ def test_dataframe_rows_score_like_the_parquet_rows(smoke_predictor, samples):
     with pytest.raises(DataError, match="column 'user_id': cannot be read as int64"):
         frame["user_id"] = "someone"
         dataframe_to_table(frame, smoke_predictor)
+
+
+def test_data_paths_take_commas_and_globs_like_training(tmp_path):
+    from hstu.export.predict import parquet_files
+
+    for name in ("a/x-0.parquet", "a/x-1.parquet", "b/y.parquet"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    a0, a1, b = (tmp_path / "a/x-0.parquet", tmp_path / "a/x-1.parquet", tmp_path / "b/y.parquet")
+    assert parquet_files(f"{tmp_path / 'a' / 'x-*.parquet'},{tmp_path / 'b'}") == [a0, a1, b]
+    assert parquet_files([str(a0), str(tmp_path / "a")]) == [a0, a1]  # a0 once
+    with pytest.raises(FileNotFoundError, match="matches nothing"):
+        parquet_files(str(tmp_path / "none-*.parquet"))
