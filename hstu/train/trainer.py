@@ -478,6 +478,12 @@ def _run_training(options: TrainOptions) -> RunResult:
     if train_paths is None:
         raise TrainSetupError("no training data: set train_input_path or pass --train")
     eval_paths = _paths(options.eval_paths, cfg.eval_input_path, "eval")
+    # --train/--eval replace the config's paths: the logged params and pipeline.config then say
+    # which data this run read (as given: patterns stay patterns), not the recipe's default.
+    if options.train_paths:
+        cfg.train_input_path = ",".join(options.train_paths)
+    if options.eval_paths:
+        cfg.eval_input_path = ",".join(options.eval_paths)
     storage = _local(options.storage or cfg.model_dir or "experiments")
     run_name, resuming = resolve_run(
         options, storage, Path(options.recipe).stem, cfg.train_config

@@ -126,7 +126,7 @@ def test_checkpoints_hold_every_rank_shards(trained):
 
 
 @pytest.mark.slow
-def test_mlflow_run_holds_params_tags_and_every_task_auc(trained):
+def test_mlflow_run_holds_params_tags_and_every_task_auc(trained, smoke_data):
     result, mlflow_client = trained
     run = mlflow_client.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
@@ -136,6 +136,10 @@ def test_mlflow_run_holds_params_tags_and_every_task_auc(trained):
     assert params["data_config.batch_size"] == str(BATCH)  # the --set override is logged
     assert params["feature_configs.user_id.id_feature.num_buckets"] == "1000"
     assert params["run.workers"] == str(WORKERS)
+    # The data this run read (its --train/--eval, two paths each), not the recipe's paths.
+    train_paths, eval_paths = (params[k].split(",") for k in ("train_input_path", "eval_input_path"))
+    assert len(train_paths) == len(eval_paths) == 2
+    assert train_paths[0] == smoke_data["train"] and eval_paths[0] == smoke_data["eval"]
     assert run.data.tags["hstu.ray_run_name"] == result.run_name
     assert run.data.tags["hstu.ray_job_id"]
     tasks = result.tasks
