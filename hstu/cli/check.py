@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from hstu.cli import add_override_argument
 from hstu.config import (
     ConfigError,
     feature_specs,
@@ -25,13 +26,8 @@ from hstu.config import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", required=True, help="pipeline config (protobuf text format)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="PATH=VALUE",
-        help="override a config field, e.g. --set data_config.batch_size=8 (repeatable)",
+    add_override_argument(
+        parser, "override a config field, e.g. --set data_config.batch_size=8 (repeatable)"
     )
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hstu.cli import add_override_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -41,14 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="JSON object merged into model_acc.json; DLRM-HSTU needs cand_seq_pk, "
         'e.g. \'{"cand_seq_pk": "cand_seq"}\'',
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="config override, as in training (repeatable)",
-    )
+    add_override_argument(parser, "config override, as in training (repeatable)")
     parser.add_argument(
         "--aoti",
         choices=("auto", "on", "off"),

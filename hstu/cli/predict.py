@@ -15,6 +15,8 @@ import argparse
 import json
 import sys
 
+from hstu.cli import add_override_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -30,14 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint", help="score with a training checkpoint instead (needs --recipe)"
     )
     parser.add_argument("--recipe", help="pipeline config of --checkpoint")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="config override for --checkpoint (repeatable)",
-    )
+    add_override_argument(parser, "config override for --checkpoint (repeatable)")
     parser.add_argument(
         "--data",
         nargs="+",

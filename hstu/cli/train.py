@@ -6,6 +6,8 @@ import argparse
 import re
 import sys
 
+from hstu.cli import add_override_argument
+
 EXAMPLES = """examples:
   python launch.py train --recipe recipes/smoke.config --workers 2
   python launch.py train --recipe recipes/kuairand_dlrm_hstu.config --workers 8 --use-gpu \\
@@ -26,13 +28,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         help="CPUs Ray reserves per worker (default on CPU: (CPUs - 1) / workers, at most 1, so "
         "that Ray Data keeps a CPU; on GPU: 1)",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a config field, e.g. --set train_config.num_steps=100 (repeatable)",
+    add_override_argument(
+        parser, "override a config field, e.g. --set train_config.num_steps=100 (repeatable)"
     )
     parser.add_argument(
         "--sharding",

@@ -184,6 +184,36 @@ def _concat(arrays: list[np.ndarray], dtype: type) -> np.ndarray:
     return np.concatenate(arrays).astype(dtype, copy=False)
 
 
+def expand_input_paths(paths: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Sample paths as TorchEasyRec reads input_path: each entry comma-separated, each part a
+    file, a directory, a URI (`s3://...`, as given) or a local glob pattern such as
+    `data/train/part-*.parquet` (only for names that do not exist: `run[1]/` is a path).
+
+    Returns (paths, missing): local paths absolute, each path once (`dir/a.parquet` named
+    twice, or by a name and a pattern, is read once); `missing` lists the names not found.
+    """
+    import glob
+
+    found: list[str] = []
+    missing: list[str] = []
+    for entry in paths:
+        for part in (p.strip() for p in str(entry).split(",")):
+            if not part:
+                continue
+            if "://" in part:
+                found.append(part)
+            elif os.path.exists(part):
+                found.append(os.path.abspath(os.path.expanduser(part)))
+            elif glob.has_magic(part):
+                matches = sorted(glob.glob(os.path.expanduser(part)))
+                found += [os.path.abspath(m) for m in matches]
+                if not matches:
+                    missing.append(f"{part} (no match)")
+            else:
+                missing.append(part)
+    return list(dict.fromkeys(found)), missing
+
+
 def read_samples(
     paths: str | os.PathLike | Sequence[str | os.PathLike],
     *,

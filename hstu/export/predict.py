@@ -197,33 +197,24 @@ def _tensor(array: np.ndarray):
 
 
 def parquet_files(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Parquet files of the given files / directories (a directory: its *.parquet, sorted), as
-    training reads them: comma-separated parts, glob patterns for names that do not exist."""
-    import glob
+    """Parquet files of the given files / directories (a directory: its *.parquet, sorted),
+    with commas and glob patterns read as training reads them (expand_input_paths)."""
+    from hstu.data.pipeline import expand_input_paths
 
     items = [data] if isinstance(data, (str, os.PathLike)) else list(data)
-    expanded: list[str] = []
-    for item in items:
-        for part in (p.strip() for p in str(item).split(",")):
-            if part and not os.path.exists(part) and glob.has_magic(part):
-                matches = sorted(glob.glob(part))
-                if not matches:
-                    raise FileNotFoundError(f"--data {part}: the pattern matches nothing")
-                expanded += matches
-            elif part:
-                expanded.append(part)
+    paths, missing = expand_input_paths([str(item) for item in items])
+    if missing:
+        raise FileNotFoundError(f"--data {missing[0]}: no such file or directory")
     files: list[Path] = []
-    for item in dict.fromkeys(expanded):
+    for item in paths:
         path = Path(item)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*.parquet") if p.is_file())
             if not found:
                 raise FileNotFoundError(f"--data {path}: no .parquet files in this directory")
             files += found
-        elif path.is_file():
-            files.append(path)
         else:
-            raise FileNotFoundError(f"--data {path}: no such file or directory")
+            files.append(path)
     return list(dict.fromkeys(files))  # a file named twice is scored once
 
 

@@ -92,31 +92,17 @@ def _local(path: str) -> str:
 
 
 def _paths(given: list[str] | None, from_config: str, what: str) -> list[str] | None:
-    """Data paths as TorchEasyRec reads input_path: comma-separated, each part a file, a
-    directory or (local paths) a glob pattern such as `data/train/part-*.parquet`."""
-    import glob
+    """--train/--eval PATH..., else the config's input path; expanded as TorchEasyRec reads
+    input_path (hstu.data.pipeline.expand_input_paths). None when neither names any."""
+    from hstu.data.pipeline import expand_input_paths
 
-    paths = given if given else ([from_config] if from_config else [])
-    parts = [part.strip() for path in paths for part in path.split(",") if part.strip()]
-    if not parts:
-        return None
-    resolved, missing = [], []
-    for part in map(_local, parts):
-        if _is_uri(part) or os.path.exists(part):  # an existing name wins: `run[1]/` is a path
-            resolved.append(part)
-        elif glob.has_magic(part):
-            matches = sorted(glob.glob(part))
-            resolved.extend(matches) if matches else missing.append(f"{part} (no match)")
-        else:
-            missing.append(part)
-    # A file named twice (`dir/a.parquet,dir/*.parquet`) is read once, not trained on twice.
-    resolved = list(dict.fromkeys(resolved))
+    resolved, missing = expand_input_paths(given if given else [from_config])
     if missing:
         raise TrainSetupError(
             f"{what} data not found: {', '.join(missing)} (make it with `launch.py prepare`, "
             f"or pass --{what} PATH)"
         )
-    return resolved
+    return resolved or None
 
 
 def _latest_run(storage: Path) -> str:

@@ -79,9 +79,9 @@ def write_inputs(directory: Path) -> tuple[Path, Path, Path]:
     return log, users, videos
 
 
-def convert(directory: Path, **options) -> dict:
-    log, users, videos = write_inputs(directory)
-    defaults = {
+def small_options(directory: Path, log: Path, users: Path, **options) -> dict:
+    """KuaiRandOptions fields for the tiny log of write_inputs, writing to directory/out."""
+    return {
         "logs": (str(log),),
         "user_features": str(users),
         "out": str(directory / "out"),
@@ -90,8 +90,13 @@ def convert(directory: Path, **options) -> dict:
         "contextual": 1,
         "split_time": SPLIT_TIME,
         "video_id_buckets": 0,
+        **options,
     }
-    defaults.update(options)
+
+
+def convert(directory: Path, **options) -> dict:
+    log, users, videos = write_inputs(directory)
+    defaults = small_options(directory, log, users, **options)
     if defaults.pop("mtgr", False):
         defaults["video_features"] = str(videos)
     return convert_kuairand(KuaiRandOptions(**defaults))
@@ -255,15 +260,7 @@ def test_bad_log_line(tmp_path, line, column, problem):
     lines = log.read_text().splitlines()
     lines[3] = line
     log.write_text("\n".join(lines) + "\n")
-    options = {
-        "logs": (str(log),),
-        "user_features": str(users),
-        "out": str(tmp_path / "out"),
-        "max_candidates": 3,
-        "max_seq_len": 6,
-        "contextual": 1,
-        "split_time": SPLIT_TIME,
-    }
+    options = small_options(tmp_path, log, users)
     with pytest.raises(DataError) as error:
         convert_kuairand(KuaiRandOptions(**options))
     assert error.value.path == str(log) and error.value.line == 4 and error.value.row is None
@@ -313,15 +310,7 @@ def test_failed_run_leaves_nothing_behind(tmp_path):
     log, users, _ = write_inputs(tmp_path)
     good_users = users.read_text()
     users.write_text(good_users.replace("7,high_active", "x7,high_active"))
-    options = {
-        "logs": (str(log),),
-        "user_features": str(users),
-        "out": str(tmp_path / "out"),
-        "max_candidates": 3,
-        "max_seq_len": 6,
-        "contextual": 1,
-        "split_time": SPLIT_TIME,
-    }
+    options = small_options(tmp_path, log, users)
     with pytest.raises(DataError, match="not a whole number") as error:
         convert_kuairand(KuaiRandOptions(**options))
     assert error.value.path == str(users) and error.value.line == 2

@@ -402,3 +402,17 @@ def test_locating_by_sample_id_finds_that_row_not_the_first_bad_one(tmp_path, ma
     finding = Finding("uih_seq__video_id", "unused by the sample_id lookup", np.zeros(1, bool))
     assert locate_row_in_file(str(path), finding, features, labels, sample_id=1008) == (8, None)
     assert locate_row_in_file(str(path), finding, features, labels, sample_id=1005) == (5, None)
+
+
+def test_input_paths_are_expanded_as_torcheasyrec_reads_input_path(tmp_path, monkeypatch):
+    from hstu.data.pipeline import expand_input_paths
+
+    for name in ("a/p-0.parquet", "a/p-1.parquet", "run[1]/q.parquet"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.chdir(tmp_path)  # relative names come back absolute
+    found, missing = expand_input_paths(
+        ["a/p-*.parquet, run[1]", "a/p-0.parquet,s3://bucket/train", "gone,none-*.parquet"])
+    assert found == [str(tmp_path / "a/p-0.parquet"), str(tmp_path / "a/p-1.parquet"),
+                     str(tmp_path / "run[1]"), "s3://bucket/train"]
+    assert missing == ["gone", "none-*.parquet (no match)"]
