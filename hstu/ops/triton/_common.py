@@ -139,3 +139,38 @@ def tanh_approx(x):
     return tl.inline_asm_elementwise(
         "tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
     )
+
+
+@triton.jit
+def tanh_f16x2(x):
+    """tanh of float32 x through packed half precision: one MUFU.TANH per two elements.
+
+    x is rounded to float16 on the way in (overflow to +-inf is harmless: tanh saturates) and
+    the result (about 2^-10 relative error) comes back as float32."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 h;
+        .reg .f16 lo, hi;
+        cvt.rn.f16x2.f32 h, $3, $2;
+        tanh.approx.f16x2 h, h;
+        mov.b32 {lo, hi}, h;
+        cvt.f32.f16 $0, lo;
+        cvt.f32.f16 $1, hi;
+        }""",
+        "=f,=f,f,f", [x], dtype=tl.float32, is_pure=True, pack=2,
+    )
+
+
+@triton.jit
+def silu_half_bf16x2(y):
+    """y * (1 + tanh(y)) in packed bfloat16 (= SiLU(2y)), for float32 y: one MUFU.TANH and one
+    packed FMA per two elements. bf16 precision throughout (experimental)."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 h, t;
+        cvt.rn.bf16x2.f32 h, $2, $1;
+        tanh.approx.bf16x2 t, h;
+        fma.rn.bf16x2 $0, h, t, h;
+        }""",
+        "=r,f,f", [y], dtype=tl.bfloat16, is_pure=True, pack=2,
+    )

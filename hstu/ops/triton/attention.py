@@ -45,7 +45,9 @@ from hstu.ops.triton._common import (
     fp32_dot_precision,
     interpreting,
     seq_len_bucket,
+    silu_half_bf16x2,
     tanh_approx,
+    tanh_f16x2,
     triton_dtype_ok,
 )
 
@@ -83,6 +85,10 @@ INTERPRET_TILE = Tile(32, 32, 4, 1)
 # Where the forward adds the candidates' own terms: before the key loops (fewer live registers)
 # or after them. Same numbers either way; docs/kernels.md has the timing of both.
 FORWARD_OWN_TERM_FIRST = True
+FORWARD_SILU = 0
+FORWARD_OVERLAP = False
+BACKWARD_SILU = 0
+BACKWARD_DP_FIRST = False
 
 DQ_MODES = ("atomic", "separate")
 DQ_MODE = "atomic"
@@ -154,6 +160,49 @@ def _silu_scaled(qk, alpha, scale, FAST: tl.constexpr):
     else:
         x = qk * alpha
         return x * scale / (1.0 + tl.exp2(x * -LOG2E))
+
+
+@triton.jit
+def _fwd_scores(qk, alpha, scale, FAST: tl.constexpr, SILU: tl.constexpr):
+    """Scores of one tile. SILU 0: SiLU(alpha qk) * scale. Otherwise SiLU(alpha qk) without the
+    scale (applied to the accumulator at the end): 1 = fp32 tanh, 2 = packed f16 tanh,
+    3 = packed bf16 tanh and FMA, 9 = no SiLU at all (timing only)."""
+    if SILU == 0:
+        return _silu_scaled(qk, alpha, scale, FAST)
+    elif SILU == 9:
+        return qk
+    else:
+        if FAST:
+            y = qk * (0.5 * alpha)
+            if SILU == 1:
+                return y * tanh_approx(y) + y
+            elif SILU == 2:
+                return y * tanh_f16x2(y) + y
+            else:
+                return silu_half_bf16x2(y)
+        else:
+            x = qk * alpha
+            return x / (1.0 + tl.exp2(x * -LOG2E))
+
+
+@triton.jit
+def _silu_and_grad2(qk, alpha, FAST: tl.constexpr, SILU: tl.constexpr):
+    """(SiLU(x), 2 SiLU'(x)) for x = alpha qk, no scale. With y = x / 2 and t = tanh(y):
+    SiLU(x) = y (1 + t) and 2 SiLU'(x) = (1 + t) (1 + y (1 - t))."""
+    if SILU == 9:
+        return qk, qk * 0.0 + 2.0
+    y = qk * (0.5 * alpha)
+    if FAST:
+        if SILU == 2:
+            t = tanh_f16x2(y)
+        else:
+            t = tanh_approx(y)
+        a = 1.0 + t
+        b = 1.0 - t
+    else:
+        a = 2.0 / (1.0 + tl.exp2(y * (-2.0 * LOG2E)))
+        b = 2.0 - a
+    return y * a, a * (1.0 + y * b)
 
 
 @triton.jit
@@ -297,17 +346,46 @@ def _fwd_tiles(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, lo, hi, lengt
                HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr,
                HAS_WINDOW: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
                UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
-               BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_N: tl.constexpr):
+               BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_N: tl.constexpr,
+               SILU: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K_row, offs_n, stride_km, hist, D_QK, BLOCK_D_QK, MASKED)
         qk = dot(q, tl.trans(k), None, PRECISION, UPCAST)
-        p = _silu_scaled(qk, alpha, scale, FAST)
+        p = _fwd_scores(qk, alpha, scale, FAST, SILU)
         if MASKED:
             ok = _valid(offs_m[:, None], offs_n[None, :], hist, mx, cs, max_attn_len,
                         HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW)
             p = tl.where(ok, p, 0.0)
         v = _load_rows(V_row, offs_n, stride_vm, hist, D_V, BLOCK_D_V, MASKED)
+        acc = dot(p.to(v.dtype), v, acc, PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
+def _fwd_tiles_overlapped(acc, q, K_row, V_row, stride_km, stride_vm, lo, hi, hist, alpha, scale,
+                          FAST: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                          D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
+                          BLOCK_D_V: tl.constexpr, BLOCK_N: tl.constexpr, SILU: tl.constexpr):
+    """The unmasked loop with q k^T of the next tile issued before the SiLU of this one, so
+    that the tensor cores work while the SFU/FMA units compute the scores (FlashAttention-3's
+    intra-warpgroup overlap; the wgmma is asynchronous until its result is used)."""
+    if hi > lo:
+        offs_n = lo + tl.arange(0, BLOCK_N)
+        k = _load_rows(K_row, offs_n, stride_km, hist, D_QK, BLOCK_D_QK, False)
+        qk = dot(q, tl.trans(k), None, PRECISION, UPCAST)
+        for start_n in range(lo, hi - BLOCK_N, BLOCK_N):
+            offs_next = start_n + BLOCK_N + tl.arange(0, BLOCK_N)
+            k_next = _load_rows(K_row, offs_next, stride_km, hist, D_QK, BLOCK_D_QK, False)
+            qk_next = dot(q, tl.trans(k_next), None, PRECISION, UPCAST)
+            p = _fwd_scores(qk, alpha, scale, FAST, SILU)
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            v = _load_rows(V_row, offs_n, stride_vm, hist, D_V, BLOCK_D_V, False)
+            acc = dot(p.to(v.dtype), v, acc, PRECISION, UPCAST)
+            qk = qk_next
+        p = _fwd_scores(qk, alpha, scale, FAST, SILU)
+        offs_n = hi - BLOCK_N + tl.arange(0, BLOCK_N)
+        v = _load_rows(V_row, offs_n, stride_vm, hist, D_V, BLOCK_D_V, False)
         acc = dot(p.to(v.dtype), v, acc, PRECISION, UPCAST)
     return acc
 
@@ -335,7 +413,7 @@ def _attn_fwd(Q, K, V, O, seq_offsets, num_targets,
               FAST: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
               D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
               BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              OWN_TERM_FIRST: tl.constexpr):
+              OWN_TERM_FIRST: tl.constexpr, SILU: tl.constexpr, OVERLAP: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // H
@@ -354,7 +432,8 @@ def _attn_fwd(Q, K, V, O, seq_offsets, num_targets,
     if HAS_TARGETS and OWN_TERM_FIRST:
         if start_m + BLOCK_M > hist:
             acc = _fwd_own_term(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, length,
-                                hist, alpha, scale, FAST, D_QK, D_V, BLOCK_D_QK, BLOCK_D_V)
+                                hist, alpha, scale if SILU == 0 else 1.0, FAST, D_QK, D_V,
+                                BLOCK_D_QK, BLOCK_D_V)
     ctx_end, lo, full_end, hi = _query_block_ranges(
         start_m, length, hist, mx, cs, contextual_seq_len, max_attn_len,
         HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, BLOCK_M, BLOCK_N)
@@ -362,19 +441,27 @@ def _attn_fwd(Q, K, V, O, seq_offsets, num_targets,
         acc = _fwd_tiles(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, 0, ctx_end,
                          length, hist, mx, cs, max_attn_len, alpha, scale, True,
                          HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
-                         D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
-    acc = _fwd_tiles(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, lo, full_end,
-                     length, hist, mx, cs, max_attn_len, alpha, scale, False,
-                     HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
-                     D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
+                         D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N, SILU)
+    if OVERLAP:
+        acc = _fwd_tiles_overlapped(acc, q, K_row, V_row, stride_km, stride_vm, lo, full_end,
+                                    hist, alpha, scale, FAST, PRECISION, UPCAST, D_QK, D_V,
+                                    BLOCK_D_QK, BLOCK_D_V, BLOCK_N, SILU)
+    else:
+        acc = _fwd_tiles(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, lo, full_end,
+                         length, hist, mx, cs, max_attn_len, alpha, scale, False,
+                         HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
+                         D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N, SILU)
     acc = _fwd_tiles(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, full_end, hi,
                      length, hist, mx, cs, max_attn_len, alpha, scale, True,
                      HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
-                     D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
+                     D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N, SILU)
     if HAS_TARGETS and not OWN_TERM_FIRST:
         if start_m + BLOCK_M > hist:
             acc = _fwd_own_term(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, length,
-                                hist, alpha, scale, FAST, D_QK, D_V, BLOCK_D_QK, BLOCK_D_V)
+                                hist, alpha, scale if SILU == 0 else 1.0, FAST, D_QK, D_V,
+                                BLOCK_D_QK, BLOCK_D_V)
+    if SILU != 0:
+        acc = acc * scale
     O_row = O + start * stride_om + h * stride_oh
     _store_rows(O_row, offs_m, stride_om, length, acc.to(O.dtype.element_ty), D_V, BLOCK_D_V)
 
@@ -389,20 +476,28 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Q_row, DO_row, DQ_row, stride_qm, stride_dom, 
                     HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr,
                     HAS_WINDOW: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
                     UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
-                    BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr):
+                    BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr,
+                    SILU: tl.constexpr, DP_FIRST: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         # Queries past the row end load as zeros, so they add exactly nothing.
         q = _load_rows(Q_row, offs_m, stride_qm, length, D_QK, BLOCK_D_QK, True)
         do = _load_rows(DO_row, offs_m, stride_dom, length, D_V, BLOCK_D_V, True)
         qk_t = dot(k, tl.trans(q), None, PRECISION, UPCAST)  # [BLOCK_N, BLOCK_M]
-        p_t, grad_t = _silu_and_grad(qk_t, alpha, scale, FAST)
+        if DP_FIRST:
+            # Issued before the SiLU so that the tensor cores run it while the SiLU is computed.
+            dp_t = dot(v, tl.trans(do), None, PRECISION, UPCAST)
+        if SILU == 0:
+            p_t, grad_t = _silu_and_grad(qk_t, alpha, scale, FAST)
+        else:
+            p_t, grad_t = _silu_and_grad2(qk_t, alpha, FAST, SILU)
         if MASKED:
             ok = _valid(offs_m[None, :], offs_n[:, None], hist, mx, cs, max_attn_len,
                         HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW)
             p_t = tl.where(ok, p_t, 0.0)
         dv = dot(p_t.to(do.dtype), do, dv, PRECISION, UPCAST)
-        dp_t = dot(v, tl.trans(do), None, PRECISION, UPCAST)
+        if not DP_FIRST:
+            dp_t = dot(v, tl.trans(do), None, PRECISION, UPCAST)
         # d(score) without the constant alpha / S, applied once at the end (keeps 16-bit
         # values away from the subnormal range).
         ds_t = dp_t * grad_t
@@ -411,7 +506,11 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Q_row, DO_row, DQ_row, stride_qm, stride_dom, 
         ds_t = ds_t.to(q.dtype)
         dk = dot(ds_t, q, dk, PRECISION, UPCAST)
         if ATOMIC_DQ:
-            dq = dot(tl.trans(ds_t), k, None, PRECISION, UPCAST) * (alpha * scale)
+            if SILU == 0:
+                dq_factor = alpha * scale
+            else:
+                dq_factor = 0.5 * alpha * scale
+            dq = dot(tl.trans(ds_t), k, None, PRECISION, UPCAST) * dq_factor
             cols = tl.arange(0, BLOCK_D_QK)
             tl.atomic_add(DQ_row + offs_m[:, None] * stride_dqm + cols[None, :], dq,
                           mask=(offs_m[:, None] < length) & (cols[None, :] < D_QK),
@@ -429,9 +528,18 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, GRAD_V, DQ, seq_offsets, num_targets,
                    HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr, FAST: tl.constexpr,
                    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                    D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
-                   BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SILU: tl.constexpr, DP_FIRST: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
+    # SILU 0 puts 1/S into the scores and SiLU' into ds; the other modes leave 1/S out of the
+    # scores and put 2 SiLU' into ds, so the final factors differ.
+    if SILU == 0:
+        dq_factor = alpha * scale
+        dv_factor = 1.0
+    else:
+        dq_factor = 0.5 * alpha * scale
+        dv_factor = scale
     b = pid_bh // H
     h = pid_bh % H
     start, length, hist, cs, mx = _row_info(seq_offsets, num_targets, b, contextual_seq_len,
@@ -457,7 +565,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, GRAD_V, DQ, seq_offsets, num_targets,
             k_own = _load_rows_where(K_row, offs_n, stride_km, own, D_QK, BLOCK_D_QK)
             v_own = _load_rows_where(V_row, offs_n, stride_vm, own, D_V, BLOCK_D_V)
             qk_own = tl.sum(q_own.to(tl.float32) * k_own.to(tl.float32), axis=1)
-            p_own, grad_own = _silu_and_grad(qk_own, alpha, scale, FAST)
+            if SILU == 0:
+                p_own, grad_own = _silu_and_grad(qk_own, alpha, scale, FAST)
+            else:
+                p_own, grad_own = _silu_and_grad2(qk_own, alpha, FAST, SILU)
             p_own = tl.where(own, p_own, 0.0).to(do_own.dtype).to(tl.float32)
             dv = p_own[:, None] * do_own.to(tl.float32)
             dp_own = tl.sum(do_own.to(tl.float32) * v_own.to(tl.float32), axis=1)
@@ -465,7 +576,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, GRAD_V, DQ, seq_offsets, num_targets,
             dk = ds_own[:, None] * q_own.to(tl.float32)
             if ATOMIC_DQ:
                 cols = tl.arange(0, BLOCK_D_QK)
-                dq_own = ds_own[:, None] * k_own.to(tl.float32) * (alpha * scale)
+                dq_own = ds_own[:, None] * k_own.to(tl.float32) * dq_factor
                 tl.atomic_add(DQ_row + offs_n[:, None] * stride_dqm + cols[None, :], dq_own,
                               mask=own[:, None] & (cols[None, :] < D_QK), sem="relaxed")
     if start_n < hist:
@@ -480,22 +591,23 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, GRAD_V, DQ, seq_offsets, num_targets,
                 dk, dv, k, v, Q_row, DO_row, DQ_row, stride_qm, stride_dom, stride_dqm,
                 offs_n, 0, ctx_end, length, hist, mx, cs, max_attn_len, alpha, scale, True,
                 ATOMIC_DQ, HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
-                D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_M)
+                D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_M, SILU, DP_FIRST)
         dk, dv = _bwd_dkdv_tiles(
             dk, dv, k, v, Q_row, DO_row, DQ_row, stride_qm, stride_dom, stride_dqm,
             offs_n, lo, mask_end, length, hist, mx, cs, max_attn_len, alpha, scale, True,
             ATOMIC_DQ, HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
-            D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_M)
+            D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_M, SILU, DP_FIRST)
         dk, dv = _bwd_dkdv_tiles(
             dk, dv, k, v, Q_row, DO_row, DQ_row, stride_qm, stride_dom, stride_dqm,
             offs_n, mask_end, hi, length, hist, mx, cs, max_attn_len, alpha, scale, False,
             ATOMIC_DQ, HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
-            D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_M)
+            D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_M, SILU, DP_FIRST)
     DK_row = DK + start * stride_dkm + h * stride_dkh
     DV_row = GRAD_V + start * stride_dvm + h * stride_dvh
-    _store_rows(DK_row, offs_n, stride_dkm, length, (dk * (alpha * scale)).to(DK.dtype.element_ty),
+    _store_rows(DK_row, offs_n, stride_dkm, length, (dk * dq_factor).to(DK.dtype.element_ty),
                 D_QK, BLOCK_D_QK)
-    _store_rows(DV_row, offs_n, stride_dvm, length, dv.to(GRAD_V.dtype.element_ty), D_V, BLOCK_D_V)
+    _store_rows(DV_row, offs_n, stride_dvm, length, (dv * dv_factor).to(GRAD_V.dtype.element_ty),
+                D_V, BLOCK_D_V)
 
 
 @triton.jit
@@ -504,13 +616,17 @@ def _bwd_dq_tiles(dq, q, do, K_row, V_row, stride_km, stride_vm, offs_m, lo, hi,
                   HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr,
                   HAS_WINDOW: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
                   UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
-                  BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_N: tl.constexpr):
+                  BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_N: tl.constexpr,
+                  SILU: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K_row, offs_n, stride_km, hist, D_QK, BLOCK_D_QK, MASKED)
         v = _load_rows(V_row, offs_n, stride_vm, hist, D_V, BLOCK_D_V, MASKED)
         qk = dot(q, tl.trans(k), None, PRECISION, UPCAST)
-        _, grad = _silu_and_grad(qk, alpha, scale, FAST)
+        if SILU == 0:
+            _, grad = _silu_and_grad(qk, alpha, scale, FAST)
+        else:
+            _, grad = _silu_and_grad2(qk, alpha, FAST, SILU)
         dp = dot(do, tl.trans(v), None, PRECISION, UPCAST)
         ds = dp * grad
         if MASKED:
@@ -530,7 +646,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, seq_offsets, num_targets,
                  HAS_WINDOW: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
                  UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
                  BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+                 BLOCK_N: tl.constexpr, SILU: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // H
@@ -555,27 +671,31 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, seq_offsets, num_targets,
         dq = _bwd_dq_tiles(dq, q, do, K_row, V_row, stride_km, stride_vm, offs_m, 0, ctx_end,
                            length, hist, mx, cs, max_attn_len, alpha, scale, True,
                            HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
-                           D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
+                           D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N, SILU)
     dq = _bwd_dq_tiles(dq, q, do, K_row, V_row, stride_km, stride_vm, offs_m, lo, full_end,
                        length, hist, mx, cs, max_attn_len, alpha, scale, False,
                        HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
-                       D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
+                       D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N, SILU)
     dq = _bwd_dq_tiles(dq, q, do, K_row, V_row, stride_km, stride_vm, offs_m, full_end, hi,
                        length, hist, mx, cs, max_attn_len, alpha, scale, True,
                        HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
-                       D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
+                       D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N, SILU)
     if HAS_TARGETS:
         if start_m + BLOCK_M > hist:
             own = (offs_m >= hist) & (offs_m < length)
             k_own = _load_rows_where(K_row, offs_m, stride_km, own, D_QK, BLOCK_D_QK)
             v_own = _load_rows_where(V_row, offs_m, stride_vm, own, D_V, BLOCK_D_V)
             qk_own = tl.sum(q.to(tl.float32) * k_own.to(tl.float32), axis=1)
-            _, grad_own = _silu_and_grad(qk_own, alpha, scale, FAST)
+            if SILU == 0:
+                _, grad_own = _silu_and_grad(qk_own, alpha, scale, FAST)
+            else:
+                _, grad_own = _silu_and_grad2(qk_own, alpha, FAST, SILU)
             dp_own = tl.sum(do.to(tl.float32) * v_own.to(tl.float32), axis=1)
             ds_own = tl.where(own, dp_own * grad_own, 0.0)
             dq += ds_own[:, None] * k_own.to(tl.float32)
     DQ_row = DQ + start * stride_dqm + h * stride_dqh
-    _store_rows(DQ_row, offs_m, stride_dqm, length, (dq * (alpha * scale)).to(DQ.dtype.element_ty),
+    dq_factor = alpha * scale if SILU == 0 else 0.5 * alpha * scale
+    _store_rows(DQ_row, offs_m, stride_dqm, length, (dq * dq_factor).to(DQ.dtype.element_ty),
                 D_QK, BLOCK_D_QK)
 
 
@@ -641,6 +761,7 @@ def _forward(problem: _Problem, q, k, v) -> torch.Tensor:
             q, k, v, out, problem.seq_offsets, problem.targets_arg(),
             *_strides(q, k, v, out), *problem.scalars(), **problem.constants,
             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, OWN_TERM_FIRST=FORWARD_OWN_TERM_FIRST,
+            SILU=FORWARD_SILU, OVERLAP=FORWARD_OVERLAP,
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
 
@@ -666,7 +787,8 @@ def _backward(problem: _Problem, q, k, v, grad_out):
             q, k, v, grad_out, dk, dv, dq_acc, problem.seq_offsets, problem.targets_arg(),
             *_strides(q, k, v, grad_out, dk, dv, dq_acc), *problem.scalars(),
             ATOMIC_DQ=atomic, **problem.constants,
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, SILU=BACKWARD_SILU,
+            DP_FIRST=BACKWARD_DP_FIRST,
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
 
@@ -675,7 +797,7 @@ def _backward(problem: _Problem, q, k, v, grad_out):
         _attn_bwd_dq[grid](
             q, k, v, grad_out, dq, problem.seq_offsets, problem.targets_arg(),
             *_strides(q, k, v, grad_out, dq), *problem.scalars(), **problem.constants,
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, SILU=BACKWARD_SILU,
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
 
