@@ -32,28 +32,39 @@ from hstu.ops.triton._common import Tile, pinned  # noqa: E402
 from hstu.ops.triton.testing import compare_op  # noqa: E402
 from kernel_bench import attention_flops, jagged_problem  # noqa: E402
 
+M128_64_S3, M128_64_S2 = Tile(128, 64, 8, 3), Tile(128, 64, 8, 2)
+SILU1_OVERLAP = dict(FORWARD_SILU=1, FORWARD_OVERLAP=True)
 FORWARD_VARIANTS = {
-    # name: (module switches, tile)
-    "fwd base": (dict(FORWARD_SILU=0, FORWARD_OVERLAP=False), Tile(128, 64, 8, 3)),
-    "fwd silu1": (dict(FORWARD_SILU=1, FORWARD_OVERLAP=False), Tile(128, 64, 8, 3)),
-    "fwd silu2 f16": (dict(FORWARD_SILU=2, FORWARD_OVERLAP=False), Tile(128, 64, 8, 3)),
-    "fwd silu3 bf16x2": (dict(FORWARD_SILU=3, FORWARD_OVERLAP=False), Tile(128, 64, 8, 3)),
-    "fwd no-silu": (dict(FORWARD_SILU=9, FORWARD_OVERLAP=False), Tile(128, 64, 8, 3)),
-    "fwd silu1+ovl s3": (dict(FORWARD_SILU=1, FORWARD_OVERLAP=True), Tile(128, 64, 8, 3)),
-    "fwd silu1+ovl s2": (dict(FORWARD_SILU=1, FORWARD_OVERLAP=True), Tile(128, 64, 8, 2)),
-    "fwd silu3+ovl s3": (dict(FORWARD_SILU=3, FORWARD_OVERLAP=True), Tile(128, 64, 8, 3)),
-    "fwd no-silu+ovl": (dict(FORWARD_SILU=9, FORWARD_OVERLAP=True), Tile(128, 64, 8, 3)),
-    "fwd silu1+ovl M64 w4": (dict(FORWARD_SILU=1, FORWARD_OVERLAP=True), Tile(64, 64, 4, 3)),
-    "fwd silu1+ovl N128 s2": (dict(FORWARD_SILU=1, FORWARD_OVERLAP=True), Tile(128, 128, 8, 2)),
+    # name: (module switches, tiles by kernel name)
+    "fwd base": (dict(), dict(attn_fwd=M128_64_S3)),
+    "fwd silu1+ovl s3": (SILU1_OVERLAP, dict(attn_fwd=M128_64_S3)),
+    "fwd silu1+ovl s4": (SILU1_OVERLAP, dict(attn_fwd=Tile(128, 64, 8, 4))),
+    "fwd tma silu1 s3": (dict(FORWARD_SILU=1, FORWARD_TMA=True), dict(attn_fwd=M128_64_S3)),
+    "fwd tma silu1+ovl s3": (dict(SILU1_OVERLAP, FORWARD_TMA=True), dict(attn_fwd=M128_64_S3)),
+    "fwd tma silu1+ovl s4": (dict(SILU1_OVERLAP, FORWARD_TMA=True),
+                             dict(attn_fwd=Tile(128, 64, 8, 4))),
+    "fwd tma silu1 N128": (dict(FORWARD_SILU=1, FORWARD_TMA=True),
+                           dict(attn_fwd=Tile(128, 128, 8, 2))),
+    "fwd tma silu1+ovl N128": (dict(SILU1_OVERLAP, FORWARD_TMA=True),
+                               dict(attn_fwd=Tile(128, 128, 8, 2))),
 }
+DKDV_M32 = Tile(32, 128, 8, 3)
+SEPARATE = dict(DQ_MODE="separate", BACKWARD_SILU=1, BACKWARD_DP_FIRST=True)
 BACKWARD_VARIANTS = {
-    "bwd base M32": (dict(BACKWARD_SILU=0, BACKWARD_DP_FIRST=False), Tile(32, 128, 8, 3)),
-    "bwd silu1 M32": (dict(BACKWARD_SILU=1, BACKWARD_DP_FIRST=False), Tile(32, 128, 8, 3)),
-    "bwd silu1+dp M32": (dict(BACKWARD_SILU=1, BACKWARD_DP_FIRST=True), Tile(32, 128, 8, 3)),
-    "bwd silu2+dp M32": (dict(BACKWARD_SILU=2, BACKWARD_DP_FIRST=True), Tile(32, 128, 8, 3)),
-    "bwd no-silu+dp M32": (dict(BACKWARD_SILU=9, BACKWARD_DP_FIRST=True), Tile(32, 128, 8, 3)),
-    "bwd silu1+dp M64": (dict(BACKWARD_SILU=1, BACKWARD_DP_FIRST=True), Tile(64, 128, 8, 2)),
+    "bwd base M32": (dict(), dict(attn_bwd_dkdv_atomic=DKDV_M32)),
+    "bwd silu1+dp M32": (dict(BACKWARD_SILU=1, BACKWARD_DP_FIRST=True),
+                         dict(attn_bwd_dkdv_atomic=DKDV_M32)),
+    "bwd sep silu1+dp dq64": (SEPARATE, dict(attn_bwd_dkdv=DKDV_M32, attn_bwd_dq=M128_64_S2)),
+    "bwd sep silu1+dp dq64 s3": (SEPARATE, dict(attn_bwd_dkdv=DKDV_M32, attn_bwd_dq=M128_64_S3)),
+    "bwd sep silu1+dp dkdv s2": (SEPARATE, dict(attn_bwd_dkdv=Tile(32, 128, 8, 2),
+                                                attn_bwd_dq=M128_64_S2)),
+    "bwd sep silu1 dq64": (dict(SEPARATE, BACKWARD_DP_FIRST=False),
+                           dict(attn_bwd_dkdv=DKDV_M32, attn_bwd_dq=M128_64_S2)),
 }
+DEFAULTS = dict(FORWARD_SILU=0, FORWARD_OVERLAP=False, FORWARD_Q_IN_REGISTERS=False,
+                FORWARD_TMA=False,
+                BACKWARD_SILU=0, BACKWARD_DP_FIRST=False, BACKWARD_DQ_IN_REGISTERS=False,
+                DQ_MODE="atomic")
 # Variants that change nothing numerically but the timing ceiling: skip their error check.
 NO_CHECK = ("no-silu",)
 
@@ -84,9 +95,10 @@ def machine_state() -> dict:
     return dict(matmul_tflops=mm, sdpa_fwd_tflops=fwd_flops / bench(sdpa) / 1e9)
 
 
-def error_check(kind: str, switches: dict, tile: Tile) -> list[str]:
+def error_check(kind: str, switches: dict, tiles: dict) -> list[str]:
     """Error-bound comparisons (forward and gradients) for one variant; lines 'name: ...'."""
     lines = []
+    set_switches(DEFAULTS)
     set_switches(switches)
     for contextual, window in ((0, 0), (6, 300)):
         lengths = [1100, 700, 1, 950]
@@ -100,9 +112,7 @@ def error_check(kind: str, switches: dict, tile: Tile) -> list[str]:
         inputs = {name: torch.randn(sum(lengths), 4, 128, generator=generator,
                                     dtype=torch.float64).cuda().requires_grad_()
                   for name in ("q", "k", "v")}
-        tiles = dict(attn_fwd=tile) if kind == "fwd" else dict(
-            attn_fwd=Tile(128, 64, 8, 3), attn_bwd_dkdv_atomic=tile)
-        with pinned(**tiles):
+        with pinned(**dict(dict(attn_fwd=M128_64_S3), **tiles)):
             results = compare_op(
                 lambda q, k, v: attention.hstu_mha(q, k, v, offsets, **options),
                 lambda q, k, v: torch_mha(q, k, v, offsets, **options),
@@ -122,6 +132,9 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    # On-device TMA descriptors need a scratch allocator.
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8,
+                                                                     device="cuda"))
     report = dict(before=machine_state())
     print("machine before:", report["before"], flush=True)
 
@@ -130,8 +143,6 @@ def main() -> None:
     q, k, v, grad = (torch.randn(total, 4, 128, device="cuda", dtype=torch.bfloat16)
                      for _ in range(4))
     fwd_flops, bwd_flops = attention_flops(lengths)
-    defaults = dict(FORWARD_SILU=0, FORWARD_OVERLAP=False, BACKWARD_SILU=0,
-                    BACKWARD_DP_FIRST=False)
 
     def forward_fn():
         return attention.hstu_mha(q, k, v, offsets, max_seq_len=8192, num_targets=targets)
@@ -145,10 +156,9 @@ def main() -> None:
     reference = {}
     for round_index in range(args.rounds):
         for kind, variants in (("fwd", FORWARD_VARIANTS), ("bwd", BACKWARD_VARIANTS)):
-            for name, (switches, tile) in variants.items():
-                set_switches(defaults)
+            for name, (switches, tiles) in variants.items():
+                set_switches(DEFAULTS)
                 set_switches(switches)
-                tiles = dict(attn_fwd=tile) if kind == "fwd" else dict(attn_bwd_dkdv_atomic=tile)
                 try:
                     with pinned(**tiles):
                         fn = forward_fn if kind == "fwd" else backward_fn
@@ -164,23 +174,24 @@ def main() -> None:
                     print(f"{name}: FAILED {type(error).__name__}: {str(error)[:300]}",
                           flush=True)
                     times.setdefault(name, []).append(float("nan"))
-    set_switches(defaults)
+    set_switches(DEFAULTS)
     report["after"] = machine_state()
     print("machine after:", report["after"], flush=True)
 
     checks = {}
     for kind, variants in (("fwd", FORWARD_VARIANTS), ("bwd", BACKWARD_VARIANTS)):
-        for name, (switches, tile) in variants.items():
+        for name, (switches, tiles) in variants.items():
             if any(x in name for x in NO_CHECK):
                 continue
-            set_switches(defaults)
             try:
-                checks[name] = error_check(kind, switches, tile)
+                checks[name] = error_check(kind, switches, tiles)
             except Exception as error:
                 checks[name] = [f"FAILED {type(error).__name__}: {str(error)[:300]}"]
-            for line in checks[name]:
-                print(f"{name}: {line}", flush=True)
-    set_switches(defaults)
+            failed = [line for line in checks[name] if "[ok]" not in line]
+            ratios = [float(line.rsplit(" ", 1)[1]) for line in checks[name] if "[ok]" in line]
+            print(f"{name}: {len(checks[name]) - len(failed)} checks ok, worst ratio to "
+                  f"pytorch {max(ratios, default=float('nan')):.2f}; failed: {failed}", flush=True)
+    set_switches(DEFAULTS)
 
     print("\nvariant                 times ms (rounds)            best TFLOP/s")
     for name, values in times.items():

@@ -174,3 +174,13 @@ def silu_half_bf16x2(y):
         }""",
         "=r,f,f", [y], dtype=tl.bfloat16, is_pure=True, pack=2,
     )
+
+
+@triton.jit
+def opaque_copy_16bit(x):
+    """x unchanged, through an instruction the compiler cannot see through (16-bit dtypes).
+
+    Used to keep a tl.dot's A operand in registers: Triton feeds wgmma from shared memory when
+    A comes straight from a load, and from registers when it is computed."""
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype,
+                                     is_pure=True, pack=2)

@@ -44,6 +44,7 @@ from hstu.ops.triton._common import (
     dot,
     fp32_dot_precision,
     interpreting,
+    opaque_copy_16bit,
     seq_len_bucket,
     silu_half_bf16x2,
     tanh_approx,
@@ -87,8 +88,11 @@ INTERPRET_TILE = Tile(32, 32, 4, 1)
 FORWARD_OWN_TERM_FIRST = True
 FORWARD_SILU = 0
 FORWARD_OVERLAP = False
+FORWARD_Q_IN_REGISTERS = False
+FORWARD_TMA = False
 BACKWARD_SILU = 0
 BACKWARD_DP_FIRST = False
+BACKWARD_DQ_IN_REGISTERS = False
 
 DQ_MODES = ("atomic", "separate")
 DQ_MODE = "atomic"
@@ -133,6 +137,11 @@ def _valid(qi, kj, hist, mx, cs, max_attn_len, HAS_CONTEXT: tl.constexpr,
            HAS_TARGETS: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """The reference mask for query positions qi and key positions kj (broadcast against each
     other), restricted to keys before the candidates (their own term is added separately)."""
+    if not HAS_CONTEXT and not HAS_WINDOW:
+        # Plain causal (with or without candidates): the reference mask reduces to kj <= qi for
+        # keys before hist, and keys at or past hist never count because every masked loop
+        # loads their K and V rows as zeros (SiLU(0) = 0 and a zero V row adds nothing).
+        return kj <= qi
     if HAS_CONTEXT:
         id_q = tl.maximum(qi - cs, 0)
         id_k = tl.maximum(kj - cs, 0)
@@ -363,6 +372,36 @@ def _fwd_tiles(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, lo, hi, lengt
 
 
 @triton.jit
+def _fwd_tiles_tma(acc, q, k_desc, v_desc, row0, lo, hi, alpha, scale, FAST: tl.constexpr,
+                   PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SILU: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, OVERLAP: tl.constexpr):
+    """The unmasked loop with K/V tiles loaded by TMA (tensor descriptors); optionally with
+    Triton's automatic warp specialization (experimental)."""
+    if OVERLAP:
+        if hi > lo:
+            k = k_desc.load([row0 + lo, 0])
+            qk = dot(q, tl.trans(k), None, PRECISION, UPCAST)
+            for start_n in range(lo, hi - BLOCK_N, BLOCK_N):
+                k_next = k_desc.load([row0 + start_n + BLOCK_N, 0])
+                qk_next = dot(q, tl.trans(k_next), None, PRECISION, UPCAST)
+                p = _fwd_scores(qk, alpha, scale, FAST, SILU)
+                v = v_desc.load([row0 + start_n, 0])
+                acc = dot(p.to(v.dtype), v, acc, PRECISION, UPCAST)
+                qk = qk_next
+            p = _fwd_scores(qk, alpha, scale, FAST, SILU)
+            v = v_desc.load([row0 + hi - BLOCK_N, 0])
+            acc = dot(p.to(v.dtype), v, acc, PRECISION, UPCAST)
+    else:
+        for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+            k = k_desc.load([row0 + start_n, 0])
+            qk = dot(q, tl.trans(k), None, PRECISION, UPCAST)
+            p = _fwd_scores(qk, alpha, scale, FAST, SILU)
+            v = v_desc.load([row0 + start_n, 0])
+            acc = dot(p.to(v.dtype), v, acc, PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
 def _fwd_tiles_overlapped(acc, q, K_row, V_row, stride_km, stride_vm, lo, hi, hist, alpha, scale,
                           FAST: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                           D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
@@ -413,7 +452,9 @@ def _attn_fwd(Q, K, V, O, seq_offsets, num_targets,
               FAST: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
               D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
               BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              OWN_TERM_FIRST: tl.constexpr, SILU: tl.constexpr, OVERLAP: tl.constexpr):
+              OWN_TERM_FIRST: tl.constexpr, SILU: tl.constexpr, OVERLAP: tl.constexpr,
+              Q_IN_REGISTERS: tl.constexpr, TMA: tl.constexpr = False,
+              WARP_SPECIALIZE: tl.constexpr = False):
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // H
@@ -428,6 +469,8 @@ def _attn_fwd(Q, K, V, O, seq_offsets, num_targets,
     K_row = K + start * stride_km + h * stride_kh
     V_row = V + start * stride_vm + h * stride_vh
     q = _load_rows(Q_row, offs_m, stride_qm, length, D_QK, BLOCK_D_QK, True)
+    if Q_IN_REGISTERS:
+        q = opaque_copy_16bit(q)
     acc = tl.zeros([BLOCK_M, BLOCK_D_V], dtype=tl.float32)
     if HAS_TARGETS and OWN_TERM_FIRST:
         if start_m + BLOCK_M > hist:
@@ -442,7 +485,16 @@ def _attn_fwd(Q, K, V, O, seq_offsets, num_targets,
                          length, hist, mx, cs, max_attn_len, alpha, scale, True,
                          HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
                          D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N, SILU)
-    if OVERLAP:
+    if TMA:
+        k_desc = tl.make_tensor_descriptor(K + h * stride_kh, shape=[(start + hist).to(tl.int32), D_QK],
+                                           strides=[stride_km, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D_QK])
+        v_desc = tl.make_tensor_descriptor(V + h * stride_vh, shape=[(start + hist).to(tl.int32), D_V],
+                                           strides=[stride_vm, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D_V])
+        acc = _fwd_tiles_tma(acc, q, k_desc, v_desc, start.to(tl.int32), lo, full_end, alpha, scale, FAST,
+                             PRECISION, UPCAST, BLOCK_N, SILU, WARP_SPECIALIZE, OVERLAP)
+    elif OVERLAP:
         acc = _fwd_tiles_overlapped(acc, q, K_row, V_row, stride_km, stride_vm, lo, full_end,
                                     hist, alpha, scale, FAST, PRECISION, UPCAST, D_QK, D_V,
                                     BLOCK_D_QK, BLOCK_D_V, BLOCK_N, SILU)
@@ -617,17 +669,20 @@ def _bwd_dq_tiles(dq, q, do, K_row, V_row, stride_km, stride_vm, offs_m, lo, hi,
                   HAS_WINDOW: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
                   UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
                   BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_N: tl.constexpr,
-                  SILU: tl.constexpr):
+                  SILU: tl.constexpr, DP_FIRST: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K_row, offs_n, stride_km, hist, D_QK, BLOCK_D_QK, MASKED)
         v = _load_rows(V_row, offs_n, stride_vm, hist, D_V, BLOCK_D_V, MASKED)
         qk = dot(q, tl.trans(k), None, PRECISION, UPCAST)
+        if DP_FIRST:
+            dp = dot(do, tl.trans(v), None, PRECISION, UPCAST)
         if SILU == 0:
             _, grad = _silu_and_grad(qk, alpha, scale, FAST)
         else:
             _, grad = _silu_and_grad2(qk, alpha, FAST, SILU)
-        dp = dot(do, tl.trans(v), None, PRECISION, UPCAST)
+        if not DP_FIRST:
+            dp = dot(do, tl.trans(v), None, PRECISION, UPCAST)
         ds = dp * grad
         if MASKED:
             ok = _valid(offs_m[:, None], offs_n[None, :], hist, mx, cs, max_attn_len,
@@ -646,7 +701,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, seq_offsets, num_targets,
                  HAS_WINDOW: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
                  UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
                  BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, SILU: tl.constexpr):
+                 BLOCK_N: tl.constexpr, SILU: tl.constexpr, Q_IN_REGISTERS: tl.constexpr,
+                 DP_FIRST: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // H
@@ -663,6 +719,9 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, seq_offsets, num_targets,
     DO_row = DO + start * stride_dom + h * stride_doh
     q = _load_rows(Q_row, offs_m, stride_qm, length, D_QK, BLOCK_D_QK, True)
     do = _load_rows(DO_row, offs_m, stride_dom, length, D_V, BLOCK_D_V, True)
+    if Q_IN_REGISTERS:
+        q = opaque_copy_16bit(q)
+        do = opaque_copy_16bit(do)
     dq = tl.zeros([BLOCK_M, BLOCK_D_QK], dtype=tl.float32)
     ctx_end, lo, full_end, hi = _query_block_ranges(
         start_m, length, hist, mx, cs, contextual_seq_len, max_attn_len,
@@ -671,15 +730,15 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, seq_offsets, num_targets,
         dq = _bwd_dq_tiles(dq, q, do, K_row, V_row, stride_km, stride_vm, offs_m, 0, ctx_end,
                            length, hist, mx, cs, max_attn_len, alpha, scale, True,
                            HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
-                           D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N, SILU)
+                           D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N, SILU, DP_FIRST)
     dq = _bwd_dq_tiles(dq, q, do, K_row, V_row, stride_km, stride_vm, offs_m, lo, full_end,
                        length, hist, mx, cs, max_attn_len, alpha, scale, False,
                        HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
-                       D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N, SILU)
+                       D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N, SILU, DP_FIRST)
     dq = _bwd_dq_tiles(dq, q, do, K_row, V_row, stride_km, stride_vm, offs_m, full_end, hi,
                        length, hist, mx, cs, max_attn_len, alpha, scale, True,
                        HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
-                       D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N, SILU)
+                       D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N, SILU, DP_FIRST)
     if HAS_TARGETS:
         if start_m + BLOCK_M > hist:
             own = (offs_m >= hist) & (offs_m < length)
@@ -761,7 +820,8 @@ def _forward(problem: _Problem, q, k, v) -> torch.Tensor:
             q, k, v, out, problem.seq_offsets, problem.targets_arg(),
             *_strides(q, k, v, out), *problem.scalars(), **problem.constants,
             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, OWN_TERM_FIRST=FORWARD_OWN_TERM_FIRST,
-            SILU=FORWARD_SILU, OVERLAP=FORWARD_OVERLAP,
+            SILU=FORWARD_SILU, OVERLAP=FORWARD_OVERLAP, Q_IN_REGISTERS=FORWARD_Q_IN_REGISTERS,
+            TMA=FORWARD_TMA,
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
 
@@ -798,6 +858,7 @@ def _backward(problem: _Problem, q, k, v, grad_out):
             q, k, v, grad_out, dq, problem.seq_offsets, problem.targets_arg(),
             *_strides(q, k, v, grad_out, dq), *problem.scalars(), **problem.constants,
             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, SILU=BACKWARD_SILU,
+            Q_IN_REGISTERS=BACKWARD_DQ_IN_REGISTERS, DP_FIRST=BACKWARD_DP_FIRST,
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
 
