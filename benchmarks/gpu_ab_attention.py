@@ -37,29 +37,21 @@ SILU1_OVERLAP = dict(FORWARD_SILU=1, FORWARD_OVERLAP=True)
 FORWARD_VARIANTS = {
     # name: (module switches, tiles by kernel name)
     "fwd base": (dict(), dict(attn_fwd=M128_64_S3)),
+    "fwd silu1 s3": (dict(FORWARD_SILU=1), dict(attn_fwd=M128_64_S3)),
     "fwd silu1+ovl s3": (SILU1_OVERLAP, dict(attn_fwd=M128_64_S3)),
     "fwd silu1+ovl s4": (SILU1_OVERLAP, dict(attn_fwd=Tile(128, 64, 8, 4))),
-    "fwd tma silu1 s3": (dict(FORWARD_SILU=1, FORWARD_TMA=True), dict(attn_fwd=M128_64_S3)),
-    "fwd tma silu1+ovl s3": (dict(SILU1_OVERLAP, FORWARD_TMA=True), dict(attn_fwd=M128_64_S3)),
-    "fwd tma silu1+ovl s4": (dict(SILU1_OVERLAP, FORWARD_TMA=True),
-                             dict(attn_fwd=Tile(128, 64, 8, 4))),
-    "fwd tma silu1 N128": (dict(FORWARD_SILU=1, FORWARD_TMA=True),
-                           dict(attn_fwd=Tile(128, 128, 8, 2))),
-    "fwd tma silu1+ovl N128": (dict(SILU1_OVERLAP, FORWARD_TMA=True),
-                               dict(attn_fwd=Tile(128, 128, 8, 2))),
+    "fwd silu4 s3": (dict(FORWARD_SILU=4), dict(attn_fwd=M128_64_S3)),
+    "fwd silu4+ovl s3": (dict(FORWARD_SILU=4, FORWARD_OVERLAP=True), dict(attn_fwd=M128_64_S3)),
 }
 DKDV_M32 = Tile(32, 128, 8, 3)
 SEPARATE = dict(DQ_MODE="separate", BACKWARD_SILU=1, BACKWARD_DP_FIRST=True)
 BACKWARD_VARIANTS = {
     "bwd base M32": (dict(), dict(attn_bwd_dkdv_atomic=DKDV_M32)),
-    "bwd silu1+dp M32": (dict(BACKWARD_SILU=1, BACKWARD_DP_FIRST=True),
-                         dict(attn_bwd_dkdv_atomic=DKDV_M32)),
-    "bwd sep silu1+dp dq64": (SEPARATE, dict(attn_bwd_dkdv=DKDV_M32, attn_bwd_dq=M128_64_S2)),
-    "bwd sep silu1+dp dq64 s3": (SEPARATE, dict(attn_bwd_dkdv=DKDV_M32, attn_bwd_dq=M128_64_S3)),
-    "bwd sep silu1+dp dkdv s2": (SEPARATE, dict(attn_bwd_dkdv=Tile(32, 128, 8, 2),
-                                                attn_bwd_dq=M128_64_S2)),
-    "bwd sep silu1 dq64": (dict(SEPARATE, BACKWARD_DP_FIRST=False),
-                           dict(attn_bwd_dkdv=DKDV_M32, attn_bwd_dq=M128_64_S2)),
+    "bwd sep dq64 s3": (SEPARATE, dict(attn_bwd_dkdv=DKDV_M32, attn_bwd_dq=M128_64_S3)),
+    "bwd sep dq64 s4": (SEPARATE, dict(attn_bwd_dkdv=DKDV_M32, attn_bwd_dq=Tile(128, 64, 8, 4))),
+    "bwd sep dq32 s3": (SEPARATE, dict(attn_bwd_dkdv=DKDV_M32, attn_bwd_dq=Tile(128, 32, 8, 3))),
+    "bwd sep dkdv s4 dq64 s3": (SEPARATE, dict(attn_bwd_dkdv=Tile(32, 128, 8, 4),
+                                               attn_bwd_dq=M128_64_S3)),
 }
 DEFAULTS = dict(FORWARD_SILU=0, FORWARD_OVERLAP=False, FORWARD_Q_IN_REGISTERS=False,
                 FORWARD_TMA=False,

@@ -180,6 +180,13 @@ def _fwd_scores(qk, alpha, scale, FAST: tl.constexpr, SILU: tl.constexpr):
         return _silu_scaled(qk, alpha, scale, FAST)
     elif SILU == 9:
         return qk
+    elif SILU == 4:
+        # q was multiplied by alpha / 2 (and rounded to its dtype) before the loops: qk = y.
+        if FAST:
+            return qk * tanh_approx(qk) + qk
+        else:
+            x = qk * 2.0
+            return x / (1.0 + tl.exp2(x * -LOG2E))
     else:
         if FAST:
             y = qk * (0.5 * alpha)
@@ -480,6 +487,9 @@ def _attn_fwd(Q, K, V, O, seq_offsets, num_targets,
     ctx_end, lo, full_end, hi = _query_block_ranges(
         start_m, length, hist, mx, cs, contextual_seq_len, max_attn_len,
         HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    q_own = q
+    if SILU == 4:
+        q = (q.to(tl.float32) * (0.5 * alpha)).to(q_own.dtype)
     if HAS_CONTEXT or HAS_WINDOW:
         acc = _fwd_tiles(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, 0, ctx_end,
                          length, hist, mx, cs, max_attn_len, alpha, scale, True,
@@ -509,7 +519,7 @@ def _attn_fwd(Q, K, V, O, seq_offsets, num_targets,
                      D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N, SILU)
     if HAS_TARGETS and not OWN_TERM_FIRST:
         if start_m + BLOCK_M > hist:
-            acc = _fwd_own_term(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, length,
+            acc = _fwd_own_term(acc, q_own, K_row, V_row, stride_km, stride_vm, offs_m, length,
                                 hist, alpha, scale if SILU == 0 else 1.0, FAST, D_QK, D_V,
                                 BLOCK_D_QK, BLOCK_D_V)
     if SILU != 0:
