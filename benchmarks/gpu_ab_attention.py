@@ -1,15 +1,18 @@
-"""A/B of attention kernel variants on the GPU: timing at B=32, N=8192 and the error bound.
+"""A/B of attention launch configs and dQ modes on the GPU: timing at B=32, N=8192 and the
+error bound.
 
     python benchmarks/gpu_ab_attention.py [--out DIR] [--rounds 3]
 
-Variants are module switches of hstu.ops.triton.attention (see docs/kernels.md, "Measurement
-log"): FORWARD_SILU / BACKWARD_SILU (how the scores are computed), FORWARD_OVERLAP (q k^T of the
-next key tile issued before the SiLU of this one), BACKWARD_DP_FIRST (dO V^T issued before the
-SiLU). Each variant is timed `rounds` times, interleaved with the others, median of do_bench
-each (bf16, H=4, d=128, lengths U[0.9N, N], <= 20 candidates); the error bound of
-hstu.ops.triton.testing is checked on B=4 rows up to 1100 (plain and contextual + window).
-The bf16 matmul rate and torch's flash SDPA are measured at the start and the end, to show the
-state of the machine. Prints a table; writes DIR/gpu_ab_attention.json.
+Each variant is a set of module switches of hstu.ops.triton.attention plus pinned tiles. Each is
+timed `rounds` times, interleaved with the others, median of do_bench each (bf16, H=4, d=128,
+lengths U[0.9N, N], <= 20 candidates); the error bound of hstu.ops.triton.testing is checked on
+B=4 rows up to 1100 (plain, and contextual + window). The bf16 matmul rate and torch's flash
+SDPA are measured at the start and the end, to show the state of the machine (it slows down as
+it heats). Prints a table; writes DIR/gpu_ab_attention.json.
+
+Session 3 used this script, with more switches that no longer exist (score formulas, q in
+registers, TMA loads, the overlap on/off; git show af9c941:benchmarks/gpu_ab_attention.py), for
+steps 6-9 of docs/kernels.md's measurement log.
 """
 
 from __future__ import annotations
@@ -32,33 +35,21 @@ from hstu.ops.triton._common import Tile, pinned  # noqa: E402
 from hstu.ops.triton.testing import compare_op  # noqa: E402
 from kernel_bench import attention_flops, jagged_problem  # noqa: E402
 
-M128_64_S3, M128_64_S2 = Tile(128, 64, 8, 3), Tile(128, 64, 8, 2)
-SILU1_OVERLAP = dict(FORWARD_SILU=1, FORWARD_OVERLAP=True)
 FORWARD_VARIANTS = {
     # name: (module switches, tiles by kernel name)
-    "fwd base": (dict(), dict(attn_fwd=M128_64_S3)),
-    "fwd silu1 s3": (dict(FORWARD_SILU=1), dict(attn_fwd=M128_64_S3)),
-    "fwd silu1+ovl s3": (SILU1_OVERLAP, dict(attn_fwd=M128_64_S3)),
-    "fwd silu1+ovl s4": (SILU1_OVERLAP, dict(attn_fwd=Tile(128, 64, 8, 4))),
-    "fwd silu4 s3": (dict(FORWARD_SILU=4), dict(attn_fwd=M128_64_S3)),
-    "fwd silu4+ovl s3": (dict(FORWARD_SILU=4, FORWARD_OVERLAP=True), dict(attn_fwd=M128_64_S3)),
+    f"fwd {tile}": (dict(), dict(attn_fwd=tile)) for tile in attention.FORWARD_TILES
 }
-DKDV_M32 = Tile(32, 128, 8, 3)
-SEPARATE = dict(DQ_MODE="separate", BACKWARD_SILU=1, BACKWARD_DP_FIRST=True)
 BACKWARD_VARIANTS = {
-    "bwd base M32": (dict(), dict(attn_bwd_dkdv_atomic=DKDV_M32)),
-    "bwd sep dq64 s3": (SEPARATE, dict(attn_bwd_dkdv=DKDV_M32, attn_bwd_dq=M128_64_S3)),
-    "bwd sep dq64 s4": (SEPARATE, dict(attn_bwd_dkdv=DKDV_M32, attn_bwd_dq=Tile(128, 64, 8, 4))),
-    "bwd sep dq32 s3": (SEPARATE, dict(attn_bwd_dkdv=DKDV_M32, attn_bwd_dq=Tile(128, 32, 8, 3))),
-    "bwd sep dkdv s4 dq64 s3": (SEPARATE, dict(attn_bwd_dkdv=Tile(32, 128, 8, 4),
-                                               attn_bwd_dq=M128_64_S3)),
+    "bwd atomic dkdv M32": (dict(DQ_MODE="atomic"),
+                            dict(attn_bwd_dkdv_atomic=Tile(32, 128, 8, 3))),
+    **{
+        f"bwd separate dkdv M32 dq {tile}": (
+            dict(DQ_MODE="separate"),
+            dict(attn_bwd_dkdv=Tile(32, 128, 8, 3), attn_bwd_dq=tile))
+        for tile in attention.BACKWARD_DQ_TILES
+    },
 }
-DEFAULTS = dict(FORWARD_SILU=0, FORWARD_OVERLAP=False, FORWARD_Q_IN_REGISTERS=False,
-                FORWARD_TMA=False,
-                BACKWARD_SILU=0, BACKWARD_DP_FIRST=False, BACKWARD_DQ_IN_REGISTERS=False,
-                DQ_MODE="atomic")
-# Variants that change nothing numerically but the timing ceiling: skip their error check.
-NO_CHECK = ("no-silu",)
+DEFAULTS = dict(DQ_MODE=attention.DQ_MODE)
 
 
 def set_switches(switches: dict) -> None:
@@ -104,7 +95,7 @@ def error_check(kind: str, switches: dict, tiles: dict) -> list[str]:
         inputs = {name: torch.randn(sum(lengths), 4, 128, generator=generator,
                                     dtype=torch.float64).cuda().requires_grad_()
                   for name in ("q", "k", "v")}
-        with pinned(**dict(dict(attn_fwd=M128_64_S3), **tiles)):
+        with pinned(**dict(dict(attn_fwd=attention.FORWARD_TILES[0]), **tiles)):
             results = compare_op(
                 lambda q, k, v: attention.hstu_mha(q, k, v, offsets, **options),
                 lambda q, k, v: torch_mha(q, k, v, offsets, **options),
@@ -124,9 +115,6 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    # On-device TMA descriptors need a scratch allocator.
-    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8,
-                                                                     device="cuda"))
     report = dict(before=machine_state())
     print("machine before:", report["before"], flush=True)
 
@@ -155,7 +143,7 @@ def main() -> None:
                     with pinned(**tiles):
                         fn = forward_fn if kind == "fwd" else backward_fn
                         result = fn()
-                        if round_index == 0 and not any(x in name for x in NO_CHECK):
+                        if round_index == 0:
                             # Same numbers as the base variant up to rounding?
                             out = result if kind == "fwd" else result[0]
                             base = reference.setdefault(kind, out.float())
@@ -173,8 +161,6 @@ def main() -> None:
     checks = {}
     for kind, variants in (("fwd", FORWARD_VARIANTS), ("bwd", BACKWARD_VARIANTS)):
         for name, (switches, tiles) in variants.items():
-            if any(x in name for x in NO_CHECK):
-                continue
             try:
                 checks[name] = error_check(kind, switches, tiles)
             except Exception as error:

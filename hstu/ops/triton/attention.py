@@ -44,41 +44,32 @@ from hstu.ops.triton._common import (
     dot,
     fp32_dot_precision,
     interpreting,
-    opaque_copy_16bit,
     seq_len_bucket,
-    silu_half_bf16x2,
     tanh_approx,
-    tanh_f16x2,
     triton_dtype_ok,
 )
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
-# Launch configs. Each passed, on an H200 (torch 2.11, CUDA 13, Triton 3.6), in a process of
-# its own, every check of benchmarks/gpu_sweep.py (bf16 plain / contextual / contextual +
-# window, fp32 contextual; error bound of hstu.ops.triton.testing) with no fault; candidates
-# that spilled registers in a ptxas build were left out before. Fastest first, from that sweep
-# at B=32, N=8192 (docs/kernels.md has the timings).
+# Launch configs. Each ran on an H200 (torch 2.11, CUDA 13, Triton 3.6) in
+# benchmarks/gpu_ab_attention.py within the error bound of hstu.ops.triton.testing (bf16, plain
+# and contextual + window) and in the GPU tests' tuning. Register spills in a Triton 3.6 sm_90
+# build: none, except 48 bytes of stack in the dQ kernel's 128x64 tiles (plain bf16), which are
+# still the fastest. Fastest first at B=32, N=8192; docs/kernels.md has the timings.
 FORWARD_TILES = [
     Tile(128, 64, 8, 3),
-    Tile(128, 32, 8, 3),
-    Tile(128, 64, 8, 2),
-    Tile(64, 32, 4, 3),
+    Tile(128, 64, 8, 4),
     Tile(64, 64, 4, 3),
 ]
 BACKWARD_DKDV_TILES = [
     Tile(32, 128, 8, 3),
-    Tile(64, 128, 8, 2),
-    Tile(32, 64, 4, 3),
-    Tile(64, 64, 8, 3),
-    Tile(64, 64, 8, 2),
-    Tile(64, 32, 4, 2),
+    Tile(32, 128, 8, 4),
 ]
 BACKWARD_DQ_TILES = [
+    Tile(128, 64, 8, 3),
+    Tile(128, 64, 8, 4),
     Tile(128, 64, 8, 2),
-    Tile(128, 32, 8, 2),
-    Tile(64, 64, 8, 2),
-    Tile(64, 32, 4, 3),
+    Tile(128, 32, 8, 3),
 ]
 # Under the interpreter the cost is per program per loop step: big tiles, few programs.
 INTERPRET_TILE = Tile(32, 32, 4, 1)
@@ -86,16 +77,9 @@ INTERPRET_TILE = Tile(32, 32, 4, 1)
 # Where the forward adds the candidates' own terms: before the key loops (fewer live registers)
 # or after them. Same numbers either way; docs/kernels.md has the timing of both.
 FORWARD_OWN_TERM_FIRST = True
-FORWARD_SILU = 0
-FORWARD_OVERLAP = False
-FORWARD_Q_IN_REGISTERS = False
-FORWARD_TMA = False
-BACKWARD_SILU = 0
-BACKWARD_DP_FIRST = False
-BACKWARD_DQ_IN_REGISTERS = False
 
 DQ_MODES = ("atomic", "separate")
-DQ_MODE = "atomic"
+DQ_MODE = "separate"
 
 
 @contextlib.contextmanager
@@ -161,79 +145,33 @@ def _valid(qi, kj, hist, mx, cs, max_attn_len, HAS_CONTEXT: tl.constexpr,
 
 
 @triton.jit
-def _silu_scaled(qk, alpha, scale, FAST: tl.constexpr):
-    """SiLU(alpha * qk) * scale, sigmoid through exp2 (float32) or one tanh (16-bit)."""
+def _silu(qk, alpha, FAST: tl.constexpr):
+    """SiLU(x) for x = alpha qk. The 1/S scale is applied to the accumulator at the end, not
+    here (one multiply per tile instead of one per score). 16-bit inputs: with y = x / 2,
+    SiLU(x) = y (1 + tanh(y)) = one multiply, one MUFU.TANH and one FMA per score."""
     if FAST:
-        half = qk * (0.5 * alpha * scale)
-        return half * tanh_approx(qk * (0.5 * alpha)) + half
+        y = qk * (0.5 * alpha)
+        return y * tanh_approx(y) + y
     else:
         x = qk * alpha
-        return x * scale / (1.0 + tl.exp2(x * -LOG2E))
+        return x / (1.0 + tl.exp2(x * -LOG2E))
 
 
 @triton.jit
-def _fwd_scores(qk, alpha, scale, FAST: tl.constexpr, SILU: tl.constexpr):
-    """Scores of one tile. SILU 0: SiLU(alpha qk) * scale. Otherwise SiLU(alpha qk) without the
-    scale (applied to the accumulator at the end): 1 = fp32 tanh, 2 = packed f16 tanh,
-    3 = packed bf16 tanh and FMA, 9 = no SiLU at all (timing only)."""
-    if SILU == 0:
-        return _silu_scaled(qk, alpha, scale, FAST)
-    elif SILU == 9:
-        return qk
-    elif SILU == 4:
-        # q was multiplied by alpha / 2 (and rounded to its dtype) before the loops: qk = y.
-        if FAST:
-            return qk * tanh_approx(qk) + qk
-        else:
-            x = qk * 2.0
-            return x / (1.0 + tl.exp2(x * -LOG2E))
-    else:
-        if FAST:
-            y = qk * (0.5 * alpha)
-            if SILU == 1:
-                return y * tanh_approx(y) + y
-            elif SILU == 2:
-                return y * tanh_f16x2(y) + y
-            else:
-                return silu_half_bf16x2(y)
-        else:
-            x = qk * alpha
-            return x / (1.0 + tl.exp2(x * -LOG2E))
-
-
-@triton.jit
-def _silu_and_grad2(qk, alpha, FAST: tl.constexpr, SILU: tl.constexpr):
-    """(SiLU(x), 2 SiLU'(x)) for x = alpha qk, no scale. With y = x / 2 and t = tanh(y):
-    SiLU(x) = y (1 + t) and 2 SiLU'(x) = (1 + t) (1 + y (1 - t))."""
-    if SILU == 9:
-        return qk, qk * 0.0 + 2.0
+def _silu_and_grad2(qk, alpha, FAST: tl.constexpr):
+    """(SiLU(x), 2 SiLU'(x)) for x = alpha qk, without the 1/S scale. With y = x / 2 and
+    t = tanh(y): SiLU(x) = y (1 + t) and 2 SiLU'(x) = (1 + t) (1 + y (1 - t)). The factor 2
+    and alpha / S are applied once to the accumulated gradients."""
     y = qk * (0.5 * alpha)
     if FAST:
-        if SILU == 2:
-            t = tanh_f16x2(y)
-        else:
-            t = tanh_approx(y)
+        t = tanh_approx(y)
         a = 1.0 + t
         b = 1.0 - t
     else:
+        # a = 1 + tanh(y) = 2 sigmoid(x), computed without cancellation for negative x.
         a = 2.0 / (1.0 + tl.exp2(y * (-2.0 * LOG2E)))
         b = 2.0 - a
     return y * a, a * (1.0 + y * b)
-
-
-@triton.jit
-def _silu_and_grad(qk, alpha, scale, FAST: tl.constexpr):
-    """(SiLU(x) * scale, SiLU'(x)) for x = alpha * qk; SiLU' = s (1 + x (1 - s))."""
-    x = qk * alpha
-    if FAST:
-        t = tanh_approx(0.5 * x)
-        sig = 0.5 * t + 0.5
-        # s (1 - s) = (1 - t^2) / 4 when s = (1 + t) / 2
-        grad = sig + 0.25 * x * (1.0 - t * t)
-    else:
-        sig = 1.0 / (1.0 + tl.exp2(x * -LOG2E))
-        grad = sig * (1.0 + x * (1.0 - sig))
-    return x * sig * scale, grad
 
 
 @triton.jit
@@ -357,94 +295,64 @@ def _key_block_ranges(start_n, length, hist, mx, cs, contextual_seq_len, max_att
 
 
 @triton.jit
-def _fwd_tiles(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, lo, hi, length, hist, mx,
-               cs, max_attn_len, alpha, scale, MASKED: tl.constexpr,
-               HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr,
+def _fwd_tiles(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, lo, hi, hist, mx, cs,
+               max_attn_len, alpha, HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr,
                HAS_WINDOW: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
                UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
-               BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_N: tl.constexpr,
-               SILU: tl.constexpr):
+               BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles [lo, hi) with the mask applied (edge tiles; rows >= hist load as zeros)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K_row, offs_n, stride_km, hist, D_QK, BLOCK_D_QK, MASKED)
+        k = _load_rows(K_row, offs_n, stride_km, hist, D_QK, BLOCK_D_QK, True)
         qk = dot(q, tl.trans(k), None, PRECISION, UPCAST)
-        p = _fwd_scores(qk, alpha, scale, FAST, SILU)
-        if MASKED:
-            ok = _valid(offs_m[:, None], offs_n[None, :], hist, mx, cs, max_attn_len,
-                        HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW)
-            p = tl.where(ok, p, 0.0)
-        v = _load_rows(V_row, offs_n, stride_vm, hist, D_V, BLOCK_D_V, MASKED)
+        p = _silu(qk, alpha, FAST)
+        ok = _valid(offs_m[:, None], offs_n[None, :], hist, mx, cs, max_attn_len,
+                    HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW)
+        p = tl.where(ok, p, 0.0)
+        v = _load_rows(V_row, offs_n, stride_vm, hist, D_V, BLOCK_D_V, True)
         acc = dot(p.to(v.dtype), v, acc, PRECISION, UPCAST)
     return acc
 
 
 @triton.jit
-def _fwd_tiles_tma(acc, q, k_desc, v_desc, row0, lo, hi, alpha, scale, FAST: tl.constexpr,
-                   PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SILU: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, OVERLAP: tl.constexpr):
-    """The unmasked loop with K/V tiles loaded by TMA (tensor descriptors); optionally with
-    Triton's automatic warp specialization (experimental)."""
-    if OVERLAP:
-        if hi > lo:
-            k = k_desc.load([row0 + lo, 0])
-            qk = dot(q, tl.trans(k), None, PRECISION, UPCAST)
-            for start_n in range(lo, hi - BLOCK_N, BLOCK_N):
-                k_next = k_desc.load([row0 + start_n + BLOCK_N, 0])
-                qk_next = dot(q, tl.trans(k_next), None, PRECISION, UPCAST)
-                p = _fwd_scores(qk, alpha, scale, FAST, SILU)
-                v = v_desc.load([row0 + start_n, 0])
-                acc = dot(p.to(v.dtype), v, acc, PRECISION, UPCAST)
-                qk = qk_next
-            p = _fwd_scores(qk, alpha, scale, FAST, SILU)
-            v = v_desc.load([row0 + hi - BLOCK_N, 0])
-            acc = dot(p.to(v.dtype), v, acc, PRECISION, UPCAST)
-    else:
-        for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-            k = k_desc.load([row0 + start_n, 0])
-            qk = dot(q, tl.trans(k), None, PRECISION, UPCAST)
-            p = _fwd_scores(qk, alpha, scale, FAST, SILU)
-            v = v_desc.load([row0 + start_n, 0])
-            acc = dot(p.to(v.dtype), v, acc, PRECISION, UPCAST)
-    return acc
+def _fwd_full_tiles(acc, q, K_row, V_row, stride_km, stride_vm, lo, hi, alpha,
+                    FAST: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                    D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
+                    BLOCK_D_V: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles [lo, hi) that the mask keeps whole (the bulk of a long row).
 
-
-@triton.jit
-def _fwd_tiles_overlapped(acc, q, K_row, V_row, stride_km, stride_vm, lo, hi, hist, alpha, scale,
-                          FAST: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                          D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
-                          BLOCK_D_V: tl.constexpr, BLOCK_N: tl.constexpr, SILU: tl.constexpr):
-    """The unmasked loop with q k^T of the next tile issued before the SiLU of this one, so
-    that the tensor cores work while the SFU/FMA units compute the scores (FlashAttention-3's
-    intra-warpgroup overlap; the wgmma is asynchronous until its result is used)."""
+    q k^T of the next tile is issued before the SiLU of this one: the wgmma runs on the
+    tensor cores while the SFU and FMA units compute the scores (FlashAttention-3's
+    intra-warpgroup overlap). Measured on the H200: 2-3.5% faster than the plain loop before
+    the masked loop got cheaper, about 0.6% after (docs/kernels.md, steps 6-9)."""
     if hi > lo:
-        offs_n = lo + tl.arange(0, BLOCK_N)
-        k = _load_rows(K_row, offs_n, stride_km, hist, D_QK, BLOCK_D_QK, False)
+        k = _load_rows(K_row, lo + tl.arange(0, BLOCK_N), stride_km, hi, D_QK, BLOCK_D_QK, False)
         qk = dot(q, tl.trans(k), None, PRECISION, UPCAST)
         for start_n in range(lo, hi - BLOCK_N, BLOCK_N):
             offs_next = start_n + BLOCK_N + tl.arange(0, BLOCK_N)
-            k_next = _load_rows(K_row, offs_next, stride_km, hist, D_QK, BLOCK_D_QK, False)
+            k_next = _load_rows(K_row, offs_next, stride_km, hi, D_QK, BLOCK_D_QK, False)
             qk_next = dot(q, tl.trans(k_next), None, PRECISION, UPCAST)
-            p = _fwd_scores(qk, alpha, scale, FAST, SILU)
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            v = _load_rows(V_row, offs_n, stride_vm, hist, D_V, BLOCK_D_V, False)
+            p = _silu(qk, alpha, FAST)
+            v = _load_rows(V_row, start_n + tl.arange(0, BLOCK_N), stride_vm, hi, D_V,
+                           BLOCK_D_V, False)
             acc = dot(p.to(v.dtype), v, acc, PRECISION, UPCAST)
             qk = qk_next
-        p = _fwd_scores(qk, alpha, scale, FAST, SILU)
-        offs_n = hi - BLOCK_N + tl.arange(0, BLOCK_N)
-        v = _load_rows(V_row, offs_n, stride_vm, hist, D_V, BLOCK_D_V, False)
+        p = _silu(qk, alpha, FAST)
+        v = _load_rows(V_row, hi - BLOCK_N + tl.arange(0, BLOCK_N), stride_vm, hi, D_V,
+                       BLOCK_D_V, False)
         acc = dot(p.to(v.dtype), v, acc, PRECISION, UPCAST)
     return acc
 
 
 @triton.jit
-def _fwd_own_term(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, length, hist, alpha, scale,
+def _fwd_own_term(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, length, hist, alpha,
                   FAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
                   BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr):
     """acc + each candidate's own term: a row-wise dot that reads no other candidate's K/V."""
     own = (offs_m >= hist) & (offs_m < length)
     k_own = _load_rows_where(K_row, offs_m, stride_km, own, D_QK, BLOCK_D_QK)
     qk_own = tl.sum(q.to(tl.float32) * k_own.to(tl.float32), axis=1)
-    p_own = _silu_scaled(qk_own, alpha, scale, FAST)
+    p_own = _silu(qk_own, alpha, FAST)
     v_own = _load_rows_where(V_row, offs_m, stride_vm, own, D_V, BLOCK_D_V)
     p_own = tl.where(own, p_own, 0.0).to(v_own.dtype).to(tl.float32)
     return acc + p_own[:, None] * v_own.to(tl.float32)
@@ -459,9 +367,7 @@ def _attn_fwd(Q, K, V, O, seq_offsets, num_targets,
               FAST: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
               D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
               BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              OWN_TERM_FIRST: tl.constexpr, SILU: tl.constexpr, OVERLAP: tl.constexpr,
-              Q_IN_REGISTERS: tl.constexpr, TMA: tl.constexpr = False,
-              WARP_SPECIALIZE: tl.constexpr = False):
+              OWN_TERM_FIRST: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // H
@@ -476,56 +382,31 @@ def _attn_fwd(Q, K, V, O, seq_offsets, num_targets,
     K_row = K + start * stride_km + h * stride_kh
     V_row = V + start * stride_vm + h * stride_vh
     q = _load_rows(Q_row, offs_m, stride_qm, length, D_QK, BLOCK_D_QK, True)
-    if Q_IN_REGISTERS:
-        q = opaque_copy_16bit(q)
     acc = tl.zeros([BLOCK_M, BLOCK_D_V], dtype=tl.float32)
     if HAS_TARGETS and OWN_TERM_FIRST:
         if start_m + BLOCK_M > hist:
             acc = _fwd_own_term(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, length,
-                                hist, alpha, scale if SILU == 0 else 1.0, FAST, D_QK, D_V,
-                                BLOCK_D_QK, BLOCK_D_V)
+                                hist, alpha, FAST, D_QK, D_V, BLOCK_D_QK, BLOCK_D_V)
     ctx_end, lo, full_end, hi = _query_block_ranges(
         start_m, length, hist, mx, cs, contextual_seq_len, max_attn_len,
         HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, BLOCK_M, BLOCK_N)
-    q_own = q
-    if SILU == 4:
-        q = (q.to(tl.float32) * (0.5 * alpha)).to(q_own.dtype)
     if HAS_CONTEXT or HAS_WINDOW:
         acc = _fwd_tiles(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, 0, ctx_end,
-                         length, hist, mx, cs, max_attn_len, alpha, scale, True,
-                         HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
-                         D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N, SILU)
-    if TMA:
-        k_desc = tl.make_tensor_descriptor(K + h * stride_kh, shape=[(start + hist).to(tl.int32), D_QK],
-                                           strides=[stride_km, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D_QK])
-        v_desc = tl.make_tensor_descriptor(V + h * stride_vh, shape=[(start + hist).to(tl.int32), D_V],
-                                           strides=[stride_vm, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D_V])
-        acc = _fwd_tiles_tma(acc, q, k_desc, v_desc, start.to(tl.int32), lo, full_end, alpha, scale, FAST,
-                             PRECISION, UPCAST, BLOCK_N, SILU, WARP_SPECIALIZE, OVERLAP)
-    elif OVERLAP:
-        acc = _fwd_tiles_overlapped(acc, q, K_row, V_row, stride_km, stride_vm, lo, full_end,
-                                    hist, alpha, scale, FAST, PRECISION, UPCAST, D_QK, D_V,
-                                    BLOCK_D_QK, BLOCK_D_V, BLOCK_N, SILU)
-    else:
-        acc = _fwd_tiles(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, lo, full_end,
-                         length, hist, mx, cs, max_attn_len, alpha, scale, False,
-                         HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
-                         D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N, SILU)
+                         hist, mx, cs, max_attn_len, alpha, HAS_CONTEXT, HAS_TARGETS,
+                         HAS_WINDOW, FAST, PRECISION, UPCAST, D_QK, D_V, BLOCK_D_QK, BLOCK_D_V,
+                         BLOCK_N)
+    acc = _fwd_full_tiles(acc, q, K_row, V_row, stride_km, stride_vm, lo, full_end, alpha,
+                          FAST, PRECISION, UPCAST, D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
     acc = _fwd_tiles(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, full_end, hi,
-                     length, hist, mx, cs, max_attn_len, alpha, scale, True,
-                     HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
-                     D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N, SILU)
+                     hist, mx, cs, max_attn_len, alpha, HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW,
+                     FAST, PRECISION, UPCAST, D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
     if HAS_TARGETS and not OWN_TERM_FIRST:
         if start_m + BLOCK_M > hist:
-            acc = _fwd_own_term(acc, q_own, K_row, V_row, stride_km, stride_vm, offs_m, length,
-                                hist, alpha, scale if SILU == 0 else 1.0, FAST, D_QK, D_V,
-                                BLOCK_D_QK, BLOCK_D_V)
-    if SILU != 0:
-        acc = acc * scale
+            acc = _fwd_own_term(acc, q, K_row, V_row, stride_km, stride_vm, offs_m, length,
+                                hist, alpha, FAST, D_QK, D_V, BLOCK_D_QK, BLOCK_D_V)
     O_row = O + start * stride_om + h * stride_oh
-    _store_rows(O_row, offs_m, stride_om, length, acc.to(O.dtype.element_ty), D_V, BLOCK_D_V)
+    _store_rows(O_row, offs_m, stride_om, length, (acc * scale).to(O.dtype.element_ty), D_V,
+                BLOCK_D_V)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -538,41 +419,30 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Q_row, DO_row, DQ_row, stride_qm, stride_dom, 
                     HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr,
                     HAS_WINDOW: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
                     UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
-                    BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr,
-                    SILU: tl.constexpr, DP_FIRST: tl.constexpr):
+                    BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         # Queries past the row end load as zeros, so they add exactly nothing.
         q = _load_rows(Q_row, offs_m, stride_qm, length, D_QK, BLOCK_D_QK, True)
         do = _load_rows(DO_row, offs_m, stride_dom, length, D_V, BLOCK_D_V, True)
         qk_t = dot(k, tl.trans(q), None, PRECISION, UPCAST)  # [BLOCK_N, BLOCK_M]
-        if DP_FIRST:
-            # Issued before the SiLU so that the tensor cores run it while the SiLU is computed.
-            dp_t = dot(v, tl.trans(do), None, PRECISION, UPCAST)
-        if SILU == 0:
-            p_t, grad_t = _silu_and_grad(qk_t, alpha, scale, FAST)
-        else:
-            p_t, grad_t = _silu_and_grad2(qk_t, alpha, FAST, SILU)
+        # Issued before the SiLU, so that the tensor cores run it while the SiLU is computed.
+        dp_t = dot(v, tl.trans(do), None, PRECISION, UPCAST)
+        p_t, grad2_t = _silu_and_grad2(qk_t, alpha, FAST)
         if MASKED:
             ok = _valid(offs_m[None, :], offs_n[:, None], hist, mx, cs, max_attn_len,
                         HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW)
             p_t = tl.where(ok, p_t, 0.0)
         dv = dot(p_t.to(do.dtype), do, dv, PRECISION, UPCAST)
-        if not DP_FIRST:
-            dp_t = dot(v, tl.trans(do), None, PRECISION, UPCAST)
-        # d(score) without the constant alpha / S, applied once at the end (keeps 16-bit
+        # 2 d(score) without the constant alpha / (2 S), applied once at the end (keeps 16-bit
         # values away from the subnormal range).
-        ds_t = dp_t * grad_t
+        ds_t = dp_t * grad2_t
         if MASKED:
             ds_t = tl.where(ok, ds_t, 0.0)
         ds_t = ds_t.to(q.dtype)
         dk = dot(ds_t, q, dk, PRECISION, UPCAST)
         if ATOMIC_DQ:
-            if SILU == 0:
-                dq_factor = alpha * scale
-            else:
-                dq_factor = 0.5 * alpha * scale
-            dq = dot(tl.trans(ds_t), k, None, PRECISION, UPCAST) * dq_factor
+            dq = dot(tl.trans(ds_t), k, None, PRECISION, UPCAST) * (0.5 * alpha * scale)
             cols = tl.arange(0, BLOCK_D_QK)
             tl.atomic_add(DQ_row + offs_m[:, None] * stride_dqm + cols[None, :], dq,
                           mask=(offs_m[:, None] < length) & (cols[None, :] < D_QK),
@@ -590,18 +460,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, GRAD_V, DQ, seq_offsets, num_targets,
                    HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr, FAST: tl.constexpr,
                    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                    D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
-                   BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SILU: tl.constexpr, DP_FIRST: tl.constexpr):
+                   BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
-    # SILU 0 puts 1/S into the scores and SiLU' into ds; the other modes leave 1/S out of the
-    # scores and put 2 SiLU' into ds, so the final factors differ.
-    if SILU == 0:
-        dq_factor = alpha * scale
-        dv_factor = 1.0
-    else:
-        dq_factor = 0.5 * alpha * scale
-        dv_factor = scale
+    # The loops accumulate SiLU (no 1/S) into dv and 2 SiLU' (no alpha / 2S) into dk, dq.
+    dq_factor = 0.5 * alpha * scale
     b = pid_bh // H
     h = pid_bh % H
     start, length, hist, cs, mx = _row_info(seq_offsets, num_targets, b, contextual_seq_len,
@@ -627,14 +490,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, GRAD_V, DQ, seq_offsets, num_targets,
             k_own = _load_rows_where(K_row, offs_n, stride_km, own, D_QK, BLOCK_D_QK)
             v_own = _load_rows_where(V_row, offs_n, stride_vm, own, D_V, BLOCK_D_V)
             qk_own = tl.sum(q_own.to(tl.float32) * k_own.to(tl.float32), axis=1)
-            if SILU == 0:
-                p_own, grad_own = _silu_and_grad(qk_own, alpha, scale, FAST)
-            else:
-                p_own, grad_own = _silu_and_grad2(qk_own, alpha, FAST, SILU)
+            p_own, grad2_own = _silu_and_grad2(qk_own, alpha, FAST)
             p_own = tl.where(own, p_own, 0.0).to(do_own.dtype).to(tl.float32)
             dv = p_own[:, None] * do_own.to(tl.float32)
             dp_own = tl.sum(do_own.to(tl.float32) * v_own.to(tl.float32), axis=1)
-            ds_own = tl.where(own, dp_own * grad_own, 0.0)
+            ds_own = tl.where(own, dp_own * grad2_own, 0.0)
             dk = ds_own[:, None] * q_own.to(tl.float32)
             if ATOMIC_DQ:
                 cols = tl.arange(0, BLOCK_D_QK)
@@ -653,22 +513,22 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, GRAD_V, DQ, seq_offsets, num_targets,
                 dk, dv, k, v, Q_row, DO_row, DQ_row, stride_qm, stride_dom, stride_dqm,
                 offs_n, 0, ctx_end, length, hist, mx, cs, max_attn_len, alpha, scale, True,
                 ATOMIC_DQ, HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
-                D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_M, SILU, DP_FIRST)
+                D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_M)
         dk, dv = _bwd_dkdv_tiles(
             dk, dv, k, v, Q_row, DO_row, DQ_row, stride_qm, stride_dom, stride_dqm,
             offs_n, lo, mask_end, length, hist, mx, cs, max_attn_len, alpha, scale, True,
             ATOMIC_DQ, HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
-            D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_M, SILU, DP_FIRST)
+            D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_M)
         dk, dv = _bwd_dkdv_tiles(
             dk, dv, k, v, Q_row, DO_row, DQ_row, stride_qm, stride_dom, stride_dqm,
             offs_n, mask_end, hi, length, hist, mx, cs, max_attn_len, alpha, scale, False,
             ATOMIC_DQ, HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
-            D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_M, SILU, DP_FIRST)
+            D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_M)
     DK_row = DK + start * stride_dkm + h * stride_dkh
     DV_row = GRAD_V + start * stride_dvm + h * stride_dvh
     _store_rows(DK_row, offs_n, stride_dkm, length, (dk * dq_factor).to(DK.dtype.element_ty),
                 D_QK, BLOCK_D_QK)
-    _store_rows(DV_row, offs_n, stride_dvm, length, (dv * dv_factor).to(GRAD_V.dtype.element_ty),
+    _store_rows(DV_row, offs_n, stride_dvm, length, (dv * scale).to(GRAD_V.dtype.element_ty),
                 D_V, BLOCK_D_V)
 
 
@@ -678,22 +538,16 @@ def _bwd_dq_tiles(dq, q, do, K_row, V_row, stride_km, stride_vm, offs_m, lo, hi,
                   HAS_CONTEXT: tl.constexpr, HAS_TARGETS: tl.constexpr,
                   HAS_WINDOW: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
                   UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
-                  BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_N: tl.constexpr,
-                  SILU: tl.constexpr, DP_FIRST: tl.constexpr):
+                  BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K_row, offs_n, stride_km, hist, D_QK, BLOCK_D_QK, MASKED)
         v = _load_rows(V_row, offs_n, stride_vm, hist, D_V, BLOCK_D_V, MASKED)
         qk = dot(q, tl.trans(k), None, PRECISION, UPCAST)
-        if DP_FIRST:
-            dp = dot(do, tl.trans(v), None, PRECISION, UPCAST)
-        if SILU == 0:
-            _, grad = _silu_and_grad(qk, alpha, scale, FAST)
-        else:
-            _, grad = _silu_and_grad2(qk, alpha, FAST, SILU)
-        if not DP_FIRST:
-            dp = dot(do, tl.trans(v), None, PRECISION, UPCAST)
-        ds = dp * grad
+        # Issued before the SiLU, so that the tensor cores run it while the SiLU is computed.
+        dp = dot(do, tl.trans(v), None, PRECISION, UPCAST)
+        _, grad2 = _silu_and_grad2(qk, alpha, FAST)
+        ds = dp * grad2
         if MASKED:
             ok = _valid(offs_m[:, None], offs_n[None, :], hist, mx, cs, max_attn_len,
                         HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW)
@@ -711,8 +565,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, seq_offsets, num_targets,
                  HAS_WINDOW: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
                  UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
                  BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, SILU: tl.constexpr, Q_IN_REGISTERS: tl.constexpr,
-                 DP_FIRST: tl.constexpr):
+                 BLOCK_N: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = pid_bh // H
@@ -729,9 +582,6 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, seq_offsets, num_targets,
     DO_row = DO + start * stride_dom + h * stride_doh
     q = _load_rows(Q_row, offs_m, stride_qm, length, D_QK, BLOCK_D_QK, True)
     do = _load_rows(DO_row, offs_m, stride_dom, length, D_V, BLOCK_D_V, True)
-    if Q_IN_REGISTERS:
-        q = opaque_copy_16bit(q)
-        do = opaque_copy_16bit(do)
     dq = tl.zeros([BLOCK_M, BLOCK_D_QK], dtype=tl.float32)
     ctx_end, lo, full_end, hi = _query_block_ranges(
         start_m, length, hist, mx, cs, contextual_seq_len, max_attn_len,
@@ -740,31 +590,28 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, seq_offsets, num_targets,
         dq = _bwd_dq_tiles(dq, q, do, K_row, V_row, stride_km, stride_vm, offs_m, 0, ctx_end,
                            length, hist, mx, cs, max_attn_len, alpha, scale, True,
                            HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
-                           D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N, SILU, DP_FIRST)
+                           D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
     dq = _bwd_dq_tiles(dq, q, do, K_row, V_row, stride_km, stride_vm, offs_m, lo, full_end,
                        length, hist, mx, cs, max_attn_len, alpha, scale, False,
                        HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
-                       D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N, SILU, DP_FIRST)
+                       D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
     dq = _bwd_dq_tiles(dq, q, do, K_row, V_row, stride_km, stride_vm, offs_m, full_end, hi,
                        length, hist, mx, cs, max_attn_len, alpha, scale, True,
                        HAS_CONTEXT, HAS_TARGETS, HAS_WINDOW, FAST, PRECISION, UPCAST,
-                       D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N, SILU, DP_FIRST)
+                       D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
     if HAS_TARGETS:
         if start_m + BLOCK_M > hist:
             own = (offs_m >= hist) & (offs_m < length)
             k_own = _load_rows_where(K_row, offs_m, stride_km, own, D_QK, BLOCK_D_QK)
             v_own = _load_rows_where(V_row, offs_m, stride_vm, own, D_V, BLOCK_D_V)
             qk_own = tl.sum(q.to(tl.float32) * k_own.to(tl.float32), axis=1)
-            if SILU == 0:
-                _, grad_own = _silu_and_grad(qk_own, alpha, scale, FAST)
-            else:
-                _, grad_own = _silu_and_grad2(qk_own, alpha, FAST, SILU)
+            _, grad2_own = _silu_and_grad2(qk_own, alpha, FAST)
             dp_own = tl.sum(do.to(tl.float32) * v_own.to(tl.float32), axis=1)
-            ds_own = tl.where(own, dp_own * grad_own, 0.0)
+            ds_own = tl.where(own, dp_own * grad2_own, 0.0)
             dq += ds_own[:, None] * k_own.to(tl.float32)
     DQ_row = DQ + start * stride_dqm + h * stride_dqh
-    dq_factor = alpha * scale if SILU == 0 else 0.5 * alpha * scale
-    _store_rows(DQ_row, offs_m, stride_dqm, length, (dq * dq_factor).to(DQ.dtype.element_ty),
+    _store_rows(DQ_row, offs_m, stride_dqm, length,
+                (dq * (0.5 * alpha * scale)).to(DQ.dtype.element_ty),
                 D_QK, BLOCK_D_QK)
 
 
@@ -830,8 +677,6 @@ def _forward(problem: _Problem, q, k, v) -> torch.Tensor:
             q, k, v, out, problem.seq_offsets, problem.targets_arg(),
             *_strides(q, k, v, out), *problem.scalars(), **problem.constants,
             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, OWN_TERM_FIRST=FORWARD_OWN_TERM_FIRST,
-            SILU=FORWARD_SILU, OVERLAP=FORWARD_OVERLAP, Q_IN_REGISTERS=FORWARD_Q_IN_REGISTERS,
-            TMA=FORWARD_TMA,
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
 
@@ -857,8 +702,7 @@ def _backward(problem: _Problem, q, k, v, grad_out):
             q, k, v, grad_out, dk, dv, dq_acc, problem.seq_offsets, problem.targets_arg(),
             *_strides(q, k, v, grad_out, dk, dv, dq_acc), *problem.scalars(),
             ATOMIC_DQ=atomic, **problem.constants,
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, SILU=BACKWARD_SILU,
-            DP_FIRST=BACKWARD_DP_FIRST,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
 
@@ -867,8 +711,7 @@ def _backward(problem: _Problem, q, k, v, grad_out):
         _attn_bwd_dq[grid](
             q, k, v, grad_out, dq, problem.seq_offsets, problem.targets_arg(),
             *_strides(q, k, v, grad_out, dq), *problem.scalars(), **problem.constants,
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, SILU=BACKWARD_SILU,
-            Q_IN_REGISTERS=BACKWARD_DQ_IN_REGISTERS, DP_FIRST=BACKWARD_DP_FIRST,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
 
