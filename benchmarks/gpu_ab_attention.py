@@ -37,7 +37,10 @@ from kernel_bench import attention_flops, jagged_problem  # noqa: E402
 
 FORWARD_VARIANTS = {
     # name: (module switches, tiles by kernel name)
-    f"fwd {tile}": (dict(), dict(attn_fwd=tile)) for tile in attention.FORWARD_TILES
+    **{f"fwd {tile}": (dict(), dict(attn_fwd=tile)) for tile in attention.FORWARD_TILES},
+    # Candidates' own terms after the key loops instead of before (same numbers exactly).
+    "fwd own term last": (dict(FORWARD_OWN_TERM_FIRST=False),
+                          dict(attn_fwd=attention.FORWARD_TILES[0])),
 }
 BACKWARD_VARIANTS = {
     "bwd atomic dkdv M32": (dict(DQ_MODE="atomic"),
@@ -49,7 +52,8 @@ BACKWARD_VARIANTS = {
         for tile in attention.BACKWARD_DQ_TILES
     },
 }
-DEFAULTS = dict(DQ_MODE=attention.DQ_MODE)
+DEFAULTS = dict(DQ_MODE=attention.DQ_MODE,
+                FORWARD_OWN_TERM_FIRST=attention.FORWARD_OWN_TERM_FIRST)
 
 
 def set_switches(switches: dict) -> None:

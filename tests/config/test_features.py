@@ -53,18 +53,20 @@ feature_configs { sequence_raw_feature { feature_name: "item_query_time"
 """
 
 
+def _with_standalone_candidates(kit, candidates: str = STANDALONE_CANDIDATES) -> str:
+    """The base config with its candidate sequence group replaced by standalone features."""
+    return kit.edit(
+        'feature_names: "cand_seq__video_id"',
+        'feature_names: "item_video_id"',
+        'feature_names: "cand_seq__query_time"',
+        'feature_names: "item_query_time"',
+        'sequence_name: "cand_seq"',
+        'sequence_name: "unused_seq"',
+    ) + candidates
+
+
 def test_standalone_sequence_features_share_one_key_per_side(kit):
-    text = (
-        kit.edit(
-            'feature_names: "cand_seq__video_id"',
-            'feature_names: "item_video_id"',
-            'feature_names: "cand_seq__query_time"',
-            'feature_names: "item_query_time"',
-            'sequence_name: "cand_seq"',
-            'sequence_name: "unused_seq"',
-        )
-        + STANDALONE_CANDIDATES
-    )
+    text = _with_standalone_candidates(kit)
     cfg = kit.load(text)
     assert sequence_names(cfg) == ("uih_seq", "cand_seq")
     specs = {spec.name: spec for spec in feature_specs(cfg)}
@@ -144,17 +146,7 @@ def test_label_no_task_uses_is_left_out(kit):
 def test_timestamp_features_come_from_the_timestamp_groups(kit):
     # Standalone candidates name their query time "item_query_time" (TorchEasyRec's 27K
     # naming): a timestamp because the candidate_timestamp group holds it, not by its name.
-    text = (
-        kit.edit(
-            'feature_names: "cand_seq__video_id"',
-            'feature_names: "item_video_id"',
-            'feature_names: "cand_seq__query_time"',
-            'feature_names: "item_query_time"',
-            'sequence_name: "cand_seq"',
-            'sequence_name: "unused_seq"',
-        )
-        + STANDALONE_CANDIDATES
-    )
+    text = _with_standalone_candidates(kit)
     specs = {spec.name: spec for spec in feature_specs(kit.load(text))}
     timestamps = {name for name, spec in specs.items() if spec.is_timestamp}
     assert timestamps == {"uih_seq__action_timestamp", "item_query_time"}
@@ -178,18 +170,11 @@ def test_sequence_delim_comes_from_the_sequence_config(kit):
     assert {label.sequence_delim for label in label_specs(cfg)} == {"|"}
 
     # Standalone sequence features carry their own (proto default ";").
-    standalone = (
-        kit.edit(
-            'feature_names: "cand_seq__video_id"',
-            'feature_names: "item_video_id"',
-            'feature_names: "cand_seq__query_time"',
-            'feature_names: "item_query_time"',
-            'sequence_name: "cand_seq"',
-            'sequence_name: "unused_seq"',
-        )
-        + STANDALONE_CANDIDATES.replace(
+    standalone = _with_standalone_candidates(
+        kit,
+        STANDALONE_CANDIDATES.replace(
             'expression: "item:video_id"', 'expression: "item:video_id" sequence_delim: ","'
-        )
+        ),
     )
     cfg = kit.load(standalone)
     delims = {spec.name: spec.sequence_delim for spec in feature_specs(cfg)}

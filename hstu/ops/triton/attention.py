@@ -463,8 +463,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, GRAD_V, DQ, seq_offsets, num_targets,
                    BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
-    # The loops accumulate SiLU (no 1/S) into dv and 2 SiLU' (no alpha / 2S) into dk, dq.
-    dq_factor = 0.5 * alpha * scale
+    # The loops accumulate SiLU (no 1/S) into dv and 2 SiLU' (no alpha / 2S) into dk and dq.
+    dkq_factor = 0.5 * alpha * scale
     b = pid_bh // H
     h = pid_bh % H
     start, length, hist, cs, mx = _row_info(seq_offsets, num_targets, b, contextual_seq_len,
@@ -498,7 +498,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, GRAD_V, DQ, seq_offsets, num_targets,
             dk = ds_own[:, None] * q_own.to(tl.float32)
             if ATOMIC_DQ:
                 cols = tl.arange(0, BLOCK_D_QK)
-                dq_own = ds_own[:, None] * k_own.to(tl.float32) * dq_factor
+                dq_own = ds_own[:, None] * k_own.to(tl.float32) * dkq_factor
                 tl.atomic_add(DQ_row + offs_n[:, None] * stride_dqm + cols[None, :], dq_own,
                               mask=own[:, None] & (cols[None, :] < D_QK), sem="relaxed")
     if start_n < hist:
@@ -526,7 +526,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, GRAD_V, DQ, seq_offsets, num_targets,
             D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_M)
     DK_row = DK + start * stride_dkm + h * stride_dkh
     DV_row = GRAD_V + start * stride_dvm + h * stride_dvh
-    _store_rows(DK_row, offs_n, stride_dkm, length, (dk * dq_factor).to(DK.dtype.element_ty),
+    _store_rows(DK_row, offs_n, stride_dkm, length, (dk * dkq_factor).to(DK.dtype.element_ty),
                 D_QK, BLOCK_D_QK)
     _store_rows(DV_row, offs_n, stride_dvm, length, (dv * scale).to(GRAD_V.dtype.element_ty),
                 D_V, BLOCK_D_V)
