@@ -35,24 +35,31 @@ from hstu.ops.triton._common import Tile, pinned  # noqa: E402
 from hstu.ops.triton.testing import compare_op  # noqa: E402
 from kernel_bench import attention_flops, jagged_problem  # noqa: E402
 
+FIRST_DKDV = attention.BACKWARD_DKDV_TILES[0]
+FIRST_DQ = attention.BACKWARD_DQ_TILES[0]
 FORWARD_VARIANTS = {
     # name: (module switches, tiles by kernel name)
-    **{f"fwd {tile}": (dict(), dict(attn_fwd=tile)) for tile in attention.FORWARD_TILES},
+    **{f"fwd {tile}": (dict(), dict(attn_fwd=tile))
+       for tile in attention.FORWARD_TILES + [Tile(128, 128, 8, 2), Tile(128, 32, 8, 4)]},
+    # The launch order before session 4: consecutive programs on different (row, head) pairs.
+    "fwd heads first": (dict(LAUNCH_ORDER="heads_first"),
+                        dict(attn_fwd=attention.FORWARD_TILES[0])),
     # Candidates' own terms after the key loops instead of before (same numbers exactly).
     "fwd own term last": (dict(FORWARD_OWN_TERM_FIRST=False),
                           dict(attn_fwd=attention.FORWARD_TILES[0])),
 }
 BACKWARD_VARIANTS = {
-    "bwd atomic dkdv M32": (dict(DQ_MODE="atomic"),
-                            dict(attn_bwd_dkdv_atomic=Tile(32, 128, 8, 3))),
+    "bwd atomic dkdv M32": (dict(DQ_MODE="atomic"), dict(attn_bwd_dkdv_atomic=FIRST_DKDV)),
     **{
-        f"bwd separate dkdv M32 dq {tile}": (
-            dict(DQ_MODE="separate"),
-            dict(attn_bwd_dkdv=Tile(32, 128, 8, 3), attn_bwd_dq=tile))
-        for tile in attention.BACKWARD_DQ_TILES
+        f"bwd separate dkdv {dkdv} dq {dq}": (
+            dict(DQ_MODE="separate"), dict(attn_bwd_dkdv=dkdv, attn_bwd_dq=dq))
+        for dkdv, dq in [(FIRST_DKDV, tile) for tile in attention.BACKWARD_DQ_TILES[:2]]
+        + [(Tile(64, 128, 8, 2), FIRST_DQ)]
     },
+    "bwd separate heads first": (dict(DQ_MODE="separate", LAUNCH_ORDER="heads_first"),
+                                 dict(attn_bwd_dkdv=FIRST_DKDV, attn_bwd_dq=FIRST_DQ)),
 }
-DEFAULTS = dict(DQ_MODE=attention.DQ_MODE,
+DEFAULTS = dict(DQ_MODE=attention.DQ_MODE, LAUNCH_ORDER=attention.LAUNCH_ORDER,
                 FORWARD_OWN_TERM_FIRST=attention.FORWARD_OWN_TERM_FIRST)
 
 

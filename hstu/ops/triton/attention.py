@@ -25,8 +25,10 @@ issued by the dK/dV kernel ("atomic": no recomputation, summation order not dete
 Neither uses a lock. `DQ_MODE` picks one; docs/kernels.md has the measurements behind the
 default.
 
-Scheduling: query blocks are launched last block first (they do the most work under a causal
-mask), key blocks first block first, so the longest programs start earliest.
+Scheduling: the grid is 1-D, and the blocks of one (row, head) are consecutive programs, so
+the programs running at the same time read the same K/V (backward: Q/dO) tiles and find them
+in L2 (`LAUNCH_ORDER`). Query blocks are launched last block first (they do the most work under
+a causal mask), key blocks first block first, so the longest programs start earliest.
 """
 
 from __future__ import annotations
@@ -81,6 +83,13 @@ FORWARD_OWN_TERM_FIRST = True
 DQ_MODES = ("atomic", "separate")
 DQ_MODE = "separate"
 
+# Launch order of the (row, head, block) programs: "blocks_first" (the blocks of one row and
+# head are consecutive, so programs running together share K/V tiles in L2) or "heads_first"
+# (consecutive programs belong to different rows and heads; the order before session 4).
+# docs/kernels.md, step 11, has the measurement.
+LAUNCH_ORDERS = ("blocks_first", "heads_first")
+LAUNCH_ORDER = "blocks_first"
+
 
 @contextlib.contextmanager
 def dq_mode(mode: str) -> Iterator[None]:
@@ -96,6 +105,27 @@ def dq_mode(mode: str) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def _program_block(num_blocks, num_rows_heads, BLOCKS_FIRST: tl.constexpr,
+                   LAST_FIRST: tl.constexpr):
+    """(row * H + head, block index) of this program in a 1-D grid of num_blocks * (B * H).
+
+    BLOCKS_FIRST: consecutive programs are the blocks of one (row, head), so the programs that
+    run at the same time read the same K and V (or Q and dO) tiles, which then come from L2;
+    otherwise consecutive programs are different (row, head) pairs, each streaming its own
+    K/V from memory. LAST_FIRST launches a row's last block first (most work when causal)."""
+    pid = tl.program_id(0)
+    if BLOCKS_FIRST:
+        block = pid % num_blocks
+        pid_bh = pid // num_blocks
+    else:
+        block = pid // num_rows_heads
+        pid_bh = pid % num_rows_heads
+    if LAST_FIRST:
+        block = num_blocks - 1 - block
+    return pid_bh, block
 
 
 @triton.jit
@@ -367,9 +397,9 @@ def _attn_fwd(Q, K, V, O, seq_offsets, num_targets,
               FAST: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
               D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
               BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              OWN_TERM_FIRST: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+              OWN_TERM_FIRST: tl.constexpr, num_blocks, BLOCKS_FIRST: tl.constexpr):
+    pid_bh, pid_m = _program_block(num_blocks, tl.num_programs(0) // num_blocks,
+                                   BLOCKS_FIRST, True)
     b = pid_bh // H
     h = pid_bh % H
     start, length, hist, cs, mx = _row_info(seq_offsets, num_targets, b, contextual_seq_len,
@@ -460,9 +490,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, GRAD_V, DQ, seq_offsets, num_targets,
                    HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr, FAST: tl.constexpr,
                    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                    D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
-                   BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    pid_n = tl.program_id(1)
+                   BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   num_blocks, BLOCKS_FIRST: tl.constexpr):
+    pid_bh, pid_n = _program_block(num_blocks, tl.num_programs(0) // num_blocks,
+                                   BLOCKS_FIRST, False)
     # The loops accumulate SiLU (no 1/S) into dv and 2 SiLU' (no alpha / 2S) into dk and dq.
     dkq_factor = 0.5 * alpha * scale
     b = pid_bh // H
@@ -565,9 +596,9 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, seq_offsets, num_targets,
                  HAS_WINDOW: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
                  UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
                  BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+                 BLOCK_N: tl.constexpr, num_blocks, BLOCKS_FIRST: tl.constexpr):
+    pid_bh, pid_m = _program_block(num_blocks, tl.num_programs(0) // num_blocks,
+                                   BLOCKS_FIRST, True)
     b = pid_bh // H
     h = pid_bh % H
     start, length, hist, cs, mx = _row_info(seq_offsets, num_targets, b, contextual_seq_len,
@@ -654,9 +685,20 @@ class _Problem:
     def scalars(self) -> tuple:
         return (self.heads, self.alpha, self.scale, self.contextual_seq_len, self.max_attn_len)
 
+    def grid(self, num_blocks: int) -> tuple[int]:
+        """A 1-D grid, one program per (row, head, block); _program_block decodes it. 1-D
+        because a grid's second and third dimensions stop at 65535 programs."""
+        return (num_blocks * self.batch * self.heads,)
+
     def targets_arg(self) -> torch.Tensor:
         # Any int tensor will do when HAS_TARGETS is off: the kernel never reads it.
         return self.num_targets if self.num_targets is not None else self.seq_offsets
+
+
+def _blocks_first() -> bool:
+    if LAUNCH_ORDER not in LAUNCH_ORDERS:
+        raise ValueError(f"launch order {LAUNCH_ORDER!r}; expected one of {LAUNCH_ORDERS}")
+    return LAUNCH_ORDER == "blocks_first"
 
 
 def _strides(*tensors: torch.Tensor) -> list[int]:
@@ -672,11 +714,12 @@ def _forward(problem: _Problem, q, k, v) -> torch.Tensor:
         return out
 
     def launch(tile: Tile) -> None:
-        grid = (problem.batch * problem.heads, triton.cdiv(problem.max_seq_len, tile.block_m))
-        _attn_fwd[grid](
+        num_blocks = triton.cdiv(problem.max_seq_len, tile.block_m)
+        _attn_fwd[problem.grid(num_blocks)](
             q, k, v, out, problem.seq_offsets, problem.targets_arg(),
             *_strides(q, k, v, out), *problem.scalars(), **problem.constants,
             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, OWN_TERM_FIRST=FORWARD_OWN_TERM_FIRST,
+            num_blocks=num_blocks, BLOCKS_FIRST=_blocks_first(),
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
 
@@ -697,21 +740,23 @@ def _backward(problem: _Problem, q, k, v, grad_out):
     def launch_dkdv(tile: Tile) -> None:
         if atomic:
             dq_acc.zero_()
-        grid = (problem.batch * problem.heads, triton.cdiv(problem.max_seq_len, tile.block_n))
-        _attn_bwd_dkdv[grid](
+        num_blocks = triton.cdiv(problem.max_seq_len, tile.block_n)
+        _attn_bwd_dkdv[problem.grid(num_blocks)](
             q, k, v, grad_out, dk, dv, dq_acc, problem.seq_offsets, problem.targets_arg(),
             *_strides(q, k, v, grad_out, dk, dv, dq_acc), *problem.scalars(),
             ATOMIC_DQ=atomic, **problem.constants,
             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+            num_blocks=num_blocks, BLOCKS_FIRST=_blocks_first(),
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
 
     def launch_dq(tile: Tile) -> None:
-        grid = (problem.batch * problem.heads, triton.cdiv(problem.max_seq_len, tile.block_m))
-        _attn_bwd_dq[grid](
+        num_blocks = triton.cdiv(problem.max_seq_len, tile.block_m)
+        _attn_bwd_dq[problem.grid(num_blocks)](
             q, k, v, grad_out, dq, problem.seq_offsets, problem.targets_arg(),
             *_strides(q, k, v, grad_out, dq), *problem.scalars(), **problem.constants,
             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+            num_blocks=num_blocks, BLOCKS_FIRST=_blocks_first(),
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from hstu.ops.pytorch.attention import hstu_mha as torch_mha
+from hstu.ops.triton import attention as attention_module
 from hstu.ops.triton._common import Tile, pinned
 from hstu.ops.triton.attention import dq_mode
 from hstu.ops.triton.attention import hstu_mha as triton_mha
@@ -96,6 +97,32 @@ def test_edge_cases(lengths, targets, contextual, window):
 def test_unequal_tiles_and_dq_modes(tile, mode):
     _check([50, 13], [4, 13], contextual=2, window=0, tile=tile, mode=mode, seed=3,
            d_qk=24, d_v=8, heads=1)
+
+
+def test_launch_orders_compute_the_same_numbers(monkeypatch):
+    """The launch order only changes which program runs when: with the deterministic dQ kernel
+    both orders give bit-identical outputs and gradients, and both are within the bound."""
+    lengths, targets = [40, 7, 23], [3, 0, 5]
+    offsets = _offsets(lengths)
+    num_targets = torch.tensor(targets, device=DEVICE)
+    grad = torch.randn(sum(lengths), 2, 16, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    results = []
+    for order in attention_module.LAUNCH_ORDERS:
+        monkeypatch.setattr(attention_module, "LAUNCH_ORDER", order)
+        _check(lengths, targets, contextual=2, heads=2, mode="separate", seed=6)
+        inputs = {name: tensor.detach().float().requires_grad_()
+                  for name, tensor in _inputs(lengths, 2, 16, 16, seed=7).items()}
+        with pinned(attn_fwd=SMALL, attn_bwd_dkdv=SMALL, attn_bwd_dq=SMALL), \
+                dq_mode("separate"):
+            out = triton_mha(inputs["q"], inputs["k"], inputs["v"], offsets, max_seq_len=40,
+                             num_targets=num_targets, contextual_seq_len=2)
+            out.backward(grad)
+        results.append([out.detach()] + [inputs[name].grad for name in ("q", "k", "v")])
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+    monkeypatch.setattr(attention_module, "LAUNCH_ORDER", "rows_last")
+    with pytest.raises(ValueError, match="launch order 'rows_last'"):
+        triton_mha(inputs["q"], inputs["k"], inputs["v"], offsets, max_seq_len=40)
 
 
 def test_scaling_seqlen_and_slack_max_seq_len():
