@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -66,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=str(REPO / "outputs" / "train_bench.json"))
     args = parser.parse_args(argv)
+    if 0 < args.table_rows <= 1000:
+        parser.error(f"--table-rows {args.table_rows}: the synthetic item ids need tables of "
+                     "more than 1000 rows (0 keeps the recipe's sizes)")
     if args.kernels is None:
         args.kernels = ["PYTORCH"] if args.device == "cpu" else ["TRITON", "PYTORCH"]
     if args.median_history is None:
@@ -105,8 +109,12 @@ def make_batches(args, cfg, rank: int):
     from hstu.data.synthetic import SyntheticOptions, generate_shard, make_world
 
     rows = args.batch_size * args.batches
-    items = min(1_000_000, min(f.num_buckets for f in _id_features(cfg)
-                               if f.num_buckets > 1000) - 1)
+    # Item ids must fit the smallest item-sized table (the small tables are user attributes).
+    item_tables = [f.num_buckets for f in _id_features(cfg) if f.num_buckets > 1000]
+    if not item_tables:
+        raise ValueError(f"{args.recipe}: no id table has more than 1000 rows for the "
+                         "synthetic item ids")
+    items = min(1_000_000, min(item_tables) - 1)
     options = SyntheticOptions(
         users=rows * max(args.workers),
         seed=args.seed,
@@ -182,7 +190,7 @@ def worker(rank: int, world: int, args, kernel: str, init_file: str, out_file: s
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    times, rows, tokens, flops = [], [], [], []
+    times, rows, tokens, flops, losses = [], [], [], [], []
     dmp.train()
     for step in range(args.warmup + args.steps):
         batch = batches[step % len(batches)]
@@ -197,6 +205,10 @@ def worker(rank: int, world: int, args, kernel: str, init_file: str, out_file: s
         dense.step()
         sync()
         elapsed = time.perf_counter() - started
+        # A fast step that trains on NaN is no result: read the loss after the timed region.
+        losses.append(float(total.detach()))
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"{kernel}: rank {rank} step {step}: loss {losses[-1]}")
         if step >= args.warmup:
             lengths = sum(batch.seq_lengths.values()).cpu() + contextual
             times.append(elapsed)
@@ -222,6 +234,7 @@ def worker(rank: int, world: int, args, kernel: str, init_file: str, out_file: s
             "model_tflops": sum(float(g[3]) for g in gathered) / step_s / 1e12,
             "tokens_per_step": sum(float(g[2]) for g in gathered),
             "torch_threads_per_worker": torch.get_num_threads(),
+            "rank0_losses": [round(loss, 5) for loss in losses],
             "plan": sharded.tables,
             "peak_gpu_mem_gb": (torch.cuda.max_memory_allocated(device) / 2**30
                                 if device.type == "cuda" else None),
