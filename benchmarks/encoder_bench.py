@@ -3,6 +3,7 @@
 
     python benchmarks/encoder_bench.py --out OUT            # on a CUDA machine
     python benchmarks/encoder_bench.py --device cpu --shapes 2x64 --kernels PYTORCH   # tiny check
+    python benchmarks/encoder_bench.py --shapes 32x1024 --kernels TRITON --profile  # where it goes
 
 What is timed: preprocessor (contextual tokens, content and action MLPs), positional + time
 embeddings, 3 STU layers, candidate extraction and the timestamp postprocessor, with the seed's
@@ -147,6 +148,48 @@ def time_case(model, inputs, device: str, repeats: int) -> dict:
     return {"ms": times[len(times) // 2], "peak_gib": peak}
 
 
+def profile_case(model, inputs, device: str, out_dir: Path, label: str) -> dict:
+    """One step under torch.profiler after a warm-up: where the time goes (top kernels by GPU
+    time, top ops by CPU time), how much of the step the GPU is busy, and the host syncs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    autocast = torch.autocast("cuda", torch.bfloat16) if device == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+
+    def step():
+        with autocast:
+            out = model(**inputs)
+        out.float().sum().backward()
+
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    model.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    trace = out_dir / f"encoder_trace_{label}.json"
+    prof.export_chrome_trace(str(trace))
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(events.table(sort_by=sort, row_limit=25))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    cpu_ops = [e for e in prof.events() if e.device_type.name == "CPU"]
+    busy_us = sum(e.time_range.elapsed_us() for e in kernels)
+    span_us = (max(e.time_range.end for e in cpu_ops) - min(e.time_range.start for e in cpu_ops)
+               if cpu_ops else 0.0)
+    syncs = {name: sum(1 for e in cpu_ops if e.name == name)
+             for name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync",
+                          "aten::item", "aten::_local_scalar_dense")}
+    summary = {"label": label, "kernels": len(kernels), "gpu_busy_ms": busy_us / 1e3,
+               "step_span_ms": span_us / 1e3, "host_sync_calls": syncs, "trace": str(trace)}
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -161,6 +204,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="outputs")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one step per case with torch.profiler: top kernels, "
+                        "GPU busy time against the step, host syncs; chrome traces in OUT")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -183,6 +229,9 @@ def main(argv=None) -> int:
                 try:
                     case.update(time_case(model, inputs, args.device, args.repeats))
                     case["stu_tflops"] = flops / (case["ms"] * 1e-3) / 1e12
+                    if args.profile:
+                        case["profile"] = profile_case(model, inputs, args.device,
+                                                       Path(args.out), f"{name}_{shape}")
                 except torch.OutOfMemoryError as error:
                     case["skipped"] = f"out of memory: {str(error).splitlines()[0]}"
                     torch.cuda.empty_cache()
