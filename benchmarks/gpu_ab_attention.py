@@ -44,7 +44,7 @@ FORWARD_VARIANTS = {
     # The launch order before session 4: consecutive programs on different (row, head) pairs.
     "fwd heads first": (dict(LAUNCH_ORDER="heads_first"),
                         dict(attn_fwd=attention.FORWARD_TILES[0])),
-    # Candidates' own terms after the key loops instead of before (same numbers exactly).
+    # Candidates' own terms after the key loops instead of before (same sum, another order).
     "fwd own term last": (dict(FORWARD_OWN_TERM_FIRST=False),
                           dict(attn_fwd=attention.FORWARD_TILES[0])),
 }
