@@ -410,8 +410,8 @@ class Worker:
                 meter.add(
                     stats.last_rows,
                     stats.last_tokens,
-                    {task: value.detach().item() for task, value in losses.items()},
-                    total.detach().item(),
+                    losses,  # tensors: read once per progress line, not every step
+                    total,
                 )
                 self._record_samples(batch, state)
                 self._maybe_crash(state)
@@ -498,12 +498,9 @@ class Worker:
     def _log_progress(self, meter: ProgressMeter, state: TrainState, lrs: dict) -> None:
         # Each rank's loss is its local mean scaled to the global per-candidate mean, so the
         # mean over ranks is the global loss (one collective, on every rank, at the same steps).
-        local = [meter.total_loss_sum] + [meter.loss_sums[task] for task in self.tasks]
-        summed = all_reduce_sum(local)
-        meter.total_loss_sum = summed[0] / self.world
-        for task, value in zip(self.tasks, summed[1:]):
-            meter.loss_sums[task] = value / self.world
-        line, metrics = meter.flush(state.global_step, state.epoch, extra=lrs)
+        summed = all_reduce_sum(meter.loss_sums())
+        line, metrics = meter.flush(state.global_step, state.epoch, extra=lrs,
+                                    loss_sums=[value / self.world for value in summed])
         if self.rank == 0:
             console(line)
             self.log.metrics(metrics, step=state.global_step)

@@ -13,6 +13,8 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 
+import torch
+
 
 def format_duration(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
@@ -57,17 +59,38 @@ class ProgressMeter:
         self.interval_first_step = step
         self.rows = 0
         self.tokens = 0
-        self.loss_sums = {task: 0.0 for task in self.tasks}
-        self.total_loss_sum = 0.0
+        # Sums over the interval of [total loss, *task losses]: floats, or one tensor on the
+        # training device when the losses come as tensors.
+        self._loss_sums: list[float] | torch.Tensor = [0.0] * (1 + len(self.tasks))
         self.steps = 0
 
-    def add(self, rows: int, tokens: int, losses: Mapping[str, float], total: float) -> None:
+    def add(self, rows: int, tokens: int, losses: Mapping[str, float | torch.Tensor],
+            total: float | torch.Tensor) -> None:
+        """One step. Losses may be floats or 0-d tensors; tensors stay on their device (a
+        stack and an add per step) and are read once per progress line: reading them every
+        step (`.item()`) would make the host wait for the GPU to finish each step before it
+        could queue the next one."""
         self.rows += rows
         self.tokens += tokens
         self.steps += 1
-        self.total_loss_sum += total
-        for task, value in losses.items():
-            self.loss_sums[task] += value
+        values = [total] + [losses[task] for task in self.tasks]
+        if isinstance(total, torch.Tensor):
+            step = torch.stack([value.detach().to(torch.float32) for value in values])
+            if isinstance(self._loss_sums, torch.Tensor):
+                self._loss_sums = self._loss_sums + step
+            else:
+                self._loss_sums = step + torch.tensor(self._loss_sums, device=step.device)
+        elif isinstance(self._loss_sums, torch.Tensor):
+            self._loss_sums = self._loss_sums + torch.tensor(values,
+                                                             device=self._loss_sums.device)
+        else:
+            self._loss_sums = [a + float(b) for a, b in zip(self._loss_sums, values)]
+
+    def loss_sums(self) -> list[float]:
+        """The interval's sums of [total loss, *task losses] (one device read if on a GPU)."""
+        if isinstance(self._loss_sums, torch.Tensor):
+            return self._loss_sums.double().tolist()
+        return list(self._loss_sums)
 
     def eta_seconds(self, step: int) -> float | None:
         if not self.total_steps or step <= self.start_step:
@@ -75,14 +98,20 @@ class ProgressMeter:
         per_step = (self.clock() - self.started) / (step - self.start_step)
         return max(self.total_steps - step, 0) * per_step
 
-    def flush(self, step: int, epoch: int, extra: Mapping[str, float] = {}) -> tuple[str, dict]:
-        """(line, metrics) for the interval that ends at `step`; starts the next interval."""
+    def flush(self, step: int, epoch: int, extra: Mapping[str, float] = {},
+              loss_sums: Sequence[float] | None = None) -> tuple[str, dict]:
+        """(line, metrics) for the interval that ends at `step`; starts the next interval.
+        `loss_sums` replaces this meter's own [total, *tasks] sums (e.g. averaged over ranks)."""
         seconds = max(self.clock() - self.interval_start, 1e-9)
         steps = max(self.steps, 1)
         samples_per_s = self.rows / seconds
         tokens_per_s = self.tokens / seconds
-        losses = {task: self.loss_sums[task] / steps for task in self.tasks}
-        total_loss = self.total_loss_sum / steps
+        sums = list(self.loss_sums() if loss_sums is None else loss_sums)
+        if len(sums) != 1 + len(self.tasks):
+            raise ValueError(f"loss_sums has {len(sums)} values; expected total + "
+                             f"{len(self.tasks)} tasks")
+        total_loss = sums[0] / steps
+        losses = {task: value / steps for task, value in zip(self.tasks, sums[1:])}
         metrics = {
             "train/loss": total_loss,
             "train/samples_per_s": samples_per_s,

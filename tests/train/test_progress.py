@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from hstu.train.progress import (
     ProgressMeter,
@@ -47,6 +48,40 @@ def test_a_progress_line_has_step_rates_losses_and_eta():
     assert metrics["train/samples_per_s"] == pytest.approx(32.0)
     assert metrics["train/loss"] == pytest.approx(0.8)
     assert metrics["train/loss/is_like"] == pytest.approx(0.2)
+
+
+def test_tensor_losses_give_the_same_line_as_floats_and_are_read_once_per_line():
+    tasks = ["is_click", "is_like"]
+    steps = [(0.9, {"is_click": 0.7, "is_like": 0.2}), (0.5, {"is_click": 0.4, "is_like": 0.1})]
+    lines = []
+    for as_tensor in (False, True):
+        clock = FakeClock()
+        meter = ProgressMeter(tasks, total_steps=None, clock=clock)
+        for total, losses in steps:
+            if as_tensor:
+                total = torch.tensor(total, requires_grad=True) * 1.0  # a loss with a graph
+                losses = {task: torch.tensor(value) for task, value in losses.items()}
+            meter.add(rows=4, tokens=40, losses=losses, total=total)
+        if as_tensor:
+            # Still a tensor between lines: nothing was read back per step.
+            assert isinstance(meter._loss_sums, torch.Tensor)
+            assert not meter._loss_sums.requires_grad
+        assert meter.loss_sums() == pytest.approx([1.4, 1.1, 0.3])
+        clock.now += 1.0
+        lines.append(meter.flush(step=2, epoch=0))
+    assert lines[0][0] == lines[1][0]
+    assert lines[1][1]["train/loss"] == pytest.approx(0.7)
+    assert lines[1][1]["train/loss/is_like"] == pytest.approx(0.15)
+
+
+def test_flush_takes_sums_reduced_elsewhere_and_checks_their_length():
+    meter = ProgressMeter(["is_click"], total_steps=None, clock=FakeClock())
+    meter.add(rows=1, tokens=1, losses={"is_click": 0.5}, total=0.5)
+    _, metrics = meter.flush(step=1, epoch=0, loss_sums=[0.25, 0.25])
+    assert metrics["train/loss"] == pytest.approx(0.25)
+    meter.add(rows=1, tokens=1, losses={"is_click": 0.5}, total=0.5)
+    with pytest.raises(ValueError, match="loss_sums has 1 values; expected total \\+ 1 tasks"):
+        meter.flush(step=2, epoch=0, loss_sums=[0.5])
 
 
 def test_tables_align_and_show_undefined_metrics_as_dashes():
