@@ -49,7 +49,8 @@ FORWARD_VARIANTS = {
                           dict(attn_fwd=attention.FORWARD_TILES[0])),
 }
 BACKWARD_VARIANTS = {
-    "bwd atomic dkdv M32": (dict(DQ_MODE="atomic"), dict(attn_bwd_dkdv_atomic=FIRST_DKDV)),
+    f"bwd atomic dkdv {FIRST_DKDV}": (dict(DQ_MODE="atomic"),
+                                     dict(attn_bwd_dkdv_atomic=FIRST_DKDV)),
     **{
         f"bwd separate dkdv {dkdv} dq {dq}": (
             dict(DQ_MODE="separate"), dict(attn_bwd_dkdv=dkdv, attn_bwd_dq=dq))

@@ -96,9 +96,12 @@ def profile_encoder_step(top: int) -> str:
     torch.cuda.synchronize()
     profiler = cProfile.Profile()
     started = time.perf_counter()
-    profiler.enable()
-    step()
-    profiler.disable()
+    # cProfile sees only the thread that enables it, and the autograd engine runs a CUDA
+    # backward on a worker thread of its own: run the backward on this thread instead.
+    with torch.autograd.set_multithreading_enabled(False):
+        profiler.enable()
+        step()
+        profiler.disable()
     host_ms = (time.perf_counter() - started) * 1e3
     torch.cuda.synchronize()
     text = io.StringIO()

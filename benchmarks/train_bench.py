@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=str(REPO / "outputs" / "train_bench.json"))
     args = parser.parse_args(argv)
-    if 0 < args.table_rows <= 1000:
+    if args.table_rows < 0 or 0 < args.table_rows <= 1000:
         parser.error(f"--table-rows {args.table_rows}: the synthetic item ids need tables of "
                      "more than 1000 rows (0 keeps the recipe's sizes)")
     if args.kernels is None:

@@ -59,37 +59,51 @@ class ProgressMeter:
         self.interval_first_step = step
         self.rows = 0
         self.tokens = 0
-        # Sums over the interval of [total loss, *task losses]: floats, or one tensor on the
-        # training device when the losses come as tensors.
-        self._loss_sums: list[float] | torch.Tensor = [0.0] * (1 + len(self.tasks))
+        # Sums over the interval of [total loss, *task losses]: None before the first step,
+        # then floats, or one float64 tensor on the training device when the losses come as
+        # tensors.
+        self._loss_sums: list[float] | torch.Tensor | None = None
         self.steps = 0
 
     def add(self, rows: int, tokens: int, losses: Mapping[str, float | torch.Tensor],
             total: float | torch.Tensor) -> None:
-        """One step. Losses may be floats or 0-d tensors; tensors stay on their device (a
-        stack and an add per step) and are read once per progress line: reading them every
-        step (`.item()`) would make the host wait for the GPU to finish each step before it
-        could queue the next one."""
+        """One step. The losses are either all floats or all tensors (0-d). Tensors stay on
+        their device (a stack, a cast and an add per step) and are read back once per progress
+        line: reading them every step (`.item()`) would make the host wait for the GPU to
+        finish each step before it could queue the next one."""
         self.rows += rows
         self.tokens += tokens
         self.steps += 1
         values = [total] + [losses[task] for task in self.tasks]
-        if isinstance(total, torch.Tensor):
-            step = torch.stack([value.detach().to(torch.float32) for value in values])
-            if isinstance(self._loss_sums, torch.Tensor):
+        kinds = {isinstance(value, torch.Tensor) for value in values}
+        if len(kinds) > 1:
+            raise TypeError("ProgressMeter.add: the total and the task losses must be all "
+                            "floats or all tensors")
+        if kinds == {True}:
+            step = torch.stack([value.detach().float() for value in values]).double()
+            if self._loss_sums is None:
+                self._loss_sums = step
+            elif isinstance(self._loss_sums, torch.Tensor):
                 self._loss_sums = self._loss_sums + step
-            else:
-                self._loss_sums = step + torch.tensor(self._loss_sums, device=step.device)
-        elif isinstance(self._loss_sums, torch.Tensor):
-            self._loss_sums = self._loss_sums + torch.tensor(values,
-                                                             device=self._loss_sums.device)
+            else:  # floats earlier in this interval: one copy to the device, once
+                self._loss_sums = step + torch.tensor(self._loss_sums, dtype=torch.float64,
+                                                      device=step.device)
         else:
-            self._loss_sums = [a + float(b) for a, b in zip(self._loss_sums, values)]
+            values = [float(value) for value in values]
+            if self._loss_sums is None:
+                self._loss_sums = values
+            elif isinstance(self._loss_sums, torch.Tensor):
+                self._loss_sums = self._loss_sums + torch.tensor(
+                    values, dtype=torch.float64, device=self._loss_sums.device)
+            else:
+                self._loss_sums = [a + b for a, b in zip(self._loss_sums, values)]
 
     def loss_sums(self) -> list[float]:
         """The interval's sums of [total loss, *task losses] (one device read if on a GPU)."""
+        if self._loss_sums is None:
+            return [0.0] * (1 + len(self.tasks))
         if isinstance(self._loss_sums, torch.Tensor):
-            return self._loss_sums.double().tolist()
+            return self._loss_sums.tolist()
         return list(self._loss_sums)
 
     def eta_seconds(self, step: int) -> float | None:

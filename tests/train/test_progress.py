@@ -50,9 +50,18 @@ def test_a_progress_line_has_step_rates_losses_and_eta():
     assert metrics["train/loss/is_like"] == pytest.approx(0.2)
 
 
-def test_tensor_losses_give_the_same_line_as_floats_and_are_read_once_per_line():
+def test_tensor_losses_give_the_same_line_as_floats_and_are_read_once_per_line(monkeypatch):
     tasks = ["is_click", "is_like"]
     steps = [(0.9, {"is_click": 0.7, "is_like": 0.2}), (0.5, {"is_click": 0.4, "is_like": 0.1})]
+    reads = []
+    for name in ("item", "tolist", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
     lines = []
     for as_tensor in (False, True):
         clock = FakeClock()
@@ -63,15 +72,23 @@ def test_tensor_losses_give_the_same_line_as_floats_and_are_read_once_per_line()
                 losses = {task: torch.tensor(value) for task, value in losses.items()}
             meter.add(rows=4, tokens=40, losses=losses, total=total)
         if as_tensor:
-            # Still a tensor between lines: nothing was read back per step.
-            assert isinstance(meter._loss_sums, torch.Tensor)
-            assert not meter._loss_sums.requires_grad
-        assert meter.loss_sums() == pytest.approx([1.4, 1.1, 0.3])
+            assert reads == []  # nothing read back while the steps ran
         clock.now += 1.0
         lines.append(meter.flush(step=2, epoch=0))
+    assert reads == ["tolist"]  # one read for the whole line
     assert lines[0][0] == lines[1][0]
     assert lines[1][1]["train/loss"] == pytest.approx(0.7)
     assert lines[1][1]["train/loss/is_like"] == pytest.approx(0.15)
+
+
+def test_floats_and_tensors_may_alternate_between_steps_but_not_within_one():
+    meter = ProgressMeter(["is_click"], total_steps=None, clock=FakeClock())
+    meter.add(rows=1, tokens=1, losses={"is_click": 0.5}, total=0.5)
+    meter.add(rows=1, tokens=1, losses={"is_click": torch.tensor(0.25)}, total=torch.tensor(0.25))
+    meter.add(rows=1, tokens=1, losses={"is_click": 0.125}, total=0.125)
+    assert meter.loss_sums() == pytest.approx([0.875, 0.875])
+    with pytest.raises(TypeError, match="all floats or all tensors"):
+        meter.add(rows=1, tokens=1, losses={"is_click": 0.5}, total=torch.tensor(0.5))
 
 
 def test_flush_takes_sums_reduced_elsewhere_and_checks_their_length():
@@ -94,3 +111,28 @@ def test_tables_align_and_show_undefined_metrics_as_dashes():
     assert lines[2].split() == ["is_click", "0.7123", "0.5000"]
     assert lines[3].split() == ["is_like", "-", "-"]
     assert len({len(line) for line in table(["a", "b"], [["x", 1], ["longer", 22]]).splitlines()}) == 1
+
+
+def test_the_progress_line_shows_the_mean_over_ranks(monkeypatch):
+    """Worker._log_progress sums each rank's interval sums over the ranks (one collective) and
+    divides by the world size, so the line shows the global mean loss."""
+    from hstu.train import loop
+    from hstu.train.checkpoint import TrainState
+
+    class Log:
+        def metrics(self, metrics, step):
+            logged.append((metrics, step))
+
+    logged, lines = [], []
+    # Two ranks: this rank's sums [0.4, 0.4] plus the other's [0.8, 0.8].
+    monkeypatch.setattr(loop, "all_reduce_sum",
+                        lambda values: [value + 0.8 for value in values])
+    monkeypatch.setattr(loop, "console", lines.append)
+    worker = object.__new__(loop.Worker)
+    worker.world, worker.rank, worker.tasks, worker.log = 2, 0, ["is_click"], Log()
+    meter = ProgressMeter(["is_click"], total_steps=None, clock=FakeClock())
+    meter.add(rows=2, tokens=20, losses={"is_click": torch.tensor(0.4)},
+              total=torch.tensor(0.4))
+    worker._log_progress(meter, TrainState(global_step=1), lrs={})
+    assert logged[0][0]["train/loss"] == pytest.approx(0.6)
+    assert "loss 0.6000" in lines[0]

@@ -27,8 +27,9 @@ default.
 
 Scheduling: the grid is 1-D, and the blocks of one (row, head) are consecutive programs, so
 the programs running at the same time read the same K/V (backward: Q/dO) tiles and find them
-in L2 (`LAUNCH_ORDER`). Query blocks are launched last block first (they do the most work under
-a causal mask), key blocks first block first, so the longest programs start earliest.
+in L2 (`LAUNCH_ORDER`). Within a (row, head), query blocks are launched last block first (they
+do the most work under a causal mask) and key blocks first block first, so that row's longest
+programs start earliest.
 """
 
 from __future__ import annotations
@@ -108,8 +109,8 @@ def dq_mode(mode: str) -> Iterator[None]:
 
 
 @triton.jit
-def _program_block(num_blocks, num_rows_heads, BLOCKS_FIRST: tl.constexpr,
-                   LAST_FIRST: tl.constexpr):
+def _decode_program_id(num_blocks, num_rows_heads, BLOCKS_FIRST: tl.constexpr,
+                       LAST_FIRST: tl.constexpr):
     """(row * H + head, block index) of this program in a 1-D grid of num_blocks * (B * H).
 
     BLOCKS_FIRST: consecutive programs are the blocks of one (row, head), so the programs that
@@ -398,8 +399,8 @@ def _attn_fwd(Q, K, V, O, seq_offsets, num_targets,
               D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
               BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               OWN_TERM_FIRST: tl.constexpr, num_blocks, BLOCKS_FIRST: tl.constexpr):
-    pid_bh, pid_m = _program_block(num_blocks, tl.num_programs(0) // num_blocks,
-                                   BLOCKS_FIRST, True)
+    pid_bh, pid_m = _decode_program_id(num_blocks, tl.num_programs(0) // num_blocks,
+                                       BLOCKS_FIRST, True)
     b = pid_bh // H
     h = pid_bh % H
     start, length, hist, cs, mx = _row_info(seq_offsets, num_targets, b, contextual_seq_len,
@@ -492,8 +493,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, GRAD_V, DQ, seq_offsets, num_targets,
                    D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
                    BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    num_blocks, BLOCKS_FIRST: tl.constexpr):
-    pid_bh, pid_n = _program_block(num_blocks, tl.num_programs(0) // num_blocks,
-                                   BLOCKS_FIRST, False)
+    pid_bh, pid_n = _decode_program_id(num_blocks, tl.num_programs(0) // num_blocks,
+                                       BLOCKS_FIRST, False)
     # The loops accumulate SiLU (no 1/S) into dv and 2 SiLU' (no alpha / 2S) into dk and dq.
     dkq_factor = 0.5 * alpha * scale
     b = pid_bh // H
@@ -597,8 +598,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, seq_offsets, num_targets,
                  UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
                  BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, num_blocks, BLOCKS_FIRST: tl.constexpr):
-    pid_bh, pid_m = _program_block(num_blocks, tl.num_programs(0) // num_blocks,
-                                   BLOCKS_FIRST, True)
+    pid_bh, pid_m = _decode_program_id(num_blocks, tl.num_programs(0) // num_blocks,
+                                       BLOCKS_FIRST, True)
     b = pid_bh // H
     h = pid_bh % H
     start, length, hist, cs, mx = _row_info(seq_offsets, num_targets, b, contextual_seq_len,
@@ -686,8 +687,9 @@ class _Problem:
         return (self.heads, self.alpha, self.scale, self.contextual_seq_len, self.max_attn_len)
 
     def grid(self, num_blocks: int) -> tuple[int]:
-        """A 1-D grid, one program per (row, head, block); _program_block decodes it. 1-D
-        because a grid's second and third dimensions stop at 65535 programs."""
+        """A 1-D grid, one program per (row, head, block); _decode_program_id decodes it.
+        With blocks varying fastest, a 2-D grid would need B * H in its second dimension,
+        which stops at 65535 programs; the first dimension takes 2^31 - 1."""
         return (num_blocks * self.batch * self.heads,)
 
     def targets_arg(self) -> torch.Tensor:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from hstu.ops.pytorch.attention import hstu_mha as torch_mha
 from hstu.ops.triton import attention as attention_module
@@ -110,6 +112,9 @@ def test_launch_orders_compute_the_same_numbers(monkeypatch):
     for order in attention_module.LAUNCH_ORDERS:
         monkeypatch.setattr(attention_module, "LAUNCH_ORDER", order)
         _check(lengths, targets, contextual=2, heads=2, mode="separate", seed=6)
+        # Unequal tiles: the dK/dV and dQ grids have different block counts.
+        _check(lengths, targets, contextual=2, heads=2, mode="separate", seed=6,
+               tile=Tile(16, 32))
         inputs = {name: tensor.detach().float().requires_grad_()
                   for name, tensor in _inputs(lengths, 2, 16, 16, seed=7).items()}
         with pinned(attn_fwd=SMALL, attn_bwd_dkdv=SMALL, attn_bwd_dq=SMALL), \
@@ -123,6 +128,36 @@ def test_launch_orders_compute_the_same_numbers(monkeypatch):
     monkeypatch.setattr(attention_module, "LAUNCH_ORDER", "rows_last")
     with pytest.raises(ValueError, match="launch order 'rows_last'"):
         triton_mha(inputs["q"], inputs["k"], inputs["v"], offsets, max_seq_len=40)
+
+
+@triton.jit
+def _write_decoded_ids(out_bh, out_block, num_blocks, BLOCKS_FIRST: tl.constexpr,
+                       LAST_FIRST: tl.constexpr):
+    pid_bh, block = attention_module._decode_program_id(
+        num_blocks, tl.num_programs(0) // num_blocks, BLOCKS_FIRST, LAST_FIRST)
+    tl.store(out_bh + tl.program_id(0), pid_bh)
+    tl.store(out_block + tl.program_id(0), block)
+
+
+@pytest.mark.parametrize("blocks_first", [True, False])
+@pytest.mark.parametrize("last_first", [True, False])
+def test_program_ids_decode_to_every_row_head_block_once_in_the_chosen_order(blocks_first,
+                                                                               last_first):
+    num_blocks, rows_heads = 3, 4
+    programs = num_blocks * rows_heads
+    out_bh = torch.full((programs,), -1, dtype=torch.int32, device=DEVICE)
+    out_block = torch.full((programs,), -1, dtype=torch.int32, device=DEVICE)
+    _write_decoded_ids[(programs,)](out_bh, out_block, num_blocks, BLOCKS_FIRST=blocks_first,
+                                    LAST_FIRST=last_first)
+    decoded = list(zip(out_bh.tolist(), out_block.tolist()))
+    assert sorted(decoded) == [(bh, block) for bh in range(rows_heads)
+                               for block in range(num_blocks)]
+    blocks = list(range(num_blocks))[::-1] if last_first else list(range(num_blocks))
+    if blocks_first:  # the blocks of one (row, head) are consecutive programs
+        expected = [(bh, block) for bh in range(rows_heads) for block in blocks]
+    else:  # consecutive programs are different (row, head) pairs
+        expected = [(bh, block) for block in blocks for bh in range(rows_heads)]
+    assert decoded == expected
 
 
 def test_scaling_seqlen_and_slack_max_seq_len():
