@@ -109,15 +109,17 @@ def stu_flops_forward(inputs: dict) -> float:
     return LAYERS * (linear * tokens + attention)
 
 
-def time_case(model, inputs, device: str, repeats: int) -> dict:
-    autocast = torch.autocast("cuda", torch.bfloat16) if device == "cuda" else torch.autocast(
-        "cpu", enabled=False
-    )
+def training_step(model, inputs: dict, device: str) -> None:
+    """One forward + backward of the encoder as benchmarked: bf16 autocast on GPU, float32 on
+    CPU."""
+    with torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
+        out = model(**inputs)
+    out.float().sum().backward()
 
+
+def time_case(model, inputs, device: str, repeats: int) -> dict:
     def step():
-        with autocast:
-            out = model(**inputs)
-        out.float().sum().backward()
+        training_step(model, inputs, device)
 
     step()  # warm-up: compiles / autotunes
     if device == "cuda":
@@ -149,25 +151,17 @@ def time_case(model, inputs, device: str, repeats: int) -> dict:
 
 
 def profile_case(model, inputs, device: str, out_dir: Path, label: str) -> dict:
-    """One step under torch.profiler after a warm-up: where the time goes (top kernels by GPU
-    time, top ops by CPU time), how much of the step the GPU is busy, and the host syncs."""
+    """One step under torch.profiler (after time_case, which compiled and tuned the kernels):
+    where the time goes (top kernels by GPU time, top ops by CPU time), how much of the step
+    the GPU is busy, and the host syncs."""
     from torch.profiler import ProfilerActivity, profile
 
-    autocast = torch.autocast("cuda", torch.bfloat16) if device == "cuda" else torch.autocast(
-        "cpu", enabled=False)
-
-    def step():
-        with autocast:
-            out = model(**inputs)
-        out.float().sum().backward()
-
-    step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     model.zero_grad(set_to_none=True)
     if device == "cuda":
         torch.cuda.synchronize()
     with profile(activities=activities) as prof:
-        step()
+        training_step(model, inputs, device)
         if device == "cuda":
             torch.cuda.synchronize()
     trace = out_dir / f"encoder_trace_{label}.json"

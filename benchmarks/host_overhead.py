@@ -78,7 +78,7 @@ def op_costs() -> dict:
 
 
 def profile_encoder_step(top: int) -> str:
-    from encoder_bench import build_encoder, random_inputs, set_kernel
+    from encoder_bench import build_encoder, random_inputs, set_kernel, training_step
 
     torch.manual_seed(0)
     model = build_encoder("cuda")
@@ -86,9 +86,7 @@ def profile_encoder_step(top: int) -> str:
     inputs = random_inputs(32, 1024, "cuda", torch.Generator().manual_seed(32))
 
     def step():
-        with torch.autocast("cuda", torch.bfloat16):
-            out = model(**inputs)
-        out.float().sum().backward()
+        training_step(model, inputs, "cuda")
         model.zero_grad(set_to_none=True)
 
     for _ in range(2):

@@ -176,8 +176,7 @@ def summarize(cfg, source: str) -> tuple[str, bool]:
 
 def _kernel_notes(cfg) -> list[str]:
     """What the chosen kernel needs that this machine may lack (the config itself is fine)."""
-    field = cfg.model_config.DESCRIPTOR.fields_by_name["kernel"]
-    kernel = field.enum_type.values_by_number[cfg.model_config.kernel].name
+    kernel = schema.enum_name("Kernel", cfg.model_config.kernel)
     notes = []
     if kernel in ("TRITON", "CUTLASS"):
         notes.append(f"model_config.kernel {kernel} runs on CUDA GPUs: train with --use-gpu")

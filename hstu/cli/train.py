@@ -106,19 +106,14 @@ def options_from_args(args: argparse.Namespace):
 
 
 def _known_types() -> tuple[type, ...]:
-    from hstu.config.errors import ConfigError
-    from hstu.data.validate import DataError
-    from hstu.model import ModelConfigError
-    from hstu.ops.cutlass.attention import CutlassUnavailableError
-    from hstu.train.checkpoint import CheckpointError
-    from hstu.train.optimizers import OptimizerConfigError
+    from hstu.train.loop import self_explaining_errors
     from hstu.train.sharding import ShardingError
     from hstu.train.tracking import TrackingServerError
     from hstu.train.trainer import TrainSetupError
 
-    return (ConfigError, DataError, ModelConfigError, CheckpointError, OptimizerConfigError,
-            ShardingError, TrainSetupError, TrackingServerError, CutlassUnavailableError,
-            TimeoutError, FileNotFoundError)
+    # The workers' own (their messages name what to fix) plus the driver's.
+    return self_explaining_errors() + (ShardingError, TrainSetupError, TrackingServerError,
+                                       TimeoutError, FileNotFoundError)
 
 
 # The last "hstu.<module>.<Name>Error: message" line of a worker's traceback text.

@@ -123,25 +123,25 @@ class MultiDimEmbeddingCollection(nn.Module):
             )
         permutation: list[int] = []
         splits: list[int] = []
-        for features in self._features.values():
-            permutation.extend(position[f] for f in features)
-            splits.append(len(features))
+        if len(self._features) == 1 and len(keys) == len(self._table_of_feature):
+            # One width and exactly its features: the KJT goes over as a plain
+            # EmbeddingCollection would get it (no permute, no copy).
+            permutation, splits = list(range(len(keys))), [len(keys)]
+        else:
+            for features in self._features.values():
+                permutation.extend(position[f] for f in features)
+                splits.append(len(features))
         self._routes[tuple(keys)] = (permutation, splits)
         return permutation, splits
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
         keys = list(features.keys())
         collections = list(self.collections.values())
-        if len(collections) == 1 and sorted(keys) == sorted(self._table_of_feature):
-            # One width and exactly its features: hand the KJT over as a plain
-            # EmbeddingCollection would get it (no copy, same numbers as before).
-            parts = [features]
-        else:
-            permutation, splits = self._route(keys)
-            grouped = features
-            if permutation != list(range(len(keys))):
-                grouped = features.permute(permutation)
-            parts = grouped.split(splits) if len(splits) > 1 else [grouped]
+        permutation, splits = self._route(keys)
+        grouped = features
+        if permutation != list(range(len(keys))):
+            grouped = features.permute(permutation)
+        parts = grouped.split(splits) if len(splits) > 1 else [grouped]
         # Start every collection's lookup before waiting on any: under DistributedModelParallel
         # each returns an awaitable whose communication can then overlap.
         pending = [collection(part) for collection, part in zip(collections, parts)]

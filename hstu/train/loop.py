@@ -68,7 +68,7 @@ def train_loop_per_worker(job_values: dict) -> dict:
         if worker.job.mode == "eval":
             return worker.run_eval()
         return worker.run_training()
-    except _self_explaining_errors() as error:
+    except self_explaining_errors() as error:
         if verbose():
             raise
         # The message already names the file, row and column (or the config field); Ray prints
@@ -77,7 +77,9 @@ def train_loop_per_worker(job_values: dict) -> dict:
         raise error.with_traceback(None) from None
 
 
-def _self_explaining_errors() -> tuple[type, ...]:
+def self_explaining_errors() -> tuple[type, ...]:
+    """Errors a worker can raise whose message names what to fix (file, row, column, config
+    field): shown as one line, without the traceback. The CLI adds the driver's own."""
     from hstu.config.errors import ConfigError
     from hstu.data.validate import DataError
     from hstu.model import ModelConfigError

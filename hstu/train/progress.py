@@ -59,52 +59,36 @@ class ProgressMeter:
         self.interval_first_step = step
         self.rows = 0
         self.tokens = 0
-        # Sums over the interval of [total loss, *task losses]: None before the first step,
-        # then floats, or one float64 tensor on the training device when the losses come as
-        # tensors.
-        self._loss_sums: list[float] | torch.Tensor | None = None
+        # Sums over the interval of [total loss, *task losses] as one float64 tensor (on the
+        # training device when the losses are tensors); None before the first step.
+        self._loss_sums: torch.Tensor | None = None
         self.steps = 0
 
     def add(self, rows: int, tokens: int, losses: Mapping[str, float | torch.Tensor],
             total: float | torch.Tensor) -> None:
-        """One step. The losses are either all floats or all tensors (0-d). Tensors stay on
-        their device (a stack, a cast and an add per step) and are read back once per progress
+        """One step. The losses are all floats or all 0-d tensors of one device. Tensors stay
+        on their device (a stack and an add per step) and are read back once per progress
         line: reading them every step (`.item()`) would make the host wait for the GPU to
         finish each step before it could queue the next one."""
         self.rows += rows
         self.tokens += tokens
         self.steps += 1
         values = [total] + [losses[task] for task in self.tasks]
-        kinds = {isinstance(value, torch.Tensor) for value in values}
-        if len(kinds) > 1:
+        tensors = sum(isinstance(value, torch.Tensor) for value in values)
+        if tensors == len(values):
+            step = torch.stack([value.detach() for value in values]).to(torch.float64)
+        elif tensors == 0:
+            step = torch.tensor(values, dtype=torch.float64)
+        else:
             raise TypeError("ProgressMeter.add: the total and the task losses must be all "
                             "floats or all tensors")
-        if kinds == {True}:
-            step = torch.stack([value.detach().float() for value in values]).double()
-            if self._loss_sums is None:
-                self._loss_sums = step
-            elif isinstance(self._loss_sums, torch.Tensor):
-                self._loss_sums = self._loss_sums + step
-            else:  # floats earlier in this interval: one copy to the device, once
-                self._loss_sums = step + torch.tensor(self._loss_sums, dtype=torch.float64,
-                                                      device=step.device)
-        else:
-            values = [float(value) for value in values]
-            if self._loss_sums is None:
-                self._loss_sums = values
-            elif isinstance(self._loss_sums, torch.Tensor):
-                self._loss_sums = self._loss_sums + torch.tensor(
-                    values, dtype=torch.float64, device=self._loss_sums.device)
-            else:
-                self._loss_sums = [a + b for a, b in zip(self._loss_sums, values)]
+        self._loss_sums = step if self._loss_sums is None else self._loss_sums + step
 
     def loss_sums(self) -> list[float]:
         """The interval's sums of [total loss, *task losses] (one device read if on a GPU)."""
         if self._loss_sums is None:
             return [0.0] * (1 + len(self.tasks))
-        if isinstance(self._loss_sums, torch.Tensor):
-            return self._loss_sums.tolist()
-        return list(self._loss_sums)
+        return self._loss_sums.tolist()
 
     def eta_seconds(self, step: int) -> float | None:
         if not self.total_steps or step <= self.start_step:

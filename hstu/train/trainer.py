@@ -324,7 +324,9 @@ def check_kernel_runs_here(cfg, use_gpu: bool) -> None:
     head node without it. A worker without it stops with CutlassUnavailableError, which the
     CLI prints as one line with the install command.
     """
-    kernel = _kernel_name(cfg)
+    from hstu.config.schema import enum_name
+
+    kernel = enum_name("Kernel", cfg.model_config.kernel)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if kernel in ("TRITON", "CUTLASS") and not use_gpu and not interpreted:
         raise TrainSetupError(
@@ -333,11 +335,6 @@ def check_kernel_runs_here(cfg, use_gpu: bool) -> None:
             "--set model_config.kernel=PYTORCH (TRITON_INTERPRET=1 runs the Triton kernels on "
             "a CPU, very slowly: for tests)"
         )
-
-
-def _kernel_name(cfg) -> str:
-    field = cfg.model_config.DESCRIPTOR.fields_by_name["kernel"]
-    return field.enum_type.values_by_number[cfg.model_config.kernel].name
 
 
 def _check_model(cfg, features, labels, options: TrainOptions):

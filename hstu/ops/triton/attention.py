@@ -109,8 +109,7 @@ def dq_mode(mode: str) -> Iterator[None]:
 
 
 @triton.jit
-def _decode_program_id(num_blocks, num_rows_heads, BLOCKS_FIRST: tl.constexpr,
-                       LAST_FIRST: tl.constexpr):
+def _decode_program_id(num_blocks, BLOCKS_FIRST: tl.constexpr, LAST_FIRST: tl.constexpr):
     """(row * H + head, block index) of this program in a 1-D grid of num_blocks * (B * H).
 
     BLOCKS_FIRST: consecutive programs are the blocks of one (row, head), so the programs that
@@ -122,6 +121,7 @@ def _decode_program_id(num_blocks, num_rows_heads, BLOCKS_FIRST: tl.constexpr,
         block = pid % num_blocks
         pid_bh = pid // num_blocks
     else:
+        num_rows_heads = tl.num_programs(0) // num_blocks
         block = pid // num_rows_heads
         pid_bh = pid % num_rows_heads
     if LAST_FIRST:
@@ -399,8 +399,7 @@ def _attn_fwd(Q, K, V, O, seq_offsets, num_targets,
               D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
               BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               OWN_TERM_FIRST: tl.constexpr, num_blocks, BLOCKS_FIRST: tl.constexpr):
-    pid_bh, pid_m = _decode_program_id(num_blocks, tl.num_programs(0) // num_blocks,
-                                       BLOCKS_FIRST, True)
+    pid_bh, pid_m = _decode_program_id(num_blocks, BLOCKS_FIRST, True)
     b = pid_bh // H
     h = pid_bh % H
     start, length, hist, cs, mx = _row_info(seq_offsets, num_targets, b, contextual_seq_len,
@@ -493,8 +492,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, GRAD_V, DQ, seq_offsets, num_targets,
                    D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
                    BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    num_blocks, BLOCKS_FIRST: tl.constexpr):
-    pid_bh, pid_n = _decode_program_id(num_blocks, tl.num_programs(0) // num_blocks,
-                                       BLOCKS_FIRST, False)
+    pid_bh, pid_n = _decode_program_id(num_blocks, BLOCKS_FIRST, False)
     # The loops accumulate SiLU (no 1/S) into dv and 2 SiLU' (no alpha / 2S) into dk and dq.
     dkq_factor = 0.5 * alpha * scale
     b = pid_bh // H
@@ -598,8 +596,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, seq_offsets, num_targets,
                  UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
                  BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, num_blocks, BLOCKS_FIRST: tl.constexpr):
-    pid_bh, pid_m = _decode_program_id(num_blocks, tl.num_programs(0) // num_blocks,
-                                       BLOCKS_FIRST, True)
+    pid_bh, pid_m = _decode_program_id(num_blocks, BLOCKS_FIRST, True)
     b = pid_bh // H
     h = pid_bh % H
     start, length, hist, cs, mx = _row_info(seq_offsets, num_targets, b, contextual_seq_len,
@@ -686,11 +683,18 @@ class _Problem:
     def scalars(self) -> tuple:
         return (self.heads, self.alpha, self.scale, self.contextual_seq_len, self.max_attn_len)
 
-    def grid(self, num_blocks: int) -> tuple[int]:
-        """A 1-D grid, one program per (row, head, block); _decode_program_id decodes it.
-        With blocks varying fastest, a 2-D grid would need B * H in its second dimension,
-        which stops at 65535 programs; the first dimension takes 2^31 - 1."""
-        return (num_blocks * self.batch * self.heads,)
+    def launch(self, kernel, tile: Tile, block_rows: int, *args, **kwargs) -> None:
+        """`kernel`(*args, the scalars, the constants, **kwargs) with `tile`, one program per
+        (row, head, block of `block_rows` positions) in a 1-D grid that _decode_program_id
+        decodes. 1-D: with blocks varying fastest, a 2-D grid would need B * H in its second
+        dimension, which stops at 65535 programs; the first dimension takes 2^31 - 1."""
+        num_blocks = triton.cdiv(self.max_seq_len, block_rows)
+        kernel[(num_blocks * self.batch * self.heads,)](
+            *args, *self.scalars(), **self.constants, **kwargs,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+            num_blocks=num_blocks, BLOCKS_FIRST=_blocks_first(),
+            num_warps=tile.num_warps, num_stages=tile.num_stages,
+        )
 
     def targets_arg(self) -> torch.Tensor:
         # Any int tensor will do when HAS_TARGETS is off: the kernel never reads it.
@@ -716,14 +720,9 @@ def _forward(problem: _Problem, q, k, v) -> torch.Tensor:
         return out
 
     def launch(tile: Tile) -> None:
-        num_blocks = triton.cdiv(problem.max_seq_len, tile.block_m)
-        _attn_fwd[problem.grid(num_blocks)](
-            q, k, v, out, problem.seq_offsets, problem.targets_arg(),
-            *_strides(q, k, v, out), *problem.scalars(), **problem.constants,
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, OWN_TERM_FIRST=FORWARD_OWN_TERM_FIRST,
-            num_blocks=num_blocks, BLOCKS_FIRST=_blocks_first(),
-            num_warps=tile.num_warps, num_stages=tile.num_stages,
-        )
+        problem.launch(_attn_fwd, tile, tile.block_m, q, k, v, out, problem.seq_offsets,
+                       problem.targets_arg(), *_strides(q, k, v, out),
+                       OWN_TERM_FIRST=FORWARD_OWN_TERM_FIRST)
 
     tile = choose_tile("attn_fwd", problem.key(), FORWARD_TILES, INTERPRET_TILE, launch)
     launch(tile)
@@ -742,25 +741,13 @@ def _backward(problem: _Problem, q, k, v, grad_out):
     def launch_dkdv(tile: Tile) -> None:
         if atomic:
             dq_acc.zero_()
-        num_blocks = triton.cdiv(problem.max_seq_len, tile.block_n)
-        _attn_bwd_dkdv[problem.grid(num_blocks)](
-            q, k, v, grad_out, dk, dv, dq_acc, problem.seq_offsets, problem.targets_arg(),
-            *_strides(q, k, v, grad_out, dk, dv, dq_acc), *problem.scalars(),
-            ATOMIC_DQ=atomic, **problem.constants,
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-            num_blocks=num_blocks, BLOCKS_FIRST=_blocks_first(),
-            num_warps=tile.num_warps, num_stages=tile.num_stages,
-        )
+        problem.launch(_attn_bwd_dkdv, tile, tile.block_n, q, k, v, grad_out, dk, dv, dq_acc,
+                       problem.seq_offsets, problem.targets_arg(),
+                       *_strides(q, k, v, grad_out, dk, dv, dq_acc), ATOMIC_DQ=atomic)
 
     def launch_dq(tile: Tile) -> None:
-        num_blocks = triton.cdiv(problem.max_seq_len, tile.block_m)
-        _attn_bwd_dq[problem.grid(num_blocks)](
-            q, k, v, grad_out, dq, problem.seq_offsets, problem.targets_arg(),
-            *_strides(q, k, v, grad_out, dq), *problem.scalars(), **problem.constants,
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-            num_blocks=num_blocks, BLOCKS_FIRST=_blocks_first(),
-            num_warps=tile.num_warps, num_stages=tile.num_stages,
-        )
+        problem.launch(_attn_bwd_dq, tile, tile.block_m, q, k, v, grad_out, dq,
+                       problem.seq_offsets, problem.targets_arg(), *_strides(q, k, v, grad_out, dq))
 
     name = "attn_bwd_dkdv_atomic" if atomic else "attn_bwd_dkdv"
     tile = choose_tile(name, problem.key(), BACKWARD_DKDV_TILES, INTERPRET_TILE, launch_dkdv)

@@ -133,8 +133,7 @@ def test_launch_orders_compute_the_same_numbers(monkeypatch):
 @triton.jit
 def _write_decoded_ids(out_bh, out_block, num_blocks, BLOCKS_FIRST: tl.constexpr,
                        LAST_FIRST: tl.constexpr):
-    pid_bh, block = attention_module._decode_program_id(
-        num_blocks, tl.num_programs(0) // num_blocks, BLOCKS_FIRST, LAST_FIRST)
+    pid_bh, block = attention_module._decode_program_id(num_blocks, BLOCKS_FIRST, LAST_FIRST)
     tl.store(out_bh + tl.program_id(0), pid_bh)
     tl.store(out_block + tl.program_id(0), block)
 
