@@ -5,22 +5,29 @@
     python benchmarks/train_bench.py --device cuda --kernels TRITON PYTORCH --workers 1 \\
         --batch-size 32 --max-history 7894 --table-rows 0   # GPU: the 27K benchmark shape
 
-One training step is what `launch.py train` runs per batch: TorchRec-sharded embeddings (the
-planner + DistributedModelParallel of hstu/train/sharding.py) with the fused sparse optimizer,
-forward, the multi-task loss, backward and the dense optimizer step; bf16 autocast on GPU when
-the recipe's train_config.mixed_precision asks. Batches are synthetic and KuaiRand-27K-shaped
+One training step is hstu.train.step.train_step, the function `launch.py train` runs per batch,
+after the same host-to-device copy of the batch: TorchRec-sharded embeddings (the planner +
+DistributedModelParallel of hstu/train/sharding.py) with the fused sparse optimizer, forward,
+the multi-task loss, backward and the dense optimizer step; bf16 autocast on GPU when the
+recipe's train_config.mixed_precision asks. Batches are synthetic and KuaiRand-27K-shaped
 (hstu.data.synthetic: long-tailed histories up to --max-history, median --median-history, up
-to 100 candidates), pre-collated, so the input pipeline is not measured (see data_bench.py).
+to 100 candidates), collated beforehand into pinned host memory: the Ray Data pipeline is not
+measured here (data_bench.py, and a `launch.py train` run beside this one, measure it). Cases:
+--batch-size rows per step, or rows packed to --token-budget tokens per step (the rule of the
+data pipeline's token packing).
 
 Several workers run as separate processes (torch.multiprocessing, gloo on CPU, NCCL on GPU),
 each with its own batches; no Ray and no MLflow are needed, only torch, torchrec, fbgemm-gpu
 and this package (its config loader needs protobuf and grpcio-tools).
 
 Reported per case: step time (median), samples/s and tokens/s (global: all workers' rows per
-step over the step time), and achieved model TFLOP/s = 3 x the encoder's forward FLOPs of the
-batch (hstu.model.model_summary's per-token linear FLOPs and per-row attention FLOPs, causal
-half, summed over the rows' real lengths) / step time. The factor 3 counts backward as twice
-forward; embedding lookups, the item tower and the fusion tower are not counted.
+step over the step time), model TFLOP/s (hstu.train.flops: STU matmuls, attention counted as
+TorchEasyRec's benchmark does, every other dense matmul including the item and fusion towers;
+3 x forward) and MFU per GPU against --peak-tflops (989: H100/H200 SXM dense bf16) and against
+a bf16 matmul measured in the same process. On GPU, a torch.profiler window of
+--profile-steps steps splits the GPU time per step into attention, matmuls, embedding lookups
++ their fused optimizer, other (memory-bound) kernels and idle, and counts kernel launches and
+host synchronisations per step (hstu.train.profiling).
 
 Prints a table and writes JSON (--json, default outputs/train_bench.json).
 """
@@ -52,7 +59,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--kernels", nargs="+", default=None,
                         help="default: PYTORCH on CPU, TRITON and PYTORCH on GPU")
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--batch-size", type=int, default=2, help="rows per worker per step")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[2],
+                        help="rows per worker per step (one case each)")
+    parser.add_argument("--token-budget", type=int, nargs="+", default=[0],
+                        help="also pack rows to this many tokens per worker per step (the data "
+                        "pipeline's rule; 0: by --batch-size rows); one case each")
+    parser.add_argument("--max-rows", type=int, default=512,
+                        help="with --token-budget: the most rows a packed batch may hold")
     parser.add_argument("--max-history", type=int, default=1000,
                         help="UIH cap (27K benchmark: 7894); the CPU default is reduced")
     parser.add_argument("--median-history", type=int, default=None,
@@ -65,6 +78,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batches", type=int, default=4, help="distinct batches per worker")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile-steps", type=int, default=3,
+                        help="GPU: profile this many steps after the timed ones (0: off)")
+    parser.add_argument("--trace", action="store_true",
+                        help="GPU: write the profiled steps' chrome trace beside the JSON")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="dense bf16 peak for MFU (H100 and H200 SXM: 989)")
     parser.add_argument("--json", default=str(REPO / "outputs" / "train_bench.json"))
     args = parser.parse_args(argv)
     if args.table_rows < 0 or 0 < args.table_rows <= 1000:
@@ -100,15 +119,22 @@ def _id_features(cfg):
             yield inner
 
 
-def make_batches(args, cfg, rank: int):
-    """Pre-collated JaggedBatches of synthetic 27K-shaped rows, distinct per rank."""
+def make_batches(args, cfg, rank: int, case: dict):
+    """Host JaggedBatches of synthetic 27K-shaped rows, distinct per rank: `case["rows"]` rows
+    each, or packed to `case["token_budget"]` tokens (at most `case["rows"]` rows)."""
     import pyarrow as pa
 
     from hstu.config.features import feature_specs, label_specs
     from hstu.data.pipeline import arrow_to_batch
     from hstu.data.synthetic import SyntheticOptions, generate_shard, make_world
 
-    rows = args.batch_size * args.batches
+    budget = case["token_budget"]
+    if budget:
+        # Enough rows for --batches packed batches at the mean row length (~1.5x margin).
+        mean_tokens = args.median_history * 1.6 + args.candidates / 2
+        rows = int(args.batches * budget / mean_tokens * 1.5) + case["rows"]
+    else:
+        rows = case["rows"] * args.batches
     # Item ids must fit the smallest item-sized table (the small tables are user attributes).
     item_tables = [f.num_buckets for f in _id_features(cfg) if f.num_buckets > 1000]
     if not item_tables:
@@ -128,24 +154,67 @@ def make_batches(args, cfg, rank: int):
     table, _ = generate_shard(options, make_world(options), rank)["train"]
     features, labels = feature_specs(cfg), label_specs(cfg)
     assert isinstance(table, pa.Table)
-    return [
-        arrow_to_batch(table.slice(i * args.batch_size, args.batch_size), features, labels)
-        for i in range(args.batches)
-    ]
+    if budget:
+        length_columns = {}
+        for spec in features:
+            if spec.sequence is not None:
+                length_columns.setdefault(spec.sequence, spec.column)
+        slices = pack_by_tokens(table, budget, case["rows"],
+                                {column: "|" for column in length_columns.values()})
+        if len(slices) < args.batches:
+            raise ValueError(f"only {len(slices)} packed batches from {table.num_rows} rows")
+        slices = slices[: args.batches]
+    else:
+        slices = [(i * case["rows"], case["rows"]) for i in range(args.batches)]
+    return [arrow_to_batch(table.slice(start, take), features, labels) for start, take in slices]
 
 
-def flops_model(cfg):
-    """(forward encoder FLOPs of one row of N tokens) as a function of N, from model_summary."""
-    from hstu.model import model_summary
+def pack_by_tokens(table, budget: int, max_rows: int, length_columns) -> list:
+    """Row slices of `table` packed greedily to at most `budget` tokens and `max_rows` rows,
+    the rule of the data pipeline's data_config token packing (hstu/data/pipeline.py): a batch
+    closes when the next row would take it over the budget; a row longer than the budget goes
+    alone. The last, partial batch is dropped (as drop_last does)."""
+    from hstu.data.pipeline import row_tokens
 
-    n0 = 1024
-    summary = model_summary(cfg, seq_len=n0)
-    linear_per_token = summary["encoder_linear_flops_per_token"]
-    attention_coeff = (summary["encoder_flops_per_sample"] - linear_per_token * n0) / n0**2
-    return lambda n: linear_per_token * n + attention_coeff * n * n
+    tokens = row_tokens(table, length_columns)
+    slices, start = [], 0
+    while start < len(tokens):
+        total, take = 0, 0
+        while start + take < len(tokens) and take < max_rows:
+            if take and total + tokens[start + take] > budget:
+                break
+            total += int(tokens[start + take])
+            take += 1
+        if start + take == len(tokens) and take < max_rows and total < budget:
+            break  # the remainder: not a full batch
+        slices.append((start, take))
+        start += take
+    return slices
 
 
-def worker(rank: int, world: int, args, kernel: str, init_file: str, out_file: str) -> None:
+def measure_matmul_tflops(device) -> float:
+    """bf16 dense matmul TFLOP/s on this GPU now (8192^3, median of 20 after warm-up): the
+    practical ceiling beside the datasheet peak, taken in the same run as the step."""
+    import torch
+
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def worker(rank: int, world: int, args, kernel: str, case: dict, init_file: str,
+           out_file: str) -> None:
     import torch
     import torch.distributed as dist
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -153,9 +222,11 @@ def worker(rank: int, world: int, args, kernel: str, init_file: str, out_file: s
 
     from hstu.config.features import feature_specs, label_specs
     from hstu.model import DlrmHSTU
+    from hstu.train.flops import measure_step_flops
     from hstu.train.loop import autocast_for
     from hstu.train.optimizers import build_dense_optimizer, sparse_optimizer_spec
     from hstu.train.sharding import shard_model
+    from hstu.train.step import train_step
 
     device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
@@ -166,6 +237,7 @@ def worker(rank: int, world: int, args, kernel: str, init_file: str, out_file: s
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
+    matmul_tflops = measure_matmul_tflops(device) if device.type == "cuda" else None
     torch.manual_seed(args.seed)
     cfg = load_bench_config(args, kernel)
     train_cfg = cfg.train_config
@@ -177,44 +249,55 @@ def worker(rank: int, world: int, args, kernel: str, init_file: str, out_file: s
     apply_optimizer_in_backward(spec.optimizer_class, model.embedding_collection.parameters(),
                                 dict(spec.kwargs))
     sharded = shard_model(model, device, world_size=world, local_world_size=world,
-                          batch_size=args.batch_size)
+                          batch_size=case["rows"])
     dmp, module = sharded.model, sharded.model.module
     dense = build_dense_optimizer(train_cfg.dense_optimizer,
                                   in_backward_optimizer_filter(dmp.named_parameters()))
     autocast = autocast_for(train_cfg.mixed_precision, device)
-    batches = [b.to(device) for b in make_batches(args, cfg, rank)]
-    contextual = len(module.groups.get("contextual", []))
-    row_flops = flops_model(cfg)
+    # Host batches in pinned memory, copied to the GPU inside each step as the loop does.
+    host_batches = make_batches(args, cfg, rank, case)
+    if device.type == "cuda":
+        host_batches = [b.pin_memory() for b in host_batches]
+    step_flops = [measure_step_flops(dmp, module, b.to(device), autocast) for b in host_batches]
+    contextual = int(module.encoder.preprocessor.contextual_seq_len)
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    def run_step(index: int):
+        batch = host_batches[index % len(host_batches)].to(device, non_blocking=True)
+        return train_step(dmp, module, dense, batch, autocast)
+
     times, rows, tokens, flops, losses = [], [], [], [], []
     dmp.train()
     for step in range(args.warmup + args.steps):
-        batch = batches[step % len(batches)]
+        index = step % len(host_batches)
+        batch = host_batches[index]
         sync()
         dist.barrier()
         started = time.perf_counter()
-        with autocast():
-            output = dmp(batch)
-            total, _ = module.compute_losses(output, batch)
-        dense.zero_grad()
-        total.backward()
-        dense.step()
+        total, _ = run_step(index)
         sync()
         elapsed = time.perf_counter() - started
         # A fast step that trains on NaN is no result: read the loss after the timed region.
-        losses.append(float(total.detach()))
+        losses.append(float(total))
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"{kernel}: rank {rank} step {step}: loss {losses[-1]}")
         if step >= args.warmup:
-            lengths = sum(batch.seq_lengths.values()).cpu() + contextual
             times.append(elapsed)
             rows.append(batch.batch_size)
-            tokens.append(int(lengths.sum()))
-            flops.append(3.0 * sum(row_flops(int(n)) for n in lengths))
+            tokens.append(batch.num_tokens(contextual_tokens=contextual))
+            flops.append(step_flops[index].training_step)
+    profile = None
+    if device.type == "cuda" and args.profile_steps and rank == 0:
+        from hstu.train.profiling import profile_steps
+
+        counter = iter(range(10**9))
+        trace = (str(Path(args.json).with_name(f"train_trace_{case['label']}.json"))
+                 if args.trace else None)
+        profile = profile_steps(lambda: run_step(next(counter)), args.profile_steps, device,
+                                trace_path=trace)
     # Global figures: the slowest rank's time, every rank's work.
     local = torch.tensor([statistics.median(times), sum(rows) / len(rows),
                           sum(tokens) / len(tokens), sum(flops) / len(flops)], dtype=torch.float64,
@@ -224,33 +307,109 @@ def worker(rank: int, world: int, args, kernel: str, init_file: str, out_file: s
     gathered = [g.cpu() for g in gathered]
     if rank == 0:
         step_s = max(float(g[0]) for g in gathered)
+        model_tflops = sum(float(g[3]) for g in gathered) / step_s / 1e12
+        per_gpu_tflops = model_tflops / world
+        split = step_flops[0]
         result = {
             "kernel": kernel,
             "workers": world,
             "device": args.device,
-            "step_ms": round(step_s * 1000, 1),
+            "case": case["label"],
+            "step_ms": round(step_s * 1000, 2),
+            "rows_per_step": sum(float(g[1]) for g in gathered),
             "samples_per_s": sum(float(g[1]) for g in gathered) / step_s,
             "tokens_per_s": sum(float(g[2]) for g in gathered) / step_s,
-            "model_tflops": sum(float(g[3]) for g in gathered) / step_s / 1e12,
+            "model_tflops": model_tflops,
             "tokens_per_step": sum(float(g[2]) for g in gathered),
+            "flops_split_first_batch": {"stu_linear": split.stu_linear,
+                                        "attention": split.attention,
+                                        "other_matmuls": split.other_matmuls},
+            "mfu_vs_peak": per_gpu_tflops / args.peak_tflops if device.type == "cuda" else None,
+            "peak_tflops": args.peak_tflops,
+            "matmul_tflops_same_run": matmul_tflops,
+            "mfu_vs_matmul": per_gpu_tflops / matmul_tflops if matmul_tflops else None,
             "torch_threads_per_worker": torch.get_num_threads(),
             "rank0_losses": [round(loss, 5) for loss in losses],
             "plan": sharded.tables,
             "peak_gpu_mem_gb": (torch.cuda.max_memory_allocated(device) / 2**30
                                 if device.type == "cuda" else None),
+            "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "versions": versions(),
         }
+        if profile is not None:
+            result["profile"] = profile.as_dict()
+            result["gpu_busy_fraction"] = profile.busy_fraction_of(step_s * 1000)
         Path(out_file).write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
-def run_case(args, kernel: str, workers: int) -> dict:
+def versions() -> dict:
+    import importlib.metadata as metadata
+
+    found = {}
+    for name in ("torch", "triton", "fbgemm-gpu", "fbgemm-gpu-cpu", "torchrec"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    import torch
+
+    found["cuda"] = torch.version.cuda
+    return found
+
+
+def run_case(args, kernel: str, workers: int, case: dict) -> dict:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
         init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "result.json")
-        mp.spawn(worker, args=(workers, args, kernel, init_file, out_file), nprocs=workers,
-                 join=True)
+        mp.spawn(worker, args=(workers, args, kernel, case, init_file, out_file),
+                 nprocs=workers, join=True)
         return json.loads(Path(out_file).read_text())
+
+
+def cases_of(args) -> list[dict]:
+    cases = []
+    for budget in args.token_budget:
+        if budget:
+            cases.append({"label": f"tokens{budget}", "rows": args.max_rows,
+                          "token_budget": budget})
+        else:
+            for rows in args.batch_size:
+                cases.append({"label": f"rows{rows}", "rows": rows, "token_budget": 0})
+    return cases
+
+
+def print_table(results: list[dict]) -> None:
+    header = ("kernel", "workers", "case", "rows", "tokens/step", "step ms", "samples/s",
+              "tokens/s", "model TFLOP/s", "MFU", "vs matmul", "GPU busy", "launches", "syncs")
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for r in results:
+        profile = r.get("profile") or {}
+
+        def pct(value):
+            return "-" if value is None else f"{100 * value:.1f}%"
+
+        lines.append(" | ".join([
+            r["kernel"], str(r["workers"]), r["case"], f"{r['rows_per_step']:.0f}",
+            f"{r['tokens_per_step']:,.0f}", f"{r['step_ms']:.1f}", f"{r['samples_per_s']:.1f}",
+            f"{r['tokens_per_s']:,.0f}", f"{r['model_tflops']:.2f}", pct(r["mfu_vs_peak"]),
+            pct(r["mfu_vs_matmul"]), pct(r.get("gpu_busy_fraction")),
+            f"{profile['launches_per_step']:.0f}" if profile else "-",
+            f"{profile['host_syncs_per_step']:.1f}" if profile else "-",
+        ]))
+    print("\n".join(lines))
+    for r in results:
+        profile = r.get("profile")
+        if not profile:
+            continue
+        split = ", ".join(f"{name} {ms:.2f}" for name, ms in profile["category_ms"].items())
+        print(f"{r['kernel']} {r['case']}: GPU ms per step: {split}, idle "
+              f"{max(r['step_ms'] - profile['busy_ms'], 0):.2f} (step {r['step_ms']:.2f}); "
+              f"matmul {r['matmul_tflops_same_run']:.0f} TFLOP/s same run")
+        for kernel in profile["top_kernels"][:8]:
+            print(f"    {kernel['ms_per_step']:7.3f} ms  x{kernel['calls_per_step']:<5.0f} "
+                  f"{kernel['name'][:100]}")
 
 
 def main(argv=None) -> int:
@@ -262,17 +421,10 @@ def main(argv=None) -> int:
     results = []
     for kernel in args.kernels:
         for workers in args.workers:
-            print(f"running {kernel} x {workers} worker(s) ...", flush=True)
-            results.append(run_case(args, kernel, workers))
-    header = ("kernel", "workers", "step ms", "samples/s", "tokens/s", "model TFLOP/s",
-              "tokens/step")
-    lines = [" | ".join(header), " | ".join("---" for _ in header)]
-    for r in results:
-        lines.append(" | ".join([
-            r["kernel"], str(r["workers"]), f"{r['step_ms']:.1f}", f"{r['samples_per_s']:.2f}",
-            f"{r['tokens_per_s']:,.0f}", f"{r['model_tflops']:.4f}", f"{r['tokens_per_step']:,.0f}",
-        ]))
-    print("\n".join(lines))
+            for case in cases_of(args):
+                print(f"running {kernel} x {workers} worker(s), {case['label']} ...", flush=True)
+                results.append(run_case(args, kernel, workers, case))
+    print_table(results)
     report = {
         "command": "python benchmarks/train_bench.py " + " ".join(argv or sys.argv[1:]),
         "date": started.isoformat(timespec="seconds"),

@@ -56,6 +56,7 @@ from hstu.train.optimizers import (
     sparse_optimizer_spec,
 )
 from hstu.train.progress import ProgressMeter, eval_table
+from hstu.train.step import train_step
 from hstu.train.tracking import RunLogger
 
 
@@ -400,12 +401,9 @@ class Worker:
             for batch in lockstep(batches, stats, self.tokens_of):
                 lrs = self._set_learning_rates(state)
                 batch = batch.to(self.device, non_blocking=True)
-                with self.autocast():
-                    output = self.model(batch)
-                    total, losses = self.module.compute_losses(output, batch)
-                self.dense_optimizer.zero_grad()
-                total.backward()
-                self.dense_optimizer.step()
+                total, losses = train_step(
+                    self.model, self.module, self.dense_optimizer, batch, self.autocast
+                )
                 state.global_step += 1
                 state.samples += stats.last_rows
                 state.tokens += stats.last_tokens
