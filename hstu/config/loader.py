@@ -2,7 +2,7 @@
 
 Steps: parse (protobuf's text-format parser, errors rewritten to name the field path and
 suggest names) -> --set overrides -> fields this project does not implement -> required
-fields -> shorthands and defaults -> cross-field rules (validate.py).
+fields -> shorthands, the token_budget alias and defaults -> cross-field rules (validate.py).
 """
 
 from __future__ import annotations
@@ -162,6 +162,30 @@ def _expand_shorthands(config: Message, locator: Locator) -> None:
             message.dropout_ratio.extend([ratio] * (len(message.hidden_units) - 1))
 
 
+def _merge_batch_cost_alias(config: Message, locator: Locator) -> None:
+    """data_config.token_budget is this project's earlier name of TorchEasyRec's
+    batch_cost_size: either one set gives both the same value, so that the saved config and
+    every reader of either field agree. Both set to different values is an error. Runs before
+    the defaults are written (token_budget has a default of 0; batch_cost_size has none)."""
+    if not config.HasField("data_config"):
+        return
+    data = config.data_config
+    alias = data.token_budget if data.HasField("token_budget") else None
+    budget = data.batch_cost_size if data.HasField("batch_cost_size") else None
+    if alias is not None and budget is not None and alias != budget:
+        raise ConfigError(
+            locator.where("data_config.token_budget"),
+            "data_config.token_budget",
+            f"token_budget {alias} disagrees with batch_cost_size {budget} "
+            f"({locator.where('data_config.batch_cost_size')}); token_budget is this project's "
+            "earlier name of batch_cost_size: set batch_cost_size only",
+        )
+    value = budget if budget is not None else alias
+    if value:
+        data.batch_cost_size = value
+        data.token_budget = value
+
+
 def _fill_defaults(config: Message) -> None:
     """Write every explicit proto2 default into the present messages, plus derived defaults.
 
@@ -207,6 +231,7 @@ def load_config_text(text: str, source: str = "<config>", overrides: Sequence[st
     support.check_unsupported(config, locator)
     _check_required(config, "", locator)
     _expand_shorthands(config, locator)
+    _merge_batch_cost_alias(config, locator)
     _fill_defaults(config)
     validate(config, locator)
     return config

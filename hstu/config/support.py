@@ -68,8 +68,6 @@ UNSUPPORTED: dict[str, str] = {
     "DataConfig.negative_sample_mask_prob": "",
     "DataConfig.force_base_data_group": "",
     "DataConfig.sample_weight_fields": "",
-    "DataConfig.sample_cost_field": "use data_config.token_budget (this project's extension)",
-    "DataConfig.batch_cost_size": "use data_config.token_budget (this project's extension)",
     "DataConfig.min_batch_size": "use drop_remainder",
     "DataConfig.negative_sampler": "samplers are for retrieval models",
     "DataConfig.negative_sampler_v2": "samplers are for retrieval models",

@@ -111,6 +111,12 @@ class _Checker:
         for name in ("batch_size", "eval_batch_size"):
             if getattr(data, name) == 0:
                 self.fail(f"data_config.{name}", "must be at least 1")
+        if data.sample_cost_field and not data.batch_cost_size:
+            self.fail(
+                "data_config.sample_cost_field",
+                f"sample_cost_field {data.sample_cost_field!r} needs batch_cost_size (the budget "
+                "each batch's summed cost must stay within); without it batches go by rows",
+            )
         if data.shuffle and data.shuffle_buffer_size == 0:
             self.fail("data_config.shuffle_buffer_size", "must be at least 1 when shuffle is on")
         if not len(data.label_fields):

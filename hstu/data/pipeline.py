@@ -10,6 +10,8 @@
   and collates them (`arrow_to_batch`) and keeps `prefetch_batches` batches ready.
 - `arrow_to_batch` is the collation itself: list columns go to numpy through their Arrow
   buffers (flat values + lengths) and on to torch without per-row Python objects.
+- With a budget (`token_budget`, from data_config.batch_cost_size) rows are packed by cost
+  instead of counted: see hstu/data/batch_cost.py.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from hstu.config.features import FeatureSpec, LabelSpec
 from hstu.data.batch import JaggedBatch
+from hstu.data.batch_cost import read_cost_column
 from hstu.data.schema import SAMPLE_ID
 from hstu.data.validate import (
     BadRowPolicy,
@@ -267,10 +270,16 @@ def read_samples(
         context.use_datasource_v2 = previous
 
 
-def sample_columns(features: Sequence[FeatureSpec], labels: Sequence[LabelSpec]) -> list[str]:
-    """The columns a model with these specs reads, plus sample_id (for read_samples(columns=))."""
+def sample_columns(
+    features: Sequence[FeatureSpec],
+    labels: Sequence[LabelSpec],
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The columns a model with these specs reads, plus sample_id and the `extra` columns (the
+    batching's cost column: hstu.data.batch_cost.cost_columns), for read_samples(columns=)."""
     names = [SAMPLE_ID]
-    for column in [f.column for f in features] + [label.column for label in labels]:
+    columns = [f.column for f in features] + [label.column for label in labels] + list(extra)
+    for column in columns:
         if column not in names:
             names.append(column)
     return names
@@ -314,6 +323,8 @@ class JaggedBatches:
         drop_last: bool,
         shuffle_buffer: int | None,
         token_budget: int | None,
+        sample_cost_field: str | None,
+        contextual_tokens: int,
         prefetch_batches: int,
         seed: int,
         on_bad_rows: BadRowPolicy,
@@ -324,6 +335,10 @@ class JaggedBatches:
             raise ValueError(f"batch_size must be >= 1, not {batch_size}")
         if token_budget is not None and token_budget < 1:
             raise ValueError(f"token_budget must be >= 1, not {token_budget}")
+        if sample_cost_field is not None and token_budget is None:
+            raise ValueError("sample_cost_field needs a token_budget (batch_cost_size)")
+        if contextual_tokens < 0:
+            raise ValueError(f"contextual_tokens must be >= 0, not {contextual_tokens}")
         self.shard = shard
         self.features = list(features)
         self.labels = list(labels)
@@ -331,6 +346,8 @@ class JaggedBatches:
         self.drop_last = drop_last
         self.shuffle_buffer = shuffle_buffer
         self.token_budget = token_budget
+        self.sample_cost_field = sample_cost_field
+        self.contextual_tokens = contextual_tokens
         self.prefetch_batches = max(1, prefetch_batches)
         self.seed = seed
         self.on_bad_rows = on_bad_rows
@@ -447,33 +464,57 @@ class JaggedBatches:
                     continue
                 yield table
             return
-        yield from self._pack_by_tokens(arrow_batches)
+        yield from self._pack_by_cost(arrow_batches)
 
     def _count_rows(self, tables) -> Iterator[pa.Table]:
         for table in tables:
             self.stats.rows_read += table.num_rows
             yield table
 
-    def _pack_by_tokens(self, arrow_batches) -> Iterator[pa.Table]:
-        """Greedy packing: a batch closes when the next row would take it over the token
-        budget or when it has batch_size rows. A row longer than the budget goes alone."""
+    def _row_costs(self, table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+        """(table, each row's cost): the sample_cost_field column's values (rows with a bad
+        cost skipped and counted under on_bad_rows "skip"), else the row's tokens, contextual
+        + history + candidates."""
+        if self.sample_cost_field is None:
+            tokens = row_tokens(table, self._length_columns) + self.contextual_tokens
+            return table, tokens
+        costs, keep, report = read_cost_column(
+            table, self.sample_cost_field, on_bad_rows=self.on_bad_rows
+        )
+        if keep is not None:
+            for reason, count in report.by_reason.items():
+                logger.warning(
+                    "skipped %d row(s) of %s: %s",
+                    count,
+                    _files_of(_row_paths(table), ~keep) or "a batch",
+                    reason,
+                )
+            self.stats.skipped.add(report)
+            table, costs = table.filter(pa.array(keep)), costs[keep]
+        return table, costs
+
+    def _pack_by_cost(self, arrow_batches) -> Iterator[pa.Table]:
+        """Greedy packing in arrival order: a batch closes when the next row would take its
+        summed cost over the budget or when it has batch_size rows. A row that alone costs
+        more than the budget goes alone. Every row ends up whole in exactly one batch (or,
+        for the last rows of a pass under drop_last, counted in stats.dropped_rows)."""
         pending: pa.Table | None = None
-        pending_tokens = np.zeros(0, dtype=np.int64)
+        pending_costs = np.zeros(0, dtype=np.float64)
         for table in arrow_batches:
-            tokens = row_tokens(table, self._length_columns)
+            table, costs = self._row_costs(table)
             if pending is not None and pending.num_rows:
                 table = pa.concat_tables([pending, table])
-                tokens = np.concatenate([pending_tokens, tokens])
+                costs = np.concatenate([pending_costs, costs])
             start = 0
-            while start < len(tokens):
-                cumulative = np.cumsum(tokens[start:])
+            while start < len(costs):
+                cumulative = np.cumsum(costs[start:])
                 fits = int(np.searchsorted(cumulative, self.token_budget, side="right"))
                 take = min(max(fits, 1), self.batch_size)
-                if start + take == len(tokens) and take < self.batch_size and fits == take:
+                if start + take == len(costs) and take < self.batch_size and fits == take:
                     break  # everything left fits: wait for more rows to fill the batch
                 yield table.slice(start, take)
                 start += take
-            pending, pending_tokens = table.slice(start), tokens[start:]
+            pending, pending_costs = table.slice(start), costs[start:]
         if pending is not None and pending.num_rows:
             if self.drop_last:
                 self.stats.dropped_rows += pending.num_rows
@@ -515,6 +556,8 @@ def iter_jagged_batches(
     drop_last: bool,
     shuffle_buffer: int | None = None,
     token_budget: int | None = None,
+    sample_cost_field: str | None = None,
+    contextual_tokens: int = 0,
     prefetch_batches: int = 2,
     seed: int = 0,
     on_bad_rows: BadRowPolicy = "error",
@@ -528,10 +571,14 @@ def iter_jagged_batches(
         for training and eval over several workers: with equal shards it gives every worker
         the same number of steps.
     shuffle_buffer: rows held by Ray's local shuffle buffer (training); None keeps file order.
-    token_budget: pack rows so that each batch holds about this many sequence tokens
-        (UIH + candidates), for long-tailed lengths. Batch counts then differ between workers
-        even on equal shards: set `max_batches` to a count every worker reaches (see
-        docs/data.md), or end the epoch on all ranks when the first runs out.
+    token_budget: the batch cost budget (data_config.batch_cost_size): pack rows so that
+        each batch's summed cost stays within it, for long-tailed lengths; a row costing more
+        goes alone (hstu/data/batch_cost.py). Batch counts then differ between workers even on
+        equal shards: set `max_batches` to a count every worker reaches (see docs/data.md), or
+        end the epoch on all ranks when the first runs out.
+    sample_cost_field: with token_budget, the column holding each row's cost (a number >= 0
+        per row); None counts the row's tokens, `contextual_tokens` + history + candidates.
+    contextual_tokens: contextual tokens per row (hstu.data.batch_cost.contextual_token_count).
     prefetch_batches: batches collated ahead in a background thread (and Ray's own prefetch).
     on_bad_rows: "error" stops at the first bad row; "skip" drops it and counts it in
         stats.skipped (a batch may then hold fewer rows).
@@ -546,6 +593,8 @@ def iter_jagged_batches(
         drop_last=drop_last,
         shuffle_buffer=shuffle_buffer,
         token_budget=token_budget,
+        sample_cost_field=sample_cost_field,
+        contextual_tokens=contextual_tokens,
         prefetch_batches=prefetch_batches,
         seed=seed,
         on_bad_rows=on_bad_rows,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -432,6 +432,7 @@ def resolve_bad_rows(
     paths: np.ndarray | None = None,
     sample_ids: np.ndarray | None = None,
     specs: tuple[Sequence[FeatureSpec], Sequence[LabelSpec]] | None = None,
+    locate: Callable[[str, Finding, int | None], tuple[int | None, str | None]] | None = None,
 ) -> tuple[np.ndarray | None, BadRowReport]:
     """Apply the policy: raise for the first bad row, or return the mask of rows to keep.
 
@@ -439,7 +440,8 @@ def resolve_bad_rows(
     `row_offset` is added to the row index when `path` is one file read from its first row.
     `specs` (features, labels): with `paths`, the error finds the bad row's row in its file
     (locate_row_in_file); without them, or when the file cannot be read, it gives the row of
-    the batch.
+    the batch. `locate(path, finding, sample_id)` replaces locate_row_in_file for rules that
+    are not the specs' (it returns the same pair).
     """
     if policy not in BAD_ROW_POLICIES:
         raise ValueError(f"on_bad_rows must be one of {BAD_ROW_POLICIES}, not {policy!r}")
@@ -454,7 +456,9 @@ def resolve_bad_rows(
             # Rows from several files (a Ray batch): find the row in its file (this is the
             # error path, so reading the file once is affordable); the batch row otherwise.
             row_path, file_row, problem = str(paths[row]), None, first.problem
-            if specs is not None:
+            if locate is not None:
+                file_row, why_not = locate(row_path, first, sample_id)
+            elif specs is not None:
                 file_row, why_not = locate_row_in_file(
                     row_path, first, *specs, sample_id=sample_id
                 )
@@ -520,16 +524,9 @@ def locate_row_in_file(
     try:
         parquet = pq.ParquetFile(path)
         names = parquet.schema_arrow.names
-        if sample_id is not None and SAMPLE_ID in names:
-            ids = parquet.read(columns=[SAMPLE_ID]).column(SAMPLE_ID)
-            try:
-                same = pc.equal(ids, sample_id).fill_null(False)
-            except pa.ArrowException:  # a sample_id column of another type: use the rules
-                same = None
-            if same is not None:
-                matches = np.flatnonzero(same.to_numpy(zero_copy_only=False))
-                if len(matches):
-                    return int(matches[0]), None
+        row = row_of_sample_id(parquet, sample_id)
+        if row is not None:
+            return row, None
         requests = requests_for(features, labels)
         columns = [r.column for r in requests if r.column in names]
         offset = 0
@@ -543,6 +540,20 @@ def locate_row_in_file(
     except (OSError, pa.ArrowException, DataError) as error:
         return None, f"reading {path} failed: {error}"
     return None, f"no row of {path} breaks this rule when read again"
+
+
+def row_of_sample_id(parquet, sample_id: int | None) -> int | None:
+    """The 0-based row of an open pyarrow ParquetFile that holds `sample_id`, or None (no id
+    given, no sample_id column, one of another type, or no such row)."""
+    if sample_id is None or SAMPLE_ID not in parquet.schema_arrow.names:
+        return None
+    ids = parquet.read(columns=[SAMPLE_ID]).column(SAMPLE_ID)
+    try:
+        same = pc.equal(ids, sample_id).fill_null(False)
+    except pa.ArrowException:  # a sample_id column of another type: the caller uses its rules
+        return None
+    matches = np.flatnonzero(same.to_numpy(zero_copy_only=False))
+    return int(matches[0]) if len(matches) else None
 
 
 def validate_table(

@@ -209,6 +209,7 @@ class Worker:
     def _batches(self, split: str, *, training: bool, seed: int):
         import ray.train
 
+        from hstu.data.batch_cost import batch_cost_options
         from hstu.data.pipeline import iter_jagged_batches
 
         data_cfg = self.cfg.data_config
@@ -222,7 +223,7 @@ class Worker:
                 # Several workers need equal step counts; lockstep() guards the rest.
                 drop_last=bool(data_cfg.drop_remainder) or self.world > 1,
                 shuffle_buffer=int(data_cfg.shuffle_buffer_size) if data_cfg.shuffle else None,
-                token_budget=int(data_cfg.token_budget) or None,
+                **batch_cost_options(self.cfg),
                 seed=seed,
                 on_bad_rows=on_bad_rows,
             )
@@ -233,7 +234,7 @@ class Worker:
             self.labels,
             batch_size=int(data_cfg.eval_batch_size or data_cfg.batch_size),
             drop_last=False,
-            token_budget=int(data_cfg.token_budget) or None,
+            **batch_cost_options(self.cfg),
             on_bad_rows=on_bad_rows,
             max_batches=int(eval_cfg.num_steps) if eval_cfg.HasField("num_steps") else None,
         )

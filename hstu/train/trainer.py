@@ -105,6 +105,15 @@ def _paths(given: list[str] | None, from_config: str, what: str) -> list[str] | 
     return resolved or None
 
 
+def _check_cost_column(cfg, paths: list[str]) -> None:
+    """data_config.sample_cost_field names a numeric column of every local sample file
+    (footers only), so that a wrong name stops the run before Ray starts."""
+    from hstu.data.batch_cost import check_cost_column_in_files, cost_columns
+
+    for column in cost_columns(cfg):
+        check_cost_column_in_files(paths, column)
+
+
 def _latest_run(storage: Path) -> str:
     runs = [p for p in storage.iterdir() if (p / SNAPSHOT_FILE).is_file()] if storage.is_dir() else []
     if not runs:
@@ -450,6 +459,7 @@ def _run_training(options: TrainOptions) -> RunResult:
 
     from hstu.config.features import feature_specs, label_specs
     from hstu.config.loader import load_config
+    from hstu.data.batch_cost import cost_columns
     from hstu.data.pipeline import read_samples, sample_columns
 
     started = time.perf_counter()
@@ -461,6 +471,7 @@ def _run_training(options: TrainOptions) -> RunResult:
     if train_paths is None:
         raise TrainSetupError("no training data: set train_input_path or pass --train")
     eval_paths = _paths(options.eval_paths, cfg.eval_input_path, "eval")
+    _check_cost_column(cfg, train_paths + (eval_paths or []))
     # --train/--eval replace the config's paths: the logged params and pipeline.config then say
     # which data this run read (as given: patterns stay patterns), not the recipe's default.
     if options.train_paths:
@@ -485,7 +496,7 @@ def _run_training(options: TrainOptions) -> RunResult:
     started_ray = init_ray(options.show_ray_data_progress)
     mlflow_run_id = None
     try:
-        columns = sample_columns(features, labels)
+        columns = sample_columns(features, labels, cost_columns(cfg))
         data_cfg = cfg.data_config
         datasets = {
             "train": read_samples(train_paths, shuffle_files=bool(data_cfg.shuffle), columns=columns)
@@ -671,6 +682,7 @@ def _run_evaluation(options: TrainOptions) -> tuple[dict, list[str]]:
 
     from hstu.config.features import feature_specs, label_specs
     from hstu.config.loader import load_config
+    from hstu.data.batch_cost import cost_columns
     from hstu.data.pipeline import read_samples, sample_columns
 
     if not options.checkpoint:
@@ -685,6 +697,7 @@ def _run_evaluation(options: TrainOptions) -> tuple[dict, list[str]]:
     eval_paths = _paths(options.eval_paths, cfg.eval_input_path, "eval")
     if eval_paths is None:
         raise TrainSetupError("no eval data: set eval_input_path or pass --eval")
+    _check_cost_column(cfg, eval_paths)
     storage = _local(options.storage or cfg.model_dir or "experiments")
     run_name = options.run_name or f"eval-{Path(options.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     tracking_uri = tracking.resolve_tracking_uri(options.tracking_uri, Path.cwd())
@@ -693,7 +706,8 @@ def _run_evaluation(options: TrainOptions) -> tuple[dict, list[str]]:
     started_ray = init_ray(options.show_ray_data_progress)
     mlflow_run_id = None
     try:
-        datasets = {"eval": read_samples(eval_paths, columns=sample_columns(features, labels))}
+        columns = sample_columns(features, labels, cost_columns(cfg))
+        datasets = {"eval": read_samples(eval_paths, columns=columns)}
         mlflow_run_id = tracking.start_run(
             tracking_uri,
             options.experiment,
