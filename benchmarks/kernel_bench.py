@@ -9,15 +9,20 @@ Attention (bf16, H=4, d_qk=d_v=128, <= 20 candidates per row, no contextual toke
   FLOPs as docs/dlrm_hstu_reference.md section 3.5 counts them: forward = sum over rows of
   2*H*(d_qk + d_v)*len^2/2; backward = 3*f_qk + 2*f_v (f_x = sum 2*H*d_x*len^2/2);
   forward+backward TFLOP/s = (forward + backward FLOPs) / (forward + backward time).
-  Reference point in the same run: torch scaled_dot_product_attention, flash backend, causal,
-  dense [B, H, N, d] at the same B, N (FLOPs with len = N for every row).
+  Reference points in the same run: torch scaled_dot_product_attention, causal, dense
+  [B, H, N, d] at the same B, N (FLOPs with len = N for every row), once per fast backend
+  (flash, cuDNN, efficient), each alone under torch.nn.attention.sdpa_kernel. A backend that
+  refuses the shape or dtype is reported as "unavailable: <reason>" (table and JSON). Per shape
+  the summary puts TRITON's forward and forward+backward TFLOP/s beside the fastest available
+  backend's (each direction its own fastest) with the ratio TRITON / SDPA.
   The PYTORCH HSTU path (padded) is timed where it fits (N <= 2048).
 STU layer (seed dims D=512, H=4, d=128, group norm, dropout 0.1, training, 6 contextual
   tokens, S = N): stu_preprocess -> hstu_mha -> stu_postprocess, forward+backward time and
   peak memory above the inputs, TRITON vs PYTORCH.
 
 Times are medians of triton.testing.do_bench (CUDA events). Prints a table; writes
-DIR/kernel_bench.json. Imports only torch, triton and hstu.ops.
+DIR/kernel_bench.json (rows, plus attention_vs_sdpa: the per-shape comparison). Imports only
+torch, triton and hstu.ops.
 """
 
 from __future__ import annotations
@@ -84,12 +89,11 @@ def time_forward_and_backward(forward, inputs, grad):
 
 
 def attention_rows(include_pytorch_up_to: int, max_lens: list[int] | None = None) -> list[dict]:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     rows = []
     for shape in ATTENTION_SHAPES:
         if max_lens and shape["max_len"] not in max_lens:
             continue
+        shape_rows = []
         lengths, offsets, targets = jagged_problem(shape["batch"], shape["max_len"], shape["low"])
         total = int(lengths.sum())
         name = f"B={shape['batch']} N={shape['max_len']}"
@@ -106,36 +110,185 @@ def attention_rows(include_pytorch_up_to: int, max_lens: list[int] | None = None
                                 num_targets=targets, kernel=kernel)
 
             fwd_ms, both_ms = time_forward_and_backward(forward, (q, k, v), grad)
-            rows.append(dict(op="hstu_mha", impl=kernel.value, shape=name, fwd_ms=fwd_ms,
-                             fwd_bwd_ms=both_ms, fwd_tflops=fwd_flops / fwd_ms / 1e9,
-                             fwd_bwd_tflops=(fwd_flops + bwd_flops) / both_ms / 1e9))
-            print(_attention_line(rows[-1]), flush=True)
+            shape_rows.append(dict(op="hstu_mha", impl=kernel.value, shape=name, fwd_ms=fwd_ms,
+                                   fwd_bwd_ms=both_ms, fwd_tflops=fwd_flops / fwd_ms / 1e9,
+                                   fwd_bwd_tflops=(fwd_flops + bwd_flops) / both_ms / 1e9))
+            print(_attention_line(shape_rows[-1]), flush=True)
         del q, k, v, grad
-        # SDPA reference: dense, causal, every row N long.
-        dense = [torch.randn(shape["batch"], HEADS, shape["max_len"], DIM, device="cuda",
-                             dtype=torch.bfloat16).requires_grad_() for _ in range(3)]
+        # SDPA references: dense, causal, every row N long, one backend at a time.
+        dense = tuple(torch.randn(shape["batch"], HEADS, shape["max_len"], DIM, device="cuda",
+                                  dtype=torch.bfloat16).requires_grad_() for _ in range(3))
         dense_grad = torch.randn_like(dense[0])
         full = torch.full((shape["batch"],), shape["max_len"])
         fwd_flops, bwd_flops = attention_flops(full)
-
-        def sdpa(q, k, v):
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-        fwd_ms, both_ms = time_forward_and_backward(sdpa, tuple(dense), dense_grad)
-        rows.append(dict(op="sdpa_flash_causal", impl="torch", shape=name, fwd_ms=fwd_ms,
-                         fwd_bwd_ms=both_ms, fwd_tflops=fwd_flops / fwd_ms / 1e9,
-                         fwd_bwd_tflops=(fwd_flops + bwd_flops) / both_ms / 1e9))
-        print(_attention_line(rows[-1]), flush=True)
+        for backend in SDPA_BACKENDS:
+            fwd_ms, both_ms, unavailable = time_sdpa_backend(backend, dense, dense_grad)
+            shape_rows.append(sdpa_row(backend, name, fwd_flops, bwd_flops, fwd_ms, both_ms,
+                                       unavailable))
+            print(_attention_line(shape_rows[-1]), flush=True)
+            torch.cuda.empty_cache()
         del dense, dense_grad
         torch.cuda.empty_cache()
+        for line in comparison_lines(compare_with_sdpa(shape_rows)):
+            print(line, flush=True)
+        rows += shape_rows
     return rows
 
 
+# The SDPA backends timed as references: (name in the rows, torch.nn.attention.SDPBackend
+# member). The flash row keeps its old op name, sdpa_flash_causal.
+SDPA_BACKENDS = (("flash", "FLASH_ATTENTION"), ("cudnn", "CUDNN_ATTENTION"),
+                 ("efficient", "EFFICIENT_ATTENTION"))
+
+
+def time_sdpa_backend(backend: tuple[str, str], inputs, grad):
+    """(forward ms, forward+backward ms, unavailable reason) of causal SDPA with only `backend`
+    enabled. A backend that refuses (torch raises "No available kernel" and warns why, cuDNN
+    raises from its graph build, ...) gives None times and the reason instead of an exception;
+    one whose forward runs but whose backward refuses keeps its forward time."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    member = getattr(SDPBackend, backend[1], None)
+    if member is None:
+        return None, None, f"torch {torch.__version__} has no SDPBackend.{backend[1]}"
+
+    def sdpa(q, k, v):
+        with sdpa_kernel(member):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def forward_only():
+        with torch.no_grad():
+            sdpa(*inputs)
+
+    def forward_backward():
+        torch.autograd.grad(sdpa(*inputs), inputs, grad)
+
+    fwd_ms = None
+    messages: list[str] = []
+    try:
+        _first_call(forward_only, messages)
+        fwd_ms = bench(forward_only)
+        _first_call(forward_backward, messages)
+        return fwd_ms, bench(forward_backward), None
+    except Exception as error:  # a refusal must not end the run; it is reported instead
+        reason = unavailable_reason(error, messages)
+        return fwd_ms, None, reason if fwd_ms is None else f"fwd+bwd: {reason}"
+
+
+def _first_call(fn, messages: list[str]) -> None:
+    """Run fn once, synchronised, adding to `messages` the warnings torch gives on the way
+    (SDPA warns there why a backend was not used before it raises)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            fn()
+            torch.cuda.synchronize()
+        finally:
+            messages.extend(str(w.message) for w in caught)
+
+
+def unavailable_reason(error: BaseException, warning_messages=(), limit: int = 600) -> str:
+    """One line: the exception's type and first line, then the distinct warnings, at most
+    `limit` characters."""
+    lines = str(error).strip().splitlines()
+    parts = [f"{type(error).__name__}: {lines[0].strip() if lines else ''}".strip()]
+    for message in warning_messages:
+        message = " ".join(str(message).split())
+        if message and message not in parts:
+            parts.append(message)
+    reason = "; ".join(parts)
+    return reason if len(reason) <= limit else reason[:limit - 3] + "..."
+
+
+def sdpa_row(backend: tuple[str, str], shape: str, fwd_flops: float, bwd_flops: float,
+             fwd_ms: float | None, fwd_bwd_ms: float | None,
+             unavailable: str | None = None) -> dict:
+    """The JSON row of one SDPA backend at one shape; times that could not be taken are None
+    and `unavailable` says why."""
+    name = backend[0]
+    row = dict(op=f"sdpa_{name}_causal", impl="torch", backend=name, shape=shape,
+               fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms,
+               fwd_tflops=None if fwd_ms is None else fwd_flops / fwd_ms / 1e9,
+               fwd_bwd_tflops=(None if fwd_bwd_ms is None
+                               else (fwd_flops + bwd_flops) / fwd_bwd_ms / 1e9))
+    if unavailable:
+        row["unavailable"] = unavailable
+    return row
+
+
+def _ratio(ours: float | None, theirs: float | None) -> float | None:
+    return None if ours is None or not theirs else ours / theirs
+
+
+def compare_with_sdpa(rows: list[dict]) -> list[dict]:
+    """Per attention shape (in the rows' order): TRITON's forward and forward+backward TFLOP/s
+    beside the fastest SDPA backend's for each (each direction picks its own fastest among the
+    backends that ran), with ratio = TRITON / SDPA, and the reasons of the unavailable ones."""
+    shapes = []
+    for row in rows:
+        if (row["op"] == "hstu_mha" or row["op"].startswith("sdpa_")) \
+                and row["shape"] not in shapes:
+            shapes.append(row["shape"])
+    result = []
+    for shape in shapes:
+        triton_row = next((r for r in rows if r["op"] == "hstu_mha" and r["impl"] == "TRITON"
+                           and r["shape"] == shape), {})
+        sdpa = [r for r in rows if r["op"].startswith("sdpa_") and r["shape"] == shape]
+        entry = dict(shape=shape)
+        for key, label in (("fwd_tflops", "fwd"), ("fwd_bwd_tflops", "fwd_bwd")):
+            ran = [r for r in sdpa if r.get(key) is not None]
+            best = max(ran, key=lambda r: r[key]) if ran else {}
+            ours = triton_row.get(key)
+            entry[f"triton_{label}_tflops"] = ours
+            entry[f"sdpa_{label}_backend"] = best.get("backend")
+            entry[f"sdpa_{label}_tflops"] = best.get(key)
+            entry[f"{label}_ratio"] = _ratio(ours, best.get(key))
+        entry["sdpa_unavailable"] = {r["backend"]: r["unavailable"] for r in sdpa
+                                     if r.get("unavailable")}
+        result.append(entry)
+    return result
+
+
+def comparison_lines(comparison: list[dict], header: bool = True) -> list[str]:
+    """The comparison as text: one line per shape, then one per unavailable backend."""
+
+    def cell(entry, label):
+        ours, theirs = entry[f"triton_{label}_tflops"], entry[f"sdpa_{label}_tflops"]
+        ratio = entry[f"{label}_ratio"]
+        backend = entry[f"sdpa_{label}_backend"] or "none ran"
+        return (f"{_number(ours, '7.1f')} vs {_number(theirs, '7.1f')} {'(' + backend + ')':<11}"
+                f"{_number(ratio, '6.2f')}x")
+
+    lines = []
+    if header:
+        lines.append("TRITON attention vs the fastest SDPA backend, TFLOP/s "
+                     "(ratio TRITON / SDPA; > 1: TRITON faster)")
+        lines.append(f"{'shape':<16} {'fwd: TRITON vs SDPA (backend) ratio':<37} | "
+                     "fwd+bwd: TRITON vs SDPA (backend) ratio")
+    for entry in comparison:
+        lines.append(f"{entry['shape']:<16} {cell(entry, 'fwd')} | {cell(entry, 'fwd_bwd')}")
+        for backend, reason in entry["sdpa_unavailable"].items():
+            lines.append(f"{'':<16} sdpa {backend} unavailable: {reason}")
+    return lines
+
+
+def _number(value: float | None, spec: str) -> str:
+    if value is None:
+        width = int(spec.split(".")[0])
+        return f"{'-':>{width}}"
+    return format(value, spec)
+
+
 def _attention_line(row: dict) -> str:
-    return (f"{row['op']:<18} {row['impl']:<8} {row['shape']:<16} fwd {row['fwd_ms']:8.3f} ms "
-            f"{row['fwd_tflops']:6.1f} TFLOP/s | fwd+bwd {row['fwd_bwd_ms']:8.3f} ms "
-            f"{row['fwd_bwd_tflops']:6.1f} TFLOP/s")
+    line = (f"{row['op']:<21} {row['impl']:<8} {row['shape']:<16} "
+            f"fwd {_number(row['fwd_ms'], '8.3f')} ms {_number(row['fwd_tflops'], '6.1f')} "
+            f"TFLOP/s | fwd+bwd {_number(row['fwd_bwd_ms'], '8.3f')} ms "
+            f"{_number(row['fwd_bwd_tflops'], '6.1f')} TFLOP/s")
+    if row.get("unavailable"):
+        line += f"  unavailable: {row['unavailable']}"
+    return line
 
 
 def stu_layer(kernel: Kernel, shape: dict) -> dict:
@@ -285,6 +438,7 @@ def main() -> None:
         matmul_ceiling_tflops=ceiling,
         tuned={"/".join(map(str, key)): str(tile) for key, tile in tuned_tiles().items()},
         rows=rows,
+        attention_vs_sdpa=compare_with_sdpa(rows),
     )
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "kernel_bench.json"), "w") as handle:
@@ -300,6 +454,9 @@ def main() -> None:
                       f"{row['fwd_bwd_ms']:8.3f} ms  peak {row['peak_gib']:6.2f} GiB")
         else:
             print(_attention_line(row))
+    if result["attention_vs_sdpa"]:
+        print()
+        print("\n".join(comparison_lines(result["attention_vs_sdpa"])))
 
 
 if __name__ == "__main__":
