@@ -43,12 +43,14 @@ def _gather_cat(local: torch.Tensor) -> torch.Tensor:
     return torch.cat([g[: int(s)] for g, s in zip(gathered, sizes)])
 
 
-def global_average_scale(num_targets: torch.Tensor) -> float:
-    """local candidates / mean candidates per rank (1.0 without torch.distributed).
+def global_average_scale(num_targets: torch.Tensor) -> float | torch.Tensor:
+    """local candidates / mean candidates per rank (1.0 without torch.distributed, else a
+    float32 0-dim tensor on num_targets' device).
 
     A loss averaged over the local candidates, times this, has a gradient whose average over
     ranks (what DDP and sharded embeddings compute) equals that of the mean over every
-    candidate of every rank. One all_reduce; every rank must call it.
+    candidate of every rank. One all_reduce; every rank must call it. The result stays on the
+    device: reading it on the host would stall every training step until the GPU catches up.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return 1.0
@@ -56,8 +58,9 @@ def global_average_scale(num_targets: torch.Tensor) -> float:
     total = local.clone()
     # SUM then divide: gloo has no AVG reduction.
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    mean = float(total) / dist.get_world_size()
-    return float(local) / mean if mean > 0 else 1.0
+    mean = total / dist.get_world_size()
+    scale = torch.where(mean > 0, local / mean.clamp(min=1e-30), torch.ones_like(local))
+    return scale.reshape(()).to(torch.float32)
 
 
 def exact_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:

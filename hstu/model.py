@@ -546,13 +546,28 @@ class DlrmHSTU(nn.Module):
         for name in self.groups["contextual"]:
             jagged = embedded[name]
             lengths = jagged.lengths()
-            if lengths.numel() != batch.batch_size or bool((lengths != 1).any()):
+            # The value check reads the lengths: on the CPU only (on a GPU it would stall the
+            # host every step; the data pipeline builds one value per row for these features).
+            wrong = lengths.numel() != batch.batch_size or (
+                lengths.device.type == "cpu" and bool((lengths != 1).any())
+            )
+            if wrong:
                 raise ValueError(
                     f"contextual feature {name!r} must have exactly one value per row; got "
                     f"lengths {lengths.tolist()}"
                 )
             columns.append(jagged.values().float())
         return torch.cat(columns, dim=1)
+
+    @staticmethod
+    def _max_item_len(batch: JaggedBatch, uih_sequence: str, candidate_sequence: str):
+        """The longest history + candidates of a row, from the lengths the host holds (None
+        when it holds none: the encoder then reads it from the device)."""
+        lengths = batch.lengths_on_host()
+        if lengths is None:
+            return None
+        items = lengths[uih_sequence].to(torch.int64) + lengths[candidate_sequence].to(torch.int64)
+        return int(items.max()) if items.numel() else 0
 
     def forward(self, batch: JaggedBatch) -> ModelOutput:
         embedded = self.embedding_collection(batch.sparse)
@@ -571,6 +586,7 @@ class DlrmHSTU(nn.Module):
             candidate_timestamps=self._raw(batch, "candidate_timestamp").to(torch.int64),
             uih_actions=self._raw(batch, "uih_action"),
             uih_watch_times=self._raw(batch, "uih_watchtime"),
+            max_item_len=self._max_item_len(batch, uih_sequence, candidate_sequence),
         )
         per_task = score_candidates(
             self.encoder, self.item_tower, self.fusion_tower, inputs,
@@ -607,12 +623,13 @@ class DlrmHSTU(nn.Module):
         enable_global_average_loss and torch.distributed initialised it is rescaled by
         local count / mean count over ranks, so that averaging gradients over ranks gives the
         mean over all candidates of all ranks. total = plain sum over tasks."""
-        labels = self.task_labels(batch)
         scale = (
             global_average_scale(output.num_targets) if self.enable_global_average_loss else 1.0
         )
-        losses = {}
-        for task in self.tasks:
+        losses = self._bitmask_bce_losses(output, batch, scale)
+        rest = [task for task in self.tasks if task.name not in losses]
+        labels = self.task_labels(batch) if rest else {}
+        for task in rest:
             logits, label = output.logits[task.name], labels[task.name]
             task_loss = logits.new_zeros(())
             for kind, smoothing in task.losses:
@@ -628,8 +645,49 @@ class DlrmHSTU(nn.Module):
                 else:
                     task_loss = task_loss + F.mse_loss(logits, label.float())
             losses[task.name] = task_loss * task.weight * scale
+        losses = {task.name: losses[task.name] for task in self.tasks}  # config order
         total = torch.stack(list(losses.values())).sum()
         return total, losses
+
+    def _bitmask_bce_losses(self, output: ModelOutput, batch: JaggedBatch, scale):
+        """The weighted losses of the tasks that are one binary cross-entropy on a bit of an
+        integer label column (all eight KuaiRand tasks), computed together: one label
+        expansion and one loss over a [candidates, tasks] block instead of a handful of small
+        kernels per task (each a launch, forward and backward). Same values as the per-task
+        formula: the mean over the candidates of each task's column."""
+        by_column: dict[str, list[TaskSpec]] = {}
+        for task in self.tasks:
+            plain = (
+                task.num_class == 1
+                and task.bitmask is not None
+                and len(task.losses) == 1
+                and task.losses[0][0] == "binary_cross_entropy"
+                and task.label_name in batch.labels
+                and not batch.labels[task.label_name].is_floating_point()
+            )
+            if plain:
+                by_column.setdefault(task.label_name, []).append(task)
+        losses = {}
+        for column, tasks in by_column.items():
+            if len(tasks) < 2:
+                continue  # nothing to share; the per-task path does it
+            label = batch.labels[column]
+            bits = torch.tensor([t.bitmask for t in tasks], dtype=label.dtype, device=label.device)
+            target = ((label.unsqueeze(1) & bits) != 0).float()
+            smoothing = [t.losses[0][1] for t in tasks]
+            if any(smoothing):
+                amount = torch.tensor(smoothing, dtype=torch.float32, device=label.device)
+                target = target * (1.0 - amount) + 0.5 * amount
+            logits = torch.stack([output.logits[t.name] for t in tasks], dim=1)
+            per_task = F.binary_cross_entropy_with_logits(
+                logits, target, reduction="none"
+            ).mean(dim=0)
+            weights = torch.tensor([t.weight for t in tasks], dtype=per_task.dtype,
+                                   device=per_task.device)
+            weighted = per_task * weights * scale
+            for index, task in enumerate(tasks):
+                losses[task.name] = weighted[index]  # a view: no kernel per task
+        return losses
 
     def grouping_key(
         self, batch: JaggedBatch, name: str, num_targets: torch.Tensor

@@ -106,7 +106,7 @@ def _sync_worker(rank: int, port: int, results) -> None:
         for metric in metrics:
             metric.sync()
         scale = global_average_scale(torch.tensor([3, 2] if rank == 0 else [1]))
-        results[rank] = [m.compute() for m in metrics] + [scale]
+        results[rank] = [m.compute() for m in metrics] + [float(scale)]
     finally:
         dist.destroy_process_group()
 

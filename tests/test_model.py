@@ -420,6 +420,37 @@ def test_losses_against_their_formulas():
     torch.testing.assert_close(total, sum(losses.values()))
 
 
+def test_bitmask_tasks_share_one_loss_with_the_per_task_values():
+    # The smoke recipe's eight tasks are bits of one label column: computed together.
+    cfg = load_config(SMOKE, [
+        *NO_DROPOUT,
+        "model_config.dlrm_hstu.fusion_mtl_tower.task_configs[is_like].weight=0.5",
+        "model_config.dlrm_hstu.fusion_mtl_tower.task_configs[is_click].losses[0]"
+        ".binary_cross_entropy.label_smoothing=0.2",
+    ])
+    model = build(cfg).eval()
+    batch = make_batch(model, [4, 2, 6], [3, 1, 2], seed=9)
+    output = model(batch)
+    total, losses = model.compute_losses(output, batch)
+    assert list(losses) == [task.name for task in model.tasks]
+    labels = model.task_labels(batch)
+    expected = {}
+    for task in model.tasks:
+        (kind, smoothing), = task.losses
+        assert kind == "binary_cross_entropy" and task.bitmask is not None
+        target = labels[task.name].double() * (1 - smoothing) + 0.5 * smoothing
+        logits = output.logits[task.name].double()
+        expected[task.name] = task.weight * torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, target
+        )
+    assert model.tasks[1].weight == 0.5 and model.tasks[0].losses[0][1] == pytest.approx(0.2)
+    for name, value in expected.items():
+        torch.testing.assert_close(losses[name].double(), value, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(total.double(), sum(expected.values()), rtol=1e-6, atol=1e-7)
+    total.backward()  # one graph for all tasks
+    assert model.fusion_tower.head.weight.grad is not None
+
+
 def test_a_few_optimizer_steps_lower_the_loss():
     model = build(load_config(SMOKE, NO_DROPOUT), seed=6).train()
     batch = make_batch(model, [5, 8, 3, 6], [3, 4, 2, 5], seed=7)

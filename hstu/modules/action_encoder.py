@@ -82,12 +82,15 @@ class SimpleActionEncoder(nn.Module):
         uih_offsets: torch.Tensor,
         candidate_offsets: torch.Tensor,
         dtype: torch.dtype = torch.float32,
+        num_candidates: int | None = None,
     ) -> torch.Tensor:
-        """actions int64 [sum_n]; watch_times [sum_n] or None. Returns [sum(n + t), A' * d_a]."""
+        """actions int64 [sum_n]; watch_times [sum_n] or None. Returns [sum(n + t), A' * d_a].
+        num_candidates: sum t when the caller knows it (saves reading it from the GPU)."""
         bits = self.action_bits(actions, watch_times)
         uih = (bits.unsqueeze(2).to(self.action_table.dtype) * self.action_table.unsqueeze(0))
         uih = uih.reshape(actions.shape[0], self.output_dim)
-        num_candidates = candidate_offsets[-1].item()  # .item(): traceable by torch.export
+        if num_candidates is None:
+            num_candidates = candidate_offsets[-1].item()  # .item(): traceable by torch.export
         candidates = self.target_embedding.expand(num_candidates, -1)
         merged, _ = concat_2d_jagged(
             uih.to(dtype), uih_offsets, candidates.to(dtype), candidate_offsets, kernel=self.kernel

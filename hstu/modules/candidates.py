@@ -10,18 +10,16 @@ from hstu.ops.pytorch.jagged import lengths_from_offsets
 
 def extract_candidates(
     embeddings: torch.Tensor,
-    timestamps: torch.Tensor,
     seq_offsets: torch.Tensor,
     num_targets: torch.Tensor,
+    num_candidates: int,
     kernel: Kernel = Kernel.PYTORCH,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """embeddings [sum L, D], timestamps int64 [sum L] -> ([sum t, D], [sum t]), row order kept."""
+) -> torch.Tensor:
+    """embeddings [sum L, D] -> [sum t, D], row order kept. num_candidates = sum t (the
+    candidates' count, known on the host from their input tensor's shape)."""
     prefix_lengths = lengths_from_offsets(seq_offsets) - num_targets
     _, candidate_embeddings = split_2d_jagged(
-        embeddings, seq_offsets, prefix_lengths, num_targets, kernel=kernel
+        embeddings, seq_offsets, prefix_lengths, num_targets, right_total=num_candidates,
+        kernel=kernel,
     )
-    # int64 data movement without gradient: the PyTorch split handles any dtype.
-    _, candidate_timestamps = split_2d_jagged(
-        timestamps.unsqueeze(1), seq_offsets, prefix_lengths, num_targets, kernel=Kernel.PYTORCH
-    )
-    return candidate_embeddings, candidate_timestamps.squeeze(1)
+    return candidate_embeddings

@@ -88,23 +88,30 @@ class ContextualPreprocessor(nn.Module):
         candidate_timestamps: torch.Tensor,
         uih_actions: torch.Tensor | None = None,
         uih_watch_times: torch.Tensor | None = None,
+        max_item_len: int | None = None,
     ) -> EncoderInput:
         """contextual [B, c * d_ctx] (None when c = 0); uih [sum n, d_uih]; candidates
-        [sum t, d_cand]; timestamps int64 seconds; uih_actions int64 bitmasks [sum n]."""
+        [sum t, d_cand]; timestamps int64 seconds; uih_actions int64 bitmasks [sum n].
+
+        max_item_len: the longest history + candidates of a row, when the caller knows it on
+        the host (DlrmHSTU does, from the batch). Otherwise it is read from the GPU, which
+        makes the host wait for the GPU to catch up before it can queue more kernels."""
         uih_offsets = offsets_from_lengths(uih_lengths)
         candidate_offsets = offsets_from_lengths(num_targets)
         content, item_offsets = self.content_encoder(
             uih, uih_offsets, candidates, candidate_offsets
         )
-        item_lengths = uih_lengths + num_targets
-        # .item(), not int(): traceable by torch.export (hstu/export).
-        max_item_len = item_lengths.max().item() if item_lengths.numel() else 0
+        if max_item_len is None:
+            item_lengths = uih_lengths + num_targets
+            # .item(), not int(): traceable by torch.export (hstu/export).
+            max_item_len = item_lengths.max().item() if item_lengths.numel() else 0
         x = self.content_mlp(content, item_offsets, max_item_len, contextual)
         if self.action_encoder is not None:
             if uih_actions is None:
                 raise ValueError("the action encoder needs the uih_action feature group")
             actions = self.action_encoder(
-                uih_actions, uih_watch_times, uih_offsets, candidate_offsets, dtype=uih.dtype
+                uih_actions, uih_watch_times, uih_offsets, candidate_offsets, dtype=uih.dtype,
+                num_candidates=candidates.shape[0],
             )
             x = x + self.action_mlp(actions, item_offsets, max_item_len, contextual)
         # Timestamps are int64 and need no gradient: the PyTorch concat handles any dtype,

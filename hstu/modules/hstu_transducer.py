@@ -40,11 +40,13 @@ class HSTUTransducer(nn.Module):
         x = self.stu_stack(
             x, encoder_input.offsets, encoder_input.max_seq_len, encoder_input.num_targets
         )
-        candidates, candidate_timestamps = extract_candidates(
+        candidates = extract_candidates(
             x,
-            encoder_input.timestamps,
             encoder_input.offsets,
             encoder_input.num_targets,
+            preprocessor_inputs["candidates"].shape[0],
             kernel=self.kernel,
         )
-        return self.postprocessor(candidates, candidate_timestamps)
+        # The candidates' timestamps are the input's own, in the same order (the encoder's
+        # timestamps are [contextual zeros; history; candidates] per row).
+        return self.postprocessor(candidates, preprocessor_inputs["candidate_timestamps"])

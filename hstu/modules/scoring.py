@@ -14,7 +14,7 @@ def score_candidates(
     encoder: nn.Module,
     item_tower: nn.Module,
     fusion_tower: nn.Module,
-    encoder_inputs: dict[str, torch.Tensor | None],
+    encoder_inputs: dict[str, torch.Tensor | int | None],
     *,
     ascending: bool,
 ) -> list[torch.Tensor]:
@@ -28,7 +28,7 @@ def score_candidates(
     """
     if not ascending:
         encoder_inputs = {
-            k: (v.flip(0) if v is not None else None) for k, v in encoder_inputs.items()
+            k: (v.flip(0) if isinstance(v, torch.Tensor) else v) for k, v in encoder_inputs.items()
         }
     user = encoder(**encoder_inputs)
     item = item_tower(encoder_inputs["candidates"])

@@ -32,17 +32,22 @@ def split_2d_jagged(
     left_lengths: torch.Tensor,
     right_lengths: torch.Tensor,
     *,
+    right_total: int | None = None,
     kernel: Kernel | str = Kernel.PYTORCH,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse of concat_2d_jagged: row b of values is split into its first left_lengths[b]
     and its last right_lengths[b] elements.
 
     values [sum_b len_b, D]; offsets [B+1] int64; left_lengths, right_lengths [B] int64 with
-    left_lengths + right_lengths == the row lengths (checked by the PyTorch version). Returns
-    (left [sum l_b, D], right [sum r_b, D]), rows packed in order. Differentiable in values.
+    left_lengths + right_lengths == the row lengths (checked on CPU tensors, and on GPU
+    tensors when right_total is not given). Returns (left [sum l_b, D], right [sum r_b, D]),
+    rows packed in order. Differentiable in values.
+
+    right_total: sum r_b when the caller knows it on the host. The output sizes must be known
+    before the copy; without it they are read from the GPU, a host synchronisation.
     """
     impl = implementation("jagged", "split_2d_jagged", kernel)
-    return impl(values, offsets, left_lengths, right_lengths)
+    return impl(values, offsets, left_lengths, right_lengths, right_total=right_total)
 
 
 def jagged_dense_bmm_broadcast_add(

@@ -55,6 +55,7 @@ from hstu.train.optimizers import (
     set_learning_rate,
     sparse_optimizer_spec,
 )
+from hstu.train.prefetch import DevicePrefetcher
 from hstu.train.progress import ProgressMeter, eval_table
 from hstu.train.step import train_step
 from hstu.train.tracking import RunLogger
@@ -399,9 +400,9 @@ class Worker:
         while not done and (num_epochs is None or epoch < num_epochs):
             state.epoch, state.epoch_done = epoch, False
             stats = LockstepStats()
-            for batch in lockstep(batches, stats, self.tokens_of):
+            # The prefetcher copies the next batch to the GPU while this step runs.
+            for batch in lockstep(DevicePrefetcher(batches, self.device), stats, self.tokens_of):
                 lrs = self._set_learning_rates(state)
-                batch = batch.to(self.device, non_blocking=True)
                 total, losses = train_step(
                     self.model, self.module, self.dense_optimizer, batch, self.autocast
                 )

@@ -51,10 +51,12 @@ def padded_to_jagged(padded: torch.Tensor, offsets: torch.Tensor) -> torch.Tenso
 def _check_offsets(offsets: torch.Tensor, values: torch.Tensor, name: str) -> None:
     if offsets.dim() != 1 or offsets.numel() == 0:
         raise ValueError(f"{name} must be a 1-D tensor [B+1]; got shape {tuple(offsets.shape)}")
-    # Data-dependent checks are skipped while torch.export traces (hstu/export): it cannot
-    # branch on tensor values. They run in eager mode as before.
+    # Data-dependent checks run on CPU tensors only: on a GPU each would make the host wait for
+    # the device (the GPU path is the TRITON one, whose wrappers skip them too), and torch.export
+    # (hstu/export) cannot branch on tensor values.
     if (
         offsets.shape[0] > 1
+        and values.device.type == "cpu"
         and not torch.compiler.is_exporting()
         and int(offsets[-1]) != values.shape[0]
     ):
@@ -97,10 +99,12 @@ def split_2d_jagged(
     offsets: torch.Tensor,
     left_lengths: torch.Tensor,
     right_lengths: torch.Tensor,
+    right_total: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_offsets(offsets, values, "offsets")
     lengths = lengths_from_offsets(offsets)
-    if not torch.compiler.is_exporting() and not torch.equal(
+    checked = values.device.type == "cpu" or right_total is None
+    if checked and not torch.compiler.is_exporting() and not torch.equal(
         left_lengths.to(lengths.dtype) + right_lengths.to(lengths.dtype), lengths
     ):
         raise ValueError(
@@ -109,8 +113,12 @@ def split_2d_jagged(
         )
     left_offsets = offsets_from_lengths(left_lengths)
     right_offsets = offsets_from_lengths(right_lengths)
-    left_rows, left_cols = jagged_row_and_col(left_offsets, left_offsets[-1].item())
-    right_rows, right_cols = jagged_row_and_col(right_offsets, right_offsets[-1].item())
+    if right_total is None:
+        left_total, right_total = left_offsets[-1].item(), right_offsets[-1].item()
+    else:
+        left_total = values.shape[0] - right_total
+    left_rows, left_cols = jagged_row_and_col(left_offsets, left_total)
+    right_rows, right_cols = jagged_row_and_col(right_offsets, right_total)
     left = values[offsets[left_rows] + left_cols]
     right = values[offsets[right_rows] + left_lengths[right_rows] + right_cols]
     return left, right

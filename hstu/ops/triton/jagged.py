@@ -162,6 +162,7 @@ def split_2d_jagged(
     offsets: torch.Tensor,
     left_lengths: torch.Tensor,
     right_lengths: torch.Tensor,
+    right_total: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_device(values, "split_2d_jagged")
     _check_offsets(offsets, values, "offsets", "split_2d_jagged")
@@ -174,8 +175,12 @@ def split_2d_jagged(
                          f"[{lengths.numel()}]")
     left_offsets = torch.nn.functional.pad(torch.cumsum(left_lengths, 0), (1, 0))
     right_offsets = torch.nn.functional.pad(torch.cumsum(right_lengths, 0), (1, 0))
-    # The output sizes need one host sync (the signature gives no totals); the length check
-    # rides along in the same transfer.
+    if right_total is not None and values.device.type == "cuda":
+        # Sizes from the caller: no host sync, and so no check of the lengths either.
+        return _Split.apply(values, left_offsets, right_offsets, values.shape[0] - right_total,
+                            right_total)
+    # The output sizes need one host sync (no totals given); the length check rides along in
+    # the same transfer.
     mismatches, left_total, right_total = torch.stack([
         (left_lengths + right_lengths != lengths).sum(), left_offsets[-1], right_offsets[-1]
     ]).tolist()
