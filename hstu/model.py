@@ -14,10 +14,10 @@ import dataclasses
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import DataType, EmbeddingConfig
 
+from hstu.config.errors import ModelConfigError
 from hstu.config.features import FeatureSpec, LabelSpec
 from hstu.data.batch import JaggedBatch
 from hstu.metrics import global_average_scale
@@ -32,7 +32,6 @@ from hstu.modules.embeddings import MultiDimEmbeddingCollection
 from hstu.modules.fusion_tower import FusionMTLTower
 from hstu.modules.hstu_transducer import HSTUTransducer
 from hstu.modules.item_tower import ItemTower
-from hstu.modules.scoring import score_candidates, task_outputs
 from hstu.modules.mlp import MLP
 from hstu.modules.positional_encoder import HSTUPositionalEncoder
 from hstu.modules.postprocessors import (
@@ -40,41 +39,23 @@ from hstu.modules.postprocessors import (
     LayerNormPostprocessor,
     TimestampLayerNormPostprocessor,
 )
+from hstu.modules.scoring import score_candidates, task_outputs
 from hstu.modules.stu import STULayer, STUStack
 from hstu.ops import Kernel
+from hstu.tasks import parse_tasks, task_labels, task_losses
+
+
+def _which(message, field_names: Sequence[str], path: str) -> str:
+    """The one sub-message of a oneof that is set (checked by name, not by oneof name)."""
+    chosen = [name for name in field_names if message.HasField(name)]
+    if len(chosen) != 1:
+        raise ModelConfigError(path, f"set exactly one of {', '.join(field_names)}")
+    return chosen[0]
+
 
 # Feature groups DlrmHSTU reads by name (reference 1.5).
 REQUIRED_GROUPS = ("uih", "candidate", "uih_timestamp", "candidate_timestamp")
 OPTIONAL_GROUPS = ("contextual", "uih_action", "uih_watchtime")
-CLASSIFICATION_LOSSES = ("binary_cross_entropy", "softmax_cross_entropy")
-SUPPORTED_LOSSES = CLASSIFICATION_LOSSES + ("l2_loss",)
-SUPPORTED_METRICS = ("auc", "grouped_auc", "mean_absolute_error")
-
-
-class ModelConfigError(ValueError):
-    """A config the model cannot be built from; the message starts with the field path."""
-
-    def __init__(self, path: str, problem: str) -> None:
-        super().__init__(f"model_config.{path}: {problem}")
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskSpec:
-    """One entry of fusion_mtl_tower.task_configs, resolved."""
-
-    name: str
-    label_name: str
-    bitmask: int | None  # labels become ((label & bitmask) != 0) when set
-    num_class: int
-    weight: float
-    # (loss kind, label smoothing): "binary_cross_entropy" | "softmax_cross_entropy" | "l2_loss"
-    losses: tuple[tuple[str, float], ...]
-    # ("auc", thresholds) | ("grouped_auc", grouping_key) | ("mean_absolute_error", None)
-    metrics: tuple[tuple[str, object], ...]
-
-    @property
-    def is_regression(self) -> bool:
-        return all(kind == "l2_loss" for kind, _ in self.losses)
 
 
 @dataclasses.dataclass
@@ -89,73 +70,6 @@ class ModelOutput:
     logits: dict[str, torch.Tensor]
     probs: dict[str, torch.Tensor]
     num_targets: torch.Tensor
-
-
-def _which(message, field_names: Sequence[str], path: str) -> str:
-    """The one sub-message of a oneof that is set (checked by name, not by oneof name)."""
-    chosen = [name for name in field_names if message.HasField(name)]
-    if len(chosen) != 1:
-        raise ModelConfigError(path, f"set exactly one of {', '.join(field_names)}")
-    return chosen[0]
-
-
-def _parse_tasks(tower_cfg) -> list[TaskSpec]:
-    tasks = []
-    for index, task in enumerate(tower_cfg.task_configs):
-        path = f"dlrm_hstu.fusion_mtl_tower.task_configs[{index}]"
-        losses = []
-        for loss_index, loss in enumerate(task.losses):
-            kind = loss.WhichOneof("loss")
-            if kind not in SUPPORTED_LOSSES:
-                raise ModelConfigError(
-                    f"{path}.losses[{loss_index}]",
-                    f"{kind} is not implemented; supported: {', '.join(SUPPORTED_LOSSES)}",
-                )
-            smoothing = 0.0
-            if kind in CLASSIFICATION_LOSSES:
-                smoothing = float(getattr(loss, kind).label_smoothing)
-            if kind == "binary_cross_entropy" and task.num_class != 1:
-                raise ModelConfigError(path, "binary_cross_entropy needs num_class 1")
-            if kind == "softmax_cross_entropy" and task.num_class < 2:
-                raise ModelConfigError(path, "softmax_cross_entropy needs num_class >= 2")
-            if kind == "l2_loss" and task.num_class != 1:
-                raise ModelConfigError(path, "l2_loss needs num_class 1")
-            losses.append((kind, smoothing))
-        if not losses:
-            raise ModelConfigError(path, f"task {task.task_name!r} has no losses")
-        if {kind for kind, _ in losses} & {"l2_loss"} and len(
-            {kind for kind, _ in losses}
-        ) > 1:
-            raise ModelConfigError(path, "l2_loss cannot be mixed with classification losses")
-        metrics = []
-        for metric_index, metric in enumerate(task.metrics):
-            kind = metric.WhichOneof("metric")
-            if kind == "auc":
-                metrics.append(("auc", int(metric.auc.thresholds)))
-            elif kind == "grouped_auc":
-                metrics.append(("grouped_auc", metric.grouped_auc.grouping_key))
-            elif kind == "mean_absolute_error":
-                metrics.append(("mean_absolute_error", None))
-            else:
-                raise ModelConfigError(
-                    f"{path}.metrics[{metric_index}]",
-                    f"{kind} is not implemented; supported: {', '.join(SUPPORTED_METRICS)}",
-                )
-        tasks.append(
-            TaskSpec(
-                name=task.task_name,
-                label_name=task.label_name,
-                bitmask=int(task.task_bitmask) if task.HasField("task_bitmask") else None,
-                num_class=int(task.num_class),
-                weight=float(task.weight),
-                losses=tuple(losses),
-                metrics=tuple(metrics),
-            )
-        )
-    names = [t.name for t in tasks]
-    if len(set(names)) != len(names):
-        raise ModelConfigError("dlrm_hstu.fusion_mtl_tower.task_configs", "task names repeat")
-    return tasks
 
 
 def _mlp_from_config(cfg, in_features: int) -> MLP:
@@ -253,7 +167,7 @@ class DlrmHSTU(nn.Module):
         self.enable_global_average_loss = bool(hstu_model.enable_global_average_loss)
         self.sequence_timestamp_is_ascending = bool(hstu_model.sequence_timestamp_is_ascending)
         self.concat_contextual_features = bool(hstu_model.concat_contextual_features)
-        self.tasks = _parse_tasks(hstu_model.fusion_mtl_tower)
+        self.tasks = parse_tasks(hstu_model.fusion_mtl_tower)
         for task in self.tasks:
             if task.label_name not in self.label_specs:
                 raise ModelConfigError(
@@ -598,96 +512,19 @@ class DlrmHSTU(nn.Module):
     # ---- labels, losses, metric inputs ----------------------------------------------------
 
     def task_labels(self, batch: JaggedBatch) -> dict[str, torch.Tensor]:
-        """Per task, the label of every candidate: bitmask tasks -> 0/1 (int64), else as stored."""
-        labels = {}
-        for task in self.tasks:
-            if task.label_name not in batch.labels:
-                raise KeyError(
-                    f"batch.labels has no column {task.label_name!r} (task {task.name})"
-                )
-            label = batch.labels[task.label_name]
-            if task.bitmask is not None:
-                if label.is_floating_point():
-                    raise TypeError(
-                        f"task {task.name}: task_bitmask needs an integer label column; "
-                        f"{task.label_name!r} is {label.dtype}"
-                    )
-                label = ((label & task.bitmask) != 0).to(label.dtype)
-            labels[task.name] = label
-        return labels
+        """Per task, the label of every candidate (hstu.tasks.task_labels)."""
+        return task_labels(self.tasks, batch)
 
     def compute_losses(
         self, output: ModelOutput, batch: JaggedBatch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(total, {task: weighted loss}). Each loss is a mean over the local candidates; with
-        enable_global_average_loss and torch.distributed initialised it is rescaled by
-        local count / mean count over ranks, so that averaging gradients over ranks gives the
-        mean over all candidates of all ranks. total = plain sum over tasks."""
+        """(total, {task: weighted loss}) (hstu.tasks.task_losses); with
+        enable_global_average_loss, scaled so that averaging gradients over ranks gives the
+        mean over every candidate of every rank."""
         scale = (
             global_average_scale(output.num_targets) if self.enable_global_average_loss else 1.0
         )
-        losses = self._bitmask_bce_losses(output, batch, scale)
-        rest = [task for task in self.tasks if task.name not in losses]
-        labels = self.task_labels(batch) if rest else {}
-        for task in rest:
-            logits, label = output.logits[task.name], labels[task.name]
-            task_loss = logits.new_zeros(())
-            for kind, smoothing in task.losses:
-                if kind == "binary_cross_entropy":
-                    target = label.float()
-                    if smoothing:
-                        target = target * (1.0 - smoothing) + 0.5 * smoothing
-                    task_loss = task_loss + F.binary_cross_entropy_with_logits(logits, target)
-                elif kind == "softmax_cross_entropy":
-                    task_loss = task_loss + F.cross_entropy(
-                        logits, label.long(), label_smoothing=smoothing
-                    )
-                else:
-                    task_loss = task_loss + F.mse_loss(logits, label.float())
-            losses[task.name] = task_loss * task.weight * scale
-        losses = {task.name: losses[task.name] for task in self.tasks}  # config order
-        total = torch.stack(list(losses.values())).sum()
-        return total, losses
-
-    def _bitmask_bce_losses(self, output: ModelOutput, batch: JaggedBatch, scale):
-        """The weighted losses of the tasks that are one binary cross-entropy on a bit of an
-        integer label column (all eight KuaiRand tasks), computed together: one label
-        expansion and one loss over a [candidates, tasks] block instead of a handful of small
-        kernels per task (each a launch, forward and backward). Same values as the per-task
-        formula: the mean over the candidates of each task's column."""
-        by_column: dict[str, list[TaskSpec]] = {}
-        for task in self.tasks:
-            plain = (
-                task.num_class == 1
-                and task.bitmask is not None
-                and len(task.losses) == 1
-                and task.losses[0][0] == "binary_cross_entropy"
-                and task.label_name in batch.labels
-                and not batch.labels[task.label_name].is_floating_point()
-            )
-            if plain:
-                by_column.setdefault(task.label_name, []).append(task)
-        losses = {}
-        for column, tasks in by_column.items():
-            if len(tasks) < 2:
-                continue  # nothing to share; the per-task path does it
-            label = batch.labels[column]
-            bits = torch.tensor([t.bitmask for t in tasks], dtype=label.dtype, device=label.device)
-            target = ((label.unsqueeze(1) & bits) != 0).float()
-            smoothing = [t.losses[0][1] for t in tasks]
-            if any(smoothing):
-                amount = torch.tensor(smoothing, dtype=torch.float32, device=label.device)
-                target = target * (1.0 - amount) + 0.5 * amount
-            logits = torch.stack([output.logits[t.name] for t in tasks], dim=1)
-            per_task = F.binary_cross_entropy_with_logits(
-                logits, target, reduction="none"
-            ).mean(dim=0)
-            weights = torch.tensor([t.weight for t in tasks], dtype=per_task.dtype,
-                                   device=per_task.device)
-            weighted = per_task * weights * scale
-            for index, task in enumerate(tasks):
-                losses[task.name] = weighted[index]  # a view: no kernel per task
-        return losses
+        return task_losses(self.tasks, output.logits, batch, scale)
 
     def grouping_key(
         self, batch: JaggedBatch, name: str, num_targets: torch.Tensor

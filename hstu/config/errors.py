@@ -40,3 +40,10 @@ def suggest(name: str, candidates: Iterable[str], limit: int = 3) -> str:
 
 def one_of(values: Iterable[str]) -> str:
     return ", ".join(str(v) for v in values)
+
+
+class ModelConfigError(ValueError):
+    """A config the model cannot be built from; the message starts with the field path."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"model_config.{path}: {problem}")

@@ -397,6 +397,8 @@ class Worker:
         done = max_steps is not None and state.global_step >= max_steps
         # Rows read but not trained on, over the epochs of this attempt (a restart counts anew).
         left_out_total = RowsLeftOut()
+        # Seconds this rank's loop waited for the data pipeline (0 when it keeps up).
+        input_wait_s = 0.0
         while not done and (num_epochs is None or epoch < num_epochs):
             state.epoch, state.epoch_done = epoch, False
             stats = LockstepStats()
@@ -435,6 +437,7 @@ class Worker:
                     done = True
                     break
             left_out_total += self._report_rows_left_out(batches, epoch, left_out_total, state)
+            input_wait_s += float(getattr(getattr(batches, "stats", None), "wait_s", 0.0))
             if stats.steps == 0 and not done:
                 raise RuntimeError(
                     f"epoch {epoch}: the training data gave no batch to every one of the "
@@ -463,6 +466,12 @@ class Worker:
             "samples": state.samples,
             "tokens": state.tokens,
             "seconds_this_attempt": round(time.perf_counter() - started, 2),
+            # Rank 0's wait for input over this attempt, and its share of the attempt's time
+            # (evaluation and checkpoints included in the denominator).
+            "train/input_wait_s": round(input_wait_s, 3),
+            "train/input_wait_fraction": round(
+                input_wait_s / max(time.perf_counter() - started, 1e-9), 4
+            ),
             "restarts": state.restarts,
             "world_size": self.world,
             "device": self.device.type,
