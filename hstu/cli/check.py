@@ -1,7 +1,7 @@
 """`launch.py check --recipe FILE [--set path=value ...]`: validate a pipeline config, summarize it.
 
-Exit status 0 when the config loads, 1 with one message (file:line:col: field: problem) when it
-does not. Imports no torch/Ray unless the model module exists (for the dense parameter count).
+Exit status 0 when the config loads, 1 with one message when it does not:
+`launch.py check: file:line:col: field: problem`, the prefix every command's errors carry. Imports no torch/Ray unless the model module exists (for the dense parameter count).
 """
 
 from __future__ import annotations
@@ -196,7 +196,13 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.recipe, args.overrides)
         text, usable = summarize(cfg, args.recipe)
     except ConfigError as error:
-        print(error, file=sys.stderr)
+        print(f"launch.py check: {error}", file=sys.stderr)
         return 1
     print(text)
-    return 0 if usable else 1
+    if not usable:
+        # The summary above shows the model's objection in place; the last line on stderr says
+        # why the exit status is 1, as for the other commands.
+        print("launch.py check: the model rejects this config (see the dense line above)",
+              file=sys.stderr)
+        return 1
+    return 0

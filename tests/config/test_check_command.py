@@ -79,7 +79,8 @@ def test_bad_config_exits_1_with_one_message(kit, tmp_path):
     lines = result.stderr.strip().splitlines()
     line, column = kit.position(bad.read_text(), "kernal")
     assert lines == [
-        f'{bad}:{line}:{column}: model_config.dlrm_hstu.hstu: unknown field "kernal" in HSTU'
+        f'launch.py check: {bad}:{line}:{column}: model_config.dlrm_hstu.hstu: unknown field '
+        '"kernal" in HSTU'
     ], result.stderr
 
 
@@ -91,9 +92,26 @@ def test_bad_override_exits_1(kit, capsys):
     assert status == 1
     assert captured.out == ""
     # smoke.config has no mixed_precision, which CUTLASS needs: the error names train_config.
-    assert captured.err.startswith(f"{recipe}:")
+    assert captured.err.startswith(f"launch.py check: {recipe}:")
     assert ": train_config.mixed_precision: kernel CUTLASS" in captured.err
     assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_a_config_the_model_rejects_exits_1_with_the_prefixed_line(kit, capsys, monkeypatch):
+    import hstu.model
+
+    def rejects(cfg):
+        raise ValueError("model_config.dlrm_hstu.hstu.stu.num_heads: must divide embedding_dim")
+
+    monkeypatch.setattr(hstu.model, "model_summary", rejects)
+    main = _launch_main(kit)
+    status = main(["check", "--recipe", str(kit.REPO_ROOT / "recipes" / "smoke.config")])
+    captured = capsys.readouterr()
+    assert status == 1
+    assert "model_summary failed: ValueError: model_config.dlrm_hstu.hstu.stu.num_heads" in (
+        captured.out)
+    assert captured.err.strip().splitlines() == [
+        "launch.py check: the model rejects this config (see the dense line above)"]
 
 
 def test_check_notes_what_a_gpu_kernel_needs(kit, capsys):
