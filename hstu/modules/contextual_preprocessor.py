@@ -114,14 +114,14 @@ class ContextualPreprocessor(nn.Module):
                 num_candidates=candidates.shape[0],
             )
             x = x + self.action_mlp(actions, item_offsets, max_item_len, contextual)
-        # Timestamps are int64 and need no gradient: the PyTorch concat handles any dtype,
-        # whatever kernel the float activations use.
+        # Timestamps are int64 and need no gradient; the concat is a copy in any dtype (the
+        # Triton one is one launch, where the PyTorch one is a dozen small index kernels).
         timestamps, _ = concat_2d_jagged(
             uih_timestamps.unsqueeze(1),
             uih_offsets,
             candidate_timestamps.unsqueeze(1),
             candidate_offsets,
-            kernel=Kernel.PYTORCH,
+            kernel=self.kernel,
         )
         timestamps = timestamps.squeeze(1)
 
@@ -135,7 +135,7 @@ class ContextualPreprocessor(nn.Module):
             x, offsets = concat_2d_jagged(tokens, token_offsets, x, item_offsets, kernel=self.kernel)
             zeros = timestamps.new_zeros(batch * c, 1)
             timestamps, _ = concat_2d_jagged(
-                zeros, token_offsets, timestamps.unsqueeze(1), item_offsets, kernel=Kernel.PYTORCH
+                zeros, token_offsets, timestamps.unsqueeze(1), item_offsets, kernel=self.kernel
             )
             timestamps = timestamps.squeeze(1)
         else:

@@ -121,3 +121,21 @@ def test_full_size_on_gpu(dtype):
                           lambda left, right: concat(torch_ops)(left, right),
                           concat_inputs, dtype=dtype)
     assert_within_bound(results)
+
+
+def test_int64_timestamps_concat_and_split_exactly():
+    # The preprocessor concatenates int64 timestamps (seconds, ~1.7e9, and larger values here
+    # to catch any float round trip) with the same kernel as the activations.
+    g = torch.Generator().manual_seed(5)
+    left_lengths, right_lengths = [3, 0, 5], [2, 1, 0]
+    left = torch.randint(0, 2**62, (sum(left_lengths), 1), generator=g).to(DEVICE)
+    right = torch.randint(0, 2**62, (sum(right_lengths), 1), generator=g).to(DEVICE)
+    left_offsets, right_offsets = _offsets(left_lengths), _offsets(right_lengths)
+    got, offsets = triton_ops.concat_2d_jagged(left, left_offsets, right, right_offsets)
+    want, _ = torch_ops.concat_2d_jagged(left.cpu(), left_offsets.cpu(), right.cpu(),
+                                         right_offsets.cpu())
+    assert got.dtype == torch.int64 and torch.equal(got.cpu(), want)
+    back_left, back_right = triton_ops.split_2d_jagged(
+        got, offsets, torch.tensor(left_lengths, device=DEVICE),
+        torch.tensor(right_lengths, device=DEVICE), right_total=sum(right_lengths))
+    assert torch.equal(back_left, left) and torch.equal(back_right, right)
