@@ -82,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="GPU: profile this many steps after the timed ones (0: off)")
     parser.add_argument("--trace", action="store_true",
                         help="GPU: write the profiled steps' chrome trace beside the JSON")
+    parser.add_argument("--find-syncs", action="store_true",
+                        help="GPU: run one more step in torch's CUDA sync debug mode and list "
+                        "the code that made the host wait for the GPU")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="dense bf16 peak for MFU (H100 and H200 SXM: 989)")
     parser.add_argument("--json", default=str(REPO / "outputs" / "train_bench.json"))
@@ -298,6 +301,9 @@ def worker(rank: int, world: int, args, kernel: str, case: dict, init_file: str,
                  if args.trace else None)
         profile = profile_steps(lambda: run_step(next(counter)), args.profile_steps, device,
                                 trace_path=trace)
+    sync_sites = None
+    if device.type == "cuda" and args.find_syncs and rank == 0:
+        sync_sites = find_host_syncs(lambda: run_step(0))
     # Global figures: the slowest rank's time, every rank's work.
     local = torch.tensor([statistics.median(times), sum(rows) / len(rows),
                           sum(tokens) / len(tokens), sum(flops) / len(flops)], dtype=torch.float64,
@@ -336,11 +342,51 @@ def worker(rank: int, world: int, args, kernel: str, case: dict, init_file: str,
             "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "versions": versions(),
         }
+        if sync_sites is not None:
+            result["host_sync_sites"] = sync_sites
         if profile is not None:
             result["profile"] = profile.as_dict()
             result["gpu_busy_fraction"] = profile.busy_fraction_of(step_s * 1000)
         Path(out_file).write_text(json.dumps(result))
     dist.destroy_process_group()
+
+
+def find_host_syncs(step) -> list[dict]:
+    """Runs one step with torch's CUDA sync debug mode on and returns where the host waited for
+    the GPU: each synchronising call's innermost frame in this repository (or the library
+    frame, when none is ours), with how often it fired."""
+    import traceback
+    import warnings
+
+    import torch
+
+    sites: dict[str, int] = {}
+
+    def remember(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        # Called where the synchronising op ran: the stack shows who asked for it.
+        frames = traceback.extract_stack()[:-1]
+        ours = [f for f in frames
+                if str(REPO) in f.filename and "train_bench.py" not in f.filename]
+        frame = ours[-1] if ours else frames[-1]
+        where = (f"{frame.filename.replace(str(REPO) + '/', '')}:{frame.lineno} "
+                 f"{frame.name}: {frame.line}")
+        sites[where] = sites.get(where, 0) + 1
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        original, warnings.showwarning = warnings.showwarning, remember
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = original
+    return [{"site": site, "count": count}
+            for site, count in sorted(sites.items(), key=lambda item: -item[1])]
 
 
 def versions() -> dict:
@@ -407,6 +453,8 @@ def print_table(results: list[dict]) -> None:
         print(f"{r['kernel']} {r['case']}: GPU ms per step: {split}, idle "
               f"{max(r['step_ms'] - profile['busy_ms'], 0):.2f} (step {r['step_ms']:.2f}); "
               f"matmul {r['matmul_tflops_same_run']:.0f} TFLOP/s same run")
+        for site in r.get("host_sync_sites", [])[:12]:
+            print(f"    host sync x{site['count']}: {site['site'][:150]}")
         for kernel in profile["top_kernels"][:8]:
             print(f"    {kernel['ms_per_step']:7.3f} ms  x{kernel['calls_per_step']:<5.0f} "
                   f"{kernel['name'][:100]}")
