@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hstu.cli.train import error_line, known_error, options_from_args
+    from hstu.cli.train import options_from_args, report_error
     from hstu.train.progress import eval_table
     from hstu.train.trainer import run_evaluation
 
@@ -34,10 +34,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         metrics, tasks = run_evaluation(options)
     except Exception as error:
-        if known_error(error):
-            print(f"launch.py eval: {error_line(error)}", file=sys.stderr)
-            return 1
-        raise
+        return report_error("eval", error)
     print(f"\n{int(metrics.get('eval/rows', 0))} eval rows, checkpoint {options.checkpoint}")
     print(eval_table(metrics, tasks))
     if args.json_out:

@@ -74,7 +74,7 @@ def make_data(out: Path, users: int, seed: int) -> tuple[Path, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hstu.cli.train import error_line, known_error, options_from_args
+    from hstu.cli.train import options_from_args, report_error
     from hstu.train.trainer import run_training, summary_text
 
     if not 1 <= args.users <= 999:
@@ -91,10 +91,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = run_training(options)
     except Exception as error:
-        if known_error(error):
-            print(f"launch.py smoke: {error_line(error)}", file=sys.stderr)
-            return 1
-        raise
+        return report_error("smoke", error)
     print("\n== smoke run finished ==")
     print(summary_text(result))
     print(f"total        {time.perf_counter() - started:.0f} s")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
 from hstu.cli import add_override_argument
@@ -105,43 +104,31 @@ def options_from_args(args: argparse.Namespace):
     )
 
 
-def _known_types() -> tuple[type, ...]:
-    from hstu.train.loop import self_explaining_errors
-    from hstu.train.sharding import ShardingError
-    from hstu.train.tracking import TrackingServerError
-    from hstu.train.trainer import TrainSetupError
-
-    # The workers' own (their messages name what to fix) plus the driver's.
-    return self_explaining_errors() + (ShardingError, TrainSetupError, TrackingServerError,
-                                       TimeoutError, FileNotFoundError)
-
-
-# The last "hstu.<module>.<Name>Error: message" line of a worker's traceback text.
-_HSTU_ERROR_LINE = re.compile(r"^hstu(?:\.\w+)+Error: (.+)$", re.MULTILINE)
-
-
 def error_line(error: BaseException) -> str | None:
     """One line for an error whose message says everything (bad config or data, impossible
-    setting, timeout), also when it stopped a Ray Train worker; None for anything else, which
-    keeps its traceback."""
-    known = _known_types()
-    if isinstance(error, known):
-        return str(error)
-    failures = getattr(error, "worker_failures", None) or {}  # ray.train.WorkerGroupError
-    for rank, failure in sorted(failures.items()):
-        cause = failure
-        while cause is not None:
-            if isinstance(cause, known):
-                return f"worker {rank} stopped: {cause}"
-            cause = cause.__cause__
-        matches = _HSTU_ERROR_LINE.findall(str(failure))
-        if matches:
-            return f"worker {rank} stopped: {matches[-1].strip()}"
-    return None
+    setting, timeout) and for any error that stopped a Ray Train worker; None for anything
+    else, which keeps its traceback (hstu/train/errors.py)."""
+    from hstu.train.errors import error_line as line
+
+    return line(error)
 
 
 def known_error(error: BaseException) -> bool:
     return error_line(error) is not None
+
+
+def report_error(command: str, error: BaseException) -> int:
+    """Print `error` as the one line this command ends with (plus where the run's log is, when
+    it has one) and return the exit status 1; re-raise an unexpected driver error."""
+    line = error_line(error)
+    if line is None:
+        raise error
+    print(f"launch.py {command}: {line}", file=sys.stderr)
+    log = getattr(error, "hstu_run_log", None)
+    if log:
+        print(f"launch.py {command}: tracebacks and Ray's messages are in {log}",
+              file=sys.stderr)
+    return 1
 
 
 def run(args: argparse.Namespace) -> int:
@@ -150,10 +137,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = run_training(options_from_args(args))
     except Exception as error:
-        if known_error(error):
-            print(f"launch.py train: {error_line(error)}", file=sys.stderr)
-            return 1
-        raise
+        return report_error("train", error)
     print("\n" + summary_text(result))
     if result.export_note.startswith("export failed"):
         print("launch.py train: training worked, the export did not (see above)", file=sys.stderr)

@@ -45,7 +45,7 @@ from hstu.train.checkpoint import (
     save,
 )
 from hstu.train.collectives import LockstepStats, all_reduce_sum, lockstep
-from hstu.train.console import console, verbose
+from hstu.train.console import console, show_project_warnings_on_stdout, verbose
 from hstu.train.delivery import append_step
 from hstu.train.evaluation import RowsLeftOut, evaluate, rows_left_out
 from hstu.train.job import TrainJob
@@ -65,18 +65,12 @@ def train_loop_per_worker(job_values: dict) -> dict:
     """Entry point given to TorchTrainer (train_loop_config is TrainJob.to_dict()). Returns a
     summary (final metrics), which Ray hands to the driver as Result.return_value (rank 0's)."""
     quiet_library_logs()
-    try:
-        worker = Worker(TrainJob.from_dict(job_values))
-        if worker.job.mode == "eval":
-            return worker.run_eval()
-        return worker.run_training()
-    except self_explaining_errors() as error:
-        if verbose():
-            raise
-        # The message already names the file, row and column (or the config field); Ray prints
-        # a worker's traceback twice on the console, ~20 frames each, which adds nothing to act
-        # on. The CLI ends with the message as one line. HSTU_VERBOSE=1 keeps the frames.
-        raise error.with_traceback(None) from None
+    # An error keeps its traceback: the driver sends Ray's report of it to the run's log and
+    # prints one line (hstu/train/errors.py, console.py).
+    worker = Worker(TrainJob.from_dict(job_values))
+    if worker.job.mode == "eval":
+        return worker.run_eval()
+    return worker.run_training()
 
 
 def self_explaining_errors() -> tuple[type, ...]:
@@ -98,6 +92,7 @@ def quiet_library_logs() -> None:
     kernel chatter (hundreds of lines per worker) out of the console. HSTU_VERBOSE=1 keeps it."""
     if verbose():
         return
+    show_project_warnings_on_stdout()
     # FBGEMM logs through the root logger; Ray Train's own loggers set their own levels.
     logging.getLogger().setLevel(logging.WARNING)
     for name in ("torchrec", "fbgemm_gpu", "torch.distributed", "torch.fx"):

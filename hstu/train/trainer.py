@@ -22,17 +22,20 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Self
 
 from hstu.train import tracking
-from hstu.train.console import console, filtered_console
+from hstu.train.console import RunLog, console, run_console
 from hstu.train.job import TrainJob
 from hstu.train.progress import eval_table, format_duration, table
 
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
+RUN_LOG_FILE = "run.log"  # in the run directory: everything printed, Ray's detail included
 
 
 class TrainSetupError(ValueError):
@@ -446,14 +449,49 @@ def _trainer(
 # ---- training -----------------------------------------------------------------------------
 
 
+def run_log_path(run_dir: str, run_name: str) -> str:
+    """<run dir>/run.log; for remote storage a local file named after the run (Ray writes the
+    checkpoints there, this process can only append to a local file)."""
+    if _is_uri(run_dir):
+        return str(Path(tempfile.gettempdir()) / f"hstu-{run_name}.log")
+    return str(Path(run_dir) / RUN_LOG_FILE)
+
+
+def record_failure(log: RunLog, error: BaseException) -> None:
+    """The whole error into the run's log (the console gets one line, errors.py), and the log's
+    path onto the error for the CLI to print."""
+    parts = ["\n==== the run failed:\n", "".join(traceback.format_exception(error))]
+    # A worker's own traceback reaches the log through Ray's log forwarding ("Error in
+    # training function:"); these are the exceptions as the driver received them.
+    for rank, failure in sorted((getattr(error, "worker_failures", None) or {}).items()):
+        parts.append(f"---- worker {rank}: {type(failure).__name__}\n{failure}\n")
+    log.write("".join(parts))
+    if log.path:
+        try:
+            error.hstu_run_log = log.path
+        except AttributeError:  # an exception type with __slots__: the header named the log
+            pass
+
+
+def _settle_forwarded_output(seconds: float = 1.0) -> None:
+    """Ray forwards the workers' output from their log files a moment after they write it;
+    before Ray shuts down on a failure, give the failing worker's traceback time to reach the
+    run's log."""
+    time.sleep(seconds)
+
+
 def run_training(options: TrainOptions) -> RunResult:
     """Train per `options`; returns where everything is. Raises on failure (the MLflow run is
-    then marked FAILED)."""
-    with filtered_console():
-        return _run_training(options)
+    then marked FAILED; the error's traceback and Ray's messages are in the run's log)."""
+    with run_console() as log:
+        try:
+            return _run_training(options, log)
+        except BaseException as error:
+            record_failure(log, error)
+            raise
 
 
-def _run_training(options: TrainOptions) -> RunResult:
+def _run_training(options: TrainOptions, log: RunLog) -> RunResult:
     import ray
     from google.protobuf import text_format
 
@@ -483,6 +521,7 @@ def _run_training(options: TrainOptions) -> RunResult:
         options, storage, Path(options.recipe).stem, cfg.train_config
     )
     run_dir = storage.rstrip("/") + "/" + run_name
+    log.attach(run_log_path(run_dir, run_name))
     config_text = text_format.MessageToString(cfg)
 
     tracking_uri = tracking.resolve_tracking_uri(options.tracking_uri, Path.cwd())
@@ -539,8 +578,9 @@ def _run_training(options: TrainOptions) -> RunResult:
         print(
             f"run {run_name}{' (resuming)' if resuming else ''}: {options.workers} worker(s) on "
             f"{'GPU' if options.use_gpu else 'CPU'}, {train_rows} training rows\n"
-            f"  checkpoints: {run_dir}\n  MLflow: run {mlflow_run_id} in experiment "
-            f"{options.experiment!r} at {tracking_uri}",
+            f"  checkpoints: {run_dir}\n  log: {log.path} (tracebacks and Ray's messages)\n"
+            f"  MLflow: run {mlflow_run_id} in experiment {options.experiment!r} at "
+            f"{tracking_uri}",
             flush=True,
         )
         job = TrainJob(
@@ -589,6 +629,8 @@ def _run_training(options: TrainOptions) -> RunResult:
         tracking.end_run(tracking_uri, mlflow_run_id, "FINISHED")
         return run
     except BaseException:
+        if started_ray:
+            _settle_forwarded_output()
         if mlflow_run_id:
             try:
                 tracking.end_run(tracking_uri, mlflow_run_id, "FAILED")
@@ -672,11 +714,15 @@ def summary_text(run: RunResult) -> str:
 def run_evaluation(options: TrainOptions) -> tuple[dict, list[str]]:
     """Evaluate `options.checkpoint` on the eval data with `options.workers` workers (any
     number: DCP reassembles the shards). Logs to a new MLflow run tagged with the checkpoint."""
-    with filtered_console():
-        return _run_evaluation(options)
+    with run_console() as log:
+        try:
+            return _run_evaluation(options, log)
+        except BaseException as error:
+            record_failure(log, error)
+            raise
 
 
-def _run_evaluation(options: TrainOptions) -> tuple[dict, list[str]]:
+def _run_evaluation(options: TrainOptions, log: RunLog) -> tuple[dict, list[str]]:
     import ray
     from google.protobuf import text_format
 
