@@ -22,6 +22,7 @@ from hstu.config import (
     unused_features,
     unused_labels,
 )
+from hstu.config.support import reading_notes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -168,6 +169,7 @@ def summarize(cfg, source: str) -> tuple[str, bool]:
     ]
     notes += [f"label {name} is used by no task: not read" for name in unused_labels(cfg)]
     notes += [f"{path} has no effect here: {why}" for path, why in ignored_settings(cfg)]
+    notes += reading_notes(cfg)
     notes += _kernel_notes(cfg)
     if notes:
         out += ["", "notes:"] + [f"  {note}" for note in notes]

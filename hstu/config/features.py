@@ -23,8 +23,9 @@ from hstu.config.errors import ConfigError
 class FeatureSpec:
     # Name used in feature groups and as the key in JaggedBatch: "user_id", "uih_seq__video_id".
     name: str
-    # Column read from the sample file. For a sub-feature of sequence_feature S whose input is
-    # "side:x", the column is "S__x" (TorchEasyRec's rule), which may differ from `name`.
+    # Column read from the sample file. With fg_mode FG_NONE it is `name` (TorchEasyRec reads
+    # encoded inputs by feature name); with FG_DAG / FG_NORMAL it comes from the expression:
+    # "x" for "side:x", "S__x" inside sequence_feature S, which may differ from `name`.
     column: str
     # "id": looked up in an embedding table (goes into the KeyedJaggedTensor).
     # "raw": numeric values used as they are (action bitmasks, watch times, timestamps).
@@ -144,6 +145,25 @@ def input_name(expression: str) -> str:
     return expression.partition(":")[2] or expression
 
 
+# fg_mode values whose TorchEasyRec reader takes a feature's input from the column its
+# expression names (and would run the feature generator on it); FG_NONE reads encoded columns
+# named after the features.
+EXPRESSION_FG_MODES = ("FG_DAG", "FG_NORMAL")
+
+
+def fg_mode(cfg: Message) -> str:
+    """data_config.fg_mode by name: "FG_NONE" (the default), "FG_DAG", ..."""
+    from hstu.config import schema
+
+    return schema.enum_name("FgMode", cfg.data_config.fg_mode)
+
+
+def reads_expressions(cfg: Message) -> bool:
+    """Whether features read the columns their expressions name (FG_DAG, FG_NORMAL) rather
+    than columns named after the features (FG_NONE)."""
+    return fg_mode(cfg) in EXPRESSION_FG_MODES
+
+
 _SCALAR_KINDS = {"id_feature": "id", "raw_feature": "raw"}
 _STANDALONE_KINDS = {"sequence_id_feature": "id", "sequence_raw_feature": "raw"}
 
@@ -151,10 +171,16 @@ _STANDALONE_KINDS = {"sequence_id_feature": "id", "sequence_raw_feature": "raw"}
 def declared_features(cfg: Message) -> list[DeclaredFeature]:
     """Every id/raw feature of feature_configs, in declaration order.
 
-    Column rule (TorchEasyRec's, reference section 1.2): a feature reads the column named after
-    the colon of its expression; inside sequence_feature S, sub-feature f with expression
-    "side:x" is named "S__f" and reads column "S__x".
+    Names: a scalar or standalone sequence feature is named by its feature_name; sub-feature f
+    of sequence_feature S is named "S__f". Columns follow TorchEasyRec's readers (its
+    BaseFeature.inputs and the sequence features' side inputs):
+
+    - fg_mode FG_NONE (encoded inputs): a feature reads the column named after the feature
+      itself ("user_id", "video_id", "uih_seq__video_id"); expression is not used.
+    - fg_mode FG_DAG / FG_NORMAL: a feature reads the column named after the colon of its
+      expression; inside sequence_feature S, expression "side:x" reads column "S__x".
     """
+    by_expression = reads_expressions(cfg)
     declared = []
     for index, feature_config in enumerate(cfg.feature_configs):
         which = feature_config.WhichOneof("feature")
@@ -164,7 +190,11 @@ def declared_features(cfg: Message) -> list[DeclaredFeature]:
             declared.append(
                 DeclaredFeature(
                     name=feature.feature_name,
-                    column=input_name(feature.expression),
+                    column=(
+                        input_name(feature.expression)
+                        if by_expression and feature.expression
+                        else feature.feature_name
+                    ),
                     kind=_SCALAR_KINDS.get(which) or _STANDALONE_KINDS[which],
                     sequence=None,
                     standalone_sequence=which in _STANDALONE_KINDS,
@@ -184,10 +214,15 @@ def declared_features(cfg: Message) -> list[DeclaredFeature]:
                 if sub_which not in _SCALAR_KINDS:
                     continue  # empty or unsupported: validation reports it
                 feature = getattr(sub_config, sub_which)
+                source = (
+                    input_name(feature.expression)
+                    if by_expression and feature.expression
+                    else feature.feature_name
+                )
                 declared.append(
                     DeclaredFeature(
                         name=f"{prefix}__{feature.feature_name}",
-                        column=f"{prefix}__{input_name(feature.expression)}",
+                        column=f"{prefix}__{source}",
                         kind=_SCALAR_KINDS[sub_which],
                         sequence=prefix,
                         standalone_sequence=False,

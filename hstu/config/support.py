@@ -62,8 +62,6 @@ UNSUPPORTED: dict[str, str] = {
     "DataConfig.with_header": "it is for CsvDataset",
     "DataConfig.input_fields_str": "",
     "DataConfig.is_orderby_partition": "it is for OdpsDataset",
-    "DataConfig.odps_data_quota_name": "it is for OdpsDataset",
-    "DataConfig.odps_data_compression": "it is for OdpsDataset",
     "DataConfig.sample_mask_prob": "",
     "DataConfig.negative_sample_mask_prob": "",
     "DataConfig.force_base_data_group": "",
@@ -151,6 +149,10 @@ IGNORED: dict[str, str] = {
     "DataConfig.fg_encoded_multival_sep": "multi-valued elements are not supported",
     "DataConfig.fg_threads": "no feature generation runs here",
     "DataConfig.in_order": "Ray Data decides the order",
+    "DataConfig.odps_data_quota_name": "MaxCompute (odps://) tables are not read here; the "
+    "inputs are parquet",
+    "DataConfig.odps_data_compression": "MaxCompute (odps://) tables are not read here; the "
+    "inputs are parquet",
     "IdFeature.pooling": "ids are single-valued, so pooling changes nothing",
     "IdFeature.default_value": "no feature generation runs here",
     "IdFeature.separator": "no feature generation runs here",
@@ -205,11 +207,56 @@ def unsupported_message(key: str) -> str:
     return f"{NOT_YET}" + (f"; {hint}" if hint else "")
 
 
+# Fields whose values only TorchEasyRec's feature generator (pyfg) turns into model inputs:
+# hashing, vocabularies, bucketizing, normalizing, and every feature type other than id and raw
+# features. Under fg_mode FG_DAG / FG_NORMAL TorchEasyRec would run the generator on the raw
+# columns at train time; this project has no generator, so such a config gets one line that
+# says so (fg_generator_message) instead of the generic "not yet" message.
+FG_GENERATED: frozenset[str] = frozenset(
+    [
+        "IdFeature.hash_bucket_size",
+        "IdFeature.vocab_list",
+        "IdFeature.vocab_dict",
+        "IdFeature.vocab_file",
+        "IdFeature.asset_dir",
+        "IdFeature.default_bucketize_value",
+        "IdFeature.weighted",
+        "RawFeature.boundaries",
+        "RawFeature.normalizer",
+        *(f"FeatureConfig.{name}" for name in _OTHER_FEATURE_TYPES),
+        *(f"FeatureConfig.sequence_{name}" for name in _OTHER_FEATURE_TYPES),
+        *(f"SeqFeatureConfig.{name}" for name in _OTHER_FEATURE_TYPES),
+    ]
+)
+
+
+def fg_generator_message(mode: str, mode_where: str, what: str) -> str:
+    """The one line for a config that needs TorchEasyRec's feature generator at train time."""
+    return (
+        f"fg_mode {mode} ({mode_where}) asks for TorchEasyRec's feature generator (pyfg) to "
+        f"compute {what} from the raw columns at train time, and this project runs no feature "
+        "generator: generate the features offline (TorchEasyRec's FG, or your own job) into "
+        "columns named after the features (ids already in [0, num_buckets), raw values as "
+        "numbers), then set data_config.fg_mode: FG_NONE"
+    )
+
+
 def check_unsupported(config: Message, locator: Locator) -> None:
     """Raise ConfigError for the first field set that this project does not implement."""
+    from hstu.config import schema
+    from hstu.config.features import EXPRESSION_FG_MODES
+
+    mode = schema.enum_name("FgMode", config.data_config.fg_mode)
     for key, path, _ in _walk(config, ""):
-        if key in UNSUPPORTED:
-            raise ConfigError(locator.where(path), path, unsupported_message(key))
+        if key not in UNSUPPORTED:
+            continue
+        if mode in EXPRESSION_FG_MODES and key in FG_GENERATED:
+            field = key.split(".", 1)[1]
+            problem = fg_generator_message(
+                mode, str(locator.where("data_config.fg_mode")), f"this feature ({field})"
+            )
+            raise ConfigError(locator.where(path), path, problem)
+        raise ConfigError(locator.where(path), path, unsupported_message(key))
 
 
 def ignored_settings(config: Message) -> list[tuple[str, str]]:
@@ -238,3 +285,28 @@ def unsupported_ancestor(path: str) -> tuple[str, str] | None:
             return current, unsupported_message(key)
         message = field.message_type
     return None
+
+
+def reading_notes(config: Message) -> list[str]:
+    """How this project reads the inputs of a config written for TorchEasyRec's readers, where
+    that differs from what the config names (for `launch.py check`)."""
+    from hstu.config import schema
+    from hstu.config.features import EXPRESSION_FG_MODES
+
+    notes = []
+    data = config.data_config
+    dataset = schema.enum_name("DatasetType", data.dataset_type)
+    if dataset != "ParquetDataset":
+        notes.append(
+            f"data_config.dataset_type {dataset}: the input paths are read as parquet "
+            "(ParquetDataset); MaxCompute tables are not reachable from here"
+        )
+    mode = schema.enum_name("FgMode", data.fg_mode)
+    if mode in EXPRESSION_FG_MODES:
+        notes.append(
+            f"data_config.fg_mode {mode}: no feature generator runs here; each feature reads the "
+            "column its expression names, as it is (ids must already be < num_buckets); for id "
+            "features with num_buckets and raw features without boundaries or normalizer, "
+            "TorchEasyRec's generator only parses those values"
+        )
+    return notes

@@ -15,6 +15,7 @@ from hstu.config import schema
 from hstu.config.errors import ConfigError, one_of, suggest
 from hstu.config.features import (
     CANDIDATE,
+    EXPRESSION_FG_MODES,
     CANDIDATE_SIDE_GROUPS,
     CONTEXTUAL,
     GROUP_TYPES,
@@ -30,12 +31,15 @@ from hstu.config.features import (
     DeclaredFeature,
     declared_features,
     embedding_name,
+    fg_mode,
     task_label_kind,
 )
 from hstu.config.locations import Locator
-from hstu.config.support import NOT_YET
+from hstu.config.support import NOT_YET, fg_generator_message
 
 MIXED_PRECISION = ("", "BF16", "FP16")
+# TorchEasyRec's MaxCompute dataset types: read here as parquet when the paths are files.
+ODPS_DATASETS = ("OdpsDataset", "OdpsDatasetV1")
 EMBEDDING_DATA_TYPES = ("FP32", "FP16")
 EXPRESSION_SIDES = ("user", "item", "context")
 # Common activations an MLP may name (checked without importing torch); any other argument-free
@@ -96,17 +100,31 @@ class _Checker:
     def data(self) -> None:
         data = self.config.data_config
         dataset = schema.enum_name("DatasetType", data.dataset_type)
-        if dataset != "ParquetDataset":
+        if dataset in ODPS_DATASETS:
+            # TorchEasyRec's benchmark configs read MaxCompute tables. With the input paths
+            # pointed at parquet files (the only change such a config needs here), the same
+            # columns are read from parquet; an odps:// path itself cannot be read.
+            for name in ("train_input_path", "eval_input_path"):
+                path = getattr(self.config, name)
+                if path.startswith("odps://"):
+                    self.fail(
+                        name,
+                        f"{path!r} is a MaxCompute table, which this project cannot read: "
+                        "export it to parquet (one row per sample, the same columns) and set "
+                        f"{name} to those files (dataset_type {dataset} then reads them as "
+                        "ParquetDataset does)",
+                    )
+        elif dataset != "ParquetDataset":
             self.fail(
                 "data_config.dataset_type",
                 f"{dataset} is {NOT_YET}; use ParquetDataset",
             )
         fg_mode = schema.enum_name("FgMode", data.fg_mode)
-        if fg_mode not in ("FG_NONE", "FG_DAG"):
+        if fg_mode not in ("FG_NONE",) + EXPRESSION_FG_MODES:
             self.fail(
                 "data_config.fg_mode",
-                f"{fg_mode} is {NOT_YET}; use FG_NONE (or FG_DAG: both read the columns the "
-                "feature expressions name, as no feature transforms are supported)",
+                f"{fg_mode} is {NOT_YET}; use FG_NONE (columns named after the features) or "
+                "FG_DAG (columns named by the features' expressions)",
             )
         for name in ("batch_size", "eval_batch_size"):
             if getattr(data, name) == 0:
@@ -207,17 +225,45 @@ class _Checker:
                     f"(first at {self.at(first.path + '.feature_name')})",
                 )
             by_name[feature.name] = feature
-            side, colon, column = config.expression.partition(":")
-            if not colon or side not in EXPRESSION_SIDES or not column:
-                self.fail(
-                    f"{feature.path}.expression",
-                    f"{config.expression!r}: expected side:name with side one of "
-                    f'{one_of(EXPRESSION_SIDES)} (e.g. "item:video_id")',
-                )
+            self._expression(feature)
             if feature.kind == "id":
                 self._id_feature(feature)
         self._shared_tables(by_name)
         return by_name
+
+    def _expression(self, feature: DeclaredFeature) -> None:
+        """With fg_mode FG_DAG / FG_NORMAL a feature's input column comes from its expression,
+        so it needs one; with FG_NONE the column is the feature's name (TorchEasyRec reads
+        encoded inputs so and never looks at expression), which may then be absent."""
+        config = feature.config
+        mode = fg_mode(self.config)
+        if not config.HasField("expression"):
+            if mode in EXPRESSION_FG_MODES:
+                self.fail(
+                    feature.path,
+                    f"fg_mode {mode} ({self.at('data_config.fg_mode')}) reads each feature from "
+                    f"the column its expression names, and {feature.name!r} has no expression: "
+                    f'add one (e.g. expression: "user:{config.feature_name}") or set '
+                    "data_config.fg_mode: FG_NONE (columns named after the features)",
+                )
+            return
+        side, colon, column = config.expression.partition(":")
+        if side == "feature" and colon and mode in EXPRESSION_FG_MODES:
+            # "feature:x" is the output of another feature inside TorchEasyRec's FG DAG.
+            self.fail(
+                f"{feature.path}.expression",
+                fg_generator_message(
+                    mode,
+                    self.at("data_config.fg_mode"),
+                    f"{feature.name!r} from another feature's output ({config.expression!r})",
+                ),
+            )
+        if not colon or side not in EXPRESSION_SIDES or not column:
+            self.fail(
+                f"{feature.path}.expression",
+                f"{config.expression!r}: expected side:name with side one of "
+                f'{one_of(EXPRESSION_SIDES)} (e.g. "item:video_id")',
+            )
 
     def _id_feature(self, feature: DeclaredFeature) -> None:
         config, path = feature.config, feature.path

@@ -36,13 +36,61 @@ def test_feature_specs_of_grouped_sequences(kit):
     assert {spec.kind for spec in specs.values() if spec.name.endswith("time")} == {"raw"}
 
 
-def test_column_comes_from_the_expression(kit):
+def test_fg_dag_reads_the_column_its_expression_names(kit):
+    # TorchEasyRec's sequence features with fg_mode FG_DAG: side input "S__x" for "side:x".
     text = kit.edit(
         'feature_name: "action_weight" expression: "user:action_weight"',
         'feature_name: "action_weight" expression: "user:actions"',
+        "dataset_type: ParquetDataset",
+        "dataset_type: ParquetDataset fg_mode: FG_DAG",
     )
     specs = {spec.name: spec for spec in feature_specs(kit.load(text))}
     assert specs["uih_seq__action_weight"].column == "uih_seq__actions"
+
+
+def test_fg_none_reads_the_column_named_after_the_feature(kit):
+    # TorchEasyRec reads encoded (FG_NONE) inputs by feature name; the expression is unused.
+    text = kit.edit(
+        'feature_name: "action_weight" expression: "user:action_weight"',
+        'feature_name: "action_weight" expression: "user:actions"',
+        'feature_name: "user_id" expression: "user:user_id"',
+        'feature_name: "user_id" expression: "user:uid"',
+    )
+    specs = {spec.name: spec for spec in feature_specs(kit.load(text))}
+    assert specs["uih_seq__action_weight"].column == "uih_seq__action_weight"
+    assert specs["user_id"].column == "user_id"
+
+
+def test_fg_none_features_need_no_expression(kit):
+    # TorchEasyRec's 27K benchmark config declares every feature without an expression.
+    text = kit.edit(
+        'feature_name: "user_id" expression: "user:user_id"',
+        'feature_name: "user_id"',
+        'features { raw_feature { feature_name: "watch_time" expression: "user:watch_time" } }',
+        'features { raw_feature { feature_name: "watch_time" } }',
+    )
+    specs = {spec.name: spec for spec in feature_specs(kit.load(text))}
+    assert (specs["user_id"].column, specs["uih_seq__watch_time"].column) == (
+        "user_id",
+        "uih_seq__watch_time",
+    )
+
+
+def test_fg_dag_features_need_an_expression(kit):
+    text = kit.edit(
+        'feature_name: "user_id" expression: "user:user_id"',
+        'feature_name: "user_id"',
+        "dataset_type: ParquetDataset",
+        "dataset_type: ParquetDataset fg_mode: FG_DAG",
+    )
+    kit.expect_error(
+        text,
+        "feature_configs[2].id_feature",
+        "fg_mode FG_DAG (test.config:",
+        "'user_id' has no expression",
+        "data_config.fg_mode: FG_NONE",
+        at='id_feature { feature_name: "user_id"',
+    )
 
 
 STANDALONE_CANDIDATES = """
@@ -71,9 +119,10 @@ def test_standalone_sequence_features_share_one_key_per_side(kit):
     assert sequence_names(cfg) == ("uih_seq", "cand_seq")
     specs = {spec.name: spec for spec in feature_specs(cfg)}
     video = specs["item_video_id"]
+    # fg_mode FG_NONE (the default): the column is the feature's name, not the expression's.
     assert (video.sequence, video.column, video.embedding_name) == (
         "cand_seq",
-        "video_id",
+        "item_video_id",
         "video_emb",
     )
     assert (specs["item_query_time"].sequence, specs["item_query_time"].value_dtype) == (

@@ -527,13 +527,19 @@ def test_task_names_are_unique(kit):
         ("batch_size: 4", "batch_size: 0", "data_config.batch_size", "at least 1"),
         (
             "dataset_type: ParquetDataset",
-            "dataset_type: OdpsDataset",
+            "dataset_type: CsvDataset",
             "data_config.dataset_type",
             "supported by TorchEasyRec, not yet by this project",
         ),
         (
+            'train_input_path: "train.parquet"',
+            'train_input_path: "odps://project/tables/kuairand_train"',
+            "train_input_path",
+            "is a MaxCompute table, which this project cannot read",
+        ),
+        (
             "dataset_type: ParquetDataset",
-            "dataset_type: ParquetDataset fg_mode: FG_NORMAL",
+            "dataset_type: ParquetDataset fg_mode: FG_BUCKETIZE",
             "data_config.fg_mode",
             "supported by TorchEasyRec, not yet by this project",
         ),
@@ -541,6 +547,8 @@ def test_task_names_are_unique(kit):
 )
 def test_field_values(kit, old, new, path, fragment):
     text = kit.edit(old, new)
+    if path == "train_input_path":
+        text = kit.replace_once(text, "dataset_type: ParquetDataset", "dataset_type: OdpsDataset")
     error = kit.expect_error(text, path, fragment)
     assert error.where.line is not None
 
@@ -644,3 +652,57 @@ def test_num_class_fits_the_loss(kit):
             "                     losses { softmax_cross_entropy { label_smoothing: 0.1 } }",
         )
     )
+
+
+def test_odps_dataset_with_parquet_paths_reads_them_as_parquet(kit):
+    # TorchEasyRec's 27K benchmark config keeps dataset_type OdpsDataset; only its paths change.
+    cfg = kit.load(kit.edit("dataset_type: ParquetDataset", "dataset_type: OdpsDataset"))
+    from hstu.config.support import reading_notes
+
+    assert any("read as parquet" in note for note in reading_notes(cfg))
+
+
+@pytest.mark.parametrize("mode", ["FG_DAG", "FG_NORMAL"])
+def test_features_that_need_the_feature_generator_get_one_line_naming_fg_mode(kit, mode):
+    text = kit.edit(
+        "dataset_type: ParquetDataset",
+        f"dataset_type: ParquetDataset fg_mode: {mode}",
+        'feature_name: "user_level" expression: "user:user_level"',
+        'feature_name: "user_level" expression: "user:user_level" hash_bucket_size: 5',
+    )
+    error = kit.expect_error(
+        text,
+        "feature_configs[3].id_feature.hash_bucket_size",
+        f"fg_mode {mode} (test.config:",
+        "feature generator (pyfg)",
+        "this feature (hash_bucket_size)",
+        "set data_config.fg_mode: FG_NONE",
+        at="hash_bucket_size",
+    )
+    assert "\n" not in str(error)
+
+
+def test_a_dag_intermediate_input_needs_the_feature_generator(kit):
+    text = kit.edit(
+        "dataset_type: ParquetDataset",
+        "dataset_type: ParquetDataset fg_mode: FG_DAG",
+        'expression: "user:user_level"',
+        'expression: "feature:user_bucket"',
+    )
+    kit.expect_error(
+        text,
+        "feature_configs[3].id_feature.expression",
+        "fg_mode FG_DAG",
+        "another feature's output ('feature:user_bucket')",
+        at='expression: "feature:user_bucket"',
+    )
+
+
+def test_fg_dag_and_fg_normal_with_identity_features_load(kit):
+    for mode in ("FG_DAG", "FG_NORMAL"):
+        cfg = kit.load(
+            kit.edit("dataset_type: ParquetDataset", f"dataset_type: ParquetDataset fg_mode: {mode}")
+        )
+        from hstu.config.support import reading_notes
+
+        assert any(f"fg_mode {mode}: no feature generator runs here" in n for n in reading_notes(cfg))
