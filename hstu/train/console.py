@@ -102,6 +102,21 @@ class RunLog:
             self._file.flush()
             self.path = str(path)
 
+    def move(self, path: str | os.PathLike) -> None:
+        """Go on writing at `path`, with what was written so far (a temporary log that turns
+        out worth keeping)."""
+        import shutil
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            if self._file is None or self.path is None:
+                raise ValueError("RunLog.move: no file attached")
+            self._file.close()
+            shutil.move(self.path, path)
+            self._file = open(path, "a", encoding="utf-8")
+            self.path = str(path)
+
     def write(self, text: str) -> None:
         text = _ANSI.sub("", text)
         with self._lock:

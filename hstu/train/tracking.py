@@ -156,6 +156,11 @@ def _clip(value: str) -> str:
     return value if len(value) <= _MAX_PARAM_VALUE else value[: _MAX_PARAM_VALUE - 3] + "..."
 
 
+def clip(value: str) -> str:
+    """A param or tag value cut to what MLflow stores."""
+    return _clip(value)
+
+
 def client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
@@ -277,6 +282,9 @@ class RunLogger:
 
     def text(self, text: str, artifact_file: str) -> None:
         self._call(f"log {artifact_file}", "log_text", text, artifact_file)
+
+    def artifact(self, path: str) -> None:
+        self._call(f"log {Path(path).name}", "log_artifact", path)
 
     def json(self, payload, artifact_file: str) -> None:
         self.text(json.dumps(payload, indent=2, sort_keys=True, default=str), artifact_file)

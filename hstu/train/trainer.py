@@ -20,6 +20,7 @@ import _thread
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -36,6 +37,7 @@ from hstu.train.progress import eval_table, format_duration, table
 
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
 RUN_LOG_FILE = "run.log"  # in the run directory: everything printed, Ray's detail included
+FAILED_MARKER = "FAILED"  # in the directory of a run that failed: when, why, where the log is
 
 
 class TrainSetupError(ValueError):
@@ -466,11 +468,60 @@ def record_failure(log: RunLog, error: BaseException) -> None:
     for rank, failure in sorted((getattr(error, "worker_failures", None) or {}).items()):
         parts.append(f"---- worker {rank}: {type(failure).__name__}\n{failure}\n")
     log.write("".join(parts))
-    if log.path:
-        try:
+    try:
+        error.hstu_recorded = True
+        if log.path:
             error.hstu_run_log = log.path
-        except AttributeError:  # an exception type with __slots__: the header named the log
-            pass
+    except AttributeError:  # an exception type with __slots__: the header named the log
+        pass
+
+
+def mark_failed(error: BaseException, log: RunLog, run_dir: str | None,
+                tracking_uri: str | None, mlflow_run_id: str | None) -> None:
+    """A failed (or interrupted) run says so everywhere a user looks: the log gets the
+    traceback, the MLflow run ends FAILED (KILLED for Ctrl-C) with the error's line as tag
+    hstu.error and the log as artifact, and the run directory gets a FAILED file."""
+    from hstu.train.errors import one_line
+
+    record_failure(log, error)
+    line = one_line(error)
+    if mlflow_run_id and tracking_uri:
+        try:
+            mlflow_client = tracking.client(tracking_uri)
+            mlflow_client.set_tag(mlflow_run_id, "hstu.error", tracking.clip(line))
+            if log.path and Path(log.path).is_file():
+                mlflow_client.log_artifact(mlflow_run_id, log.path)
+            status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+            tracking.end_run(tracking_uri, mlflow_run_id, status)
+        except Exception as mlflow_error:  # noqa: BLE001 - the original error matters more
+            print(f"mlflow: could not mark the run failed: {mlflow_error}", file=sys.stderr)
+    if run_dir and not _is_uri(run_dir):
+        marker = Path(run_dir) / FAILED_MARKER
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(
+            f"failed at {time.strftime('%Y-%m-%d %H:%M:%S')}: {line}\n"
+            f"log: {log.path or '-'}\n"
+            f"MLflow run: {mlflow_run_id or '-'} ({tracking_uri or '-'})\n"
+        )
+
+
+def clear_failed(run_dir: str, tracking_uri: str, mlflow_run_id: str) -> None:
+    """A resumed run that finishes is no longer failed: drop the marker and the error tag."""
+    if not _is_uri(run_dir):
+        (Path(run_dir) / FAILED_MARKER).unlink(missing_ok=True)
+    try:
+        mlflow_client = tracking.client(tracking_uri)
+        if "hstu.error" in mlflow_client.get_run(mlflow_run_id).data.tags:
+            mlflow_client.delete_tag(mlflow_run_id, "hstu.error")
+    except Exception as error:  # noqa: BLE001 - a stale tag is not worth failing the run
+        print(f"mlflow: could not clear the earlier error tag: {error}", file=sys.stderr)
+
+
+def _run_dir_of(log: RunLog) -> str | None:
+    """The run directory a log lies in (None before it is known, or for a remote run)."""
+    if log.path and Path(log.path).name == RUN_LOG_FILE:
+        return str(Path(log.path).parent)
+    return None
 
 
 def _settle_forwarded_output(seconds: float = 1.0) -> None:
@@ -487,7 +538,8 @@ def run_training(options: TrainOptions) -> RunResult:
         try:
             return _run_training(options, log)
         except BaseException as error:
-            record_failure(log, error)
+            if not getattr(error, "hstu_recorded", False):
+                mark_failed(error, log, _run_dir_of(log), None, None)
             raise
 
 
@@ -625,17 +677,14 @@ def _run_training(options: TrainOptions, log: RunLog) -> RunResult:
                 run_dir + "/export",
                 candidate_sequence=sequence_names(cfg)[1],
             )
-        _log_outcome(run, storage)
+        _log_outcome(run, storage, log)
+        clear_failed(run_dir, tracking_uri, mlflow_run_id)
         tracking.end_run(tracking_uri, mlflow_run_id, "FINISHED")
         return run
-    except BaseException:
+    except BaseException as error:
         if started_ray:
             _settle_forwarded_output()
-        if mlflow_run_id:
-            try:
-                tracking.end_run(tracking_uri, mlflow_run_id, "FAILED")
-            except Exception as error:  # noqa: BLE001 - the original error matters more
-                print(f"mlflow: could not mark the run failed: {error}", file=sys.stderr)
+        mark_failed(error, log, run_dir, tracking_uri, mlflow_run_id)
         raise
     finally:
         if started_ray:
@@ -668,7 +717,7 @@ def export_checkpoint(recipe: str, overrides: list[str], checkpoint: str, export
         return None, f"export failed: {type(error).__name__}: {error}"
 
 
-def _log_outcome(run: RunResult, storage: str) -> None:
+def _log_outcome(run: RunResult, storage: str, log: RunLog | None = None) -> None:
     locations = {
         "ray_run_dir": run.run_dir,
         "ray_storage_path": storage,
@@ -681,6 +730,8 @@ def _log_outcome(run: RunResult, storage: str) -> None:
     logger = tracking.RunLogger(run.tracking_uri, run.mlflow_run_id)
     logger.json(locations, "locations.json")
     logger.text(summary_text(run) + "\n", "summary.txt")
+    if log is not None and log.path and Path(log.path).is_file():
+        logger.artifact(log.path)  # as far as it goes: the summary is printed after this
 
 
 def summary_text(run: RunResult) -> str:
@@ -718,7 +769,8 @@ def run_evaluation(options: TrainOptions) -> tuple[dict, list[str]]:
         try:
             return _run_evaluation(options, log)
         except BaseException as error:
-            record_failure(log, error)
+            if not getattr(error, "hstu_recorded", False):
+                mark_failed(error, log, _run_dir_of(log), None, None)
             raise
 
 
@@ -744,14 +796,21 @@ def _run_evaluation(options: TrainOptions, log: RunLog) -> tuple[dict, list[str]
     if eval_paths is None:
         raise TrainSetupError("no eval data: set eval_input_path or pass --eval")
     _check_cost_column(cfg, eval_paths)
+    # Where a failed evaluation leaves its log and FAILED marker; a successful one leaves
+    # nothing on disk (its metrics and log go to MLflow).
     storage = _local(options.storage or cfg.model_dir or "experiments")
     run_name = options.run_name or f"eval-{Path(options.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     tracking_uri = tracking.resolve_tracking_uri(options.tracking_uri, Path.cwd())
     uri_source = tracking.tracking_uri_source(options.tracking_uri)
     tracking.check_server_reachable(tracking_uri, uri_source)
-    started_ray = init_ray(options.show_ray_data_progress)
+    # Ray Train makes a directory per run under its storage path; an evaluation reports no
+    # checkpoint, so that directory would stay empty: give Ray a temporary one, removed below.
+    ray_storage = tempfile.mkdtemp(prefix="hstu-eval-")
+    log.attach(Path(ray_storage) / RUN_LOG_FILE)
+    started_ray = False
     mlflow_run_id = None
     try:
+        started_ray = init_ray(options.show_ray_data_progress)
         columns = sample_columns(features, labels, cost_columns(cfg))
         datasets = {"eval": read_samples(eval_paths, columns=columns)}
         mlflow_run_id = tracking.start_run(
@@ -774,18 +833,26 @@ def _run_evaluation(options: TrainOptions, log: RunLog) -> tuple[dict, list[str]
             mlflow_run_id=mlflow_run_id,
             checkpoint_path=checkpoint,
         )
-        trainer = _trainer(job, options, run_name, storage, datasets)
+        trainer = _trainer(job, options, run_name, ray_storage, datasets)
         result = fit_with_timeout(trainer, options.timeout_s, f"evaluation {run_name}")
         metrics = dict(result.return_value or {})
-        tracking.RunLogger(tracking_uri, mlflow_run_id).json(metrics, "eval_metrics.json")
+        logger = tracking.RunLogger(tracking_uri, mlflow_run_id)
+        logger.json(metrics, "eval_metrics.json")
+        logger.artifact(log.path)
         tracking.end_run(tracking_uri, mlflow_run_id, "FINISHED")
         print(f"MLflow run {mlflow_run_id} ({run_name}) at {tracking_uri}", flush=True)
         return metrics, [task.name for task in model.tasks]
-    except BaseException:
-        if mlflow_run_id:
-            tracking.end_run(tracking_uri, mlflow_run_id, "FAILED")
+    except BaseException as error:
+        if started_ray:
+            _settle_forwarded_output()
+        failed_dir = None
+        if not _is_uri(storage):
+            failed_dir = str(Path(storage) / run_name)
+            log.move(Path(failed_dir) / RUN_LOG_FILE)
+        mark_failed(error, log, failed_dir, tracking_uri, mlflow_run_id)
         raise
     finally:
         if started_ray:
             ray.shutdown()
+        shutil.rmtree(ray_storage, ignore_errors=True)
 

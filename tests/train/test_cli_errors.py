@@ -172,3 +172,55 @@ def test_a_bad_training_row_ends_the_run_with_one_line_and_the_log_has_the_trace
     logged = log_path.read_text()
     assert "Traceback (most recent call last)" in logged
     assert "hstu.data.validate.DataError: file" in logged
+
+    # The failed run says so: in its directory and in MLflow, with the same line.
+    marker = (tmp_path / "runs" / "bad-row" / "FAILED").read_text()
+    assert marker.splitlines()[0].endswith(err_lines[-2].removeprefix("launch.py train: "))
+    assert f"log: {log_path}" in marker
+    from hstu.train.tracking import client
+
+    mlflow_client = client(mlflow_uri)
+    run = mlflow_client.search_runs(
+        [e.experiment_id for e in mlflow_client.search_experiments()],
+        filter_string="attributes.run_name = 'bad-row'")[0]
+    assert run.info.status == "FAILED"
+    assert run.data.tags["hstu.error"] == err_lines[-2].removeprefix("launch.py train: ")
+    assert "run.log" in {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
+
+
+def test_mark_failed_and_clear_failed(tmp_path, mlflow_uri):
+    from hstu.train import tracking
+    from hstu.train.trainer import FAILED_MARKER, clear_failed, mark_failed
+
+    run_dir = tmp_path / "r1"
+    run_id = tracking.start_run(mlflow_uri, "marks", "r1", tags={}, params={})
+    log = RunLog()
+    log.attach(run_dir / "run.log")
+    try:
+        raise TimeoutError("training run r1 timed out after 5 s")
+    except TimeoutError as error:
+        mark_failed(error, log, str(run_dir), mlflow_uri, run_id)
+        assert error.hstu_run_log == str(run_dir / "run.log")
+    log.close()
+    marker = (run_dir / FAILED_MARKER).read_text()
+    assert ": training run r1 timed out after 5 s\n" in marker
+    assert "Traceback" in (run_dir / "run.log").read_text()
+    mlflow_client = tracking.client(mlflow_uri)
+    run = mlflow_client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["hstu.error"] == "training run r1 timed out after 5 s"
+    # Resumed and finished: no longer marked.
+    clear_failed(str(run_dir), mlflow_uri, run_id)
+    assert not (run_dir / FAILED_MARKER).exists()
+    assert "hstu.error" not in mlflow_client.get_run(run_id).data.tags
+
+
+def test_an_interrupted_run_ends_killed(tmp_path, mlflow_uri):
+    from hstu.train import tracking
+    from hstu.train.trainer import mark_failed
+
+    run_id = tracking.start_run(mlflow_uri, "marks", "r2", tags={}, params={})
+    mark_failed(KeyboardInterrupt(), RunLog(), str(tmp_path / "r2"), mlflow_uri, run_id)
+    run = tracking.client(mlflow_uri).get_run(run_id)
+    assert (run.info.status, run.data.tags["hstu.error"]) == ("KILLED", "interrupted (Ctrl-C)")
+    assert "interrupted (Ctrl-C)" in (tmp_path / "r2" / "FAILED").read_text()

@@ -374,3 +374,69 @@ def test_a_resume_logging_to_another_mlflow_server_starts_a_new_run_there(capsys
     out = capsys.readouterr().out
     assert "tracked at sqlite:////old/mlflow.db (run abc123); --mlflow-uri names " \
         "http://mlflow:5000" in out
+
+
+# ---- launch.py eval of the run's checkpoint ------------------------------------------------
+
+
+def _launch_main():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("launch", Path(__file__).parents[2] / "launch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.slow
+def test_eval_with_another_worker_count_leaves_no_directory(trained, smoke_data, smoke_recipe,
+                                                           mlflow_uri, tmp_path, capsys):
+    """The 2-worker checkpoint read by 1 worker gives the run's own final AUCs; the
+    evaluation's metrics and log go to MLflow, and nothing is left under --storage."""
+    result, mlflow_client = trained
+    storage = tmp_path / "evals"
+    status = _launch_main()([
+        "eval", "--recipe", smoke_recipe, "--checkpoint", result.checkpoint_path,
+        "--eval", smoke_data["eval"], "--workers", "1", "--storage", str(storage),
+        "--mlflow-uri", mlflow_uri, "--run-name", "eval-ok", "--json", str(tmp_path / "m.json"),
+        "--set", f"data_config.batch_size={BATCH}"])
+    assert status == 0, capsys.readouterr().err
+    assert not storage.exists() or not any(storage.iterdir())
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    for task in result.tasks:
+        key = f"eval/auc/{task}"
+        if not math.isnan(result.metrics[key]):
+            assert metrics[key] == pytest.approx(result.metrics[key], abs=1e-6), task
+    run = mlflow_client.search_runs(
+        [e.experiment_id for e in mlflow_client.search_experiments()],
+        filter_string="attributes.run_name = 'eval-ok'")[0]
+    assert run.info.status == "FINISHED"
+    assert {"eval_metrics.json", "run.log"} <= {
+        a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
+
+
+@pytest.mark.slow
+def test_a_failed_eval_is_marked_failed_in_mlflow_and_on_disk(trained, smoke_data, smoke_recipe,
+                                                             mlflow_uri, tmp_path, capsys):
+    result, mlflow_client = trained
+    bad = tmp_path / "bad_eval.parquet"
+    pq.write_table(_with_bad_rows(_extra_rows(smoke_data["eval"], 4, 3 * 10**12)), bad)
+    storage = tmp_path / "evals"
+    status = _launch_main()([
+        "eval", "--recipe", smoke_recipe, "--checkpoint", result.checkpoint_path,
+        "--eval", str(bad), "--workers", "1", "--storage", str(storage),
+        "--mlflow-uri", mlflow_uri, "--run-name", "eval-bad",
+        "--set", f"data_config.batch_size={BATCH}"])
+    err = capsys.readouterr().err.splitlines()
+    assert status == 1
+    assert err[-2].startswith(f"launch.py eval: worker 0 stopped: file {bad}, row 0")
+    log = storage / "eval-bad" / "run.log"
+    assert err[-1] == f"launch.py eval: tracebacks and Ray's messages are in {log}"
+    assert "Traceback" in log.read_text()
+    marker = (storage / "eval-bad" / "FAILED").read_text()
+    assert err[-2].removeprefix("launch.py eval: ") in marker
+    run = mlflow_client.search_runs(
+        [e.experiment_id for e in mlflow_client.search_experiments()],
+        filter_string="attributes.run_name = 'eval-bad'")[0]
+    assert run.info.status == "FAILED"
+    assert run.data.tags["hstu.error"] == err[-2].removeprefix("launch.py eval: ")
