@@ -162,8 +162,11 @@ def make_batches(args, cfg, rank: int, case: dict):
         for spec in features:
             if spec.sequence is not None:
                 length_columns.setdefault(spec.sequence, spec.column)
+        from hstu.data.batch_cost import contextual_token_count
+
         slices = pack_by_tokens(table, budget, case["rows"],
-                                {column: "|" for column in length_columns.values()})
+                                {column: "|" for column in length_columns.values()},
+                                contextual_token_count(cfg))
         if len(slices) < args.batches:
             raise ValueError(f"only {len(slices)} packed batches from {table.num_rows} rows")
         slices = slices[: args.batches]
@@ -172,14 +175,16 @@ def make_batches(args, cfg, rank: int, case: dict):
     return [arrow_to_batch(table.slice(start, take), features, labels) for start, take in slices]
 
 
-def pack_by_tokens(table, budget: int, max_rows: int, length_columns) -> list:
+def pack_by_tokens(table, budget: int, max_rows: int, length_columns,
+                   contextual_tokens: int = 0) -> list:
     """Row slices of `table` packed greedily to at most `budget` tokens and `max_rows` rows,
-    the rule of the data pipeline's data_config token packing (hstu/data/pipeline.py): a batch
-    closes when the next row would take it over the budget; a row longer than the budget goes
-    alone. The last, partial batch is dropped (as drop_last does)."""
+    the rule of the data pipeline's batches by cost (data_config.batch_cost_size, cost =
+    contextual + history + candidate tokens; hstu/data/pipeline.py): a batch closes when the
+    next row would take it over the budget; a row longer than the budget goes alone. The last,
+    partial batch is dropped (as drop_last does)."""
     from hstu.data.pipeline import row_tokens
 
-    tokens = row_tokens(table, length_columns)
+    tokens = row_tokens(table, length_columns) + contextual_tokens
     slices, start = [], 0
     while start < len(tokens):
         total, take = 0, 0
