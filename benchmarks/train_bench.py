@@ -122,7 +122,7 @@ def _id_features(cfg):
             yield inner
 
 
-def make_batches(args, cfg, rank: int, case: dict):
+def make_batches(args, cfg, rank: int, case: dict, contextual_tokens: int):
     """Host JaggedBatches of synthetic 27K-shaped rows, distinct per rank: `case["rows"]` rows
     each, or packed to `case["token_budget"]` tokens (at most `case["rows"]` rows)."""
     import pyarrow as pa
@@ -162,11 +162,9 @@ def make_batches(args, cfg, rank: int, case: dict):
         for spec in features:
             if spec.sequence is not None:
                 length_columns.setdefault(spec.sequence, spec.column)
-        from hstu.data.batch_cost import contextual_token_count
-
         slices = pack_by_tokens(table, budget, case["rows"],
                                 {column: "|" for column in length_columns.values()},
-                                contextual_token_count(cfg))
+                                contextual_tokens)
         if len(slices) < args.batches:
             raise ValueError(f"only {len(slices)} packed batches from {table.num_rows} rows")
         slices = slices[: args.batches]
@@ -263,11 +261,11 @@ def worker(rank: int, world: int, args, kernel: str, case: dict, init_file: str,
                                   in_backward_optimizer_filter(dmp.named_parameters()))
     autocast = autocast_for(train_cfg.mixed_precision, device)
     # Host batches in pinned memory, copied to the GPU inside each step as the loop does.
-    host_batches = make_batches(args, cfg, rank, case)
+    contextual = int(module.encoder.preprocessor.contextual_seq_len)
+    host_batches = make_batches(args, cfg, rank, case, contextual)
     if device.type == "cuda":
         host_batches = [b.pin_memory() for b in host_batches]
     step_flops = [measure_step_flops(dmp, module, b.to(device), autocast) for b in host_batches]
-    contextual = int(module.encoder.preprocessor.contextual_seq_len)
 
     def sync():
         if device.type == "cuda":
