@@ -12,6 +12,8 @@ initialised; call it on every rank before compute()).
 - GroupedAUC: exact AUC per group (e.g. per user), unweighted mean over the groups that have
   both classes.
 - MeanAbsoluteError: sum |pred - label| / count.
+- MeanSquaredError, Accuracy, MulticlassAUC, XAUC, GroupedXAUC: TorchEasyRec's other task
+  metrics (each class says how it computes).
 
 global_average_scale (used by DlrmHSTU.compute_losses) lives here too: like sync, it is a
 cross-rank reduction, and keeping it here keeps this module free of torchrec.
@@ -225,9 +227,287 @@ class MeanAbsoluteError:
         return float(self.total / self.count) if int(self.count) else float("nan")
 
 
+class MeanSquaredError:
+    """sum (pred - label)^2 / count (torchmetrics' MeanSquaredError, TorchEasyRec's
+    mean_squared_error)."""
+
+    def __init__(self) -> None:
+        self.total = torch.zeros((), dtype=torch.float64)
+        self.count = torch.zeros((), dtype=torch.int64)
+
+    def update(self, predictions: torch.Tensor, labels: torch.Tensor) -> None:
+        error = predictions.detach().double() - labels.detach().double()
+        self.total += (error * error).sum().cpu()
+        self.count += predictions.numel()
+
+    def merge(self, other: "MeanSquaredError") -> None:
+        self.total += other.total
+        self.count += other.count
+
+    def sync(self) -> None:
+        if _world() > 1:
+            dist.all_reduce(self.total)
+            dist.all_reduce(self.count)
+
+    def compute(self) -> float:
+        return float(self.total / self.count) if int(self.count) else float("nan")
+
+
+class Accuracy:
+    """TorchEasyRec's accuracy (torchmetrics.Accuracy, micro average).
+
+    num_class 1: scores are probabilities, a candidate is predicted positive when its score is
+    > threshold (strictly, as torchmetrics compares), and counted correct when that matches its
+    0/1 label. num_class >= 2: scores are [N, C] class probabilities, a candidate is correct
+    when its label is among the top_k classes.
+    """
+
+    def __init__(self, num_class: int = 1, threshold: float = 0.5, top_k: int = 1) -> None:
+        self.num_class, self.threshold, self.top_k = num_class, threshold, top_k
+        self.correct = torch.zeros((), dtype=torch.int64)
+        self.count = torch.zeros((), dtype=torch.int64)
+
+    def update(self, scores: torch.Tensor, labels: torch.Tensor) -> None:
+        scores, labels = scores.detach().cpu(), labels.detach().cpu()
+        if self.num_class == 1:
+            correct = (scores.flatten() > self.threshold) == (labels.flatten() > 0)
+        else:
+            top = scores.float().topk(min(self.top_k, self.num_class), dim=1).indices
+            correct = (top == labels.long().unsqueeze(1)).any(dim=1)
+        self.correct += int(correct.sum())
+        self.count += correct.numel()
+
+    def merge(self, other: "Accuracy") -> None:
+        self.correct += other.correct
+        self.count += other.count
+
+    def sync(self) -> None:
+        if _world() > 1:
+            dist.all_reduce(self.correct)
+            dist.all_reduce(self.count)
+
+    def compute(self) -> float:
+        return float(self.correct) / float(self.count) if int(self.count) else float("nan")
+
+
+class MulticlassAUC:
+    """TorchEasyRec's multiclass_auc (torchmetrics' multiclass AUROC): one-vs-rest AUC of each
+    class's probability, binned with `thresholds` like AUC (exact when 0), averaged over the
+    classes: "macro" the plain mean, "weighted" weighted by each class's count of labels.
+    A class without positives or without negatives has no AUC and is left out of the mean."""
+
+    def __init__(self, num_class: int, thresholds: int = 200, average: str = "macro") -> None:
+        if average not in ("macro", "weighted"):
+            raise ValueError(f"multiclass_auc average must be macro or weighted, not {average!r}")
+        self.average = average
+        self.per_class = [AUC(thresholds) for _ in range(num_class)]
+        self.support = torch.zeros(num_class, dtype=torch.int64)
+
+    def update(self, probabilities: torch.Tensor, labels: torch.Tensor) -> None:
+        probabilities = probabilities.detach().float().cpu()
+        labels = labels.detach().long().cpu()
+        for index, auc in enumerate(self.per_class):
+            auc.update(probabilities[:, index], labels == index)
+        self.support += torch.bincount(labels, minlength=len(self.per_class))[
+            : len(self.per_class)
+        ]
+
+    def merge(self, other: "MulticlassAUC") -> None:
+        for mine, theirs in zip(self.per_class, other.per_class):
+            mine.merge(theirs)
+        self.support += other.support
+
+    def sync(self) -> None:
+        for auc in self.per_class:
+            auc.sync()
+        if _world() > 1:
+            dist.all_reduce(self.support)
+
+    def compute(self) -> float:
+        values, weights = [], []
+        for auc, support in zip(self.per_class, self.support.tolist()):
+            value = auc.compute()
+            if value == value:  # not nan
+                values.append(value)
+                weights.append(float(support))
+        if not values:
+            return float("nan")
+        if self.average == "weighted":
+            return sum(v * w for v, w in zip(values, weights)) / sum(weights)
+        return sum(values) / len(values)
+
+
+def _pair_accuracy(
+    predictions: torch.Tensor, targets: torch.Tensor, first: torch.Tensor, second: torch.Tensor
+) -> torch.Tensor:
+    """Per pair (first[k], second[k]): 1.0 when the predictions order the pair as the targets
+    do, (t_i - t_j)(p_i - p_j) > 0; ties in either count as wrong (TorchEasyRec's XAUC)."""
+    return (
+        (targets[first] - targets[second]) * (predictions[first] - predictions[second]) > 0
+    ).double()
+
+
+def exact_xauc(predictions: torch.Tensor, targets: torch.Tensor, block: int = 2048) -> float:
+    """Share of all n (n - 1) / 2 pairs i < j that the predictions order as the targets do
+    (nan for fewer than two values). Exact, in blocks of rows to bound memory."""
+    predictions, targets = predictions.double().flatten(), targets.double().flatten()
+    n = predictions.numel()
+    if n < 2:
+        return float("nan")
+    correct = 0.0
+    for start in range(0, n, block):
+        rows = slice(start, min(start + block, n))
+        agree = (targets[rows, None] - targets[None, :]) * (
+            predictions[rows, None] - predictions[None, :]
+        ) > 0
+        # Only pairs i < j: column index above the row index.
+        above = torch.arange(n)[None, :] > torch.arange(start, rows.stop)[:, None]
+        correct += float((agree & above).sum())
+    return correct / (n * (n - 1) / 2)
+
+
+def sampled_xauc(
+    predictions: torch.Tensor, targets: torch.Tensor, pairs: int, generator: torch.Generator
+) -> float:
+    """XAUC over `pairs` pairs drawn uniformly with replacement from the n (n - 1) / 2 pairs
+    i < j (TorchEasyRec's sampling_xauc: a flat pair index k maps to the pair (k - i(i+1)/2,
+    i + 1), i = floor((sqrt(1 + 8k) - 1) / 2)); exact when `pairs` covers every pair."""
+    n = predictions.numel()
+    total = n * (n - 1) // 2
+    if n < 2 or pairs <= 0:
+        return float("nan")
+    if pairs >= total:
+        return exact_xauc(predictions, targets)
+    flat = torch.randint(0, total, (pairs,), generator=generator, dtype=torch.int64)
+    row = torch.floor((torch.sqrt(1 + 8 * flat.double()) - 1) / 2).long()
+    # Float rounding can put row one off near a triangle number: correct it exactly.
+    row = row - (row * (row + 1) // 2 > flat).long()
+    row = row + ((row + 1) * (row + 2) // 2 <= flat).long()
+    first = flat - row * (row + 1) // 2
+    second = row + 1
+    return float(_pair_accuracy(predictions.double(), targets.double(), first, second).mean())
+
+
+class XAUC:
+    """TorchEasyRec's xauc for regression tasks (e.g. watch time): the share of candidate
+    pairs whose predictions are ordered as their labels.
+
+    in_batch: exact XAUC within each batch, averaged over batches. Otherwise over the whole
+    eval set: max_pairs pairs (or n (n - 1) / 2 * sample_ratio) drawn uniformly; when that
+    covers every pair the value is exact (TorchEasyRec would still draw with replacement). The
+    draw uses a fixed seed, so a result does not change between evaluations of the same data.
+    """
+
+    def __init__(
+        self, sample_ratio: float = 1e-3, max_pairs: int | None = None, in_batch: bool = False
+    ) -> None:
+        if not 0.0 < sample_ratio <= 1.0:
+            raise ValueError(f"xauc sample_ratio must be in (0, 1], not {sample_ratio}")
+        self.sample_ratio, self.max_pairs, self.in_batch = sample_ratio, max_pairs, in_batch
+        self.predictions: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+        self.batch_sum = torch.zeros((), dtype=torch.float64)
+        self.batch_count = torch.zeros((), dtype=torch.int64)
+
+    def update(self, predictions: torch.Tensor, targets: torch.Tensor) -> None:
+        predictions = predictions.detach().double().flatten().cpu()
+        targets = targets.detach().double().flatten().cpu()
+        if self.in_batch:
+            value = exact_xauc(predictions, targets)
+            if value == value:
+                self.batch_sum += value
+                self.batch_count += 1
+        else:
+            self.predictions.append(predictions)
+            self.targets.append(targets)
+
+    def merge(self, other: "XAUC") -> None:
+        self.predictions.extend(other.predictions)
+        self.targets.extend(other.targets)
+        self.batch_sum += other.batch_sum
+        self.batch_count += other.batch_count
+
+    def sync(self) -> None:
+        if _world() == 1:
+            return
+        if self.in_batch:
+            dist.all_reduce(self.batch_sum)
+            dist.all_reduce(self.batch_count)
+        else:
+            predictions, targets = self._flat()
+            self.predictions, self.targets = [_gather_cat(predictions)], [_gather_cat(targets)]
+
+    def _flat(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.predictions:
+            empty = torch.zeros(0, dtype=torch.float64)
+            return empty, empty
+        return torch.cat(self.predictions), torch.cat(self.targets)
+
+    def compute(self) -> float:
+        if self.in_batch:
+            count = int(self.batch_count)
+            return float(self.batch_sum) / count if count else float("nan")
+        predictions, targets = self._flat()
+        n = predictions.numel()
+        pairs = self.max_pairs if self.max_pairs else int(n * (n - 1) // 2 * self.sample_ratio)
+        return sampled_xauc(predictions, targets, pairs, torch.Generator().manual_seed(0))
+
+
+class GroupedXAUC:
+    """TorchEasyRec's grouped_xauc: XAUC within each group (e.g. user), over at most
+    max_pairs_per_group drawn pairs (exact when that covers the group's pairs), averaged over
+    the groups weighted by their sizes. Groups of one candidate have no pair and are left out
+    (TorchEasyRec's mean would turn nan there)."""
+
+    def __init__(self, max_pairs_per_group: int = 100) -> None:
+        self.max_pairs = max_pairs_per_group
+        self.predictions: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+        self.groups: list[torch.Tensor] = []
+
+    def update(
+        self, predictions: torch.Tensor, targets: torch.Tensor, groups: torch.Tensor
+    ) -> None:
+        self.predictions.append(predictions.detach().double().flatten().cpu())
+        self.targets.append(targets.detach().double().flatten().cpu())
+        self.groups.append(groups.detach().flatten().cpu().to(torch.int64))
+
+    def merge(self, other: "GroupedXAUC") -> None:
+        self.predictions.extend(other.predictions)
+        self.targets.extend(other.targets)
+        self.groups.extend(other.groups)
+
+    def sync(self) -> None:
+        if _world() > 1:
+            predictions, targets, groups = self._flat()
+            self.predictions = [_gather_cat(predictions)]
+            self.targets = [_gather_cat(targets)]
+            self.groups = [_gather_cat(groups)]
+
+    def _flat(self):
+        if not self.predictions:
+            return (torch.zeros(0, dtype=torch.float64),) * 2 + (torch.zeros(0, dtype=torch.int64),)
+        return torch.cat(self.predictions), torch.cat(self.targets), torch.cat(self.groups)
+
+    def compute(self) -> float:
+        predictions, targets, groups = self._flat()
+        order = torch.argsort(groups, stable=True)
+        _, counts = torch.unique_consecutive(groups[order], return_counts=True)
+        generator = torch.Generator().manual_seed(0)
+        weighted, weights = 0.0, 0
+        for members in torch.split(order, counts.tolist()):
+            if members.numel() < 2:
+                continue
+            value = sampled_xauc(predictions[members], targets[members], self.max_pairs, generator)
+            weighted += value * members.numel()
+            weights += members.numel()
+        return weighted / weights if weights else float("nan")
+
+
 class TaskMetrics:
     """The metrics of every task of a DlrmHSTU, keyed like TorchEasyRec's: auc_<task>,
-    grouped_auc_<task>, mae_<task>."""
+    grouped_auc_<task>, mae_<task>, mse_<task>, accuracy_<task>, multiclass_auc_<task>,
+    xauc_<task>, grouped_xauc_<task>."""
 
     def __init__(self, tasks) -> None:
         self.tasks = list(tasks)
@@ -240,14 +520,40 @@ class TaskMetrics:
                     self.metrics[f"grouped_auc_{task.name}"] = (GroupedAUC(), task.name, argument)
                 elif kind == "mean_absolute_error":
                     self.metrics[f"mae_{task.name}"] = (MeanAbsoluteError(), task.name, None)
+                elif kind == "mean_squared_error":
+                    self.metrics[f"mse_{task.name}"] = (MeanSquaredError(), task.name, None)
+                elif kind == "accuracy":
+                    threshold, top_k = argument
+                    self.metrics[f"accuracy_{task.name}"] = (
+                        Accuracy(task.num_class, threshold, top_k), task.name, None
+                    )
+                elif kind == "multiclass_auc":
+                    thresholds, average = argument
+                    self.metrics[f"multiclass_auc_{task.name}"] = (
+                        MulticlassAUC(task.num_class, thresholds, average), task.name, None
+                    )
+                elif kind == "xauc":
+                    sample_ratio, max_pairs, in_batch = argument
+                    self.metrics[f"xauc_{task.name}"] = (
+                        XAUC(sample_ratio, max_pairs, in_batch), task.name, None
+                    )
+                elif kind == "grouped_xauc":
+                    grouping_key, max_pairs_per_group = argument
+                    self.metrics[f"grouped_xauc_{task.name}"] = (
+                        GroupedXAUC(max_pairs_per_group), task.name, grouping_key
+                    )
+        self.num_class = {task.name: task.num_class for task in self.tasks}
 
     def update(self, model, output, batch) -> None:
         """Add one batch: model is the DlrmHSTU (for labels and grouping keys)."""
         labels = model.task_labels(batch)
         for metric, task, grouping_key in self.metrics.values():
-            if isinstance(metric, GroupedAUC):
+            if isinstance(metric, (GroupedAUC, GroupedXAUC)):
                 groups = model.grouping_key(batch, grouping_key, output.num_targets)
                 metric.update(output.probs[task], labels[task], groups)
+            elif isinstance(metric, (MulticlassAUC, Accuracy)) and self.num_class[task] > 1:
+                # Every class's probability, not only class 1's (output.probs).
+                metric.update(torch.softmax(output.logits[task].float(), dim=1), labels[task])
             else:
                 metric.update(output.probs[task], labels[task])
 

@@ -524,7 +524,9 @@ class DlrmHSTU(nn.Module):
         scale = (
             global_average_scale(output.num_targets) if self.enable_global_average_loss else 1.0
         )
-        return task_losses(self.tasks, output.logits, batch, scale)
+        return task_losses(
+            self.tasks, output.logits, batch, scale, num_targets=output.num_targets
+        )
 
     def grouping_key(
         self, batch: JaggedBatch, name: str, num_targets: torch.Tensor

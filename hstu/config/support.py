@@ -29,8 +29,6 @@ _OTHER_MODELS = (
     "tdm rocket_launching sid_rqvae sid_rqkmeans generative_qwen prompt_generative_qwen"
 ).split()
 
-_USE_METRICS = "use auc, grouped_auc or mean_absolute_error"
-_USE_LOSSES = "use binary_cross_entropy, softmax_cross_entropy or l2_loss"
 
 # field -> what to do instead (may be empty)
 UNSUPPORTED: dict[str, str] = {
@@ -129,12 +127,6 @@ UNSUPPORTED: dict[str, str] = {
     "GRInputPreprocessor.contextual_interleave_preprocessor": "use contextual_preprocessor",
     "GRInputPreprocessor.uih_preprocessor": "use contextual_preprocessor",
     "FusionSubTaskConfig.train_metrics": "",
-    "LossConfig.jrc_loss": _USE_LOSSES,
-    "LossConfig.binary_focal_loss": _USE_LOSSES,
-    "MetricConfig.multiclass_auc": _USE_METRICS,
-    "MetricConfig.recall_at_k": _USE_METRICS,
-    "MetricConfig.accuracy": _USE_METRICS,
-    "MetricConfig.mean_squared_error": _USE_METRICS,
     # eval_config / export_config
     "EvalConfig.evaluator_type": 'only "latest" is implemented',
     "ExportConfig.exporter_type": 'only "latest" is implemented',
@@ -167,6 +159,7 @@ IGNORED: dict[str, str] = {
     "RawFeature.sequence_length": "it is a feature-generation cap, not a model cap",
     "RawFeature.sequence_fields": "no feature generation runs here",
     "GRSimpleActionEncoder.embedding_init_std": "fixed at 0.1, as in TorchEasyRec",
+    "MetricConfig.step_decay_rate": "it decays train_metrics, which are not implemented",
     "STU.sort_by_length": "no kernel here reorders rows by length; it changes no number",
     "DataConfig.num_workers": "Ray Data runs the reading: it gets the CPUs the training "
     "workers leave (--cpus-per-worker)",

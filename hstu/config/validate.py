@@ -54,8 +54,9 @@ ACTIVATIONS = (
     "nn.ELU",
     "nn.Identity",
 )
-CLASSIFICATION_METRICS = ("auc", "grouped_auc")
-REGRESSION_METRICS = ("mean_absolute_error",)
+CLASSIFICATION_METRICS = ("auc", "grouped_auc", "accuracy", "multiclass_auc")
+REGRESSION_METRICS = ("mean_absolute_error", "mean_squared_error", "xauc", "grouped_xauc")
+MULTICLASS_AUC_AVERAGES = ("macro", "weighted")
 TIME_BUCKET_FNS = ("sqrt", "log")
 
 
@@ -696,23 +697,7 @@ class _Checker:
             if not len(task.losses):
                 self.fail(path, f"task {task.task_name!r} has no losses")
             for loss_index, loss in enumerate(task.losses):
-                which = loss.WhichOneof("loss")
-                if which == "softmax_cross_entropy" and task.num_class < 2:
-                    self.fail(
-                        f"{path}.losses[{loss_index}].{which}",
-                        f"softmax_cross_entropy needs num_class >= 2, got {task.num_class}",
-                    )
-                if which in ("binary_cross_entropy", "l2_loss") and task.num_class != 1:
-                    self.fail(
-                        f"{path}.num_class",
-                        f"{which} gives one logit per candidate: num_class must be 1, "
-                        f"got {task.num_class}",
-                    )
-                if which is None:
-                    self.fail(
-                        f"{path}.losses[{loss_index}]",
-                        "empty loss: expected binary_cross_entropy { } or l2_loss { }",
-                    )
+                self._loss(f"{path}.losses[{loss_index}]", path, task, loss, groups)
             kind = task_label_kind(task)
             if kind is None:
                 self.fail(f"{path}.losses", "mixes classification and regression losses")
@@ -742,6 +727,60 @@ class _Checker:
                 )
             self._metrics(path, task, kind, features, groups)
 
+    def _contextual_key(self, path: str, key: str, groups, what: str) -> None:
+        """`key` names a feature of the contextual group: one value per row, read with the
+        batch (a scalar feature outside every group is not read)."""
+        contextual = [feature.name for feature in groups.get(CONTEXTUAL, [])]
+        if key not in contextual:
+            self.fail(
+                path,
+                f"{key!r} must be a feature of the contextual group ({what} takes one value "
+                f"per row: {one_of(contextual) or 'the config has no contextual group'})"
+                f"{suggest(key, contextual)}",
+            )
+
+    def _loss(self, path: str, task_path: str, task: Message, loss: Message, groups) -> None:
+        which = loss.WhichOneof("loss")
+        if which is None:
+            self.fail(
+                path,
+                "empty loss: expected binary_cross_entropy, binary_focal_loss, "
+                "softmax_cross_entropy, jrc_loss or l2_loss { ... }",
+            )
+        if which == "softmax_cross_entropy" and task.num_class < 2:
+            self.fail(
+                f"{path}.{which}",
+                f"softmax_cross_entropy needs num_class >= 2, got {task.num_class}",
+            )
+        if which in ("binary_cross_entropy", "binary_focal_loss", "l2_loss"):
+            if task.num_class != 1:
+                self.fail(
+                    f"{task_path}.num_class",
+                    f"{which} gives one logit per candidate: num_class must be 1, "
+                    f"got {task.num_class}",
+                )
+        if which == "jrc_loss":
+            jrc = loss.jrc_loss
+            if task.num_class != 2:
+                self.fail(
+                    f"{task_path}.num_class" if task.HasField("num_class") else task_path,
+                    f"jrc_loss scores two classes per candidate: set num_class: 2 (got "
+                    f"{task.num_class})",
+                )
+            self._contextual_key(
+                f"{path}.jrc_loss.session_name", jrc.session_name, groups, "a session"
+            )
+            if not 0.0 <= jrc.alpha <= 1.0:
+                self.fail(f"{path}.jrc_loss.alpha", f"must be in [0, 1], got {jrc.alpha:g}")
+        if which == "binary_focal_loss":
+            focal = loss.binary_focal_loss
+            if focal.gamma < 0:
+                self.fail(f"{path}.binary_focal_loss.gamma", f"must be >= 0, got {focal.gamma:g}")
+            if not 0.0 < focal.alpha < 1.0:
+                self.fail(
+                    f"{path}.binary_focal_loss.alpha", f"must be in (0, 1), got {focal.alpha:g}"
+                )
+
     def _metrics(self, path: str, task: Message, kind: str, features, groups) -> None:
         allowed = CLASSIFICATION_METRICS if kind == "classification" else REGRESSION_METRICS
         for index, metric in enumerate(task.metrics):
@@ -749,20 +788,61 @@ class _Checker:
             which = metric.WhichOneof("metric")
             if which is None:
                 self.fail(metric_path, f"empty metric: expected one of {one_of(allowed)}")
+            if which == "recall_at_k":
+                self.fail(
+                    f"{metric_path}.{which}",
+                    "recall_at_k is a retrieval metric; TorchEasyRec's rank models (DlrmHSTU "
+                    f"among them) refuse it too: use one of {one_of(allowed)}",
+                )
             if which not in allowed:
                 self.fail(
                     f"{metric_path}.{which}",
                     f"{which} does not fit a {kind} task; expected one of {one_of(allowed)}",
                 )
-            if which == "grouped_auc":
-                key = metric.grouped_auc.grouping_key
-                contextual = [feature.name for feature in groups.get(CONTEXTUAL, [])]
-                if key not in contextual:
+            options, options_path = getattr(metric, which), f"{metric_path}.{which}"
+            if which in ("auc", "grouped_auc") and task.num_class > 2:
+                self.fail(
+                    options_path,
+                    f"{which} scores one class; this task has num_class {task.num_class}: use "
+                    "multiclass_auc or accuracy",
+                )
+            if which in ("grouped_auc", "grouped_xauc"):
+                self._contextual_key(
+                    f"{options_path}.grouping_key", options.grouping_key, groups, "a group"
+                )
+            if which in ("auc", "multiclass_auc") and options.thresholds == 1:
+                self.fail(f"{options_path}.thresholds", "must be 0 (exact) or >= 2")
+            if which == "multiclass_auc":
+                if task.num_class < 2:
                     self.fail(
-                        f"{metric_path}.grouped_auc.grouping_key",
-                        f"{key!r} must be a feature of the contextual group "
-                        f"({one_of(contextual)}){suggest(key, contextual)}",
+                        options_path,
+                        "multiclass_auc needs num_class >= 2 (a softmax task); use auc",
                     )
+                if options.average not in MULTICLASS_AUC_AVERAGES:
+                    self.fail(
+                        f"{options_path}.average",
+                        f"{options.average!r}: expected {one_of(MULTICLASS_AUC_AVERAGES)}",
+                    )
+            if which == "accuracy":
+                if not 0.0 <= options.threshold <= 1.0:
+                    self.fail(
+                        f"{options_path}.threshold", f"must be in [0, 1], got {options.threshold:g}"
+                    )
+                if options.top_k < 1 or (task.num_class > 1 and options.top_k > task.num_class):
+                    self.fail(
+                        f"{options_path}.top_k",
+                        f"must be in [1, num_class {task.num_class}], got {options.top_k}",
+                    )
+            if which == "xauc":
+                if not 0.0 < options.sample_ratio <= 1.0:
+                    self.fail(
+                        f"{options_path}.sample_ratio",
+                        f"must be in (0, 1], got {options.sample_ratio:g}",
+                    )
+                if options.HasField("max_pairs") and options.max_pairs == 0:
+                    self.fail(f"{options_path}.max_pairs", "must be at least 1")
+            if which == "grouped_xauc" and options.max_pairs_per_group == 0:
+                self.fail(f"{options_path}.max_pairs_per_group", "must be at least 1")
 
 
 def validate(config: Message, locator: Locator) -> None:

@@ -700,9 +700,97 @@ def test_a_dag_intermediate_input_needs_the_feature_generator(kit):
 
 def test_fg_dag_and_fg_normal_with_identity_features_load(kit):
     for mode in ("FG_DAG", "FG_NORMAL"):
-        cfg = kit.load(
-            kit.edit("dataset_type: ParquetDataset", f"dataset_type: ParquetDataset fg_mode: {mode}")
+        text = kit.edit(
+            "dataset_type: ParquetDataset", f"dataset_type: ParquetDataset fg_mode: {mode}"
         )
         from hstu.config.support import reading_notes
 
-        assert any(f"fg_mode {mode}: no feature generator runs here" in n for n in reading_notes(cfg))
+        notes = reading_notes(kit.load(text))
+        assert any(f"fg_mode {mode}: no feature generator runs here" in n for n in notes)
+
+
+# ---- losses and metrics TorchEasyRec's task towers accept --------------------------------
+
+INDENT = "\n                     "
+JRC_LIKE = (
+    f"task_bitmask: 2{INDENT}losses {{ binary_cross_entropy {{}} }}",
+    f'task_bitmask: 2 num_class: 2{INDENT}losses {{ jrc_loss {{ session_name: "user_id" }} }}',
+)
+
+
+def test_jrc_loss_with_two_classes_and_a_contextual_session_loads(kit):
+    cfg = kit.load(kit.edit(*JRC_LIKE))
+    like = cfg.model_config.dlrm_hstu.fusion_mtl_tower.task_configs[1]
+    assert (like.losses[0].jrc_loss.session_name, like.losses[0].jrc_loss.alpha) == ("user_id", 0.5)
+
+
+def test_jrc_loss_needs_num_class_2(kit):
+    text = kit.edit(JRC_LIKE[0], JRC_LIKE[1].replace(" num_class: 2", ""))
+    kit.expect_error(text, f"{TASKS}[1].num_class", "jrc_loss scores two classes", "num_class: 2")
+
+
+def test_jrc_session_must_be_a_contextual_feature(kit):
+    text = kit.edit(JRC_LIKE[0], JRC_LIKE[1].replace('"user_id"', '"user_idd"'))
+    kit.expect_error(
+        text,
+        f"{TASKS}[1].losses[0].jrc_loss.session_name",
+        "'user_idd' must be a feature of the contextual group",
+        'did you mean "user_id"',
+        at='session_name: "user_idd"',
+    )
+
+
+@pytest.mark.parametrize(
+    "options, field, fragment",
+    [("gamma: -1", "gamma", "must be >= 0"), ("alpha: 1", "alpha", "must be in (0, 1)")],
+)
+def test_binary_focal_loss_parameters(kit, options, field, fragment):
+    text = kit.edit(
+        "task_bitmask: 1\n                     losses { binary_cross_entropy {} }",
+        f"task_bitmask: 1\n                     losses {{ binary_focal_loss {{ {options} }} }}",
+    )
+    kit.expect_error(
+        text, f"{TASKS}[0].losses[0].binary_focal_loss.{field}", fragment, at=options
+    )
+
+
+def test_focal_loss_and_the_other_metrics_load(kit):
+    text = kit.edit(
+        f"task_bitmask: 1{INDENT}losses {{ binary_cross_entropy {{}} }} metrics {{ auc {{}} }}",
+        f"task_bitmask: 1{INDENT}losses {{ binary_focal_loss {{ gamma: 1.5 alpha: 0.25 }} }}"
+        " metrics { auc {} } metrics { accuracy { threshold: 0.3 } }",
+        "losses { l2_loss {} } metrics { mean_absolute_error {} }",
+        "losses { l2_loss {} } metrics { mean_absolute_error {} } metrics { mean_squared_error {} }"
+        " metrics { xauc { in_batch: true } }"
+        ' metrics { grouped_xauc { grouping_key: "user_id" max_pairs_per_group: 10 } }',
+    )
+    tasks = kit.load(text).model_config.dlrm_hstu.fusion_mtl_tower.task_configs
+    assert [m.WhichOneof("metric") for m in tasks[2].metrics] == [
+        "mean_absolute_error", "mean_squared_error", "xauc", "grouped_xauc"
+    ]
+
+
+@pytest.mark.parametrize(
+    "metric, path, fragment",
+    [
+        ("recall_at_k {}", "metrics[0].recall_at_k", "refuse it too"),
+        ("xauc {}", "metrics[0].xauc", "does not fit a classification task"),
+        ("multiclass_auc {}", "metrics[0].multiclass_auc", "needs num_class >= 2"),
+        ("accuracy { top_k: 0 }", "metrics[0].accuracy.top_k", "must be in [1, num_class 1]"),
+    ],
+)
+def test_metric_rules(kit, metric, path, fragment):
+    text = kit.edit(
+        "losses { binary_cross_entropy {} } metrics { auc {} }",
+        f"losses {{ binary_cross_entropy {{}} }} metrics {{ {metric} }}",
+    )
+    kit.expect_error(text, f"{TASKS}[0].{path}", fragment)
+
+
+def test_auc_on_more_than_two_classes_points_to_multiclass_auc(kit):
+    text = kit.edit(
+        f"task_bitmask: 1{INDENT}losses {{ binary_cross_entropy {{}} }} metrics {{ auc {{}} }}",
+        "task_bitmask: 1 num_class: 3\n"
+        "                     losses { softmax_cross_entropy {} } metrics { auc {} }",
+    )
+    kit.expect_error(text, f"{TASKS}[0].metrics[0].auc", "use multiclass_auc or accuracy")
