@@ -73,6 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="worker failures to recover from by restarting from the latest "
                         "checkpoint (default 0)")
     parser.add_argument("--no-export", action="store_true", help="skip the export at the end")
+    parser.add_argument("--export-best", default=None, metavar="METRIC",
+                        help="export the checkpoint whose evaluation was best by METRIC "
+                        "(eval/<kind>/<task>, e.g. auc/is_click or loss/is_like; AUCs count "
+                        "higher as better, losses lower) instead of the last one")
     parser.add_argument("--sample-log", default=None, metavar="DIR",
                         help="each worker records the sample ids it trains on (delivery audit)")
 
@@ -96,6 +100,7 @@ def options_from_args(args: argparse.Namespace):
         max_failures=getattr(args, "max_failures", 0),
         sharding=list(args.sharding),
         export=not getattr(args, "no_export", False),
+        export_best=getattr(args, "export_best", None),
         sample_log_dir=getattr(args, "sample_log", None),
         seed=args.seed,
         timeout_s=args.timeout_s,

@@ -167,3 +167,30 @@ def eval_table(metrics: Mapping[str, float], tasks: Sequence[str]) -> str:
         for task in tasks
     ]
     return table(["task"] + [title for _, title in present], rows)
+
+
+def final_eval_table(metrics: Mapping[str, float], tasks: Sequence[str],
+                     best: Mapping[str, object] | None = None) -> str:
+    """The summary's table: the evaluation at the run's last step, named as such, and, when
+    `best` ({eval key: best.Best}) has them, each task's best value of the first metric
+    (AUC when there is one) over all the run's evaluations and the step it came from."""
+    present = [
+        (key, title)
+        for key, title in EVAL_COLUMNS
+        if any(f"eval/{key}/{task}" in metrics for task in tasks)
+    ]
+    header = ["task"] + [title for _, title in present]
+    rows = [
+        [task] + [metrics.get(f"eval/{key}/{task}", float("nan")) for key, _ in present]
+        for task in tasks
+    ]
+    step = metrics.get("global_step", "?")
+    title = f"eval at step {step} (the last)"
+    headline = present[0] if present else None
+    if best and headline and any(f"eval/{headline[0]}/{task}" in best for task in tasks):
+        header += [f"best {headline[1]}", "at step"]
+        for row, task in zip(rows, tasks):
+            found = best.get(f"eval/{headline[0]}/{task}")
+            row += [found.value, found.step] if found is not None else [float("nan"), "-"]
+        title += f"; best {headline[1]} over all the run's evaluations"
+    return title + "\n" + table(header, rows)

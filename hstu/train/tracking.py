@@ -283,6 +283,12 @@ class RunLogger:
     def text(self, text: str, artifact_file: str) -> None:
         self._call(f"log {artifact_file}", "log_text", text, artifact_file)
 
+    def tags(self, values: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self._call("set tags", "log_batch", [], [], [RunTag(k, clip(str(v)))
+                                                   for k, v in values.items()])
+
     def artifact(self, path: str) -> None:
         self._call(f"log {Path(path).name}", "log_artifact", path)
 

@@ -33,7 +33,7 @@ from typing import Self
 from hstu.train import tracking
 from hstu.train.console import RunLog, console, run_console
 from hstu.train.job import TrainJob
-from hstu.train.progress import eval_table, format_duration, table
+from hstu.train.progress import final_eval_table, format_duration, table
 
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
 RUN_LOG_FILE = "run.log"  # in the run directory: everything printed, Ray's detail included
@@ -65,6 +65,9 @@ class TrainOptions:
     seed: int = 0
     timeout_s: float | None = None
     show_ray_data_progress: bool = False
+    # Export the checkpoint whose evaluation was best by this metric (eval/<kind>/<task>)
+    # instead of the last one.
+    export_best: str | None = None
     # launch.py eval
     checkpoint: str | None = None
     # Test-only fault injection (TrainJob.crash).
@@ -83,6 +86,11 @@ class RunResult:
     seconds: float
     export_dir: str | None = None
     export_note: str = ""
+    # Best value and step of every eval metric over the run's evaluations (best.py).
+    best: dict = dataclasses.field(default_factory=dict)
+    # The checkpoint the export was made from, and why that one.
+    exported_checkpoint: str | None = None
+    export_reason: str = ""
 
 
 # ---- setup --------------------------------------------------------------------------------
@@ -561,6 +569,7 @@ def _run_training(options: TrainOptions, log: RunLog) -> RunResult:
     if train_paths is None:
         raise TrainSetupError("no training data: set train_input_path or pass --train")
     eval_paths = _paths(options.eval_paths, cfg.eval_input_path, "eval")
+    export_metric = _export_metric(options, model.tasks, bool(eval_paths))
     _check_cost_column(cfg, train_paths + (eval_paths or []))
     # --train/--eval replace the config's paths: the logged params and pipeline.config then say
     # which data this run read (as given: patterns stay patterns), not the recipe's default.
@@ -664,19 +673,27 @@ def _run_training(options: TrainOptions, log: RunLog) -> RunResult:
             tasks=tasks,
             seconds=time.perf_counter() - started,
         )
+        run.best = log_best_steps(tracking_uri, mlflow_run_id, metrics)
+        to_export, run.export_reason = _checkpoint_to_export(
+            result, checkpoint_path, export_metric)
         if not options.export:
             run.export_note = "skipped (--no-export)"
-        elif checkpoint_path:
+        elif to_export:
             from hstu.config.features import sequence_names
 
-            print("exporting the final checkpoint ...", flush=True)
+            print(f"exporting {Path(to_export).name} ({run.export_reason}) ...", flush=True)
             run.export_dir, run.export_note = export_checkpoint(
                 options.recipe,
                 options.overrides,
-                checkpoint_path,
+                to_export,
                 run_dir + "/export",
                 candidate_sequence=sequence_names(cfg)[1],
             )
+            if run.export_dir:
+                run.exported_checkpoint = to_export
+                tracking.RunLogger(tracking_uri, mlflow_run_id).tags(
+                    {"hstu.exported_checkpoint": to_export,
+                     "hstu.export_reason": run.export_reason})
         _log_outcome(run, storage, log)
         clear_failed(run_dir, tracking_uri, mlflow_run_id)
         tracking.end_run(tracking_uri, mlflow_run_id, "FINISHED")
@@ -689,6 +706,68 @@ def _run_training(options: TrainOptions, log: RunLog) -> RunResult:
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def _export_metric(options: TrainOptions, tasks, has_eval_data: bool) -> str | None:
+    """--export-best METRIC as an eval key, checked before Ray starts."""
+    from hstu.train.best import MetricNameError, eval_metric_keys, resolve_metric
+
+    if not options.export_best:
+        return None
+    if not options.export:
+        raise TrainSetupError("--export-best and --no-export contradict each other")
+    if not has_eval_data:
+        raise TrainSetupError(f"--export-best {options.export_best} needs evaluations: set "
+                              "eval_input_path or pass --eval")
+    try:
+        return resolve_metric(options.export_best, eval_metric_keys(tasks))
+    except MetricNameError as error:
+        raise TrainSetupError(str(error)) from None
+
+
+def log_best_steps(tracking_uri: str | None, run_id: str | None, final: dict) -> dict:
+    """Best value and step of each eval metric over all the run's evaluations (its MLflow
+    history, earlier attempts and resumed parts included), logged as best/<key> at that step
+    and best_step/<key>. Empty when the history cannot be read (the run still succeeds)."""
+    from hstu.train.best import best_per_metric, metric_kind
+
+    if not tracking_uri or not run_id:
+        return {}
+    keys = [key for key in final if metric_kind(key)]
+    try:
+        mlflow_client = tracking.client(tracking_uri)
+        history = {
+            key: [(m.step, m.value, m.timestamp)
+                  for m in mlflow_client.get_metric_history(run_id, key)]
+            for key in keys
+        }
+    except Exception as error:  # noqa: BLE001 - the run's result stands without it
+        print(f"mlflow: could not read the eval history for the best steps: {error}",
+              file=sys.stderr)
+        return {}
+    best = best_per_metric(history)
+    logger = tracking.RunLogger(tracking_uri, run_id)
+    for key, found in best.items():
+        logger.metrics({f"best/{key}": found.value}, step=found.step)
+    logger.metrics({f"best_step/{key}": found.step for key, found in best.items()},
+                   step=int(final.get("global_step", 0)))
+    return best
+
+
+def _checkpoint_to_export(result, last: str | None, metric: str | None) -> tuple[str | None, str]:
+    """(checkpoint, why): the last checkpoint, or with --export-best the one whose own
+    evaluation was best by `metric` among those Ray still holds."""
+    from hstu.train.best import best_checkpoint
+
+    if metric is None or last is None:
+        return last, "the last checkpoint"
+    pairs = [(checkpoint.path, checkpoint_metrics)
+             for checkpoint, checkpoint_metrics in (result.best_checkpoints or [])]
+    chosen = best_checkpoint(pairs, metric)
+    if chosen is None:
+        return last, f"the last checkpoint: no checkpoint was evaluated for {metric}"
+    path, found = chosen
+    return path, f"best {metric} {found.value:.4f} at step {found.step}"
 
 
 def export_checkpoint(recipe: str, overrides: list[str], checkpoint: str, export_dir: str,
@@ -747,11 +826,18 @@ def summary_text(run: RunResult) -> str:
             ["wall time", format_duration(run.seconds)],
         ],
     ).split("\n", 2)[2]  # no header rows
-    lines = [overview, "", eval_table(metrics, run.tasks)]
+    lines = [overview, ""]
+    if any(key.startswith("eval/") for key in metrics):
+        lines += [final_eval_table(metrics, run.tasks, run.best)]
+    else:
+        lines += ["(no evaluation: no eval data)"]
+    export = run.export_dir or run.export_note
+    if run.export_dir and run.exported_checkpoint:
+        export += f"  ({Path(run.exported_checkpoint).name}: {run.export_reason})"
     lines += [
         "",
         f"checkpoint   {run.checkpoint_path}",
-        f"export       {run.export_dir or run.export_note}",
+        f"export       {export}",
         f"MLflow run   {run.mlflow_run_id}  ({run.tracking_uri})",
     ]
     if run.tracking_uri and run.tracking_uri.startswith("sqlite:"):

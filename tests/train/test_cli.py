@@ -29,6 +29,8 @@ def launch():
         (["--train", "/no/such/dir"], "train data not found: /no/such/dir"),
         (["--resume"], "--resume: no run with checkpoints under"),
         (["--set", "train_config.num_epochs=x"], "num_epochs"),
+        (["--export-best", "auc/is_clik"], "did you mean eval/auc/is_click?"),
+        (["--export-best", "auc/is_click", "--no-export"], "contradict each other"),
     ],
 )
 def test_train_refuses_with_one_clear_line(launch, smoke_data, smoke_recipe, tmp_path, capsys,

@@ -171,6 +171,25 @@ def test_mlflow_artifacts_record_config_plan_and_locations(trained, tmp_path):
     assert locations["checkpoint"] == result.checkpoint_path
 
 
+@pytest.mark.slow
+def test_the_best_step_of_every_eval_metric_is_logged_and_the_table_names_its_step(trained):
+    from hstu.train.trainer import summary_text
+
+    result, mlflow_client = trained
+    logged = mlflow_client.get_run(result.mlflow_run_id).data.metrics
+    for task in result.tasks:
+        key = f"eval/loss/{task}"
+        history = mlflow_client.get_metric_history(result.mlflow_run_id, key)
+        assert sorted(m.step for m in history) == [2, STEPS]  # save_checkpoints_steps=2
+        lowest = min(m.value for m in history)
+        step = min(m.step for m in history if m.value == lowest)
+        assert (result.best[key].step, result.best[key].value) == (step, lowest)
+        assert logged[f"best_step/{key}"] == step
+        assert logged[f"best/{key}"] == pytest.approx(lowest)
+    text = summary_text(result)
+    assert f"eval at step {STEPS} (the last); best AUC over all the run's evaluations" in text
+
+
 def _eval_batches(eval_dir: str, features, labels, rows_per_batch: int = 5):
     from hstu.data.pipeline import arrow_to_batch
 
