@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 from pyarrow import ipc
 
 from hstu.data import schema
+from hstu.data.layout import RecipeLayout, apply_layout, layout_schema
 from hstu.data.validate import BAD_ROW_POLICIES, INT_PATTERN, DataError, validate_table
 from hstu.data.windows import (
     Windows,
@@ -141,6 +142,8 @@ class KuaiRandOptions:
     overwrite: bool = False
     keep_buckets: bool = False
     candidate_query_time: str = "window_start"  # or "own": see windows.CANDIDATE_QUERY_TIMES
+    # Write the columns a recipe reads instead of the sample schema (hstu/data/layout.py).
+    layout: RecipeLayout | None = None
 
     @property
     def max_history(self) -> int:
@@ -169,6 +172,11 @@ class KuaiRandOptions:
             raise ValueError("--buckets must be in [1, 4096]")
         if self.video_id_buckets < 0:
             raise ValueError("--video-id-buckets must be >= 0")
+        if self.layout is not None and self.layout.needs_side_info and not self.video_features:
+            raise ValueError(
+                f"{self.layout.recipe} reads item side info (video_cate1/2, user_video_cross1/2):"
+                " pass --video-features"
+            )
         parse_column_map([f"{k}={v}" for k, v in self.column_map])
 
 
@@ -660,8 +668,16 @@ def build_bucket(
                 mtgr=videos is not None,
                 candidate_query_time=options.candidate_query_time,
             )
-            # What we write must read back cleanly: a failure here is a converter bug.
-            validate_table(samples, check_features, check_labels)
+            if options.layout is not None:
+                # The recipe's columns, checked as its training reads them (ids against its
+                # tables: an id too large for one is an error naming column and table).
+                samples = apply_layout(samples, options.layout)
+                validate_table(
+                    samples, list(options.layout.features), list(options.layout.labels)
+                )
+            else:
+                # What we write must read back cleanly: a failure here is a converter bug.
+                validate_table(samples, check_features, check_labels)
             name = f"{split}/part-{bucket:05d}-{chunk_index:04d}.parquet"
             pq.write_table(samples, os.path.join(options.out, name), row_group_size=256)
             total = result.splits[split]
@@ -1006,7 +1022,8 @@ def _manifest(
         for name, value in b.max_values.items():
             max_values[name] = max(max_values.get(name, value), value)
     ranges = [b.time_range for b in buckets if b.time_range is not None]
-    options_dict = dataclasses.asdict(options)
+    options_dict = dataclasses.asdict(dataclasses.replace(options, layout=None))
+    options_dict["layout"] = None if options.layout is None else options.layout.describe()
     options_dict["column_map"] = {k: v for k, v in options.column_map}
     options_dict["max_history"] = options.max_history
     return {
@@ -1015,9 +1032,12 @@ def _manifest(
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "mtgr": options.video_features is not None,
         "options": options_dict,
-        "schema": {
-            f.name: str(f.type) for f in schema.sample_schema(options.video_features is not None)
-        },
+        "schema": (
+            {f.name: str(f.type) for f in schema.sample_schema(options.video_features is not None)}
+            if options.layout is None
+            else dict(layout_schema(options.layout))
+        ),
+        "layout": None if options.layout is None else options.layout.describe(),
         "split_time": split_time,
         "split_time_utc": datetime.datetime.fromtimestamp(split_time, datetime.UTC).isoformat(),
         "time_range": [min(r[0] for r in ranges), max(r[1] for r in ranges)] if ranges else None,

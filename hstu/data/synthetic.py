@@ -39,6 +39,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from hstu.data import schema
+from hstu.data.layout import RecipeLayout, apply_layout, layout_schema
+from hstu.data.validate import validate_table
 from hstu.data.windows import (
     Windows,
     cross_codes,
@@ -373,8 +375,12 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def _write_shard(options: SyntheticOptions, out_dir: str, shard: int) -> dict:
-    """Generate and write one shard; returns what the manifest needs from it."""
+def _write_shard(
+    options: SyntheticOptions, out_dir: str, shard: int, layout: RecipeLayout | None = None
+) -> dict:
+    """Generate and write one shard; returns what the manifest needs from it. With a layout
+    the rows are written in the columns that recipe reads (hstu/data/layout.py) and checked
+    as its training reads them."""
     world = _world_cache.get(options)
     if world is None:
         _world_cache.clear()
@@ -383,6 +389,9 @@ def _write_shard(options: SyntheticOptions, out_dir: str, shard: int) -> dict:
     for split, (table, windows) in generate_shard(options, world, shard).items():
         if table.num_rows == 0:
             continue
+        if layout is not None:
+            table = apply_layout(table, layout)
+            validate_table(table, list(layout.features), list(layout.labels))
         name = f"{split}/part-{shard:05d}.parquet"
         pq.write_table(table, os.path.join(out_dir, name), row_group_size=256)
         written[split] = {
@@ -417,9 +426,18 @@ def _gather(results, totals: dict, options: SyntheticOptions, started: float) ->
 _world_cache: dict[SyntheticOptions, World] = {}
 
 
-def generate(options: SyntheticOptions, out_dir: str | os.PathLike, workers: int = 1) -> dict:
+def generate(
+    options: SyntheticOptions,
+    out_dir: str | os.PathLike,
+    workers: int = 1,
+    layout: RecipeLayout | None = None,
+) -> dict:
     """Write train/ and eval/ parquet shards plus manifest.json under out_dir; returns the
-    manifest. `workers` > 1 generates shards in that many processes (same output)."""
+    manifest. `workers` > 1 generates shards in that many processes (same output). `layout`
+    (hstu.data.layout.plan_layout): write the columns a recipe reads instead of the sample
+    schema."""
+    if layout is not None and layout.needs_side_info and not options.mtgr:
+        options = dataclasses.replace(options, mtgr=True)
     started = time.perf_counter()
     out_dir = os.fspath(out_dir)
     for split in ("train", "eval"):
@@ -436,7 +454,7 @@ def generate(options: SyntheticOptions, out_dir: str | os.PathLike, workers: int
         }
         for split in ("train", "eval")
     }
-    calls = [(options, out_dir, shard) for shard in range(num_shards)]
+    calls = [(options, out_dir, shard, layout) for shard in range(num_shards)]
     if workers > 1 and num_shards > 1:
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
@@ -449,7 +467,12 @@ def generate(options: SyntheticOptions, out_dir: str | os.PathLike, workers: int
         "source": "synthetic",
         "mtgr": options.mtgr,
         "options": dataclasses.asdict(options),
-        "schema": {f.name: str(f.type) for f in schema.sample_schema(options.mtgr)},
+        "schema": (
+            {f.name: str(f.type) for f in schema.sample_schema(options.mtgr)}
+            if layout is None
+            else dict(layout_schema(layout))
+        ),
+        "layout": None if layout is None else layout.describe(),
         "splits": {
             split: {
                 "rows": t["rows"],
