@@ -45,6 +45,11 @@ class TrainState:
     world_size: int = 1
     # Number of restores so far (a worker failure or --resume); tells attempts apart in logs.
     restarts: int = 0
+    # Rows the data pipeline left out in the completed epochs, summed over workers: bad rows
+    # skipped (on_bad_rows SKIP) and rows drop_last dropped. Saved so that a restart or a
+    # resume goes on counting instead of starting from 0.
+    skipped_rows: int = 0
+    dropped_rows: int = 0
 
     def resume_epoch(self) -> int:
         return self.epoch + 1 if self.epoch_done else self.epoch

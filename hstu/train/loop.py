@@ -390,8 +390,9 @@ class Worker:
 
         epoch = state.resume_epoch()
         done = max_steps is not None and state.global_step >= max_steps
-        # Rows read but not trained on, over the epochs of this attempt (a restart counts anew).
-        left_out_total = RowsLeftOut()
+        # Rows read but not trained on: the checkpoint's totals over the epochs it completed
+        # (TrainState), plus what this attempt's passes leave out.
+        left_out_total = RowsLeftOut(state.skipped_rows, state.dropped_rows)
         # Seconds this rank's loop waited for the data pipeline (0 when it keeps up).
         input_wait_s = 0.0
         while not done and (num_epochs is None or epoch < num_epochs):
@@ -416,6 +417,12 @@ class Worker:
                 self._maybe_crash(state)
                 # At the epoch's last step, a checkpoint resumes at the next epoch.
                 state.epoch_done = stats.is_last
+                if state.epoch_done:
+                    # Counted before the end-of-epoch checkpoint, so that it carries them.
+                    left_out_total += self._report_rows_left_out(
+                        batches, epoch, left_out_total, state)
+                    state.skipped_rows = left_out_total.skipped
+                    state.dropped_rows = left_out_total.dropped
 
                 if state.global_step % log_every == 0:
                     self._log_progress(meter, state, lrs)
@@ -431,7 +438,11 @@ class Worker:
                 if max_steps is not None and state.global_step >= max_steps:
                     done = True
                     break
-            left_out_total += self._report_rows_left_out(batches, epoch, left_out_total, state)
+            if not state.epoch_done:
+                # A pass cut short (num_steps) or without a step: reported, but kept out of
+                # the checkpointed totals, as a resume replays this epoch from its start.
+                left_out_total += self._report_rows_left_out(
+                    batches, epoch, left_out_total, state)
             input_wait_s += float(getattr(getattr(batches, "stats", None), "wait_s", 0.0))
             if stats.steps == 0 and not done:
                 raise RuntimeError(

@@ -12,8 +12,9 @@ Layout of a run (docs/training.md):
                hstu.recipe, hstu.resumed
     metrics    train/loss, train/loss/<task>, train/samples_per_s, train/tokens_per_s,
                train/lr/dense, train/lr/sparse (each log interval, step = global step);
-               train/skipped_rows, train/dropped_rows (rows the data pipeline left out so far
-               in this attempt, summed over workers, at the end of each epoch);
+               train/skipped_rows, train/dropped_rows (rows the data pipeline left out so far,
+               summed over workers, at the end of each epoch; checkpointed, so a restart
+               or resume goes on counting);
                eval/auc/<task>, eval/grouped_auc/<task>, eval/mae/<task>, eval/loss/<task>,
                eval/rows, eval/skipped_rows (each evaluation)
     artifacts  pipeline.config, sharding_plan.txt, sharding_plan.json, final_metrics.json,

@@ -164,6 +164,18 @@ def _check_resume(run_dir: Path, workers: int, train_cfg=None) -> None:
         )
 
 
+def _latest_checkpoint(run_dir: str) -> tuple[str, int | None] | None:
+    """(path, step) of a local run's newest checkpoint, None if it has none (or is remote)."""
+    from hstu.train.checkpoint import TRAIN_STATE_FILE, read_state
+
+    if _is_uri(run_dir):
+        return None
+    found = sorted(p.parent for p in Path(run_dir).glob(f"checkpoint_*/{TRAIN_STATE_FILE}"))
+    if not found:
+        return None
+    return str(found[-1]), read_state(found[-1]).global_step
+
+
 def resolve_run(
     options: TrainOptions, storage: str, recipe_stem: str, train_cfg=None
 ) -> tuple[str, bool]:
@@ -421,12 +433,14 @@ def _trainer(
     storage: str,
     datasets,
     keep_checkpoints: int | None = None,
+    latest_checkpoint: tuple[str, int | None] | None = None,
 ):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from hstu.train.loop import train_loop_per_worker
+    from hstu.train.restarts import RestartReporter
 
     if options.workers < 1:
         raise TrainSetupError("--workers must be >= 1")
@@ -450,6 +464,7 @@ def _trainer(
             storage_path=storage,
             failure_config=FailureConfig(max_failures=options.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+            callbacks=[RestartReporter(options.max_failures, latest_checkpoint)],
         ),
         datasets=datasets,
         dataset_config=_data_config(),
@@ -659,7 +674,8 @@ def _run_training(options: TrainOptions, log: RunLog) -> RunResult:
             crash=options.crash,
         )
         keep = int(cfg.train_config.keep_checkpoint_max) or None  # 0 keeps all
-        trainer = _trainer(job, options, run_name, storage, datasets, keep_checkpoints=keep)
+        trainer = _trainer(job, options, run_name, storage, datasets, keep_checkpoints=keep,
+                           latest_checkpoint=_latest_checkpoint(run_dir) if resuming else None)
         result = fit_with_timeout(trainer, options.timeout_s, f"training run {run_name}")
         checkpoint_path = result.checkpoint.path if result.checkpoint else None
         metrics = dict(result.return_value or result.metrics or {})

@@ -39,3 +39,14 @@ def test_resume_with_another_world_size_is_refused_before_loading(tmp_path):
     (tmp_path / TRAIN_STATE_FILE).write_text(json.dumps({"world_size": 2, "global_step": 8}))
     with pytest.raises(CheckpointError, match="written by 2 workers, resuming with 4.*--workers 2"):
         restore(tmp_path, model=None, dense_optimizer=None, world_size=4)
+
+
+def test_the_rows_left_out_travel_with_the_train_state(tmp_path):
+    payload = {"epoch": 1, "global_step": 8, "epoch_done": True, "world_size": 2,
+               "skipped_rows": 3, "dropped_rows": 4}
+    (tmp_path / TRAIN_STATE_FILE).write_text(json.dumps(payload))
+    state = read_state(tmp_path)
+    assert (state.skipped_rows, state.dropped_rows) == (3, 4)
+    # A checkpoint written before these counters existed reads as 0 of each.
+    (tmp_path / TRAIN_STATE_FILE).write_text(json.dumps({"global_step": 8}))
+    assert (read_state(tmp_path).skipped_rows, read_state(tmp_path).dropped_rows) == (0, 0)
