@@ -1,0 +1,125 @@
+"""hstu_mha_cached: HSTU attention for the last rows of each row against cached keys and values.
+
+Serving scores a user's candidates (and encodes a few new history tokens) against the keys and
+values of the history computed earlier (hstu/modules/kv_cache.py). The mask is the full op's
+(docs/dlrm_hstu_reference.md section 2.7), so the delta rows get exactly the outputs that
+`hstu_mha` would give them over the whole row, as long as the cached keys and values are the
+ones the whole row would have computed (hstu/modules/kv_cache.py says when that holds).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hstu.ops.kernel import Kernel, implementation
+
+
+def hstu_mha_cached(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_offsets: torch.Tensor,
+    *,
+    max_seq_len: int,
+    max_cache_len: int,
+    num_targets: torch.Tensor | None = None,
+    contextual_seq_len: int = 0,
+    max_attn_len: int = 0,
+    alpha: float | None = None,
+    scaling_seqlen: int,
+    kernel: Kernel | str = Kernel.PYTORCH,
+) -> torch.Tensor:
+    """Jagged HSTU attention of delta rows against [cached rows; delta rows].
+
+    q, k: [sum Q, H, d_qk], v: [sum Q, H, d_v]: the delta rows (the last Q_b rows of row b);
+    seq_offsets [B+1] int64 over them; max_seq_len >= every Q_b.
+    k_cache [sum P, H, d_qk], v_cache [sum P, H, d_v]: the first P_b rows of row b, computed
+    earlier; cache_offsets [B+1] int64 (P_b may be 0); max_cache_len >= every P_b.
+    num_targets [B]: candidates at the end of row b (all inside the delta: t_b <= Q_b).
+    contextual_seq_len, max_attn_len, alpha: as hstu_mha. scaling_seqlen: the constant divisor
+    S (required: there is no "whole batch" length to default to here).
+    Returns [sum Q, H, d_v] in v's dtype: row r of the delta of row b gets the output that
+    hstu_mha gives position P_b + r of the whole row of P_b + Q_b tokens.
+
+    Inference only: no gradient is defined (the TRITON kernel has no backward).
+    """
+    _check_inputs(q, k, v, seq_offsets, k_cache, v_cache, cache_offsets, max_seq_len,
+                  max_cache_len, num_targets, scaling_seqlen)
+    impl = implementation("cached_attention", "hstu_mha_cached", kernel)
+    return impl(
+        q,
+        k,
+        v,
+        seq_offsets,
+        k_cache,
+        v_cache,
+        cache_offsets,
+        max_seq_len=max_seq_len,
+        max_cache_len=max_cache_len,
+        num_targets=num_targets,
+        contextual_seq_len=contextual_seq_len,
+        max_attn_len=max_attn_len,
+        alpha=alpha,
+        scaling_seqlen=scaling_seqlen,
+    )
+
+
+def _check_inputs(q, k, v, seq_offsets, k_cache, v_cache, cache_offsets, max_seq_len,
+                  max_cache_len, num_targets, scaling_seqlen) -> None:
+    """Errors that name the argument. Values (offsets, lengths) are checked on CPU tensors
+    only: on a GPU each check would make the host wait for the device."""
+    for name, tensor in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache),
+                         ("v_cache", v_cache)):
+        if tensor.dim() != 3:
+            raise ValueError(f"hstu_mha_cached: {name} must be [L, H, d], got shape "
+                             f"{tuple(tensor.shape)}")
+    if q.shape != k.shape:
+        raise ValueError(f"hstu_mha_cached: q and k must have one shape, got "
+                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+    if v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"hstu_mha_cached: v must be [L, H, d_v] with q's L and H, got "
+                         f"{tuple(v.shape)}")
+    if k_cache.shape[1:] != k.shape[1:] or v_cache.shape[1:] != v.shape[1:]:
+        raise ValueError(
+            f"hstu_mha_cached: the cache's heads and head sizes must be the delta's: k_cache "
+            f"{tuple(k_cache.shape)} vs k {tuple(k.shape)}, v_cache {tuple(v_cache.shape)} "
+            f"vs v {tuple(v.shape)}")
+    if k_cache.shape[0] != v_cache.shape[0]:
+        raise ValueError(f"hstu_mha_cached: k_cache has {k_cache.shape[0]} rows but v_cache "
+                         f"{v_cache.shape[0]}")
+    for name, offsets in (("seq_offsets", seq_offsets), ("cache_offsets", cache_offsets)):
+        if offsets.dim() != 1 or offsets.numel() < 1 or offsets.dtype != torch.int64:
+            raise ValueError(f"hstu_mha_cached: {name} must be a 1-D int64 tensor [B+1], got "
+                             f"{offsets.dtype} of shape {tuple(offsets.shape)}")
+    if seq_offsets.shape != cache_offsets.shape:
+        raise ValueError(f"hstu_mha_cached: seq_offsets has {seq_offsets.numel() - 1} rows but "
+                         f"cache_offsets {cache_offsets.numel() - 1}")
+    batch = seq_offsets.numel() - 1
+    if num_targets is not None and tuple(num_targets.shape) != (batch,):
+        raise ValueError(f"hstu_mha_cached: num_targets must be [B] = [{batch}], got shape "
+                         f"{tuple(num_targets.shape)}")
+    if scaling_seqlen is None or scaling_seqlen <= 0:
+        raise ValueError(f"hstu_mha_cached: scaling_seqlen must be > 0, got {scaling_seqlen}")
+    if seq_offsets.device.type != "cpu" or batch == 0:
+        return
+    for name, offsets, values, longest_allowed in (
+        ("seq_offsets", seq_offsets, q, max_seq_len),
+        ("cache_offsets", cache_offsets, k_cache, max_cache_len),
+    ):
+        if int(offsets[0]) != 0 or int(offsets[-1]) != values.shape[0]:
+            raise ValueError(f"hstu_mha_cached: {name} must run from 0 to {values.shape[0]}, "
+                             f"got {int(offsets[0])} .. {int(offsets[-1])}")
+        lengths = offsets[1:] - offsets[:-1]
+        if int(lengths.min()) < 0:
+            raise ValueError(f"hstu_mha_cached: {name} must not decrease")
+        if int(lengths.max()) > longest_allowed:
+            raise ValueError(f"hstu_mha_cached: a row of {name} has {int(lengths.max())} "
+                             f"tokens, more than the bound {longest_allowed}")
+    if num_targets is not None:
+        q_lengths = seq_offsets[1:] - seq_offsets[:-1]
+        if bool((num_targets.to(torch.int64) > q_lengths).any()):
+            raise ValueError("hstu_mha_cached: every candidate must be a delta row "
+                             "(num_targets[b] <= the delta length of row b)")
