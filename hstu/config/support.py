@@ -303,3 +303,145 @@ def reading_notes(config: Message) -> list[str]:
             "TorchEasyRec's generator only parses those values"
         )
     return notes
+
+
+# ---- The field reference of docs/config.md ------------------------------------------------
+
+# The TorchEasyRec messages a DlrmHSTU config uses, in the order docs/config.md lists them.
+REFERENCE_MESSAGES: tuple[str, ...] = (
+    "DlrmHSTU",
+    "HSTU",
+    "STU",
+    "GRPositionalEncoder",
+    "GRInputPreprocessor",
+    "GRContextualPreprocessor",
+    "GRActionEncoder",
+    "GRSimpleActionEncoder",
+    "GRContentEncoder",
+    "GRMLPContentEncoder",
+    "GRContextualizedMLP",
+    "GRSimpleContextualizedMLP",
+    "GRParameterizedContextualizedMLP",
+    "GROutputPostprocessor",
+    "GRTimestampLayerNormPostprocessor",
+    "MLP",
+    "FusionMTLTower",
+    "FusionSubTaskConfig",
+    "FeatureGroupConfig",
+    "FeatureConfig",
+    "SeqFeatureConfig",
+    "SequenceFeature",
+    "IdFeature",
+    "RawFeature",
+    "ZeroCollisionHash",
+    "LossConfig",
+    "BinaryCrossEntropy",
+    "BinaryFocalLoss",
+    "SoftmaxCrossEntropy",
+    "JRCLoss",
+    "L2Loss",
+    "MetricConfig",
+    "AUC",
+    "GroupedAUC",
+    "MulticlassAUC",
+    "Accuracy",
+    "MeanAbsoluteError",
+    "MeanSquaredError",
+    "XAUC",
+    "GroupedXAUC",
+    "RecallAtK",
+)
+
+# What "supported" means for fields with rules or meanings worth a line (validate.py enforces
+# the rules; a field not listed here, in UNSUPPORTED or in IGNORED is supported as
+# TorchEasyRec defines it).
+FIELD_NOTES: dict[str, str] = {
+    "DlrmHSTU.max_seq_len": "attention divisor S, not a truncation",
+    "DlrmHSTU.enable_global_average_loss": "loss scaled by local / mean candidates per rank",
+    "DlrmHSTU.sequence_timestamp_is_ascending": "set false for newest-first data (flipped in "
+    "the model)",
+    "STU.attn_alpha": "unset: 1/sqrt(attention_dim)",
+    "STU.contextual_seq_len": "-1: the preprocessor's contextual tokens",
+    "STU.scaling_seqlen": "-1: dlrm_hstu.max_seq_len",
+    "STU.recompute_normed_x": "memory only; no numeric effect",
+    "STU.recompute_uvqk": "memory only; no numeric effect",
+    "STU.recompute_y": "memory only; no numeric effect",
+    "GRPositionalEncoder.time_bucket_fn": "sqrt or log",
+    "GRSimpleActionEncoder.action_weights": "distinct powers of two",
+    "GRSimpleActionEncoder.watchtime_to_action_weights": "one per threshold, distinct bits",
+    "GRContentEncoder.slice_content_encoder": "candidate width >= history width",
+    "GRContentEncoder.pad_content_encoder": "candidate width > history width",
+    "GRContentEncoder.mlp_content_encoder": "uih_mlp and target_mlp end at one width",
+    "GRParameterizedContextualizedMLP.contextual_dropout_ratio": "in [0, 1)",
+    "MLP.activation": 'an argument-free torch.nn module, "nn.SiLU", ...',
+    "MLP.use_bn": "not together with use_ln",
+    "MLP.hidden_dim": "this project's shorthand for hidden_units: [N]",
+    "FusionSubTaskConfig.task_bitmask": "required by classification tasks, refused by l2_loss",
+    "FusionSubTaskConfig.num_class": "1 (BCE, focal, L2), 2 (jrc), >= 2 (softmax CE)",
+    "FusionSubTaskConfig.label_name": "one of data_config.label_fields",
+    "FeatureGroupConfig.group_name": "contextual, uih, candidate, uih_action, uih_watchtime, "
+    "uih_timestamp, candidate_timestamp",
+    "FeatureGroupConfig.group_type": "contextual DEEP or SEQUENCE, the others JAGGED_SEQUENCE",
+    "FeatureConfig.sequence_feature": "sub-feature f of S is named and read as S__f",
+    "FeatureConfig.sequence_id_feature": "standalone; its side (history or candidates) is "
+    "the side of the groups that name it",
+    "FeatureConfig.sequence_raw_feature": "standalone, as sequence_id_feature",
+    "SequenceFeature.sequence_delim": "splits string-encoded sequence columns",
+    "IdFeature.expression": "fg_mode FG_NONE: optional and unused (column = feature name); "
+    "FG_DAG / FG_NORMAL: required, names the column",
+    "IdFeature.num_buckets": "required; ids are rows, 0 <= id < num_buckets",
+    "IdFeature.embedding_name": "shared tables agree on dim, buckets, data type",
+    "IdFeature.data_type": "FP32 or FP16 table storage",
+    "IdFeature.value_dim": "1 (one id per element)",
+    "IdFeature.sequence_delim": "standalone sequence features: splits string columns",
+    "RawFeature.expression": "as IdFeature.expression",
+    "RawFeature.sequence_delim": "standalone sequence features: splits string columns",
+    "RawFeature.value_dim": "1",
+    "BinaryCrossEntropy.label_smoothing": "y (1 - s) + s / 2",
+    "BinaryFocalLoss.gamma": ">= 0",
+    "BinaryFocalLoss.alpha": "in (0, 1)",
+    "JRCLoss.session_name": "a contextual feature; rows with equal values share a session",
+    "JRCLoss.alpha": "weight of the cross entropy, in [0, 1]",
+    "AUC.thresholds": "0 exact, else binned as torchmetrics",
+    "GroupedAUC.grouping_key": "a contextual feature",
+    "MulticlassAUC.average": "macro or weighted",
+    "Accuracy.threshold": "num_class 1: positive when score > threshold",
+    "Accuracy.top_k": "num_class >= 2",
+    "XAUC.sample_ratio": "exact when the pairs drawn cover every pair",
+    "GroupedXAUC.grouping_key": "a contextual feature",
+    "MetricConfig.recall_at_k": "error: a retrieval metric, refused by TorchEasyRec's rank "
+    "models too",
+    "MetricConfig.auc": "num_class <= 2",
+    "MetricConfig.grouped_auc": "num_class <= 2",
+}
+
+
+def field_status(message: str, field: str) -> str:
+    """How this project treats `message.field`: "supported[: note]", "accepted, no effect:
+    why" or "error: <message>"."""
+    key = f"{message}.{field}"
+    if key in UNSUPPORTED:
+        return f"error: {unsupported_message(key)}"
+    if key in IGNORED:
+        return f"accepted, no effect: {IGNORED[key]}"
+    note = FIELD_NOTES.get(key)
+    if note is not None and note.startswith("error:"):
+        return note
+    return "supported" + (f": {note}" if note else "")
+
+
+def field_reference() -> str:
+    """The markdown tables of docs/config.md's field reference, one per message (a test keeps
+    the document equal to this)."""
+    from hstu.config import schema
+
+    out = []
+    for name in REFERENCE_MESSAGES:
+        message = schema.message_descriptor(name)
+        out.append(f"**{name}**\n")
+        out.append("| field | here |")
+        out.append("|---|---|")
+        for field in message.fields:
+            out.append(f"| `{field.name}` | {field_status(name, field.name)} |")
+        out.append("")
+    return "\n".join(out)

@@ -93,3 +93,28 @@ def test_train_metrics_are_not_implemented(kit):
         NOT_YET,
         at="train_metrics",
     )
+
+
+def test_docs_field_reference_is_current():
+    # docs/config.md's field reference is generated: regenerate it with
+    # `python -c "from hstu.config.support import field_reference; print(field_reference())"`
+    # between its markers when a status or note changes.
+    from pathlib import Path
+
+    from hstu.config.support import field_reference
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "config.md").read_text()
+    section = text.split("<!-- field-reference:begin -->\n")[1].split(
+        "\n<!-- field-reference:end -->"
+    )[0]
+    assert section == field_reference()
+
+
+def test_every_reference_note_names_a_real_field():
+    from hstu.config import schema
+    from hstu.config.support import FIELD_NOTES, REFERENCE_MESSAGES
+
+    for key in FIELD_NOTES:
+        message, field = key.split(".")
+        assert message in REFERENCE_MESSAGES, key
+        assert field in schema.message_descriptor(message).fields_by_name, key
