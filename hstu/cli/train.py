@@ -67,8 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "comma-separated (default: eval_input_path)")
     add_common_arguments(parser)
     parser.add_argument("--resume", action="store_true",
-                        help="continue a run from its latest checkpoint (same --workers; "
-                        "default run: the latest under --storage)")
+                        help="continue a run from its latest checkpoint (any --workers: the "
+                        "checkpoint is resharded; default run: the latest under --storage)")
     parser.add_argument("--max-failures", type=int, default=0,
                         help="worker failures to recover from by restarting from the latest "
                         "checkpoint (default 0)")

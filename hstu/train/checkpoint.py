@@ -8,10 +8,12 @@ Layout of one checkpoint directory (Ray merges what every rank reports into it):
                          dense optimizer state
     train_state.json     where training stands (epoch, step, samples, world size, sharding)
 
-Resuming needs the same world size (the sharding plan depends on it; train_state.json records
-it and `restore` refuses another). Loading the weights alone works with any world size, or in
-one process without torch.distributed (`load_model_weights`): DCP reassembles the shards by
-their global offsets, which is how `launch.py eval` and the exporter read a checkpoint.
+Any world size can resume any checkpoint: DCP stores every sharded tensor (the tables' rows,
+the fused optimizer's per-row state) with its global offsets and reads into whatever shards the
+new sharding plan gives each rank, and the dense weights and dense optimizer state are whole
+on every rank. train_state.json records the world size that wrote it, for the log. Loading the
+weights alone also works in one process without torch.distributed (`load_model_weights`),
+which is how the exporter reads a checkpoint.
 """
 
 from __future__ import annotations
@@ -98,21 +100,28 @@ def read_state(directory: str | os.PathLike) -> TrainState:
 def restore(
     directory: str | os.PathLike, model: nn.Module, dense_optimizer, *, world_size: int
 ) -> TrainState:
-    """Load weights and both optimizers' state into the sharded model (every rank calls it)."""
+    """Load weights and both optimizers' state into the sharded model (every rank calls it),
+    whatever world size wrote the checkpoint (the module docstring says how). Returns the saved
+    TrainState; its world_size is the writer's."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     state = read_state(directory)
-    if state.world_size != world_size:
-        raise CheckpointError(
-            f"{directory}: written by {state.world_size} workers, resuming with {world_size}. "
-            f"Resume needs the same number of workers (--workers {state.world_size}): the "
-            "sharding plan and the optimizer state are laid out per worker. To only read the "
-            "weights with another world size, use `launch.py eval --checkpoint`."
-        )
     # Optimizers create their state lazily; make it exist so DCP has tensors to load into.
     dense_optimizer.init_state()
     target = _training_state_dict(model, dense_optimizer)
-    dcp.load(target, checkpoint_id=str(directory))
+    try:
+        dcp.load(target, checkpoint_id=str(directory))
+    except CheckpointException as error:
+        # A tensor whose global shape differs between the two layouts (e.g. an optimizer state
+        # kept per column shard) cannot be resharded: say which, and what still works.
+        cause = next(iter(error.failures.values()))[0] if error.failures else error
+        raise CheckpointError(
+            f"{directory}: written by {state.world_size} worker(s), cannot be restored by "
+            f"{world_size} with this sharding plan: {type(cause).__name__}: {cause}. Resume "
+            f"with --workers {state.world_size}, or pin the tables' sharding types (--sharding) "
+            "to those in its train_state.json"
+        ) from None
     model.load_state_dict(target["model"])
     dense_optimizer.load_state_dict(target["dense_optimizer"])
     model.fused_optimizer.load_state_dict(target["sparse_optimizer"])

@@ -341,9 +341,12 @@ class Worker:
                     directory, self.model, self.dense_optimizer, world_size=self.world
                 )
             state.restarts += 1
+            resharded = (f", resharded from {state.world_size} to {self.world} workers"
+                         if state.world_size != self.world else "")
+            state.world_size = self.world
             self.say(
                 f"resumed from {checkpoint.path}: step {state.global_step}, epoch "
-                f"{state.resume_epoch()} replays from its first batch"
+                f"{state.resume_epoch()} replays from its first batch{resharded}"
             )
         elif self.rank == 0:
             self.say(

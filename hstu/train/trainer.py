@@ -135,9 +135,9 @@ def _latest_run(storage: Path) -> str:
 
 
 def _check_resume(run_dir: Path, workers: int, train_cfg=None) -> None:
-    """Refuse, before Ray starts and before the MLflow run is reopened, a resume with another
-    worker count than the run's latest checkpoint (the sharding plan depends on it), or of a
-    run that has already trained as far as the config asks."""
+    """Refuse, before Ray starts and before the MLflow run is reopened, a resume of a run that
+    has already trained as far as the config asks. Another worker count is fine: the
+    checkpoint is resharded (checkpoint.py)."""
     from hstu.train.checkpoint import TRAIN_STATE_FILE, read_state
 
     checkpoints = sorted(p.parent for p in run_dir.glob(f"checkpoint_*/{TRAIN_STATE_FILE}"))
@@ -156,12 +156,6 @@ def _check_resume(run_dir: Path, workers: int, train_cfg=None) -> None:
                 f"{latest.global_step}, {latest.resume_epoch()} epoch(s)); raise "
                 "train_config.num_epochs or num_steps (--set) to train it further"
             )
-    if latest.world_size != workers:
-        raise TrainSetupError(
-            f"--resume: run {run_dir.name!r} was trained by {latest.world_size} workers "
-            f"({checkpoints[-1].name}); resume it with --workers {latest.world_size}, not "
-            f"{workers} (the sharding plan depends on the worker count)"
-        )
 
 
 def _latest_checkpoint(run_dir: str) -> tuple[str, int | None] | None:

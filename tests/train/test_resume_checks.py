@@ -17,13 +17,12 @@ def make_run(storage, name, world_size):
     (run / "checkpoint_00000004" / "train_state.json").write_text(json.dumps(state))
 
 
-def test_resume_with_another_worker_count_is_refused_up_front(tmp_path):
+def test_resume_with_another_worker_count_is_accepted(tmp_path):
+    # The checkpoint is resharded for the new count (tests/train/test_reshard.py).
     make_run(tmp_path, "r1", world_size=2)
-    options = TrainOptions(recipe="x.config", resume=True, run_name="r1", workers=1)
-    with pytest.raises(TrainSetupError, match="trained by 2 workers.*--workers 2"):
-        resolve_run(options, str(tmp_path), "x")
-    options.workers = 2
-    assert resolve_run(options, str(tmp_path), "x") == ("r1", True)
+    for workers in (1, 2, 3):
+        options = TrainOptions(recipe="x.config", resume=True, run_name="r1", workers=workers)
+        assert resolve_run(options, str(tmp_path), "x") == ("r1", True)
 
 
 def test_resuming_a_complete_run_says_how_to_train_further(tmp_path):

@@ -459,3 +459,38 @@ def test_a_failed_eval_is_marked_failed_in_mlflow_and_on_disk(trained, smoke_dat
         filter_string="attributes.run_name = 'eval-bad'")[0]
     assert run.info.status == "FAILED"
     assert run.data.tags["hstu.error"] == err[-2].removeprefix("launch.py eval: ")
+
+
+@pytest.mark.slow
+def test_the_two_worker_run_resumes_with_one_worker(trained, smoke_data, smoke_recipe, tmp_path,
+                                                    capsys):
+    """--resume with another worker count: the 2-worker checkpoint is resharded for 1 worker,
+    which trains a second epoch (a copy of the run, so that the other tests see it unchanged)."""
+    import shutil
+
+    from hstu.train.trainer import TrainOptions, run_training
+
+    result, _ = trained
+    root = Path(result.run_dir).parents[1]
+    storage = tmp_path / "runs"
+    shutil.copytree(result.run_dir, storage / result.run_name)
+    resumed = run_training(TrainOptions(
+        recipe=smoke_recipe,
+        overrides=[f"data_config.batch_size={BATCH}", "data_config.on_bad_rows=SKIP",
+                   "train_config.num_epochs=2", "train_config.log_step_count_steps=4"],
+        train_paths=[smoke_data["train"], str(root / "extra_train.parquet")],
+        eval_paths=[smoke_data["eval"], str(root / "bad_eval.parquet")],
+        workers=1, storage=str(storage), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        resume=True, run_name=result.run_name, export=False, timeout_s=600))
+    metrics = resumed.metrics
+    # The smoke recipe has drop_remainder: the one worker reads the 66 rows as 8 batches of 8
+    # and drops 2.
+    assert metrics["global_step"] == STEPS + 8
+    assert (metrics["world_size"], metrics["epochs_completed"], metrics["restarts"]) == (1, 2, 1)
+    assert metrics["samples"] == result.metrics["samples"] + 8 * BATCH
+    # Epoch 0's 2 (one per worker), carried by the checkpoint, and epoch 1's 2.
+    assert metrics["train/dropped_rows"] == WORKERS + EXTRA_TRAIN_ROWS
+    assert "resharded from 2 to 1 workers" in capsys.readouterr().out
+    state = json.loads((Path(resumed.checkpoint_path) / "train_state.json").read_text())
+    assert state["world_size"] == 1
+    assert all(not math.isnan(metrics[f"eval/loss/{task}"]) for task in resumed.tasks)
