@@ -1,0 +1,272 @@
+"""Cached HSTU attention in Triton (forward only): delta queries against cached + delta keys.
+
+Same math and mask as hstu.ops.pytorch.cached_attention (which is tested against the full
+hstu_mha): row b is [P_b cached rows; Q_b delta rows]; a program takes one block of delta
+queries of one (row, head) and sums SiLU(alpha q k^T) / S * M over two key ranges, the cached
+keys [0, P_b) and the delta keys [P_b, P_b + Q_b), with the reference mask computed from the
+positions in the whole row (ids: contextual tokens 0, history k+1, every candidate the first
+target id).
+
+Work per program: every cached key tile (a candidate sees the whole history; under a window
+the tiles before the window are skipped), and the delta key tiles up to the block's last query
+(all of them when the block holds contextual queries, which see the whole history). Unlike the
+training kernel (hstu/ops/triton/attention.py) there is no unmasked fast loop and no
+candidate-only shortcut: serving runs few queries (tens to hundreds of new tokens and
+candidates) against a long cache, so the cost is reading the cached keys once per query block.
+
+NOT VERIFIED ON A GPU: the kernel ran only under the Triton CPU interpreter
+(TRITON_INTERPRET=1, tests/ops/triton/test_cached_attention.py, tiny shapes). The launch
+configs below are plausible sizes, not measured ones.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hstu.ops.triton._common import (
+    Tile,
+    choose_tile,
+    dot,
+    fp32_dot_precision,
+    interpreting,
+    seq_len_bucket,
+    tanh_approx,
+    triton_dtype_ok,
+)
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+# Unmeasured (see the module docstring): tuned by timing on first use on a GPU.
+FORWARD_TILES = [Tile(64, 64, 4, 2), Tile(32, 64, 4, 2), Tile(128, 64, 8, 2)]
+INTERPRET_TILE = Tile(16, 16, 4, 1)
+
+
+@triton.jit
+def _silu_scores(qk, alpha, FAST: tl.constexpr):
+    """SiLU(alpha qk), without the 1/S (applied once to the accumulator)."""
+    if FAST:
+        y = qk * (0.5 * alpha)
+        return y * tanh_approx(y) + y
+    else:
+        x = qk * alpha
+        return x / (1.0 + tl.exp2(x * -LOG2E))
+
+
+@triton.jit
+def _mask(qi, kj, length, cs, mx, max_attn_len, HAS_CONTEXT: tl.constexpr,
+          HAS_WINDOW: tl.constexpr):
+    """The reference mask for query positions qi [M, 1] and key positions kj [1, N] of a row of
+    `length` tokens (positions from the row's start, cached rows first)."""
+    id_q = tl.minimum(tl.maximum(qi - cs, 0), mx)
+    id_k = tl.minimum(tl.maximum(kj - cs, 0), mx)
+    dist = id_q - id_k
+    ok = (dist > 0) | (qi == kj)
+    if HAS_WINDOW:
+        ok = ok & (dist <= max_attn_len)
+    if HAS_CONTEXT:
+        ok = ok | ((id_q == 0) & (id_k < mx))
+    return ok & (kj < length) & (qi < length)
+
+
+@triton.jit
+def _key_range(acc, q, K_base, V_base, stride_km, stride_vm, qi, key_offset, lo, hi, limit,
+               length, cs, mx, max_attn_len, alpha, HAS_CONTEXT: tl.constexpr,
+               HAS_WINDOW: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
+               UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
+               BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc + the key tiles [lo, hi) of one key slab (rows >= limit load as zeros); the slab's
+    row r sits at position key_offset + r of the whole row."""
+    cols_qk = tl.arange(0, BLOCK_D_QK)
+    cols_v = tl.arange(0, BLOCK_D_V)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        row_ok = offs_n < limit
+        k = tl.load(K_base + offs_n[:, None] * stride_km + cols_qk[None, :],
+                    mask=row_ok[:, None] & (cols_qk[None, :] < D_QK), other=0.0)
+        qk = dot(q, tl.trans(k), None, PRECISION, UPCAST)
+        p = _silu_scores(qk, alpha, FAST)
+        kj = key_offset + offs_n
+        ok = _mask(qi[:, None], kj[None, :], length, cs, mx, max_attn_len, HAS_CONTEXT,
+                   HAS_WINDOW) & row_ok[None, :]
+        p = tl.where(ok, p, 0.0)
+        v = tl.load(V_base + offs_n[:, None] * stride_vm + cols_v[None, :],
+                    mask=row_ok[:, None] & (cols_v[None, :] < D_V), other=0.0)
+        acc = dot(p.to(v.dtype), v, acc, PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
+def _cached_attn_fwd(Q, K, V, KC, VC, O, seq_offsets, cache_offsets, num_targets,
+                     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh,
+                     stride_kcm, stride_kch, stride_vcm, stride_vch, stride_om, stride_oh,
+                     H, alpha, scale, contextual_seq_len, max_attn_len, num_blocks,
+                     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
+                     HAS_WINDOW: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
+                     UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
+                     BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    block = pid % num_blocks
+    pid_bh = pid // num_blocks
+    b = pid_bh // H
+    h = pid_bh % H
+    q_start = tl.load(seq_offsets + b)
+    q_len = (tl.load(seq_offsets + b + 1) - q_start).to(tl.int32)
+    start_m = block * BLOCK_M
+    if start_m >= q_len:
+        return
+    c_start = tl.load(cache_offsets + b)
+    c_len = (tl.load(cache_offsets + b + 1) - c_start).to(tl.int32)
+    length = c_len + q_len
+    if HAS_TARGETS:
+        hist = length - tl.load(num_targets + b).to(tl.int32)
+    else:
+        hist = length
+    if HAS_CONTEXT:
+        cs = contextual_seq_len - 1
+    else:
+        cs = 0
+    mx = hist - cs
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    qi = c_len + offs_m  # positions in the whole row
+    cols_qk = tl.arange(0, BLOCK_D_QK)
+    Q_row = Q + q_start * stride_qm + h * stride_qh
+    q = tl.load(Q_row + offs_m[:, None] * stride_qm + cols_qk[None, :],
+                mask=(offs_m[:, None] < q_len) & (cols_qk[None, :] < D_QK), other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_D_V], dtype=tl.float32)
+
+    # Cached keys. Under a window a query sees ids >= its id - max_attn_len, and the
+    # contextual keys (id 0, at the front): the tiles between the contextual tiles and the
+    # window of the block's first query (the smallest id in the block) are skipped. Blocks
+    # holding contextual queries see everything.
+    KC_row = KC + c_start * stride_kcm + h * stride_kch
+    VC_row = VC + c_start * stride_vcm + h * stride_vch
+    lo = 0
+    if HAS_WINDOW:
+        first_id = tl.minimum(tl.maximum(c_len + start_m - cs, 0), mx)
+        window_lo = tl.maximum(first_id - max_attn_len + cs, 0)
+        ctx_end = 0
+        if HAS_CONTEXT:
+            window_lo = tl.where(c_len + start_m < contextual_seq_len, 0, window_lo)
+            ctx_end = tl.cdiv(tl.minimum(contextual_seq_len, c_len), BLOCK_N) * BLOCK_N
+            acc = _key_range(acc, q, KC_row, VC_row, stride_kcm, stride_vcm, qi, 0, 0,
+                             ctx_end, c_len, length, cs, mx, max_attn_len, alpha, HAS_CONTEXT,
+                             HAS_WINDOW, FAST, PRECISION, UPCAST, D_QK, D_V, BLOCK_D_QK,
+                             BLOCK_D_V, BLOCK_N)
+        # Whole tiles only, and none the contextual loop already took.
+        lo = tl.maximum((window_lo // BLOCK_N) * BLOCK_N, ctx_end)
+    acc = _key_range(acc, q, KC_row, VC_row, stride_kcm, stride_vcm, qi, 0, lo, c_len, c_len,
+                     length, cs, mx, max_attn_len, alpha, HAS_CONTEXT, HAS_WINDOW, FAST,
+                     PRECISION, UPCAST, D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
+
+    # Delta keys: up to the block's last query, or all of them when the block holds
+    # contextual queries (they see every history key after them).
+    hi = tl.minimum(start_m + BLOCK_M, q_len)
+    if HAS_CONTEXT:
+        hi = tl.where(c_len + start_m < contextual_seq_len, q_len, hi)
+    K_row = K + q_start * stride_km + h * stride_kh
+    V_row = V + q_start * stride_vm + h * stride_vh
+    acc = _key_range(acc, q, K_row, V_row, stride_km, stride_vm, qi, c_len, 0, hi, q_len,
+                     length, cs, mx, max_attn_len, alpha, HAS_CONTEXT, HAS_WINDOW, FAST,
+                     PRECISION, UPCAST, D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
+
+    cols_v = tl.arange(0, BLOCK_D_V)
+    O_row = O + q_start * stride_om + h * stride_oh
+    tl.store(O_row + offs_m[:, None] * stride_om + cols_v[None, :],
+             (acc * scale).to(O.dtype.element_ty),
+             mask=(offs_m[:, None] < q_len) & (cols_v[None, :] < D_V))
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def _check_inputs(q, k, v, k_cache, v_cache, seq_offsets, cache_offsets, num_targets):
+    for name, tensor in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache),
+                         ("v_cache", v_cache)):
+        triton_dtype_ok(tensor, f"hstu_mha_cached: {name}")
+        if tensor.dtype != q.dtype:
+            raise TypeError(f"hstu_mha_cached: {name} is {tensor.dtype}, q is {q.dtype}")
+        if tensor.device != q.device:
+            raise ValueError(f"hstu_mha_cached: {name} is on {tensor.device}, q on {q.device}")
+    for name, tensor in (("seq_offsets", seq_offsets), ("cache_offsets", cache_offsets),
+                         ("num_targets", num_targets)):
+        if tensor is not None and tensor.device != q.device:
+            raise ValueError(f"hstu_mha_cached: {name} is on {tensor.device}, q on {q.device}")
+    if q.device.type != "cuda" and not interpreting():
+        raise RuntimeError("hstu_mha_cached (TRITON) needs CUDA tensors, or TRITON_INTERPRET=1 "
+                           "to run on the CPU")
+
+
+def _last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def hstu_mha_cached(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_offsets: torch.Tensor,
+    *,
+    max_seq_len: int,
+    max_cache_len: int,
+    num_targets: torch.Tensor | None = None,
+    contextual_seq_len: int = 0,
+    max_attn_len: int = 0,
+    alpha: float | None = None,
+    scaling_seqlen: int,
+) -> torch.Tensor:
+    """Triton version of hstu.ops.cached_attention.hstu_mha_cached (same arguments, minus
+    `kernel`). Forward only. Returns a new [sum Q, H, d_v] tensor in v's dtype."""
+    _check_inputs(q, k, v, k_cache, v_cache, seq_offsets, cache_offsets, num_targets)
+    q, k, v, k_cache, v_cache = (_last_dim_contiguous(t) for t in (q, k, v, k_cache, v_cache))
+    if alpha is None:
+        alpha = q.shape[-1] ** -0.5
+    total, heads, d_qk = q.shape
+    d_v = v.shape[2]
+    batch = seq_offsets.numel() - 1
+    out = torch.empty((total, heads, d_v), dtype=v.dtype, device=v.device)
+    if total == 0 or batch == 0:
+        return out
+    if k_cache.shape[0] == 0:
+        # Zero-row tensors may have no storage to point at; any row of the delta will do as a
+        # base pointer, since no cached row is ever loaded (every cached length is 0).
+        k_cache, v_cache = k[:1], v[:1]
+    constants = dict(
+        HAS_TARGETS=num_targets is not None,
+        HAS_CONTEXT=contextual_seq_len > 0,
+        HAS_WINDOW=max_attn_len > 0,
+        FAST=q.dtype != torch.float32 and not interpreting(),
+        PRECISION=fp32_dot_precision() if q.dtype == torch.float32 else "tf32",
+        UPCAST=interpreting(),
+        D_QK=d_qk,
+        D_V=d_v,
+        BLOCK_D_QK=max(16, triton.next_power_of_2(d_qk)),
+        BLOCK_D_V=max(16, triton.next_power_of_2(d_v)),
+    )
+    targets = num_targets if num_targets is not None else seq_offsets  # unread without targets
+
+    def launch(tile: Tile) -> None:
+        num_blocks = triton.cdiv(int(max_seq_len), tile.block_m)
+        _cached_attn_fwd[(num_blocks * batch * heads,)](
+            q, k, v, k_cache, v_cache, out, seq_offsets, cache_offsets, targets,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+            out.stride(0), out.stride(1),
+            heads, float(alpha), 1.0 / float(scaling_seqlen), int(contextual_seq_len),
+            int(max_attn_len), num_blocks,
+            **constants, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+            num_warps=tile.num_warps, num_stages=tile.num_stages,
+        )
+
+    flags = (constants["HAS_TARGETS"], constants["HAS_CONTEXT"], constants["HAS_WINDOW"])
+    key = (str(q.dtype), d_qk, d_v, flags, seq_len_bucket(max_seq_len),
+           seq_len_bucket(max(int(max_cache_len), 1)))
+    tile = choose_tile("cached_attn_fwd", key, FORWARD_TILES, INTERPRET_TILE, launch)
+    launch(tile)
+    return out

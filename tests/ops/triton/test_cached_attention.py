@@ -1,0 +1,82 @@
+"""TRITON hstu_mha_cached against the PYTORCH one (itself tested against the full hstu_mha).
+
+On the CPU the kernel runs under TRITON_INTERPRET=1 (tests/conftest.py) on tiny rows with
+16x16 tiles, so that caches and deltas span several tiles and every loop (contextual tiles,
+window skipping, delta keys) runs. The `gpu` test repeats it at serving size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hstu.ops.pytorch.cached_attention import hstu_mha_cached as torch_cached
+from hstu.ops.pytorch.jagged import offsets_from_lengths
+from hstu.ops.triton._common import Tile, pinned
+from hstu.ops.triton.cached_attention import hstu_mha_cached as triton_cached
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _run(cache_lengths, delta_lengths, targets, *, contextual=0, window=0, heads=2, d_qk=16,
+         d_v=16, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(rows, d):
+        return torch.randn(rows, heads, d, generator=generator).to(dtype).to(DEVICE)
+
+    q, k, v = (rand(sum(delta_lengths), d) for d in (d_qk, d_qk, d_v))
+    kc, vc = rand(sum(cache_lengths), d_qk), rand(sum(cache_lengths), d_v)
+    args = (q, k, v, offsets_from_lengths(torch.tensor(delta_lengths)).to(DEVICE), kc, vc,
+            offsets_from_lengths(torch.tensor(cache_lengths)).to(DEVICE))
+    kwargs = dict(max_seq_len=max(delta_lengths), max_cache_len=max(cache_lengths),
+                  num_targets=None if targets is None else torch.tensor(targets).to(DEVICE),
+                  contextual_seq_len=contextual, max_attn_len=window, alpha=0.25,
+                  scaling_seqlen=50)
+    expected = torch_cached(*[a.double() if a.is_floating_point() else a for a in args], **kwargs)
+    got = triton_cached(*args, **kwargs)
+    return got, expected
+
+
+# (cache lengths, delta lengths, targets, contextual, window)
+CASES = {
+    "candidates_only": ([3 + 40, 3 + 5], [7, 2], [7, 2], 3, 0),
+    "new_history_and_candidates": ([2 + 33, 2 + 17], [10 + 5, 3 + 1], [5, 1], 2, 0),
+    "empty_cache_whole_rows": ([0, 0], [2 + 20 + 4, 2 + 3 + 1], [4, 1], 2, 0),
+    "mixed_empty_and_cached": ([0, 4 + 30], [4 + 12 + 3, 6 + 2], [3, 2], 4, 0),
+    "no_contextual": ([37, 8], [5 + 3, 2], [3, 2], 0, 0),
+    "no_history": ([2, 2], [3, 1], [3, 1], 2, 0),
+    "one_candidate": ([1 + 35], [1], [1], 1, 0),
+    "window_with_contextual": ([3 + 50, 3 + 9], [6 + 4, 3], [4, 3], 3, 7),
+    "window_no_contextual": ([45, 20], [4 + 2, 2], [2, 2], 0, 5),
+    "window_contextual_in_delta": ([0], [3 + 40 + 3], [3], 3, 9),
+    "no_targets": ([20, 3], [6, 9], None, 0, 0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_triton_cached_matches_the_reference(case):
+    cache_lengths, delta_lengths, targets, contextual, window = CASES[case]
+    with pinned(cached_attn_fwd=Tile(16, 16)):
+        got, expected = _run(cache_lengths, delta_lengths, targets, contextual=contextual,
+                             window=window)
+    torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-4)
+
+
+def test_bfloat16_within_rounding():
+    with pinned(cached_attn_fwd=Tile(16, 16)):
+        got, expected = _run([3 + 30], [4 + 3], [3], contextual=3, dtype=torch.bfloat16)
+    # bf16 inputs, float32 accumulation: bf16 output rounding dominates (2^-8 relative).
+    torch.testing.assert_close(got.double(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_head_sizes_below_the_block_width():
+    with pinned(cached_attn_fwd=Tile(16, 16)):
+        got, expected = _run([2 + 20], [5 + 2], [2], contextual=2, d_qk=8, d_v=12)
+    torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_serving_size_on_gpu():
+    got, expected = _run([6 + 4000, 6 + 900], [10 + 100, 100], [100, 100], contextual=6,
+                         heads=4, d_qk=128, d_v=128)
+    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-3)
