@@ -1,6 +1,8 @@
 """`launch.py compare RUN...`: MLflow runs side by side (params that differ, final metrics).
 
-RUN is an MLflow run id or a run name (the Ray run name `launch.py train` printed).
+RUN is an MLflow run id or a run name (the Ray run name `launch.py train` printed). The parent
+run of `train --repeat K` shows each metric as mean ± standard deviation over its seeds (its
+`mean/<key>` and `std/<key>`), on the same row as a single run's value of that metric.
 """
 
 from __future__ import annotations
@@ -50,6 +52,27 @@ def _value(value) -> str:
     return str(value)
 
 
+def _spread_text(mean: float, std: float | None) -> str:
+    if math.isnan(mean):
+        return "nan"
+    if std is None or math.isnan(std):
+        return f"{mean:.4f}"
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def metric_cells(run) -> dict[str, str]:
+    """{metric: text} of one run: its own values, and a --repeat parent's mean/<key> and
+    std/<key> as "mean ± std" under <key>."""
+    metrics = run.data.metrics
+    cells = {key: _value(value) for key, value in metrics.items()
+             if not key.startswith(("mean/", "std/"))}
+    for key, value in metrics.items():
+        if key.startswith("mean/"):
+            base = key.removeprefix("mean/")
+            cells[base] = _spread_text(value, metrics.get(f"std/{base}"))
+    return cells
+
+
 def comparison(runs, *, all_params: bool = False, metric_filter: str = "") -> str:
     """The text `compare` prints for these MLflow Run objects."""
     from hstu.train.progress import table
@@ -60,18 +83,22 @@ def comparison(runs, *, all_params: bool = False, metric_filter: str = "") -> st
         ["status", *[run.info.status for run in runs]],
         ["duration", *[_duration(run) for run in runs]],
     ]
+    if any("hstu.seeds" in run.data.tags for run in runs):
+        overview.append(["seeds (mean ± std)",
+                         *[run.data.tags.get("hstu.seeds", "-") for run in runs]])
     keys = sorted(set().union(*[run.data.params for run in runs]))
     differing = [
         key for key in keys
         if all_params or len({run.data.params.get(key) for run in runs}) > 1
     ]
     params = [[key, *[run.data.params.get(key, "-") for run in runs]] for key in differing]
+    cells = [metric_cells(run) for run in runs]
     metric_keys = sorted(
-        set().union(*[run.data.metrics for run in runs]),
+        set().union(*cells),
         key=lambda k: (not k.startswith("eval/"), k),
     )
     metrics = [
-        [key, *[_value(run.data.metrics[key]) if key in run.data.metrics else "-" for run in runs]]
+        [key, *[run_cells.get(key, "-") for run_cells in cells]]
         for key in metric_keys
         if metric_filter in key
     ]

@@ -52,7 +52,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--show-ray-data-progress", action="store_true",
                         help="show Ray Data's progress bars (hidden by default)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="seeds model initialisation and dropout (default 0)")
+                        help="seeds model initialisation, dropout and the data order; the same "
+                        "seed repeats a CPU run's numbers exactly (default 0)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="export the checkpoint whose evaluation was best by METRIC "
                         "(eval/<kind>/<task>, e.g. auc/is_click or loss/is_like; AUCs count "
                         "higher as better, losses lower) instead of the last one")
+    parser.add_argument("--repeat", type=int, default=None, metavar="K",
+                        help="train K times with seeds --seed .. --seed+K-1, as MLflow child runs "
+                        "of one parent that logs each eval metric's mean and standard deviation")
     parser.add_argument("--sample-log", default=None, metavar="DIR",
                         help="each worker records the sample ids it trains on (delivery audit)")
 
@@ -136,9 +140,27 @@ def report_error(command: str, error: BaseException) -> int:
     return 1
 
 
+def run_repeat(args: argparse.Namespace) -> int:
+    from hstu.train.repeat import run_repeated, summary_text
+
+    try:
+        result = run_repeated(options_from_args(args), args.repeat)
+    except Exception as error:
+        return report_error("train", error)
+    print("\n" + summary_text(result))
+    failed = [run.run_name for run in result.runs if run.export_note.startswith("export failed")]
+    if failed:
+        print(f"launch.py train: training worked, the export of {', '.join(failed)} did not "
+              "(see above)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from hstu.train.trainer import run_training, summary_text
 
+    if args.repeat is not None:
+        return run_repeat(args)
     try:
         result = run_training(options_from_args(args))
     except Exception as error:

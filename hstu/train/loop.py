@@ -369,7 +369,8 @@ class Worker:
         save_epochs = int(train_cfg.save_checkpoints_epochs)
         eval_every = int(train_cfg.eval_every_n_steps)
 
-        batches = self._batches("train", training=True, seed=1000 * self.rank + state.restarts)
+        batches = self._batches("train", training=True,
+                                seed=self.job.seed * 1_000_003 + 1000 * self.rank + state.restarts)
         eval_batches = (
             self._batches("eval", training=False, seed=0) if self.job.has_eval_data else None
         )
