@@ -108,13 +108,17 @@ class ServingModule(nn.Module):
         members = self.groups[group]
         return inputs[members[0]] if members else None
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def encoder_inputs(
+        self, inputs: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor | None]:
+        """The encoder's keyword inputs (ContextualPreprocessor.forward's) from the program's
+        input dict: embedding lookups and the raw groups, in input order (no flip)."""
         contextual = None
         if self.groups["contextual"]:
             contextual = torch.cat(
                 [self._embed(inputs, name) for name in self.groups["contextual"]], dim=1
             )
-        encoder_inputs = {
+        return {
             "contextual": contextual,
             "uih": self._group_values(inputs, "uih"),
             "uih_lengths": inputs[lengths_key(self.uih_sequence)].to(torch.int64),
@@ -125,6 +129,9 @@ class ServingModule(nn.Module):
             "uih_actions": self._raw(inputs, "uih_action"),
             "uih_watch_times": self._raw(inputs, "uih_watchtime"),
         }
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        encoder_inputs = self.encoder_inputs(inputs)
         per_task = score_candidates(
             self.encoder, self.item_tower, self.fusion_tower, encoder_inputs,
             ascending=self.ascending,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from hstu.ops import Kernel, hstu_mha, stu_postprocess, stu_preprocess
+from hstu.ops.cached_attention import hstu_mha_cached
 
 
 class STULayer(nn.Module):
@@ -114,6 +115,88 @@ class STULayer(nn.Module):
         )
 
 
+    def cached_forward(
+        self,
+        x: torch.Tensor,
+        seq_offsets: torch.Tensor,
+        max_seq_len: int,
+        num_targets: torch.Tensor,
+        k_cache: torch.Tensor | None,
+        v_cache: torch.Tensor | None,
+        cache_offsets: torch.Tensor | None,
+        max_cache_len: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inference on the last rows of each row ("delta"), with the first rows' keys and
+        values given (the cache) instead of recomputed.
+
+        x [sum Q, D]: this layer's input for the delta rows; seq_offsets [B+1] over them;
+        num_targets [B]: candidates at the end of each delta. k_cache [sum P, H, d_qk],
+        v_cache [sum P, H, d_v], cache_offsets [B+1]: this layer's keys and values of the
+        first P_b rows of row b (None, or max_cache_len 0: no row has a cache, the delta is the
+        whole row). Returns (output [sum Q, D], k [sum Q, H, d_qk], v [sum Q, H, d_v]): the
+        delta rows' output, and their keys and values (what a cache of them would hold).
+
+        The output equals forward()'s for those rows whenever the cache holds what forward()
+        would compute for the first rows: rows never attend to later rows, except contextual
+        tokens (which see the whole history) and nothing attends to candidates but themselves
+        (hstu/modules/kv_cache.py works out when that holds). Eval mode only: there is no
+        dropout here, and the cached attention has no backward.
+        """
+        if self.training:
+            raise RuntimeError("STULayer.cached_forward is for inference: call .eval() first")
+        u, q, k, v = stu_preprocess(
+            x,
+            self.input_norm_weight,
+            self.input_norm_bias,
+            self.norm_eps,
+            self.uvqk_weight,
+            self.uvqk_bias,
+            num_heads=self.num_heads,
+            attention_dim=self.attention_dim,
+            hidden_dim=self.hidden_dim,
+            kernel=self.kernel,
+        )
+        if k_cache is None or max_cache_len == 0:
+            # Nothing cached: the delta rows are whole rows, and the training kernel applies.
+            attn = hstu_mha(
+                q, k, v, seq_offsets,
+                max_seq_len=max_seq_len,
+                num_targets=num_targets,
+                contextual_seq_len=self.contextual_seq_len,
+                max_attn_len=self.max_attn_len,
+                alpha=self.attn_alpha,
+                scaling_seqlen=self.scaling_seqlen,
+                kernel=self.kernel,
+            )
+        else:
+            attn = hstu_mha_cached(
+                q, k, v, seq_offsets, k_cache, v_cache, cache_offsets,
+                max_seq_len=max_seq_len,
+                max_cache_len=max_cache_len,
+                num_targets=num_targets,
+                contextual_seq_len=self.contextual_seq_len,
+                max_attn_len=self.max_attn_len,
+                alpha=self.attn_alpha,
+                scaling_seqlen=self.scaling_seqlen,
+                kernel=self.kernel,
+            )
+        out = stu_postprocess(
+            attn.reshape(attn.shape[0], -1),
+            u,
+            x,
+            self.output_norm_weight,
+            self.output_norm_bias,
+            self.norm_eps,
+            self.output_weight,
+            num_heads=self.num_heads,
+            dropout_ratio=self.output_dropout_ratio,
+            training=False,
+            group_norm=self.use_group_norm,
+            kernel=self.kernel,
+        )
+        return out, k, v
+
+
 class STUStack(nn.Module):
     """attn_num_layers STU layers in sequence; no norm after the last (the postprocessor's job)."""
 
@@ -131,3 +214,27 @@ class STUStack(nn.Module):
         for layer in self.layers:
             x = layer(x, seq_offsets, max_seq_len, num_targets)
         return x
+
+    def cached_forward(
+        self,
+        x: torch.Tensor,
+        seq_offsets: torch.Tensor,
+        max_seq_len: int,
+        num_targets: torch.Tensor,
+        caches: list[tuple[torch.Tensor, torch.Tensor]] | None,
+        cache_offsets: torch.Tensor | None,
+        max_cache_len: int,
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """STULayer.cached_forward through every layer: caches holds one (k, v) per layer
+        (None: nothing cached). Returns the delta rows' output and, per layer, their (k, v)."""
+        if caches is not None and len(caches) != len(self.layers):
+            raise ValueError(f"{len(caches)} cached layers for a stack of {len(self.layers)}")
+        delta_kv = []
+        for index, layer in enumerate(self.layers):
+            k_cache, v_cache = caches[index] if caches is not None else (None, None)
+            x, k, v = layer.cached_forward(
+                x, seq_offsets, max_seq_len, num_targets, k_cache, v_cache, cache_offsets,
+                max_cache_len,
+            )
+            delta_kv.append((k, v))
+        return x, delta_kv

@@ -1,0 +1,418 @@
+"""KV-cached incremental encoding for serving: a user's history is encoded once, its keys and
+values kept per STU layer, and later requests run only their new tokens (new actions and the
+candidates) through the encoder, attending to the cached keys.
+
+What a row looks like (reference 2.4-2.9): [c contextual; n history; t candidates]. What each
+token's layer-0 input depends on, and so what may be cached:
+
+- content + action embeddings: the token's own features, and the contextual input
+  (parameterized_mlp). Per token; nothing to do with the rest of the row.
+- position: counted from the END of the history (pos = c + n - k for history token k, c for
+  every candidate, 0..c-1 for contextual tokens) when use_time_encoding is on, as in
+  TorchEasyRec. A new action therefore moves EVERY cached history token by one position.
+  Without time encoding the positions count from the start and stay put.
+- time bucket: of (query time - token time), the query time being the row's last candidate's.
+  A later request moves every bucket whose boundary it crosses (recent tokens most often:
+  bucket k of the sqrt scheme covers 60(2k+1) seconds).
+
+And what each token's deeper layers see (mask, reference 2.7): history tokens see contextual
+tokens, earlier history and themselves; candidates see contextual + history + themselves;
+contextual tokens see contextual + the WHOLE history. So a history token's state at layer l
+depends on later tokens only through the contextual tokens' states at layers < l, which do
+depend on every history token, new ones included.
+
+Hence (`reuse_is_exact`): reusing a cache is exact iff every cached token's layer-0 input is
+unchanged (same contextual input, same history, same positions and time buckets) and, when new
+tokens are appended, no cached state depends on them (no contextual tokens, or one layer). For
+DlrmHSTU as configured in this project's recipes (time encoding, contextual tokens, 2-3 layers)
+that means: candidates of a request can be scored against the cache exactly (and in as many
+calls as one likes) while the history and every time bucket are unchanged; any new action
+changes every cached position and every contextual state, so an exact answer needs the history
+re-encoded. hstu/export/cached.py offers both: an exact mode that re-encodes whenever reuse
+would not be exact, and an incremental mode that appends new actions to the stale cache, with
+a bound on the staleness, whose scores differ from full recomputation (measured, not bounded
+analytically: docs/serving.md).
+
+Computing the new tokens exactly as a full pass would, given the cache: the delta rows
+(new history tokens and candidates, plus the contextual tokens when nothing is cached) go
+through the model's own preprocessor; their positions and time buckets are those of the whole
+("virtual") row, computed from index arithmetic over it (cheap: integers, O(row length)); the
+STU layers run `STULayer.cached_forward` (queries: the delta rows; keys: cache + delta).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Hashable, Sequence
+
+import torch
+from torch import nn
+
+from hstu.ops.pytorch.dtypes import upcast
+from hstu.ops.pytorch.jagged import offsets_from_lengths
+from hstu.ops.pytorch.position import position_indices, time_bucket_indices
+
+
+class CacheEntry:
+    """One user's cached prefix: per STU layer the keys [P, H, d_qk] and values [P, H, d_v] of
+    its c contextual and n history tokens (P = c + n), and what decides whether they can be
+    reused: the history's timestamps, the query time they were encoded for, the contextual
+    input, and whether they are still exactly what a full pass would compute.
+
+    Keys and values live in buffers with spare room at the end, so that appending a few tokens
+    copies those tokens, not the whole history (a 4K-token history of the 27K recipe is
+    48 MB of float32 keys and values)."""
+
+    GROWTH = 1.5  # buffer capacity factor on append
+
+    def __init__(
+        self,
+        layers_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        *,
+        contextual_seq_len: int,
+        history_timestamps: torch.Tensor,
+        anchor: int,
+        contextual: torch.Tensor | None,
+        signature: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.keys = [k.contiguous() for k, _ in layers_kv]
+        self.values = [v.contiguous() for _, v in layers_kv]
+        self.length = int(self.keys[0].shape[0]) if self.keys else 0
+        self.contextual_seq_len = contextual_seq_len
+        self.history_timestamps = history_timestamps.to(torch.int64).cpu()
+        # The query time of the last full encode (positions and buckets of the cached tokens
+        # are those of that pass until an inexact append).
+        self.anchor = int(anchor)
+        self.encoded_anchor = int(anchor)
+        self.contextual = None if contextual is None else contextual.detach().cpu().clone()
+        # Raw history inputs (per feature), to recognise a request whose history extends this
+        # one (hstu/export/cached.py); kept on the CPU, a few bytes per token.
+        self.signature = {k: v.cpu() for k, v in (signature or {}).items()}
+        self.exact = True  # equal to a full pass over its history at `anchor`
+        self.stale_tokens = 0  # tokens appended inexactly since the last full encode
+        if self.length != self.contextual_seq_len + self.history_length:
+            raise ValueError(
+                f"cache of {self.length} rows for {contextual_seq_len} contextual and "
+                f"{self.history_length} history tokens"
+            )
+
+    @property
+    def history_length(self) -> int:
+        return int(self.history_timestamps.shape[0])
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached (keys, values) of layer `index`: views of the first `length` rows."""
+        return self.keys[index][: self.length], self.values[index][: self.length]
+
+    def append(
+        self,
+        layers_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        timestamps: torch.Tensor,
+        signature: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Add new history tokens' keys and values (one (k, v) [m, H, d] per layer)."""
+        added = int(timestamps.shape[0])
+        if added == 0:
+            return
+        needed = self.length + added
+        for index, (k, v) in enumerate(layers_kv):
+            if k.shape[0] != added or v.shape[0] != added:
+                raise ValueError(f"layer {index}: {k.shape[0]} keys for {added} new tokens")
+            for buffers, new in ((self.keys, k), (self.values, v)):
+                buffer = buffers[index]
+                if buffer.shape[0] < needed:
+                    capacity = max(needed, int(buffer.shape[0] * self.GROWTH))
+                    grown = buffer.new_empty((capacity, *buffer.shape[1:]))
+                    grown[: self.length] = buffer[: self.length]
+                    buffers[index] = buffer = grown
+                buffer[self.length:needed] = new
+        self.length = needed
+        self.history_timestamps = torch.cat([self.history_timestamps, timestamps.cpu()])
+        if signature:
+            for name, values in signature.items():
+                self.signature[name] = torch.cat([self.signature[name], values.cpu()])
+
+    def nbytes(self) -> int:
+        total = sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        total += self.history_timestamps.numel() * 8
+        total += sum(t.numel() * t.element_size() for t in self.signature.values())
+        if self.contextual is not None:
+            total += self.contextual.numel() * self.contextual.element_size()
+        return total
+
+
+@dataclasses.dataclass
+class CacheStats:
+    entries: int = 0
+    bytes: int = 0
+    evictions: int = 0
+    rejected: int = 0  # entries larger than the whole budget: never stored
+
+
+class KVCacheStore:
+    """Cache entries by user key, bounded in bytes (keys + values + the small metadata).
+
+    Eviction: least recently used first. `get` and `put` make an entry the most recent; when a
+    `put` takes the total over `max_bytes`, the least recently used OTHER entries go, whole,
+    until it fits. An entry larger than the whole budget is not stored (counted in
+    stats.rejected); its user is encoded from scratch on every request. Call `put` again after
+    growing an entry (append), so that its new size counts."""
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"the cache needs a positive byte budget, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self._entries: collections.OrderedDict[Hashable, CacheEntry] = collections.OrderedDict()
+        self._sizes: dict[Hashable, int] = {}
+        self.stats = CacheStats()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
+    def get(self, key: Hashable) -> CacheEntry | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def pop(self, key: Hashable) -> None:
+        if key in self._entries:
+            del self._entries[key]
+            self.stats.bytes -= self._sizes.pop(key)
+            self.stats.entries = len(self._entries)
+
+    def put(self, key: Hashable, entry: CacheEntry) -> bool:
+        """Store (or re-account) `entry`; False when it is larger than the whole budget."""
+        self.pop(key)
+        size = entry.nbytes()
+        if size > self.max_bytes:
+            self.stats.rejected += 1
+            return False
+        while self.stats.bytes + size > self.max_bytes and self._entries:
+            oldest = next(iter(self._entries))
+            self.pop(oldest)
+            self.stats.evictions += 1
+        self._entries[key] = entry
+        self._sizes[key] = size
+        self.stats.bytes += size
+        self.stats.entries = len(self._entries)
+        return True
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+def _prefix_indices(positional_encoder, contextual_seq_len: int, history_timestamps: torch.Tensor,
+                    history_length: int, new_tokens: int, anchor: int):
+    """(position index, time bucket or None) of the first c + history_length tokens of a row
+    of c contextual, history_length + new_tokens history tokens and one candidate queried at
+    `anchor`: what a full pass would give the cached tokens."""
+    c = contextual_seq_len
+    length = c + history_length + new_tokens + 1
+    offsets = torch.tensor([0, length], dtype=torch.int64)
+    targets = torch.ones(1, dtype=torch.int64)
+    positions = position_indices(
+        offsets, targets, length, contextual_seq_len=c,
+        num_position_buckets=positional_encoder.position_table.shape[0],
+        use_time_encoding=positional_encoder.use_time_encoding,
+    )[: c + history_length]
+    if not positional_encoder.use_time_encoding:
+        return positions, None
+    # Only the cached tokens' and the anchor's times matter to their buckets.
+    timestamps = torch.cat([
+        torch.zeros(c, dtype=torch.int64), history_timestamps[:history_length],
+        torch.full((new_tokens + 1,), int(anchor), dtype=torch.int64),
+    ])
+    buckets = time_bucket_indices(
+        offsets, timestamps, time_bucket_fn=positional_encoder.time_bucket_fn,
+        time_bucket_increments=positional_encoder.time_bucket_increments,
+        num_time_buckets=positional_encoder.num_time_buckets,
+    )[: c + history_length]
+    return positions, buckets
+
+
+def reuse_is_exact(encoder: nn.Module, entry: CacheEntry, new_tokens: int, anchor: int, *,
+                   bidirectional_tokens: int | None = None) -> bool:
+    """Would appending `new_tokens` history tokens and scoring candidates queried at `anchor`
+    against `entry` give exactly the scores of a full pass? (The caller has checked that the
+    request's contextual input and first history tokens are the cached ones.)
+
+    Yes iff the entry is exact, every cached token keeps its position and time bucket, and
+    no cached state depends on the new tokens: contextual tokens attend to the whole history,
+    so from the second layer on their state (and every history token's, through them) moves
+    with any new token, unless there are no contextual tokens or only one layer.
+    bidirectional_tokens: how many leading tokens the attention treats as contextual (default
+    the cached contextual tokens; an STU contextual_seq_len set apart from the preprocessor's
+    may make it more)."""
+    if not entry.exact:
+        return False
+    layers = len(encoder.stu_stack.layers)
+    if bidirectional_tokens is None:
+        bidirectional_tokens = entry.contextual_seq_len
+    if new_tokens > 0 and bidirectional_tokens > 0 and layers > 1:
+        return False
+    positional = encoder.positional_encoder
+    n = entry.history_length
+    old_pos, old_buckets = _prefix_indices(positional, entry.contextual_seq_len,
+                                           entry.history_timestamps, n, 0, entry.anchor)
+    new_pos, new_buckets = _prefix_indices(positional, entry.contextual_seq_len,
+                                           entry.history_timestamps, n, new_tokens, anchor)
+    if not torch.equal(old_pos, new_pos):
+        return False
+    return old_buckets is None or torch.equal(old_buckets, new_buckets)
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+@dataclasses.dataclass
+class CachedEncoding:
+    """What `cached_encode` returns for a batch of B rows."""
+
+    candidates: torch.Tensor  # [sum t, D]: the postprocessed candidate encodings, batch order
+    # Per layer (k, v) of the rows to add to each row's cache: the contextual + history tokens
+    # of rows encoded from scratch, the new history tokens of rows with a cache; jagged over
+    # `prefix_offsets` [B+1].
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]
+    prefix_offsets: torch.Tensor
+
+
+def _virtual_timestamps(cached: Sequence[CacheEntry | None], delta_timestamps: torch.Tensor,
+                        delta_lengths: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """Per row: [cached tokens' timestamps (contextual 0s, history); the delta's]; and the
+    cached lengths P_b."""
+    parts, cache_lengths = [], []
+    start = 0
+    for entry, length in zip(cached, delta_lengths):
+        if entry is not None:
+            parts.append(torch.zeros(entry.contextual_seq_len, dtype=torch.int64))
+            parts.append(entry.history_timestamps.to(delta_timestamps.device))
+            cache_lengths.append(entry.length)
+        else:
+            cache_lengths.append(0)
+        parts.append(delta_timestamps[start:start + length])
+        start += length
+    device = delta_timestamps.device
+    return torch.cat([p.to(device) for p in parts]), cache_lengths
+
+
+def _add_virtual_positions(positional_encoder, embeddings, delta_offsets, delta_lengths,
+                           delta_timestamps, num_targets, cached, contextual_seq_len):
+    """x * sqrt(D) + P[pos] (+ T[bucket]) for the delta tokens, with pos and bucket those of
+    their place in the whole row (hstu.ops.position's formula; indices from the PyTorch
+    helpers over the virtual row, the add as the PYTORCH op computes it, in float32)."""
+    virtual_ts, cache_lengths = _virtual_timestamps(cached, delta_timestamps, delta_lengths)
+    device = embeddings.device
+    cache_lengths_t = torch.tensor(cache_lengths, dtype=torch.int64, device=device)
+    delta_lengths_t = torch.tensor(delta_lengths, dtype=torch.int64, device=device)
+    virtual_offsets = offsets_from_lengths(cache_lengths_t + delta_lengths_t)
+    total = int(virtual_offsets[-1])
+    positions = position_indices(
+        virtual_offsets, num_targets, total, contextual_seq_len=contextual_seq_len,
+        num_position_buckets=positional_encoder.position_table.shape[0],
+        use_time_encoding=positional_encoder.use_time_encoding,
+    )
+    # Delta token r of row b sits at virtual index virtual_offsets[b] + P_b + r.
+    rows = torch.repeat_interleave(torch.arange(len(delta_lengths), device=device),
+                                   delta_lengths_t, output_size=embeddings.shape[0])
+    within = torch.arange(embeddings.shape[0], device=device) - delta_offsets[rows]
+    index = virtual_offsets[rows] + cache_lengths_t[rows] + within
+    out = upcast(embeddings) * positional_encoder.alpha
+    out = out + upcast(positional_encoder.position_table[positions[index]])
+    if positional_encoder.use_time_encoding:
+        buckets = time_bucket_indices(
+            virtual_offsets, virtual_ts, time_bucket_fn=positional_encoder.time_bucket_fn,
+            time_bucket_increments=positional_encoder.time_bucket_increments,
+            num_time_buckets=positional_encoder.num_time_buckets,
+        )
+        out = out + upcast(positional_encoder.time_table[buckets[index]])
+    return out.to(embeddings.dtype), cache_lengths
+
+
+def _take_rows(values: torch.Tensor, offsets: torch.Tensor, starts: torch.Tensor,
+               ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [starts[b], ends[b]) of each jagged row b (counted inside the row), jagged."""
+    lengths = (ends - starts).clamp(min=0)
+    new_offsets = offsets_from_lengths(lengths)
+    total = int(new_offsets[-1])
+    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths,
+                                   output_size=total)
+    within = torch.arange(total, device=values.device) - new_offsets[rows]
+    return values[offsets[rows] + starts[rows] + within], new_offsets
+
+
+def cached_encode(
+    encoder: nn.Module,
+    cached: Sequence[CacheEntry | None],
+    **preprocessor_inputs: torch.Tensor | None,
+) -> CachedEncoding:
+    """The HSTUTransducer's forward for B rows of which some have a cache.
+
+    preprocessor_inputs: ContextualPreprocessor.forward's keyword inputs, where the history of
+    a row with a cache (cached[b] not None) holds only its NEW tokens (those after the cached
+    history), and the history of a row without one holds its whole history. Every row needs
+    at least one candidate. Returns the candidates' encodings (what HSTUTransducer.forward
+    returns) and the keys and values to add to each row's cache.
+
+    Whether the result equals a full pass is the caller's business (`reuse_is_exact`): this
+    computes the new tokens exactly as the full pass would given the cached keys and values.
+    """
+    if encoder.training:
+        raise RuntimeError("cached_encode is for inference: call .eval() first")
+    encoder_input = encoder.preprocessor(**preprocessor_inputs)
+    c = encoder_input.contextual_seq_len
+    num_targets = encoder_input.num_targets
+    batch = num_targets.shape[0]
+    if len(cached) != batch:
+        raise ValueError(f"{len(cached)} cache entries for {batch} rows")
+    device = encoder_input.embeddings.device
+    has_cache = torch.tensor([entry is not None for entry in cached], device=device)
+    row_lengths = encoder_input.offsets[1:] - encoder_input.offsets[:-1]
+    # A row with a cache drops its contextual tokens: their keys and values are cached.
+    starts = torch.where(has_cache, torch.full_like(row_lengths, c), torch.zeros_like(row_lengths))
+    embeddings, delta_offsets = _take_rows(encoder_input.embeddings, encoder_input.offsets,
+                                           starts, row_lengths)
+    timestamps, _ = _take_rows(encoder_input.timestamps.unsqueeze(1), encoder_input.offsets,
+                               starts, row_lengths)
+    delta_lengths = (delta_offsets[1:] - delta_offsets[:-1]).tolist()
+    x, cache_lengths = _add_virtual_positions(
+        encoder.positional_encoder, embeddings, delta_offsets, delta_lengths,
+        timestamps.squeeze(1), num_targets, cached, c,
+    )
+    x = encoder.input_dropout(x)
+
+    layers = len(encoder.stu_stack.layers)
+    max_cache_len = max(cache_lengths) if cache_lengths else 0
+    caches = cache_offsets = None
+    if max_cache_len > 0:
+        cache_offsets = offsets_from_lengths(torch.tensor(cache_lengths, device=device))
+        caches = []
+        present = [entry for entry in cached if entry is not None]
+        for index in range(layers):
+            pairs = [entry.layer(index) for entry in present]
+            if len(pairs) == 1:
+                caches.append(pairs[0])  # no copy for one cached row
+            else:
+                caches.append((torch.cat([k for k, _ in pairs]), torch.cat([v for _, v in pairs])))
+    max_delta_len = max(delta_lengths) if delta_lengths else 0
+    x, delta_kv = encoder.stu_stack.cached_forward(
+        x, delta_offsets, max_delta_len, num_targets, caches, cache_offsets, max_cache_len,
+    )
+    delta_len_t = delta_offsets[1:] - delta_offsets[:-1]
+    prefix_ends = delta_len_t - num_targets
+    zeros = torch.zeros_like(prefix_ends)
+    candidates, _ = _take_rows(x, delta_offsets, prefix_ends, delta_len_t)
+    prefix_kv = []
+    prefix_offsets = None
+    for k, v in delta_kv:
+        new_k, prefix_offsets = _take_rows(k, delta_offsets, zeros, prefix_ends)
+        new_v, _ = _take_rows(v, delta_offsets, zeros, prefix_ends)
+        prefix_kv.append((new_k, new_v))
+    if prefix_offsets is None:
+        prefix_offsets = offsets_from_lengths(prefix_ends)
+    encodings = encoder.postprocessor(candidates, preprocessor_inputs["candidate_timestamps"])
+    return CachedEncoding(candidates=encodings, prefix_kv=prefix_kv, prefix_offsets=prefix_offsets)

@@ -1,0 +1,359 @@
+"""Cached scoring (hstu/export/cached.py, hstu/modules/kv_cache.py) against full recomputation
+(ServingModule, the same module the export traces) on request streams of the smoke model.
+
+Every exact-mode score is compared with ServingModule's on the same request: first requests
+(encode), repeated requests (cache reuse), new candidates, new actions, a moved query time,
+edited histories, with contextual tokens, without them, with a window (max_attn_len), with no
+history, with one candidate, newest-first rows, and the TRITON cached kernel. The incremental
+mode's difference from full scores is measured and must stay within the tolerance that its
+documentation states for this model."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ATOL = 2e-6  # float32 rounding of a differently ordered sum; scores are in [0, 1]
+HISTORY, CANDIDATES = 60, 5
+
+
+def build_serving(overrides=(), *, drop_contextual=False, seed=0):
+    from hstu.config import feature_specs, label_specs
+    from hstu.config.loader import load_config_text
+    from hstu.export.serving import ServingModule
+    from hstu.model import DlrmHSTU
+
+    text = (REPO_ROOT / "recipes" / "smoke.config").read_text()
+    if drop_contextual:
+        text, count = re.subn(r'feature_groups \{\s*group_name: "contextual".*?\n    \}\n', "",
+                              text, flags=re.S)
+        assert count == 1
+    cfg = load_config_text(text, "smoke.config", overrides)
+    torch.manual_seed(seed)
+    model = DlrmHSTU(cfg, feature_specs(cfg), label_specs(cfg))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter.float()).to(parameter.dtype) * 0.05)
+        # The random position and time tables are small next to x * sqrt(D); scaled up so that
+        # a wrong position or bucket shows in the scores.
+        model.encoder.positional_encoder.position_table.mul_(30)
+        if model.encoder.positional_encoder.time_table is not None:
+            model.encoder.positional_encoder.time_table.mul_(30)
+    return ServingModule(model).eval()
+
+
+class User:
+    """A user's whole action log (ids, actions, watch times, timestamps) and profile, from
+    which requests with the first n actions are cut."""
+
+    def __init__(self, serving, user_id, seed, length=HISTORY):
+        generator = torch.Generator().manual_seed(seed)
+        self.serving = serving
+        self.user_id = user_id
+        self.video = torch.randint(0, 1000, (length,), generator=generator)
+        self.action = torch.randint(0, 256, (length,), generator=generator)
+        self.watch = torch.rand(length, generator=generator) * 100
+        gaps = torch.randint(1, 3000, (length,), generator=generator)
+        self.time = 1_650_000_000 + torch.cumsum(gaps, 0)
+        self.profile = torch.randint(0, 5, (5,), generator=generator)
+
+    def request(self, n, candidates, query_time=None, *, start=0):
+        """One row: history actions [start, n), the given candidate ids, one query time (by
+        default 10 minutes after the last action)."""
+        if query_time is None:
+            last = int(self.time[n - 1]) if n > 0 else 1_650_000_000
+            query_time = last + 600
+        candidates = torch.as_tensor(candidates, dtype=torch.int64)
+        row = {
+            "uih_seq__video_id": self.video[start:n],
+            "uih_seq__action_weight": self.action[start:n],
+            "uih_seq__watch_time": self.watch[start:n].float(),
+            "uih_seq__action_timestamp": self.time[start:n],
+            "cand_seq__video_id": candidates,
+            "cand_seq__query_time": torch.full((candidates.numel(),), int(query_time)),
+            "user_id": torch.tensor([self.user_id]),
+        }
+        for name, value in zip(("user_active_degree", "follow_user_num_range",
+                                "fans_user_num_range", "friend_user_num_range",
+                                "register_days_range"), self.profile):
+            row[name] = value.view(1)
+        return {name: value for name, value in row.items() if name in self.serving.features}
+
+
+def batch(*rows):
+    """The serving input dict of several rows."""
+    out = {name: torch.cat([row[name] for row in rows]) for name in rows[0]}
+    out["uih_seq.lengths"] = torch.tensor([row["uih_seq__video_id"].numel() for row in rows])
+    out["cand_seq.lengths"] = torch.tensor([row["cand_seq__video_id"].numel() for row in rows])
+    return out
+
+
+def full_scores(serving, inputs):
+    with torch.no_grad():
+        return serving(inputs)
+
+
+def assert_equal_scores(got, expected, atol=ATOL):
+    assert got.keys() == expected.keys()
+    for task in expected:
+        torch.testing.assert_close(got[task], expected[task], atol=atol, rtol=0,
+                                   msg=lambda m: f"task {task}: {m}")
+
+
+def max_difference(got, expected):
+    return max(float((got[t] - expected[t]).abs().max()) for t in expected)
+
+
+@pytest.fixture(scope="module")
+def smoke_serving():
+    return build_serving()
+
+
+def cached(serving, **policy):
+    from hstu.export.cached import CachedServing, CachePolicy
+
+    return CachedServing(serving, CachePolicy(**policy))
+
+
+def test_first_request_then_reuse_equal_full_scores(smoke_serving):
+    users = [User(smoke_serving, 11, 1), User(smoke_serving, 12, 2), User(smoke_serving, 13, 3)]
+    requests = batch(users[0].request(40, [5, 6, 7, 8, 9]),
+                     users[1].request(0, [1, 2]),  # no history
+                     users[2].request(25, [3]))  # one candidate
+    expected = full_scores(smoke_serving, requests)
+    scorer = cached(smoke_serving)
+    assert_equal_scores(scorer.score(requests, [11, 12, 13]), expected)
+    assert scorer.counters.no_entry == 3 and scorer.counters.encoded == 3
+    # The same requests again: scored from the cache.
+    assert_equal_scores(scorer.score(requests, [11, 12, 13]), expected)
+    assert scorer.counters.reused_exact == 3
+    # Other candidates at the same query time: still exact from the cache.
+    query = int(requests["cand_seq__query_time"][0])
+    other = batch(users[0].request(40, [100, 200, 300], query))
+    assert_equal_scores(scorer.score(other, [11]), full_scores(smoke_serving, other))
+    assert scorer.counters.reused_exact == 4
+
+
+def test_candidates_in_several_calls_equal_one_call(smoke_serving):
+    user = User(smoke_serving, 21, 4)
+    everything = batch(user.request(50, list(range(10, 40))))
+    expected = full_scores(smoke_serving, everything)
+    scorer = cached(smoke_serving)
+    query = int(everything["cand_seq__query_time"][0])
+    parts = []
+    for chunk in (range(10, 20), range(20, 30), range(30, 40)):
+        request = batch(user.request(50, list(chunk), query))
+        parts.append(scorer.score(request, [21]))
+    got = {task: torch.cat([part[task] for part in parts]) for task in expected}
+    assert_equal_scores(got, expected)
+    assert scorer.counters.encoded == 1 and scorer.counters.reused_exact == 2
+
+
+def test_new_actions_in_exact_mode_re_encode_and_stay_exact(smoke_serving):
+    user = User(smoke_serving, 31, 5)
+    scorer = cached(smoke_serving, mode="exact")
+    scorer.score(batch(user.request(40, [1, 2, 3])), [31])
+    request = batch(user.request(50, [4, 5, 6]))
+    assert_equal_scores(scorer.score(request, [31]), full_scores(smoke_serving, request))
+    # contextual tokens + 2 layers + positions counted from the end: never exact to append
+    assert scorer.counters.not_exact == 1 and scorer.counters.encoded == 2
+
+
+def test_moved_query_time_reuses_only_when_every_bucket_stays(smoke_serving):
+    from hstu.modules.kv_cache import reuse_is_exact
+
+    user = User(smoke_serving, 41, 6)
+    scorer = cached(smoke_serving, mode="exact")
+    first = batch(user.request(30, [7, 8]))
+    scorer.score(first, [41])
+    query = int(first["cand_seq__query_time"][0])
+    entry = scorer.store.get(41)
+    # The newest action is 600 s old: bucket floor(sqrt(600 / 60)) = 3 until 960 s.
+    assert reuse_is_exact(smoke_serving.encoder, entry, 0, query + 100)
+    assert not reuse_is_exact(smoke_serving.encoder, entry, 0, query + 400)
+    for moved in (query + 100, query + 400):
+        request = batch(user.request(30, [7, 8], moved))
+        assert_equal_scores(scorer.score(request, [41]), full_scores(smoke_serving, request))
+    assert scorer.counters.reused_exact == 1 and scorer.counters.not_exact == 1
+
+
+def test_changed_history_or_profile_re_encodes(smoke_serving):
+    user = User(smoke_serving, 51, 7)
+    scorer = cached(smoke_serving, mode="incremental")
+    scorer.score(batch(user.request(30, [1, 2])), [51])
+    # The history now starts later (a length cap dropped its oldest actions).
+    request = batch(user.request(35, [1, 2], start=5))
+    assert_equal_scores(scorer.score(request, [51]), full_scores(smoke_serving, request))
+    assert scorer.counters.history_changed == 1
+    # An edited action inside the cached history.
+    user.action[10] = (user.action[10] + 1) % 256
+    request = batch(user.request(35, [1, 2], start=5))
+    assert_equal_scores(scorer.score(request, [51]), full_scores(smoke_serving, request))
+    assert scorer.counters.history_changed == 2
+    user.profile[0] = (user.profile[0] + 1) % 5
+    request = batch(user.request(35, [1, 2], start=5))
+    assert_equal_scores(scorer.score(request, [51]), full_scores(smoke_serving, request))
+    assert scorer.counters.history_changed == 3
+
+
+def test_window_max_attn_len():
+    serving = build_serving(["model_config.dlrm_hstu.hstu.stu.max_attn_len=7"], seed=1)
+    users = [User(serving, 61, 8), User(serving, 62, 9)]
+    requests = batch(users[0].request(45, [1, 2, 3]), users[1].request(4, [5]))
+    expected = full_scores(serving, requests)
+    scorer = cached(serving)
+    assert_equal_scores(scorer.score(requests, [61, 62]), expected)
+    assert_equal_scores(scorer.score(requests, [61, 62]), expected)
+    assert scorer.counters.reused_exact == 2
+
+
+def test_exact_append_without_contextual_tokens_or_time_encoding():
+    # Positions count from the start without time encoding, and with no contextual token no
+    # cached state depends on later tokens: appending is exact.
+    serving = build_serving(
+        ["model_config.dlrm_hstu.hstu.positional_encoder.use_time_encoding=false"],
+        drop_contextual=True, seed=2)
+    assert serving.encoder.preprocessor.contextual_seq_len == 0
+    user = User(serving, 71, 10)
+    scorer = cached(serving, mode="exact")
+    for n in (20, 31, 31, 45):
+        request = batch(user.request(n, [n, n + 1, n + 2]))
+        assert_equal_scores(scorer.score(request, [71]), full_scores(serving, request))
+    assert scorer.counters.encoded == 1
+    assert scorer.counters.reused_exact == 3
+    assert scorer.counters.appended_tokens == 11 + 0 + 14
+
+
+def test_exact_append_with_contextual_tokens_and_one_layer():
+    serving = build_serving(
+        ["model_config.dlrm_hstu.hstu.positional_encoder.use_time_encoding=false",
+         "model_config.dlrm_hstu.hstu.attn_num_layers=1"], seed=3)
+    assert serving.encoder.preprocessor.contextual_seq_len > 0
+    user = User(serving, 81, 11)
+    scorer = cached(serving, mode="exact")
+    for n in (10, 22, 40):
+        request = batch(user.request(n, [3, 4]))
+        assert_equal_scores(scorer.score(request, [81]), full_scores(serving, request))
+    assert scorer.counters.encoded == 1 and scorer.counters.appended_tokens == 30
+
+
+def test_incremental_mode_appends_and_its_difference_is_measured(smoke_serving):
+    """Appending to a stale cache is approximate; this pins the size of the difference on the
+    smoke model (random weights, position and time tables scaled up 30x) and that the bound
+    on stale tokens sends the user back to an exact re-encode."""
+    user = User(smoke_serving, 91, 12)
+    scorer = cached(smoke_serving, mode="incremental", max_stale_tokens=12,
+                    max_stale_seconds=86_400)
+    scorer.score(batch(user.request(40, [1, 2, 3])), [91])
+    differences = []
+    for n in (44, 48, 52):
+        request = batch(user.request(n, [1, 2, 3]))
+        differences.append(max_difference(scorer.score(request, [91]),
+                                          full_scores(smoke_serving, request)))
+    assert scorer.counters.reused_stale == 3 and scorer.counters.appended_tokens == 12
+    assert not scorer.store.get(91).exact
+    # approximate: different from the full pass, but not wildly (probabilities in [0, 1])
+    assert max(differences) > 1e-4
+    assert max(differences) < 0.2
+    request = batch(user.request(53, [1, 2, 3]))  # 13 stale tokens > 12: re-encode
+    assert_equal_scores(scorer.score(request, [91]), full_scores(smoke_serving, request))
+    assert scorer.counters.too_stale == 1 and scorer.store.get(91).exact
+
+
+def test_rows_of_one_user_in_one_call_are_scored_in_order(smoke_serving):
+    user, other = User(smoke_serving, 101, 13), User(smoke_serving, 102, 14)
+    requests = [user.request(20, [1]), other.request(5, [2]), user.request(20, [3, 4])]
+    scorer = cached(smoke_serving)
+    got = scorer.score(batch(*requests), [101, 102, 101])
+    expected = full_scores(smoke_serving, batch(*requests))
+    assert_equal_scores(got, expected)
+    assert scorer.counters.encoded == 2 and scorer.counters.reused_exact == 1
+
+
+def test_newest_first_rows():
+    serving = build_serving(["model_config.dlrm_hstu.sequence_timestamp_is_ascending=false"],
+                            seed=4)
+    user = User(serving, 111, 15)
+
+    def newest_first(request):
+        return {name: (value.flip(0) if name.startswith(("uih_seq__", "cand_seq__")) else value)
+                for name, value in request.items()}
+
+    scorer = cached(serving)
+    first = batch(newest_first(user.request(30, [1, 2, 3])))
+    assert_equal_scores(scorer.score(first, [111]), full_scores(serving, first))
+    assert_equal_scores(scorer.score(first, [111]), full_scores(serving, first))
+    assert scorer.counters.reused_exact == 1
+
+
+def test_store_is_bounded_least_recently_used_first(smoke_serving):
+    users = [User(smoke_serving, 200 + i, 20 + i) for i in range(4)]
+    scorer = cached(smoke_serving)
+    scorer.score(batch(users[0].request(30, [1])), [200])
+    one_entry = scorer.store.stats.bytes
+    from hstu.export.cached import CachedServing, CachePolicy
+
+    scorer = CachedServing(smoke_serving, CachePolicy(max_bytes=int(one_entry * 2.5)))
+    for user in users[:3]:
+        scorer.score(batch(user.request(30, [1])), [user.user_id])
+    assert 200 not in scorer.store and {201, 202} <= set(scorer.store._entries)
+    assert scorer.store.stats.evictions == 1 and scorer.store.stats.bytes <= scorer.store.max_bytes
+    scorer.score(batch(users[1].request(30, [1])), [201])  # 201 becomes the most recent
+    scorer.score(batch(users[3].request(30, [1])), [203])
+    assert 202 not in scorer.store and 201 in scorer.store
+    tiny = CachedServing(smoke_serving, CachePolicy(max_bytes=100))
+    request = batch(users[0].request(30, [1]))
+    assert_equal_scores(tiny.score(request, [200]), full_scores(smoke_serving, request))
+    assert tiny.store.stats.rejected == 1 and len(tiny.store) == 0
+
+
+def test_triton_cached_kernel_in_the_model(smoke_serving):
+    from hstu.ops import Kernel
+
+    serving = build_serving(seed=5)
+    user = User(serving, 301, 30, length=24)
+    first = batch(user.request(20, [1, 2]))
+    expected = full_scores(serving, first)
+    for layer in serving.encoder.stu_stack.layers:
+        layer.kernel = Kernel.TRITON  # every STU op, the cached attention included
+    scorer = cached(serving)
+    assert_equal_scores(scorer.score(first, [301]), expected, atol=2e-5)
+    assert_equal_scores(scorer.score(first, [301]), expected, atol=2e-5)
+    assert scorer.counters.reused_exact == 1
+
+
+def test_errors(smoke_serving):
+    from hstu.export.cached import CachePolicy
+
+    with pytest.raises(ValueError, match="cache mode"):
+        CachePolicy(mode="lazy")
+    user = User(smoke_serving, 401, 40)
+    scorer = cached(smoke_serving)
+    with pytest.raises(ValueError, match="no candidates"):
+        scorer.score(batch(user.request(10, [])), [401])
+    with pytest.raises(ValueError, match="2 keys for 1 rows"):
+        scorer.score(batch(user.request(10, [1])), [401, 402])
+
+
+def test_export_directory_rebuilds_the_program(smoke_export, samples):
+    from hstu.export.artifacts import open_export_dir
+    from hstu.export.cached import CachedServing, load_serving_module
+    from hstu.export.serving import synthetic_inputs, with_filler_row, without_filler_scores
+
+    serving = load_serving_module(smoke_export.export_dir)
+    _, program = open_export_dir(smoke_export.export_dir)
+    features = list(serving.features.values())
+    timestamps = set(serving.groups["uih_timestamp"] + serving.groups["candidate_timestamp"])
+    from hstu.export.serving import serving_inputs
+
+    inputs = synthetic_inputs(features, timestamps, serving.uih_sequence,
+                              {"uih_seq": [7, 0, 12], "cand_seq": [3, 2, 1]}, seed=3)
+    with torch.no_grad():
+        expected = without_filler_scores(program.module()(with_filler_row(inputs,
+                                                                          serving_inputs(features))))
+    scorer = CachedServing(serving)
+    assert_equal_scores(scorer.score(inputs, [1, 2, 3]), expected, atol=1e-5)
