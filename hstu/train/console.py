@@ -175,10 +175,10 @@ class _LineFilter:
 
 
 @contextlib.contextmanager
-def run_console(patterns=RAY_NOISE):
+def run_console(patterns=RAY_NOISE, *, keep_log: bool = True):
     """Route the driver's stdout and stderr as the module docstring says; yields the RunLog
-    (attach a file to it once the run's directory is known)."""
-    log = RunLog()
+    (attach a file to it once the run's directory is known), or None with keep_log=False."""
+    log = RunLog() if keep_log else None
     out, err = sys.stdout, sys.stderr
     show_all = verbose()
     sys.stdout = _LineFilter(out, stderr=False, patterns=patterns, log=log, show_all=show_all)
@@ -189,14 +189,16 @@ def run_console(patterns=RAY_NOISE):
         sys.stdout.flush()
         sys.stderr.flush()
         sys.stdout, sys.stderr = out, err
-        log.close()
+        if log is not None:
+            log.close()
 
 
 @contextlib.contextmanager
 def filtered_console(patterns=RAY_NOISE):
-    """run_console without a log file (kept for callers that only want the filtering)."""
-    with run_console(patterns) as log:
-        yield log
+    """run_console without a log file: the routing alone (`train --repeat` keeps Ray's output
+    off the console between its runs, each of which logs to its own file)."""
+    with run_console(patterns, keep_log=False):
+        yield
 
 
 def show_project_warnings_on_stdout(name: str = "hstu") -> None:

@@ -101,6 +101,14 @@ def summary_text(result: RepeatResult) -> str:
 def run_repeated(options, repeat: int) -> RepeatResult:
     """Train `options` with seeds options.seed ... options.seed + repeat - 1 (module
     docstring). Raises on the first run that fails (the parent is then marked FAILED)."""
+    from hstu.train.console import filtered_console
+
+    # Ray starts here, once for all runs; its loggers keep the stream they find at start.
+    with filtered_console():
+        return _run_repeated(options, repeat)
+
+
+def _run_repeated(options, repeat: int) -> RepeatResult:
     from hstu.config.loader import load_config
     from hstu.train.errors import one_line
     from hstu.train.trainer import (

@@ -698,8 +698,8 @@ def _run_training(options: TrainOptions, log: RunLog) -> RunResult:
             seconds=time.perf_counter() - started,
         )
         run.best = log_best_steps(tracking_uri, mlflow_run_id, metrics)
-        to_export, run.export_reason = _checkpoint_to_export(
-            result, checkpoint_path, export_metric)
+        to_export, run.export_reason, exported_metrics = _checkpoint_to_export(
+            result, checkpoint_path, export_metric, metrics)
         if not options.export:
             run.export_note = "skipped (--no-export)"
         elif to_export:
@@ -712,6 +712,8 @@ def _run_training(options: TrainOptions, log: RunLog) -> RunResult:
                 to_export,
                 run_dir + "/export",
                 candidate_sequence=sequence_names(cfg)[1],
+                serve_check=ServeCheck(cfg, eval_paths, exported_metrics, tracking_uri,
+                                       mlflow_run_id, int(metrics.get("global_step", 0))),
             )
             if run.export_dir:
                 run.exported_checkpoint = to_export
@@ -778,25 +780,43 @@ def log_best_steps(tracking_uri: str | None, run_id: str | None, final: dict) ->
     return best
 
 
-def _checkpoint_to_export(result, last: str | None, metric: str | None) -> tuple[str | None, str]:
-    """(checkpoint, why): the last checkpoint, or with --export-best the one whose own
-    evaluation was best by `metric` among those Ray still holds."""
+def _checkpoint_to_export(result, last: str | None, metric: str | None,
+                          final: dict | None = None) -> tuple[str | None, str, dict | None]:
+    """(checkpoint, why, its in-training evaluation): the last checkpoint (evaluated at the
+    run's last step: `final`), or with --export-best the one whose own evaluation was best by
+    `metric` among those Ray still holds."""
     from hstu.train.best import best_checkpoint
 
     if metric is None or last is None:
-        return last, "the last checkpoint"
+        return last, "the last checkpoint", final
     pairs = [(checkpoint.path, checkpoint_metrics)
              for checkpoint, checkpoint_metrics in (result.best_checkpoints or [])]
     chosen = best_checkpoint(pairs, metric)
     if chosen is None:
-        return last, f"the last checkpoint: no checkpoint was evaluated for {metric}"
+        return last, f"the last checkpoint: no checkpoint was evaluated for {metric}", final
     path, found = chosen
-    return path, f"best {metric} {found.value:.4f} at step {found.step}"
+    return (path, f"best {metric} {found.value:.4f} at step {found.step}",
+            dict(next(m for p, m in pairs if p == path)))
+
+
+@dataclasses.dataclass
+class ServeCheck:
+    """What the train-vs-serve check of a run's export needs (hstu/export/train_serve.py)."""
+
+    cfg: object
+    eval_paths: list[str] | None
+    training_metrics: dict | None  # the in-training evaluation of the exported checkpoint
+    tracking_uri: str | None
+    mlflow_run_id: str | None
+    step: int
 
 
 def export_checkpoint(recipe: str, overrides: list[str], checkpoint: str, export_dir: str,
-                      candidate_sequence: str):
-    """(export dir, note): export with hstu.export (when present) and log it to the run.
+                      candidate_sequence: str, serve_check: ServeCheck | None = None):
+    """(export dir, note): export with hstu.export, check it against training on the eval set
+    (`serve_check`), and only then log it to the run as its model. An export that fails the
+    check is moved to <export_dir>.rejected (for inspection; never logged as a model), and the
+    note says why.
 
     cand_seq_pk, which TorchEasyRec's exporter needs, is the config's candidate sequence."""
     try:
@@ -814,10 +834,48 @@ def export_checkpoint(recipe: str, overrides: list[str], checkpoint: str, export
             additional_export_config={"cand_seq_pk": candidate_sequence},
             # The run's own export directory: a resumed run replaces the earlier export.
             overwrite=True,
+            # Logged below, once it has passed the train-vs-serve check.
+            mlflow_run=None if serve_check is not None else "auto",
         )
-        return str(path), ""
     except Exception as error:  # noqa: BLE001 - training succeeded; say why export did not
         return None, f"export failed: {type(error).__name__}: {error}"
+    if serve_check is None:
+        return str(path), ""
+    return _check_and_log_export(Path(path), checkpoint, serve_check)
+
+
+def _check_and_log_export(path: Path, checkpoint: str, check: ServeCheck):
+    from hstu.export.train_serve import TrainServeMismatch, compare_train_serve
+
+    logger = tracking.RunLogger(check.tracking_uri, check.mlflow_run_id)
+    note = "train vs serve not checked: no eval data"
+    if check.eval_paths:
+        try:
+            report = compare_train_serve(check.cfg, str(path), checkpoint, check.eval_paths,
+                                         check.training_metrics)
+            logger.metrics(report.mlflow_metrics(), step=check.step)
+            note = report.describe()
+            print(f"export: {note}", file=sys.stderr, flush=True)
+            report.check()
+        except TrainServeMismatch as error:
+            rejected = path.with_name(path.name + ".rejected")
+            shutil.rmtree(rejected, ignore_errors=True)
+            path.rename(rejected)
+            return None, (f"export failed: {error}. The export was moved to {rejected} and not "
+                          "logged as a model")
+        except Exception as error:  # noqa: BLE001 - say why, keep the run's result
+            return None, f"export failed: the train-vs-serve check could not run: " \
+                         f"{type(error).__name__}: {error}"
+    if check.mlflow_run_id and check.tracking_uri:
+        try:
+            from hstu.export.mlflow_logging import log_export
+
+            log_export(path, check.tracking_uri, check.mlflow_run_id)
+            print(f"export: logged to MLflow run {check.mlflow_run_id} ({check.tracking_uri}): "
+                  "artifacts export/, model 'hstu_ranker'", file=sys.stderr, flush=True)
+        except Exception as error:  # noqa: BLE001 - the export itself is good
+            print(f"mlflow: could not log the export: {error}", file=sys.stderr)
+    return str(path), note
 
 
 def _log_outcome(run: RunResult, storage: str, log: RunLog | None = None) -> None:
@@ -862,6 +920,10 @@ def summary_text(run: RunResult) -> str:
         "",
         f"checkpoint   {run.checkpoint_path}",
         f"export       {export}",
+    ]
+    if run.export_dir and run.export_note:
+        lines.append(f"serving      {run.export_note}")
+    lines += [
         f"MLflow run   {run.mlflow_run_id}  ({run.tracking_uri})",
     ]
     if run.tracking_uri and run.tracking_uri.startswith("sqlite:"):

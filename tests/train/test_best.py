@@ -67,12 +67,15 @@ def test_export_best_picks_among_the_checkpoints_ray_reports():
         (checkpoint(4), {"global_step": 4, "eval/loss/is_like": 0.21}),
         (checkpoint(6), {"global_step": 6, "eval/loss/is_like": 0.25}),
     ])
-    last = "/runs/r/checkpoint_00000006"
-    assert _checkpoint_to_export(result, last, None) == (last, "the last checkpoint")
-    assert _checkpoint_to_export(result, last, "eval/loss/is_like") == (
-        "/runs/r/checkpoint_00000004", "best eval/loss/is_like 0.2100 at step 4")
-    assert _checkpoint_to_export(result, last, "eval/auc/is_like") == (
-        last, "the last checkpoint: no checkpoint was evaluated for eval/auc/is_like")
+    last, final = "/runs/r/checkpoint_00000006", {"global_step": 6, "eval/loss/is_like": 0.25}
+    assert _checkpoint_to_export(result, last, None, final) == (
+        last, "the last checkpoint", final)
+    # The chosen checkpoint comes with its own evaluation (the train-vs-serve check needs it).
+    assert _checkpoint_to_export(result, last, "eval/loss/is_like", final) == (
+        "/runs/r/checkpoint_00000004", "best eval/loss/is_like 0.2100 at step 4",
+        {"global_step": 4, "eval/loss/is_like": 0.21})
+    assert _checkpoint_to_export(result, last, "eval/auc/is_like", final) == (
+        last, "the last checkpoint: no checkpoint was evaluated for eval/auc/is_like", final)
 
 
 def test_the_final_table_names_its_step_and_the_best_step():
