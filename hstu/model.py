@@ -177,7 +177,9 @@ class DlrmHSTU(nn.Module):
                 )
 
         self.embedding_collection = MultiDimEmbeddingCollection(
-            _embedding_tables(features), device=embedding_device
+            _embedding_tables(features),
+            device=embedding_device,
+            zch={spec.embedding_name: spec.zch for spec in features if spec.zch is not None},
         )
 
         self.uih_dim = sum(self._feature_width(name) for name in self.groups["uih"])

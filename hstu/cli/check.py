@@ -42,6 +42,11 @@ def _table(rows: list[list[str]], headers: list[str], indent: str = "  ") -> str
     return "\n".join(lines)
 
 
+def _buckets(spec) -> str:
+    """A table's rows; "zch 16,384" when zero-collision hashing maps ids of any value there."""
+    return f"zch {spec.num_buckets:,}" if spec.zch else f"{spec.num_buckets:,}"
+
+
 def _dense_summary(cfg) -> tuple[str, bool]:
     """Dense parameter line from hstu.model.model_summary, if the model module provides it."""
     try:
@@ -97,7 +102,7 @@ def summarize(cfg, source: str) -> tuple[str, bool]:
                     s.sequence or "-",
                     s.embedding_name or "-",
                     s.embedding_dim or "-",
-                    f"{s.num_buckets:,}" if s.num_buckets else "-",
+                    _buckets(s) if s.num_buckets else "-",
                     s.data_type if s.kind == "id" else s.value_dtype,
                 ]
                 for s in specs
@@ -119,7 +124,7 @@ def summarize(cfg, source: str) -> tuple[str, bool]:
                 [
                     name,
                     spec.embedding_dim,
-                    f"{spec.num_buckets:,}",
+                    _buckets(spec),
                     spec.data_type,
                     f"{spec.num_buckets * spec.embedding_dim:,}",
                     ", ".join(users),

@@ -20,6 +20,28 @@ from hstu.config.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
+class ZchSpec:
+    """An id feature's zero-collision hashing (TorchEasyRec's zch block): the table has
+    `zch_size` rows and ids of any int64 value are mapped to them by TorchRec's
+    managed-collision module with this eviction policy."""
+
+    zch_size: int
+    eviction_interval: int
+    policy: Literal["lfu", "lru", "distance_lfu"]
+    decay_exponent: float = 1.0
+
+
+def zch_spec(config: Message) -> ZchSpec | None:
+    """The ZchSpec of an IdFeature message, None without a zch block."""
+    if not config.HasField("zch"):
+        return None
+    zch = config.zch
+    policy = zch.WhichOneof("eviction_policy")
+    decay = float(getattr(zch, policy).decay_exponent) if policy != "lfu" else 1.0
+    return ZchSpec(int(zch.zch_size), int(zch.eviction_interval), policy, decay)
+
+
+@dataclasses.dataclass(frozen=True)
 class FeatureSpec:
     # Name used in feature groups and as the key in JaggedBatch: "user_id", "uih_seq__video_id".
     name: str
@@ -51,6 +73,9 @@ class FeatureSpec:
     # Element separator when a sequence column is stored as a string ("12|884|93"): the
     # sequence_delim of its sequence_feature (or of the standalone sequence_*_feature).
     sequence_delim: str = ";"
+    # id features with a zch block: num_buckets is then the table's rows (zch_size), and the
+    # ids in the data may be any value >= 0 (the model maps them to rows).
+    zch: ZchSpec | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,14 +334,16 @@ def feature_specs(cfg: Message) -> list[FeatureSpec]:
             sequence_delim=sequence_delimiter(feature),
         )
         if feature.kind == "id":
+            zch = zch_spec(feature.config)
             specs.append(
                 FeatureSpec(
                     kind="id",
                     embedding_name=embedding_name(feature),
                     embedding_dim=feature.config.embedding_dim,
-                    num_buckets=feature.config.num_buckets,
+                    num_buckets=zch.zch_size if zch else feature.config.num_buckets,
                     data_type=feature.config.data_type,
                     value_dtype="int64",
+                    zch=zch,
                     **shared,
                 )
             )

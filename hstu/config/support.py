@@ -90,7 +90,8 @@ UNSUPPORTED: dict[str, str] = {
     "IdFeature.weighted": "",
     "IdFeature.init_fn": "tables use TorchRec's default uniform init",
     "IdFeature.use_mask": "",
-    "IdFeature.zch": "",
+    "ZeroCollisionHash.threshold_filtering_func": "it is evaluated Python code; use the "
+    "eviction policies",
     "IdFeature.dynamicemb": "",
     "IdFeature.fg_encoded_default_value": "missing values are handled by data_config.on_bad_rows",
     "IdFeature.trainable": "",
@@ -294,6 +295,15 @@ def reading_notes(config: Message) -> list[str]:
             f"data_config.dataset_type {dataset}: the input paths are read as parquet "
             "(ParquetDataset); MaxCompute tables are not reachable from here"
         )
+    from hstu.config.features import declared_features
+
+    for feature in declared_features(config):
+        if feature.kind == "id" and feature.config.HasField("zch"):
+            if feature.config.HasField("num_buckets"):
+                notes.append(
+                    f"{feature.path}.num_buckets has no effect with zch: the table has "
+                    f"zch_size {feature.config.zch.zch_size} rows (as in TorchEasyRec)"
+                )
     mode = schema.enum_name("FgMode", data.fg_mode)
     if mode in EXPRESSION_FG_MODES:
         notes.append(
@@ -334,6 +344,8 @@ REFERENCE_MESSAGES: tuple[str, ...] = (
     "IdFeature",
     "RawFeature",
     "ZeroCollisionHash",
+    "LRU_EvictionPolicy",
+    "DistanceLFU_EvictionPolicy",
     "LossConfig",
     "BinaryCrossEntropy",
     "BinaryFocalLoss",
@@ -389,7 +401,16 @@ FIELD_NOTES: dict[str, str] = {
     "SequenceFeature.sequence_delim": "splits string-encoded sequence columns",
     "IdFeature.expression": "fg_mode FG_NONE: optional and unused (column = feature name); "
     "FG_DAG / FG_NORMAL: required, names the column",
-    "IdFeature.num_buckets": "required; ids are rows, 0 <= id < num_buckets",
+    "IdFeature.num_buckets": "required without zch; ids are rows, 0 <= id < num_buckets",
+    "IdFeature.zch": "ids of any value in a table of zch_size rows (section \"Zero-collision "
+    "hashing\")",
+    "ZeroCollisionHash.zch_size": "table rows, >= 2 (the last is shared by ids not admitted)",
+    "ZeroCollisionHash.eviction_interval": "steps between admissions and evictions",
+    "ZeroCollisionHash.lfu": "TorchRec's LFU_EvictionPolicy",
+    "ZeroCollisionHash.lru": "TorchRec's LRU_EvictionPolicy",
+    "ZeroCollisionHash.distance_lfu": "TorchRec's DistanceLFU_EvictionPolicy",
+    "LRU_EvictionPolicy.decay_exponent": ">= 0",
+    "DistanceLFU_EvictionPolicy.decay_exponent": ">= 0",
     "IdFeature.embedding_name": "shared tables agree on dim, buckets, data type",
     "IdFeature.data_type": "FP32 or FP16 table storage",
     "IdFeature.value_dim": "1 (one id per element)",

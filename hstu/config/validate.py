@@ -266,16 +266,52 @@ class _Checker:
                 f'{one_of(EXPRESSION_SIDES)} (e.g. "item:video_id")',
             )
 
+    def _zch(self, feature: DeclaredFeature) -> None:
+        zch, path = feature.config.zch, f"{feature.path}.zch"
+        mode = fg_mode(self.config)
+        if mode in EXPRESSION_FG_MODES:
+            # TorchEasyRec's generator hashes zch inputs (hash_bucket_size 2^63 - 1) first.
+            self.fail(
+                path,
+                fg_generator_message(
+                    mode, self.at("data_config.fg_mode"), f"the hashed ids of {feature.name!r}"
+                ),
+            )
+        if zch.zch_size < 2:
+            self.fail(
+                f"{path}.zch_size",
+                f"must be at least 2 (the last row is shared by ids not admitted), got "
+                f"{zch.zch_size}",
+            )
+        if zch.eviction_interval == 0:
+            self.fail(f"{path}.eviction_interval", "must be at least 1")
+        policy = zch.WhichOneof("eviction_policy")
+        if policy is None:
+            self.fail(
+                path,
+                "choose an eviction policy: lfu {}, lru {} or distance_lfu {} (TorchEasyRec "
+                "needs one too)",
+            )
+        options = getattr(zch, policy)
+        if policy != "lfu" and options.decay_exponent < 0:
+            self.fail(
+                f"{path}.{policy}.decay_exponent",
+                f"must be >= 0, got {options.decay_exponent:g}",
+            )
+
     def _id_feature(self, feature: DeclaredFeature) -> None:
         config, path = feature.config, feature.path
         if config.embedding_dim == 0:
             self.fail(f"{path}.embedding_dim", "must be at least 1")
-        if not config.HasField("num_buckets"):
+        if config.HasField("zch"):
+            self._zch(feature)
+        elif not config.HasField("num_buckets"):
             self.fail(
                 path,
-                "num_buckets is required: ids are table rows, 0 <= id < num_buckets",
+                "num_buckets is required: ids are table rows, 0 <= id < num_buckets (or set "
+                "zch { zch_size ... } for ids of any value)",
             )
-        if config.num_buckets == 0:
+        if config.HasField("num_buckets") and config.num_buckets == 0:
             self.fail(f"{path}.num_buckets", "must be at least 1")
         if config.data_type not in EMBEDDING_DATA_TYPES:
             self.fail(
@@ -292,7 +328,19 @@ class _Checker:
                 continue
             table = embedding_name(feature)
             first = tables.setdefault(table, feature)
-            for field in ("embedding_dim", "num_buckets", "data_type"):
+            has_zch = feature.config.HasField("zch")
+            if has_zch != first.config.HasField("zch") or (
+                has_zch and feature.config.zch != first.config.zch
+            ):
+                self.fail(
+                    f"{feature.path}.zch" if has_zch else feature.path,
+                    f"{feature.name!r} shares table {table!r} with {first.name!r} "
+                    f"({self.at(first.path)}), so their zch blocks must be the same",
+                )
+            fields = ("embedding_dim", "data_type")
+            if not has_zch:
+                fields = ("embedding_dim", "num_buckets", "data_type")
+            for field in fields:
                 mine, theirs = getattr(feature.config, field), getattr(first.config, field)
                 if mine != theirs:
                     self.fail(

@@ -122,7 +122,8 @@ class RecipeLayout:
         ]
 
     def item_id_buckets(self) -> int:
-        """The smallest num_buckets of the item-id tables: item ids must stay below it."""
+        """The smallest num_buckets of the item-id tables, which item ids must stay below; 0
+        when they are zch tables (ids of any value, kept as they are)."""
         sizes = [plan.num_buckets for plan in self.item_tables() if plan.num_buckets]
         return min(sizes) if sizes else 0
 
@@ -169,7 +170,8 @@ def plan_layout(cfg: Message, recipe: str, encoding: str = "list") -> RecipeLayo
             value_type="int64" if spec.kind == "id" else spec.value_dtype,
             is_sequence=spec.sequence is not None,
             delimiter=spec.sequence_delim,
-            num_buckets=spec.num_buckets if spec.kind == "id" else None,
+            # zch tables take ids of any value: nothing to stay below.
+            num_buckets=spec.num_buckets if spec.kind == "id" and spec.zch is None else None,
             derived=derived,
             role=role,
             buckets_field=f"{config_paths[spec.name]}.num_buckets",

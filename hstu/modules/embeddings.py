@@ -14,13 +14,16 @@ EmbeddingCollection would have held, so tables are initialised identically for a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+
+from hstu.config.features import ZchSpec
+from hstu.modules.zch import ZeroCollisionRemap
 
 
 def collection_key(embedding_dim: int) -> str:
@@ -37,8 +40,13 @@ class MultiDimEmbeddingCollection(nn.Module):
     """
 
     def __init__(
-        self, tables: Sequence[EmbeddingConfig], device: torch.device | None = None
+        self,
+        tables: Sequence[EmbeddingConfig],
+        device: torch.device | None = None,
+        zch: Mapping[str, ZchSpec] | None = None,
     ) -> None:
+        """zch: table name -> its zero-collision hashing (hstu/modules/zch.py): the ids of
+        those tables' features are mapped to rows before the lookup."""
         super().__init__()
         if not tables:
             raise ValueError("MultiDimEmbeddingCollection needs at least one table")
@@ -73,6 +81,13 @@ class MultiDimEmbeddingCollection(nn.Module):
                     )
                 seen[feature] = table.name
         self._table_of_feature = seen
+        zch = dict(zch or {})
+        unknown = sorted(set(zch) - set(names))
+        if unknown:
+            raise ValueError(f"zch for table {unknown[0]!r}, which is not a table here")
+        self.zch = nn.ModuleDict(
+            {name: ZeroCollisionRemap(name, spec, device) for name, spec in zch.items()}
+        )
         # Per input key order: (permutation, split sizes), computed on first sight of an order.
         self._routes: dict[tuple[str, ...], tuple[list[int], list[int]]] = {}
 
@@ -134,7 +149,32 @@ class MultiDimEmbeddingCollection(nn.Module):
         self._routes[tuple(keys)] = (permutation, splits)
         return permutation, splits
 
+    def zch_stats(self) -> dict[str, dict[str, int]]:
+        """Per zch table, its counters (ZeroCollisionRemap.stats); {} without zch."""
+        return {name: remap.stats() for name, remap in self.zch.items()}
+
+    def _remap_zch(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """The KJT with every zch feature's raw ids replaced by their rows."""
+        keys = list(features.keys())
+        # Per-key values: on a GPU this reads the per-key lengths on the host (a sync),
+        # once per step; zch's admission state is updated on the host's schedule anyway.
+        values = list(features.values().split(features.length_per_key()))
+        position = {key: index for index, key in enumerate(keys)}
+        for table, remap in self.zch.items():
+            members = [key for key in keys if self._table_of_feature.get(key) == table]
+            # One call per table: a table's features (history and candidate item ids) share
+            # its rows and its admission state.
+            rows = remap(torch.cat([values[position[key]] for key in members]))
+            for key, part in zip(members, rows.split([values[position[k]].numel()
+                                                      for k in members])):
+                values[position[key]] = part
+        return KeyedJaggedTensor(
+            keys=keys, values=torch.cat(values), lengths=features.lengths(),
+        )
+
     def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        if len(self.zch):
+            features = self._remap_zch(features)
         keys = list(features.keys())
         collections = list(self.collections.values())
         permutation, splits = self._route(keys)

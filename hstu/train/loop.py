@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from hstu.modules.zch import zch_metrics
 from hstu.train.checkpoint import (
     CheckpointError,
     TrainState,
@@ -524,7 +525,8 @@ class Worker:
                                     loss_sums=[value / self.world for value in summed])
         if self.rank == 0:
             console(line)
-            self.log.metrics(metrics, step=state.global_step)
+            # Zero-collision tables: admissions, evictions, collisions (hstu/modules/zch.py).
+            self.log.metrics({**metrics, **zch_metrics(self.module)}, step=state.global_step)
 
     # ---- evaluation of a checkpoint (launch.py eval) --------------------------------------
 

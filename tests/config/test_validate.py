@@ -794,3 +794,85 @@ def test_auc_on_more_than_two_classes_points_to_multiclass_auc(kit):
         "                     losses { softmax_cross_entropy {} } metrics { auc {} }",
     )
     kit.expect_error(text, f"{TASKS}[0].metrics[0].auc", "use multiclass_auc or accuracy")
+
+
+# ---- zch ------------------------------------------------------------------------------------
+
+ZCH_OLD = (
+    'id_feature { feature_name: "video_id" expression: "item:video_id"\n'
+    '                            embedding_name: "video_emb" embedding_dim: 8 num_buckets: 100 }'
+)
+
+
+def zch_text(kit, block: str, second: str | None = None) -> str:
+    """BASE with the history's (and the candidates', `second` or the same) video table on zch
+    instead of num_buckets."""
+    first = ZCH_OLD.replace("num_buckets: 100", f"zch {{ {block} }}")
+    other = ZCH_OLD.replace("num_buckets: 100", f"zch {{ {second or block} }}")
+    text = kit.BASE.replace(ZCH_OLD, first, 1)
+    return text.replace(ZCH_OLD, other, 1)
+
+
+def test_zch_loads_and_gives_the_table_zch_size_rows(kit):
+    from hstu.config import feature_specs
+
+    cfg = kit.load(zch_text(kit, "zch_size: 1000 eviction_interval: 2 distance_lfu {}"))
+    video = {spec.name: spec for spec in feature_specs(cfg)}["uih_seq__video_id"]
+    assert (video.num_buckets, video.zch.policy, video.zch.eviction_interval) == (
+        1000, "distance_lfu", 2
+    )
+
+
+@pytest.mark.parametrize(
+    "block, path, fragment",
+    [
+        ("zch_size: 1000", "zch", "choose an eviction policy"),
+        ("zch_size: 1 lfu {}", "zch.zch_size", "must be at least 2"),
+        ("zch_size: 10 eviction_interval: 0 lfu {}", "zch.eviction_interval", "at least 1"),
+        ("zch_size: 10 lru { decay_exponent: -1 }", "zch.lru.decay_exponent", "must be >= 0"),
+    ],
+)
+def test_zch_rules(kit, block, path, fragment):
+    kit.expect_error(
+        zch_text(kit, block), f"feature_configs[0].sequence_feature.features[0].id_feature.{path}",
+        fragment,
+    )
+
+
+def test_a_shared_zch_table_needs_one_zch_block(kit):
+    text = zch_text(kit, "zch_size: 1000 lfu {}", "zch_size: 2000 lfu {}")
+    kit.expect_error(
+        text,
+        "feature_configs[1].sequence_feature.features[0].id_feature.zch",
+        "shares table 'video_emb'",
+        "zch blocks must be the same",
+    )
+
+
+def test_zch_under_fg_dag_needs_the_feature_generator(kit):
+    text = zch_text(kit, "zch_size: 1000 lfu {}").replace(
+        "dataset_type: ParquetDataset", "dataset_type: ParquetDataset fg_mode: FG_DAG"
+    )
+    kit.expect_error(
+        text,
+        "feature_configs[0].sequence_feature.features[0].id_feature.zch",
+        "fg_mode FG_DAG",
+        "the hashed ids of 'uih_seq__video_id'",
+    )
+
+
+def test_zch_with_num_buckets_too_is_a_note(kit):
+    from hstu.config.support import reading_notes
+
+    text = kit.BASE.replace(
+        "embedding_dim: 8 num_buckets: 100 }", "embedding_dim: 8 num_buckets: 100 "
+        "zch { zch_size: 500 lfu {} } }"
+    )
+    notes = reading_notes(kit.load(text))
+    assert any("num_buckets has no effect with zch" in note for note in notes)
+
+
+def test_threshold_filtering_is_not_implemented(kit):
+    text = zch_text(kit, 'zch_size: 10 lfu {} threshold_filtering_func: "lambda x: x"')
+    kit.expect_error(text, "feature_configs[0].sequence_feature.features[0].id_feature.zch"
+                     ".threshold_filtering_func", "not yet by this project")
