@@ -133,6 +133,17 @@ class CacheEntry:
             for name, values in signature.items():
                 self.signature[name] = torch.cat([self.signature[name], values.cpu()])
 
+    def truncate(self, history_length: int) -> None:
+        """Forget the history tokens after the first `history_length` (their keys and values
+        stay in the buffers, unused). Exactness flags are the caller's: an entry cut back to
+        what an exact encode computed is exact again only if nothing inexact came before."""
+        if not 0 <= history_length <= self.history_length:
+            raise ValueError(f"cannot cut a cache of {self.history_length} history tokens to "
+                             f"{history_length}")
+        self.length = self.contextual_seq_len + history_length
+        self.history_timestamps = self.history_timestamps[:history_length]
+        self.signature = {k: v[:history_length] for k, v in self.signature.items()}
+
     def nbytes(self) -> int:
         total = sum(t.numel() * t.element_size() for t in self.keys + self.values)
         total += self.history_timestamps.numel() * 8
