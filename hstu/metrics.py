@@ -563,3 +563,125 @@ class TaskMetrics:
 
     def compute(self) -> dict[str, float]:
         return {name: metric.compute() for name, (metric, _, _) in self.metrics.items()}
+
+
+# ----------------------------------------------------------------------------- NE, calibration
+# The sums and the final ratios come from torchrec.metrics (ne.get_ne_states / compute_ne,
+# calibration.get_calibration_states / compute_calibration), imported when first used so that
+# importing this module still needs no TorchRec. Only the cross-rank merge is ours: TorchRec's
+# RecMetric classes keep their state in a TorchMetrics-style module with windows and fused
+# tasks, which the accumulators of this file (update / merge / sync / compute) do not fit.
+
+# TorchRec's NEMetric default: keeps log() of a saturated probability finite.
+NE_ETA = 1e-12
+
+
+def _binary_labels(labels: torch.Tensor) -> torch.Tensor:
+    return (labels.detach().flatten().cpu() > 0).double()
+
+
+class NormalizedEntropy:
+    """Normalized entropy (He et al., "Practical lessons from predicting clicks on ads at
+    Facebook", 2014; torchrec.metrics.ne): the mean cross entropy of the predicted
+    probabilities divided by the entropy of the eval set's base rate p = positives / count,
+
+        NE = -mean(y log q + (1 - y) log(1 - q)) / -(p log p + (1 - p) log(1 - p)).
+
+    1.0 is what always predicting the base rate scores; lower is better. nan when the labels
+    hold one class only (the base-rate entropy is 0). Labels > 0 count as positives."""
+
+    def __init__(self, eta: float = NE_ETA) -> None:
+        self.eta = eta
+        self.state = torch.zeros(4, dtype=torch.float64)  # ce sum, count, positives, negatives
+
+    def update(self, probabilities: torch.Tensor, labels: torch.Tensor) -> None:
+        from torchrec.metrics.ne import get_ne_states
+
+        predictions = probabilities.detach().flatten().cpu().double().view(1, -1)
+        targets = _binary_labels(labels).view(1, -1)
+        states = get_ne_states(targets, predictions, torch.ones_like(predictions), self.eta)
+        self.state += torch.cat([
+            states["cross_entropy_sum"], states["weighted_num_samples"],
+            states["pos_labels"], states["neg_labels"],
+        ]).double()
+
+    def merge(self, other: "NormalizedEntropy") -> None:
+        self.state += other.state
+
+    def sync(self) -> None:
+        if _world() > 1:
+            dist.all_reduce(self.state)
+
+    def compute(self) -> float:
+        from torchrec.metrics.ne import compute_ne
+
+        ce_sum, count, positives, negatives = self.state
+        if float(positives) == 0.0 or float(negatives) == 0.0:
+            return float("nan")
+        return float(compute_ne(ce_sum, count, positives, negatives, self.eta))
+
+
+class Calibration:
+    """sum of predicted probabilities / number of positives (torchrec.metrics.calibration):
+    1.0 when the model predicts as many positives as the eval set has, above 1 when it
+    over-predicts. nan when there is no positive (TorchRec reports 0.0 there, which reads like
+    a model that predicts nothing)."""
+
+    def __init__(self) -> None:
+        self.state = torch.zeros(2, dtype=torch.float64)  # sum of predictions, positives
+
+    def update(self, probabilities: torch.Tensor, labels: torch.Tensor) -> None:
+        from torchrec.metrics.calibration import (
+            CALIBRATION_DENOM,
+            CALIBRATION_NUM,
+            get_calibration_states,
+        )
+
+        predictions = probabilities.detach().flatten().cpu().double().view(1, -1)
+        targets = _binary_labels(labels).view(1, -1)
+        states = get_calibration_states(targets, predictions, torch.ones_like(predictions))
+        self.state += torch.cat([states[CALIBRATION_NUM], states[CALIBRATION_DENOM]]).double()
+
+    def merge(self, other: "Calibration") -> None:
+        self.state += other.state
+
+    def sync(self) -> None:
+        if _world() > 1:
+            dist.all_reduce(self.state)
+
+    def compute(self) -> float:
+        from torchrec.metrics.calibration import compute_calibration
+
+        predicted, positives = self.state
+        if float(positives) == 0.0:
+            return float("nan")
+        return float(compute_calibration(predicted, positives))
+
+
+class CalibrationMetrics:
+    """Metrics every task gets whatever its config lists (TaskMetrics has those): ne_<task>
+    and calibration_<task> for classification tasks of one or two classes (on P(class 1),
+    what ModelOutput.probs holds), mae_<task> for regression tasks that do not list
+    mean_absolute_error already. Same interface as TaskMetrics."""
+
+    def __init__(self, tasks) -> None:
+        self.metrics: dict[str, tuple[object, str]] = {}
+        for task in tasks:
+            if task.is_regression:
+                if not any(kind == "mean_absolute_error" for kind, _ in task.metrics):
+                    self.metrics[f"mae_{task.name}"] = (MeanAbsoluteError(), task.name)
+            elif task.num_class <= 2:
+                self.metrics[f"ne_{task.name}"] = (NormalizedEntropy(), task.name)
+                self.metrics[f"calibration_{task.name}"] = (Calibration(), task.name)
+
+    def update(self, model, output, batch) -> None:
+        labels = model.task_labels(batch)
+        for metric, task in self.metrics.values():
+            metric.update(output.probs[task], labels[task])
+
+    def sync(self) -> None:
+        for metric, _ in self.metrics.values():
+            metric.sync()
+
+    def compute(self) -> dict[str, float]:
+        return {name: metric.compute() for name, (metric, _) in self.metrics.items()}

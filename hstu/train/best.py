@@ -6,8 +6,8 @@ for every eval metric, the best value over all its evaluations and the step it c
 exports the checkpoint whose own evaluation was best by METRIC instead of the last one.
 
 Metric names are the eval keys, `eval/<kind>/<task>` (`eval/auc/is_click`, `eval/loss/is_like`),
-also accepted without the `eval/` prefix. Losses and error metrics are better when lower;
-AUCs and accuracies when higher.
+also accepted without the `eval/` prefix. Losses, error metrics and NE are better when lower;
+AUCs and accuracies when higher; calibration when closer to 1.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import math
 from collections.abc import Iterable, Mapping
 
 # Metric kinds (the middle part of eval/<kind>/<task>) that are better when smaller.
-LOWER_IS_BETTER = ("loss", "mae", "mse")
+LOWER_IS_BETTER = ("loss", "mae", "mse", "ne")
+# ...and that are better when closer to 1 (predicted positives / actual positives).
+CLOSER_TO_ONE_IS_BETTER = ("calibration",)
 
 
 class MetricNameError(ValueError):
@@ -41,15 +43,18 @@ def lower_is_better(key: str) -> bool:
 
 
 def better(key: str, value: float, than: float) -> bool:
+    if metric_kind(key) in CLOSER_TO_ONE_IS_BETTER:
+        return abs(value - 1.0) < abs(than - 1.0)
     return value < than if lower_is_better(key) else value > than
 
 
 def eval_metric_keys(tasks) -> list[str]:
     """The per-task keys every evaluation of a model with these TaskSpecs produces."""
-    from hstu.metrics import TaskMetrics
+    from hstu.metrics import CalibrationMetrics, TaskMetrics
     from hstu.train.evaluation import metric_key
 
     keys = [metric_key(name) for name in TaskMetrics(tasks).metrics]
+    keys += [metric_key(name) for name in CalibrationMetrics(tasks).metrics]
     keys += [f"eval/loss/{task.name}" for task in tasks]
     return keys
 

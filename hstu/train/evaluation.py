@@ -4,7 +4,8 @@ Each rank scores its own shard; the metric accumulators (hstu/metrics.py) merge 
 all ranks before computing, so the AUC is that of the whole eval set, not an average of
 per-rank AUCs. The eval set is split unequally (trainer.py) so that no row is dropped, and
 ranks that run out first pad with a filler batch whose results are ignored (collectives.py).
-Metric keys: eval/auc/<task>, eval/grouped_auc/<task>, eval/mae/<task>, eval/loss/<task> (the
+Metric keys: eval/auc/<task>, eval/grouped_auc/<task>, eval/mae/<task>, eval/ne/<task> and
+eval/calibration/<task> (every classification task), eval/loss/<task> (the
 per-candidate mean over the whole eval set), eval/rows (rows scored), eval/skipped_rows (bad rows
 left out under on_bad_rows SKIP: eval/rows does not include them).
 """
@@ -17,11 +18,12 @@ from collections.abc import Iterable
 
 import torch
 
-from hstu.metrics import TaskMetrics
+from hstu.metrics import CalibrationMetrics, TaskMetrics
 from hstu.train.collectives import LockstepStats, all_reduce_sum, lockstep_padded
 
 # hstu.metrics' names (auc_<task>) -> the MLflow / report keys used here.
-_METRIC_PREFIXES = (("grouped_auc_", "grouped_auc"), ("auc_", "auc"), ("mae_", "mae"))
+_METRIC_PREFIXES = (("grouped_auc_", "grouped_auc"), ("auc_", "auc"), ("mae_", "mae"),
+                    ("ne_", "ne"), ("calibration_", "calibration"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +83,9 @@ def evaluate(
     """model: what to call (the DistributedModelParallel wrapper, or the plain model); module:
     the DlrmHSTU inside it (for labels, losses and grouping keys). Every rank must call this."""
     metrics = TaskMetrics(module.tasks)
+    # NE and calibration of every classification task, MAE of regression tasks (whatever the
+    # config lists): hstu.metrics.CalibrationMetrics.
+    calibration = CalibrationMetrics(module.tasks)
     tasks = [task.name for task in module.tasks]
     # Per task: sum of per-candidate losses, and the candidate count, over this rank's rows.
     loss_sums = {task: 0.0 for task in tasks}
@@ -106,11 +111,14 @@ def evaluate(
                 for task, value in losses.items():
                     loss_sums[task] += float(value) * count
                 metrics.update(module, output, batch)
+                calibration.update(module, output, batch)
     finally:
         module.enable_global_average_loss = global_average
         model.train(was_training)
     metrics.sync()
+    calibration.sync()
     results = {metric_key(name): value for name, value in metrics.compute().items()}
+    results.update({metric_key(name): value for name, value in calibration.compute().items()})
     # The pass's skipped and dropped rows ride on the same collective as the loss sums.
     skipped, dropped = local_rows_left_out(batches)
     totals = all_reduce_sum(

@@ -152,7 +152,8 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-EVAL_COLUMNS = (("auc", "AUC"), ("grouped_auc", "grouped AUC"), ("mae", "MAE"), ("loss", "loss"))
+EVAL_COLUMNS = (("auc", "AUC"), ("grouped_auc", "grouped AUC"), ("mae", "MAE"), ("ne", "NE"),
+                ("calibration", "calibration"), ("loss", "loss"))
 
 
 def eval_table(metrics: Mapping[str, float], tasks: Sequence[str]) -> str:
