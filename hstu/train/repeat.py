@@ -138,6 +138,11 @@ def _run_repeated(options, repeat: int) -> RepeatResult:
     tracking_uri = tracking.resolve_tracking_uri(options.tracking_uri, Path.cwd())
     tracking.check_server_reachable(tracking_uri, tracking.tracking_uri_source(
         options.tracking_uri))
+    # As each run logs them: the data it read, not the recipe's default paths.
+    if options.train_paths:
+        cfg.train_input_path = ",".join(options.train_paths)
+    if options.eval_paths:
+        cfg.eval_input_path = ",".join(options.eval_paths)
     params = tracking.flatten_config(cfg)
     params.update({"run.repeat": str(repeat), "run.seeds": ",".join(map(str, seeds)),
                    "run.workers": str(options.workers), "run.use_gpu": str(options.use_gpu).lower()})
