@@ -361,19 +361,32 @@ def _bitmask_bce_losses(
         if len(group) < 2:
             continue  # nothing to share; the per-task path does it
         label = batch.labels[column]
-        bits = torch.tensor([t.bitmask for t in group], dtype=label.dtype, device=label.device)
+        bits = _constant([t.bitmask for t in group], label.dtype, label.device)
         target = ((label.unsqueeze(1) & bits) != 0).float()
         smoothing = [t.losses[0][1] for t in group]
         if any(smoothing):
-            amount = torch.tensor(smoothing, dtype=torch.float32, device=label.device)
+            amount = _constant(smoothing, torch.float32, label.device)
             target = target * (1.0 - amount) + 0.5 * amount
         stacked = torch.stack([logits[t.name] for t in group], dim=1)
         per_task = F.binary_cross_entropy_with_logits(
             stacked, target, reduction="none"
         ).mean(dim=0)
-        weights = torch.tensor([t.weight for t in group], dtype=per_task.dtype,
-                               device=per_task.device)
+        weights = _constant([t.weight for t in group], per_task.dtype, per_task.device)
         weighted = per_task * weights * scale
         for index, task in enumerate(group):
             losses[task.name] = weighted[index]  # a view: no kernel per task
     return losses
+
+
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _constant(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant tensor, made once per (values, dtype, device). torch.tensor(list,
+    device="cuda") copies from pageable host memory, which makes the host wait for the GPU:
+    once per step per call site, had these been built in the step."""
+    key = (tuple(values), dtype, torch.device(device))
+    tensor = _CONSTANTS.get(key)
+    if tensor is None:
+        tensor = _CONSTANTS[key] = torch.tensor(list(values), dtype=dtype, device=device)
+    return tensor

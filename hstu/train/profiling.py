@@ -20,7 +20,8 @@ import torch
 CATEGORIES = ("attention", "matmul", "embedding", "memory_bound")
 _ATTENTION = ("_attn_fwd", "_attn_bwd", "fmha", "flash", "cudnn_attn", "attention")
 _MATMUL = ("gemm", "xmma", "wgmma", "nvjet", "cutlass", "cublas", "sm90_", "sm80_")
-_EMBEDDING = ("embedding", "fbgemm", "tbe_", "split_embedding", "batched_embedding")
+_EMBEDDING = ("embedding", "fbgemm", "tbe_", "split_embedding", "batched_embedding",
+              "linearize_index")
 # Copies and memsets show up as GPU activity but are not kernel launches.
 _COPIES = ("Memcpy", "Memset")
 # Host calls that make the CPU wait for the GPU inside a step.
@@ -36,6 +37,17 @@ def kernel_category(name: str) -> str:
     if any(key in lowered for key in _MATMUL):
         return "matmul"
     return "memory_bound"
+
+
+def is_annotation(event) -> bool:
+    """A profiler "GPU" event that is a user range, not a kernel: record_function ranges such
+    as DDP's `DistributedDataParallel.forward`, TorchRec's `[lookup]_...` or
+    `Optimizer.step#Adam.step` are mirrored onto the GPU timeline and span many kernels;
+    counting them would double the GPU time and fill every gap."""
+    if getattr(event, "is_user_annotation", False):
+        return True
+    name = event.name
+    return name.startswith(("[", "DistributedDataParallel", "Optimizer.", "ProfilerStep"))
 
 
 def busy_time(intervals: Iterable[tuple[float, float]]) -> float:
@@ -151,6 +163,8 @@ def profile_steps(
     kernels, host_calls = [], []
     for event in prof.events():
         if event.device_type.name == "CUDA":
+            if is_annotation(event):
+                continue
             kernels.append((event.name, event.time_range.start, event.time_range.end))
         else:
             host_calls.append(event.name)

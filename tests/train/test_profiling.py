@@ -57,3 +57,31 @@ def test_summary_is_per_step():
     assert profile.busy_fraction_of(1.0) == 1.0
     with pytest.raises(ValueError, match="steps"):
         summarize(kernels, host, wall_ms=1.0, steps=0)
+
+
+class _Event:
+    def __init__(self, name, is_user_annotation=False):
+        self.name = name
+        self.is_user_annotation = is_user_annotation
+
+
+@pytest.mark.parametrize(
+    "name, flagged, annotation",
+    [
+        # Seen on the GPU timeline of a real step (H100, torch 2.11): user ranges, not kernels.
+        ("DistributedDataParallel.forward", False, True),
+        ("[lookup]_[embedding_collection.collections.dim256]_[table_wise]", False, True),
+        ("Optimizer.step#Adam.step", False, True),
+        ("anything", True, True),
+        ("_attn_fwd", False, False),
+        ("void at::native::elementwise_kernel<128, 2, ...lambda#1...>", False, False),
+    ],
+)
+def test_annotations_are_not_kernels(name, flagged, annotation):
+    from hstu.train.profiling import is_annotation
+
+    assert is_annotation(_Event(name, flagged)) is annotation
+
+
+def test_fbgemm_backward_index_kernel_is_embedding_work():
+    assert kernel_category("void linearize_index_kernel<long, long, 64>") == "embedding"
