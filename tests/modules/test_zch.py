@@ -231,3 +231,50 @@ def test_sharded_zch_model_checkpoints_and_restores_its_admissions(tmp_path, one
         expected, got = sharded(batches[0]).probs, fresh(batches[0]).probs
     for task, value in expected.items():
         torch.testing.assert_close(got[task], value)
+
+
+TWO_WORKERS = """
+import sys
+import torch
+import torch.distributed as dist
+from hstu.config.features import ZchSpec
+from hstu.modules.zch import ZeroCollisionRemap
+
+rank, init_file, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+remap = ZeroCollisionRemap("video", ZchSpec(32, 2, "lfu")).train()
+generator = torch.Generator().manual_seed(rank)  # each worker its own ids, its own batch size
+for _ in range(6):
+    remap(torch.randint(1000 * rank, 1000 * rank + 40, (10 + 5 * rank,), generator=generator))
+torch.save({"state": remap.mch.state_dict(), "rows": remap.remap(torch.arange(0, 2000))}, out)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_workers_keep_one_admission_state(tmp_path):
+    # Each worker sees other ids; both must admit the same ids into the same rows, or a
+    # row-sharded table would mean different things on different workers.
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(TWO_WORKERS)
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
+    workers = [
+        subprocess.Popen([sys.executable, str(script), str(rank), str(tmp_path / "init"),
+                          str(tmp_path / f"rank{rank}.pt")], env=env, stderr=subprocess.PIPE,
+                         text=True)
+        for rank in (0, 1)
+    ]
+    for worker in workers:
+        _, stderr = worker.communicate(timeout=120)
+        assert worker.returncode == 0, stderr
+    first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for name, value in first["state"].items():
+        assert torch.equal(value, second["state"][name]), name
+    torch.testing.assert_close(first["rows"], second["rows"])
+    admitted = first["rows"] != 31
+    assert admitted[:1000].any() and admitted[1000:].any()  # both workers' ids got rows
