@@ -90,10 +90,17 @@ class ServingModule(nn.Module):
         self.encoder = model.encoder
         self.item_tower = model.item_tower
         self.fusion_tower = model.fusion_tower
+        # zch tables (hstu/modules/zch.py): raw ids are mapped to rows with the trained
+        # admission state, as in DlrmHSTU's evaluation (an element-wise lookup: it exports).
+        self.zch = model.embedding_collection.zch
 
     def _embed(self, inputs: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+        table = self.table_of[name]
+        ids = inputs[name]
+        if table in self.zch:
+            ids = self.zch[table].remap(ids)
         # float(): DlrmHSTU reads the lookup's values as float32 whatever the table dtype.
-        return F.embedding(inputs[name], self.tables[self.table_of[name]]).float()
+        return F.embedding(ids, self.tables[table]).float()
 
     def _group_values(self, inputs: Mapping[str, torch.Tensor], group: str) -> torch.Tensor:
         columns = []

@@ -278,3 +278,37 @@ def test_two_workers_keep_one_admission_state(tmp_path):
     torch.testing.assert_close(first["rows"], second["rows"])
     admitted = first["rows"] != 31
     assert admitted[:1000].any() and admitted[1000:].any()  # both workers' ids got rows
+
+
+def test_serving_and_the_exported_program_map_raw_ids_as_the_model_does():
+    # The export scores raw ids (10**12 here) with the trained admission state: the serving
+    # module, and the torch.export program made of it, give the model's own eval scores.
+    from hstu.export.serving import ServingModule, dynamic_shapes, lengths_key, serving_inputs
+    from hstu.model import DlrmHSTU
+
+    cfg = load_config(SMOKE, ZCH_SMOKE)
+    features, labels = feature_specs(cfg), label_specs(cfg)
+    torch.manual_seed(0)
+    model = DlrmHSTU(cfg, features, labels).train()
+    batches = zch_batches(cfg, 2)
+    for batch in batches:  # admit the ids
+        model(batch)
+    model.eval()
+    batch = batches[0]
+    sparse = batch.sparse.to_dict()
+    inputs = {f.name: sparse[f.name].values() if f.kind == "id" else batch.raw[f.name]
+              for f in features}
+    for sequence, lengths in batch.seq_lengths.items():
+        inputs[lengths_key(sequence)] = lengths
+    serving = ServingModule(model).eval()
+    with torch.no_grad():
+        expected = model(batch).probs
+        eager = serving(inputs)
+        program = torch.export.export(
+            serving, (inputs,), dynamic_shapes=dynamic_shapes(serving_inputs(features)),
+            strict=False,
+        )
+        exported = program.module()(inputs)
+    for task, value in expected.items():
+        torch.testing.assert_close(eager[task], value, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(exported[task], value, rtol=1e-5, atol=1e-5)
