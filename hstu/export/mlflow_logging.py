@@ -79,6 +79,8 @@ def log_export(export_dir: str | Path, tracking_uri: str, run_id: str):
                 artifacts={EXPORT_ARTIFACT: str(export_dir)},
                 code_paths=[str(staging / "hstu")],
                 pip_requirements=_pinned_requirements(),
+                # Declares the load-time options (cached mode): MLflow drops undeclared keys.
+                model_config=dict(pyfunc_model.DEFAULT_MODEL_CONFIG),
             )
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -187,6 +187,81 @@ class CheckpointScorer(_RowScorer):
         return {task: output.probs[task].float().numpy() for task in self.tasks}
 
 
+class CachedPredictor(_RowScorer):
+    """Scores rows as Predictor does, keeping each user's history keys and values between rows
+    (hstu/export/cached.py): for streams of requests where a user's history grows by a few
+    actions from one row to the next. Rows of one user must come in the order of their
+    requests (file order; within a batch, row order) for the cache to be used; any order gives
+    correct scores in exact mode.
+
+    Built from an export directory (the modules rebuilt from its pipeline.config with the
+    program's weights: needs TorchRec importable) or from a ServingModule (`serving=`).
+    key_column: the input column naming the user (default user_id)."""
+
+    def __init__(
+        self,
+        export_dir: str | os.PathLike | None = None,
+        *,
+        policy=None,
+        key_column: str = "user_id",
+        serving=None,
+        reserved: Sequence[str] | None = None,
+    ) -> None:
+        import torch
+
+        from hstu.export.cached import CachedServing, load_serving_module
+
+        if (export_dir is None) == (serving is None):
+            raise ValueError("CachedPredictor needs an export directory or a ServingModule")
+        if serving is None:
+            try:
+                serving = load_serving_module(export_dir)
+            except ModuleNotFoundError as error:
+                raise artifacts.ExportDirError(
+                    f"cached scoring rebuilds the model's modules with hstu.model, which needs "
+                    f"{error.name} (pip install torchrec, the version in requirements/); the "
+                    "uncached mode needs only torch"
+                ) from None
+            manifest = artifacts.read_manifest(export_dir)
+            reserved = list(manifest.get("reserved_columns", []))
+        self.features = list(serving.features.values())
+        self.spec = serving_inputs(self.features)
+        self.tasks = list(serving.task_names)
+        self.reserved = list(reserved or [])
+        self.candidate_sequence = serving.candidate_sequence
+        self.key_column = key_column
+        if key_column not in self.reserved:
+            self.reserved.append(key_column)  # read with the rows, so the key is there
+        self.cached = CachedServing(serving, policy)
+        self._torch = torch
+
+    def cache_summary(self) -> dict:
+        return self.cached.summary()
+
+    def _score(self, table: pa.Table, columns) -> dict[str, np.ndarray]:
+        if self.key_column not in table.column_names:
+            raise DataError(
+                "missing column",
+                column=self.key_column,
+                hint="cached scoring keys its cache by this column (--cache-key)",
+            )
+        # Rows without candidates have nothing to score (and cached scoring needs one).
+        lengths = self._candidate_lengths(columns)
+        keep = lengths > 0
+        if not keep.all():
+            columns = {name: column.take_rows(keep) for name, column in columns.items()}
+            table = table.filter(pa.array(keep))
+        by_name = {}
+        for spec in self.features:
+            column = columns[spec.column]
+            by_name[spec.name] = _tensor(column.values)
+            if spec.sequence is not None and lengths_key(spec.sequence) not in by_name:
+                by_name[lengths_key(spec.sequence)] = _tensor(column.lengths.astype(np.int64))
+        keys = table.column(self.key_column).to_pylist()
+        scores = self.cached.score(by_name, keys)
+        return {task: scores[task].float().numpy() for task in self.tasks}
+
+
 def _tensor(array: np.ndarray):
     import torch
 
@@ -242,6 +317,7 @@ class PredictSummary:
     seconds: float
     bad_rows: BadRowReport
     out: str
+    cache: dict | None = None  # CachedPredictor's counters (hstu.export.cached.CachedServing)
 
 
 def predict_files(
@@ -309,6 +385,7 @@ def predict_files(
         seconds=time.perf_counter() - started,
         bad_rows=bad_rows,
         out=str(out),
+        cache=scorer.cache_summary() if hasattr(scorer, "cache_summary") else None,
     )
 
 
