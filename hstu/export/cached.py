@@ -345,4 +345,40 @@ def load_serving_module(export_dir: str | Path) -> ServingModule:
             f"builds (missing {missing[:5]}, unexpected {unexpected[:5]}); re-export with this "
             "version of the code")
     serving.load_state_dict(dict(state), strict=True, assign=True)
-    return serving.eval()
+    serving.eval()
+    _check_against_program(serving, program, export_dir)
+    return serving
+
+
+# Rows (history, candidates) the rebuilt modules are checked on against the program.
+CHECK_LENGTHS = {"history": [5, 0, 9], "candidates": [2, 3, 1]}
+CHECK_ATOL, CHECK_RTOL = 1e-5, 1e-4
+
+
+def _check_against_program(serving: ServingModule, program, export_dir: Path) -> None:
+    """The rebuilt modules must score like the exported program: the modules run this
+    checkout's code, the program the code of export time, and the two may have drifted."""
+    from hstu.export import artifacts
+    from hstu.export.serving import (
+        serving_inputs,
+        synthetic_inputs,
+        with_filler_row,
+        without_filler_scores,
+    )
+
+    features = list(serving.features.values())
+    timestamps = set(serving.groups["uih_timestamp"] + serving.groups["candidate_timestamp"])
+    lengths = {serving.uih_sequence: CHECK_LENGTHS["history"],
+               serving.candidate_sequence: CHECK_LENGTHS["candidates"]}
+    inputs = synthetic_inputs(features, timestamps, serving.uih_sequence, lengths, seed=7)
+    with torch.no_grad():
+        expected = without_filler_scores(
+            program.module()(with_filler_row(inputs, serving_inputs(features))))
+        got = serving(inputs)
+    for task, value in expected.items():
+        if not torch.allclose(got[task], value, atol=CHECK_ATOL, rtol=CHECK_RTOL):
+            worst = float((got[task] - value).abs().max())
+            raise artifacts.ExportDirError(
+                f"{export_dir}: the modules rebuilt from this checkout's code score task "
+                f"{task!r} differently from the exported program (max difference {worst:.3g}); "
+                "the model code changed since the export: re-export, or score uncached")
