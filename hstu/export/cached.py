@@ -213,10 +213,12 @@ class CachedServing:
         n = entry.history_length
         if row.timestamps.numel() < n:
             return False
+        # The entry keeps its signature on the CPU (small; the device holds keys and values).
         if (entry.contextual is None) != (row.contextual is None) or (
-                row.contextual is not None and not torch.equal(entry.contextual, row.contextual)):
+                row.contextual is not None
+                and not torch.equal(entry.contextual, row.contextual.cpu())):
             return False
-        return all(torch.equal(entry.signature[name], row.history[name][:n])
+        return all(torch.equal(entry.signature[name], row.history[name][:n].cpu())
                    for name in self.uih_features)
 
     def _decide(self, row: _Row) -> CacheEntry | None:
@@ -259,6 +261,7 @@ class CachedServing:
             int(row.timestamps.numel()) - start
             for row, start, entry in zip(rows, starts, entries) if entry is not None)
 
+        device = rows[0].timestamps.device
         delta = {}
         for name, spec in serving.features.items():
             if spec.sequence == serving.uih_sequence:
@@ -271,7 +274,8 @@ class CachedServing:
                 lengths = [int(row.timestamps.numel()) - start for row, start in zip(rows, starts)]
             else:
                 lengths = [int(row.features[name].numel()) for row in rows]
-            delta[lengths_key(sequence)] = torch.tensor(lengths, dtype=torch.int64)
+            delta[lengths_key(sequence)] = torch.tensor(lengths, dtype=torch.int64,
+                                                        device=device)
         encoder_inputs = serving.encoder_inputs(delta)
         encoding = cached_encode(serving.encoder, entries, **encoder_inputs)
         item = serving.item_tower(encoder_inputs["candidates"])
