@@ -128,6 +128,7 @@ def test_the_progress_line_shows_the_mean_over_ranks(monkeypatch):
     monkeypatch.setattr(loop, "console", lines.append)
     worker = object.__new__(loop.Worker)
     worker.world, worker.rank, worker.tasks, worker.log = 2, 0, ["is_click"], Log()
+    worker.module = torch.nn.Module()  # a model without zch tables: no zch/* metrics
     meter = ProgressMeter(["is_click"], total_steps=None, clock=FakeClock())
     meter.add(rows=2, tokens=20, losses={"is_click": torch.tensor(0.4)},
               total=torch.tensor(0.4))
