@@ -20,8 +20,8 @@ train/dropped_rows in MLflow and final_metrics.json.
 Restarts: after a worker failure Ray Train starts a new worker group, and `ray.train.
 get_checkpoint()` returns the latest reported checkpoint. Weights, optimizer state and the step
 counter are restored, and the epoch in progress is replayed from its first batch: Ray Data
-cannot resume a pass in the middle, and its split is not reproducible across attempts. So a
-sample may be trained on twice after a restart, and none is lost (docs/training.md).
+cannot resume a pass in the middle. So a sample may be trained on twice after a restart, and
+none is lost (docs/training.md).
 """
 
 from __future__ import annotations
