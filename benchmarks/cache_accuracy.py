@@ -53,9 +53,9 @@ def cut_rows(table: pa.Table, new: int, uih_prefix: str, query_column: str) -> t
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    from hstu.metrics import exact_auc
-
     import torch
+
+    from hstu.metrics import exact_auc
 
     return exact_auc(torch.from_numpy(scores), torch.from_numpy(labels))
 
@@ -82,7 +82,6 @@ def main() -> None:
     if args.rows:
         table = table.slice(0, args.rows)
     uih = predictor.manifest["uih_sequence"] + "__"
-    candidates = predictor.manifest["candidate_sequence"] + "__"
     query_column = next(spec.column for spec in predictor.features
                         if spec.sequence == predictor.manifest["candidate_sequence"]
                         and spec.column.endswith("query_time"))
@@ -137,12 +136,13 @@ def main() -> None:
         for name, entry in row["tasks"].items():
             aucs = ""
             if "auc_full" in entry:
-                aucs = f" AUC full {entry['auc_full']:.4f} incremental {entry['auc_incremental']:.4f}"
+                aucs = (f" AUC full {entry['auc_full']:.4f} incremental "
+                        f"{entry['auc_incremental']:.4f}")
             print(f"    {name:<18} max|diff| {entry['max_abs_diff']:.2e}  max rank change "
                   f"{entry['max_rank_change_in_row']}{aucs}", flush=True)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(dict(
-            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             command=" ".join(sys.argv), export_dir=args.export_dir, data=args.data,
             results=results), indent=2) + "\n")
 

@@ -165,7 +165,7 @@ def run_case(serving, args, device, history: int, autocast) -> list[dict]:
         state = {key: (e.history_length, e.exact, e.stale_tokens, e.anchor)
                  for key, e in entries.items()}
 
-        def restore():
+        def restore(entries=entries, state=state, scorer=scorer):
             # Put every user's cache back as the earlier request left it.
             for key, entry in entries.items():
                 length, exact, stale, anchor = state[key]
@@ -174,8 +174,9 @@ def run_case(serving, args, device, history: int, autocast) -> list[dict]:
                 scorer.store.put(key, entry)
 
         with torch.no_grad(), autocast():
-            cached_ms, cached_cpu_ms, got = timed(lambda: scorer.score(request, keys), device,
-                                                  args.repeats, args.warmup, before=restore)
+            cached_ms, cached_cpu_ms, got = timed(
+                lambda scorer=scorer: scorer.score(request, keys), device, args.repeats,
+                args.warmup, before=restore)
         cache_bytes = sum(entry.nbytes() for entry in entries.values())
         rows.append(dict(
             history=history, new=args.new, candidates=args.candidates, batch=args.batch,
@@ -253,7 +254,7 @@ def main() -> None:
         rows += run_case(serving, args, device, history, autocast)
     if args.json_out:
         payload = dict(
-            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             command=" ".join(sys.argv), torch=torch.__version__, threads=torch.get_num_threads(),
             recipe=args.recipe, overrides=args.overrides, rows=rows,
         )

@@ -165,7 +165,7 @@ def test_evaluate_reports_ne_and_calibration_per_task(tmp_path):
                               max_candidates=8, items=900, eval_fraction=0.5), tmp_path)
     cfg = load_config(Path(__file__).resolve().parents[1] / "recipes" / "smoke.config")
     features, labels = feature_specs(cfg), label_specs(cfg)
-    table = pq.read_table(sorted((tmp_path / "eval").glob("*.parquet"))[0])
+    table = pq.read_table(min((tmp_path / "eval").glob("*.parquet")))
     batches = [arrow_to_batch(table.slice(start, 4), features, labels)
                for start in range(0, table.num_rows, 4)]
     torch.manual_seed(0)

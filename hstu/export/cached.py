@@ -104,7 +104,8 @@ class CachedServing:
         self.counters = CacheCounters()
         groups = serving.groups
         if not groups["uih_timestamp"] or not groups["candidate_timestamp"]:
-            raise ValueError("cached scoring needs the uih_timestamp and candidate_timestamp groups")
+            raise ValueError(
+                "cached scoring needs the uih_timestamp and candidate_timestamp groups")
         self.uih_features = [name for name, spec in serving.features.items()
                              if spec.sequence == serving.uih_sequence]
         # One feature per sequence, whose per-row length is that sequence's.

@@ -30,7 +30,7 @@ def build_serving(overrides=(), *, drop_contextual=False, seed=0):
     text = (REPO_ROOT / "recipes" / "smoke.config").read_text()
     if drop_contextual:
         text, count = re.subn(r'feature_groups \{\s*group_name: "contextual".*?\n    \}\n', "",
-                              text, flags=re.S)
+                              text, flags=re.DOTALL)
         assert count == 1
     cfg = load_config_text(text, "smoke.config", overrides)
     torch.manual_seed(seed)
@@ -101,7 +101,7 @@ def assert_equal_scores(got, expected, atol=ATOL):
     assert got.keys() == expected.keys()
     for task in expected:
         torch.testing.assert_close(got[task], expected[task], atol=atol, rtol=0,
-                                   msg=lambda m: f"task {task}: {m}")
+                                   msg=lambda m, task=task: f"task {task}: {m}")
 
 
 def max_difference(got, expected):
@@ -353,7 +353,7 @@ def test_export_directory_rebuilds_the_program(smoke_export, samples):
     inputs = synthetic_inputs(features, timestamps, serving.uih_sequence,
                               {"uih_seq": [7, 0, 12], "cand_seq": [3, 2, 1]}, seed=3)
     with torch.no_grad():
-        expected = without_filler_scores(program.module()(with_filler_row(inputs,
-                                                                          serving_inputs(features))))
+        padded = with_filler_row(inputs, serving_inputs(features))
+        expected = without_filler_scores(program.module()(padded))
     scorer = CachedServing(serving)
     assert_equal_scores(scorer.score(inputs, [1, 2, 3]), expected, atol=1e-5)
