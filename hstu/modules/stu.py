@@ -71,49 +71,9 @@ class STULayer(nn.Module):
         num_targets: torch.Tensor | None,
     ) -> torch.Tensor:
         """x [sum L, D]; seq_offsets [B+1]; max_seq_len >= every row length. Returns [sum L, D]."""
-        u, q, k, v = stu_preprocess(
-            x,
-            self.input_norm_weight,
-            self.input_norm_bias,
-            self.norm_eps,
-            self.uvqk_weight,
-            self.uvqk_bias,
-            num_heads=self.num_heads,
-            attention_dim=self.attention_dim,
-            hidden_dim=self.hidden_dim,
-            kernel=self.kernel,
-            recompute_normed_x=self.recompute_normed_x,
-            recompute_uvqk=self.recompute_uvqk,
-        )
-        attn = hstu_mha(
-            q,
-            k,
-            v,
-            seq_offsets,
-            max_seq_len=max_seq_len,
-            num_targets=num_targets,
-            contextual_seq_len=self.contextual_seq_len,
-            max_attn_len=self.max_attn_len,
-            alpha=self.attn_alpha,
-            scaling_seqlen=self.scaling_seqlen,
-            kernel=self.kernel,
-        )
-        return stu_postprocess(
-            attn.reshape(attn.shape[0], -1),
-            u,
-            x,
-            self.output_norm_weight,
-            self.output_norm_bias,
-            self.norm_eps,
-            self.output_weight,
-            num_heads=self.num_heads,
-            dropout_ratio=self.output_dropout_ratio,
-            training=self.training,
-            group_norm=self.use_group_norm,
-            kernel=self.kernel,
-            recompute_y=self.recompute_y,
-        )
-
+        u, q, k, v = self._preprocess(x)
+        attn = self._attention(q, k, v, seq_offsets, max_seq_len, num_targets)
+        return self._postprocess(attn, u, x)
 
     def cached_forward(
         self,
@@ -144,30 +104,10 @@ class STULayer(nn.Module):
         """
         if self.training:
             raise RuntimeError("STULayer.cached_forward is for inference: call .eval() first")
-        u, q, k, v = stu_preprocess(
-            x,
-            self.input_norm_weight,
-            self.input_norm_bias,
-            self.norm_eps,
-            self.uvqk_weight,
-            self.uvqk_bias,
-            num_heads=self.num_heads,
-            attention_dim=self.attention_dim,
-            hidden_dim=self.hidden_dim,
-            kernel=self.kernel,
-        )
+        u, q, k, v = self._preprocess(x)
         if k_cache is None or max_cache_len == 0:
             # Nothing cached: the delta rows are whole rows, and the training kernel applies.
-            attn = hstu_mha(
-                q, k, v, seq_offsets,
-                max_seq_len=max_seq_len,
-                num_targets=num_targets,
-                contextual_seq_len=self.contextual_seq_len,
-                max_attn_len=self.max_attn_len,
-                alpha=self.attn_alpha,
-                scaling_seqlen=self.scaling_seqlen,
-                kernel=self.kernel,
-            )
+            attn = self._attention(q, k, v, seq_offsets, max_seq_len, num_targets)
         else:
             attn = hstu_mha_cached(
                 q, k, v, seq_offsets, k_cache, v_cache, cache_offsets,
@@ -180,7 +120,54 @@ class STULayer(nn.Module):
                 scaling_seqlen=self.scaling_seqlen,
                 kernel=self.kernel,
             )
-        out = stu_postprocess(
+        return self._postprocess(attn, u, x), k, v
+
+    # The three steps forward() and cached_forward() share, so the two paths cannot drift.
+    # The recompute flags only trade memory for compute in the backward: never a number.
+
+    def _preprocess(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return stu_preprocess(
+            x,
+            self.input_norm_weight,
+            self.input_norm_bias,
+            self.norm_eps,
+            self.uvqk_weight,
+            self.uvqk_bias,
+            num_heads=self.num_heads,
+            attention_dim=self.attention_dim,
+            hidden_dim=self.hidden_dim,
+            kernel=self.kernel,
+            recompute_normed_x=self.recompute_normed_x,
+            recompute_uvqk=self.recompute_uvqk,
+        )
+
+    def _attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        seq_offsets: torch.Tensor,
+        max_seq_len: int,
+        num_targets: torch.Tensor | None,
+    ) -> torch.Tensor:
+        return hstu_mha(
+            q,
+            k,
+            v,
+            seq_offsets,
+            max_seq_len=max_seq_len,
+            num_targets=num_targets,
+            contextual_seq_len=self.contextual_seq_len,
+            max_attn_len=self.max_attn_len,
+            alpha=self.attn_alpha,
+            scaling_seqlen=self.scaling_seqlen,
+            kernel=self.kernel,
+        )
+
+    def _postprocess(self, attn: torch.Tensor, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return stu_postprocess(
             attn.reshape(attn.shape[0], -1),
             u,
             x,
@@ -190,11 +177,11 @@ class STULayer(nn.Module):
             self.output_weight,
             num_heads=self.num_heads,
             dropout_ratio=self.output_dropout_ratio,
-            training=False,
+            training=self.training,
             group_norm=self.use_group_norm,
             kernel=self.kernel,
+            recompute_y=self.recompute_y,
         )
-        return out, k, v
 
 
 class STUStack(nn.Module):
