@@ -32,26 +32,14 @@ from hstu.ops.triton._common import (
     fp32_dot_precision,
     interpreting,
     seq_len_bucket,
-    tanh_approx,
     triton_dtype_ok,
 )
-
-LOG2E = tl.constexpr(1.4426950408889634)
+# The training kernel's SiLU, so that cached and full attention score with the same formula.
+from hstu.ops.triton.attention import _last_dim_contiguous, _silu
 
 # Unmeasured (see the module docstring): tuned by timing on first use on a GPU.
 FORWARD_TILES = [Tile(64, 64, 4, 2), Tile(32, 64, 4, 2), Tile(128, 64, 8, 2)]
 INTERPRET_TILE = Tile(16, 16, 4, 1)
-
-
-@triton.jit
-def _silu_scores(qk, alpha, FAST: tl.constexpr):
-    """SiLU(alpha qk), without the 1/S (applied once to the accumulator)."""
-    if FAST:
-        y = qk * (0.5 * alpha)
-        return y * tanh_approx(y) + y
-    else:
-        x = qk * alpha
-        return x / (1.0 + tl.exp2(x * -LOG2E))
 
 
 @triton.jit
@@ -86,7 +74,7 @@ def _key_range(acc, q, K_base, V_base, stride_km, stride_vm, qi, key_offset, lo,
         k = tl.load(K_base + offs_n[:, None] * stride_km + cols_qk[None, :],
                     mask=row_ok[:, None] & (cols_qk[None, :] < D_QK), other=0.0)
         qk = dot(q, tl.trans(k), None, PRECISION, UPCAST)
-        p = _silu_scores(qk, alpha, FAST)
+        p = _silu(qk, alpha, FAST)
         kj = key_offset + offs_n
         ok = _mask(qi[:, None], kj[None, :], length, cs, mx, max_attn_len, HAS_CONTEXT,
                    HAS_WINDOW) & row_ok[None, :]
@@ -198,10 +186,6 @@ def _check_inputs(q, k, v, k_cache, v_cache, seq_offsets, cache_offsets, num_tar
     if q.device.type != "cuda" and not interpreting():
         raise RuntimeError("hstu_mha_cached (TRITON) needs CUDA tensors, or TRITON_INTERPRET=1 "
                            "to run on the CPU")
-
-
-def _last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
 def hstu_mha_cached(
