@@ -61,15 +61,7 @@ def _check_inputs(q, k, v, seq_offsets, max_seq_len, num_targets) -> None:
     seq_offsets (total length, longest row) are checked only for CPU tensors in eager mode: on
     a GPU that would cost a host sync per layer (the TRITON kernel asserts on the device).
     """
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        if tensor.dim() != 3:
-            raise ValueError(f"hstu_mha: {name} must be [L, H, d], got shape {tuple(tensor.shape)}")
-    if q.shape != k.shape:
-        raise ValueError(f"hstu_mha: q and k must have one shape, got {tuple(q.shape)} "
-                         f"and {tuple(k.shape)}")
-    if v.shape[:2] != q.shape[:2]:
-        raise ValueError(f"hstu_mha: v must be [L, H, d_v] with q's L and H {tuple(q.shape[:2])}, "
-                         f"got {tuple(v.shape)}")
+    check_qkv_shapes("hstu_mha", q, k, v)
     if seq_offsets.dim() != 1 or seq_offsets.numel() < 1 or seq_offsets.dtype not in (
             torch.int32, torch.int64):
         raise ValueError("hstu_mha: seq_offsets must be a 1-D integer tensor [B+1], got "
@@ -94,3 +86,18 @@ def _check_inputs(q, k, v, seq_offsets, max_seq_len, num_targets) -> None:
             row = int(lengths.argmax())
             raise ValueError(f"hstu_mha: row {row} has {longest} tokens, more than "
                              f"max_seq_len = {max_seq_len}")
+
+
+def check_qkv_shapes(op: str, q, k, v, **other_3d: torch.Tensor) -> None:
+    """q, k [L, H, d_qk] and v [L, H, d_v], else a ValueError naming the argument; `op` starts
+    the message. hstu_mha and hstu_mha_cached share it so that their errors read alike.
+    other_3d: more [L', H, d] tensors (the cache) whose rank is checked with q, k, v's."""
+    for name, tensor in (("q", q), ("k", k), ("v", v), *other_3d.items()):
+        if tensor.dim() != 3:
+            raise ValueError(f"{op}: {name} must be [L, H, d], got shape {tuple(tensor.shape)}")
+    if q.shape != k.shape:
+        raise ValueError(f"{op}: q and k must have one shape, got {tuple(q.shape)} "
+                         f"and {tuple(k.shape)}")
+    if v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"{op}: v must be [L, H, d_v] with q's L and H {tuple(q.shape[:2])}, "
+                         f"got {tuple(v.shape)}")

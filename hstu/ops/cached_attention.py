@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from hstu.ops.attention import check_qkv_shapes
 from hstu.ops.kernel import Kernel, implementation
 
 
@@ -71,17 +72,7 @@ def _check_inputs(q, k, v, seq_offsets, k_cache, v_cache, cache_offsets, max_seq
                   max_cache_len, num_targets, scaling_seqlen) -> None:
     """Errors that name the argument. Values (offsets, lengths) are checked on CPU tensors
     only: on a GPU each check would make the host wait for the device."""
-    for name, tensor in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache),
-                         ("v_cache", v_cache)):
-        if tensor.dim() != 3:
-            raise ValueError(f"hstu_mha_cached: {name} must be [L, H, d], got shape "
-                             f"{tuple(tensor.shape)}")
-    if q.shape != k.shape:
-        raise ValueError(f"hstu_mha_cached: q and k must have one shape, got "
-                         f"{tuple(q.shape)} and {tuple(k.shape)}")
-    if v.shape[:2] != q.shape[:2]:
-        raise ValueError(f"hstu_mha_cached: v must be [L, H, d_v] with q's L and H, got "
-                         f"{tuple(v.shape)}")
+    check_qkv_shapes("hstu_mha_cached", q, k, v, k_cache=k_cache, v_cache=v_cache)
     if k_cache.shape[1:] != k.shape[1:] or v_cache.shape[1:] != v.shape[1:]:
         raise ValueError(
             f"hstu_mha_cached: the cache's heads and head sizes must be the delta's: k_cache "
