@@ -204,7 +204,26 @@ class GroupedAUC:
         return sum(aucs) / len(aucs) if aucs else float("nan")
 
 
-class MeanAbsoluteError:
+class _SummedState:
+    """merge and sync for accumulators whose whole state is tensors that add up (sums and
+    counts): combining two states, or every rank's, is an elementwise sum. `_summed` names
+    those tensors."""
+
+    _summed: tuple[str, ...] = ()
+
+    def merge(self, other: "_SummedState") -> None:
+        for name in self._summed:
+            getattr(self, name).add_(getattr(other, name))
+
+    def sync(self) -> None:
+        if _world() > 1:
+            for name in self._summed:
+                dist.all_reduce(getattr(self, name))
+
+
+class MeanAbsoluteError(_SummedState):
+    _summed = ("total", "count")
+
     def __init__(self) -> None:
         self.total = torch.zeros((), dtype=torch.float64)
         self.count = torch.zeros((), dtype=torch.int64)
@@ -214,22 +233,15 @@ class MeanAbsoluteError:
         self.total += error.cpu()
         self.count += predictions.numel()
 
-    def merge(self, other: "MeanAbsoluteError") -> None:
-        self.total += other.total
-        self.count += other.count
-
-    def sync(self) -> None:
-        if _world() > 1:
-            dist.all_reduce(self.total)
-            dist.all_reduce(self.count)
-
     def compute(self) -> float:
         return float(self.total / self.count) if int(self.count) else float("nan")
 
 
-class MeanSquaredError:
+class MeanSquaredError(_SummedState):
     """sum (pred - label)^2 / count (torchmetrics' MeanSquaredError, TorchEasyRec's
     mean_squared_error)."""
+
+    _summed = ("total", "count")
 
     def __init__(self) -> None:
         self.total = torch.zeros((), dtype=torch.float64)
@@ -240,20 +252,11 @@ class MeanSquaredError:
         self.total += (error * error).sum().cpu()
         self.count += predictions.numel()
 
-    def merge(self, other: "MeanSquaredError") -> None:
-        self.total += other.total
-        self.count += other.count
-
-    def sync(self) -> None:
-        if _world() > 1:
-            dist.all_reduce(self.total)
-            dist.all_reduce(self.count)
-
     def compute(self) -> float:
         return float(self.total / self.count) if int(self.count) else float("nan")
 
 
-class Accuracy:
+class Accuracy(_SummedState):
     """TorchEasyRec's accuracy (torchmetrics.Accuracy, micro average).
 
     num_class 1: scores are probabilities, a candidate is predicted positive when its score is
@@ -261,6 +264,8 @@ class Accuracy:
     0/1 label. num_class >= 2: scores are [N, C] class probabilities, a candidate is correct
     when its label is among the top_k classes.
     """
+
+    _summed = ("correct", "count")
 
     def __init__(self, num_class: int = 1, threshold: float = 0.5, top_k: int = 1) -> None:
         self.num_class, self.threshold, self.top_k = num_class, threshold, top_k
@@ -276,15 +281,6 @@ class Accuracy:
             correct = (top == labels.long().unsqueeze(1)).any(dim=1)
         self.correct += int(correct.sum())
         self.count += correct.numel()
-
-    def merge(self, other: "Accuracy") -> None:
-        self.correct += other.correct
-        self.count += other.count
-
-    def sync(self) -> None:
-        if _world() > 1:
-            dist.all_reduce(self.correct)
-            dist.all_reduce(self.count)
 
     def compute(self) -> float:
         return float(self.correct) / float(self.count) if int(self.count) else float("nan")
@@ -580,7 +576,7 @@ def _binary_labels(labels: torch.Tensor) -> torch.Tensor:
     return (labels.detach().flatten().cpu() > 0).double()
 
 
-class NormalizedEntropy:
+class NormalizedEntropy(_SummedState):
     """Normalized entropy (He et al., "Practical lessons from predicting clicks on ads at
     Facebook", 2014; torchrec.metrics.ne): the mean cross entropy of the predicted
     probabilities divided by the entropy of the eval set's base rate p = positives / count,
@@ -589,6 +585,8 @@ class NormalizedEntropy:
 
     1.0 is what always predicting the base rate scores; lower is better. nan when the labels
     hold one class only (the base-rate entropy is 0). Labels > 0 count as positives."""
+
+    _summed = ("state",)
 
     def __init__(self, eta: float = NE_ETA) -> None:
         self.eta = eta
@@ -605,13 +603,6 @@ class NormalizedEntropy:
             states["pos_labels"], states["neg_labels"],
         ]).double()
 
-    def merge(self, other: "NormalizedEntropy") -> None:
-        self.state += other.state
-
-    def sync(self) -> None:
-        if _world() > 1:
-            dist.all_reduce(self.state)
-
     def compute(self) -> float:
         from torchrec.metrics.ne import compute_ne
 
@@ -621,11 +612,13 @@ class NormalizedEntropy:
         return float(compute_ne(ce_sum, count, positives, negatives, self.eta))
 
 
-class Calibration:
+class Calibration(_SummedState):
     """sum of predicted probabilities / number of positives (torchrec.metrics.calibration):
     1.0 when the model predicts as many positives as the eval set has, above 1 when it
     over-predicts. nan when there is no positive (TorchRec reports 0.0 there, which reads like
     a model that predicts nothing)."""
+
+    _summed = ("state",)
 
     def __init__(self) -> None:
         self.state = torch.zeros(2, dtype=torch.float64)  # sum of predictions, positives
@@ -641,13 +634,6 @@ class Calibration:
         targets = _binary_labels(labels).view(1, -1)
         states = get_calibration_states(targets, predictions, torch.ones_like(predictions))
         self.state += torch.cat([states[CALIBRATION_NUM], states[CALIBRATION_DENOM]]).double()
-
-    def merge(self, other: "Calibration") -> None:
-        self.state += other.state
-
-    def sync(self) -> None:
-        if _world() > 1:
-            dist.all_reduce(self.state)
 
     def compute(self) -> float:
         from torchrec.metrics.calibration import compute_calibration
