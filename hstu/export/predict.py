@@ -109,6 +109,17 @@ class _RowScorer:
     def _score(self, table: pa.Table, columns) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def _input_tensors(self, columns) -> dict:
+        """The exported model's inputs: each feature's values under its name, and each
+        sequence's lengths once, under lengths_key, taken from that sequence's first feature."""
+        tensors = {}
+        for spec in self.features:
+            column = columns[spec.column]
+            tensors[spec.name] = _tensor(column.values)
+            if spec.sequence is not None and lengths_key(spec.sequence) not in tensors:
+                tensors[lengths_key(spec.sequence)] = _tensor(column.lengths.astype(np.int64))
+        return tensors
+
 
 def _sample_ids(table: pa.Table) -> np.ndarray | None:
     if "sample_id" in table.column_names:
@@ -146,13 +157,7 @@ class Predictor(_RowScorer):
 
     def _score(self, table: pa.Table, columns) -> dict[str, np.ndarray]:
         torch = self._torch
-        by_name = {}
-        for spec in self.features:
-            column = columns[spec.column]
-            by_name[spec.name] = _tensor(column.values)
-            if spec.sequence is not None and lengths_key(spec.sequence) not in by_name:
-                by_name[lengths_key(spec.sequence)] = _tensor(column.lengths.astype(np.int64))
-        inputs = with_filler_row(by_name, self.spec)
+        inputs = with_filler_row(self._input_tensors(columns), self.spec)
         with torch.no_grad():
             scores = without_filler_scores(self.module(inputs))
         return {task: scores[task].numpy() for task in self.tasks}
@@ -251,14 +256,9 @@ class CachedPredictor(_RowScorer):
         if not keep.all():
             columns = {name: column.take_rows(keep) for name, column in columns.items()}
             table = table.filter(pa.array(keep))
-        by_name = {}
-        for spec in self.features:
-            column = columns[spec.column]
-            by_name[spec.name] = _tensor(column.values)
-            if spec.sequence is not None and lengths_key(spec.sequence) not in by_name:
-                by_name[lengths_key(spec.sequence)] = _tensor(column.lengths.astype(np.int64))
+        inputs = self._input_tensors(columns)
         keys = table.column(self.key_column).to_pylist()
-        scores = self.cached.score(by_name, keys)
+        scores = self.cached.score(inputs, keys)
         return {task: scores[task].float().numpy() for task in self.tasks}
 
 
