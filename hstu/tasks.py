@@ -119,6 +119,16 @@ def _metric_params(kind: str, metric) -> object:
     return None
 
 
+def _supported_kind(entry, oneof: str, supported, where: str) -> str:
+    """Which field of `entry`'s oneof is set; a ModelConfigError at `where` if not supported."""
+    kind = entry.WhichOneof(oneof)
+    if kind not in supported:
+        raise ModelConfigError(
+            where, f"{kind} is not implemented; supported: {', '.join(supported)}"
+        )
+    return kind
+
+
 def parse_tasks(tower_cfg) -> list[TaskSpec]:
     """fusion_mtl_tower.task_configs -> TaskSpecs; unsupported losses and metrics are named."""
     tasks = []
@@ -126,12 +136,7 @@ def parse_tasks(tower_cfg) -> list[TaskSpec]:
         path = f"dlrm_hstu.fusion_mtl_tower.task_configs[{index}]"
         losses = []
         for loss_index, loss in enumerate(task.losses):
-            kind = loss.WhichOneof("loss")
-            if kind not in SUPPORTED_LOSSES:
-                raise ModelConfigError(
-                    f"{path}.losses[{loss_index}]",
-                    f"{kind} is not implemented; supported: {', '.join(SUPPORTED_LOSSES)}",
-                )
+            kind = _supported_kind(loss, "loss", SUPPORTED_LOSSES, f"{path}.losses[{loss_index}]")
             if kind in ("binary_cross_entropy", "binary_focal_loss", "l2_loss"):
                 if task.num_class != 1:
                     raise ModelConfigError(path, f"{kind} needs num_class 1")
@@ -148,12 +153,9 @@ def parse_tasks(tower_cfg) -> list[TaskSpec]:
             raise ModelConfigError(path, "l2_loss cannot be mixed with classification losses")
         metrics = []
         for metric_index, metric in enumerate(task.metrics):
-            kind = metric.WhichOneof("metric")
-            if kind not in SUPPORTED_METRICS:
-                raise ModelConfigError(
-                    f"{path}.metrics[{metric_index}]",
-                    f"{kind} is not implemented; supported: {', '.join(SUPPORTED_METRICS)}",
-                )
+            kind = _supported_kind(
+                metric, "metric", SUPPORTED_METRICS, f"{path}.metrics[{metric_index}]"
+            )
             metrics.append((kind, _metric_params(kind, metric)))
         tasks.append(
             TaskSpec(
