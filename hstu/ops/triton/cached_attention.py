@@ -34,6 +34,7 @@ from hstu.ops.triton._common import (
     seq_len_bucket,
     triton_dtype_ok,
 )
+
 # The training kernel's SiLU, so that cached and full attention score with the same formula.
 from hstu.ops.triton.attention import _last_dim_contiguous, _silu
 
