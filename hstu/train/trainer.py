@@ -559,16 +559,22 @@ def _settle_forwarded_output(seconds: float = 1.0) -> None:
     time.sleep(seconds)
 
 
-def run_training(options: TrainOptions) -> RunResult:
-    """Train per `options`; returns where everything is. Raises on failure (the MLflow run is
-    then marked FAILED; the error's traceback and Ray's messages are in the run's log)."""
+def _in_run_console(run, options: TrainOptions):
+    """run(options, log) under a run console. A failure that `run` has not recorded itself
+    (it sets error.hstu_recorded once it has) is marked failed here, then raised."""
     with run_console() as log:
         try:
-            return _run_training(options, log)
+            return run(options, log)
         except BaseException as error:
             if not getattr(error, "hstu_recorded", False):
                 mark_failed(error, log, _run_dir_of(log), None, None)
             raise
+
+
+def run_training(options: TrainOptions) -> RunResult:
+    """Train per `options`; returns where everything is. Raises on failure (the MLflow run is
+    then marked FAILED; the error's traceback and Ray's messages are in the run's log)."""
+    return _in_run_console(_run_training, options)
 
 
 def _run_training(options: TrainOptions, log: RunLog) -> RunResult:
@@ -937,13 +943,7 @@ def summary_text(run: RunResult) -> str:
 def run_evaluation(options: TrainOptions) -> tuple[dict, list[str]]:
     """Evaluate `options.checkpoint` on the eval data with `options.workers` workers (any
     number: DCP reassembles the shards). Logs to a new MLflow run tagged with the checkpoint."""
-    with run_console() as log:
-        try:
-            return _run_evaluation(options, log)
-        except BaseException as error:
-            if not getattr(error, "hstu_recorded", False):
-                mark_failed(error, log, _run_dir_of(log), None, None)
-            raise
+    return _in_run_console(_run_evaluation, options)
 
 
 def _run_evaluation(options: TrainOptions, log: RunLog) -> tuple[dict, list[str]]:
