@@ -1,9 +1,14 @@
-"""Test-wide setup: Triton runs in its interpreter when there is no GPU; `gpu` tests skip."""
+"""Test-wide setup: Triton runs in its interpreter when there is no GPU; `gpu` tests skip;
+`launch_main` gives launch.py's main to tests that drive the command line in-process."""
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 if not torch.cuda.is_available():
     # Must be set before triton is first imported anywhere.
@@ -17,3 +22,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def launch_main():
+    """launch.main, loaded from the repository's launch.py."""
+    spec = importlib.util.spec_from_file_location("launch", REPO_ROOT / "launch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main

@@ -6,7 +6,6 @@ config's fused sparse optimizer on TorchRec-sharded tables, its dense optimizer,
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import torch
 from hstu.config import feature_specs, label_specs, load_config
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 CONFIGS = HERE / "tzrec_configs"
 KUAIRAND_TASKS = [
     "is_click", "is_like", "is_follow", "is_comment", "is_forward", "is_hate", "long_view",
@@ -54,11 +52,8 @@ CASES["dlrm_hstu_cutlass_kuairand_1k.config"] = CASES["dlrm_hstu_kuairand_1k.con
 
 
 @pytest.fixture
-def launch():
-    spec = importlib.util.spec_from_file_location("launch", REPO / "launch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return lambda *args: module.main(list(args))
+def launch(launch_main):
+    return lambda *args: launch_main(list(args))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

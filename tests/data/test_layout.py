@@ -32,14 +32,9 @@ SMALL = SyntheticOptions(
 
 
 @pytest.fixture
-def launch():
-    """launch.py's main, in this process."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("launch", REPO / "launch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return lambda *args: module.main(list(args))
+def launch(launch_main):
+    """launch.py's main, in this process, taking its arguments one by one."""
+    return lambda *args: launch_main(list(args))
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ so every test reuses them). Tests get constants through the `recipes` and
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import types
 from pathlib import Path
 
@@ -172,12 +171,3 @@ def recipes():
 @pytest.fixture(scope="session")
 def extra_export_config():
     return dict(EXTRA_EXPORT_CONFIG)
-
-
-@pytest.fixture(scope="session")
-def launch_main():
-    """launch.main, loaded from the repository's launch.py."""
-    spec = importlib.util.spec_from_file_location("launch", REPO_ROOT / "launch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main

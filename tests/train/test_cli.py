@@ -2,20 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def launch():
-    spec = importlib.util.spec_from_file_location("launch", REPO / "launch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 @pytest.mark.parametrize(
@@ -33,14 +20,14 @@ def launch():
         (["--export-best", "auc/is_click", "--no-export"], "contradict each other"),
     ],
 )
-def test_train_refuses_with_one_clear_line(launch, smoke_data, smoke_recipe, tmp_path, capsys,
-                                           extra, expected):
+def test_train_refuses_with_one_clear_line(launch_main, smoke_data, smoke_recipe, tmp_path,
+                                           capsys, extra, expected):
     import ray
 
     ray_was_running = ray.is_initialized()
     argv = ["train", "--recipe", smoke_recipe, "--train", smoke_data["train"], "--eval",
             smoke_data["eval"], "--storage", str(tmp_path), *extra]
-    assert launch(argv) == 1
+    assert launch_main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("launch.py train: ")
     assert expected in err
@@ -48,12 +35,12 @@ def test_train_refuses_with_one_clear_line(launch, smoke_data, smoke_recipe, tmp
     assert ray.is_initialized() == ray_was_running  # refused before Ray was started
 
 
-def test_eval_needs_a_checkpoint_directory(launch, smoke_recipe, tmp_path, capsys):
-    assert launch(["eval", "--recipe", smoke_recipe, "--checkpoint", str(tmp_path)]) == 1
+def test_eval_needs_a_checkpoint_directory(launch_main, smoke_recipe, tmp_path, capsys):
+    assert launch_main(["eval", "--recipe", smoke_recipe, "--checkpoint", str(tmp_path)]) == 1
     assert "not a checkpoint directory" in capsys.readouterr().err
 
 
-def test_compare_names_a_missing_run(launch, tmp_path, capsys):
+def test_compare_names_a_missing_run(launch_main, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert launch(["compare", "no-such-run", "--mlflow-uri", uri]) == 1
+    assert launch_main(["compare", "no-such-run", "--mlflow-uri", uri]) == 1
     assert "no MLflow run with id or name 'no-such-run'" in capsys.readouterr().err

@@ -3,7 +3,6 @@ Ray's own messages go to the run's log file, whose path is printed."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import sys
 from pathlib import Path
@@ -15,8 +14,6 @@ import pytest
 from hstu.cli.train import error_line, report_error
 from hstu.data.validate import DataError
 from hstu.train.console import RunLog, run_console, shown_on_console
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 class FakeWorkerGroupError(Exception):
@@ -132,17 +129,9 @@ def test_a_run_log_appends_so_a_resume_keeps_the_first_attempts(tmp_path):
 # ---- through Ray: a bad row in the training data, as a user sees it ---------------------------
 
 
-@pytest.fixture(scope="module")
-def launch():
-    spec = importlib.util.spec_from_file_location("launch", REPO / "launch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 @pytest.mark.slow
 def test_a_bad_training_row_ends_the_run_with_one_line_and_the_log_has_the_traceback(
-        launch, ray_session, smoke_data, smoke_recipe, mlflow_uri, tmp_path, capsys):
+        launch_main, ray_session, smoke_data, smoke_recipe, mlflow_uri, tmp_path, capsys):
     first = sorted(Path(smoke_data["train"]).glob("*.parquet"))[0]
     table = pq.read_table(first).slice(0, 8)
     users = table.column("user_id").to_pylist()
@@ -151,7 +140,7 @@ def test_a_bad_training_row_ends_the_run_with_one_line_and_the_log_has_the_trace
     bad = tmp_path / "bad.parquet"
     pq.write_table(table, bad)
 
-    status = launch(["train", "--recipe", smoke_recipe, "--train", str(bad), "--eval",
+    status = launch_main(["train", "--recipe", smoke_recipe, "--train", str(bad), "--eval",
                      smoke_data["eval"], "--storage", str(tmp_path / "runs"), "--workers", "1",
                      "--mlflow-uri", mlflow_uri, "--run-name", "bad-row", "--no-export",
                      "--set", "data_config.batch_size=8"])

@@ -4,17 +4,14 @@ shows them as mean ± std."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import statistics
-from pathlib import Path
 
 import pytest
 
 from hstu.train import tracking
 from hstu.train.repeat import Spread, format_spread, spread, spreads
 
-REPO = Path(__file__).resolve().parents[2]
 BATCH = 8
 
 
@@ -51,22 +48,14 @@ def test_compare_shows_a_repeat_parent_as_mean_plus_minus_std(tmp_path):
     assert not any(line.startswith(("mean/", "std/")) for line in lines)
 
 
-@pytest.fixture(scope="module")
-def launch():
-    spec = importlib.util.spec_from_file_location("launch", REPO / "launch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-def test_repeat_refuses_fewer_than_two_runs_before_ray_starts(launch, smoke_recipe, capsys):
-    assert launch(["train", "--recipe", smoke_recipe, "--repeat", "1"]) == 1
+def test_repeat_refuses_fewer_than_two_runs_before_ray_starts(launch_main, smoke_recipe, capsys):
+    assert launch_main(["train", "--recipe", smoke_recipe, "--repeat", "1"]) == 1
     assert capsys.readouterr().err.startswith(
         "launch.py train: --repeat 1: a spread needs at least 2 runs")
 
 
 @pytest.fixture(scope="module")
-def repeated(launch, ray_session, smoke_data, smoke_recipe, mlflow_uri, tmp_path_factory):
+def repeated(launch_main, ray_session, smoke_data, smoke_recipe, mlflow_uri, tmp_path_factory):
     """`train --repeat 2` (seeds 0 and 1) on 2 workers, then one more run with seed 0."""
     root = tmp_path_factory.mktemp("repeat")
     common = ["train", "--recipe", smoke_recipe, "--train", smoke_data["train"], "--eval",
@@ -74,8 +63,8 @@ def repeated(launch, ray_session, smoke_data, smoke_recipe, mlflow_uri, tmp_path
               "--mlflow-uri", mlflow_uri, "--no-export",
               "--set", f"data_config.batch_size={BATCH}", "--set", "train_config.num_epochs=1",
               "--set", "train_config.log_step_count_steps=4"]
-    assert launch([*common, "--repeat", "2", "--run-name", "rep"]) == 0
-    assert launch([*common, "--seed", "0", "--run-name", "again-seed0"]) == 0
+    assert launch_main([*common, "--repeat", "2", "--run-name", "rep"]) == 0
+    assert launch_main([*common, "--seed", "0", "--run-name", "again-seed0"]) == 0
     mlflow_client = tracking.client(mlflow_uri)
     experiments = [e.experiment_id for e in mlflow_client.search_experiments()]
 
@@ -123,9 +112,10 @@ def test_repeat_logs_children_under_a_parent_with_mean_and_std(repeated):
 
 
 @pytest.mark.slow
-def test_compare_of_the_parent_shows_mean_plus_minus_std(repeated, launch, mlflow_uri, capsys):
-    assert launch(["compare", "rep", "again-seed0", "--mlflow-uri", mlflow_uri,
-                   "--metrics", "eval/auc/is_click"]) == 0
+def test_compare_of_the_parent_shows_mean_plus_minus_std(repeated, launch_main, mlflow_uri,
+                                                          capsys):
+    assert launch_main(["compare", "rep", "again-seed0", "--mlflow-uri", mlflow_uri,
+                        "--metrics", "eval/auc/is_click"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines()
                 if line.startswith("eval/auc/is_click"))
     parent = repeated["rep"].data.metrics
