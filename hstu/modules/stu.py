@@ -114,11 +114,7 @@ class STULayer(nn.Module):
                 max_seq_len=max_seq_len,
                 max_cache_len=max_cache_len,
                 num_targets=num_targets,
-                contextual_seq_len=self.contextual_seq_len,
-                max_attn_len=self.max_attn_len,
-                alpha=self.attn_alpha,
-                scaling_seqlen=self.scaling_seqlen,
-                kernel=self.kernel,
+                **self._attention_options(),
             )
         return self._postprocess(attn, u, x), k, v
 
@@ -159,12 +155,19 @@ class STULayer(nn.Module):
             seq_offsets,
             max_seq_len=max_seq_len,
             num_targets=num_targets,
-            contextual_seq_len=self.contextual_seq_len,
-            max_attn_len=self.max_attn_len,
-            alpha=self.attn_alpha,
-            scaling_seqlen=self.scaling_seqlen,
-            kernel=self.kernel,
+            **self._attention_options(),
         )
+
+    def _attention_options(self) -> dict:
+        # One place for the mask and scale settings: the cached rows match forward()'s only
+        # while both attention ops get the same ones.
+        return {
+            "contextual_seq_len": self.contextual_seq_len,
+            "max_attn_len": self.max_attn_len,
+            "alpha": self.attn_alpha,
+            "scaling_seqlen": self.scaling_seqlen,
+            "kernel": self.kernel,
+        }
 
     def _postprocess(self, attn: torch.Tensor, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return stu_postprocess(
