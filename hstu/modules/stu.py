@@ -118,7 +118,7 @@ class STULayer(nn.Module):
             )
         return self._postprocess(attn, u, x), k, v
 
-    # The three steps forward() and cached_forward() share, so the two paths cannot drift.
+    # The steps forward() and cached_forward() share, so that the two paths cannot drift.
     # The recompute flags only trade memory for compute in the backward: never a number.
 
     def _preprocess(
