@@ -175,26 +175,13 @@ def make_batches(args, cfg, rank: int, case: dict, contextual_tokens: int):
 
 def pack_by_tokens(table, budget: int, max_rows: int, length_columns,
                    contextual_tokens: int = 0) -> list:
-    """Row slices of `table` packed greedily to at most `budget` tokens and `max_rows` rows,
-    the rule of the data pipeline's batches by cost (data_config.batch_cost_size, cost =
-    contextual + history + candidate tokens; hstu/data/pipeline.py): a batch closes when the
-    next row would take it over the budget; a row longer than the budget goes alone. The last,
-    partial batch is dropped (as drop_last does)."""
-    from hstu.data.pipeline import row_tokens
+    """Row slices of `table` packed as the data pipeline packs batches by cost
+    (data_config.batch_cost_size; a row's cost = contextual + history + candidate tokens;
+    hstu.data.pipeline.pack_slices). The last, unfilled batch is dropped (as drop_last does)."""
+    from hstu.data.pipeline import pack_slices, row_tokens
 
     tokens = row_tokens(table, length_columns) + contextual_tokens
-    slices, start = [], 0
-    while start < len(tokens):
-        total, take = 0, 0
-        while start + take < len(tokens) and take < max_rows:
-            if take and total + tokens[start + take] > budget:
-                break
-            total += int(tokens[start + take])
-            take += 1
-        if start + take == len(tokens) and take < max_rows and total < budget:
-            break  # the remainder: not a full batch
-        slices.append((start, take))
-        start += take
+    slices, _ = pack_slices(tokens, budget, max_rows)
     return slices
 
 

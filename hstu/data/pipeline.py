@@ -505,15 +505,9 @@ class JaggedBatches:
             if pending is not None and pending.num_rows:
                 table = pa.concat_tables([pending, table])
                 costs = np.concatenate([pending_costs, costs])
-            start = 0
-            while start < len(costs):
-                cumulative = np.cumsum(costs[start:])
-                fits = int(np.searchsorted(cumulative, self.token_budget, side="right"))
-                take = min(max(fits, 1), self.batch_size)
-                if start + take == len(costs) and take < self.batch_size and fits == take:
-                    break  # everything left fits: wait for more rows to fill the batch
-                yield table.slice(start, take)
-                start += take
+            slices, start = pack_slices(costs, self.token_budget, self.batch_size)
+            for first, take in slices:
+                yield table.slice(first, take)
             pending, pending_costs = table.slice(start), costs[start:]
         if pending is not None and pending.num_rows:
             if self.drop_last:
@@ -524,6 +518,24 @@ class JaggedBatches:
 
 
 _END = object()
+
+
+def pack_slices(costs: np.ndarray, budget: float, max_rows: int) -> tuple[list, int]:
+    """The packing rule of batches by cost over rows in arrival order: a batch closes before
+    the next row would take its summed cost over `budget`, or at `max_rows` rows; a row that
+    alone costs more than the budget goes alone. Returns ((first row, rows) of every closed
+    batch, the first row not packed): the rows from there all fit in one batch that is not
+    full yet, so they wait for more rows (or, at the end of a pass, are the last batch)."""
+    slices, start = [], 0
+    while start < len(costs):
+        cumulative = np.cumsum(costs[start:])
+        fits = int(np.searchsorted(cumulative, budget, side="right"))
+        take = min(max(fits, 1), max_rows)
+        if start + take == len(costs) and take < max_rows and fits == take:
+            break  # everything left fits: wait for more rows to fill the batch
+        slices.append((start, take))
+        start += take
+    return slices, start
 
 
 def row_tokens(table: pa.Table, length_columns: Mapping[str, str]) -> np.ndarray:

@@ -24,6 +24,9 @@ import dataclasses
 import torch
 from torch import nn
 
+from hstu.modules.contextual_preprocessor import ContextualTokens
+from hstu.modules.contextualized_mlp import ParameterizedContextualizedMLP
+
 
 @dataclasses.dataclass
 class StepFlops:
@@ -82,9 +85,9 @@ class _MatmulCounter:
                 continue
             if isinstance(module, nn.Linear):
                 self.handles.append(module.register_forward_hook(self._on_linear))
-            elif type(module).__name__ == "ContextualTokens":
+            elif isinstance(module, ContextualTokens):
                 self.handles.append(module.register_forward_hook(self._on_contextual_tokens))
-            elif type(module).__name__ == "ParameterizedContextualizedMLP":
+            elif isinstance(module, ParameterizedContextualizedMLP):
                 self.handles.append(module.register_forward_hook(self._on_parameterized_mlp))
 
     def _on_linear(self, module, inputs, output) -> None:

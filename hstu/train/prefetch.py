@@ -23,38 +23,43 @@ class DevicePrefetcher:
         self.device = torch.device(device)
 
     def __iter__(self) -> Iterator:
-        if self.device.type != "cuda":
-            for batch in self.batches:
-                yield batch.to(self.device)
-            return
-        copy_stream = torch.cuda.Stream(self.device)
         iterator = iter(self.batches)
+        try:
+            if self.device.type == "cuda":
+                yield from self._overlapped(iterator)
+            else:
+                for batch in iterator:
+                    yield batch.to(self.device)
+        finally:
+            # Stop the data pipeline's producer thread when the pass is left early, not at
+            # garbage collection.
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    def _overlapped(self, iterator) -> Iterator:
+        copy_stream = torch.cuda.Stream(self.device)
 
         def issue(batch):
+            # No wait on the training stream is needed first: the copy writes memory the
+            # caching allocator gives the copy stream, which record_stream below keeps from
+            # reuse until the training stream is done with it.
             pinned = batch.pin_memory()
-            # The side stream must not start before the training stream's earlier work that
-            # it could race with (allocations freed back to the caching allocator).
-            copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(copy_stream):
                 moved = pinned.to(self.device, non_blocking=True)
             return pinned, moved
 
-        try:
+        following = next(iterator, None)
+        staged = issue(following) if following is not None else None
+        while staged is not None:
+            _, moved = staged
+            training_stream = torch.cuda.current_stream(self.device)
+            training_stream.wait_stream(copy_stream)
+            # The batch's memory was allocated on the copy stream; tell the allocator it is
+            # used on the training stream too, so it is not reused before that is done.
+            moved.record_stream(training_stream)
             following = next(iterator, None)
+            # Dropping the pinned source is safe: torch's pinned-memory allocator keeps a block
+            # until the non-blocking copies that read it have finished.
             staged = issue(following) if following is not None else None
-            while staged is not None:
-                _, moved = staged
-                training_stream = torch.cuda.current_stream(self.device)
-                training_stream.wait_stream(copy_stream)
-                # The batch's memory was allocated on the copy stream; tell the allocator it
-                # is used on the training stream too, so it is not reused before that is done.
-                moved.record_stream(training_stream)
-                following = next(iterator, None)
-                # Dropping the pinned source is safe: torch's pinned-memory allocator keeps a
-                # block until the non-blocking copies that read it have finished.
-                staged = issue(following) if following is not None else None
-                yield moved
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
+            yield moved

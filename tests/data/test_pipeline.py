@@ -416,3 +416,17 @@ def test_input_paths_are_expanded_as_torcheasyrec_reads_input_path(tmp_path, mon
     assert found == [str(tmp_path / "a/p-0.parquet"), str(tmp_path / "a/p-1.parquet"),
                      str(tmp_path / "run[1]"), "s3://bucket/train"]
     assert missing == ["gone", "none-*.parquet (no match)"]
+
+
+def test_pack_slices_closes_batches_by_budget_and_rows():
+    import numpy as np
+
+    from hstu.data.pipeline import pack_slices
+
+    costs = np.array([4, 3, 9, 12, 1, 1, 1, 1, 2], dtype=np.float64)
+    # budget 10, at most 3 rows: [4, 3] (9 would pass 10), [9], [12] alone (over the budget),
+    # [1, 1, 1] (row cap); [1, 2] fits and is not full: it waits for more rows.
+    slices, start = pack_slices(costs, 10, 3)
+    assert slices == [(0, 2), (2, 1), (3, 1), (4, 3)]
+    assert start == 7
+    assert pack_slices(np.zeros(0), 10, 3) == ([], 0)

@@ -15,17 +15,36 @@ def batches(model, count):
 
 
 class Closing:
-    """An iterable whose iterator records that it was closed (as the data pipeline's is)."""
+    """An iterable whose iterator records whether it was closed (as the data pipeline's stops
+    its producer thread). The test keeps a reference to the iterator, so only an explicit
+    close() by the prefetcher, not garbage collection, can close it."""
 
     def __init__(self, items):
         self.items = items
+        self.iterator = None
+
+    def __iter__(self):
+        self.iterator = _ClosingIterator(self.items)
+        return self.iterator
+
+    @property
+    def closed(self):
+        return self.iterator is not None and self.iterator.closed
+
+
+class _ClosingIterator:
+    def __init__(self, items):
+        self.items = iter(items)
         self.closed = False
 
     def __iter__(self):
-        try:
-            yield from self.items
-        finally:
-            self.closed = True
+        return self
+
+    def __next__(self):
+        return next(self.items)
+
+    def close(self):
+        self.closed = True
 
 
 def check_same(moved, original, device):
@@ -62,8 +81,10 @@ def test_every_batch_once_in_order(device):
 def test_stopping_early_closes_the_source():
     model = smoke_model()
     source = Closing(batches(model, 3))
-    for _ in DevicePrefetcher(source, torch.device("cpu")):
-        break
+    handed = iter(DevicePrefetcher(source, torch.device("cpu")))
+    next(handed)
+    assert not source.closed
+    handed.close()  # what leaving a for loop early does
     assert source.closed
 
 
