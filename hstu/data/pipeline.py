@@ -158,10 +158,15 @@ def _collate(
         if label.sequence not in seq_lengths:
             seq_lengths[label.sequence] = _tensor(column.lengths, np.int64)
         label_tensors[label.column] = _tensor(column.values, np.dtype(label.value_dtype))
+    # The per-key value counts go with the KJT (TorchRec keeps them through pin_memory() and
+    # to()), so that the lookup can size its inputs without reading lengths back from a GPU.
+    counts = [int(v.size) for v in id_values]
     sparse = KeyedJaggedTensor(
         keys=keys,
         values=torch.from_numpy(_concat(id_values, np.int64)),
         lengths=torch.from_numpy(_concat(id_lengths, np.int64)),
+        length_per_key=counts,
+        offset_per_key=[0, *np.cumsum(counts, dtype=np.int64).tolist()],
     )
     return JaggedBatch(
         sparse=sparse,

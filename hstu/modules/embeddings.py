@@ -184,9 +184,69 @@ class MultiDimEmbeddingCollection(nn.Module):
         parts = grouped.split(splits) if len(splits) > 1 else [grouped]
         # Start every collection's lookup before waiting on any: under DistributedModelParallel
         # each returns an awaitable whose communication can then overlap.
-        pending = [collection(part) for collection, part in zip(collections, parts)]
+        pending = [
+            collection(one_bag_per_value(part)) for collection, part in zip(collections, parts)
+        ]
         out: dict[str, JaggedTensor] = {}
-        for result in pending:
+        for part, result in zip(parts, pending):
             wait = getattr(result, "wait", None)
-            out.update(wait() if callable(wait) else result)
+            looked_up = wait() if callable(wait) else result
+            out.update(_with_lengths_of(part, looked_up))
         return out
+
+
+def one_bag_per_value(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """The same keys and values (in the same order), with every value in a bag of its own.
+
+    Why: a sequence (non-pooled) lookup of TorchRec's sharded EmbeddingCollection runs
+    fbgemm's "nobag" kernel, which hands each bag to one warp that walks the bag's ids one
+    after another. A bag here is a row's whole history (thousands of ids), so a batch of 32
+    rows kept 32 warps busy on a GPU that holds thousands: the forward lookup of 44K ids took
+    ~3.7 ms on an H100 (docs/BENCHMARKS.md). With one id per bag every id gets its own warp.
+    A lookup returns one embedding per value whatever the bags, so only the lengths change;
+    MultiDimEmbeddingCollection puts the rows' own lengths back on the results.
+
+    The new stride (bags per key) is the largest value count of any key, read from the KJT's
+    host-side length_per_key (the data pipeline fills it), so nothing is read from the GPU.
+    Left as it is when no key has more values than rows, or with variable batch sizes per key.
+    """
+    if features.variable_stride_per_key():
+        return features
+    counts = features.length_per_key()
+    stride = max(counts, default=0)
+    if stride <= features.stride():
+        return features
+    lengths = features.lengths()
+    num_keys = len(features.keys())
+    # Per key: count ones, then zeros up to the stride (two kernels on the device, no host read).
+    values_per_key = lengths.view(num_keys, features.stride()).sum(dim=1, dtype=lengths.dtype)
+    positions = torch.arange(stride, device=lengths.device, dtype=lengths.dtype)
+    per_value = (positions.unsqueeze(0) < values_per_key.unsqueeze(1)).to(lengths.dtype)
+    return KeyedJaggedTensor(
+        keys=features.keys(),
+        values=features.values(),
+        weights=features.weights_or_none(),
+        lengths=per_value.reshape(-1),
+        stride=stride,
+        length_per_key=list(counts),
+        offset_per_key=list(features.offset_per_key()),
+    )
+
+
+def _with_lengths_of(
+    features: KeyedJaggedTensor, looked_up: Mapping[str, JaggedTensor]
+) -> dict[str, JaggedTensor]:
+    """The lookup's embeddings per key with the lengths of `features` (the rows' own), whatever
+    bags the lookup was given (one_bag_per_value)."""
+    if features.variable_stride_per_key():
+        return dict(looked_up)
+    rows = features.stride()
+    lengths = features.lengths().view(len(features.keys()), rows)
+    out = {}
+    for index, key in enumerate(features.keys()):
+        embedded = looked_up[key]
+        if embedded.lengths().numel() == rows:
+            out[key] = embedded
+        else:
+            out[key] = JaggedTensor(values=embedded.values(), lengths=lengths[index])
+    return out

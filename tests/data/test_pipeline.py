@@ -28,6 +28,11 @@ def test_arrow_to_batch_exact_values_and_lengths(make_specs, make_table):
     assert kjt.values().tolist() == [1, 2, 3, 5, 6, 7, 8, 9, 11, 12, 13, 14]
     assert kjt.lengths().tolist() == [1, 1, 1, 2, 0, 3, 1, 2, 1]
     assert kjt.values().dtype == torch.int64
+    # The per-key counts are known on the host and travel with the KJT (pinning and moving
+    # keep them), so a lookup on a GPU can size its inputs without reading lengths back.
+    for moved in (kjt, batch.pin_memory().sparse if torch.cuda.is_available() else kjt.to("cpu")):
+        assert moved._length_per_key == [3, 5, 4]
+        assert moved._offset_per_key == [0, 3, 8, 12]
     per_key = kjt.to_dict()
     assert per_key["uih_seq__video_id"].offsets().tolist() == [0, 2, 2, 5]
     assert per_key["cand_seq__video_id"].values().tolist() == [11, 12, 13, 14]

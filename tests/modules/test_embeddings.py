@@ -9,7 +9,7 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from hstu.modules.embeddings import MultiDimEmbeddingCollection
+from hstu.modules.embeddings import MultiDimEmbeddingCollection, one_bag_per_value
 
 
 def tables(video_dim=16, user_dim=8, level_dim=16):
@@ -102,3 +102,36 @@ def test_bad_table_lists_are_refused():
                                         feature_names=["user_id"])]
     with pytest.raises(ValueError, match="'user_id' is looked up in two tables"):
         MultiDimEmbeddingCollection(clash, device=torch.device("meta"))
+
+
+def test_one_bag_per_value_keeps_keys_and_values_and_gives_each_value_its_own_bag():
+    features = kjt(BATCH)
+    bagged = one_bag_per_value(features)
+    assert bagged.keys() == features.keys()
+    assert torch.equal(bagged.values(), features.values())
+    # Stride = the most values of any key (uih_video: 4); each key: its values' bags of one,
+    # then empty bags.
+    assert bagged.stride() == 4
+    assert bagged.lengths().tolist() == [1, 1, 1, 1] + [1, 1, 1, 0] + [1, 1, 0, 0] + [1, 1, 0, 0]
+    assert bagged.length_per_key() == features.length_per_key()
+    for key in features.keys():
+        assert torch.equal(bagged[key].values(), features[key].values())
+
+
+def test_one_bag_per_value_leaves_one_value_per_row_alone():
+    features = kjt({"user_id": [[19], [2]], "level": [[4], [0]]})
+    assert one_bag_per_value(features) is features
+
+
+def test_lookup_by_single_value_bags_equals_lookup_by_rows():
+    # The embeddings of a plain EmbeddingCollection over the rows' own bags are what the
+    # module returns (it looks up single-value bags and puts the rows' lengths back).
+    torch.manual_seed(0)
+    module = MultiDimEmbeddingCollection(tables(user_dim=16), device=torch.device("cpu"))
+    plain = module.collections["dim16"]
+    features = kjt(BATCH)
+    expected = plain(features)
+    out = module(features)
+    for key in BATCH:
+        assert torch.equal(out[key].values(), expected[key].values())
+        assert torch.equal(out[key].lengths(), expected[key].lengths())
