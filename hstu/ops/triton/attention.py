@@ -729,10 +729,28 @@ def _forward(problem: _Problem, q, k, v) -> torch.Tensor:
     return out
 
 
+def _gradients_like(q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty dq, dk, dv. When q, k and v are views of one tensor (the STU's fused u|v|q|k
+    projection), the three are views of one new tensor laid out the same way, so that the
+    projection's backward finds them already side by side (hstu/ops/triton/stu.py) instead of
+    copying them together: three fewer copies of the layer's activations per layer. The
+    columns of that tensor that no gradient here covers (u's) are left to that backward."""
+    storage = q.untyped_storage()
+    shared = (
+        k.untyped_storage().data_ptr() == storage.data_ptr() == v.untyped_storage().data_ptr()
+        and q.dtype == k.dtype == v.dtype
+        # Not for views into something much larger than q, k and v together.
+        and storage.nbytes() <= 2 * (q.numel() + k.numel() + v.numel()) * q.element_size()
+    )
+    if shared:
+        block = torch.empty(storage.nbytes() // q.element_size(), dtype=q.dtype, device=q.device)
+        return tuple(block.as_strided(t.shape, t.stride(), t.storage_offset()) for t in (q, k, v))
+    dq = torch.empty((q.shape[0], q.shape[1], q.shape[2]), dtype=q.dtype, device=q.device)
+    return dq, torch.empty_like(dq), torch.empty(v.shape, dtype=v.dtype, device=v.device)
+
+
 def _backward(problem: _Problem, q, k, v, grad_out):
-    dq = torch.empty((problem.total, problem.heads, problem.dqk), dtype=q.dtype, device=q.device)
-    dk = torch.empty_like(dq)
-    dv = torch.empty((problem.total, problem.heads, problem.dv), dtype=v.dtype, device=v.device)
+    dq, dk, dv = _gradients_like(q, k, v)
     if problem.total == 0 or problem.batch == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     atomic = DQ_MODE == "atomic"

@@ -136,18 +136,20 @@ class _StuPreprocess(torch.autograd.Function):
         if u_pre is None:
             u_pre = torch.addmm(uvqk_bias[:u_width].to(x.dtype), normed, weight[:, :u_width])
         length = x.shape[0]
-        d_uvqk = torch.empty((length, 2 * (u_width + qk_width)), dtype=x.dtype,
-                             device=x.device)
-        blocks = (
-            (d_uvqk[:, u_width:2 * u_width], dv),
-            (d_uvqk[:, 2 * u_width:2 * u_width + qk_width], dq),
-            (d_uvqk[:, 2 * u_width + qk_width:], dk),
-        )
-        for target, grad in blocks:
-            if grad is None:
-                target.zero_()
-            else:
-                target.copy_(grad.reshape(length, -1))
+        d_uvqk = _side_by_side(du, dq, dk, dv, length, u_width, qk_width)
+        if d_uvqk is None:
+            d_uvqk = torch.empty((length, 2 * (u_width + qk_width)), dtype=x.dtype,
+                                 device=x.device)
+            blocks = (
+                (d_uvqk[:, u_width:2 * u_width], dv),
+                (d_uvqk[:, 2 * u_width:2 * u_width + qk_width], dq),
+                (d_uvqk[:, 2 * u_width + qk_width:], dk),
+            )
+            for target, grad in blocks:
+                if grad is None:
+                    target.zero_()
+                else:
+                    target.copy_(grad.reshape(length, -1))
         if du is None:
             d_uvqk[:, :u_width].zero_()
         else:
@@ -160,6 +162,38 @@ class _StuPreprocess(torch.autograd.Function):
                                                              norm_bias, mean, rstd)
         return (dx, d_norm_weight, d_norm_bias, d_weight, d_bias, None, None, None, None, None,
                 None)
+
+
+def _side_by_side(du, dq, dk, dv, length: int, u_width: int, qk_width: int):
+    """d_uvqk [length, u | v | q | k] as a view of the storage dq, dk and dv already share, or
+    None when they do not sit there in that layout (then the caller copies them together).
+
+    The TRITON attention's backward returns dq, dk, dv as views of one new tensor laid out like
+    the q, k, v views of uvqk (hstu/ops/triton/attention.py: _gradients_like); its u columns
+    are scratch that nothing else holds, which this backward then fills with du's term.
+    """
+    if dq is None or dk is None or dv is None:
+        return None
+    width = 2 * (u_width + qk_width)
+    base = dv.storage_offset() - u_width
+    pointer = dv.untyped_storage().data_ptr()
+    laid_out = (
+        base >= 0
+        and dq.untyped_storage().data_ptr() == pointer == dk.untyped_storage().data_ptr()
+        and dq.dtype == dk.dtype == dv.dtype
+        and all(t.dim() == 3 and t.shape[0] == length and t.stride(0) == width
+                and t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (dq, dk, dv))
+        and dv.shape[1] * dv.shape[2] == u_width
+        and dq.shape[1] * dq.shape[2] == qk_width == dk.shape[1] * dk.shape[2]
+        and dq.storage_offset() == base + 2 * u_width
+        and dk.storage_offset() == base + 2 * u_width + qk_width
+        and dv.untyped_storage().nbytes() >= (base + length * width) * dv.element_size()
+        # du written in place of its own storage would be read and overwritten at once.
+        and (du is None or du.untyped_storage().data_ptr() != pointer)
+    )
+    if not laid_out:
+        return None
+    return dv.as_strided((length, width), (width, 1), base)
 
 
 def stu_preprocess(

@@ -50,6 +50,53 @@ def test_preprocess_matches_pytorch(dtype, recompute):
     assert_within_bound(results)
 
 
+def _pre_then_attention(stu_module, attention_module, heads, d_qk, d_v, offsets):
+    def run(x, norm_weight, norm_bias, uvqk_weight, uvqk_bias):
+        u, q, k, v = stu_module.stu_preprocess(
+            x, norm_weight, norm_bias, 1e-6, uvqk_weight, uvqk_bias, num_heads=heads,
+            attention_dim=d_qk, hidden_dim=d_v)
+        attn = attention_module.hstu_mha(q, k, v, offsets, max_seq_len=13,
+                                         num_targets=torch.tensor([2, 1, 3], device=DEVICE))
+        return torch.cat([u, attn.flatten(1)], 1)
+
+    return run
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_attention_gradients_reach_the_projection_without_copies(dtype, monkeypatch):
+    # The TRITON attention returns dq, dk, dv side by side in one tensor laid out like uvqk;
+    # the projection's backward then uses that tensor as is (no copies). Same numbers as the
+    # PyTorch chain, and the no-copy path is the one taken.
+    from hstu.ops.pytorch import attention as torch_attention
+    from hstu.ops.triton import attention as triton_attention
+
+    heads, d_qk, d_v = 2, 8, 16
+    offsets = torch.tensor([0, 9, 16, 29], device=DEVICE)
+    taken = []
+    side_by_side = triton_ops._side_by_side
+    monkeypatch.setattr(triton_ops, "_side_by_side",
+                        lambda *args: taken.append(side_by_side(*args)) or taken[-1])
+    results = compare_op(
+        _pre_then_attention(triton_ops, triton_attention, heads, d_qk, d_v, offsets),
+        _pre_then_attention(torch_ops, torch_attention, heads, d_qk, d_v, offsets),
+        _pre_inputs(29, 32, 2 * heads * (d_qk + d_v), seed=3), dtype=dtype)
+    assert_within_bound(results)
+    assert taken and all(block is not None for block in taken)
+
+
+def test_gradients_not_side_by_side_are_copied_together():
+    # Separate dq, dk, dv (any other attention) are not taken for one block.
+    length, heads, d = 5, 2, 4
+    grads = [torch.randn(length, heads, d) for _ in range(3)]
+    assert triton_ops._side_by_side(None, *grads, length, heads * d, heads * d) is None
+    block = torch.randn(length, 4 * heads * d)
+    views = [block[:, a:a + heads * d].view(length, heads, d) for a in (16, 24, 8)]
+    assert triton_ops._side_by_side(None, *views, length, heads * d, heads * d) is not None
+    # du in the same storage as the block: refused (it would be overwritten while read).
+    du = block[:, :heads * d]
+    assert triton_ops._side_by_side(du, *views, length, heads * d, heads * d) is None
+
+
 def _post_inputs(rows, dim, heads, d_v, group_norm, seed):
     g = torch.Generator().manual_seed(seed)
     width = heads * d_v
