@@ -9,8 +9,9 @@ draws them; 1-100 candidates; 6 contextual tokens). Under a causal mask the work
 with its length squared, so a handful of rows carry most of it; if their programs start late,
 the kernel ends with a tail on few SMs. This times the TRITON attention forward and
 forward+backward on the same rows in three orders: as drawn, longest first, shortest first
-(H=4, d=128, bf16, triton.testing.do_bench median). A gap between "as drawn" and "longest first"
-is what ordering the rows inside the kernel could win.
+(H=4, d=128, bf16, triton.testing.do_bench median), and the rows as drawn with the kernel's own
+switch (hstu.ops.triton.attention.ROW_ORDER = "longest_first"), which should match "longest
+first" in the data.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import triton
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from hstu.ops.triton import attention  # noqa: E402
 from hstu.ops.triton.attention import hstu_mha  # noqa: E402
 
 HEADS, DIM, CONTEXT, MAX_HISTORY = 4, 128, 6, 7894
@@ -46,7 +48,8 @@ def draw_lengths(rng: np.random.Generator, budget: int) -> tuple[np.ndarray, np.
         total += length
 
 
-def time_order(lengths: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
+def time_order(lengths: np.ndarray, targets: np.ndarray, row_order: str) -> tuple[float, float]:
+    attention.ROW_ORDER = row_order
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
     offsets[1:] = torch.from_numpy(lengths).cumsum(0)
     total = int(offsets[-1])
@@ -81,17 +84,20 @@ def main() -> None:
     for batch in range(args.batches):
         lengths, targets = draw_lengths(rng, args.budget)
         longest = np.argsort(-lengths, kind="stable")
-        orders = {"as drawn": np.arange(len(lengths)), "longest first": longest,
-                  "shortest first": longest[::-1]}
+        drawn = np.arange(len(lengths))
+        # (rows permuted in the data, the kernel's ROW_ORDER switch)
+        orders = {"as drawn": (drawn, "given"), "longest first": (longest, "given"),
+                  "shortest first": (longest[::-1], "given"),
+                  "as drawn, kernel longest_first": (drawn, "longest_first")}
         # causal FLOPs as reference 3.5 counts them (forward 2 matmuls, backward 2.5x)
         flops = 4 * HEADS * DIM * float((lengths.astype(np.float64) ** 2).sum()) / 2
-        for name, order in orders.items():
-            fwd, fwd_bwd = time_order(lengths[order], targets[order])
+        for name, (order, row_order) in orders.items():
+            fwd, fwd_bwd = time_order(lengths[order], targets[order], row_order)
             row = dict(batch=batch, order=name, rows=len(lengths), tokens=int(lengths.sum()),
                        longest=int(lengths.max()), fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
                        fwd_tflops=flops / fwd / 1e9, fwd_bwd_tflops=3.5 * flops / fwd_bwd / 1e9)
             rows.append(row)
-            print(f"batch {batch} {name:15s} rows {row['rows']:3d} tokens {row['tokens']:7d} "
+            print(f"batch {batch} {name:31s} rows {row['rows']:3d} tokens {row['tokens']:7d} "
                   f"fwd {fwd:6.3f} ms ({row['fwd_tflops']:5.0f} TFLOP/s)  fwd+bwd {fwd_bwd:6.3f} ms "
                   f"({row['fwd_bwd_tflops']:5.0f} TFLOP/s)", flush=True)
     if args.json:

@@ -35,6 +35,7 @@ programs start earliest.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator
 
 import torch
@@ -91,6 +92,15 @@ DQ_MODE = "separate"
 LAUNCH_ORDERS = ("blocks_first", "heads_first")
 LAUNCH_ORDER = "blocks_first"
 
+# Which rows' programs the grid launches first: "given" (the batch's order) or "longest_first"
+# (rows by length, longest first). Under a causal mask a row's work grows with its length
+# squared, so in a long-tailed batch a few rows carry most of it; launched last, they leave the
+# kernel running on a few SMs at its end. The order is computed on the device once per
+# seq_offsets tensor (shared by every layer of a step). benchmarks/attention_row_order.py
+# measures it; HSTU_ATTENTION_ROW_ORDER overrides the default for A/B runs.
+ROW_ORDERS = ("given", "longest_first")
+ROW_ORDER = os.environ.get("HSTU_ATTENTION_ROW_ORDER", "given")
+
 
 @contextlib.contextmanager
 def dq_mode(mode: str) -> Iterator[None]:
@@ -127,6 +137,15 @@ def _decode_program_id(num_blocks, BLOCKS_FIRST: tl.constexpr, LAST_FIRST: tl.co
     if LAST_FIRST:
         block = num_blocks - 1 - block
     return pid_bh, block
+
+
+@triton.jit
+def _row_of(index, row_order, ORDERED: tl.constexpr):
+    """The batch row that the index-th (row, head) group of programs works on."""
+    if ORDERED:
+        return tl.load(row_order + index).to(tl.int32)
+    else:
+        return index
 
 
 @triton.jit
@@ -398,9 +417,10 @@ def _attn_fwd(Q, K, V, O, seq_offsets, num_targets,
               FAST: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
               D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
               BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              OWN_TERM_FIRST: tl.constexpr, num_blocks, BLOCKS_FIRST: tl.constexpr):
+              OWN_TERM_FIRST: tl.constexpr, num_blocks, BLOCKS_FIRST: tl.constexpr,
+              row_order, ORDERED: tl.constexpr):
     pid_bh, pid_m = _decode_program_id(num_blocks, BLOCKS_FIRST, True)
-    b = pid_bh // H
+    b = _row_of(pid_bh // H, row_order, ORDERED)
     h = pid_bh % H
     start, length, hist, cs, mx = _row_info(seq_offsets, num_targets, b, contextual_seq_len,
                                             HAS_TARGETS, HAS_CONTEXT)
@@ -491,11 +511,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, GRAD_V, DQ, seq_offsets, num_targets,
                    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                    D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
                    BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   num_blocks, BLOCKS_FIRST: tl.constexpr):
+                   num_blocks, BLOCKS_FIRST: tl.constexpr,
+              row_order, ORDERED: tl.constexpr):
     pid_bh, pid_n = _decode_program_id(num_blocks, BLOCKS_FIRST, False)
     # The loops accumulate SiLU (no 1/S) into dv and 2 SiLU' (no alpha / 2S) into dk and dq.
     dkq_factor = 0.5 * alpha * scale
-    b = pid_bh // H
+    b = _row_of(pid_bh // H, row_order, ORDERED)
     h = pid_bh % H
     start, length, hist, cs, mx = _row_info(seq_offsets, num_targets, b, contextual_seq_len,
                                             HAS_TARGETS, HAS_CONTEXT)
@@ -595,9 +616,10 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, seq_offsets, num_targets,
                  HAS_WINDOW: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
                  UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
                  BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, num_blocks, BLOCKS_FIRST: tl.constexpr):
+                 BLOCK_N: tl.constexpr, num_blocks, BLOCKS_FIRST: tl.constexpr,
+              row_order, ORDERED: tl.constexpr):
     pid_bh, pid_m = _decode_program_id(num_blocks, BLOCKS_FIRST, True)
-    b = pid_bh // H
+    b = _row_of(pid_bh // H, row_order, ORDERED)
     h = pid_bh % H
     start, length, hist, cs, mx = _row_info(seq_offsets, num_targets, b, contextual_seq_len,
                                             HAS_TARGETS, HAS_CONTEXT)
@@ -663,6 +685,7 @@ class _Problem:
         self.alpha = alpha
         self.scale = scale
         self.dtype = q.dtype
+        self.row_order = _row_order(seq_offsets)
         self.constants = dict(
             HAS_TARGETS=num_targets is not None,
             HAS_CONTEXT=contextual_seq_len > 0,
@@ -689,16 +712,40 @@ class _Problem:
         decodes. 1-D: with blocks varying fastest, a 2-D grid would need B * H in its second
         dimension, which stops at 65535 programs; the first dimension takes 2^31 - 1."""
         num_blocks = triton.cdiv(self.max_seq_len, block_rows)
+        order = self.row_order
         kernel[(num_blocks * self.batch * self.heads,)](
             *args, *self.scalars(), **self.constants, **kwargs,
             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
             num_blocks=num_blocks, BLOCKS_FIRST=_blocks_first(),
+            row_order=self.seq_offsets if order is None else order, ORDERED=order is not None,
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
 
     def targets_arg(self) -> torch.Tensor:
         # Any int tensor will do when HAS_TARGETS is off: the kernel never reads it.
         return self.num_targets if self.num_targets is not None else self.seq_offsets
+
+
+# (seq_offsets, its version, the order): the last order computed, so that the layers of a step
+# (which share one seq_offsets tensor) sort once. Holding the tensor keeps its address unique.
+_last_row_order: tuple[torch.Tensor, int, torch.Tensor] | None = None
+
+
+def _row_order(seq_offsets: torch.Tensor) -> torch.Tensor | None:
+    """Rows longest first (int64 [B]) when ROW_ORDER asks for it, else None."""
+    global _last_row_order
+    if ROW_ORDER not in ROW_ORDERS:
+        raise ValueError(f"row order {ROW_ORDER!r}; expected one of {ROW_ORDERS}")
+    if ROW_ORDER == "given" or seq_offsets.numel() <= 2:
+        return None
+    cached = _last_row_order
+    if cached is not None and cached[0] is seq_offsets and cached[1] == seq_offsets._version:
+        return cached[2]
+    lengths = seq_offsets[1:] - seq_offsets[:-1]
+    # Stable, so that equal lengths keep their order and the launch order is reproducible.
+    order = torch.sort(lengths, descending=True, stable=True).indices
+    _last_row_order = (seq_offsets, seq_offsets._version, order)
+    return order
 
 
 def _blocks_first() -> bool:

@@ -101,16 +101,19 @@ def test_unequal_tiles_and_dq_modes(tile, mode):
            d_qk=24, d_v=8, heads=1)
 
 
-def test_launch_orders_compute_the_same_numbers(monkeypatch):
-    """The launch order only changes which program runs when: with the deterministic dQ kernel
+def test_launch_and_row_orders_compute_the_same_numbers(monkeypatch):
+    """The launch and row orders only change which program runs when: with the deterministic dQ kernel
     both orders give bit-identical outputs and gradients, and both are within the bound."""
     lengths, targets = [40, 7, 23], [3, 0, 5]
     offsets = _offsets(lengths)
     num_targets = torch.tensor(targets, device=DEVICE)
     grad = torch.randn(sum(lengths), 2, 16, generator=torch.Generator().manual_seed(8)).to(DEVICE)
     results = []
-    for order in attention_module.LAUNCH_ORDERS:
+    orders = [(launch, "given") for launch in attention_module.LAUNCH_ORDERS]
+    orders += [(launch, "longest_first") for launch in attention_module.LAUNCH_ORDERS]
+    for order, row_order in orders:
         monkeypatch.setattr(attention_module, "LAUNCH_ORDER", order)
+        monkeypatch.setattr(attention_module, "ROW_ORDER", row_order)
         _check(lengths, targets, contextual=2, heads=2, mode="separate", seed=6)
         # Unequal tiles: the dK/dV and dQ grids have different block counts.
         _check(lengths, targets, contextual=2, heads=2, mode="separate", seed=6,
@@ -123,8 +126,14 @@ def test_launch_orders_compute_the_same_numbers(monkeypatch):
                              num_targets=num_targets, contextual_seq_len=2)
             out.backward(grad)
         results.append([out.detach()] + [inputs[name].grad for name in ("q", "k", "v")])
-    for first, second in zip(*results):
-        assert torch.equal(first, second)
+    for other in results[1:]:
+        for first, second in zip(results[0], other):
+            assert torch.equal(first, second)
+    assert attention_module._row_order(offsets).tolist() == [0, 2, 1]  # longest first
+    monkeypatch.setattr(attention_module, "ROW_ORDER", "shortest_first")
+    with pytest.raises(ValueError, match="row order 'shortest_first'"):
+        triton_mha(inputs["q"], inputs["k"], inputs["v"], offsets, max_seq_len=40)
+    monkeypatch.setattr(attention_module, "ROW_ORDER", "given")
     monkeypatch.setattr(attention_module, "LAUNCH_ORDER", "rows_last")
     with pytest.raises(ValueError, match="launch order 'rows_last'"):
         triton_mha(inputs["q"], inputs["k"], inputs["v"], offsets, max_seq_len=40)
