@@ -850,6 +850,15 @@ class HstuAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
+# (seq_offsets, (its version, max_seq_len)) of the last device-side length check.
+_last_length_check: tuple[torch.Tensor, tuple[int, int]] | None = None
+
+
+def _remember_length_check(seq_offsets: torch.Tensor, key: tuple[int, int]) -> None:
+    global _last_length_check
+    _last_length_check = (seq_offsets, key)
+
+
 def _check_inputs(q, k, v, seq_offsets, num_targets, max_seq_len, contextual_seq_len,
                   max_attn_len):
     for name, tensor in (("q", q), ("k", k), ("v", v)):
@@ -890,14 +899,21 @@ def _check_inputs(q, k, v, seq_offsets, num_targets, max_seq_len, contextual_seq
             f"({max_attn_len}) must be >= 0"
         )
     if batch > 0:
-        longest = (seq_offsets[1:] - seq_offsets[:-1]).max()
         if seq_offsets.device.type == "cuda":
             # No host sync: a row longer than max_seq_len (whose tail the grid would not
-            # cover) stops the program with a device-side assert instead of being cut.
-            torch._assert_async(longest <= max_seq_len, "hstu_mha: a row exceeds max_seq_len")
-        elif int(longest) > max_seq_len:
+            # cover) stops the program with a device-side assert instead of being cut. Once
+            # per seq_offsets tensor and max_seq_len: the layers of a step share both.
+            key = (seq_offsets._version, max_seq_len)
+            if _last_length_check is None or _last_length_check[0] is not seq_offsets \
+                    or _last_length_check[1] != key:
+                longest = (seq_offsets[1:] - seq_offsets[:-1]).max()
+                torch._assert_async(longest <= max_seq_len, "hstu_mha: a row exceeds max_seq_len")
+                _remember_length_check(seq_offsets, key)
+            return
+        longest = (seq_offsets[1:] - seq_offsets[:-1]).max()
+        if int(longest) > max_seq_len:
             raise ValueError(f"hstu_mha: a row has {int(longest)} tokens > max_seq_len {max_seq_len}")
-        if seq_offsets.device.type != "cuda" and int(seq_offsets[-1]) != q.shape[0]:
+        if int(seq_offsets[-1]) != q.shape[0]:
             raise ValueError(
                 f"hstu_mha: seq_offsets[-1] = {int(seq_offsets[-1])} but q has {q.shape[0]} rows"
             )
