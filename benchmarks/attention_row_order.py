@@ -9,9 +9,8 @@ draws them; 1-100 candidates; 6 contextual tokens). Under a causal mask the work
 with its length squared, so a handful of rows carry most of it; if their programs start late,
 the kernel ends with a tail on few SMs. This times the TRITON attention forward and
 forward+backward on the same rows in three orders: as drawn, longest first, shortest first
-(H=4, d=128, bf16, triton.testing.do_bench median), and the rows as drawn with the kernel's own
-switch (hstu.ops.triton.attention.ROW_ORDER = "longest_first"), which should match "longest
-first" in the data.
+(H=4, d=128, bf16, triton.testing.do_bench median), and the rows as drawn with the kernel's
+sort_by_length (the STU config field), which should match "longest first" in the data.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import triton
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from hstu.ops.triton import attention  # noqa: E402
 from hstu.ops.triton.attention import hstu_mha  # noqa: E402
 
 HEADS, DIM, CONTEXT, MAX_HISTORY = 4, 128, 6, 7894
@@ -48,8 +46,7 @@ def draw_lengths(rng: np.random.Generator, budget: int) -> tuple[np.ndarray, np.
         total += length
 
 
-def time_order(lengths: np.ndarray, targets: np.ndarray, row_order: str) -> tuple[float, float]:
-    attention.ROW_ORDER = row_order
+def time_order(lengths: np.ndarray, targets: np.ndarray, sort: bool) -> tuple[float, float]:
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
     offsets[1:] = torch.from_numpy(lengths).cumsum(0)
     total = int(offsets[-1])
@@ -57,7 +54,7 @@ def time_order(lengths: np.ndarray, targets: np.ndarray, row_order: str) -> tupl
                            requires_grad=True) for _ in range(3))
     grad = torch.randn(total, HEADS, DIM, device="cuda", dtype=torch.bfloat16)
     kwargs = dict(max_seq_len=int(lengths.max()), num_targets=torch.from_numpy(targets).cuda(),
-                  contextual_seq_len=CONTEXT, scaling_seqlen=8000)
+                  contextual_seq_len=CONTEXT, scaling_seqlen=8000, sort_by_length=sort)
     offsets = offsets.cuda()
 
     def forward():
@@ -85,14 +82,14 @@ def main() -> None:
         lengths, targets = draw_lengths(rng, args.budget)
         longest = np.argsort(-lengths, kind="stable")
         drawn = np.arange(len(lengths))
-        # (rows permuted in the data, the kernel's ROW_ORDER switch)
-        orders = {"as drawn": (drawn, "given"), "longest first": (longest, "given"),
-                  "shortest first": (longest[::-1], "given"),
-                  "as drawn, kernel longest_first": (drawn, "longest_first")}
+        # (rows permuted in the data, the kernel's sort_by_length)
+        orders = {"as drawn": (drawn, False), "longest first": (longest, False),
+                  "shortest first": (longest[::-1], False),
+                  "as drawn, sort_by_length": (drawn, True)}
         # causal FLOPs as reference 3.5 counts them (forward 2 matmuls, backward 2.5x)
         flops = 4 * HEADS * DIM * float((lengths.astype(np.float64) ** 2).sum()) / 2
-        for name, (order, row_order) in orders.items():
-            fwd, fwd_bwd = time_order(lengths[order], targets[order], row_order)
+        for name, (order, sort) in orders.items():
+            fwd, fwd_bwd = time_order(lengths[order], targets[order], sort)
             row = dict(batch=batch, order=name, rows=len(lengths), tokens=int(lengths.sum()),
                        longest=int(lengths.max()), fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
                        fwd_tflops=flops / fwd / 1e9, fwd_bwd_tflops=3.5 * flops / fwd_bwd / 1e9)

@@ -390,6 +390,7 @@ class DlrmHSTU(nn.Module):
                 recompute_normed_x=bool(stu_cfg.recompute_normed_x),
                 recompute_uvqk=bool(stu_cfg.recompute_uvqk),
                 recompute_y=bool(stu_cfg.recompute_y),
+                sort_by_length=bool(stu_cfg.sort_by_length),
                 contextual_seq_len=contextual_seq_len,
                 kernel=self.kernel,
             )

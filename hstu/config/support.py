@@ -161,10 +161,10 @@ IGNORED: dict[str, str] = {
     "RawFeature.sequence_fields": "no feature generation runs here",
     "GRSimpleActionEncoder.embedding_init_std": "fixed at 0.1, as in TorchEasyRec",
     "MetricConfig.step_decay_rate": "it decays train_metrics, which are not implemented",
-    "STU.sort_by_length": "no kernel here reorders rows by length; it changes no number",
     "DataConfig.num_workers": "Ray Data runs the reading: it gets the CPUs the training "
     "workers leave (--cpus-per-worker)",
-    "DataConfig.pin_memory": "batches are copied to the GPU from pageable memory",
+    "DataConfig.pin_memory": "on a GPU every batch is pinned and copied on a side stream "
+    "one step ahead (hstu/train/prefetch.py), whatever this says",
     "EvalConfig.log_step_count_steps": "evaluation prints one line per evaluation",
     "ExportConfig.mixed_precision": "the export is a float32 program that loads on CPU",
     "ExportConfig.cudnn_allow_tf32": "the export is a float32 program that loads on CPU",
@@ -378,6 +378,8 @@ FIELD_NOTES: dict[str, str] = {
     "STU.recompute_normed_x": "memory only; no numeric effect",
     "STU.recompute_uvqk": "memory only; no numeric effect",
     "STU.recompute_y": "memory only; no numeric effect",
+    "STU.sort_by_length": "TRITON launches the longest rows first; scheduling only, no "
+    "numeric effect",
     "GRPositionalEncoder.time_bucket_fn": "sqrt or log",
     "GRSimpleActionEncoder.action_weights": "distinct powers of two",
     "GRSimpleActionEncoder.watchtime_to_action_weights": "one per threshold, distinct bits",

@@ -32,6 +32,7 @@ class STULayer(nn.Module):
         recompute_y: bool = True,
         contextual_seq_len: int = 0,
         kernel: Kernel = Kernel.PYTORCH,
+        sort_by_length: bool = False,
     ) -> None:
         super().__init__()
         if scaling_seqlen <= 0:
@@ -49,6 +50,8 @@ class STULayer(nn.Module):
         self.recompute_y = recompute_y
         self.contextual_seq_len = contextual_seq_len
         self.kernel = kernel
+        # Scheduling only (TRITON launches the longest rows first); never a number.
+        self.sort_by_length = sort_by_length
         self.norm_eps = 1e-6
 
         uvqk_width = 2 * num_heads * (hidden_dim + attention_dim)
@@ -155,6 +158,7 @@ class STULayer(nn.Module):
             seq_offsets,
             max_seq_len=max_seq_len,
             num_targets=num_targets,
+            sort_by_length=self.sort_by_length,
             **self._attention_options(),
         )
 

@@ -20,6 +20,7 @@ def hstu_mha(
     alpha: float | None = None,
     scaling_seqlen: int | None = None,
     kernel: Kernel | str = Kernel.PYTORCH,
+    sort_by_length: bool = False,
 ) -> torch.Tensor:
     """Jagged HSTU attention (docs/dlrm_hstu_reference.md section 2.7).
 
@@ -29,7 +30,8 @@ def hstu_mha(
     contextual_seq_len: contextual tokens at the start of each row.
     max_attn_len: attention window in the id space (0: unlimited).
     alpha: score scale (default 1/sqrt(d_qk)). scaling_seqlen: the constant divisor S
-    (default max_seq_len). Returns [L, H, d_v] in v's dtype.
+    (default max_seq_len). sort_by_length: the kernel launches the longest rows' work first
+    (TRITON; scheduling only, the numbers are the same). Returns [L, H, d_v] in v's dtype.
 
     out_i = sum_j SiLU(alpha <q_i, k_j>) / S * M_ij * v_j. The SiLU is taken in float32; the
     scores come from a float32-accumulating product (TRITON) or from a matmul in the inputs'
@@ -51,6 +53,7 @@ def hstu_mha(
         max_attn_len=max_attn_len,
         alpha=alpha,
         scaling_seqlen=scaling_seqlen,
+        sort_by_length=sort_by_length,
     )
 
 

@@ -170,8 +170,10 @@ def hstu_mha(
     max_attn_len: int = 0,
     alpha: float | None = None,
     scaling_seqlen: int | None = None,
+    sort_by_length: bool = False,
 ) -> torch.Tensor:
-    """CUTLASS version of hstu.ops.attention.hstu_mha (same arguments, minus `kernel`)."""
+    """CUTLASS version of hstu.ops.attention.hstu_mha (same arguments, minus `kernel`).
+    sort_by_length reaches only the TRITON fallback; the fused kernel schedules itself."""
     global _fallback_warned
     if needs_triton_fallback(max_attn_len, contextual_seq_len, num_targets is not None):
         if not _fallback_warned:
@@ -194,6 +196,7 @@ def hstu_mha(
             max_attn_len=max_attn_len,
             alpha=alpha,
             scaling_seqlen=scaling_seqlen,
+            sort_by_length=sort_by_length,
         )
     function = kernel_function()
     check_inputs(q, k, v)

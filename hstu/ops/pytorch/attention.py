@@ -68,8 +68,11 @@ def hstu_mha(
     max_attn_len: int = 0,
     alpha: float | None = None,
     scaling_seqlen: int | None = None,
+    sort_by_length: bool = False,
 ) -> torch.Tensor:
     """q, k: [L, H, d_qk]; v: [L, H, d_v]; seq_offsets: [B+1] int64. Returns [L, H, d_v].
+    sort_by_length is accepted and has no effect here (padded batched matmuls have no launch
+    order to choose).
 
     out_i = sum_j SiLU(alpha <q_i, k_j>) / S * M_ij * v_j, with S = scaling_seqlen (defaults to
     max_seq_len) and M the mask of `attention_mask`. Math runs in the inputs' dtype, except that

@@ -29,13 +29,16 @@ Scheduling: the grid is 1-D, and the blocks of one (row, head) are consecutive p
 the programs running at the same time read the same K/V (backward: Q/dO) tiles and find them
 in L2 (`LAUNCH_ORDER`). Within a (row, head), query blocks are launched last block first (they
 do the most work under a causal mask) and key blocks first block first, so that row's longest
-programs start earliest.
+programs start earliest. With `sort_by_length` (the STU config's field of that name) the rows
+themselves are launched longest first: a row's work grows with its length squared, so in a
+long-tailed batch a few rows carry most of it, and launched last they would leave the kernel
+finishing on a few SMs. The order is sorted on the device once per seq_offsets tensor (the
+layers of a step share it) and kept for the backward.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Iterator
 
 import torch
@@ -92,14 +95,6 @@ DQ_MODE = "separate"
 LAUNCH_ORDERS = ("blocks_first", "heads_first")
 LAUNCH_ORDER = "blocks_first"
 
-# Which rows' programs the grid launches first: "given" (the batch's order) or "longest_first"
-# (rows by length, longest first). Under a causal mask a row's work grows with its length
-# squared, so in a long-tailed batch a few rows carry most of it; launched last, they leave the
-# kernel running on a few SMs at its end. The order is computed on the device once per
-# seq_offsets tensor (shared by every layer of a step). benchmarks/attention_row_order.py
-# measures it; HSTU_ATTENTION_ROW_ORDER overrides the default for A/B runs.
-ROW_ORDERS = ("given", "longest_first")
-ROW_ORDER = os.environ.get("HSTU_ATTENTION_ROW_ORDER", "given")
 
 
 @contextlib.contextmanager
@@ -670,10 +665,11 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, seq_offsets, num_targets,
 
 
 class _Problem:
-    """Everything about one call that the kernels and the tuning key need."""
+    """Everything about one call that the kernels and the tuning key need. row_order: the
+    rows in launch order (int64 [B]), or None for the batch's own order."""
 
     def __init__(self, q, k, v, seq_offsets, num_targets, max_seq_len, contextual_seq_len,
-                 max_attn_len, alpha, scale):
+                 max_attn_len, alpha, scale, row_order=None):
         self.total, self.heads, self.dqk = q.shape
         self.dv = v.shape[2]
         self.batch = seq_offsets.numel() - 1
@@ -685,7 +681,7 @@ class _Problem:
         self.alpha = alpha
         self.scale = scale
         self.dtype = q.dtype
-        self.row_order = _row_order(seq_offsets)
+        self.row_order = row_order
         self.constants = dict(
             HAS_TARGETS=num_targets is not None,
             HAS_CONTEXT=contextual_seq_len > 0,
@@ -731,12 +727,10 @@ class _Problem:
 _last_row_order: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
 
-def _row_order(seq_offsets: torch.Tensor) -> torch.Tensor | None:
-    """Rows longest first (int64 [B]) when ROW_ORDER asks for it, else None."""
+def longest_first(seq_offsets: torch.Tensor) -> torch.Tensor | None:
+    """The rows longest first (int64 [B]; None for fewer than two rows)."""
     global _last_row_order
-    if ROW_ORDER not in ROW_ORDERS:
-        raise ValueError(f"row order {ROW_ORDER!r}; expected one of {ROW_ORDERS}")
-    if ROW_ORDER == "given" or seq_offsets.numel() <= 2:
+    if seq_offsets.numel() <= 2:
         return None
     cached = _last_row_order
     if cached is not None and cached[0] is seq_offsets and cached[1] == seq_offsets._version:
@@ -833,21 +827,22 @@ def _last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
 class HstuAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, seq_offsets, num_targets, max_seq_len, contextual_seq_len,
-                max_attn_len, alpha, scale):
+                max_attn_len, alpha, scale, sort_by_length):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        row_order = longest_first(seq_offsets) if sort_by_length else None
         problem = _Problem(q, k, v, seq_offsets, num_targets, max_seq_len, contextual_seq_len,
-                           max_attn_len, alpha, scale)
+                           max_attn_len, alpha, scale, row_order)
         out = _forward(problem, q, k, v)
-        ctx.save_for_backward(q, k, v, seq_offsets, num_targets)
+        ctx.save_for_backward(q, k, v, seq_offsets, num_targets, row_order)
         ctx.args = (max_seq_len, contextual_seq_len, max_attn_len, alpha, scale)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, seq_offsets, num_targets = ctx.saved_tensors
-        problem = _Problem(q, k, v, seq_offsets, num_targets, *ctx.args)
+        q, k, v, seq_offsets, num_targets, row_order = ctx.saved_tensors
+        problem = _Problem(q, k, v, seq_offsets, num_targets, *ctx.args, row_order)
         dq, dk, dv = _backward(problem, q, k, v, _last_dim_contiguous(grad_out))
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 # (seq_offsets, (its version, max_seq_len)) of the last device-side length check.
@@ -931,11 +926,13 @@ def hstu_mha(
     max_attn_len: int = 0,
     alpha: float | None = None,
     scaling_seqlen: int | None = None,
+    sort_by_length: bool = False,
 ) -> torch.Tensor:
     """Triton version of hstu.ops.attention.hstu_mha (same arguments, minus `kernel`).
 
     q, k may be strided views (the last dimension must be contiguous, else it is copied).
     Returns a new contiguous [L, H, d_v] tensor in v's dtype. Differentiable in q, k, v.
+    sort_by_length: launch the longest rows' programs first (same numbers, bit for bit).
     """
     _check_inputs(q, k, v, seq_offsets, num_targets, max_seq_len, contextual_seq_len,
                   max_attn_len)
@@ -944,5 +941,5 @@ def hstu_mha(
     divisor = scaling_seqlen if scaling_seqlen is not None else max_seq_len
     return HstuAttentionFunction.apply(
         q, k, v, seq_offsets, num_targets, int(max_seq_len), int(contextual_seq_len),
-        int(max_attn_len), float(alpha), 1.0 / float(divisor),
+        int(max_attn_len), float(alpha), 1.0 / float(divisor), bool(sort_by_length),
     )

@@ -102,18 +102,17 @@ def test_unequal_tiles_and_dq_modes(tile, mode):
 
 
 def test_launch_and_row_orders_compute_the_same_numbers(monkeypatch):
-    """The launch and row orders only change which program runs when: with the deterministic dQ kernel
+    """The launch order and sort_by_length only change which program runs when: with the
+    deterministic dQ kernel
     both orders give bit-identical outputs and gradients, and both are within the bound."""
     lengths, targets = [40, 7, 23], [3, 0, 5]
     offsets = _offsets(lengths)
     num_targets = torch.tensor(targets, device=DEVICE)
     grad = torch.randn(sum(lengths), 2, 16, generator=torch.Generator().manual_seed(8)).to(DEVICE)
     results = []
-    orders = [(launch, "given") for launch in attention_module.LAUNCH_ORDERS]
-    orders += [(launch, "longest_first") for launch in attention_module.LAUNCH_ORDERS]
-    for order, row_order in orders:
+    orders = [(launch, sort) for sort in (False, True) for launch in attention_module.LAUNCH_ORDERS]
+    for order, sort_by_length in orders:
         monkeypatch.setattr(attention_module, "LAUNCH_ORDER", order)
-        monkeypatch.setattr(attention_module, "ROW_ORDER", row_order)
         _check(lengths, targets, contextual=2, heads=2, mode="separate", seed=6)
         # Unequal tiles: the dK/dV and dQ grids have different block counts.
         _check(lengths, targets, contextual=2, heads=2, mode="separate", seed=6,
@@ -123,17 +122,15 @@ def test_launch_and_row_orders_compute_the_same_numbers(monkeypatch):
         with pinned(attn_fwd=SMALL, attn_bwd_dkdv=SMALL, attn_bwd_dq=SMALL), \
                 dq_mode("separate"):
             out = triton_mha(inputs["q"], inputs["k"], inputs["v"], offsets, max_seq_len=40,
-                             num_targets=num_targets, contextual_seq_len=2)
+                             num_targets=num_targets, contextual_seq_len=2,
+                             sort_by_length=sort_by_length)
             out.backward(grad)
         results.append([out.detach()] + [inputs[name].grad for name in ("q", "k", "v")])
     for other in results[1:]:
         for first, second in zip(results[0], other):
             assert torch.equal(first, second)
-    assert attention_module._row_order(offsets).tolist() == [0, 2, 1]  # longest first
-    monkeypatch.setattr(attention_module, "ROW_ORDER", "shortest_first")
-    with pytest.raises(ValueError, match="row order 'shortest_first'"):
-        triton_mha(inputs["q"], inputs["k"], inputs["v"], offsets, max_seq_len=40)
-    monkeypatch.setattr(attention_module, "ROW_ORDER", "given")
+    assert attention_module.longest_first(offsets).tolist() == [0, 2, 1]
+    assert attention_module.longest_first(_offsets([5])) is None
     monkeypatch.setattr(attention_module, "LAUNCH_ORDER", "rows_last")
     with pytest.raises(ValueError, match="launch order 'rows_last'"):
         triton_mha(inputs["q"], inputs["k"], inputs["v"], offsets, max_seq_len=40)
