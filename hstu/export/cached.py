@@ -29,6 +29,12 @@ Modes (CachePolicy.mode):
 
 Memory: the store (kv_cache.KVCacheStore) is bounded by max_bytes, least recently used users
 evicted first (their next request re-encodes them).
+
+Devices: the keys and values live where the serving module's parameters are. Everything else
+(splitting the request into rows, recognising a cached history, the sizes and position/time
+indices of the new tokens) is worked out on a CPU copy of the request, and only the new tokens'
+inputs travel to the device: on a GPU a request does not wait for the device until its scores
+are read.
 """
 
 from __future__ import annotations
@@ -99,6 +105,8 @@ class CachedServing:
 
     def __init__(self, serving: ServingModule, policy: CachePolicy | None = None) -> None:
         self.serving = serving.eval()
+        # Where the model (and so the keys and values) lives: the new tokens go there.
+        self.device = next(serving.parameters()).device
         self.policy = policy or CachePolicy()
         self.store = KVCacheStore(self.policy.max_bytes)
         self.counters = CacheCounters()
@@ -135,6 +143,8 @@ class CachedServing:
         batch = int(inputs[lengths_key(serving.candidate_sequence)].shape[0])
         if len(keys) != batch:
             raise ValueError(f"{len(keys)} keys for {batch} rows")
+        # The bookkeeping reads the request on the host (a copy, when it came on a GPU).
+        inputs = {name: value.cpu() for name, value in inputs.items()}
         if not serving.ascending:
             # Newest-first rows: reversing every tensor makes them oldest-first and reverses
             # the row order (as score_candidates does); the outputs are flipped back below.
@@ -262,7 +272,7 @@ class CachedServing:
             int(row.timestamps.numel()) - start
             for row, start, entry in zip(rows, starts, entries) if entry is not None)
 
-        device = rows[0].timestamps.device
+        # The new tokens' inputs, built on the host and sent to the device in one go.
         delta = {}
         for name, spec in serving.features.items():
             if spec.sequence == serving.uih_sequence:
@@ -270,15 +280,25 @@ class CachedServing:
             else:
                 parts = [row.features[name] for row in rows]
             delta[name] = torch.cat(parts)
+        history_lengths = [int(row.timestamps.numel()) - start for row, start in zip(rows, starts)]
+        num_targets = [row.num_candidates for row in rows]
         for sequence, name in self.first_feature.items():
-            if sequence == serving.uih_sequence:
-                lengths = [int(row.timestamps.numel()) - start for row, start in zip(rows, starts)]
-            else:
-                lengths = [int(row.features[name].numel()) for row in rows]
-            delta[lengths_key(sequence)] = torch.tensor(lengths, dtype=torch.int64,
-                                                        device=device)
+            lengths = history_lengths if sequence == serving.uih_sequence else num_targets
+            delta[lengths_key(sequence)] = torch.tensor(lengths, dtype=torch.int64)
+        if self.device.type == "cuda":
+            delta = {name: value.pin_memory().to(self.device, non_blocking=True)
+                     for name, value in delta.items()}
+        else:
+            delta = {name: value.to(self.device) for name, value in delta.items()}
+        timestamps = [
+            torch.cat([row.timestamps[start:],
+                       row.features[self.query_time_feature].to(torch.int64)])
+            for row, start in zip(rows, starts)
+        ]
         encoder_inputs = serving.encoder_inputs(delta)
-        encoding = cached_encode(serving.encoder, entries, **encoder_inputs)
+        encoding = cached_encode(serving.encoder, entries, history_lengths=history_lengths,
+                                 candidate_counts=num_targets, timestamps=timestamps,
+                                 **encoder_inputs)
         item = serving.item_tower(encoder_inputs["candidates"])
         per_task = serving.fusion_tower(encoding.candidates, item)
         probs = task_outputs(serving.tasks, per_task)[1]

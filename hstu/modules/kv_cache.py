@@ -287,120 +287,142 @@ class CachedEncoding:
     candidates: torch.Tensor  # [sum t, D]: the postprocessed candidate encodings, batch order
     # Per layer (k, v) of the rows to add to each row's cache: the contextual + history tokens
     # of rows encoded from scratch, the new history tokens of rows with a cache; jagged over
-    # `prefix_offsets` [B+1].
+    # `prefix_offsets` [B+1] (on the CPU).
     prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]
     prefix_offsets: torch.Tensor
 
 
-def _virtual_timestamps(cached: Sequence[CacheEntry | None], delta_timestamps: torch.Tensor,
-                        delta_lengths: list[int]) -> tuple[torch.Tensor, list[int]]:
-    """Per row: [cached tokens' timestamps (contextual 0s, history); the delta's]; and the
-    cached lengths P_b."""
-    parts, cache_lengths = [], []
-    start = 0
-    for entry, length in zip(cached, delta_lengths):
-        if entry is not None:
-            parts.append(torch.zeros(entry.contextual_seq_len, dtype=torch.int64))
-            parts.append(entry.history_timestamps.to(delta_timestamps.device))
-            cache_lengths.append(entry.length)
-        else:
-            cache_lengths.append(0)
-        parts.append(delta_timestamps[start:start + length])
-        start += length
-    device = delta_timestamps.device
-    return torch.cat([p.to(device) for p in parts]), cache_lengths
-
-
-def _add_virtual_positions(positional_encoder, embeddings, delta_offsets, delta_lengths,
-                           delta_timestamps, num_targets, cached, contextual_seq_len):
-    """x * sqrt(D) + P[pos] (+ T[bucket]) for the delta tokens, with pos and bucket those of
-    their place in the whole row (hstu.ops.position's formula; indices from the PyTorch
-    helpers over the virtual row, the add as the PYTORCH op computes it, in float32)."""
-    virtual_ts, cache_lengths = _virtual_timestamps(cached, delta_timestamps, delta_lengths)
-    device = embeddings.device
-    cache_lengths_t = torch.tensor(cache_lengths, dtype=torch.int64, device=device)
-    delta_lengths_t = torch.tensor(delta_lengths, dtype=torch.int64, device=device)
-    virtual_offsets = offsets_from_lengths(cache_lengths_t + delta_lengths_t)
-    total = int(virtual_offsets[-1])
-    positions = position_indices(
-        virtual_offsets, num_targets, total, contextual_seq_len=contextual_seq_len,
-        num_position_buckets=positional_encoder.position_table.shape[0],
-        use_time_encoding=positional_encoder.use_time_encoding,
-    )
-    # Delta token r of row b sits at virtual index virtual_offsets[b] + P_b + r.
-    rows = torch.repeat_interleave(torch.arange(len(delta_lengths), device=device),
-                                   delta_lengths_t, output_size=embeddings.shape[0])
-    within = torch.arange(embeddings.shape[0], device=device) - delta_offsets[rows]
-    index = virtual_offsets[rows] + cache_lengths_t[rows] + within
-    out = upcast(embeddings) * positional_encoder.alpha
-    out = out + upcast(positional_encoder.position_table[positions[index]])
-    if positional_encoder.use_time_encoding:
-        buckets = time_bucket_indices(
-            virtual_offsets, virtual_ts, time_bucket_fn=positional_encoder.time_bucket_fn,
-            time_bucket_increments=positional_encoder.time_bucket_increments,
-            num_time_buckets=positional_encoder.num_time_buckets,
-        )
-        out = out + upcast(positional_encoder.time_table[buckets[index]])
-    return out.to(embeddings.dtype), cache_lengths
+def _on_device(parts: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Small host int64 tensors on `device` with one copy (views of one buffer there). Sizes
+    that the host computed stay on the host: the GPU is never asked for one."""
+    packed = torch.cat([part.to(torch.int64).reshape(-1) for part in parts])
+    moved = packed.to(device, non_blocking=True) if device.type == "cuda" else packed.to(device)
+    return list(moved.split([part.numel() for part in parts]))
 
 
 def _take_rows(values: torch.Tensor, offsets: torch.Tensor, starts: torch.Tensor,
-               ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows [starts[b], ends[b]) of each jagged row b (counted inside the row), jagged."""
-    lengths = (ends - starts).clamp(min=0)
-    new_offsets = offsets_from_lengths(lengths)
-    total = int(new_offsets[-1])
+               lengths: torch.Tensor, new_offsets: torch.Tensor, total: int) -> torch.Tensor:
+    """Rows [starts[b], starts[b] + lengths[b]) of each jagged row b (counted inside the row),
+    jagged over new_offsets (the offsets of `lengths`; `total` = their sum, from the host)."""
     rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths,
                                    output_size=total)
     within = torch.arange(total, device=values.device) - new_offsets[rows]
-    return values[offsets[rows] + starts[rows] + within], new_offsets
+    return values[offsets[rows] + starts[rows] + within]
+
+
+def _offsets(lengths: Sequence[int]) -> torch.Tensor:
+    return offsets_from_lengths(torch.tensor(list(lengths), dtype=torch.int64))
+
+
+def _virtual_indices(positional_encoder, cached, history_lengths, num_targets, timestamps,
+                     contextual_seq_len):
+    """Host int64 (position rows, time-bucket rows or None) of the delta tokens, from their
+    places in the whole ("virtual") rows [c contextual; cached + new history; candidates]:
+    index arithmetic over integers on the CPU (hstu.ops.position's formula)."""
+    c = contextual_seq_len
+    virtual_ts, virtual_lengths, delta_index = [], [], []
+    start = 0
+    for entry, new, targets, own in zip(cached, history_lengths, num_targets, timestamps):
+        cached_history = entry.history_timestamps if entry is not None else own[:0]
+        row = torch.cat([torch.zeros(c, dtype=torch.int64), cached_history, own])
+        # The delta starts after the cached tokens (contextual + cached history) or, for a
+        # row without a cache, at the row's start (its contextual tokens are computed too).
+        first = c + cached_history.numel() if entry is not None else 0
+        delta_index.append(torch.arange(start + first, start + row.numel()))
+        virtual_ts.append(row)
+        virtual_lengths.append(row.numel())
+        start += row.numel()
+    offsets = _offsets(virtual_lengths)
+    index = torch.cat(delta_index)
+    positions = position_indices(
+        offsets, torch.tensor(list(num_targets), dtype=torch.int64), start,
+        contextual_seq_len=c, num_position_buckets=positional_encoder.position_table.shape[0],
+        use_time_encoding=positional_encoder.use_time_encoding,
+    )[index]
+    if not positional_encoder.use_time_encoding:
+        return positions, None
+    buckets = time_bucket_indices(
+        offsets, torch.cat(virtual_ts), time_bucket_fn=positional_encoder.time_bucket_fn,
+        time_bucket_increments=positional_encoder.time_bucket_increments,
+        num_time_buckets=positional_encoder.num_time_buckets,
+    )[index]
+    return positions, buckets
 
 
 def cached_encode(
     encoder: nn.Module,
     cached: Sequence[CacheEntry | None],
+    *,
+    history_lengths: Sequence[int],
+    candidate_counts: Sequence[int],
+    timestamps: Sequence[torch.Tensor],
     **preprocessor_inputs: torch.Tensor | None,
 ) -> CachedEncoding:
     """The HSTUTransducer's forward for B rows of which some have a cache.
 
     preprocessor_inputs: ContextualPreprocessor.forward's keyword inputs, where the history of
     a row with a cache (cached[b] not None) holds only its NEW tokens (those after the cached
-    history), and the history of a row without one holds its whole history. Every row needs
-    at least one candidate. Returns the candidates' encodings (what HSTUTransducer.forward
-    returns) and the keys and values to add to each row's cache.
+    history), and the history of a row without one holds its whole history. The same sizes
+    and times on the host: history_lengths[b] (the history tokens in the inputs),
+    candidate_counts[b] (every row needs at least one candidate) and timestamps[b] (int64 CPU: the
+    row's history tokens in the inputs, then its candidates' query times). Everything sized
+    or indexed is worked out from those on the host, so on a GPU the call never waits for
+    the device. Returns the candidates' encodings (what HSTUTransducer.forward returns) and
+    the keys and values to add to each row's cache.
 
     Whether the result equals a full pass is the caller's business (`reuse_is_exact`): this
     computes the new tokens exactly as the full pass would given the cached keys and values.
     """
     if encoder.training:
         raise RuntimeError("cached_encode is for inference: call .eval() first")
-    encoder_input = encoder.preprocessor(**preprocessor_inputs)
-    c = encoder_input.contextual_seq_len
-    num_targets = encoder_input.num_targets
-    batch = num_targets.shape[0]
-    if len(cached) != batch:
-        raise ValueError(f"{len(cached)} cache entries for {batch} rows")
+    batch = len(cached)
+    num_targets = list(candidate_counts)
+    if not len(history_lengths) == len(num_targets) == len(timestamps) == batch:
+        raise ValueError(f"{batch} cache entries, {len(history_lengths)} history lengths, "
+                         f"{len(num_targets)} candidate counts, {len(timestamps)} timestamp rows")
+    if min(num_targets, default=1) < 1:
+        raise ValueError("cached_encode: every row needs at least one candidate")
+    c = encoder.preprocessor.contextual_seq_len
+    items = [n + t for n, t in zip(history_lengths, num_targets)]
+    encoder_input = encoder.preprocessor(**preprocessor_inputs, max_item_len=max(items, default=0))
+    if encoder_input.contextual_seq_len != c:
+        raise ValueError(f"preprocessor gave {encoder_input.contextual_seq_len} contextual "
+                         f"tokens, expected {c}")
     device = encoder_input.embeddings.device
-    has_cache = torch.tensor([entry is not None for entry in cached], device=device)
-    row_lengths = encoder_input.offsets[1:] - encoder_input.offsets[:-1]
+
+    # Host side: the rows' sizes and the delta tokens' position and time-bucket rows.
     # A row with a cache drops its contextual tokens: their keys and values are cached.
-    starts = torch.where(has_cache, torch.full_like(row_lengths, c), torch.zeros_like(row_lengths))
-    embeddings, delta_offsets = _take_rows(encoder_input.embeddings, encoder_input.offsets,
-                                           starts, row_lengths)
-    timestamps, _ = _take_rows(encoder_input.timestamps.unsqueeze(1), encoder_input.offsets,
-                               starts, row_lengths)
-    delta_lengths = (delta_offsets[1:] - delta_offsets[:-1]).tolist()
-    x, cache_lengths = _add_virtual_positions(
-        encoder.positional_encoder, embeddings, delta_offsets, delta_lengths,
-        timestamps.squeeze(1), num_targets, cached, c,
-    )
-    x = encoder.input_dropout(x)
+    starts = [c if entry is not None else 0 for entry in cached]
+    row_lengths = [c + i for i in items]
+    delta_lengths = [length - start for length, start in zip(row_lengths, starts)]
+    cache_lengths = [entry.length if entry is not None else 0 for entry in cached]
+    prefix_lengths = [length - t for length, t in zip(delta_lengths, num_targets)]
+    delta_offsets_host = _offsets(delta_lengths)
+    prefix_offsets_host = _offsets(prefix_lengths)
+    positions, buckets = _virtual_indices(encoder.positional_encoder, cached, history_lengths,
+                                          num_targets, timestamps, c)
+    host = [torch.tensor(starts), torch.tensor(delta_lengths), delta_offsets_host,
+            torch.tensor(prefix_lengths), prefix_offsets_host, _offsets(cache_lengths),
+            torch.tensor(list(num_targets)), positions]
+    if buckets is not None:
+        host.append(buckets)
+    moved = _on_device(host, device)
+    (starts_d, delta_lengths_d, delta_offsets, prefix_lengths_d, prefix_offsets, cache_offsets,
+     num_targets_d, positions_d) = moved[:8]
+
+    total_delta = sum(delta_lengths)
+    embeddings = _take_rows(encoder_input.embeddings, encoder_input.offsets, starts_d,
+                            delta_lengths_d, delta_offsets, total_delta)
+    positional = encoder.positional_encoder
+    x = upcast(embeddings) * positional.alpha + upcast(positional.position_table[positions_d])
+    if buckets is not None:
+        x = x + upcast(positional.time_table[moved[8]])
+    x = encoder.input_dropout(x.to(embeddings.dtype))
 
     layers = len(encoder.stu_stack.layers)
-    max_cache_len = max(cache_lengths) if cache_lengths else 0
-    caches = cache_offsets = None
+    max_cache_len = max(cache_lengths, default=0)
+    caches = None
     if max_cache_len > 0:
-        cache_offsets = offsets_from_lengths(torch.tensor(cache_lengths, device=device))
         caches = []
         present = [entry for entry in cached if entry is not None]
         for index in range(layers):
@@ -409,21 +431,20 @@ def cached_encode(
                 caches.append(pairs[0])  # no copy for one cached row
             else:
                 caches.append((torch.cat([k for k, _ in pairs]), torch.cat([v for _, v in pairs])))
-    max_delta_len = max(delta_lengths) if delta_lengths else 0
     x, delta_kv = encoder.stu_stack.cached_forward(
-        x, delta_offsets, max_delta_len, num_targets, caches, cache_offsets, max_cache_len,
+        x, delta_offsets, max(delta_lengths, default=0), num_targets_d, caches,
+        cache_offsets if max_cache_len > 0 else None, max_cache_len,
     )
-    delta_len_t = delta_offsets[1:] - delta_offsets[:-1]
-    prefix_ends = delta_len_t - num_targets
-    zeros = torch.zeros_like(prefix_ends)
-    candidates, _ = _take_rows(x, delta_offsets, prefix_ends, delta_len_t)
-    prefix_kv = []
-    prefix_offsets = None
-    for k, v in delta_kv:
-        new_k, prefix_offsets = _take_rows(k, delta_offsets, zeros, prefix_ends)
-        new_v, _ = _take_rows(v, delta_offsets, zeros, prefix_ends)
-        prefix_kv.append((new_k, new_v))
-    if prefix_offsets is None:
-        prefix_offsets = offsets_from_lengths(prefix_ends)
+    candidate_offsets = offsets_from_lengths(num_targets_d)
+    candidates = _take_rows(x, delta_offsets, prefix_lengths_d, num_targets_d,
+                            candidate_offsets, sum(num_targets))
+    zeros = torch.zeros_like(prefix_lengths_d)
+    total_prefix = sum(prefix_lengths)
+    prefix_kv = [
+        tuple(_take_rows(t, delta_offsets, zeros, prefix_lengths_d, prefix_offsets, total_prefix)
+              for t in (k, v))
+        for k, v in delta_kv
+    ]
     encodings = encoder.postprocessor(candidates, preprocessor_inputs["candidate_timestamps"])
-    return CachedEncoding(candidates=encodings, prefix_kv=prefix_kv, prefix_offsets=prefix_offsets)
+    return CachedEncoding(candidates=encodings, prefix_kv=prefix_kv,
+                          prefix_offsets=prefix_offsets_host)
