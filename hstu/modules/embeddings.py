@@ -170,6 +170,9 @@ class MultiDimEmbeddingCollection(nn.Module):
                 values[position[key]] = part
         return KeyedJaggedTensor(
             keys=keys, values=torch.cat(values), lengths=features.lengths(),
+            # Remapping keeps every key's value count: carry the host-side counts over.
+            length_per_key=features.length_per_key(),
+            offset_per_key=features.offset_per_key(),
         )
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
