@@ -296,7 +296,9 @@ def _on_device(parts: Sequence[torch.Tensor], device: torch.device) -> list[torc
     """Small host int64 tensors on `device` with one copy (views of one buffer there). Sizes
     that the host computed stay on the host: the GPU is never asked for one."""
     packed = torch.cat([part.to(torch.int64).reshape(-1) for part in parts])
-    moved = packed.to(device, non_blocking=True) if device.type == "cuda" else packed.to(device)
+    # Pinned, so that the copy is asynchronous (the pinned block is kept until it is done).
+    moved = (packed.pin_memory().to(device, non_blocking=True) if device.type == "cuda"
+             else packed.to(device))
     return list(moved.split([part.numel() for part in parts]))
 
 
@@ -382,6 +384,10 @@ def cached_encode(
                          f"{len(num_targets)} candidate counts, {len(timestamps)} timestamp rows")
     if min(num_targets, default=1) < 1:
         raise ValueError("cached_encode: every row needs at least one candidate")
+    for b, (n, t, times) in enumerate(zip(history_lengths, num_targets, timestamps)):
+        if times.numel() != n + t:
+            raise ValueError(f"cached_encode: row {b} has {times.numel()} timestamps for {n} "
+                             f"history tokens and {t} candidates")
     c = encoder.preprocessor.contextual_seq_len
     items = [n + t for n, t in zip(history_lengths, num_targets)]
     encoder_input = encoder.preprocessor(**preprocessor_inputs, max_item_len=max(items, default=0))

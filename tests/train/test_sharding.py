@@ -121,8 +121,10 @@ dense_optimizer = build_dense_optimizer(
 def batch(seed):
     # 4 rows. Every id feature's values include 0 and num_buckets - 1, so both row-wise
     # halves of every table are looked up.
+    # The ranks' histories differ in length, so their lookups (one id per bag,
+    # hstu/modules/embeddings.py) have different strides: TorchRec's all-to-all must take it.
     g = torch.Generator().manual_seed(seed)
-    uih, cand = torch.tensor([3, 5, 2, 4]), torch.tensor([2, 1, 3, 2])
+    uih, cand = torch.tensor([3, 5, 2, 4 + 5 * rank]), torch.tensor([2, 1, 3, 2])
     uih_seq = model.features[model.groups["uih"][0]].sequence
     cand_seq = model.features[model.groups["candidate"][0]].sequence
     lengths = {uih_seq: uih, cand_seq: cand, None: torch.ones(4, dtype=torch.int64)}

@@ -39,6 +39,7 @@ layers of a step share it) and kept for the backward.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Iterator
 
 import torch
@@ -732,14 +733,23 @@ def longest_first(seq_offsets: torch.Tensor) -> torch.Tensor | None:
     global _last_row_order
     if seq_offsets.numel() <= 2:
         return None
+    version = _version_of(seq_offsets)
     cached = _last_row_order
-    if cached is not None and cached[0] is seq_offsets and cached[1] == seq_offsets._version:
+    if version is not None and cached is not None and cached[0] is seq_offsets \
+            and cached[1] == version:
         return cached[2]
     lengths = seq_offsets[1:] - seq_offsets[:-1]
     # Stable, so that equal lengths keep their order and the launch order is reproducible.
     order = torch.sort(lengths, descending=True, stable=True).indices
-    _last_row_order = (seq_offsets, seq_offsets._version, order)
+    if version is not None:
+        _last_row_order = (seq_offsets, version, order)
     return order
+
+
+def _version_of(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter (bumped by in-place writes); None for tensors made under
+    torch.inference_mode, which have none: results for them are never cached."""
+    return None if tensor.is_inference() else tensor._version
 
 
 def _blocks_first() -> bool:
@@ -776,18 +786,42 @@ def _gradients_like(q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     projection's backward finds them already side by side (hstu/ops/triton/stu.py) instead of
     copying them together: three fewer copies of the layer's activations per layer. The
     columns of that tensor that no gradient here covers (u's) are left to that backward."""
-    storage = q.untyped_storage()
-    shared = (
-        k.untyped_storage().data_ptr() == storage.data_ptr() == v.untyped_storage().data_ptr()
-        and q.dtype == k.dtype == v.dtype
-        # Not for views into something much larger than q, k and v together.
-        and storage.nbytes() <= 2 * (q.numel() + k.numel() + v.numel()) * q.element_size()
-    )
-    if shared:
+    if _side_by_side_in_rows(q, k, v):
+        storage = q.untyped_storage()
         block = torch.empty(storage.nbytes() // q.element_size(), dtype=q.dtype, device=q.device)
+        GRADIENT_BLOCKS[id(block)] = block
         return tuple(block.as_strided(t.shape, t.stride(), t.storage_offset()) for t in (q, k, v))
     dq = torch.empty((q.shape[0], q.shape[1], q.shape[2]), dtype=q.dtype, device=q.device)
     return dq, torch.empty_like(dq), torch.empty(v.shape, dtype=v.dtype, device=v.device)
+
+
+# The tensors _gradients_like allocated, while any view of them lives (the views hold their
+# base): hstu/ops/triton/stu.py writes into the columns of such a tensor that no gradient here
+# covers, and must know that nothing else holds them.
+GRADIENT_BLOCKS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _side_by_side_in_rows(q, k, v) -> bool:
+    """Are q, k, v [L, H, d] disjoint column ranges of the rows of one tensor (same storage,
+    same row stride, each row's heads contiguous, not overlapping one another), within a
+    storage not much larger than the three together?"""
+    storage = q.untyped_storage()
+    if not (k.untyped_storage().data_ptr() == storage.data_ptr()
+            == v.untyped_storage().data_ptr() and q.dtype == k.dtype == v.dtype):
+        return False
+    row_stride = q.stride(0)
+    ranges = []
+    for t in (q, k, v):
+        if t.dim() != 3 or t.stride(0) != row_stride or t.stride(2) != 1 \
+                or t.stride(1) != t.shape[2]:
+            return False
+        ranges.append((t.storage_offset(), t.storage_offset() + t.shape[1] * t.shape[2]))
+    ranges.sort()
+    disjoint = all(end <= start for (_, end), (start, _) in zip(ranges, ranges[1:]))
+    within_a_row = ranges[-1][1] - ranges[0][0] <= row_stride
+    # Not for views into something much larger than q, k and v together.
+    small = storage.nbytes() <= 2 * (q.numel() + k.numel() + v.numel()) * q.element_size()
+    return disjoint and within_a_row and small
 
 
 def _backward(problem: _Problem, q, k, v, grad_out):
@@ -898,12 +932,14 @@ def _check_inputs(q, k, v, seq_offsets, num_targets, max_seq_len, contextual_seq
             # No host sync: a row longer than max_seq_len (whose tail the grid would not
             # cover) stops the program with a device-side assert instead of being cut. Once
             # per seq_offsets tensor and max_seq_len: the layers of a step share both.
-            key = (seq_offsets._version, max_seq_len)
-            if _last_length_check is None or _last_length_check[0] is not seq_offsets \
-                    or _last_length_check[1] != key:
+            version = _version_of(seq_offsets)
+            key = (version, max_seq_len)
+            if version is None or _last_length_check is None \
+                    or _last_length_check[0] is not seq_offsets or _last_length_check[1] != key:
                 longest = (seq_offsets[1:] - seq_offsets[:-1]).max()
                 torch._assert_async(longest <= max_seq_len, "hstu_mha: a row exceeds max_seq_len")
-                _remember_length_check(seq_offsets, key)
+                if version is not None:
+                    _remember_length_check(seq_offsets, key)
             return
         longest = (seq_offsets[1:] - seq_offsets[:-1]).max()
         if int(longest) > max_seq_len:

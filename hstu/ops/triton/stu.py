@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from hstu.ops.triton._common import interpreting, triton_dtype_ok
+from hstu.ops.triton.attention import GRADIENT_BLOCKS
 from hstu.ops.triton.layer_norm import (
     check_norm_inputs,
     layer_norm_backward,
@@ -173,6 +174,12 @@ def _side_by_side(du, dq, dk, dv, length: int, u_width: int, qk_width: int):
     are scratch that nothing else holds, which this backward then fills with du's term.
     """
     if dq is None or dk is None or dv is None:
+        return None
+    # Only a tensor the attention's backward allocated for exactly this (its u columns are
+    # scratch): the three are views of it.
+    block = dq._base
+    if block is None or GRADIENT_BLOCKS.get(id(block)) is not block \
+            or dk._base is not block or dv._base is not block:
         return None
     width = 2 * (u_width + qk_width)
     base = dv.storage_offset() - u_width

@@ -136,6 +136,45 @@ def test_launch_and_row_orders_compute_the_same_numbers(monkeypatch):
         triton_mha(inputs["q"], inputs["k"], inputs["v"], offsets, max_seq_len=40)
 
 
+def test_overlapping_views_of_one_buffer_get_their_own_gradients():
+    # q and k the same view of one buffer that also holds v: each gets its own gradient
+    # (the buffer-sharing backward is only for disjoint q, k, v views).
+    lengths = [9, 5]
+    offsets = _offsets(lengths)
+    g = torch.Generator().manual_seed(3)
+    buffer = torch.randn(sum(lengths), 2 * 16, generator=g).to(DEVICE).requires_grad_()
+    grad = torch.randn(sum(lengths), 1, 16, generator=g).to(DEVICE)
+
+    def run(mha):
+        q = buffer[:, :16].view(-1, 1, 16)
+        v = buffer[:, 16:].view(-1, 1, 16)
+        out = mha(q, q, v, offsets, max_seq_len=9)
+        (d_buffer,) = torch.autograd.grad(out, buffer, grad)
+        return out, d_buffer
+
+    with pinned(attn_fwd=SMALL, attn_bwd_dkdv=SMALL, attn_bwd_dq=SMALL):
+        out, d_buffer = run(triton_mha)
+    expected_out, expected_grad = run(torch_mha)
+    torch.testing.assert_close(out, expected_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(d_buffer, expected_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_inference_mode_tensors_are_not_cached(monkeypatch):
+    # Tensors made under torch.inference_mode have no version counter: the per-seq_offsets
+    # caches (row order, length check) must not need one.
+    inputs = {name: t.float() for name, t in _inputs([7, 3, 5], 1, 16, 16, seed=2).items()}
+    with torch.inference_mode():
+        offsets = _offsets([7, 3, 5])
+        with pinned(attn_fwd=SMALL):
+            out = triton_mha(inputs["q"], inputs["k"], inputs["v"], offsets, max_seq_len=7,
+                             sort_by_length=True)
+        assert attention_module.longest_first(offsets).tolist() == [0, 2, 1]
+    with torch.no_grad():
+        expected = torch_mha(inputs["q"], inputs["k"], inputs["v"], _offsets([7, 3, 5]),
+                             max_seq_len=7)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
 @triton.jit
 def _write_decoded_ids(out_bh, out_block, num_blocks, BLOCKS_FIRST: tl.constexpr,
                        LAST_FIRST: tl.constexpr):

@@ -85,16 +85,26 @@ def test_attention_gradients_reach_the_projection_without_copies(dtype, monkeypa
 
 
 def test_gradients_not_side_by_side_are_copied_together():
-    # Separate dq, dk, dv (any other attention) are not taken for one block.
+    # Only dq, dk, dv that the attention's backward laid out in a tensor of its own are taken
+    # for one block; any others are copied together.
+    from hstu.ops.triton.attention import _gradients_like
+
     length, heads, d = 5, 2, 4
     grads = [torch.randn(length, heads, d) for _ in range(3)]
     assert triton_ops._side_by_side(None, *grads, length, heads * d, heads * d) is None
-    block = torch.randn(length, 4 * heads * d)
-    views = [block[:, a:a + heads * d].view(length, heads, d) for a in (16, 24, 8)]
-    assert triton_ops._side_by_side(None, *views, length, heads * d, heads * d) is not None
+    uvqk = torch.randn(length, 4 * heads * d)
+    q, k, v = [uvqk[:, a:a + heads * d].view(length, heads, d) for a in (16, 24, 8)]
+    # The same layout in a tensor somebody else holds (its u columns may be live): refused.
+    assert triton_ops._side_by_side(None, q, k, v, length, heads * d, heads * d) is None
+    dq, dk, dv = _gradients_like(q, k, v)
+    block = triton_ops._side_by_side(None, dq, dk, dv, length, heads * d, heads * d)
+    assert block is not None and block.data_ptr() == dv.data_ptr() - heads * d * 4
     # du in the same storage as the block: refused (it would be overwritten while read).
     du = block[:, :heads * d]
-    assert triton_ops._side_by_side(du, *views, length, heads * d, heads * d) is None
+    assert triton_ops._side_by_side(du, dq, dk, dv, length, heads * d, heads * d) is None
+    # Overlapping q and k (the same view twice) never share a gradient buffer.
+    dq, dk, dv = _gradients_like(q, q, v)
+    assert dq.data_ptr() != dk.data_ptr() and dq._base is None
 
 
 def _post_inputs(rows, dim, heads, d_v, group_norm, seed):
