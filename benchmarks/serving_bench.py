@@ -8,7 +8,8 @@
 The model is the KuaiRand-27K recipe's dense model (D=512, 4 heads of 128, 3 STU layers, 6
 contextual tokens, S=8000) with random weights; its embedding tables are cut to --table-rows
 rows (the lookups are a negligible share of the time, and the 27K tables need 10 GB).
-One user per request (batch 1) unless --batch; per history length n, the request is the
+One user per request (batch 1) unless --batch (users per call; several values run one case
+each); per history length n, the request is the
 user's history of n + --new actions and --candidates candidates, and the modes are:
 
   incremental   the cache holds the first n actions (encoded by an earlier request); the
@@ -211,7 +212,8 @@ def _device_name(device) -> str:
 
 
 def _line(row: dict) -> str:
-    return (f"{row['history']:>6} {row['mode']:<12} full {row['full_ms']:>10.1f} ms  cached "
+    return (f"{row['batch']:>4} x {row['history']:>6} {row['mode']:<12} full "
+            f"{row['full_ms']:>10.1f} ms  cached "
             f"{row['cached_ms']:>8.1f} ms  x{row['speedup']:<7} (CPU time x{row['cpu_speedup']}) "
             f"max|diff| "
             f"{row['max_abs_diff']:.2e}  cache {row['cache_mb_per_user']} MB/user")
@@ -224,7 +226,8 @@ def main() -> None:
                         help="history lengths before the new actions (default 1024 4096 8192)")
     parser.add_argument("--new", type=int, default=10, help="new actions per request")
     parser.add_argument("--candidates", type=int, default=100, help="candidates per request")
-    parser.add_argument("--batch", type=int, default=1, help="users per call (default 1)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1],
+                        help="users per call (default 1; several values: one case each)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--recipe", default=RECIPE)
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -256,10 +259,13 @@ def main() -> None:
     serving = build_serving(args.recipe, args.overrides, args.kernel, args.table_rows, device)
     print(f"{args.recipe} on {_device_name(device)} ({device.type}), kernel {args.kernel}, "
           f"{args.dtype}, {torch.get_num_threads()} threads; {args.new} new actions, "
-          f"{args.candidates} candidates, {args.batch} user(s) per call", flush=True)
+          f"{args.candidates} candidates, users per call: "
+          f"{', '.join(str(b) for b in args.batch)}", flush=True)
     rows = []
-    for history in args.history:
-        rows += run_case(serving, args, device, history, autocast)
+    for batch in args.batch:
+        for history in args.history:
+            rows += run_case(serving, argparse.Namespace(**{**vars(args), "batch": batch}),
+                             device, history, autocast)
     if args.json_out:
         payload = dict(
             date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
