@@ -1,18 +1,15 @@
 """NormalizedEntropy, Calibration and CalibrationMetrics (hstu/metrics.py) against values
-computed by hand from their definitions, merged and synced across ranks, and wired into the
-evaluation (hstu/train/evaluation.py) and the best-checkpoint rules (hstu/train/best.py)."""
+computed by hand from their definitions, merged, and wired into the evaluation
+(hstu/train/evaluation.py) and the best-checkpoint rules (hstu/train/best.py). Their sync
+across ranks is tested with the other metrics' in tests/test_metrics.py."""
 
 from __future__ import annotations
 
 import math
-import os
-import socket
 import types
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from hstu.metrics import Calibration, CalibrationMetrics, NormalizedEntropy
 from hstu.tasks import TaskSpec
@@ -115,37 +112,6 @@ def test_evaluation_keys_and_best_rules():
     assert better("eval/ne/is_click", 0.8, 0.9)
     assert better("eval/calibration/is_click", 0.95, 1.2)
     assert not better("eval/calibration/is_click", 1.3, 0.9)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _sync_worker(rank: int, port: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        mine = slice(0, 2) if rank == 0 else slice(2, 5)
-        ne, calibration = NormalizedEntropy(), Calibration()
-        ne.update(PREDICTIONS[mine], LABELS[mine])
-        calibration.update(PREDICTIONS[mine], LABELS[mine])
-        ne.sync()
-        calibration.sync()
-        results[rank] = (ne.compute(), calibration.compute())
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_sync_across_two_gloo_processes():
-    results = mp.Manager().dict()
-    mp.spawn(_sync_worker, args=(_free_port(), results), nprocs=2, join=True)
-    for rank in (0, 1):
-        ne, calibration = results[rank]
-        assert ne == pytest.approx(hand_ne(PREDICTIONS, LABELS), rel=1e-12)
-        assert calibration == pytest.approx(float(PREDICTIONS.double().sum()) / 2)
 
 
 def test_evaluate_reports_ne_and_calibration_per_task(tmp_path):

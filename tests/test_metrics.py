@@ -11,7 +11,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hstu.metrics import AUC, GroupedAUC, MeanAbsoluteError, exact_auc, global_average_scale
+from hstu.metrics import (
+    AUC,
+    Calibration,
+    GroupedAUC,
+    MeanAbsoluteError,
+    NormalizedEntropy,
+    exact_auc,
+    global_average_scale,
+)
 
 
 def pair_counting_auc(scores, labels):
@@ -89,6 +97,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _metrics() -> list:
+    return [AUC(0), AUC(200), GroupedAUC(), MeanAbsoluteError(), NormalizedEntropy(),
+            Calibration()]
+
+
+def _update(metrics, scores, labels, groups) -> None:
+    auc_exact, auc_binned, grouped, mae, ne, calibration = metrics
+    auc_exact.update(scores, labels)
+    auc_binned.update(scores, labels)
+    grouped.update(scores, labels, groups)
+    mae.update(scores, labels.float())
+    ne.update(scores, labels.float())
+    calibration.update(scores, labels.float())
+
+
 def _sync_worker(rank: int, port: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -98,11 +121,8 @@ def _sync_worker(rank: int, port: int, results) -> None:
         groups = torch.randint(0, 4, (40,), generator=g)
         # Ranks hold different amounts: 15 and 25 items.
         mine = slice(0, 15) if rank == 0 else slice(15, 40)
-        metrics = [AUC(0), AUC(200), GroupedAUC(), MeanAbsoluteError()]
-        metrics[0].update(scores[mine], labels[mine])
-        metrics[1].update(scores[mine], labels[mine])
-        metrics[2].update(scores[mine], labels[mine], groups[mine])
-        metrics[3].update(scores[mine], labels[mine].float())
+        metrics = _metrics()
+        _update(metrics, scores[mine], labels[mine], groups[mine])
         for metric in metrics:
             metric.sync()
         scale = global_average_scale(torch.tensor([3, 2] if rank == 0 else [1]))
@@ -118,13 +138,12 @@ def test_sync_across_two_gloo_processes():
     g = torch.Generator().manual_seed(10)
     scores, labels = torch.rand(40, generator=g), torch.rand(40, generator=g) < 0.5
     groups = torch.randint(0, 4, (40,), generator=g)
-    expected = [AUC(0), AUC(200), GroupedAUC(), MeanAbsoluteError()]
-    expected[0].update(scores, labels)
-    expected[1].update(scores, labels)
-    expected[2].update(scores, labels, groups)
-    expected[3].update(scores, labels.float())
+    expected = _metrics()
+    _update(expected, scores, labels, groups)
     want = [m.compute() for m in expected]
+    metrics = len(want)
     for rank in range(2):
-        assert results[rank][:4] == pytest.approx(want, abs=1e-12)
+        assert results[rank][:metrics] == pytest.approx(want, abs=1e-12)
     # Candidates 5 and 1, mean 3: rank losses are scaled by 5/3 and 1/3.
-    assert results[0][4] == pytest.approx(5 / 3) and results[1][4] == pytest.approx(1 / 3)
+    assert results[0][metrics] == pytest.approx(5 / 3)
+    assert results[1][metrics] == pytest.approx(1 / 3)
