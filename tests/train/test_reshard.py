@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,10 +32,9 @@ import torch
 import torch.distributed as dist
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from gloo_batches import synthetic_batch
 
 from hstu.config import feature_specs, label_specs, load_config
-from hstu.data.batch import JaggedBatch
 from hstu.model import DlrmHSTU
 from hstu.train import checkpoint
 from hstu.train.optimizers import build_dense_optimizer, sparse_optimizer_spec
@@ -59,36 +59,7 @@ dense_optimizer = build_dense_optimizer(
     cfg.train_config.dense_optimizer, in_backward_optimizer_filter(dmp.named_parameters()))
 
 def batch(seed):
-    # 4 rows whose ids include 0 and num_buckets - 1, so every row-wise half is updated.
-    g = torch.Generator().manual_seed(seed)
-    uih, cand = torch.tensor([3, 5, 2, 4]), torch.tensor([2, 1, 3, 2])
-    uih_seq = model.features[model.groups["uih"][0]].sequence
-    cand_seq = model.features[model.groups["candidate"][0]].sequence
-    lengths = {uih_seq: uih, cand_seq: cand, None: torch.ones(4, dtype=torch.int64)}
-    def values(s):
-        n = int(lengths[s.sequence].sum())
-        if s.kind == "id":
-            v = torch.randint(0, s.num_buckets, (n,), generator=g)
-            v[0], v[-1] = 0, s.num_buckets - 1
-            return v
-        if s.name in model.groups["uih_timestamp"]:
-            return 1_700_000_000 + torch.arange(n) * 60
-        if s.name in model.groups["candidate_timestamp"]:
-            return torch.repeat_interleave(torch.full((4,), 1_701_000_000), cand)
-        if s.name in model.groups["uih_action"]:
-            return torch.randint(0, 256, (n,), generator=g)
-        return torch.rand(n, generator=g) * 600
-    ids = [s for s in features if s.kind == "id"]
-    sparse = KeyedJaggedTensor.from_lengths_sync(
-        keys=[s.name for s in ids], values=torch.cat([values(s) for s in ids]),
-        lengths=torch.cat([lengths[s.sequence] for s in ids]))
-    n = int(cand.sum())
-    label_values = {
-        s.column: torch.randint(0, 256, (n,), generator=g) if s.value_dtype == "int64"
-        else torch.rand(n, generator=g) for s in labels}
-    return JaggedBatch(sparse=sparse, raw={s.name: values(s) for s in features if s.kind == "raw"},
-                       seq_lengths={uih_seq: uih, cand_seq: cand}, labels=label_values,
-                       batch_size=4)
+    return synthetic_batch(model, features, labels, seed, [3, 5, 2, 4])
 
 def shards(tensor):
     # [(global offsets, values)] of this rank's part of a ShardedTensor; a plain tensor whole.
@@ -146,6 +117,7 @@ def _phase(root: Path, phase: str, world: int) -> None:
 def round_trip(tmp_path_factory):
     root = tmp_path_factory.mktemp("reshard")
     (root / "worker.py").write_text(WORKER)
+    shutil.copy(Path(__file__).with_name("gloo_batches.py"), root)
     _phase(root, "A", 2)
     _phase(root, "B", 1)
     _phase(root, "C", 2)
