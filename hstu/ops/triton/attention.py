@@ -145,12 +145,11 @@ def _row_of(index, row_order, ORDERED: tl.constexpr):
 
 
 @triton.jit
-def _row_info(seq_offsets, num_targets, b, contextual_seq_len, HAS_TARGETS: tl.constexpr,
-              HAS_CONTEXT: tl.constexpr):
-    """Row start (int64), length L, hist = L - targets, the id shift cs and the first
-    target id mx, as in the reference: id(p) = min(max(p - cs, 0), mx)."""
-    start = tl.load(seq_offsets + b)
-    length = (tl.load(seq_offsets + b + 1) - start).to(tl.int32)
+def _id_bounds(length, num_targets, b, contextual_seq_len, HAS_TARGETS: tl.constexpr,
+               HAS_CONTEXT: tl.constexpr):
+    """For row b of `length` tokens: hist = length - targets, the id shift cs and the first
+    target id mx, as in the reference: id(p) = min(max(p - cs, 0), mx). (The cached kernel,
+    hstu/ops/triton/cached_attention.py, uses it for its whole rows too.)"""
     if HAS_TARGETS:
         hist = length - tl.load(num_targets + b).to(tl.int32)
     else:
@@ -159,7 +158,18 @@ def _row_info(seq_offsets, num_targets, b, contextual_seq_len, HAS_TARGETS: tl.c
         cs = contextual_seq_len - 1
     else:
         cs = 0
-    return start, length, hist, cs, hist - cs
+    return hist, cs, hist - cs
+
+
+@triton.jit
+def _row_info(seq_offsets, num_targets, b, contextual_seq_len, HAS_TARGETS: tl.constexpr,
+              HAS_CONTEXT: tl.constexpr):
+    """Row start (int64), length L, and _id_bounds' hist, cs and mx."""
+    start = tl.load(seq_offsets + b)
+    length = (tl.load(seq_offsets + b + 1) - start).to(tl.int32)
+    hist, cs, mx = _id_bounds(length, num_targets, b, contextual_seq_len, HAS_TARGETS,
+                              HAS_CONTEXT)
+    return start, length, hist, cs, mx
 
 
 @triton.jit
@@ -665,6 +675,24 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, seq_offsets, num_targets,
 # ----------------------------------------------------------------------------- host side
 
 
+def kernel_constants(q, v, num_targets, contextual_seq_len: int, max_attn_len: int) -> dict:
+    """The compile-time switches and sizes the attention kernels share (this module's and the
+    cached one's): which mask terms exist, the score path for the dtype, the head sizes."""
+    d_qk, d_v = q.shape[2], v.shape[2]
+    return dict(
+        HAS_TARGETS=num_targets is not None,
+        HAS_CONTEXT=contextual_seq_len > 0,
+        HAS_WINDOW=max_attn_len > 0,
+        FAST=q.dtype != torch.float32 and not interpreting(),
+        PRECISION=fp32_dot_precision() if q.dtype == torch.float32 else "tf32",
+        UPCAST=interpreting(),
+        D_QK=d_qk,
+        D_V=d_v,
+        BLOCK_D_QK=max(16, triton.next_power_of_2(d_qk)),
+        BLOCK_D_V=max(16, triton.next_power_of_2(d_v)),
+    )
+
+
 class _Problem:
     """Everything about one call that the kernels and the tuning key need. row_order: the
     rows in launch order (int64 [B]), or None for the batch's own order."""
@@ -683,18 +711,7 @@ class _Problem:
         self.scale = scale
         self.dtype = q.dtype
         self.row_order = row_order
-        self.constants = dict(
-            HAS_TARGETS=num_targets is not None,
-            HAS_CONTEXT=contextual_seq_len > 0,
-            HAS_WINDOW=max_attn_len > 0,
-            FAST=q.dtype != torch.float32 and not interpreting(),
-            PRECISION=fp32_dot_precision() if q.dtype == torch.float32 else "tf32",
-            UPCAST=interpreting(),
-            D_QK=self.dqk,
-            D_V=self.dv,
-            BLOCK_D_QK=max(16, triton.next_power_of_2(self.dqk)),
-            BLOCK_D_V=max(16, triton.next_power_of_2(self.dv)),
-        )
+        self.constants = kernel_constants(q, v, num_targets, contextual_seq_len, max_attn_len)
 
     def key(self) -> tuple:
         flags = tuple(self.constants[name] for name in ("HAS_TARGETS", "HAS_CONTEXT", "HAS_WINDOW"))

@@ -14,9 +14,10 @@ training kernel (hstu/ops/triton/attention.py) there is no unmasked fast loop an
 candidate-only shortcut: serving runs few queries (tens to hundreds of new tokens and
 candidates) against a long cache, so the cost is reading the cached keys once per query block.
 
-NOT VERIFIED ON A GPU: the kernel ran only under the Triton CPU interpreter
-(TRITON_INTERPRET=1, tests/ops/triton/test_cached_attention.py, tiny shapes). The launch
-configs below are plausible sizes, not measured ones.
+Verified against the PYTORCH version under the Triton CPU interpreter (tiny shapes) and, on
+one H100 (2026-12-06), at full size (`pytest tests/ops/triton/test_cached_attention.py -m
+gpu`). Its speed is not measured on its own: the launch configs below are plausible sizes,
+tuned by timing among them on first use.
 """
 
 from __future__ import annotations
@@ -29,16 +30,17 @@ from hstu.ops.triton._common import (
     Tile,
     choose_tile,
     dot,
-    fp32_dot_precision,
     interpreting,
     seq_len_bucket,
     triton_dtype_ok,
 )
 
-# The training kernel's SiLU, so that cached and full attention score with the same formula.
-from hstu.ops.triton.attention import _last_dim_contiguous, _silu
+# The training kernel's SiLU, row bounds and switches, so that cached and full attention
+# score with the same formula and mask.
+from hstu.ops.triton.attention import _id_bounds, _last_dim_contiguous, _silu, kernel_constants
 
-# Unmeasured (see the module docstring): tuned by timing on first use on a GPU.
+# Plausible sizes, not measured ones (see the module docstring): the fastest of them is
+# chosen by timing on first use on a GPU.
 FORWARD_TILES = [Tile(64, 64, 4, 2), Tile(32, 64, 4, 2), Tile(128, 64, 8, 2)]
 INTERPRET_TILE = Tile(16, 16, 4, 1)
 
@@ -109,15 +111,7 @@ def _cached_attn_fwd(Q, K, V, KC, VC, O, seq_offsets, cache_offsets, num_targets
     c_start = tl.load(cache_offsets + b)
     c_len = (tl.load(cache_offsets + b + 1) - c_start).to(tl.int32)
     length = c_len + q_len
-    if HAS_TARGETS:
-        hist = length - tl.load(num_targets + b).to(tl.int32)
-    else:
-        hist = length
-    if HAS_CONTEXT:
-        cs = contextual_seq_len - 1
-    else:
-        cs = 0
-    mx = hist - cs
+    _, cs, mx = _id_bounds(length, num_targets, b, contextual_seq_len, HAS_TARGETS, HAS_CONTEXT)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     qi = c_len + offs_m  # positions in the whole row
@@ -222,18 +216,7 @@ def hstu_mha_cached(
         # Zero-row tensors may have no storage to point at; any row of the delta will do as a
         # base pointer, since no cached row is ever loaded (every cached length is 0).
         k_cache, v_cache = k[:1], v[:1]
-    constants = dict(
-        HAS_TARGETS=num_targets is not None,
-        HAS_CONTEXT=contextual_seq_len > 0,
-        HAS_WINDOW=max_attn_len > 0,
-        FAST=q.dtype != torch.float32 and not interpreting(),
-        PRECISION=fp32_dot_precision() if q.dtype == torch.float32 else "tf32",
-        UPCAST=interpreting(),
-        D_QK=d_qk,
-        D_V=d_v,
-        BLOCK_D_QK=max(16, triton.next_power_of_2(d_qk)),
-        BLOCK_D_V=max(16, triton.next_power_of_2(d_v)),
-    )
+    constants = kernel_constants(q, v, num_targets, contextual_seq_len, max_attn_len)
     targets = num_targets if num_targets is not None else seq_offsets  # unread without targets
 
     def launch(tile: Tile) -> None:
