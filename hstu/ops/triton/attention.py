@@ -740,33 +740,43 @@ class _Problem:
         return self.num_targets if self.num_targets is not None else self.seq_offsets
 
 
-# (seq_offsets, its version, the order): the last order computed, so that the layers of a step
-# (which share one seq_offsets tensor) sort once. Holding the tensor keeps its address unique.
-_last_row_order: tuple[torch.Tensor, int, torch.Tensor] | None = None
+class _PerOffsets:
+    """The result of `compute(seq_offsets)` for the last seq_offsets tensor seen (and extra
+    key): the layers of a step share one seq_offsets tensor, so per-step work on it (sorting
+    the rows, checking their lengths) runs once, not once per layer. Holding the tensor keeps
+    its address from being reused; its version counter catches in-place writes. Tensors made
+    under torch.inference_mode have no version counter: for them nothing is kept."""
+
+    def __init__(self) -> None:
+        self._last: tuple | None = None
+
+    def __call__(self, seq_offsets: torch.Tensor, extra, compute):
+        if seq_offsets.is_inference():
+            return compute(seq_offsets)
+        key = (seq_offsets._version, extra)
+        last = self._last
+        if last is not None and last[0] is seq_offsets and last[1] == key:
+            return last[2]
+        result = compute(seq_offsets)
+        self._last = (seq_offsets, key, result)
+        return result
+
+
+_row_orders = _PerOffsets()
+_length_checks = _PerOffsets()
 
 
 def longest_first(seq_offsets: torch.Tensor) -> torch.Tensor | None:
     """The rows longest first (int64 [B]; None for fewer than two rows)."""
-    global _last_row_order
     if seq_offsets.numel() <= 2:
         return None
-    version = _version_of(seq_offsets)
-    cached = _last_row_order
-    if version is not None and cached is not None and cached[0] is seq_offsets \
-            and cached[1] == version:
-        return cached[2]
+    return _row_orders(seq_offsets, None, _sort_longest_first)
+
+
+def _sort_longest_first(seq_offsets: torch.Tensor) -> torch.Tensor:
     lengths = seq_offsets[1:] - seq_offsets[:-1]
     # Stable, so that equal lengths keep their order and the launch order is reproducible.
-    order = torch.sort(lengths, descending=True, stable=True).indices
-    if version is not None:
-        _last_row_order = (seq_offsets, version, order)
-    return order
-
-
-def _version_of(tensor: torch.Tensor) -> int | None:
-    """The tensor's version counter (bumped by in-place writes); None for tensors made under
-    torch.inference_mode, which have none: results for them are never cached."""
-    return None if tensor.is_inference() else tensor._version
+    return torch.sort(lengths, descending=True, stable=True).indices
 
 
 def _blocks_first() -> bool:
@@ -896,15 +906,6 @@ class HstuAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
-# (seq_offsets, (its version, max_seq_len)) of the last device-side length check.
-_last_length_check: tuple[torch.Tensor, tuple[int, int]] | None = None
-
-
-def _remember_length_check(seq_offsets: torch.Tensor, key: tuple[int, int]) -> None:
-    global _last_length_check
-    _last_length_check = (seq_offsets, key)
-
-
 def _check_inputs(q, k, v, seq_offsets, num_targets, max_seq_len, contextual_seq_len,
                   max_attn_len):
     for name, tensor in (("q", q), ("k", k), ("v", v)):
@@ -949,14 +950,12 @@ def _check_inputs(q, k, v, seq_offsets, num_targets, max_seq_len, contextual_seq
             # No host sync: a row longer than max_seq_len (whose tail the grid would not
             # cover) stops the program with a device-side assert instead of being cut. Once
             # per seq_offsets tensor and max_seq_len: the layers of a step share both.
-            version = _version_of(seq_offsets)
-            key = (version, max_seq_len)
-            if version is None or _last_length_check is None \
-                    or _last_length_check[0] is not seq_offsets or _last_length_check[1] != key:
-                longest = (seq_offsets[1:] - seq_offsets[:-1]).max()
+            def check(offsets):
+                longest = (offsets[1:] - offsets[:-1]).max()
                 torch._assert_async(longest <= max_seq_len, "hstu_mha: a row exceeds max_seq_len")
-                if version is not None:
-                    _remember_length_check(seq_offsets, key)
+                return True
+
+            _length_checks(seq_offsets, max_seq_len, check)
             return
         longest = (seq_offsets[1:] - seq_offsets[:-1]).max()
         if int(longest) > max_seq_len:

@@ -159,6 +159,27 @@ def test_overlapping_views_of_one_buffer_get_their_own_gradients():
     torch.testing.assert_close(d_buffer, expected_grad, rtol=1e-4, atol=1e-5)
 
 
+def test_per_step_work_on_seq_offsets_runs_once_per_tensor_and_version():
+    calls = []
+    per_offsets = attention_module._PerOffsets()
+
+    def compute(offsets):
+        calls.append(offsets.tolist())
+        return len(calls)
+
+    offsets = _offsets([4, 2])
+    assert per_offsets(offsets, 7, compute) == 1
+    assert per_offsets(offsets, 7, compute) == 1  # same tensor, same key: kept
+    assert per_offsets(offsets, 8, compute) == 2  # another key
+    offsets[1:] += 1  # written in place: recomputed
+    assert per_offsets(offsets, 8, compute) == 3
+    assert per_offsets(_offsets([4, 2]), 8, compute) == 4  # an equal but other tensor
+    with torch.inference_mode():
+        frozen = _offsets([4, 2])
+        assert per_offsets(frozen, 8, compute) == 5
+        assert per_offsets(frozen, 8, compute) == 6  # nothing kept for inference tensors
+
+
 def test_inference_mode_tensors_are_not_cached(monkeypatch):
     # Tensors made under torch.inference_mode have no version counter: the per-seq_offsets
     # caches (row order, length check) must not need one.
