@@ -409,12 +409,12 @@ def cached_encode(
                                           num_targets, timestamps, c)
     host = [torch.tensor(starts), torch.tensor(delta_lengths), delta_offsets_host,
             torch.tensor(prefix_lengths), prefix_offsets_host, _offsets(cache_lengths),
-            torch.tensor(list(num_targets)), positions]
+            torch.tensor(num_targets), _offsets(num_targets), torch.zeros(batch), positions]
     if buckets is not None:
         host.append(buckets)
     moved = _on_device(host, device)
     (starts_d, delta_lengths_d, delta_offsets, prefix_lengths_d, prefix_offsets, cache_offsets,
-     num_targets_d, positions_d) = moved[:8]
+     num_targets_d, candidate_offsets, zeros, positions_d) = moved[:10]
 
     total_delta = sum(delta_lengths)
     embeddings = _take_rows(encoder_input.embeddings, encoder_input.offsets, starts_d,
@@ -422,7 +422,7 @@ def cached_encode(
     positional = encoder.positional_encoder
     x = upcast(embeddings) * positional.alpha + upcast(positional.position_table[positions_d])
     if buckets is not None:
-        x = x + upcast(positional.time_table[moved[8]])
+        x = x + upcast(positional.time_table[moved[10]])
     x = encoder.input_dropout(x.to(embeddings.dtype))
 
     layers = len(encoder.stu_stack.layers)
@@ -441,10 +441,8 @@ def cached_encode(
         x, delta_offsets, max(delta_lengths, default=0), num_targets_d, caches,
         cache_offsets if max_cache_len > 0 else None, max_cache_len,
     )
-    candidate_offsets = offsets_from_lengths(num_targets_d)
     candidates = _take_rows(x, delta_offsets, prefix_lengths_d, num_targets_d,
                             candidate_offsets, sum(num_targets))
-    zeros = torch.zeros_like(prefix_lengths_d)
     total_prefix = sum(prefix_lengths)
     prefix_kv = [
         tuple(_take_rows(t, delta_offsets, zeros, prefix_lengths_d, prefix_offsets, total_prefix)
