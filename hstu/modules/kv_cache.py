@@ -316,15 +316,14 @@ def _offsets(lengths: Sequence[int]) -> torch.Tensor:
     return offsets_from_lengths(torch.tensor(list(lengths), dtype=torch.int64))
 
 
-def _virtual_indices(positional_encoder, cached, history_lengths, num_targets, timestamps,
-                     contextual_seq_len):
+def _virtual_indices(positional_encoder, cached, num_targets, timestamps, contextual_seq_len):
     """Host int64 (position rows, time-bucket rows or None) of the delta tokens, from their
     places in the whole ("virtual") rows [c contextual; cached + new history; candidates]:
     index arithmetic over integers on the CPU (hstu.ops.position's formula)."""
     c = contextual_seq_len
     virtual_ts, virtual_lengths, delta_index = [], [], []
     start = 0
-    for entry, new, targets, own in zip(cached, history_lengths, num_targets, timestamps):
+    for entry, own in zip(cached, timestamps):
         cached_history = entry.history_timestamps if entry is not None else own[:0]
         row = torch.cat([torch.zeros(c, dtype=torch.int64), cached_history, own])
         # The delta starts after the cached tokens (contextual + cached history) or, for a
@@ -366,11 +365,11 @@ def cached_encode(
     a row with a cache (cached[b] not None) holds only its NEW tokens (those after the cached
     history), and the history of a row without one holds its whole history. The same sizes
     and times on the host: history_lengths[b] (the history tokens in the inputs),
-    candidate_counts[b] (every row needs at least one candidate) and timestamps[b] (int64 CPU: the
-    row's history tokens in the inputs, then its candidates' query times). Everything sized
-    or indexed is worked out from those on the host, so on a GPU the call never waits for
-    the device. Returns the candidates' encodings (what HSTUTransducer.forward returns) and
-    the keys and values to add to each row's cache.
+    candidate_counts[b] (every row needs at least one candidate) and timestamps[b] (int64
+    CPU: the row's history tokens in the inputs, then its candidates' query times).
+    Everything sized or indexed is worked out from those on the host, so on a GPU the call
+    never waits for the device. Returns the candidates' encodings (what
+    HSTUTransducer.forward returns) and the keys and values to add to each row's cache.
 
     Whether the result equals a full pass is the caller's business (`reuse_is_exact`): this
     computes the new tokens exactly as the full pass would given the cached keys and values.
@@ -405,8 +404,8 @@ def cached_encode(
     prefix_lengths = [length - t for length, t in zip(delta_lengths, num_targets)]
     delta_offsets_host = _offsets(delta_lengths)
     prefix_offsets_host = _offsets(prefix_lengths)
-    positions, buckets = _virtual_indices(encoder.positional_encoder, cached, history_lengths,
-                                          num_targets, timestamps, c)
+    positions, buckets = _virtual_indices(encoder.positional_encoder, cached, num_targets,
+                                          timestamps, c)
     host = [torch.tensor(starts), torch.tensor(delta_lengths), delta_offsets_host,
             torch.tensor(prefix_lengths), prefix_offsets_host, _offsets(cache_lengths),
             torch.tensor(num_targets), _offsets(num_targets), torch.zeros(batch), positions]

@@ -959,7 +959,8 @@ def _check_inputs(q, k, v, seq_offsets, num_targets, max_seq_len, contextual_seq
             return
         longest = (seq_offsets[1:] - seq_offsets[:-1]).max()
         if int(longest) > max_seq_len:
-            raise ValueError(f"hstu_mha: a row has {int(longest)} tokens > max_seq_len {max_seq_len}")
+            raise ValueError(
+                f"hstu_mha: a row has {int(longest)} tokens > max_seq_len {max_seq_len}")
         if int(seq_offsets[-1]) != q.shape[0]:
             raise ValueError(
                 f"hstu_mha: seq_offsets[-1] = {int(seq_offsets[-1])} but q has {q.shape[0]} rows"
