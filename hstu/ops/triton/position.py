@@ -137,11 +137,11 @@ class _AddPositionTime(torch.autograd.Function):
         d_x = torch.empty_like(d_out)
         d_position = torch.zeros(p_shape, dtype=torch.float32, device=d_out.device)
         d_time = torch.zeros(t_shape, dtype=torch.float32, device=d_out.device)
-        if total and torch.are_deterministic_algorithms_enabled():
-            # Float atomics add in no fixed order: say so, as torch's own index_add_ does.
-            torch._C._alert_not_deterministic(
-                "add_timestamp_positional_embeddings backward (TRITON)")
         if total:
+            if torch.are_deterministic_algorithms_enabled():
+                # Float atomics add in no fixed order: say so, as torch's own index_add_ does.
+                torch._C._alert_not_deterministic(
+                    "add_timestamp_positional_embeddings backward (TRITON)")
             block_d = max(16, triton.next_power_of_2(dim))
             block_r = max(1, min(64, 8192 // block_d))
             _add_position_time_bwd[(triton.cdiv(total, block_r),)](
