@@ -13,6 +13,8 @@ log lies within ~1e-6 of an integer could land one bucket away from PyTorch's ch
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -140,8 +142,12 @@ class _AddPositionTime(torch.autograd.Function):
         if total:
             if torch.are_deterministic_algorithms_enabled():
                 # Float atomics add in no fixed order: say so, as torch's own index_add_ does.
-                torch._C._alert_not_deterministic(
-                    "add_timestamp_positional_embeddings backward (TRITON)")
+                message = ("add_timestamp_positional_embeddings backward (TRITON) adds the "
+                           "table gradients with float atomics: not deterministic, but "
+                           "torch.use_deterministic_algorithms(True) is set")
+                if not torch.is_deterministic_algorithms_warn_only_enabled():
+                    raise RuntimeError(message)
+                warnings.warn(message, stacklevel=2)
             block_d = max(16, triton.next_power_of_2(dim))
             block_r = max(1, min(64, 8192 // block_d))
             _add_position_time_bwd[(triton.cdiv(total, block_r),)](

@@ -55,6 +55,20 @@ def test_matches_pytorch(dtype, time_bucket_fn):
     assert_within_bound(results)
 
 
+def test_backward_refuses_deterministic_mode():
+    # The table gradients are float atomic adds: under torch.use_deterministic_algorithms the
+    # backward says so (as torch's index_add_ on a GPU does) instead of running.
+    offsets, timestamps, num_targets, inputs = _case([6, 3], [1, 1], seed=4)
+    inputs = {name: t.detach().float().requires_grad_() for name, t in inputs.items()}
+    out = _op(triton_ops, offsets, timestamps, num_targets, contextual_seq_len=1)(**inputs)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="add_timestamp_positional_embeddings backward"):
+            out.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_without_time_encoding_or_targets():
     offsets, timestamps, _, inputs = _case([12, 5], None, seed=2)
     options = dict(contextual_seq_len=0, use_time_encoding=False)
