@@ -181,13 +181,11 @@ def _side_by_side(du, dq, dk, dv, length: int, u_width: int, qk_width: int):
     if block is None or GRADIENT_BLOCKS.get(id(block)) is not block \
             or dk._base is not block or dv._base is not block:
         return None
+    # Views of one tensor share its storage and dtype; what is left is the layout.
     width = 2 * (u_width + qk_width)
     base = dv.storage_offset() - u_width
-    pointer = dv.untyped_storage().data_ptr()
     laid_out = (
         base >= 0
-        and dq.untyped_storage().data_ptr() == pointer == dk.untyped_storage().data_ptr()
-        and dq.dtype == dk.dtype == dv.dtype
         and all(t.dim() == 3 and t.shape[0] == length and t.stride(0) == width
                 and t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (dq, dk, dv))
         and dv.shape[1] * dv.shape[2] == u_width
@@ -196,7 +194,7 @@ def _side_by_side(du, dq, dk, dv, length: int, u_width: int, qk_width: int):
         and dk.storage_offset() == base + 2 * u_width + qk_width
         and dv.untyped_storage().nbytes() >= (base + length * width) * dv.element_size()
         # du written in place of its own storage would be read and overwritten at once.
-        and (du is None or du.untyped_storage().data_ptr() != pointer)
+        and (du is None or du.untyped_storage().data_ptr() != block.untyped_storage().data_ptr())
     )
     if not laid_out:
         return None
