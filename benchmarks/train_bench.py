@@ -210,16 +210,12 @@ def worker(rank: int, world: int, args, kernel: str, case: dict, init_file: str,
            out_file: str) -> None:
     import torch
     import torch.distributed as dist
-    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-    from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     from hstu.config.features import feature_specs, label_specs
-    from hstu.model import DlrmHSTU
     from hstu.train.flops import measure_step_flops
     from hstu.train.loop import autocast_for
-    from hstu.train.optimizers import build_dense_optimizer, sparse_optimizer_spec
-    from hstu.train.sharding import shard_model
     from hstu.train.step import train_step
+    from hstu.train.trainable import build_trainable
 
     device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
@@ -237,15 +233,11 @@ def worker(rank: int, world: int, args, kernel: str, case: dict, init_file: str,
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = bool(train_cfg.cuda_matmul_allow_tf32)
     features, labels = feature_specs(cfg), label_specs(cfg)
-    model = DlrmHSTU(cfg, features, labels, embedding_device=torch.device("meta"))
-    spec = sparse_optimizer_spec(train_cfg.sparse_optimizer, device)
-    apply_optimizer_in_backward(spec.optimizer_class, model.embedding_collection.parameters(),
-                                dict(spec.kwargs))
-    sharded = shard_model(model, device, world_size=world, local_world_size=world,
-                          batch_size=case["rows"])
-    dmp, module = sharded.model, sharded.model.module
-    dense = build_dense_optimizer(train_cfg.dense_optimizer,
-                                  in_backward_optimizer_filter(dmp.named_parameters()))
+    # The trainer's own construction (planner, fused sparse optimizer, dense optimizer).
+    trainable = build_trainable(cfg, features, labels, device, world_size=world,
+                                local_world_size=world, batch_size=case["rows"])
+    sharded, dmp, module = trainable.sharded, trainable.model, trainable.module
+    dense = trainable.dense_optimizer
     autocast = autocast_for(train_cfg.mixed_precision, device)
     # Host batches in pinned memory, copied to the GPU inside each step as the loop does.
     contextual = int(module.encoder.preprocessor.contextual_seq_len)

@@ -50,12 +50,7 @@ from hstu.train.console import console, show_project_warnings_on_stdout, verbose
 from hstu.train.delivery import append_step
 from hstu.train.evaluation import RowsLeftOut, evaluate, rows_left_out
 from hstu.train.job import TrainJob
-from hstu.train.optimizers import (
-    build_dense_optimizer,
-    schedule_from_config,
-    set_learning_rate,
-    sparse_optimizer_spec,
-)
+from hstu.train.optimizers import schedule_from_config, set_learning_rate
 from hstu.train.prefetch import DevicePrefetcher
 from hstu.train.progress import ProgressMeter, eval_table
 from hstu.train.step import train_step
@@ -127,13 +122,9 @@ class Worker:
     def __init__(self, job: TrainJob) -> None:
         import ray.train
         import ray.train.torch
-        from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-        from torchrec.optim.optimizers import in_backward_optimizer_filter
-
         from hstu.config.features import feature_specs, label_specs
         from hstu.config.loader import load_config_text
-        from hstu.model import DlrmHSTU
-        from hstu.train.sharding import shard_model
+        from hstu.train.trainable import build_trainable
 
         self.job = job
         context = ray.train.get_context()
@@ -158,26 +149,21 @@ class Worker:
         # Different per rank: each rank initialises its own table shards (DDP then copies rank 0's
         # dense weights to all).
         torch.manual_seed(job.seed + 7919 * self.rank)
-        model = DlrmHSTU(self.cfg, self.features, self.labels, embedding_device=torch.device("meta"))
-        self.sparse_spec = sparse_optimizer_spec(train_cfg.sparse_optimizer, self.device)
-        apply_optimizer_in_backward(
-            self.sparse_spec.optimizer_class,
-            model.embedding_collection.parameters(),
-            dict(self.sparse_spec.kwargs),
-        )
-        self.sharded = shard_model(
-            model,
+        trainable = build_trainable(
+            self.cfg,
+            self.features,
+            self.labels,
             self.device,
             world_size=self.world,
             local_world_size=context.get_local_world_size(),
             batch_size=int(self.cfg.data_config.batch_size),
-            overrides=job.sharding,
+            sharding=job.sharding,
         )
-        self.model = self.sharded.model
-        self.module = self.model.module  # the DlrmHSTU inside (not DDP-wrapped)
-        self.dense_optimizer = build_dense_optimizer(
-            train_cfg.dense_optimizer, in_backward_optimizer_filter(self.model.named_parameters())
-        )
+        self.sharded = trainable.sharded
+        self.sparse_spec = trainable.sparse_spec
+        self.dense_optimizer = trainable.dense_optimizer
+        self.model = trainable.model
+        self.module = trainable.module  # the DlrmHSTU inside (not DDP-wrapped)
         self.dense_schedule = schedule_from_config(
             train_cfg.dense_optimizer, "train_config.dense_optimizer"
         )

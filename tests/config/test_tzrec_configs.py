@@ -81,17 +81,12 @@ def one_process_group(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_trains_a_few_steps_and_evaluates_on_cpu(name, tmp_path, one_process_group):
-    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-    from torchrec.optim.optimizers import in_backward_optimizer_filter
-
     from hstu.data.layout import plan_layout
     from hstu.data.pipeline import arrow_to_batch
     from hstu.data.synthetic import SyntheticOptions, generate
-    from hstu.model import DlrmHSTU
     from hstu.train.evaluation import evaluate
-    from hstu.train.optimizers import build_dense_optimizer, sparse_optimizer_spec
-    from hstu.train.sharding import shard_model
     from hstu.train.step import train_step
+    from hstu.train.trainable import build_trainable
 
     overrides, expected_metrics = CASES[name]
     recipe = CONFIGS / name
@@ -117,17 +112,9 @@ def test_trains_a_few_steps_and_evaluates_on_cpu(name, tmp_path, one_process_gro
 
     torch.manual_seed(0)
     device = torch.device("cpu")
-    model = DlrmHSTU(cfg, features, labels, embedding_device=torch.device("meta"))
-    sparse = sparse_optimizer_spec(cfg.train_config.sparse_optimizer, device)
-    apply_optimizer_in_backward(
-        sparse.optimizer_class, model.embedding_collection.parameters(), dict(sparse.kwargs)
-    )
-    sharded = shard_model(
-        model, device, world_size=1, local_world_size=1, batch_size=batch_rows
-    ).model
-    dense = build_dense_optimizer(
-        cfg.train_config.dense_optimizer, in_backward_optimizer_filter(sharded.named_parameters())
-    )
+    trainable = build_trainable(cfg, features, labels, device, world_size=1,
+                                local_world_size=1, batch_size=batch_rows)
+    sharded, dense = trainable.model, trainable.dense_optimizer
     sharded.train()
     for batch in train_batches:
         total, losses = train_step(sharded, sharded.module, dense, batch, contextlib.nullcontext)

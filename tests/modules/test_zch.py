@@ -184,23 +184,11 @@ def one_process_group(tmp_path):
 
 def sharded_zch_model(cfg):
     """The trainer's path: meta tables, fused sparse optimizer, DistributedModelParallel."""
-    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-    from torchrec.optim.optimizers import in_backward_optimizer_filter
+    from hstu.train.trainable import build_trainable
 
-    from hstu.model import DlrmHSTU
-    from hstu.train.optimizers import build_dense_optimizer, sparse_optimizer_spec
-    from hstu.train.sharding import shard_model
-
-    device = torch.device("cpu")
-    model = DlrmHSTU(cfg, feature_specs(cfg), label_specs(cfg),
-                     embedding_device=torch.device("meta"))
-    sparse = sparse_optimizer_spec(cfg.train_config.sparse_optimizer, device)
-    apply_optimizer_in_backward(sparse.optimizer_class, model.embedding_collection.parameters(),
-                                dict(sparse.kwargs))
-    sharded = shard_model(model, device, world_size=1, local_world_size=1, batch_size=8).model
-    dense = build_dense_optimizer(cfg.train_config.dense_optimizer,
-                                  in_backward_optimizer_filter(sharded.named_parameters()))
-    return sharded, dense
+    trainable = build_trainable(cfg, feature_specs(cfg), label_specs(cfg), torch.device("cpu"),
+                                world_size=1, local_world_size=1, batch_size=8)
+    return trainable.model, trainable.dense_optimizer
 
 
 @pytest.mark.slow

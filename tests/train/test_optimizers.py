@@ -137,23 +137,16 @@ def test_manual_steps_of_unequal_lengths_are_refused(smoke_recipe):
 def test_a_scheduled_rate_reaches_the_fused_embedding_kernels(smoke_recipe, tmp_path):
     """set_learning_rate + step() on DMP's fused optimizer changes the FBGEMM kernels' rate."""
     import torch.distributed as dist
-    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
     from hstu.config.features import feature_specs, label_specs
-    from hstu.model import DlrmHSTU
     from hstu.train.optimizers import set_learning_rate
-    from hstu.train.sharding import shard_model
+    from hstu.train.trainable import build_trainable
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         cfg = load_config(smoke_recipe)
-        model = DlrmHSTU(cfg, feature_specs(cfg), label_specs(cfg),
-                         embedding_device=torch.device("meta"))
-        spec = sparse_optimizer_spec(cfg.train_config.sparse_optimizer, CPU)
-        apply_optimizer_in_backward(spec.optimizer_class, model.embedding_collection.parameters(),
-                                    dict(spec.kwargs))
-        fused = shard_model(model, CPU, world_size=1, local_world_size=1, batch_size=4).model
-        fused = fused.fused_optimizer
+        fused = build_trainable(cfg, feature_specs(cfg), label_specs(cfg), CPU, world_size=1,
+                                local_world_size=1, batch_size=4).model.fused_optimizer
 
         def kernel_rates(optimizer):
             for _, sub in getattr(optimizer, "optimizers", []):

@@ -30,15 +30,11 @@ WORKER = r"""
 import json, sys
 import torch
 import torch.distributed as dist
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-from torchrec.optim.optimizers import in_backward_optimizer_filter
 from gloo_batches import synthetic_batch
 
 from hstu.config import feature_specs, label_specs, load_config
-from hstu.model import DlrmHSTU
 from hstu.train import checkpoint
-from hstu.train.optimizers import build_dense_optimizer, sparse_optimizer_spec
-from hstu.train.sharding import shard_model
+from hstu.train.trainable import build_trainable
 
 phase, rank, world, root = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 pinned = json.loads(sys.argv[5]) if world > 1 else {}
@@ -48,15 +44,10 @@ dist.init_process_group("gloo", init_method=f"file://{root}/pg-{phase}", rank=ra
 cfg = load_config(sys.argv[6], [])
 features, labels = feature_specs(cfg), label_specs(cfg)
 torch.manual_seed(5 + rank)
-model = DlrmHSTU(cfg, features, labels, embedding_device=torch.device("meta"))
-spec = sparse_optimizer_spec(cfg.train_config.sparse_optimizer, CPU)
-apply_optimizer_in_backward(
-    spec.optimizer_class, model.embedding_collection.parameters(), dict(spec.kwargs))
-sharded = shard_model(model, CPU, world_size=world, local_world_size=world, batch_size=4,
-                      overrides=pinned)
-dmp = sharded.model
-dense_optimizer = build_dense_optimizer(
-    cfg.train_config.dense_optimizer, in_backward_optimizer_filter(dmp.named_parameters()))
+trainable = build_trainable(cfg, features, labels, CPU, world_size=world,
+                            local_world_size=world, batch_size=4, sharding=pinned)
+sharded, dmp, dense_optimizer = trainable.sharded, trainable.model, trainable.dense_optimizer
+model = trainable.module
 
 def batch(seed):
     return synthetic_batch(model, features, labels, seed, [3, 5, 2, 4])

@@ -91,15 +91,11 @@ WORKER = r"""
 import json, sys
 import torch
 import torch.distributed as dist
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-from torchrec.optim.optimizers import in_backward_optimizer_filter
 from gloo_batches import synthetic_batch
 
 from hstu.config import feature_specs, label_specs, load_config
-from hstu.model import DlrmHSTU
 from hstu.train import checkpoint
-from hstu.train.optimizers import build_dense_optimizer, sparse_optimizer_spec
-from hstu.train.sharding import shard_model
+from hstu.train.trainable import build_trainable
 
 rank, recipe, root = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 overrides, pinned = json.loads(sys.argv[4]), json.loads(sys.argv[5])
@@ -108,15 +104,10 @@ dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, worl
 cfg = load_config(recipe, overrides)
 features, labels = feature_specs(cfg), label_specs(cfg)
 torch.manual_seed(11 + rank)
-model = DlrmHSTU(cfg, features, labels, embedding_device=torch.device("meta"))
-spec = sparse_optimizer_spec(cfg.train_config.sparse_optimizer, CPU)
-apply_optimizer_in_backward(
-    spec.optimizer_class, model.embedding_collection.parameters(), dict(spec.kwargs))
-sharded = shard_model(model, CPU, world_size=2, local_world_size=2, batch_size=4,
-                      overrides=pinned)
-dmp = sharded.model
-dense_optimizer = build_dense_optimizer(
-    cfg.train_config.dense_optimizer, in_backward_optimizer_filter(dmp.named_parameters()))
+trainable = build_trainable(cfg, features, labels, CPU, world_size=2,
+                            local_world_size=2, batch_size=4, sharding=pinned)
+sharded, dmp, dense_optimizer = trainable.sharded, trainable.model, trainable.dense_optimizer
+model = trainable.module
 
 def batch(seed):
     # The ranks' histories differ in length, so their lookups (one id per bag,
