@@ -1,5 +1,6 @@
 """Test-wide setup: Triton runs in its interpreter when there is no GPU; `gpu` tests skip;
-`launch_main` gives launch.py's main to tests that drive the command line in-process."""
+`launch_main` gives launch.py's main to tests that drive the command line in-process;
+`one_process_group` gives a test the one-rank gloo group a one-worker training runs in."""
 
 import importlib.util
 import os
@@ -31,3 +32,18 @@ def launch_main():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """torch.distributed with one gloo rank: what a one-worker `launch.py train` runs in
+    (TorchRec's sharded modules need a process group, even of one)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'process_group'}", rank=0, world_size=1
+    )
+    yield
+    dist.destroy_process_group()

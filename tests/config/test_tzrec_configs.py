@@ -64,20 +64,6 @@ def test_check_passes_unchanged(name, launch, capsys):
     assert "parameters:" in out.out
 
 
-@pytest.fixture
-def one_process_group(tmp_path):
-    """torch.distributed with one gloo rank: what a one-worker `launch.py train` runs in."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'process_group'}", rank=0, world_size=1
-    )
-    yield
-    dist.destroy_process_group()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_trains_a_few_steps_and_evaluates_on_cpu(name, tmp_path, one_process_group):

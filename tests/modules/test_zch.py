@@ -170,18 +170,6 @@ def test_a_zch_model_trains_and_its_state_survives_state_dict():
         torch.testing.assert_close(got[task], value)
 
 
-@pytest.fixture
-def one_process_group(tmp_path):
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
-                            world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def sharded_zch_model(cfg):
     """The trainer's path: meta tables, fused sparse optimizer, DistributedModelParallel."""
     from hstu.train.trainable import build_trainable

@@ -134,35 +134,29 @@ def test_manual_steps_of_unequal_lengths_are_refused(smoke_recipe):
         schedule_from_config(cfg.dense_optimizer, "train_config.dense_optimizer")
 
 
-def test_a_scheduled_rate_reaches_the_fused_embedding_kernels(smoke_recipe, tmp_path):
+def test_a_scheduled_rate_reaches_the_fused_embedding_kernels(smoke_recipe, one_process_group):
     """set_learning_rate + step() on DMP's fused optimizer changes the FBGEMM kernels' rate."""
-    import torch.distributed as dist
-
     from hstu.config.features import feature_specs, label_specs
     from hstu.train.optimizers import set_learning_rate
     from hstu.train.trainable import build_trainable
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        cfg = load_config(smoke_recipe)
-        fused = build_trainable(cfg, feature_specs(cfg), label_specs(cfg), CPU, world_size=1,
-                                local_world_size=1, batch_size=4).model.fused_optimizer
+    cfg = load_config(smoke_recipe)
+    fused = build_trainable(cfg, feature_specs(cfg), label_specs(cfg), CPU, world_size=1,
+                            local_world_size=1, batch_size=4).model.fused_optimizer
 
-        def kernel_rates(optimizer):
-            for _, sub in getattr(optimizer, "optimizers", []):
-                kernel = getattr(sub, "_emb_module", None)
-                if kernel is not None:
-                    yield kernel.get_learning_rate()
-                yield from kernel_rates(sub)
+    def kernel_rates(optimizer):
+        for _, sub in getattr(optimizer, "optimizers", []):
+            kernel = getattr(sub, "_emb_module", None)
+            if kernel is not None:
+                yield kernel.get_learning_rate()
+            yield from kernel_rates(sub)
 
-        configured = cfg.train_config.sparse_optimizer.rowwise_adagrad_optimizer.lr
-        assert list(kernel_rates(fused)) and all(
-            r == pytest.approx(configured) for r in kernel_rates(fused))
-        set_learning_rate(fused, 0.0456)
-        fused.step()
-        assert all(r == pytest.approx(0.0456) for r in kernel_rates(fused))
-    finally:
-        dist.destroy_process_group()
+    configured = cfg.train_config.sparse_optimizer.rowwise_adagrad_optimizer.lr
+    assert list(kernel_rates(fused)) and all(
+        r == pytest.approx(configured) for r in kernel_rates(fused))
+    set_learning_rate(fused, 0.0456)
+    fused.step()
+    assert all(r == pytest.approx(0.0456) for r in kernel_rates(fused))
 
 
 # ---- the fused sparse optimizers, numerically ---------------------------------------------------
