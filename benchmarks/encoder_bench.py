@@ -8,9 +8,13 @@
 What is timed: preprocessor (contextual tokens, content and action MLPs), positional + time
 embeddings, 3 STU layers, candidate extraction and the timestamp postprocessor, with the seed's
 dimensions (D=512, 4 heads of 128, 6 contextual tokens, 100 candidates per row, S=8000), under
-bf16 autocast on GPU, training mode (dropout on). Embedding lookups, the item tower and the
-fusion tower are not included: this needs only torch and triton (the GPU machine has no
-torchrec). Inputs are random, with history lengths uniform in [0.9n, n).
+bf16 autocast on GPU, training mode (dropout on), and the 27K recipe's STU settings (activations
+kept for the backward, rows launched longest first; `--recompute` recomputes them as
+TorchEasyRec's default does). Embedding lookups, the item tower and the fusion tower are not
+included: this needs only torch and triton. Inputs are random: a ROWSxHISTORY shape has history
+lengths uniform in [0.9n, n) and 100 candidates per row; a `tokensN` shape packs long-tailed rows
+up to N tokens as a training step of the 27K recipe does (log-normal histories, median 1,000,
+cut at 7,894; 1-100 candidates; benchmarks/attention_row_order.py draws them).
 
 Achieved TFLOP/s counts the STU layers only: per layer and token 2*D*2H(d_v+d_qk) (uvqk) +
 2*3*H*d_v*D (output projection), plus per row 2*H*(d_qk+d_v)*L^2/2 of causal attention; forward
@@ -40,10 +44,13 @@ from hstu.modules.postprocessors import TimestampLayerNormPostprocessor  # noqa:
 from hstu.modules.stu import STULayer, STUStack  # noqa: E402
 from hstu.ops import Kernel  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention_row_order import draw_lengths  # noqa: E402
+
 D, HEADS, DIM, LAYERS, CONTEXTUAL, CANDIDATES, SCALING = 512, 4, 128, 3, 6, 100, 8000
 
 
-def build_encoder(device: str) -> HSTUTransducer:
+def build_encoder(device: str, recompute: bool = False) -> HSTUTransducer:
     def mlp(in_dim: int) -> SimpleContextualizedMLP:
         return SimpleContextualizedMLP(in_dim, D, 256)
 
@@ -66,7 +73,8 @@ def build_encoder(device: str) -> HSTUTransducer:
                 STULayer(
                     embedding_dim=D, num_heads=HEADS, hidden_dim=DIM, attention_dim=DIM,
                     scaling_seqlen=SCALING, output_dropout_ratio=0.1, use_group_norm=True,
-                    contextual_seq_len=CONTEXTUAL,
+                    contextual_seq_len=CONTEXTUAL, recompute_normed_x=recompute,
+                    recompute_uvqk=recompute, recompute_y=recompute, sort_by_length=True,
                 )
                 for _ in range(LAYERS)
             ]
@@ -81,9 +89,19 @@ def set_kernel(model: torch.nn.Module, kernel: Kernel) -> None:
             module.kernel = kernel
 
 
-def random_inputs(rows: int, history: int, device: str, generator: torch.Generator) -> dict:
-    lengths = torch.randint(int(0.9 * history), history, (rows,), generator=generator)
-    targets = torch.full((rows,), CANDIDATES)
+def random_inputs(shape: str, device: str, generator: torch.Generator) -> dict:
+    """ROWSxHISTORY (uniform lengths, 100 candidates) or tokensN (long-tailed rows up to N)."""
+    if shape.startswith("tokens"):
+        import numpy as np
+
+        row_lengths, candidates = draw_lengths(np.random.default_rng(0), int(shape[6:]))
+        targets = torch.from_numpy(candidates)
+        lengths = torch.from_numpy(row_lengths) - targets - CONTEXTUAL
+    else:
+        rows, history = (int(x) for x in shape.split("x"))
+        lengths = torch.randint(int(0.9 * history), history, (rows,), generator=generator)
+        targets = torch.full((rows,), CANDIDATES)
+    rows = len(lengths)
     num_history, num_candidates = int(lengths.sum()), int(targets.sum())
 
     def randn(*shape):
@@ -202,7 +220,7 @@ def profile_case(model, inputs, device: str, out_dir: Path, label: str) -> dict:
     prof.export_chrome_trace(str(trace))
     events = prof.key_averages()
     sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-    print(events.table(sort_by=sort, row_limit=25))
+    print(events.table(sort_by=sort, row_limit=45, max_name_column_width=70))
     print(events.table(sort_by="self_cpu_time_total", row_limit=15))
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     cpu_ops = [e for e in prof.events() if e.device_type.name == "CPU"]
@@ -226,8 +244,11 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", nargs="+", default=["TRITON", "PYTORCH"])
     parser.add_argument(
         "--shapes", nargs="+", default=["32x7894", "32x1024", "8x4000", "2x7894"],
-        help="ROWSxHISTORY cases (100 candidates and 6 contextual tokens are added per row)",
+        help="ROWSxHISTORY cases (100 candidates and 6 contextual tokens are added per row), "
+        "or tokensN: long-tailed rows packed up to N tokens",
     )
+    parser.add_argument("--recompute", action="store_true",
+                        help="recompute STU activations in the backward (recipe: kept)")
     parser.add_argument(
         "--pytorch-max-tokens", type=int, default=40_000,
         help="skip PYTORCH cases above this many tokens (its padded attention needs B*H*N^2)",
@@ -243,13 +264,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    model = build_encoder(args.device)
+    model = build_encoder(args.device, args.recompute)
     results = []
     os.makedirs(args.out, exist_ok=True)
     path = Path(args.out) / "encoder_bench.json"
     for shape in args.shapes:
-        rows, history = (int(x) for x in shape.split("x"))
-        inputs = random_inputs(rows, history, args.device, torch.Generator().manual_seed(rows))
+        inputs = random_inputs(shape, args.device, torch.Generator().manual_seed(0))
+        rows = len(inputs["uih_lengths"])
+        history = int(inputs["uih_lengths"].max())
         tokens = int((CONTEXTUAL + inputs["uih_lengths"] + inputs["num_targets"]).sum())
         flops = 3 * stu_flops_forward(inputs)
         for name in args.kernels:

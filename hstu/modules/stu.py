@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hstu.ops import Kernel, hstu_mha, stu_postprocess, stu_preprocess
+from hstu.ops import Kernel, LayerSettings, hstu_mha, stu_layer, stu_postprocess, stu_preprocess
 from hstu.ops.cached_attention import hstu_mha_cached
 
 
@@ -73,10 +73,27 @@ class STULayer(nn.Module):
         max_seq_len: int,
         num_targets: torch.Tensor | None,
     ) -> torch.Tensor:
-        """x [sum L, D]; seq_offsets [B+1]; max_seq_len >= every row length. Returns [sum L, D]."""
-        u, q, k, v = self._preprocess(x)
-        attn = self._attention(q, k, v, seq_offsets, max_seq_len, num_targets)
-        return self._postprocess(attn, u, x)
+        """x [sum L, D]; seq_offsets [B+1]; max_seq_len >= every row length. Returns [sum L, D].
+        The same steps as cached_forward's, as one op (TRITON fuses them)."""
+        settings = LayerSettings(
+            norm_eps=self.norm_eps,
+            num_heads=self.num_heads,
+            attention_dim=self.attention_dim,
+            hidden_dim=self.hidden_dim,
+            max_seq_len=max_seq_len,
+            sort_by_length=self.sort_by_length,
+            dropout_ratio=self.output_dropout_ratio if self.training else 0.0,
+            group_norm=self.use_group_norm,
+            recompute_normed_x=self.recompute_normed_x,
+            recompute_y=self.recompute_y,
+            recompute_uvqk=self.recompute_uvqk,
+            **self._mask_options(),
+        )
+        return stu_layer(
+            x, seq_offsets, num_targets, self.input_norm_weight, self.input_norm_bias,
+            self.uvqk_weight, self.uvqk_bias, self.output_norm_weight, self.output_norm_bias,
+            self.output_weight, settings, kernel=self.kernel,
+        )
 
     def cached_forward(
         self,
@@ -162,16 +179,18 @@ class STULayer(nn.Module):
             **self._attention_options(),
         )
 
-    def _attention_options(self) -> dict:
+    def _mask_options(self) -> dict:
         # One place for the mask and scale settings: the cached rows match forward()'s only
-        # while both attention ops get the same ones.
+        # while both attention paths get the same ones.
         return {
             "contextual_seq_len": self.contextual_seq_len,
             "max_attn_len": self.max_attn_len,
             "alpha": self.attn_alpha,
             "scaling_seqlen": self.scaling_seqlen,
-            "kernel": self.kernel,
         }
+
+    def _attention_options(self) -> dict:
+        return {**self._mask_options(), "kernel": self.kernel}
 
     def _postprocess(self, attn: torch.Tensor, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return stu_postprocess(

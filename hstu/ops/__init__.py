@@ -10,16 +10,18 @@ from hstu.ops.jagged import concat_2d_jagged, jagged_dense_bmm_broadcast_add, sp
 from hstu.ops.kernel import Kernel
 from hstu.ops.layer_norm import layer_norm, swish_layer_norm
 from hstu.ops.position import add_timestamp_positional_embeddings
-from hstu.ops.stu import stu_postprocess, stu_preprocess
+from hstu.ops.stu import LayerSettings, stu_layer, stu_postprocess, stu_preprocess
 
 __all__ = [
     "Kernel",
+    "LayerSettings",
     "add_timestamp_positional_embeddings",
     "concat_2d_jagged",
     "hstu_mha",
     "jagged_dense_bmm_broadcast_add",
     "layer_norm",
     "split_2d_jagged",
+    "stu_layer",
     "stu_postprocess",
     "stu_preprocess",
     "swish_layer_norm",

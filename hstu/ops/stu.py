@@ -12,6 +12,8 @@ recomputes; they never change a number (tests check forward and gradients bit fo
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from hstu.ops.kernel import Kernel, implementation
@@ -110,3 +112,82 @@ def stu_postprocess(
         group_norm=group_norm,
         recompute_y=recompute_y,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSettings:
+    """Everything about an STU layer that is not a tensor (hstu.ops.stu.stu_layer's keywords)."""
+
+    norm_eps: float
+    num_heads: int
+    attention_dim: int
+    hidden_dim: int
+    max_seq_len: int
+    contextual_seq_len: int
+    max_attn_len: int
+    alpha: float | None
+    scaling_seqlen: int | None
+    sort_by_length: bool
+    dropout_ratio: float  # 0 outside training
+    group_norm: bool
+    recompute_normed_x: bool
+    recompute_y: bool
+    recompute_uvqk: bool = True  # the three-op path only (see stu_layer)
+
+    def split(self, uvqk: torch.Tensor):
+        """(u [L, H*d_v], v [L, H, d_v], q [L, H, d_qk], k [L, H, d_qk]): views of the
+        u | v | q | k columns (stu_preprocess's layout) of uvqk or of its gradient."""
+        length, heads = uvqk.shape[0], self.num_heads
+        u_width, qk_width = heads * self.hidden_dim, heads * self.attention_dim
+        return (
+            uvqk[:, :u_width],
+            uvqk[:, u_width:2 * u_width].view(length, heads, self.hidden_dim),
+            uvqk[:, 2 * u_width:2 * u_width + qk_width].view(length, heads, self.attention_dim),
+            uvqk[:, 2 * u_width + qk_width:].view(length, heads, self.attention_dim),
+        )
+
+
+def stu_layer(
+    x: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    num_targets: torch.Tensor | None,
+    input_norm_weight: torch.Tensor,
+    input_norm_bias: torch.Tensor,
+    uvqk_weight: torch.Tensor,
+    uvqk_bias: torch.Tensor,
+    output_norm_weight: torch.Tensor,
+    output_norm_bias: torch.Tensor,
+    output_weight: torch.Tensor,
+    settings: LayerSettings,
+    kernel: Kernel | str = Kernel.PYTORCH,
+) -> torch.Tensor:
+    """One STU layer: stu_preprocess -> hstu_mha -> stu_postprocess (the module docstring).
+
+    x [L, D]; seq_offsets [B+1]; num_targets [B] or None; the weights as the three ops take
+    them. TRITON runs the layer as one fused autograd node (hstu/ops/triton/stu.py:
+    _StuLayer): same math, fewer passes over the activations; the uvqk projection is kept for
+    the backward in any case (the attention needs q, k, v), so recompute_uvqk does not apply.
+    PYTORCH and CUTLASS run the three ops in sequence.
+    """
+    kernel = Kernel.parse(kernel)
+    if kernel is Kernel.TRITON:
+        return implementation("stu", "stu_layer", kernel)(
+            x, seq_offsets, num_targets, input_norm_weight, input_norm_bias, uvqk_weight,
+            uvqk_bias, output_norm_weight, output_norm_bias, output_weight, settings)
+    from hstu.ops.attention import hstu_mha
+
+    u, q, k, v = stu_preprocess(
+        x, input_norm_weight, input_norm_bias, settings.norm_eps, uvqk_weight, uvqk_bias,
+        num_heads=settings.num_heads, attention_dim=settings.attention_dim,
+        hidden_dim=settings.hidden_dim, kernel=kernel,
+        recompute_normed_x=settings.recompute_normed_x, recompute_uvqk=settings.recompute_uvqk)
+    attn = hstu_mha(
+        q, k, v, seq_offsets, max_seq_len=settings.max_seq_len, num_targets=num_targets,
+        contextual_seq_len=settings.contextual_seq_len, max_attn_len=settings.max_attn_len,
+        alpha=settings.alpha, scaling_seqlen=settings.scaling_seqlen,
+        sort_by_length=settings.sort_by_length, kernel=kernel)
+    return stu_postprocess(
+        attn.reshape(attn.shape[0], -1), u, x, output_norm_weight, output_norm_bias,
+        settings.norm_eps, output_weight, num_heads=settings.num_heads,
+        dropout_ratio=settings.dropout_ratio, training=settings.dropout_ratio > 0,
+        group_norm=settings.group_norm, kernel=kernel, recompute_y=settings.recompute_y)

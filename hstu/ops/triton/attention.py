@@ -39,7 +39,6 @@ layers of a step share it) and kept for the backward.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from typing import Iterator
 
 import torch
@@ -807,52 +806,14 @@ def _forward(problem: _Problem, q, k, v) -> torch.Tensor:
     return out
 
 
-def _gradients_like(q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Empty dq, dk, dv. When q, k and v are views of one tensor (the STU's fused u|v|q|k
-    projection), the three are views of one new tensor laid out the same way, so that the
-    projection's backward finds them already side by side (hstu/ops/triton/stu.py) instead of
-    copying them together: three fewer copies of the layer's activations per layer. The
-    columns of that tensor that no gradient here covers (u's) are left to that backward."""
-    if _side_by_side_in_rows(q, k, v):
-        storage = q.untyped_storage()
-        block = torch.empty(storage.nbytes() // q.element_size(), dtype=q.dtype, device=q.device)
-        GRADIENT_BLOCKS[id(block)] = block
-        return tuple(block.as_strided(t.shape, t.stride(), t.storage_offset()) for t in (q, k, v))
-    dq = torch.empty((q.shape[0], q.shape[1], q.shape[2]), dtype=q.dtype, device=q.device)
-    return dq, torch.empty_like(dq), torch.empty(v.shape, dtype=v.dtype, device=v.device)
-
-
-# The tensors _gradients_like allocated, while any view of them lives (the views hold their
-# base): hstu/ops/triton/stu.py writes into the columns of such a tensor that no gradient here
-# covers, and must know that nothing else holds them.
-GRADIENT_BLOCKS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-
-
-def _side_by_side_in_rows(q, k, v) -> bool:
-    """Are q, k, v [L, H, d] disjoint column ranges of the rows of one tensor (same storage,
-    same row stride, each row's heads contiguous, not overlapping one another), within a
-    storage not much larger than the three together?"""
-    storage = q.untyped_storage()
-    if not (k.untyped_storage().data_ptr() == storage.data_ptr()
-            == v.untyped_storage().data_ptr() and q.dtype == k.dtype == v.dtype):
-        return False
-    row_stride = q.stride(0)
-    ranges = []
-    for t in (q, k, v):
-        if t.dim() != 3 or t.stride(0) != row_stride or t.stride(2) != 1 \
-                or t.stride(1) != t.shape[2]:
-            return False
-        ranges.append((t.storage_offset(), t.storage_offset() + t.shape[1] * t.shape[2]))
-    ranges.sort()
-    disjoint = all(end <= start for (_, end), (start, _) in zip(ranges, ranges[1:]))
-    within_a_row = ranges[-1][1] - ranges[0][0] <= row_stride
-    # Not for views into something much larger than q, k and v together.
-    small = storage.nbytes() <= 2 * (q.numel() + k.numel() + v.numel()) * q.element_size()
-    return disjoint and within_a_row and small
-
-
-def _backward(problem: _Problem, q, k, v, grad_out):
-    dq, dk, dv = _gradients_like(q, k, v)
+def _backward(problem: _Problem, q, k, v, grad_out, into=None):
+    """(dq, dk, dv). into: three tensors shaped like q, k, v to write them to (the fused STU
+    layer passes column blocks of its projection's gradient, hstu/ops/triton/stu.py)."""
+    if into is None:
+        into = (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+                torch.empty(k.shape, dtype=k.dtype, device=k.device),
+                torch.empty(v.shape, dtype=v.dtype, device=v.device))
+    dq, dk, dv = into
     if problem.total == 0 or problem.batch == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     atomic = DQ_MODE == "atomic"
@@ -965,6 +926,20 @@ def _check_inputs(q, k, v, seq_offsets, num_targets, max_seq_len, contextual_seq
             raise ValueError(
                 f"hstu_mha: seq_offsets[-1] = {int(seq_offsets[-1])} but q has {q.shape[0]} rows"
             )
+
+
+def attention_problem(q, k, v, seq_offsets, *, max_seq_len, num_targets, contextual_seq_len,
+                      max_attn_len, alpha, scaling_seqlen, sort_by_length) -> _Problem:
+    """hstu_mha's checks and launch settings, for callers that run the forward and backward
+    themselves (the fused STU layer): `_forward(problem, q, k, v)`, `_backward(...)`."""
+    _check_inputs(q, k, v, seq_offsets, num_targets, max_seq_len, contextual_seq_len,
+                  max_attn_len)
+    if alpha is None:
+        alpha = q.shape[-1] ** -0.5
+    divisor = scaling_seqlen if scaling_seqlen is not None else max_seq_len
+    row_order = longest_first(seq_offsets) if sort_by_length else None
+    return _Problem(q, k, v, seq_offsets, num_targets, int(max_seq_len), int(contextual_seq_len),
+                    int(max_attn_len), float(alpha), 1.0 / float(divisor), row_order)
 
 
 def hstu_mha(

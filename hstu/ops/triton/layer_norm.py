@@ -50,10 +50,12 @@ def _ln_fwd(X, W, B, Y, MEAN, RSTD, n_rows, stride_x, stride_y, eps, D: tl.const
 
 
 @triton.jit
-def _ln_bwd(X, W, B, DY, DX, MEAN, RSTD, DW_PART, DB_PART, n_rows, stride_x, stride_dy,
-            stride_dx, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-            SWISH: tl.constexpr):
-    """dy is the gradient of the LayerNorm output (of x * sigmoid(LN(x)) when SWISH)."""
+def _ln_bwd(X, W, B, DY, DX, MEAN, RSTD, DW_PART, DB_PART, RES, n_rows, stride_x, stride_dy,
+            stride_dx, stride_res, D: tl.constexpr, BLOCK_D: tl.constexpr,
+            BLOCK_R: tl.constexpr, SWISH: tl.constexpr, ADD_RES: tl.constexpr):
+    """dy is the gradient of the LayerNorm output (of x * sigmoid(LN(x)) when SWISH). ADD_RES:
+    dx += RES, the gradient x also gets from elsewhere (a residual connection), added to the
+    rounded dx as autograd's separate add would."""
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -82,6 +84,10 @@ def _ln_bwd(X, W, B, DY, DX, MEAN, RSTD, DW_PART, DB_PART, n_rows, stride_x, str
                               - xhat * (tl.sum(g * xhat, axis=1) / D)[:, None])
         if SWISH:
             dx += dx_direct
+        if ADD_RES:
+            res = tl.load(RES + rows[:, None].to(tl.int64) * stride_res + cols[None, :],
+                          mask=ok, other=0.0).to(tl.float32)
+            dx = dx.to(DX.dtype.element_ty).to(tl.float32) + res
         tl.store(DX + rows[:, None].to(tl.int64) * stride_dx + cols[None, :],
                  dx.to(DX.dtype.element_ty), mask=ok)
     tl.store(DW_PART + tl.program_id(0) * D + cols, dw, mask=col_ok)
@@ -105,10 +111,17 @@ def _warps(block_d: int, block_r: int) -> int:
     return 8 if block_d * block_r >= 8192 else 4
 
 
-def layer_norm_forward(x, weight, bias, eps, swish=False, out_dtype=None):
-    """(y, mean, rstd): y = LN(x) (or x * sigmoid(LN(x))) in out_dtype (default x.dtype)."""
+def layer_norm_forward(x, weight, bias, eps, swish=False, out_dtype=None, out=None):
+    """(y, mean, rstd): y = LN(x) (or x * sigmoid(LN(x))) in out_dtype (default x.dtype).
+    out: write y there instead (an [N, D] view whose last dimension is contiguous)."""
     n_rows, dim = x.shape
-    y = torch.empty((n_rows, dim), dtype=out_dtype or x.dtype, device=x.device)
+    if out is not None:
+        if out.shape != x.shape or out.stride(-1) != 1:
+            raise ValueError(f"layer_norm_forward: out {tuple(out.shape)} (strides "
+                             f"{out.stride()}) must be [N, D] with contiguous rows")
+        y = out
+    else:
+        y = torch.empty((n_rows, dim), dtype=out_dtype or x.dtype, device=x.device)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows == 0:
@@ -120,18 +133,26 @@ def layer_norm_forward(x, weight, bias, eps, swish=False, out_dtype=None):
     return y, mean, rstd
 
 
-def layer_norm_backward(dy, x, weight, bias, mean, rstd, swish=False):
-    """(dx, dweight, dbias) for layer_norm_forward; weight grads in the weights' dtype."""
+def layer_norm_backward(dy, x, weight, bias, mean, rstd, swish=False, residual_grad=None):
+    """(dx, dweight, dbias) for layer_norm_forward; weight grads in the weights' dtype.
+    residual_grad [N, D]: a gradient x also receives from elsewhere, added into dx (one pass
+    instead of autograd's separate add)."""
     n_rows, dim = x.shape
     dx = torch.empty_like(x)
     if n_rows == 0:
         return dx, torch.zeros_like(weight), torch.zeros_like(bias)
+    if residual_grad is not None and (residual_grad.shape != x.shape
+                                      or residual_grad.stride(-1) != 1):
+        raise ValueError(f"layer_norm_backward: residual_grad {tuple(residual_grad.shape)} must "
+                         f"be x's shape {tuple(x.shape)} with contiguous rows")
     block_d, block_r, programs = _launch_shape(n_rows, dim, x.device)
     dw_part = torch.empty((programs, dim), dtype=torch.float32, device=x.device)
     db_part = torch.empty((programs, dim), dtype=torch.float32, device=x.device)
-    _ln_bwd[(programs,)](x, weight, bias, dy, dx, mean, rstd, dw_part, db_part, n_rows,
-                         x.stride(0), dy.stride(0), dx.stride(0), D=dim, BLOCK_D=block_d,
-                         BLOCK_R=block_r, SWISH=swish, num_warps=_warps(block_d, block_r))
+    res = residual_grad if residual_grad is not None else dy
+    _ln_bwd[(programs,)](x, weight, bias, dy, dx, mean, rstd, dw_part, db_part, res, n_rows,
+                         x.stride(0), dy.stride(0), dx.stride(0), res.stride(0), D=dim,
+                         BLOCK_D=block_d, BLOCK_R=block_r, SWISH=swish,
+                         ADD_RES=residual_grad is not None, num_warps=_warps(block_d, block_r))
     return dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(bias.dtype)
 
 

@@ -34,8 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
+from hstu.ops.stu import LayerSettings
 from hstu.ops.triton._common import interpreting, triton_dtype_ok
-from hstu.ops.triton.attention import GRADIENT_BLOCKS
+from hstu.ops.triton import attention as _attention
 from hstu.ops.triton.layer_norm import (
     check_norm_inputs,
     layer_norm_backward,
@@ -137,20 +138,19 @@ class _StuPreprocess(torch.autograd.Function):
         if u_pre is None:
             u_pre = torch.addmm(uvqk_bias[:u_width].to(x.dtype), normed, weight[:, :u_width])
         length = x.shape[0]
-        d_uvqk = _side_by_side(du, dq, dk, dv, length, u_width, qk_width)
-        if d_uvqk is None:
-            d_uvqk = torch.empty((length, 2 * (u_width + qk_width)), dtype=x.dtype,
-                                 device=x.device)
-            blocks = (
-                (d_uvqk[:, u_width:2 * u_width], dv),
-                (d_uvqk[:, 2 * u_width:2 * u_width + qk_width], dq),
-                (d_uvqk[:, 2 * u_width + qk_width:], dk),
-            )
-            for target, grad in blocks:
-                if grad is None:
-                    target.zero_()
-                else:
-                    target.copy_(grad.reshape(length, -1))
+        # Copied together here; the fused layer (_StuLayer) has the attention write them in
+        # place instead.
+        d_uvqk = torch.empty((length, 2 * (u_width + qk_width)), dtype=x.dtype, device=x.device)
+        blocks = (
+            (d_uvqk[:, u_width:2 * u_width], dv),
+            (d_uvqk[:, 2 * u_width:2 * u_width + qk_width], dq),
+            (d_uvqk[:, 2 * u_width + qk_width:], dk),
+        )
+        for target, grad in blocks:
+            if grad is None:
+                target.zero_()
+            else:
+                target.copy_(grad.reshape(length, -1))
         if du is None:
             d_uvqk[:, :u_width].zero_()
         else:
@@ -165,40 +165,18 @@ class _StuPreprocess(torch.autograd.Function):
                 None)
 
 
-def _side_by_side(du, dq, dk, dv, length: int, u_width: int, qk_width: int):
-    """d_uvqk [length, u | v | q | k] as a view of the storage dq, dk and dv already share, or
-    None when they do not sit there in that layout (then the caller copies them together).
-
-    The TRITON attention's backward returns dq, dk, dv as views of one new tensor laid out like
-    the q, k, v views of uvqk (hstu/ops/triton/attention.py: _gradients_like); its u columns
-    are scratch that nothing else holds, which this backward then fills with du's term.
-    """
-    if dq is None or dk is None or dv is None:
-        return None
-    # Only a tensor the attention's backward allocated for exactly this (its u columns are
-    # scratch): the three are views of it.
-    block = dq._base
-    if block is None or GRADIENT_BLOCKS.get(id(block)) is not block \
-            or dk._base is not block or dv._base is not block:
-        return None
-    # Views of one tensor share its storage and dtype; what is left is the layout.
-    width = 2 * (u_width + qk_width)
-    base = dv.storage_offset() - u_width
-    laid_out = (
-        base >= 0
-        and all(t.dim() == 3 and t.shape[0] == length and t.stride(0) == width
-                and t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (dq, dk, dv))
-        and dv.shape[1] * dv.shape[2] == u_width
-        and dq.shape[1] * dq.shape[2] == qk_width == dk.shape[1] * dk.shape[2]
-        and dq.storage_offset() == base + 2 * u_width
-        and dk.storage_offset() == base + 2 * u_width + qk_width
-        and dv.untyped_storage().nbytes() >= (base + length * width) * dv.element_size()
-        # du written in place of its own storage would be read and overwritten at once.
-        and (du is None or du.untyped_storage().data_ptr() != block.untyped_storage().data_ptr())
-    )
-    if not laid_out:
-        return None
-    return dv.as_strided((length, width), (width, 1), base)
+def _check_projection(x, norm_weight, norm_bias, uvqk_weight, uvqk_bias, num_heads,
+                      attention_dim, hidden_dim, name):
+    check_norm_inputs(x, norm_weight, norm_bias, name)
+    width = 2 * num_heads * (hidden_dim + attention_dim)
+    if uvqk_weight.shape != (x.shape[1], width):
+        raise ValueError(
+            f"{name}: uvqk_weight has shape {tuple(uvqk_weight.shape)}; expected "
+            f"({x.shape[1]}, {width}) = (D, 2 * num_heads * (hidden_dim + attention_dim))"
+        )
+    if uvqk_bias.shape != (width,):
+        raise ValueError(f"{name}: uvqk_bias has shape {tuple(uvqk_bias.shape)}; "
+                         f"expected ({width},)")
 
 
 def stu_preprocess(
@@ -215,16 +193,8 @@ def stu_preprocess(
     recompute_normed_x: bool = True,
     recompute_uvqk: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    check_norm_inputs(x, norm_weight, norm_bias, "stu_preprocess")
-    width = 2 * num_heads * (hidden_dim + attention_dim)
-    if uvqk_weight.shape != (x.shape[1], width):
-        raise ValueError(
-            f"stu_preprocess: uvqk_weight has shape {tuple(uvqk_weight.shape)}; expected "
-            f"({x.shape[1]}, {width}) = (D, 2 * num_heads * (hidden_dim + attention_dim))"
-        )
-    if uvqk_bias.shape != (width,):
-        raise ValueError(f"stu_preprocess: uvqk_bias has shape {tuple(uvqk_bias.shape)}; "
-                         f"expected ({width},)")
+    _check_projection(x, norm_weight, norm_bias, uvqk_weight, uvqk_bias, num_heads,
+                      attention_dim, hidden_dim, "stu_preprocess")
     return _StuPreprocess.apply(x, norm_weight, norm_bias, uvqk_weight, uvqk_bias,
                                 float(norm_eps), num_heads, attention_dim, hidden_dim,
                                 recompute_normed_x, recompute_uvqk)
@@ -234,12 +204,21 @@ def stu_preprocess(
 
 
 @triton.jit
+def _silu_rounded(u_pre):
+    """SiLU in float32, rounded to the input's dtype (what _silu_fwd stores)."""
+    pre = u_pre.to(tl.float32)
+    return (pre / (1.0 + tl.exp2(pre * -LOG2E))).to(u_pre.dtype)
+
+
+@triton.jit
 def _mix_fwd(ATTN, U, Y, W, B, MEAN, RSTD, n_rows, stride_attn, stride_u, stride_y, eps,
              dropout_ratio, seed, GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr,
              BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr, PER_COLUMN_AFFINE: tl.constexpr,
-             DROPOUT: tl.constexpr, WRITE_STATS: tl.constexpr, BLOCK_R: tl.constexpr):
+             DROPOUT: tl.constexpr, WRITE_STATS: tl.constexpr, BLOCK_R: tl.constexpr,
+             SILU_U: tl.constexpr):
     """y = dropout([u, attn, u * norm(attn)]) for BLOCK_R rows, attn seen as [GROUPS, GROUP_SIZE]
-    per row (group norm: one group per head; layer norm: one group)."""
+    per row (group norm: one group per head; layer norm: one group). SILU_U: U holds u's
+    pre-activation, and u = SiLU(U) (rounded to U's dtype, as _silu_fwd stores it)."""
     width: tl.constexpr = GROUPS * GROUP_SIZE
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     groups = tl.arange(0, BLOCK_G)
@@ -250,6 +229,8 @@ def _mix_fwd(ATTN, U, Y, W, B, MEAN, RSTD, n_rows, stride_attn, stride_u, stride
     rows64 = rows[:, None, None].to(tl.int64)
     attn = tl.load(ATTN + rows64 * stride_attn + cols, mask=ok, other=0.0)
     u = tl.load(U + rows64 * stride_u + cols, mask=ok, other=0.0)
+    if SILU_U:
+        u = _silu_rounded(u)
     a = attn.to(tl.float32)
     mean = tl.sum(a, axis=2) / GROUP_SIZE  # [R, G]
     centered = tl.where(ok, a - mean[:, :, None], 0.0)
@@ -288,7 +269,9 @@ def _mix_bwd(ATTN, U, DY, DATTN, DU, W, B, MEAN, RSTD, DW_PART, DB_PART, n_rows,
              stride_u, stride_dy, stride_dattn, stride_du, dropout_ratio, seed,
              GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
              BLOCK_E: tl.constexpr, PER_COLUMN_AFFINE: tl.constexpr, DROPOUT: tl.constexpr,
-             BLOCK_R: tl.constexpr):
+             BLOCK_R: tl.constexpr, SILU_U: tl.constexpr):
+    """d attn and d u from d y (SILU_U: U is u's pre-activation, and DU gets the gradient
+    of that, through SiLU, as _silu_bwd computes it from the rounded d u)."""
     width: tl.constexpr = GROUPS * GROUP_SIZE
     groups = tl.arange(0, BLOCK_G)
     elems = tl.arange(0, BLOCK_E)
@@ -310,7 +293,11 @@ def _mix_bwd(ATTN, U, DY, DATTN, DU, W, B, MEAN, RSTD, DW_PART, DB_PART, n_rows,
         ok = (rows < n_rows)[:, None, None] & col_ok
         rows64 = rows[:, None, None].to(tl.int64)
         attn = tl.load(ATTN + rows64 * stride_attn + cols, mask=ok, other=0.0)
-        u = tl.load(U + rows64 * stride_u + cols, mask=ok, other=0.0).to(tl.float32)
+        u_in = tl.load(U + rows64 * stride_u + cols, mask=ok, other=0.0)
+        if SILU_U:
+            u = _silu_rounded(u_in).to(tl.float32)
+        else:
+            u = u_in.to(tl.float32)
         dy_row = DY + rows64 * stride_dy + cols
         dy_u = tl.load(dy_row, mask=ok, other=0.0).to(tl.float32)
         dy_a = tl.load(dy_row + width, mask=ok, other=0.0).to(tl.float32)
@@ -340,6 +327,10 @@ def _mix_bwd(ATTN, U, DY, DATTN, DU, W, B, MEAN, RSTD, DW_PART, DB_PART, n_rows,
         mean_gx = tl.sum(g * xhat, axis=2) / GROUP_SIZE
         da = rstd[:, :, None] * (g - mean_g[:, :, None] - xhat * mean_gx[:, :, None]) + dy_a
         tl.store(DATTN + rows64 * stride_dattn + cols, da.to(DATTN.dtype.element_ty), mask=ok)
+        if SILU_U:
+            pre = u_in.to(tl.float32)
+            sig = 1.0 / (1.0 + tl.exp2(pre * -LOG2E))
+            du = du.to(DU.dtype.element_ty).to(tl.float32) * sig * (1.0 + pre * (1.0 - sig))
         tl.store(DU + rows64 * stride_du + cols, du.to(DU.dtype.element_ty), mask=ok)
     pid = tl.program_id(0)
     if PER_COLUMN_AFFINE:
@@ -369,8 +360,9 @@ class _MixShape:
 
 
 def _mix_forward(attn, u, norm_weight, norm_bias, eps, shape: _MixShape, dropout_ratio, seed,
-                 out_dtype, mean=None, rstd=None):
-    """y [L, 3 * width]; fills mean/rstd [L, groups] when given (first pass)."""
+                 out_dtype, mean=None, rstd=None, silu_u=False):
+    """y [L, 3 * width]; fills mean/rstd [L, groups] when given (first pass). silu_u: u is
+    the pre-activation (SiLU applied on the way in)."""
     y = torch.empty((shape.rows, 3 * shape.width), dtype=out_dtype, device=attn.device)
     if shape.rows == 0:
         return y
@@ -379,10 +371,39 @@ def _mix_forward(attn, u, norm_weight, norm_bias, eps, shape: _MixShape, dropout
     _mix_fwd[grid](
         attn, u, y, norm_weight, norm_bias, mean if write_stats else y, rstd if write_stats else y,
         shape.rows, attn.stride(0), u.stride(0), y.stride(0), float(eps), float(dropout_ratio),
-        int(seed), DROPOUT=dropout_ratio > 0, WRITE_STATS=write_stats, **shape.constants,
-        num_warps=shape.num_warps,
+        int(seed), DROPOUT=dropout_ratio > 0, WRITE_STATS=write_stats, SILU_U=silu_u,
+        **shape.constants, num_warps=shape.num_warps,
     )
     return y
+
+
+def _mix_backward(attn, u, dy, dattn, du, norm_weight, norm_bias, mean, rstd, shape: _MixShape,
+                  dropout_ratio, seed, silu_u=False):
+    """Fills dattn and du (either may be a column slice of a wider tensor); returns the output
+    norm's (d weight, d bias)."""
+    if shape.rows == 0:
+        return torch.zeros_like(norm_weight), torch.zeros_like(norm_bias)
+    if interpreting():
+        programs = min(4, triton.cdiv(shape.rows, shape.block_r))
+    else:
+        sms = torch.cuda.get_device_properties(attn.device).multi_processor_count
+        programs = min(4 * sms, triton.cdiv(shape.rows, shape.block_r))
+    affine = shape.width if shape.constants["PER_COLUMN_AFFINE"] else shape.groups
+    dw_part = torch.empty((programs, affine), dtype=torch.float32, device=attn.device)
+    db_part = torch.empty_like(dw_part)
+    _mix_bwd[(programs,)](
+        attn, u, dy, dattn, du, norm_weight, norm_bias, mean, rstd, dw_part, db_part,
+        shape.rows, attn.stride(0), u.stride(0), dy.stride(0), dattn.stride(0),
+        du.stride(0), float(dropout_ratio), int(seed), DROPOUT=dropout_ratio > 0,
+        SILU_U=silu_u, **shape.constants, num_warps=shape.num_warps,
+    )
+    return dw_part.sum(0).to(norm_weight.dtype), db_part.sum(0).to(norm_bias.dtype)
+
+
+def _dropout_seed(dropout_ratio: float) -> int:
+    # A fresh seed per call from torch's (CPU) generator: seeding torch makes runs repeatable,
+    # and the backward regenerates the mask from it.
+    return int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_ratio > 0 else 0
 
 
 class _StuPostprocess(torch.autograd.Function):
@@ -394,8 +415,7 @@ class _StuPostprocess(torch.autograd.Function):
         shape = _MixShape(attn, num_heads, group_norm)
         mean = torch.empty((shape.rows, shape.groups), dtype=torch.float32, device=x.device)
         rstd = torch.empty_like(mean)
-        # A fresh seed per call from torch's generator: seeding torch makes runs repeatable.
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_ratio > 0 else 0
+        seed = _dropout_seed(dropout_ratio)
         y = _mix_forward(attn, u, norm_weight, norm_bias, eps, shape, dropout_ratio, seed,
                          x.dtype, mean, rstd)
         out = torch.addmm(x, y, output_weight.to(x.dtype))
@@ -418,25 +438,32 @@ class _StuPostprocess(torch.autograd.Function):
         dy = dout @ weight.t()
         dattn = torch.empty_like(attn)
         du = torch.empty_like(u)
-        if shape.rows == 0:
-            return (dattn, du, dout, torch.zeros_like(norm_weight),
-                    torch.zeros_like(norm_bias), d_weight, None, None, None, None, None)
-        if interpreting():
-            programs = min(4, triton.cdiv(shape.rows, shape.block_r))
-        else:
-            sms = torch.cuda.get_device_properties(attn.device).multi_processor_count
-            programs = min(4 * sms, triton.cdiv(shape.rows, shape.block_r))
-        affine = shape.width if shape.constants["PER_COLUMN_AFFINE"] else shape.groups
-        dw_part = torch.empty((programs, affine), dtype=torch.float32, device=attn.device)
-        db_part = torch.empty_like(dw_part)
-        _mix_bwd[(programs,)](
-            attn, u, dy, dattn, du, norm_weight, norm_bias, mean, rstd, dw_part, db_part,
-            shape.rows, attn.stride(0), u.stride(0), dy.stride(0), dattn.stride(0),
-            du.stride(0), float(dropout_ratio), int(seed), DROPOUT=dropout_ratio > 0,
-            **shape.constants, num_warps=shape.num_warps,
+        d_norm_weight, d_norm_bias = _mix_backward(attn, u, dy, dattn, du, norm_weight,
+                                                   norm_bias, mean, rstd, shape, dropout_ratio,
+                                                   seed)
+        return (dattn, du, dout, d_norm_weight, d_norm_bias, d_weight, None, None, None, None,
+                None)
+
+
+def _check_output_mix(width, x, num_heads, norm_weight, norm_bias, output_weight, group_norm,
+                      dropout_ratio, name):
+    if width % num_heads:
+        raise ValueError(f"{name}: attn width {width} is not a multiple of num_heads {num_heads}")
+    expected_norm = num_heads if group_norm else width
+    if norm_weight.numel() != expected_norm or norm_bias.numel() != expected_norm:
+        raise ValueError(
+            f"{name}: output norm affine has {norm_weight.numel()}/{norm_bias.numel()} "
+            f"values; expected {expected_norm} ({'one per head' if group_norm else 'H * d_v'})"
         )
-        return (dattn, du, dout, dw_part.sum(0).to(norm_weight.dtype),
-                db_part.sum(0).to(norm_bias.dtype), d_weight, None, None, None, None, None)
+    if output_weight.shape != (3 * width, x.shape[1]):
+        raise ValueError(
+            f"{name}: output_weight has shape {tuple(output_weight.shape)}; expected "
+            f"({3 * width}, {x.shape[1]}) = (3 * H * d_v, D)"
+        )
+    if not 0.0 <= dropout_ratio < 1.0:
+        raise ValueError(f"{name}: dropout_ratio must be in [0, 1); got {dropout_ratio}")
+    if x.device.type != "cuda" and not interpreting():
+        raise RuntimeError(f"{name} (TRITON) needs CUDA tensors, or TRITON_INTERPRET=1")
 
 
 def stu_postprocess(
@@ -464,26 +491,116 @@ def stu_postprocess(
             f"stu_postprocess: attn {tuple(attn.shape)}, u {tuple(u.shape)} and x "
             f"{tuple(x.shape)} must share L, and u must match attn"
         )
-    if width % num_heads:
-        raise ValueError(f"stu_postprocess: attn width {width} is not a multiple of "
-                         f"num_heads {num_heads}")
-    expected_norm = num_heads if group_norm else width
-    if norm_weight.numel() != expected_norm or norm_bias.numel() != expected_norm:
-        raise ValueError(
-            f"stu_postprocess: output norm affine has {norm_weight.numel()}/{norm_bias.numel()} "
-            f"values; expected {expected_norm} ({'one per head' if group_norm else 'H * d_v'})"
-        )
-    if output_weight.shape != (3 * width, x.shape[1]):
-        raise ValueError(
-            f"stu_postprocess: output_weight has shape {tuple(output_weight.shape)}; expected "
-            f"({3 * width}, {x.shape[1]}) = (3 * H * d_v, D)"
-        )
-    if not 0.0 <= dropout_ratio < 1.0:
-        raise ValueError(f"stu_postprocess: dropout_ratio must be in [0, 1); got {dropout_ratio}")
-    if x.device.type != "cuda" and not interpreting():
-        raise RuntimeError("stu_postprocess (TRITON) needs CUDA tensors, or TRITON_INTERPRET=1")
+    _check_output_mix(width, x, num_heads, norm_weight, norm_bias, output_weight, group_norm,
+                      dropout_ratio, "stu_postprocess")
     return _StuPostprocess.apply(
         attn, u, x, norm_weight.reshape(-1), norm_bias.reshape(-1), output_weight,
         float(norm_eps), num_heads, float(dropout_ratio) if training else 0.0, group_norm,
         recompute_y,
     )
+
+
+# ----------------------------------------------------------------------------- whole layer
+
+
+class _StuLayer(torch.autograd.Function):
+    """stu_preprocess -> hstu_mha -> stu_postprocess in one autograd node, so that the backward
+    can lay out its work: the attention writes dq, dk, dv straight into the projection's
+    gradient, the output mix writes d u there too (SiLU's derivative applied in the same pass;
+    u itself is never stored), and the input norm's backward adds the residual's gradient.
+    Against the three separate ops: per layer and token, one [H*d_v] SiLU pass forward, one
+    SiLU-gradient pass and one residual add backward fewer, and no u kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, input_norm_weight, input_norm_bias, uvqk_weight, uvqk_bias,
+                output_norm_weight, output_norm_bias, output_weight, seq_offsets, num_targets,
+                settings: LayerSettings):
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        normed, mean, rstd = layer_norm_forward(x, input_norm_weight, input_norm_bias,
+                                                settings.norm_eps)
+        uvqk = torch.addmm(uvqk_bias.to(x.dtype), normed, uvqk_weight.to(x.dtype))
+        u_pre, v, q, k = settings.split(uvqk)
+        problem = _attention.attention_problem(
+            q, k, v, seq_offsets, max_seq_len=settings.max_seq_len, num_targets=num_targets,
+            contextual_seq_len=settings.contextual_seq_len, max_attn_len=settings.max_attn_len,
+            alpha=settings.alpha, scaling_seqlen=settings.scaling_seqlen,
+            sort_by_length=settings.sort_by_length)
+        attn = _attention._forward(problem, q, k, v).view(x.shape[0], -1)
+        shape = _MixShape(attn, settings.num_heads, settings.group_norm)
+        mix_mean = torch.empty((shape.rows, shape.groups), dtype=torch.float32, device=x.device)
+        mix_rstd = torch.empty_like(mix_mean)
+        seed = _dropout_seed(settings.dropout_ratio)
+        y = _mix_forward(attn, u_pre, output_norm_weight, output_norm_bias, settings.norm_eps,
+                         shape, settings.dropout_ratio, seed, x.dtype, mix_mean, mix_rstd,
+                         silu_u=True)
+        out = torch.addmm(x, y, output_weight.to(x.dtype))
+        ctx.save_for_backward(
+            x, input_norm_weight, input_norm_bias, uvqk_weight, uvqk_bias, output_norm_weight,
+            output_norm_bias, output_weight, mean, rstd,
+            None if settings.recompute_normed_x else normed, uvqk, attn, mix_mean, mix_rstd,
+            None if settings.recompute_y else y,
+        )
+        # The row offsets, candidate counts and launch order, kept with the launch settings.
+        ctx.problem, ctx.shape, ctx.seed, ctx.settings = problem, shape, seed, settings
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        (x, input_norm_weight, input_norm_bias, uvqk_weight, uvqk_bias, output_norm_weight,
+         output_norm_bias, output_weight, mean, rstd, normed, uvqk, attn, mix_mean, mix_rstd,
+         y) = ctx.saved_tensors
+        settings, shape = ctx.settings, ctx.shape
+        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+        u_pre, v, q, k = settings.split(uvqk)
+        if y is None:
+            y = _mix_forward(attn, u_pre, output_norm_weight, output_norm_bias,
+                             settings.norm_eps, shape, settings.dropout_ratio, ctx.seed,
+                             x.dtype, silu_u=True)
+        d_output_weight = (y.t() @ dout).to(output_weight.dtype)
+        del y
+        dy = dout @ output_weight.to(x.dtype).t()
+        d_uvqk = torch.empty_like(uvqk)
+        d_u_pre, d_v, d_q, d_k = settings.split(d_uvqk)
+        d_attn = torch.empty_like(attn)
+        d_output_norm_weight, d_output_norm_bias = _mix_backward(
+            attn, u_pre, dy, d_attn, d_u_pre, output_norm_weight, output_norm_bias, mix_mean,
+            mix_rstd, shape, settings.dropout_ratio, ctx.seed, silu_u=True)
+        del dy
+        _attention._backward(ctx.problem, q, k, v, d_attn.view(v.shape), into=(d_q, d_k, d_v))
+        del d_attn
+        if normed is None:
+            normed, _, _ = layer_norm_forward(x, input_norm_weight, input_norm_bias,
+                                              settings.norm_eps)
+        d_uvqk_weight = (normed.t() @ d_uvqk).to(uvqk_weight.dtype)
+        d_uvqk_bias = d_uvqk.sum(0, dtype=torch.float32).to(uvqk_bias.dtype)
+        d_normed = d_uvqk @ uvqk_weight.to(x.dtype).t()
+        del d_uvqk
+        dx, d_input_norm_weight, d_input_norm_bias = layer_norm_backward(
+            d_normed, x, input_norm_weight, input_norm_bias, mean, rstd, residual_grad=dout)
+        return (dx, d_input_norm_weight, d_input_norm_bias, d_uvqk_weight, d_uvqk_bias,
+                d_output_norm_weight, d_output_norm_bias, d_output_weight, None, None, None)
+
+
+def stu_layer(
+    x: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    num_targets: torch.Tensor | None,
+    input_norm_weight: torch.Tensor,
+    input_norm_bias: torch.Tensor,
+    uvqk_weight: torch.Tensor,
+    uvqk_bias: torch.Tensor,
+    output_norm_weight: torch.Tensor,
+    output_norm_bias: torch.Tensor,
+    output_weight: torch.Tensor,
+    settings: LayerSettings,
+) -> torch.Tensor:
+    """The fused TRITON STU layer (spec: hstu.ops.stu.stu_layer)."""
+    _check_projection(x, input_norm_weight, input_norm_bias, uvqk_weight, uvqk_bias,
+                      settings.num_heads, settings.attention_dim, settings.hidden_dim,
+                      "stu_layer")
+    _check_output_mix(settings.num_heads * settings.hidden_dim, x, settings.num_heads,
+                      output_norm_weight, output_norm_bias, output_weight, settings.group_norm,
+                      settings.dropout_ratio, "stu_layer")
+    return _StuLayer.apply(x, input_norm_weight, input_norm_bias, uvqk_weight, uvqk_bias,
+                           output_norm_weight.reshape(-1), output_norm_bias.reshape(-1),
+                           output_weight, seq_offsets, num_targets, settings)

@@ -50,61 +50,99 @@ def test_preprocess_matches_pytorch(dtype, recompute):
     assert_within_bound(results)
 
 
-def _pre_then_attention(stu_module, attention_module, heads, d_qk, d_v, offsets):
-    def run(x, norm_weight, norm_bias, uvqk_weight, uvqk_bias):
-        u, q, k, v = stu_module.stu_preprocess(
-            x, norm_weight, norm_bias, 1e-6, uvqk_weight, uvqk_bias, num_heads=heads,
-            attention_dim=d_qk, hidden_dim=d_v)
-        attn = attention_module.hstu_mha(q, k, v, offsets, max_seq_len=13,
-                                         num_targets=torch.tensor([2, 1, 3], device=DEVICE))
-        return torch.cat([u, attn.flatten(1)], 1)
+def _layer_inputs(rows, dim, heads, d_qk, d_v, group_norm, seed):
+    g = torch.Generator().manual_seed(seed)
+    width = heads * d_v
+    affine = heads if group_norm else width
+    return dict(x=_rand(g, rows, dim), input_norm_weight=_rand(g, dim, scale=0.1, shift=1.0),
+                input_norm_bias=_rand(g, dim, scale=0.1),
+                uvqk_weight=_rand(g, dim, 2 * heads * (d_qk + d_v), scale=dim ** -0.5),
+                uvqk_bias=_rand(g, 2 * heads * (d_qk + d_v), scale=0.1),
+                output_norm_weight=_rand(g, affine, scale=0.1, shift=1.0),
+                output_norm_bias=_rand(g, affine, scale=0.1),
+                output_weight=_rand(g, 3 * width, dim, scale=(3 * width) ** -0.5))
+
+
+def _layer(kernel, settings, offsets, num_targets):
+    from hstu.ops import stu_layer
+
+    def run(**weights):
+        return stu_layer(weights.pop("x"), offsets, num_targets, settings=settings,
+                         kernel=kernel, **weights)
 
     return run
 
 
+def _settings(heads, d_qk, d_v, **changes):
+    from hstu.ops import LayerSettings
+
+    base = dict(norm_eps=1e-6, num_heads=heads, attention_dim=d_qk, hidden_dim=d_v,
+                max_seq_len=15, contextual_seq_len=2, max_attn_len=0, alpha=None,
+                scaling_seqlen=20, sort_by_length=True, dropout_ratio=0.0, group_norm=True,
+                recompute_normed_x=False, recompute_y=False)
+    base.update(changes)
+    return LayerSettings(**base)
+
+
+LAYER_CASES = {
+    "contextual-targets-group-norm": {},
+    "layer-norm-recompute": dict(group_norm=False, recompute_normed_x=True, recompute_y=True),
+    "window-no-context": dict(contextual_seq_len=0, max_attn_len=4, sort_by_length=False),
+}
+
+
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
-def test_attention_gradients_reach_the_projection_without_copies(dtype, monkeypatch):
-    # The TRITON attention returns dq, dk, dv side by side in one tensor laid out like uvqk;
-    # the projection's backward then uses that tensor as is (no copies). Same numbers as the
-    # PyTorch chain, and the no-copy path is the one taken.
-    from hstu.ops.pytorch import attention as torch_attention
-    from hstu.ops.triton import attention as triton_attention
-
+@pytest.mark.parametrize("case", list(LAYER_CASES), ids=list(LAYER_CASES))
+def test_fused_layer_matches_pytorch_ops(dtype, case):
+    # The fused TRITON layer against stu_preprocess -> hstu_mha -> stu_postprocess in PyTorch:
+    # every weight's gradient and x's (through both the norm and the residual).
     heads, d_qk, d_v = 2, 8, 16
-    offsets = torch.tensor([0, 9, 16, 29], device=DEVICE)
-    taken = []
-    side_by_side = triton_ops._side_by_side
-    monkeypatch.setattr(triton_ops, "_side_by_side",
-                        lambda *args: taken.append(side_by_side(*args)) or taken[-1])
-    results = compare_op(
-        _pre_then_attention(triton_ops, triton_attention, heads, d_qk, d_v, offsets),
-        _pre_then_attention(torch_ops, torch_attention, heads, d_qk, d_v, offsets),
-        _pre_inputs(29, 32, 2 * heads * (d_qk + d_v), seed=3), dtype=dtype)
+    settings = _settings(heads, d_qk, d_v, **LAYER_CASES[case])
+    offsets = torch.tensor([0, 9, 9 + 15, 24 + 5], device=DEVICE)
+    targets = torch.tensor([2, 4, 1], device=DEVICE)
+    results = compare_op(_layer("TRITON", settings, offsets, targets),
+                         _layer("PYTORCH", settings, offsets, targets),
+                         _layer_inputs(29, 32, heads, d_qk, d_v, settings.group_norm, seed=3),
+                         dtype=dtype)
     assert_within_bound(results)
-    assert taken and all(block is not None for block in taken)
 
 
-def test_gradients_not_side_by_side_are_copied_together():
-    # Only dq, dk, dv that the attention's backward laid out in a tensor of its own are taken
-    # for one block; any others are copied together.
-    from hstu.ops.triton.attention import _gradients_like
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep", "recompute"])
+def test_fused_layer_equals_the_three_triton_ops_with_dropout(recompute):
+    # Same seed, dropout on: the fused layer draws the same mask as the separate TRITON ops
+    # and rounds where they store, so outputs and gradients agree bit for bit.
+    heads, d_qk, d_v = 2, 8, 16
+    offsets = torch.tensor([0, 9, 24, 29], device=DEVICE)
+    targets = torch.tensor([2, 4, 1], device=DEVICE)
+    inputs = _layer_inputs(29, 32, heads, d_qk, d_v, True, seed=5)
+    runs = []
+    for fused in (True, False):
+        settings = _settings(heads, d_qk, d_v, dropout_ratio=0.3, recompute_normed_x=recompute,
+                             recompute_y=recompute)
+        args = {name: t.detach().float().requires_grad_() for name, t in inputs.items()}
+        torch.manual_seed(11)
+        if fused:
+            out = _layer("TRITON", settings, offsets, targets)(**args)
+        else:
+            from hstu.ops.triton.attention import hstu_mha
 
-    length, heads, d = 5, 2, 4
-    grads = [torch.randn(length, heads, d) for _ in range(3)]
-    assert triton_ops._side_by_side(None, *grads, length, heads * d, heads * d) is None
-    uvqk = torch.randn(length, 4 * heads * d)
-    q, k, v = [uvqk[:, a:a + heads * d].view(length, heads, d) for a in (16, 24, 8)]
-    # The same layout in a tensor somebody else holds (its u columns may be live): refused.
-    assert triton_ops._side_by_side(None, q, k, v, length, heads * d, heads * d) is None
-    dq, dk, dv = _gradients_like(q, k, v)
-    block = triton_ops._side_by_side(None, dq, dk, dv, length, heads * d, heads * d)
-    assert block is not None and block.data_ptr() == dv.data_ptr() - heads * d * 4
-    # du in the same storage as the block: refused (it would be overwritten while read).
-    du = block[:, :heads * d]
-    assert triton_ops._side_by_side(du, dq, dk, dv, length, heads * d, heads * d) is None
-    # Overlapping q and k (the same view twice) never share a gradient buffer.
-    dq, dk, dv = _gradients_like(q, q, v)
-    assert dq.data_ptr() != dk.data_ptr() and dq._base is None
+            u, q, k, v = triton_ops.stu_preprocess(
+                args["x"], args["input_norm_weight"], args["input_norm_bias"], 1e-6,
+                args["uvqk_weight"], args["uvqk_bias"], num_heads=heads, attention_dim=d_qk,
+                hidden_dim=d_v)
+            attn = hstu_mha(q, k, v, offsets, max_seq_len=15, num_targets=targets,
+                            contextual_seq_len=2, scaling_seqlen=20, sort_by_length=True)
+            out = triton_ops.stu_postprocess(
+                attn.flatten(1), u, args["x"], args["output_norm_weight"],
+                args["output_norm_bias"], 1e-6, args["output_weight"], num_heads=heads,
+                dropout_ratio=0.3, training=True, group_norm=True)
+        out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape).to(DEVICE))
+        runs.append([out.detach()] + [args[name].grad for name in args])
+    no_dropout = _layer("TRITON", _settings(heads, d_qk, d_v), offsets, targets)(
+        **{name: t.detach().float() for name, t in inputs.items()})
+    assert not torch.allclose(runs[0][0], no_dropout), "dropout did not change the output"
+    for name, fused, separate in zip(["out", *inputs], *runs):
+        assert torch.equal(fused, separate), name
 
 
 def _post_inputs(rows, dim, heads, d_v, group_norm, seed):
@@ -218,4 +256,18 @@ def test_full_size_on_gpu(dtype):
     results += compare_op(_post(triton_ops, heads, True, True),
                           _post(torch_ops, heads, True, True),
                           _post_inputs(4000, 512, heads, d, True, seed=8), dtype=dtype)
+    assert_within_bound(results)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_layer_full_size_on_gpu(dtype):
+    heads, d = 4, 128
+    settings = _settings(heads, d, d, max_seq_len=1300, contextual_seq_len=6,
+                         scaling_seqlen=8000)
+    offsets = torch.tensor([0, 1300, 1300 + 700, 2000 + 1250, 3250 + 750], device=DEVICE)
+    targets = torch.tensor([100, 30, 1, 100], device=DEVICE)
+    results = compare_op(_layer("TRITON", settings, offsets, targets),
+                         _layer("PYTORCH", settings, offsets, targets),
+                         _layer_inputs(4000, 512, heads, d, d, True, seed=9), dtype=dtype)
     assert_within_bound(results)
