@@ -24,7 +24,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from google.protobuf.message import Message
 
 from hstu.config.features import CONTEXTUAL

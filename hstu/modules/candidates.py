@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hstu.ops import Kernel, split_2d_jagged
-from hstu.ops.pytorch.jagged import lengths_from_offsets
+from hstu.ops import Kernel, jagged_tails
 
 
 def extract_candidates(
@@ -17,9 +16,5 @@ def extract_candidates(
 ) -> torch.Tensor:
     """embeddings [sum L, D] -> [sum t, D], row order kept. num_candidates = sum t (the
     candidates' count, known on the host from their input tensor's shape)."""
-    prefix_lengths = lengths_from_offsets(seq_offsets) - num_targets
-    _, candidate_embeddings = split_2d_jagged(
-        embeddings, seq_offsets, prefix_lengths, num_targets, right_total=num_candidates,
-        kernel=kernel,
-    )
-    return candidate_embeddings
+    return jagged_tails(embeddings, seq_offsets, num_targets, tail_total=num_candidates,
+                        kernel=kernel)

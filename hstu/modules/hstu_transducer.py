@@ -36,7 +36,9 @@ class HSTUTransducer(nn.Module):
         """Keyword inputs of ContextualPreprocessor.forward. Returns the candidates' encodings
         [sum t, D], in the order of the candidates in the batch."""
         encoder_input = self.preprocessor(**preprocessor_inputs)
-        x = self.input_dropout(self.positional_encoder(encoder_input))
+        # The input dropout runs inside the positional op (one pass over x on TRITON).
+        x = self.positional_encoder(
+            encoder_input, dropout_ratio=self.input_dropout.p if self.training else 0.0)
         x = self.stu_stack(
             x, encoder_input.offsets, encoder_input.max_seq_len, encoder_input.num_targets
         )

@@ -52,7 +52,9 @@ class HSTUPositionalEncoder(nn.Module):
         self.time_bucket_increments = time_bucket_increments
         self.kernel = kernel
 
-    def forward(self, encoder_input: EncoderInput) -> torch.Tensor:
+    def forward(self, encoder_input: EncoderInput, dropout_ratio: float = 0.0) -> torch.Tensor:
+        """dropout_ratio: the encoder's input dropout, applied in the same op (TRITON fuses
+        it)."""
         # The op always takes a time table; it reads it only when use_time_encoding is set.
         time_table = self.time_table if self.time_table is not None else self.position_table
         return add_timestamp_positional_embeddings(
@@ -68,5 +70,6 @@ class HSTUPositionalEncoder(nn.Module):
             time_bucket_increments=self.time_bucket_increments,
             num_time_buckets=self.num_time_buckets,
             use_time_encoding=self.use_time_encoding,
+            dropout_ratio=dropout_ratio,
             kernel=self.kernel,
         )

@@ -6,7 +6,12 @@ reference implementation, hstu/ops/triton/<family>.py the Triton one, with the s
 """
 
 from hstu.ops.attention import hstu_mha
-from hstu.ops.jagged import concat_2d_jagged, jagged_dense_bmm_broadcast_add, split_2d_jagged
+from hstu.ops.jagged import (
+    concat_2d_jagged,
+    jagged_dense_bmm_broadcast_add,
+    jagged_tails,
+    split_2d_jagged,
+)
 from hstu.ops.kernel import Kernel
 from hstu.ops.layer_norm import layer_norm, swish_layer_norm
 from hstu.ops.position import add_timestamp_positional_embeddings
@@ -19,6 +24,7 @@ __all__ = [
     "concat_2d_jagged",
     "hstu_mha",
     "jagged_dense_bmm_broadcast_add",
+    "jagged_tails",
     "layer_norm",
     "split_2d_jagged",
     "stu_layer",

@@ -50,6 +50,26 @@ def split_2d_jagged(
     return impl(values, offsets, left_lengths, right_lengths, right_total=right_total)
 
 
+def jagged_tails(
+    values: torch.Tensor,
+    offsets: torch.Tensor,
+    tail_lengths: torch.Tensor,
+    *,
+    tail_total: int,
+    kernel: Kernel | str = Kernel.PYTORCH,
+) -> torch.Tensor:
+    """The last tail_lengths[b] elements of every row b, packed in order: split_2d_jagged's
+    right part, without producing the left one (nor, backward, a gradient for it to copy).
+
+    values [sum_b len_b, D]; offsets [B+1] int64; tail_lengths [B] <= the row lengths;
+    tail_total = sum_b tail_lengths[b], known on the host (no host sync; on CPU tensors the
+    lengths are checked). Returns [tail_total, D]. Differentiable in values (zero gradient
+    outside the tails).
+    """
+    impl = implementation("jagged", "jagged_tails", kernel)
+    return impl(values, offsets, tail_lengths, tail_total)
+
+
 def jagged_dense_bmm_broadcast_add(
     seq_offsets: torch.Tensor,
     jagged: torch.Tensor,

@@ -21,6 +21,7 @@ def add_timestamp_positional_embeddings(
     time_bucket_increments: float = 60.0,
     num_time_buckets: int = 0,
     use_time_encoding: bool = True,
+    dropout_ratio: float = 0.0,
     kernel: Kernel | str = Kernel.PYTORCH,
 ) -> torch.Tensor:
     """x_i * alpha + P[pos_i] (+ T[bucket_i]) for every token i of every row.
@@ -44,6 +45,9 @@ def add_timestamp_positional_embeddings(
         out_i = x_i * alpha + P[min(pos_i, P-1)] + T[bucket_i]
       else:
         pos_i = min(i, hi);  out_i = x_i * alpha + P[min(pos_i, P-1)]
+    dropout_ratio p > 0: then out = Dropout(out, p) (each value zeroed with probability p,
+    the rest scaled by 1/(1-p); the encoder's input dropout, which TRITON applies in the same
+    pass; the random stream is implementation-specific: compare kernels with p = 0).
     Differentiable in seq_embeddings, position_table and time_table (table gradients are
     scatter-adds over the tokens that used each row).
     """
@@ -61,4 +65,5 @@ def add_timestamp_positional_embeddings(
         time_bucket_increments=time_bucket_increments,
         num_time_buckets=num_time_buckets,
         use_time_encoding=use_time_encoding,
+        dropout_ratio=dropout_ratio,
     )

@@ -124,6 +124,26 @@ def split_2d_jagged(
     return left, right
 
 
+def jagged_tails(
+    values: torch.Tensor,
+    offsets: torch.Tensor,
+    tail_lengths: torch.Tensor,
+    tail_total: int,
+) -> torch.Tensor:
+    _check_offsets(offsets, values, "offsets")
+    lengths = lengths_from_offsets(offsets)
+    tail_lengths = tail_lengths.to(lengths.dtype)
+    if values.device.type == "cpu" and not torch.compiler.is_exporting() and (
+        bool((tail_lengths > lengths).any()) or int(tail_lengths.sum()) != tail_total
+    ):
+        raise ValueError(
+            f"jagged_tails: tail_lengths {tail_lengths.tolist()} must be at most the row "
+            f"lengths {lengths.tolist()} and sum to tail_total {tail_total}"
+        )
+    rows, cols = jagged_row_and_col(offsets_from_lengths(tail_lengths), tail_total)
+    return values[offsets[rows + 1] - tail_lengths[rows] + cols]
+
+
 def jagged_dense_bmm_broadcast_add(
     seq_offsets: torch.Tensor,
     jagged: torch.Tensor,

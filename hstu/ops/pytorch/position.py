@@ -74,6 +74,7 @@ def add_timestamp_positional_embeddings(
     time_bucket_increments: float = 60.0,
     num_time_buckets: int = 0,
     use_time_encoding: bool = True,
+    dropout_ratio: float = 0.0,
 ) -> torch.Tensor:
     total = seq_embeddings.shape[0]
     if use_time_encoding and timestamps.shape != (total,):
@@ -103,4 +104,7 @@ def add_timestamp_positional_embeddings(
             num_time_buckets=num_time_buckets,
         )
         out = out + upcast(time_table[buckets])
-    return out.to(seq_embeddings.dtype)
+    out = out.to(seq_embeddings.dtype)
+    if dropout_ratio > 0:
+        out = torch.nn.functional.dropout(out, dropout_ratio, training=True)
+    return out

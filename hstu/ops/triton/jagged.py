@@ -30,8 +30,9 @@ def _programs_per_row(batch: int, device: torch.device) -> int:
 @triton.jit
 def _concat_split(LEFT, RIGHT, OUT, left_offsets, right_offsets, stride_left, stride_right,
                   stride_out, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                  SPLIT: tl.constexpr):
-    """concat (SPLIT=False): OUT row b <- [LEFT row b; RIGHT row b]; split: the reverse."""
+                  SPLIT: tl.constexpr, RIGHT_ONLY: tl.constexpr):
+    """concat (SPLIT=False): OUT row b <- [LEFT row b; RIGHT row b]; split: the reverse.
+    RIGHT_ONLY: only the RIGHT part moves (LEFT is never touched; OUT's left part neither)."""
     b = tl.program_id(0)
     share = tl.program_id(1)
     shares = tl.num_programs(1)
@@ -42,7 +43,8 @@ def _concat_split(LEFT, RIGHT, OUT, left_offsets, right_offsets, stride_left, st
     out_start = left_start + right_start
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
-    for first in range(share * BLOCK_R, left_len + right_len, shares * BLOCK_R):
+    skip = left_len if RIGHT_ONLY else 0
+    for first in range(skip + share * BLOCK_R, left_len + right_len, shares * BLOCK_R):
         i = first + tl.arange(0, BLOCK_R)  # index inside the output row
         from_left = i < left_len
         in_row = i < left_len + right_len
@@ -63,7 +65,7 @@ def _concat_split(LEFT, RIGHT, OUT, left_offsets, right_offsets, stride_left, st
             tl.store(out_ptrs, values, mask=in_row[:, None] & col_ok[None, :])
 
 
-def _copy_launch(left, right, out, left_offsets, right_offsets, split):
+def _copy_launch(left, right, out, left_offsets, right_offsets, split, right_only=False):
     batch = left_offsets.numel() - 1
     dim = out.shape[1]
     if batch == 0 or out.shape[0] == 0:
@@ -73,7 +75,7 @@ def _copy_launch(left, right, out, left_offsets, right_offsets, split):
     grid = (batch, _programs_per_row(batch, out.device))
     _concat_split[grid](left, right, out, left_offsets, right_offsets, left.stride(0),
                         right.stride(0), out.stride(0), D=dim, BLOCK_R=block_r,
-                        BLOCK_D=block_d, SPLIT=split)
+                        BLOCK_D=block_d, SPLIT=split, RIGHT_ONLY=right_only)
 
 
 def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -121,6 +123,31 @@ class _Split(torch.autograd.Function):
         out = d_left.new_empty((d_left.shape[0] + d_right.shape[0], d_left.shape[1]))
         _copy_launch(d_left, d_right, out, left_offsets, right_offsets, split=False)
         return out, None, None, None, None
+
+
+class _Tails(torch.autograd.Function):
+    """The right parts of a split alone: the left rows are neither copied nor given a
+    gradient buffer of their own (the backward writes zeros there with one memset)."""
+
+    @staticmethod
+    def forward(ctx, values, left_offsets, right_offsets, right_total):
+        values = _rows_contiguous(values)
+        tails = values.new_empty((right_total, values.shape[1]))
+        # LEFT is never touched under right_only: any tensor will do.
+        _copy_launch(tails, tails, values, left_offsets, right_offsets, split=True,
+                     right_only=True)
+        ctx.save_for_backward(left_offsets, right_offsets)
+        ctx.rows = values.shape[0]
+        return tails
+
+    @staticmethod
+    def backward(ctx, d_tails):
+        left_offsets, right_offsets = ctx.saved_tensors
+        d_tails = _rows_contiguous(d_tails)
+        d_values = d_tails.new_zeros((ctx.rows, d_tails.shape[1]))
+        _copy_launch(d_tails, d_tails, d_values, left_offsets, right_offsets, split=False,
+                     right_only=True)
+        return d_values, None, None, None
 
 
 def _check_device(tensor: torch.Tensor, name: str) -> None:
@@ -190,6 +217,28 @@ def split_2d_jagged(
             f"{left_lengths.tolist()} + {right_lengths.tolist()} vs {lengths.tolist()}"
         )
     return _Split.apply(values, left_offsets, right_offsets, left_total, right_total)
+
+
+def jagged_tails(
+    values: torch.Tensor,
+    offsets: torch.Tensor,
+    tail_lengths: torch.Tensor,
+    tail_total: int,
+) -> torch.Tensor:
+    _check_device(values, "jagged_tails")
+    _check_offsets(offsets, values, "offsets", "jagged_tails")
+    tail_lengths = tail_lengths.to(torch.int64)
+    lengths = offsets[1:] - offsets[:-1]
+    if tail_lengths.shape != lengths.shape:
+        raise ValueError(f"jagged_tails: tail_lengths {tuple(tail_lengths.shape)} must be [B] = "
+                         f"[{lengths.numel()}]")
+    if values.device.type != "cuda" and (
+            bool((tail_lengths > lengths).any()) or int(tail_lengths.sum()) != tail_total):
+        raise ValueError(f"jagged_tails: tail_lengths {tail_lengths.tolist()} must be at most "
+                         f"the row lengths {lengths.tolist()} and sum to tail_total {tail_total}")
+    right_offsets = torch.nn.functional.pad(torch.cumsum(tail_lengths, 0), (1, 0))
+    left_offsets = offsets - right_offsets
+    return _Tails.apply(values, left_offsets, right_offsets, int(tail_total))
 
 
 # ----------------------------------------------------------------------------- bmm

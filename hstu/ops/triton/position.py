@@ -4,6 +4,8 @@ Forward: one program per (batch row, share of the row) walks its tokens, compute
 position-table row and time bucket in-kernel (int64 time difference, then float32, with
 correctly rounded division and square root so buckets match PyTorch's exactly) and writes
 x * alpha + P[pos] + T[bucket]. The two index vectors are kept for the backward.
+With dropout_ratio > 0 the encoder's input dropout is applied in the same pass (a Philox mask
+from a per-call seed, regenerated in the backward; nothing is stored for it).
 Backward: one kernel reads each d out row once and writes d x = d out * alpha and adds the row
 to both tables' float32 gradients at its two indices (atomic adds, as torch.index_add_ does on
 a GPU; three launches in all instead of ~9 for the torch ops).
@@ -24,11 +26,20 @@ from hstu.ops.triton._common import interpreting, triton_dtype_ok
 
 
 @triton.jit
+def _dropped(value, rows64, cols, dropout_ratio, seed, D: tl.constexpr):
+    """value [R, C] with the dropout mask of (row, column) applied: one Philox draw per
+    element from (seed, row * D + column), so the backward regenerates the same mask."""
+    keep = tl.rand(seed, rows64 * D + cols[None, :]) >= dropout_ratio
+    return tl.where(keep, value * (1.0 / (1.0 - dropout_ratio)), 0.0)
+
+
+@triton.jit
 def _add_position_time(X, TS, P, T, OUT, POS, BUCKET, seq_offsets, num_targets, stride_x,
                        stride_p, stride_t, stride_out, alpha, contextual_seq_len, num_positions,
-                       time_bucket_increments, num_time_buckets, D: tl.constexpr,
-                       HAS_TARGETS: tl.constexpr, USE_TIME: tl.constexpr, LOG: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                       time_bucket_increments, num_time_buckets, dropout_ratio, seed,
+                       D: tl.constexpr, HAS_TARGETS: tl.constexpr, USE_TIME: tl.constexpr,
+                       LOG: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
     b = tl.program_id(0)
     share = tl.program_id(1)
     start = tl.load(seq_offsets + b)
@@ -69,14 +80,17 @@ def _add_position_time(X, TS, P, T, OUT, POS, BUCKET, seq_offsets, num_targets, 
             value += tl.load(T + bucket[:, None] * stride_t + cols[None, :], mask=mask,
                              other=0.0).to(tl.float32)
             tl.store(BUCKET + start + i, bucket, mask=ok)
+        if DROPOUT:
+            value = _dropped(value, rows.to(tl.int64), cols, dropout_ratio, seed, D)
         tl.store(OUT + rows * stride_out + cols[None, :], value.to(OUT.dtype.element_ty),
                  mask=mask)
 
 
 @triton.jit
 def _add_position_time_bwd(D_OUT, POS, BUCKET, D_X, D_P, D_T, total, stride_dout, stride_dx,
-                           alpha, D: tl.constexpr, USE_TIME: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                           alpha, dropout_ratio, seed, D: tl.constexpr, USE_TIME: tl.constexpr,
+                           DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     ok = rows < total
@@ -84,6 +98,8 @@ def _add_position_time_bwd(D_OUT, POS, BUCKET, D_X, D_P, D_T, total, stride_dout
     rows64 = rows.to(tl.int64)[:, None]
     grad = tl.load(D_OUT + rows64 * stride_dout + cols[None, :], mask=mask, other=0.0)
     grad = grad.to(tl.float32)
+    if DROPOUT:
+        grad = _dropped(grad, rows64, cols, dropout_ratio, seed, D)
     tl.store(D_X + rows64 * stride_dx + cols[None, :], (grad * alpha).to(D_X.dtype.element_ty),
              mask=mask)
     pos = tl.load(POS + rows, mask=ok, other=0).to(tl.int64)
@@ -97,7 +113,7 @@ class _AddPositionTime(torch.autograd.Function):
     @staticmethod
     def forward(ctx, seq_embeddings, seq_offsets, timestamps, num_targets, position_table,
                 time_table, alpha, contextual_seq_len, time_bucket_fn, time_bucket_increments,
-                num_time_buckets, use_time_encoding):
+                num_time_buckets, use_time_encoding, dropout_ratio):
         x = seq_embeddings if seq_embeddings.stride(-1) == 1 else seq_embeddings.contiguous()
         total, dim = x.shape
         out = torch.empty_like(x)
@@ -105,6 +121,8 @@ class _AddPositionTime(torch.autograd.Function):
         buckets = torch.empty(total if use_time_encoding else 0, dtype=torch.int32,
                               device=x.device)
         batch = seq_offsets.numel() - 1
+        # A fresh seed per call from torch's (CPU) generator: seeding torch repeats the run.
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_ratio > 0 else 0
         if total and batch:
             block_d = max(16, triton.next_power_of_2(dim))
             block_r = max(1, min(64, 8192 // block_d))
@@ -121,19 +139,20 @@ class _AddPositionTime(torch.autograd.Function):
                 position_table.stride(0), time_table.stride(0) if use_time_encoding else 0,
                 out.stride(0), float(alpha), int(contextual_seq_len),
                 position_table.shape[0], float(time_bucket_increments),
-                float(num_time_buckets), D=dim, HAS_TARGETS=num_targets is not None,
-                USE_TIME=use_time_encoding, LOG=time_bucket_fn == "log", BLOCK_R=block_r,
+                float(num_time_buckets), float(dropout_ratio), seed, D=dim,
+                HAS_TARGETS=num_targets is not None, USE_TIME=use_time_encoding,
+                LOG=time_bucket_fn == "log", DROPOUT=dropout_ratio > 0, BLOCK_R=block_r,
                 BLOCK_D=block_d,
             )
         ctx.save_for_backward(positions, buckets)
         ctx.config = (alpha, position_table.shape, position_table.dtype, time_table.shape,
-                      time_table.dtype, use_time_encoding)
+                      time_table.dtype, use_time_encoding, dropout_ratio, seed)
         return out
 
     @staticmethod
     def backward(ctx, d_out):
         positions, buckets = ctx.saved_tensors
-        alpha, p_shape, p_dtype, t_shape, t_dtype, use_time = ctx.config
+        alpha, p_shape, p_dtype, t_shape, t_dtype, use_time, dropout_ratio, seed = ctx.config
         d_out = d_out if d_out.stride(-1) == 1 else d_out.contiguous()
         total, dim = d_out.shape
         d_x = torch.empty_like(d_out)
@@ -152,11 +171,12 @@ class _AddPositionTime(torch.autograd.Function):
             block_r = max(1, min(64, 8192 // block_d))
             _add_position_time_bwd[(triton.cdiv(total, block_r),)](
                 d_out, positions, buckets if use_time else positions, d_x, d_position, d_time,
-                total, d_out.stride(0), d_x.stride(0), float(alpha), D=dim, USE_TIME=use_time,
-                BLOCK_R=block_r, BLOCK_D=block_d,
+                total, d_out.stride(0), d_x.stride(0), float(alpha), float(dropout_ratio), seed,
+                D=dim, USE_TIME=use_time, DROPOUT=dropout_ratio > 0, BLOCK_R=block_r,
+                BLOCK_D=block_d,
             )
         return (d_x, None, None, None, d_position.to(p_dtype), d_time.to(t_dtype), None, None,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def add_timestamp_positional_embeddings(
@@ -173,6 +193,7 @@ def add_timestamp_positional_embeddings(
     time_bucket_increments: float = 60.0,
     num_time_buckets: int = 0,
     use_time_encoding: bool = True,
+    dropout_ratio: float = 0.0,
 ) -> torch.Tensor:
     op = "add_timestamp_positional_embeddings"
     triton_dtype_ok(seq_embeddings, f"{op}: seq_embeddings")
@@ -199,8 +220,10 @@ def add_timestamp_positional_embeddings(
             raise ValueError(f"{op}: time_table has shape {tuple(time_table.shape)}; expected "
                              f"({num_time_buckets + 1}, {seq_embeddings.shape[1]}) = "
                              "(num_time_buckets + 1, D)")
+    if not 0.0 <= dropout_ratio < 1.0:
+        raise ValueError(f"{op}: dropout_ratio must be in [0, 1); got {dropout_ratio}")
     return _AddPositionTime.apply(
         seq_embeddings, seq_offsets, timestamps, num_targets, position_table, time_table,
         float(alpha), int(contextual_seq_len), time_bucket_fn, float(time_bucket_increments),
-        int(num_time_buckets), bool(use_time_encoding),
+        int(num_time_buckets), bool(use_time_encoding), float(dropout_ratio),
     )

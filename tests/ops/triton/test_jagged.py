@@ -66,6 +66,28 @@ def test_split_matches_pytorch(dtype):
     assert_within_bound(results)
 
 
+@pytest.mark.parametrize("module", [triton_ops, torch_ops], ids=["triton", "pytorch"])
+def test_tails_are_the_right_part_of_a_split(module):
+    # jagged_tails = split_2d_jagged's right part, exactly; its gradient is d tails in the
+    # tail rows and zero everywhere else.
+    g = torch.Generator().manual_seed(5)
+    offsets = _offsets([a + b for a, b in zip(LEFT, RIGHT)])
+    values = _rand(g, sum(LEFT) + sum(RIGHT), 20)
+    tails = module.jagged_tails(values, offsets, _lengths(RIGHT), sum(RIGHT))
+    _, right = torch_ops.split_2d_jagged(values.detach(), offsets, _lengths(LEFT),
+                                         _lengths(RIGHT))
+    assert torch.equal(tails, right)
+    grad = torch.randn(tails.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    tails.backward(grad)
+    expected = torch.autograd.grad(
+        torch_ops.split_2d_jagged(values, offsets, _lengths(LEFT), _lengths(RIGHT))[1], values,
+        grad)[0]
+    assert torch.equal(values.grad, expected)
+    assert (values.grad.abs().sum(1) == 0).sum() >= sum(LEFT)
+    with pytest.raises(ValueError, match="tail_total"):
+        module.jagged_tails(values.detach().cpu(), offsets.cpu(), _lengths(RIGHT).cpu(), 3)
+
+
 def test_split_rejects_lengths_that_do_not_add_up():
     with pytest.raises(ValueError, match="must equal the row lengths"):
         triton_ops.split_2d_jagged(torch.zeros(5, 4, device=DEVICE), _offsets([2, 3]),

@@ -55,6 +55,29 @@ def test_matches_pytorch(dtype, time_bucket_fn):
     assert_within_bound(results)
 
 
+@pytest.mark.parametrize("use_time_encoding", [True, False], ids=["time", "no-time"])
+def test_dropout_mask_and_its_gradient(use_time_encoding):
+    # Each value is dropped (0) or scaled by 1/(1-p); the gradients are PyTorch's with that
+    # same mask applied (the backward regenerates the mask from the forward's seed).
+    p = 0.3
+    offsets, timestamps, num_targets, inputs = _case([40, 7, 33], [3, 1, 5], seed=4)
+    options = dict(contextual_seq_len=2, use_time_encoding=use_time_encoding)
+    args = {name: t.detach().float().requires_grad_() for name, t in inputs.items()}
+    torch.manual_seed(0)
+    out = _op(triton_ops, offsets, timestamps, num_targets, dropout_ratio=p, **options)(**args)
+    reference = {name: t.detach().float().requires_grad_() for name, t in inputs.items()}
+    plain = _op(torch_ops, offsets, timestamps, num_targets, **options)(**reference)
+    kept = out != 0
+    assert abs(1.0 - kept.float().mean().item() - p) < 0.05
+    torch.testing.assert_close(out[kept], plain.detach()[kept] / (1 - p), rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    (plain * kept / (1 - p)).backward(grad)
+    for name in ("x", "position_table") + (("time_table",) if use_time_encoding else ()):
+        torch.testing.assert_close(args[name].grad, reference[name].grad, rtol=1e-4,
+                                   atol=1e-4, msg=name)
+
+
 def test_backward_refuses_deterministic_mode():
     # The table gradients are float atomic adds: under torch.use_deterministic_algorithms the
     # backward says so (as torch's index_add_ on a GPU does) instead of running.
