@@ -20,7 +20,9 @@ Several workers run as separate processes (torch.multiprocessing, gloo on CPU, N
 each with its own batches; no Ray and no MLflow are needed, only torch, torchrec, fbgemm-gpu
 and this package (its config loader needs protobuf and grpcio-tools).
 
-Reported per case: step time (median), samples/s and tokens/s (global: all workers' rows per
+Reported per case: step time (median of steps timed one by one, the GPU idle at each start),
+the time per step of the same steps run back to back as the training loop runs them (no
+read-back between steps, so the host queues the next step while the GPU runs this one), samples/s and tokens/s (global: all workers' rows per
 step over the step time), model TFLOP/s (hstu.train.flops: STU matmuls, attention counted as
 TorchEasyRec's benchmark does, every other dense matmul including the item and fusion towers;
 3 x forward) and MFU per GPU against --peak-tflops (989: H100/H200 SXM dense bf16) and against
@@ -274,6 +276,19 @@ def worker(rank: int, world: int, args, kernel: str, case: dict, init_file: str,
             rows.append(batch.batch_size)
             tokens.append(batch.num_tokens(contextual_tokens=contextual))
             flops.append(step_flops[index].training_step)
+    # The same steps back to back, as the training loop runs them (it reads no value back
+    # inside a step): the host queues step i+1 while the GPU still runs step i, so the time
+    # per step loses the start-up gap the isolated timing above includes.
+    sync()
+    dist.barrier()
+    started = time.perf_counter()
+    back_to_back = [run_step(step % len(host_batches))[0] for step in range(args.steps)]
+    sync()
+    back_to_back_s = (time.perf_counter() - started) / args.steps
+    if not all(math.isfinite(float(loss)) for loss in back_to_back):
+        raise FloatingPointError(f"{kernel}: rank {rank}: a non-finite loss back to back")
+    back_to_back_flops = sum(step_flops[step % len(host_batches)].training_step
+                             for step in range(args.steps)) / args.steps
     profile = None
     if device.type == "cuda" and args.profile_steps and rank == 0:
         from hstu.train.profiling import profile_steps
@@ -288,8 +303,8 @@ def worker(rank: int, world: int, args, kernel: str, case: dict, init_file: str,
         sync_sites = find_host_syncs(lambda: run_step(0))
     # Global figures: the slowest rank's time, every rank's work.
     local = torch.tensor([statistics.median(times), sum(rows) / len(rows),
-                          sum(tokens) / len(tokens), sum(flops) / len(flops)], dtype=torch.float64,
-                         device=device)
+                          sum(tokens) / len(tokens), sum(flops) / len(flops), back_to_back_s,
+                          back_to_back_flops], dtype=torch.float64, device=device)
     gathered = [torch.zeros_like(local) for _ in range(world)]
     dist.all_gather(gathered, local)
     gathered = [g.cpu() for g in gathered]
@@ -297,6 +312,9 @@ def worker(rank: int, world: int, args, kernel: str, case: dict, init_file: str,
         step_s = max(float(g[0]) for g in gathered)
         model_tflops = sum(float(g[3]) for g in gathered) / step_s / 1e12
         per_gpu_tflops = model_tflops / world
+        back_to_back_step_s = max(float(g[4]) for g in gathered)
+        back_to_back_tflops = (sum(float(g[5]) for g in gathered) / back_to_back_step_s
+                               / 1e12 / world)
         split = step_flops[0]
         result = {
             "kernel": kernel,
@@ -313,6 +331,10 @@ def worker(rank: int, world: int, args, kernel: str, case: dict, init_file: str,
                                         "attention": split.attention,
                                         "other_matmuls": split.other_matmuls},
             "mfu_vs_peak": per_gpu_tflops / args.peak_tflops if device.type == "cuda" else None,
+            # Back to back (the training loop's pace): per step over args.steps steps.
+            "back_to_back_step_ms": round(back_to_back_step_s * 1000, 2),
+            "back_to_back_mfu_vs_peak": (back_to_back_tflops / args.peak_tflops
+                                         if device.type == "cuda" else None),
             "peak_tflops": args.peak_tflops,
             "matmul_tflops_same_run": matmul_tflops,
             "mfu_vs_matmul": per_gpu_tflops / matmul_tflops if matmul_tflops else None,
@@ -410,7 +432,8 @@ def cases_of(args) -> list[dict]:
 
 def print_table(results: list[dict]) -> None:
     header = ("kernel", "workers", "case", "rows", "tokens/step", "step ms", "samples/s",
-              "tokens/s", "model TFLOP/s", "MFU", "vs matmul", "GPU busy", "launches", "syncs")
+              "tokens/s", "model TFLOP/s", "MFU", "vs matmul", "GPU busy", "launches", "syncs",
+              "back-to-back ms", "back-to-back MFU")
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for r in results:
         profile = r.get("profile") or {}
@@ -425,6 +448,7 @@ def print_table(results: list[dict]) -> None:
             pct(r["mfu_vs_matmul"]), pct(r.get("gpu_busy_fraction")),
             f"{profile['launches_per_step']:.0f}" if profile else "-",
             f"{profile['host_syncs_per_step']:.1f}" if profile else "-",
+            f"{r['back_to_back_step_ms']:.1f}", pct(r["back_to_back_mfu_vs_peak"]),
         ]))
     print("\n".join(lines))
     for r in results:
