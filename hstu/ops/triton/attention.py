@@ -25,15 +25,19 @@ issued by the dK/dV kernel ("atomic": no recomputation, summation order not dete
 Neither uses a lock. `DQ_MODE` picks one; docs/kernels.md has the measurements behind the
 default.
 
-Scheduling: the grid is 1-D, and the blocks of one (row, head) are consecutive programs, so
-the programs running at the same time read the same K/V (backward: Q/dO) tiles and find them
-in L2 (`LAUNCH_ORDER`). Within a (row, head), query blocks are launched last block first (they
-do the most work under a causal mask) and key blocks first block first, so that row's longest
-programs start earliest. With `sort_by_length` (the STU config's field of that name) the rows
-themselves are launched longest first: a row's work grows with its length squared, so in a
-long-tailed batch a few rows carry most of it, and launched last they would leave the kernel
-finishing on a few SMs. The order is sorted on the device once per seq_offsets tensor (the
-layers of a step share it) and kept for the backward.
+Scheduling: the grid is 1-D and holds one program per (row, head, block) that contains part
+of the row, in the order of a launch table built on the device once per step
+(`_program_table`): a grid of max_seq_len / block programs for every row would, in a
+long-tailed batch (median ~1,000 tokens, longest ~8,000), be mostly programs that start only to
+exit. The blocks of one (row, head) are consecutive programs, so the programs running at the
+same time read the same K/V (backward: Q/dO) tiles and find them in L2 (`LAUNCH_ORDER`). Within
+a (row, head), query blocks are launched last block first (they do the most work under a
+causal mask) and key blocks first block first, so that row's longest programs start earliest.
+With `sort_by_length` (the STU config field of that name) the rows themselves are launched
+longest first: a row's work grows with its length squared, so in a long-tailed batch a few
+rows carry most of it, and launched last they would leave the kernel finishing on a few SMs.
+The order is sorted on the device once per seq_offsets tensor (the layers of a step share it)
+and kept for the backward.
 """
 
 from __future__ import annotations
@@ -114,33 +118,14 @@ def dq_mode(mode: str) -> Iterator[None]:
 
 
 @triton.jit
-def _decode_program_id(num_blocks, BLOCKS_FIRST: tl.constexpr, LAST_FIRST: tl.constexpr):
-    """(row * H + head, block index) of this program in a 1-D grid of num_blocks * (B * H).
-
-    BLOCKS_FIRST: consecutive programs are the blocks of one (row, head), so the programs that
-    run at the same time read the same K and V (or Q and dO) tiles, which then come from L2;
-    otherwise consecutive programs are different (row, head) pairs, each streaming its own
-    K/V from memory. LAST_FIRST launches a row's last block first (most work when causal)."""
+def _this_program(programs, H):
+    """(row, head, block index, is a real program) of this program, from the launch table
+    (_program_table): one (row * H + head, block) int32 pair per program, row * H + head = -1
+    for the few programs past the last real one."""
     pid = tl.program_id(0)
-    if BLOCKS_FIRST:
-        block = pid % num_blocks
-        pid_bh = pid // num_blocks
-    else:
-        num_rows_heads = tl.num_programs(0) // num_blocks
-        block = pid // num_rows_heads
-        pid_bh = pid % num_rows_heads
-    if LAST_FIRST:
-        block = num_blocks - 1 - block
-    return pid_bh, block
-
-
-@triton.jit
-def _row_of(index, row_order, ORDERED: tl.constexpr):
-    """The batch row that the index-th (row, head) group of programs works on."""
-    if ORDERED:
-        return tl.load(row_order + index).to(tl.int32)
-    else:
-        return index
+    code = tl.load(programs + 2 * pid)
+    block = tl.load(programs + 2 * pid + 1)
+    return code // H, code % H, block, code >= 0
 
 
 @triton.jit
@@ -422,11 +407,10 @@ def _attn_fwd(Q, K, V, O, seq_offsets, num_targets,
               FAST: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
               D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
               BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              OWN_TERM_FIRST: tl.constexpr, num_blocks, BLOCKS_FIRST: tl.constexpr,
-              row_order, ORDERED: tl.constexpr):
-    pid_bh, pid_m = _decode_program_id(num_blocks, BLOCKS_FIRST, True)
-    b = _row_of(pid_bh // H, row_order, ORDERED)
-    h = pid_bh % H
+              OWN_TERM_FIRST: tl.constexpr, programs):
+    b, h, pid_m, real = _this_program(programs, H)
+    if not real:
+        return
     start, length, hist, cs, mx = _row_info(seq_offsets, num_targets, b, contextual_seq_len,
                                             HAS_TARGETS, HAS_CONTEXT)
     start_m = pid_m * BLOCK_M
@@ -516,13 +500,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, GRAD_V, DQ, seq_offsets, num_targets,
                    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                    D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
                    BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   num_blocks, BLOCKS_FIRST: tl.constexpr,
-              row_order, ORDERED: tl.constexpr):
-    pid_bh, pid_n = _decode_program_id(num_blocks, BLOCKS_FIRST, False)
+                   programs):
+    b, h, pid_n, real = _this_program(programs, H)
+    if not real:
+        return
     # The loops accumulate SiLU (no 1/S) into dv and 2 SiLU' (no alpha / 2S) into dk and dq.
     dkq_factor = 0.5 * alpha * scale
-    b = _row_of(pid_bh // H, row_order, ORDERED)
-    h = pid_bh % H
     start, length, hist, cs, mx = _row_info(seq_offsets, num_targets, b, contextual_seq_len,
                                             HAS_TARGETS, HAS_CONTEXT)
     start_n = pid_n * BLOCK_N
@@ -621,11 +604,10 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, seq_offsets, num_targets,
                  HAS_WINDOW: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
                  UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
                  BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, num_blocks, BLOCKS_FIRST: tl.constexpr,
-              row_order, ORDERED: tl.constexpr):
-    pid_bh, pid_m = _decode_program_id(num_blocks, BLOCKS_FIRST, True)
-    b = _row_of(pid_bh // H, row_order, ORDERED)
-    h = pid_bh % H
+                 BLOCK_N: tl.constexpr, programs):
+    b, h, pid_m, real = _this_program(programs, H)
+    if not real:
+        return
     start, length, hist, cs, mx = _row_info(seq_offsets, num_targets, b, contextual_seq_len,
                                             HAS_TARGETS, HAS_CONTEXT)
     start_m = pid_m * BLOCK_M
@@ -719,18 +701,20 @@ class _Problem:
     def scalars(self) -> tuple:
         return (self.heads, self.alpha, self.scale, self.contextual_seq_len, self.max_attn_len)
 
-    def launch(self, kernel, tile: Tile, block_rows: int, *args, **kwargs) -> None:
+    def launch(self, kernel, tile: Tile, block_rows: int, *args, last_first: bool,
+               **kwargs) -> None:
         """`kernel`(*args, the scalars, the constants, **kwargs) with `tile`, one program per
-        (row, head, block of `block_rows` positions) in a 1-D grid that _decode_program_id
-        decodes. 1-D: with blocks varying fastest, a 2-D grid would need B * H in its second
-        dimension, which stops at 65535 programs; the first dimension takes 2^31 - 1."""
-        num_blocks = triton.cdiv(self.max_seq_len, block_rows)
-        order = self.row_order
-        kernel[(num_blocks * self.batch * self.heads,)](
+        (row, head, block of `block_rows` positions) that holds any of the row, in the order
+        of the launch table (_program_table). 1-D: the first grid dimension takes 2^31 - 1
+        programs, the others stop at 65535."""
+        table = _program_tables(
+            self.seq_offsets, (None if self.row_order is None else id(self.row_order),
+                               block_rows, self.heads, self.total, last_first, LAUNCH_ORDER),
+            lambda offsets: _program_table(offsets, self.row_order, block_rows, self.heads,
+                                           self.total, last_first))
+        kernel[(table.shape[0],)](
             *args, *self.scalars(), **self.constants, **kwargs,
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-            num_blocks=num_blocks, BLOCKS_FIRST=_blocks_first(),
-            row_order=self.seq_offsets if order is None else order, ORDERED=order is not None,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, programs=table,
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
 
@@ -740,29 +724,30 @@ class _Problem:
 
 
 class _PerOffsets:
-    """The result of `compute(seq_offsets)` for the last seq_offsets tensor seen (and extra
-    key): the layers of a step share one seq_offsets tensor, so per-step work on it (sorting
-    the rows, checking their lengths) runs once, not once per layer. Holding the tensor keeps
+    """The results of `compute(seq_offsets)` for the last seq_offsets tensor seen, one per
+    extra key: the layers of a step share one seq_offsets tensor, so per-step work on it
+    (sorting the rows, checking their lengths, the launch tables) runs once, not per layer. Holding the tensor keeps
     its address from being reused; its version counter catches in-place writes. Tensors made
     under torch.inference_mode have no version counter: for them nothing is kept."""
 
     def __init__(self) -> None:
-        self._last: tuple | None = None
+        self._tensor: torch.Tensor | None = None
+        self._version = -1
+        self._results: dict = {}
 
     def __call__(self, seq_offsets: torch.Tensor, extra, compute):
         if seq_offsets.is_inference():
             return compute(seq_offsets)
-        key = (seq_offsets._version, extra)
-        last = self._last
-        if last is not None and last[0] is seq_offsets and last[1] == key:
-            return last[2]
-        result = compute(seq_offsets)
-        self._last = (seq_offsets, key, result)
-        return result
+        if self._tensor is not seq_offsets or self._version != seq_offsets._version:
+            self._tensor, self._version, self._results = seq_offsets, seq_offsets._version, {}
+        if extra not in self._results:
+            self._results[extra] = compute(seq_offsets)
+        return self._results[extra]
 
 
 _row_orders = _PerOffsets()
 _length_checks = _PerOffsets()
+_program_tables = _PerOffsets()
 
 
 def longest_first(seq_offsets: torch.Tensor) -> torch.Tensor | None:
@@ -778,10 +763,46 @@ def _sort_longest_first(seq_offsets: torch.Tensor) -> torch.Tensor:
     return torch.sort(lengths, descending=True, stable=True).indices
 
 
-def _blocks_first() -> bool:
+def _program_table(seq_offsets: torch.Tensor, row_order: torch.Tensor | None, block_rows: int,
+                   heads: int, total: int, last_first: bool) -> torch.Tensor:
+    """int32 [programs, 2]: (row * H + head, block index) of each program in launch order,
+    computed on the device (no host sync). Only blocks that hold part of a row get a program:
+    a grid of max_seq_len / block_rows blocks for every row would, in a long-tailed batch
+    (median row ~1,000 tokens, the longest ~8,000), be mostly programs that exit at once.
+
+    The program count must be known on the host, so the table is sized for the most a batch
+    of `total` tokens in B rows can need, sum ceil(L_b / R) <= total // R + B per head, and
+    the unused tail is marked -1. Order: rows as in row_order (or the batch's); with
+    "blocks_first" the blocks of one (row, head) are consecutive (programs running together
+    share K/V tiles in L2), with "heads_first" consecutive programs are different (row,
+    head) pairs. last_first: a row's last block first (the query blocks that do the most
+    work under a causal mask)."""
     if LAUNCH_ORDER not in LAUNCH_ORDERS:
         raise ValueError(f"launch order {LAUNCH_ORDER!r}; expected one of {LAUNCH_ORDERS}")
-    return LAUNCH_ORDER == "blocks_first"
+    batch = seq_offsets.numel() - 1
+    device = seq_offsets.device
+    rows = row_order if row_order is not None else torch.arange(batch, device=device)
+    lengths = (seq_offsets[1:] - seq_offsets[:-1])[rows]
+    blocks = (lengths + block_rows - 1) // block_rows
+    per_row = blocks * heads
+    ends = torch.cumsum(per_row, 0)
+    program = torch.arange(heads * (total // block_rows + batch), device=device)
+    slot = torch.searchsorted(ends, program, right=True)
+    real = slot < batch
+    slot = slot.clamp(max=batch - 1)
+    within = program - (ends[slot] - per_row[slot])
+    count = blocks[slot].clamp(min=1)
+    block = within % count
+    if last_first:
+        block = count - 1 - block
+    code = torch.where(real, rows[slot] * heads + within // count, -1)
+    if LAUNCH_ORDER == "heads_first":
+        # Block index major (descending when last_first), then (row, head); unused last.
+        key = block if not last_first else count - 1 - block
+        order = torch.argsort(torch.where(real, key, torch.iinfo(key.dtype).max),
+                              stable=True)
+        code, block = code[order], block[order]
+    return torch.stack([code, block], dim=1).to(torch.int32).contiguous()
 
 
 def _strides(*tensors: torch.Tensor) -> list[int]:
@@ -798,7 +819,7 @@ def _forward(problem: _Problem, q, k, v) -> torch.Tensor:
 
     def launch(tile: Tile) -> None:
         problem.launch(_attn_fwd, tile, tile.block_m, q, k, v, out, problem.seq_offsets,
-                       problem.targets_arg(), *_strides(q, k, v, out),
+                       problem.targets_arg(), *_strides(q, k, v, out), last_first=True,
                        OWN_TERM_FIRST=FORWARD_OWN_TERM_FIRST)
 
     tile = choose_tile("attn_fwd", problem.key(), FORWARD_TILES, INTERPRET_TILE, launch)
@@ -824,11 +845,13 @@ def _backward(problem: _Problem, q, k, v, grad_out, into=None):
             dq_acc.zero_()
         problem.launch(_attn_bwd_dkdv, tile, tile.block_n, q, k, v, grad_out, dk, dv, dq_acc,
                        problem.seq_offsets, problem.targets_arg(),
-                       *_strides(q, k, v, grad_out, dk, dv, dq_acc), ATOMIC_DQ=atomic)
+                       *_strides(q, k, v, grad_out, dk, dv, dq_acc), last_first=False,
+                       ATOMIC_DQ=atomic)
 
     def launch_dq(tile: Tile) -> None:
         problem.launch(_attn_bwd_dq, tile, tile.block_m, q, k, v, grad_out, dq,
-                       problem.seq_offsets, problem.targets_arg(), *_strides(q, k, v, grad_out, dq))
+                       problem.seq_offsets, problem.targets_arg(), *_strides(q, k, v, grad_out, dq),
+                       last_first=True)
 
     name = "attn_bwd_dkdv_atomic" if atomic else "attn_bwd_dkdv"
     tile = choose_tile(name, problem.key(), BACKWARD_DKDV_TILES, INTERPRET_TILE, launch_dkdv)

@@ -196,33 +196,39 @@ def test_inference_mode_tensors_are_not_cached(monkeypatch):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
-@triton.jit
-def _write_decoded_ids(out_bh, out_block, num_blocks, BLOCKS_FIRST: tl.constexpr,
-                       LAST_FIRST: tl.constexpr):
-    pid_bh, block = attention_module._decode_program_id(num_blocks, BLOCKS_FIRST, LAST_FIRST)
-    tl.store(out_bh + tl.program_id(0), pid_bh)
-    tl.store(out_block + tl.program_id(0), block)
-
-
-@pytest.mark.parametrize("blocks_first", [True, False])
+@pytest.mark.parametrize("launch_order", ["blocks_first", "heads_first"])
 @pytest.mark.parametrize("last_first", [True, False])
-def test_program_ids_decode_to_every_row_head_block_once_in_the_chosen_order(blocks_first,
-                                                                               last_first):
-    num_blocks, rows_heads = 3, 4
-    programs = num_blocks * rows_heads
-    out_bh = torch.full((programs,), -1, dtype=torch.int32, device=DEVICE)
-    out_block = torch.full((programs,), -1, dtype=torch.int32, device=DEVICE)
-    _write_decoded_ids[(programs,)](out_bh, out_block, num_blocks, BLOCKS_FIRST=blocks_first,
-                                    LAST_FIRST=last_first)
-    decoded = list(zip(out_bh.tolist(), out_block.tolist()))
-    assert sorted(decoded) == [(bh, block) for bh in range(rows_heads)
-                               for block in range(num_blocks)]
-    blocks = list(range(num_blocks))[::-1] if last_first else list(range(num_blocks))
-    if blocks_first:  # the blocks of one (row, head) are consecutive programs
-        expected = [(bh, block) for bh in range(rows_heads) for block in blocks]
-    else:  # consecutive programs are different (row, head) pairs
-        expected = [(bh, block) for block in blocks for bh in range(rows_heads)]
-    assert decoded == expected
+@pytest.mark.parametrize("sorted_rows", [True, False])
+def test_launch_table_has_one_program_per_block_that_holds_tokens(launch_order, last_first,
+                                                                  sorted_rows, monkeypatch):
+    # Rows of 5, 0, 17, 1, 8 tokens in blocks of 4: 2 + 0 + 5 + 1 + 2 blocks per head. Every
+    # (row, head, block) holding a token gets exactly one program, no other program is real,
+    # and the order is the one asked for.
+    monkeypatch.setattr(attention_module, "LAUNCH_ORDER", launch_order)
+    lengths, block_rows, heads = [5, 0, 17, 1, 8], 4, 2
+    offsets = _offsets(lengths)
+    order = attention_module.longest_first(offsets) if sorted_rows else None
+    table = attention_module._program_table(offsets, order, block_rows, heads, sum(lengths),
+                                            last_first).tolist()
+    real = [(code // heads, code % heads, block) for code, block in table if code >= 0]
+    assert all(code == -1 for code, _ in table[len(real):]), "unused programs come last"
+    counts = [-(-n // block_rows) for n in lengths]
+    assert sorted(real) == [(row, head, block) for row in range(len(lengths))
+                            for head in range(heads) for block in range(counts[row])]
+    rows = [2, 4, 0, 3, 1] if sorted_rows else list(range(len(lengths)))
+
+    def blocks(row):
+        return list(range(counts[row]))[::-1] if last_first else list(range(counts[row]))
+
+    if launch_order == "blocks_first":
+        expected = [(row, head, block) for row in rows for head in range(heads)
+                    for block in blocks(row)]
+    else:
+        steps = range(max(counts))
+        expected = [(row, head, block) for step in steps for row in rows
+                    for head in range(heads) for block in blocks(row)
+                    if (counts[row] - 1 - block if last_first else block) == step]
+    assert real == expected
 
 
 def test_scaling_seqlen_and_slack_max_seq_len():
