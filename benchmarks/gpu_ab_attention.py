@@ -142,7 +142,7 @@ def main() -> None:
     problem = attention._Problem(q, k, v, offsets, targets, 8192, 0, 0, 128 ** -0.5, 1 / 8192)
 
     def backward_fn():
-        return attention._backward(problem, q, k, v, grad)
+        return attention.attention_backward(problem, q, k, v, grad)
 
     times: dict[str, list[float]] = {}
     reference = {}

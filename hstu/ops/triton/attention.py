@@ -726,7 +726,8 @@ class _Problem:
 class _PerOffsets:
     """The results of `compute(seq_offsets)` for the last seq_offsets tensor seen, one per
     extra key: the layers of a step share one seq_offsets tensor, so per-step work on it
-    (sorting the rows, checking their lengths, the launch tables) runs once, not per layer. Holding the tensor keeps
+    (sorting the rows, checking their lengths, the launch tables) runs once, not per layer.
+    Holding the tensor keeps
     its address from being reused; its version counter catches in-place writes. Tensors made
     under torch.inference_mode have no version counter: for them nothing is kept."""
 
@@ -812,7 +813,7 @@ def _strides(*tensors: torch.Tensor) -> list[int]:
     return out
 
 
-def _forward(problem: _Problem, q, k, v) -> torch.Tensor:
+def attention_forward(problem: _Problem, q, k, v) -> torch.Tensor:
     out = torch.empty((problem.total, problem.heads, problem.dv), dtype=v.dtype, device=v.device)
     if problem.total == 0 or problem.batch == 0:
         return out
@@ -827,7 +828,7 @@ def _forward(problem: _Problem, q, k, v) -> torch.Tensor:
     return out
 
 
-def _backward(problem: _Problem, q, k, v, grad_out, into=None):
+def attention_backward(problem: _Problem, q, k, v, grad_out, into=None):
     """(dq, dk, dv). into: three tensors shaped like q, k, v to write them to (the fused STU
     layer passes column blocks of its projection's gradient, hstu/ops/triton/stu.py)."""
     if into is None:
@@ -877,7 +878,7 @@ class HstuAttentionFunction(torch.autograd.Function):
         row_order = longest_first(seq_offsets) if sort_by_length else None
         problem = _Problem(q, k, v, seq_offsets, num_targets, max_seq_len, contextual_seq_len,
                            max_attn_len, alpha, scale, row_order)
-        out = _forward(problem, q, k, v)
+        out = attention_forward(problem, q, k, v)
         ctx.save_for_backward(q, k, v, seq_offsets, num_targets, row_order)
         ctx.args = (max_seq_len, contextual_seq_len, max_attn_len, alpha, scale)
         return out
@@ -886,7 +887,7 @@ class HstuAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, seq_offsets, num_targets, row_order = ctx.saved_tensors
         problem = _Problem(q, k, v, seq_offsets, num_targets, *ctx.args, row_order)
-        dq, dk, dv = _backward(problem, q, k, v, _last_dim_contiguous(grad_out))
+        dq, dk, dv = attention_backward(problem, q, k, v, _last_dim_contiguous(grad_out))
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
@@ -954,7 +955,8 @@ def _check_inputs(q, k, v, seq_offsets, num_targets, max_seq_len, contextual_seq
 def attention_problem(q, k, v, seq_offsets, *, max_seq_len, num_targets, contextual_seq_len,
                       max_attn_len, alpha, scaling_seqlen, sort_by_length) -> _Problem:
     """hstu_mha's checks and launch settings, for callers that run the forward and backward
-    themselves (the fused STU layer): `_forward(problem, q, k, v)`, `_backward(...)`."""
+    themselves (the fused STU layer): `attention_forward(problem, q, k, v)`,
+    `attention_backward(...)`."""
     _check_inputs(q, k, v, seq_offsets, num_targets, max_seq_len, contextual_seq_len,
                   max_attn_len)
     if alpha is None:

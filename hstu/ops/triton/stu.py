@@ -525,7 +525,7 @@ class _StuLayer(torch.autograd.Function):
             contextual_seq_len=settings.contextual_seq_len, max_attn_len=settings.max_attn_len,
             alpha=settings.alpha, scaling_seqlen=settings.scaling_seqlen,
             sort_by_length=settings.sort_by_length)
-        attn = _attention._forward(problem, q, k, v).view(x.shape[0], -1)
+        attn = _attention.attention_forward(problem, q, k, v).view(x.shape[0], -1)
         shape = _MixShape(attn, settings.num_heads, settings.group_norm)
         mix_mean = torch.empty((shape.rows, shape.groups), dtype=torch.float32, device=x.device)
         mix_rstd = torch.empty_like(mix_mean)
@@ -566,7 +566,8 @@ class _StuLayer(torch.autograd.Function):
             attn, u_pre, dy, d_attn, d_u_pre, output_norm_weight, output_norm_bias, mix_mean,
             mix_rstd, shape, settings.dropout_ratio, ctx.seed, silu_u=True)
         del dy
-        _attention._backward(ctx.problem, q, k, v, d_attn.view(v.shape), into=(d_q, d_k, d_v))
+        _attention.attention_backward(ctx.problem, q, k, v, d_attn.view(v.shape),
+                                      into=(d_q, d_k, d_v))
         del d_attn
         if normed is None:
             normed, _, _ = layer_norm_forward(x, input_norm_weight, input_norm_bias,
