@@ -373,10 +373,15 @@ FIELD_NOTES: dict[str, str] = {
     "DlrmHSTU.sequence_timestamp_is_ascending": "set false for newest-first data (flipped in "
     "the model)",
     "STU.attn_alpha": "unset: 1/sqrt(attention_dim)",
+    "HSTU.input_dropout_ratio": "TRITON applies it inside the positional op",
     "STU.contextual_seq_len": "-1: the preprocessor's contextual tokens",
     "STU.scaling_seqlen": "-1: dlrm_hstu.max_seq_len",
     "STU.recompute_normed_x": "memory only; no numeric effect",
-    "STU.recompute_uvqk": "memory only; no numeric effect",
+    "STU.recompute_uvqk": (
+        "memory only; no numeric effect (PYTORCH and CUTLASS; the fused TRITON layer keeps "
+        "the u, v, q, k projection for the attention's backward anyway and stores no SiLU'd u, "
+        "so the flag saves nothing there and is ignored)"
+    ),
     "STU.recompute_y": "memory only; no numeric effect",
     "STU.sort_by_length": "TRITON launches the longest rows first; scheduling only, no "
     "numeric effect",
