@@ -46,7 +46,13 @@ from pathlib import Path
 import torch
 
 from hstu.export.serving import LENGTHS_SUFFIX, ServingModule, lengths_key
-from hstu.modules.kv_cache import CacheEntry, KVCacheStore, cached_encode, reuse_is_exact
+from hstu.modules.kv_cache import (
+    CacheEntry,
+    KVCacheStore,
+    cached_encode,
+    copy_many,
+    reuse_is_exact,
+)
 from hstu.modules.scoring import task_outputs
 
 MODES = ("exact", "incremental")
@@ -314,12 +320,20 @@ class CachedServing:
     def _update_store(self, rows, entries, starts, encoding) -> None:
         offsets = encoding.prefix_offsets.tolist()
         single = len(rows) == 1
+        # Every row's new keys and values are copied out of the batch tensors together, in
+        # one multi-tensor copy (kv_cache.copy_many), not two copies per row and layer.
+        targets, sources = [], []
         for b, (row, entry, start) in enumerate(zip(rows, entries, starts)):
             lo, hi = offsets[b], offsets[b + 1]
-            # Slices of a batch tensor would keep the whole batch alive: copy unless one row.
-            kv = [(k[lo:hi] if single else k[lo:hi].clone(),
-                   v[lo:hi] if single else v[lo:hi].clone()) for k, v in encoding.prefix_kv]
+            kv = [(k[lo:hi], v[lo:hi]) for k, v in encoding.prefix_kv]
             if entry is None:
+                if not single:
+                    # Slices of a batch tensor would keep the whole batch alive: own buffers.
+                    owned = [(torch.empty_like(k), torch.empty_like(v)) for k, v in kv]
+                    for (k_own, v_own), (k, v) in zip(owned, kv):
+                        targets += [k_own, v_own]
+                        sources += [k, v]
+                    kv = owned
                 entry = CacheEntry(
                     kv,
                     contextual_seq_len=self.contextual_seq_len,
@@ -329,13 +343,17 @@ class CachedServing:
                     signature={name: row.history[name].clone() for name in self.uih_features},
                 )
             else:
-                entry.append(kv, row.timestamps[start:],
-                             {name: row.history[name][start:] for name in self.uih_features})
+                more_targets, more_sources = entry.reserve(
+                    kv, row.timestamps[start:],
+                    {name: row.history[name][start:] for name in self.uih_features})
+                targets += more_targets
+                sources += more_sources
                 if entry.exact:
                     entry.anchor = row.anchor
                 else:
                     entry.stale_tokens += int(row.timestamps.numel()) - start
             self.store.put(row.key, entry)
+        copy_many(targets, sources)
 
 
 def load_serving_module(export_dir: str | Path) -> ServingModule:

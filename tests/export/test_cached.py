@@ -264,6 +264,34 @@ def test_incremental_mode_appends_and_its_difference_is_measured(smoke_serving):
     assert scorer.counters.too_stale == 1 and scorer.store.get(91).exact
 
 
+def test_appends_of_several_users_in_one_call_equal_one_user_per_call(smoke_serving):
+    """The store update copies every user's new keys and values in one multi-tensor copy:
+    three users appended in one call must give the scores and the cache contents of the same
+    appends made one user per call (first encodes in one call too, so that the new entries'
+    buffers come from the batched copy as well)."""
+    users = [User(smoke_serving, 111 + i, 20 + i) for i in range(3)]
+    keys = [111, 112, 113]
+    policy = dict(mode="incremental", max_stale_tokens=50, max_stale_seconds=86_400)
+    together, alone = cached(smoke_serving, **policy), cached(smoke_serving, **policy)
+    together.score(batch(*[u.request(30 + 3 * i, [1, 2]) for i, u in enumerate(users)]), keys)
+    for i, (user, key) in enumerate(zip(users, keys)):
+        alone.score(batch(user.request(30 + 3 * i, [1, 2])), [key])
+    for step in (4, 9):
+        requests = [u.request(30 + 3 * i + step, [3, 1, 2]) for i, u in enumerate(users)]
+        got = together.score(batch(*requests), keys)
+        one_by_one = [alone.score(batch(request), [key]) for request, key in zip(requests, keys)]
+        for task in got:
+            torch.testing.assert_close(got[task], torch.cat([s[task] for s in one_by_one]),
+                                       atol=1e-6, rtol=0)
+    assert together.counters.reused_stale == 6 and together.counters.appended_tokens == 27
+    for key in keys:
+        a, b = together.store.get(key), alone.store.get(key)
+        assert a.length == b.length
+        for index in range(len(a.keys)):
+            for x, y in zip(a.layer(index), b.layer(index)):
+                torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+
+
 def test_rows_of_one_user_in_one_call_are_scored_in_order(smoke_serving):
     user, other = User(smoke_serving, 101, 13), User(smoke_serving, 102, 14)
     requests = [user.request(20, [1]), other.request(5, [2]), user.request(20, [3, 4])]
