@@ -118,14 +118,14 @@ def dq_mode(mode: str) -> Iterator[None]:
 
 
 @triton.jit
-def _this_program(programs, H):
-    """(row, head, block index, is a real program) of this program, from the launch table
+def _this_program(programs):
+    """(row * H + head, block index) of this program, from the launch table
     (_program_table): one (row * H + head, block) int32 pair per program, row * H + head = -1
     for the few programs past the last real one."""
     pid = tl.program_id(0)
     code = tl.load(programs + 2 * pid)
     block = tl.load(programs + 2 * pid + 1)
-    return code // H, code % H, block, code >= 0
+    return code, block
 
 
 @triton.jit
@@ -408,9 +408,11 @@ def _attn_fwd(Q, K, V, O, seq_offsets, num_targets,
               D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
               BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               OWN_TERM_FIRST: tl.constexpr, programs):
-    b, h, pid_m, real = _this_program(programs, H)
-    if not real:
+    code, pid_m = _this_program(programs)
+    if code < 0:  # past the last real program
         return
+    b = code // H
+    h = code % H
     start, length, hist, cs, mx = _row_info(seq_offsets, num_targets, b, contextual_seq_len,
                                             HAS_TARGETS, HAS_CONTEXT)
     start_m = pid_m * BLOCK_M
@@ -501,9 +503,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, GRAD_V, DQ, seq_offsets, num_targets,
                    D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
                    BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    programs):
-    b, h, pid_n, real = _this_program(programs, H)
-    if not real:
+    code, pid_n = _this_program(programs)
+    if code < 0:  # past the last real program
         return
+    b = code // H
+    h = code % H
     # The loops accumulate SiLU (no 1/S) into dv and 2 SiLU' (no alpha / 2S) into dk and dq.
     dkq_factor = 0.5 * alpha * scale
     start, length, hist, cs, mx = _row_info(seq_offsets, num_targets, b, contextual_seq_len,
@@ -605,9 +609,11 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, seq_offsets, num_targets,
                  UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
                  BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, programs):
-    b, h, pid_m, real = _this_program(programs, H)
-    if not real:
+    code, pid_m = _this_program(programs)
+    if code < 0:  # past the last real program
         return
+    b = code // H
+    h = code % H
     start, length, hist, cs, mx = _row_info(seq_offsets, num_targets, b, contextual_seq_len,
                                             HAS_TARGETS, HAS_CONTEXT)
     start_m = pid_m * BLOCK_M
