@@ -321,39 +321,48 @@ class CachedServing:
         offsets = encoding.prefix_offsets.tolist()
         single = len(rows) == 1
         # Every row's new keys and values are copied out of the batch tensors together, in
-        # one multi-tensor copy (kv_cache.copy_many), not two copies per row and layer.
-        targets, sources = [], []
-        for b, (row, entry, start) in enumerate(zip(rows, entries, starts)):
-            lo, hi = offsets[b], offsets[b + 1]
-            kv = [(k[lo:hi], v[lo:hi]) for k, v in encoding.prefix_kv]
-            if entry is None:
-                if not single:
-                    # Slices of a batch tensor would keep the whole batch alive: own buffers.
-                    owned = [(torch.empty_like(k), torch.empty_like(v)) for k, v in kv]
-                    for (k_own, v_own), (k, v) in zip(owned, kv):
-                        targets += [k_own, v_own]
-                        sources += [k, v]
-                    kv = owned
-                entry = CacheEntry(
-                    kv,
-                    contextual_seq_len=self.contextual_seq_len,
-                    history_timestamps=row.timestamps,
-                    anchor=row.anchor,
-                    contextual=row.contextual,
-                    signature={name: row.history[name].clone() for name in self.uih_features},
-                )
-            else:
-                more_targets, more_sources = entry.reserve(
-                    kv, row.timestamps[start:],
-                    {name: row.history[name][start:] for name in self.uih_features})
-                targets += more_targets
-                sources += more_sources
-                if entry.exact:
-                    entry.anchor = row.anchor
+        # one multi-tensor copy (kv_cache.copy_many), not two copies per row and layer. The
+        # copy runs even if a row fails half-way (the rows before it have made room for their
+        # tokens), and entries enter the store only after it.
+        targets, sources, updated = [], [], []
+        try:
+            for b, (row, entry, start) in enumerate(zip(rows, entries, starts)):
+                lo, hi = offsets[b], offsets[b + 1]
+                kv = [(k[lo:hi], v[lo:hi]) for k, v in encoding.prefix_kv]
+                if entry is None:
+                    if not single:
+                        # Slices of a batch tensor would keep the whole batch alive: own
+                        # (contiguous) buffers.
+                        owned = [tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                                       for t in pair) for pair in kv]
+                        for own_pair, pair in zip(owned, kv):
+                            targets += own_pair
+                            sources += pair
+                        kv = owned
+                    entry = CacheEntry(
+                        kv,
+                        contextual_seq_len=self.contextual_seq_len,
+                        history_timestamps=row.timestamps,
+                        anchor=row.anchor,
+                        contextual=row.contextual,
+                        signature={name: row.history[name].clone()
+                                   for name in self.uih_features},
+                    )
                 else:
-                    entry.stale_tokens += int(row.timestamps.numel()) - start
-            self.store.put(row.key, entry)
-        copy_many(targets, sources)
+                    more_targets, more_sources = entry.reserve(
+                        kv, row.timestamps[start:],
+                        {name: row.history[name][start:] for name in self.uih_features})
+                    targets += more_targets
+                    sources += more_sources
+                    if entry.exact:
+                        entry.anchor = row.anchor
+                    else:
+                        entry.stale_tokens += int(row.timestamps.numel()) - start
+                updated.append((row.key, entry))
+        finally:
+            copy_many(targets, sources)
+        for key, entry in updated:
+            self.store.put(key, entry)
 
 
 def load_serving_module(export_dir: str | Path) -> ServingModule:

@@ -187,7 +187,8 @@ def stu_layer(
         alpha=settings.alpha, scaling_seqlen=settings.scaling_seqlen,
         sort_by_length=settings.sort_by_length, kernel=kernel)
     return stu_postprocess(
-        attn.reshape(attn.shape[0], -1), u, x, output_norm_weight, output_norm_bias,
+        attn.reshape(attn.shape[0], settings.num_heads * settings.hidden_dim), u, x,
+        output_norm_weight, output_norm_bias,
         settings.norm_eps, output_weight, num_heads=settings.num_heads,
         dropout_ratio=settings.dropout_ratio, training=settings.dropout_ratio > 0,
         group_norm=settings.group_norm, kernel=kernel, recompute_y=settings.recompute_y)

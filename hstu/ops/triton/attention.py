@@ -735,7 +735,10 @@ class _PerOffsets:
     (sorting the rows, checking their lengths, the launch tables) runs once, not per layer.
     Holding the tensor keeps
     its address from being reused; its version counter catches in-place writes. Tensors made
-    under torch.inference_mode have no version counter: for them nothing is kept."""
+    under torch.inference_mode have no version counter: for them nothing is kept. A write
+    the version counter does not see (a CUDA graph replay refilling a static offsets buffer)
+    would leave a stale launch table that skips blocks: such callers must pass a new
+    seq_offsets tensor, or bump its version, whenever its contents change."""
 
     def __init__(self) -> None:
         self._tensor: torch.Tensor | None = None

@@ -525,7 +525,8 @@ class _StuLayer(torch.autograd.Function):
             contextual_seq_len=settings.contextual_seq_len, max_attn_len=settings.max_attn_len,
             alpha=settings.alpha, scaling_seqlen=settings.scaling_seqlen,
             sort_by_length=settings.sort_by_length)
-        attn = _attention.attention_forward(problem, q, k, v).view(x.shape[0], -1)
+        attn = _attention.attention_forward(problem, q, k, v).view(
+            x.shape[0], settings.num_heads * settings.hidden_dim)
         shape = _MixShape(attn, settings.num_heads, settings.group_norm)
         mix_mean = torch.empty((shape.rows, shape.groups), dtype=torch.float32, device=x.device)
         mix_rstd = torch.empty_like(mix_mean)

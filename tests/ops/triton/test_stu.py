@@ -271,3 +271,17 @@ def test_fused_layer_full_size_on_gpu(dtype):
                          _layer("PYTORCH", settings, offsets, targets),
                          _layer_inputs(4000, 512, heads, d, d, True, seed=9), dtype=dtype)
     assert_within_bound(results)
+
+
+def test_fused_layer_on_an_empty_batch():
+    # No tokens (rows of length 0): an empty output and zero weight gradients, no error.
+    heads, d_qk, d_v = 2, 8, 16
+    settings = _settings(heads, d_qk, d_v)
+    inputs = _layer_inputs(0, 32, heads, d_qk, d_v, True, seed=6)
+    args = {name: t.detach().float().requires_grad_() for name, t in inputs.items()}
+    offsets = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    out = _layer("TRITON", settings, offsets, torch.zeros(2, dtype=torch.int64,
+                                                          device=DEVICE))(**args)
+    assert out.shape == (0, 32)
+    out.sum().backward()
+    assert all(torch.count_nonzero(args[name].grad) == 0 for name in args)
