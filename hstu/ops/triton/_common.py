@@ -21,6 +21,13 @@ import triton
 import triton.language as tl
 
 
+def dropout_seed(dropout_ratio: float) -> int:
+    """A fresh seed for a kernel's in-kernel dropout mask, drawn from torch's (CPU) generator:
+    seeding torch makes runs repeatable, and the backward regenerates the mask from it.
+    0 (unused) when there is no dropout."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_ratio > 0 else 0
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -118,14 +118,14 @@ def dq_mode(mode: str) -> Iterator[None]:
 
 
 @triton.jit
-def _this_program(programs):
-    """(row * H + head, block index) of this program, from the launch table
+def _this_program(programs, H):
+    """(row * H + head, row, head, block index) of this program, from the launch table
     (_program_table): one (row * H + head, block) int32 pair per program, row * H + head = -1
-    for the few programs past the last real one."""
+    for the few programs past the last real one (the caller returns on it)."""
     pid = tl.program_id(0)
     code = tl.load(programs + 2 * pid)
     block = tl.load(programs + 2 * pid + 1)
-    return code, block
+    return code, code // H, code % H, block
 
 
 @triton.jit
@@ -408,11 +408,9 @@ def _attn_fwd(Q, K, V, O, seq_offsets, num_targets,
               D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
               BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               OWN_TERM_FIRST: tl.constexpr, programs):
-    code, pid_m = _this_program(programs)
+    code, b, h, pid_m = _this_program(programs, H)
     if code < 0:  # past the last real program
         return
-    b = code // H
-    h = code % H
     start, length, hist, cs, mx = _row_info(seq_offsets, num_targets, b, contextual_seq_len,
                                             HAS_TARGETS, HAS_CONTEXT)
     start_m = pid_m * BLOCK_M
@@ -503,11 +501,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, GRAD_V, DQ, seq_offsets, num_targets,
                    D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
                    BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    programs):
-    code, pid_n = _this_program(programs)
+    code, b, h, pid_n = _this_program(programs, H)
     if code < 0:  # past the last real program
         return
-    b = code // H
-    h = code % H
     # The loops accumulate SiLU (no 1/S) into dv and 2 SiLU' (no alpha / 2S) into dk and dq.
     dkq_factor = 0.5 * alpha * scale
     start, length, hist, cs, mx = _row_info(seq_offsets, num_targets, b, contextual_seq_len,
@@ -609,11 +605,9 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, seq_offsets, num_targets,
                  UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
                  BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, programs):
-    code, pid_m = _this_program(programs)
+    code, b, h, pid_m = _this_program(programs, H)
     if code < 0:  # past the last real program
         return
-    b = code // H
-    h = code % H
     start, length, hist, cs, mx = _row_info(seq_offsets, num_targets, b, contextual_seq_len,
                                             HAS_TARGETS, HAS_CONTEXT)
     start_m = pid_m * BLOCK_M
@@ -881,23 +875,19 @@ def _last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
 
 class HstuAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, seq_offsets, num_targets, max_seq_len, contextual_seq_len,
-                max_attn_len, alpha, scale, sort_by_length):
+    def forward(ctx, q, k, v, problem: _Problem):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        row_order = longest_first(seq_offsets) if sort_by_length else None
-        problem = _Problem(q, k, v, seq_offsets, num_targets, max_seq_len, contextual_seq_len,
-                           max_attn_len, alpha, scale, row_order)
         out = attention_forward(problem, q, k, v)
-        ctx.save_for_backward(q, k, v, seq_offsets, num_targets, row_order)
-        ctx.args = (max_seq_len, contextual_seq_len, max_attn_len, alpha, scale)
+        ctx.save_for_backward(q, k, v)
+        # The row offsets, candidate counts and launch order, kept with the launch settings.
+        ctx.problem = problem
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, seq_offsets, num_targets, row_order = ctx.saved_tensors
-        problem = _Problem(q, k, v, seq_offsets, num_targets, *ctx.args, row_order)
-        dq, dk, dv = attention_backward(problem, q, k, v, _last_dim_contiguous(grad_out))
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        q, k, v = ctx.saved_tensors
+        dq, dk, dv = attention_backward(ctx.problem, q, k, v, _last_dim_contiguous(grad_out))
+        return dq, dk, dv, None
 
 
 def _check_inputs(q, k, v, seq_offsets, num_targets, max_seq_len, contextual_seq_len,
@@ -963,9 +953,10 @@ def _check_inputs(q, k, v, seq_offsets, num_targets, max_seq_len, contextual_seq
 
 def attention_problem(q, k, v, seq_offsets, *, max_seq_len, num_targets, contextual_seq_len,
                       max_attn_len, alpha, scaling_seqlen, sort_by_length) -> _Problem:
-    """hstu_mha's checks and launch settings, for callers that run the forward and backward
-    themselves (the fused STU layer): `attention_forward(problem, q, k, v)`,
-    `attention_backward(...)`."""
+    """hstu_mha's checks and launch settings (alpha, the 1/S scale, the row order): what
+    hstu_mha's autograd function runs with, and what callers that run the forward and
+    backward themselves (the fused STU layer) pass to `attention_forward(problem, q, k, v)`
+    and `attention_backward(...)`."""
     _check_inputs(q, k, v, seq_offsets, num_targets, max_seq_len, contextual_seq_len,
                   max_attn_len)
     if alpha is None:
@@ -996,12 +987,8 @@ def hstu_mha(
     Returns a new contiguous [L, H, d_v] tensor in v's dtype. Differentiable in q, k, v.
     sort_by_length: launch the longest rows' programs first (same numbers, bit for bit).
     """
-    _check_inputs(q, k, v, seq_offsets, num_targets, max_seq_len, contextual_seq_len,
-                  max_attn_len)
-    if alpha is None:
-        alpha = q.shape[-1] ** -0.5
-    divisor = scaling_seqlen if scaling_seqlen is not None else max_seq_len
-    return HstuAttentionFunction.apply(
-        q, k, v, seq_offsets, num_targets, int(max_seq_len), int(contextual_seq_len),
-        int(max_attn_len), float(alpha), 1.0 / float(divisor), bool(sort_by_length),
-    )
+    problem = attention_problem(
+        q, k, v, seq_offsets, max_seq_len=max_seq_len, num_targets=num_targets,
+        contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len, alpha=alpha,
+        scaling_seqlen=scaling_seqlen, sort_by_length=sort_by_length)
+    return HstuAttentionFunction.apply(q, k, v, problem)

@@ -111,17 +111,10 @@ def _warps(block_d: int, block_r: int) -> int:
     return 8 if block_d * block_r >= 8192 else 4
 
 
-def layer_norm_forward(x, weight, bias, eps, swish=False, out_dtype=None, out=None):
-    """(y, mean, rstd): y = LN(x) (or x * sigmoid(LN(x))) in out_dtype (default x.dtype).
-    out: write y there instead (an [N, D] view whose last dimension is contiguous)."""
+def layer_norm_forward(x, weight, bias, eps, swish=False, out_dtype=None):
+    """(y, mean, rstd): y = LN(x) (or x * sigmoid(LN(x))) in out_dtype (default x.dtype)."""
     n_rows, dim = x.shape
-    if out is not None:
-        if out.shape != x.shape or out.stride(-1) != 1:
-            raise ValueError(f"layer_norm_forward: out {tuple(out.shape)} (strides "
-                             f"{out.stride()}) must be [N, D] with contiguous rows")
-        y = out
-    else:
-        y = torch.empty((n_rows, dim), dtype=out_dtype or x.dtype, device=x.device)
+    y = torch.empty((n_rows, dim), dtype=out_dtype or x.dtype, device=x.device)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows == 0:

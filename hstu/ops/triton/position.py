@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from hstu.ops.pytorch.position import TIME_BUCKET_FNS
-from hstu.ops.triton._common import interpreting, triton_dtype_ok
+from hstu.ops.triton._common import dropout_seed, interpreting, triton_dtype_ok
 
 
 @triton.jit
@@ -121,8 +121,7 @@ class _AddPositionTime(torch.autograd.Function):
         buckets = torch.empty(total if use_time_encoding else 0, dtype=torch.int32,
                               device=x.device)
         batch = seq_offsets.numel() - 1
-        # A fresh seed per call from torch's (CPU) generator: seeding torch repeats the run.
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_ratio > 0 else 0
+        seed = dropout_seed(dropout_ratio)
         if total and batch:
             block_d = max(16, triton.next_power_of_2(dim))
             block_r = max(1, min(64, 8192 // block_d))

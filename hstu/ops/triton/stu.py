@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from hstu.ops.stu import LayerSettings
-from hstu.ops.triton._common import interpreting, triton_dtype_ok
+from hstu.ops.triton._common import dropout_seed, interpreting, triton_dtype_ok
 from hstu.ops.triton import attention as _attention
 from hstu.ops.triton.layer_norm import (
     check_norm_inputs,
@@ -50,15 +50,31 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
+def _silu_rounded(u_pre):
+    """SiLU in float32, rounded to the input's dtype: u as the separate SiLU pass stores it
+    and as the output mix recomputes it from the pre-activation (the same bits either way)."""
+    pre = u_pre.to(tl.float32)
+    return (pre / (1.0 + tl.exp2(pre * -LOG2E))).to(u_pre.dtype)
+
+
+@triton.jit
+def _silu_grad(u_pre, grad):
+    """grad * SiLU'(u_pre) in float32 (grad already rounded to its storage dtype)."""
+    pre = u_pre.to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp2(pre * -LOG2E))
+    return grad.to(tl.float32) * sig * (1.0 + pre * (1.0 - sig))
+
+
+@triton.jit
 def _silu_fwd(U, OUT, n_rows, n_cols, stride_u, stride_out, BLOCK_R: tl.constexpr,
               BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
     rows64 = rows[:, None].to(tl.int64)
-    u = tl.load(U + rows64 * stride_u + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    out = u / (1.0 + tl.exp2(u * -LOG2E))
-    tl.store(OUT + rows64 * stride_out + cols[None, :], out.to(OUT.dtype.element_ty), mask=ok)
+    u = tl.load(U + rows64 * stride_u + cols[None, :], mask=ok, other=0.0)
+    tl.store(OUT + rows64 * stride_out + cols[None, :],
+             _silu_rounded(u).to(OUT.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -68,10 +84,9 @@ def _silu_bwd(U, DOUT, DU, n_rows, n_cols, stride_u, stride_dout, stride_du,
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
     rows64 = rows[:, None].to(tl.int64)
-    u = tl.load(U + rows64 * stride_u + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(U + rows64 * stride_u + cols[None, :], mask=ok, other=0.0)
     dout = tl.load(DOUT + rows64 * stride_dout + cols[None, :], mask=ok, other=0.0)
-    sig = 1.0 / (1.0 + tl.exp2(u * -LOG2E))
-    du = dout.to(tl.float32) * sig * (1.0 + u * (1.0 - sig))
+    du = _silu_grad(u, dout)
     tl.store(DU + rows64 * stride_du + cols[None, :], du.to(DU.dtype.element_ty), mask=ok)
 
 
@@ -204,13 +219,6 @@ def stu_preprocess(
 
 
 @triton.jit
-def _silu_rounded(u_pre):
-    """SiLU in float32, rounded to the input's dtype (what _silu_fwd stores)."""
-    pre = u_pre.to(tl.float32)
-    return (pre / (1.0 + tl.exp2(pre * -LOG2E))).to(u_pre.dtype)
-
-
-@triton.jit
 def _mix_fwd(ATTN, U, Y, W, B, MEAN, RSTD, n_rows, stride_attn, stride_u, stride_y, eps,
              dropout_ratio, seed, GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr,
              BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr, PER_COLUMN_AFFINE: tl.constexpr,
@@ -328,9 +336,7 @@ def _mix_bwd(ATTN, U, DY, DATTN, DU, W, B, MEAN, RSTD, DW_PART, DB_PART, n_rows,
         da = rstd[:, :, None] * (g - mean_g[:, :, None] - xhat * mean_gx[:, :, None]) + dy_a
         tl.store(DATTN + rows64 * stride_dattn + cols, da.to(DATTN.dtype.element_ty), mask=ok)
         if SILU_U:
-            pre = u_in.to(tl.float32)
-            sig = 1.0 / (1.0 + tl.exp2(pre * -LOG2E))
-            du = du.to(DU.dtype.element_ty).to(tl.float32) * sig * (1.0 + pre * (1.0 - sig))
+            du = _silu_grad(u_in, du.to(DU.dtype.element_ty))
         tl.store(DU + rows64 * stride_du + cols, du.to(DU.dtype.element_ty), mask=ok)
     pid = tl.program_id(0)
     if PER_COLUMN_AFFINE:
@@ -400,12 +406,6 @@ def _mix_backward(attn, u, dy, dattn, du, norm_weight, norm_bias, mean, rstd, sh
     return dw_part.sum(0).to(norm_weight.dtype), db_part.sum(0).to(norm_bias.dtype)
 
 
-def _dropout_seed(dropout_ratio: float) -> int:
-    # A fresh seed per call from torch's (CPU) generator: seeding torch makes runs repeatable,
-    # and the backward regenerates the mask from it.
-    return int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_ratio > 0 else 0
-
-
 class _StuPostprocess(torch.autograd.Function):
     @staticmethod
     def forward(ctx, attn, u, x, norm_weight, norm_bias, output_weight, eps, num_heads,
@@ -415,7 +415,7 @@ class _StuPostprocess(torch.autograd.Function):
         shape = _MixShape(attn, num_heads, group_norm)
         mean = torch.empty((shape.rows, shape.groups), dtype=torch.float32, device=x.device)
         rstd = torch.empty_like(mean)
-        seed = _dropout_seed(dropout_ratio)
+        seed = dropout_seed(dropout_ratio)
         y = _mix_forward(attn, u, norm_weight, norm_bias, eps, shape, dropout_ratio, seed,
                          x.dtype, mean, rstd)
         out = torch.addmm(x, y, output_weight.to(x.dtype))
@@ -530,7 +530,7 @@ class _StuLayer(torch.autograd.Function):
         shape = _MixShape(attn, settings.num_heads, settings.group_norm)
         mix_mean = torch.empty((shape.rows, shape.groups), dtype=torch.float32, device=x.device)
         mix_rstd = torch.empty_like(mix_mean)
-        seed = _dropout_seed(settings.dropout_ratio)
+        seed = dropout_seed(settings.dropout_ratio)
         y = _mix_forward(attn, u_pre, output_norm_weight, output_norm_bias, settings.norm_eps,
                          shape, settings.dropout_ratio, seed, x.dtype, mix_mean, mix_rstd,
                          silu_u=True)

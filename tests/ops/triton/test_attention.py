@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 from hstu.ops.pytorch.attention import hstu_mha as torch_mha
 from hstu.ops.triton import attention as attention_module

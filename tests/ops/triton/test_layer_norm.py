@@ -47,16 +47,12 @@ def test_empty_input():
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
-def test_output_view_and_residual_gradient(dtype):
-    # out=: y lands in the given view (the columns around it untouched); residual_grad: dx
-    # equals the plain backward's dx plus that gradient, rounded as autograd's add rounds.
+def test_residual_gradient(dtype):
+    # residual_grad: dx equals the plain backward's dx plus that gradient, rounded as
+    # autograd's add rounds; the weight gradients do not change.
     inputs = {name: t.detach().to(dtype) for name, t in _inputs(37, 24, seed=2).items()}
     x, weight, bias = inputs["x"], inputs["weight"], inputs["bias"]
-    wide = torch.full((37, 40), 7.0, dtype=dtype, device=DEVICE)
-    y, mean, rstd = triton_ops.layer_norm_forward(x, weight, bias, 1e-5, out=wide[:, 8:32])
-    plain, _, _ = triton_ops.layer_norm_forward(x, weight, bias, 1e-5)
-    assert y.data_ptr() == wide[:, 8:32].data_ptr() and torch.equal(y, plain)
-    assert (wide[:, :8] == 7).all() and (wide[:, 32:] == 7).all()
+    _, mean, rstd = triton_ops.layer_norm_forward(x, weight, bias, 1e-5)
     dy = torch.randn(37, 24, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
     residual = torch.randn(37, 24, generator=torch.Generator().manual_seed(4)).to(dtype)
     dx, dw, db = triton_ops.layer_norm_backward(dy, x, weight, bias, mean, rstd)
