@@ -112,9 +112,7 @@ class CacheEntry:
         signature: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Add new history tokens' keys and values (one (k, v) [m, H, d] per layer)."""
-        targets, sources = self.reserve(layers_kv, timestamps, signature)
-        for target, source in zip(targets, sources):
-            target.copy_(source)
+        copy_many(*self.reserve(layers_kv, timestamps, signature))
 
     def reserve(
         self,
