@@ -80,6 +80,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batches", type=int, default=4, help="distinct batches per worker")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sharding", action="append", default=[], metavar="TABLE=TYPE[,TYPE]",
+                        help="restrict a table's sharding types, as launch.py train --sharding "
+                        "(repeatable; default: the planner's choice)")
+    parser.add_argument("--split-global", action="store_true",
+                        help="--batch-size is the whole step's rows, split evenly over the "
+                        "workers (the same global batches for every --workers count: losses "
+                        "comparable step by step; set the dropout ratios to 0 for that). "
+                        "Default: --batch-size rows per worker, distinct per worker (weak "
+                        "scaling)")
     parser.add_argument("--profile-steps", type=int, default=3,
                         help="GPU: profile this many steps after the timed ones (0: off)")
     parser.add_argument("--trace", action="store_true",
@@ -98,6 +107,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.kernels = ["PYTORCH"] if args.device == "cpu" else ["TRITON", "PYTORCH"]
     if args.median_history is None:
         args.median_history = max(1, min(1000, args.max_history // 2))
+    from hstu.train.sharding import ShardingError, parse_sharding_overrides
+
+    try:
+        args.sharding_overrides = parse_sharding_overrides(args.sharding)
+    except ShardingError as error:
+        parser.error(str(error))
+    if args.split_global:
+        if any(args.token_budget):
+            parser.error("--split-global splits rows (--batch-size), not --token-budget")
+        uneven = [(rows, w) for rows in args.batch_size for w in args.workers if rows % w]
+        if uneven:
+            parser.error(f"--split-global: {uneven[0][0]} rows do not split evenly over "
+                         f"{uneven[0][1]} workers")
     return args
 
 
@@ -124,9 +146,11 @@ def _id_features(cfg):
             yield inner
 
 
-def make_batches(args, cfg, rank: int, case: dict, contextual_tokens: int):
+def make_batches(args, cfg, rank: int, case: dict, contextual_tokens: int, world: int = 1):
     """Host JaggedBatches of synthetic 27K-shaped rows, distinct per rank: `case["rows"]` rows
-    each, or packed to `case["token_budget"]` tokens (at most `case["rows"]` rows)."""
+    each, or packed to `case["token_budget"]` tokens (at most `case["rows"]` rows). With
+    --split-global: rank's share of global batches of `case["rows"]` rows, the same global
+    batches for any world size."""
     import pyarrow as pa
 
     from hstu.config.features import feature_specs, label_specs
@@ -156,9 +180,15 @@ def make_batches(args, cfg, rank: int, case: dict, contextual_tokens: int):
         eval_fraction=0.0,
         users_per_shard=rows,
     )
-    table, _ = generate_shard(options, make_world(options), rank)["train"]
+    # Split: every rank draws the same rows (shard 0) and takes its share of each batch.
+    table, _ = generate_shard(options, make_world(options), 0 if args.split_global else rank)[
+        "train"]
     features, labels = feature_specs(cfg), label_specs(cfg)
     assert isinstance(table, pa.Table)
+    if args.split_global:
+        share = case["rows"] // world
+        return [arrow_to_batch(table.slice(i * case["rows"] + rank * share, share), features,
+                               labels) for i in range(args.batches)]
     if budget:
         length_columns = {}
         for spec in features:
@@ -237,13 +267,14 @@ def worker(rank: int, world: int, args, kernel: str, case: dict, init_file: str,
     features, labels = feature_specs(cfg), label_specs(cfg)
     # The trainer's own construction (planner, fused sparse optimizer, dense optimizer).
     trainable = build_trainable(cfg, features, labels, device, world_size=world,
-                                local_world_size=world, batch_size=case["rows"])
+                                local_world_size=world, batch_size=case["rows"],
+                                sharding=args.sharding_overrides, table_seed=args.seed)
     sharded, dmp, module = trainable.sharded, trainable.model, trainable.module
     dense = trainable.dense_optimizer
     autocast = autocast_for(train_cfg.mixed_precision, device)
     # Host batches in pinned memory, copied to the GPU inside each step as the loop does.
     contextual = int(module.encoder.preprocessor.contextual_seq_len)
-    host_batches = make_batches(args, cfg, rank, case, contextual)
+    host_batches = make_batches(args, cfg, rank, case, contextual, world)
     if device.type == "cuda":
         host_batches = [b.pin_memory() for b in host_batches]
     step_flops = [measure_step_flops(dmp, module, b.to(device), autocast) for b in host_batches]
@@ -268,7 +299,10 @@ def worker(rank: int, world: int, args, kernel: str, case: dict, init_file: str,
         sync()
         elapsed = time.perf_counter() - started
         # A fast step that trains on NaN is no result: read the loss after the timed region.
-        losses.append(float(total))
+        # The step's loss over all workers: the mean of their globally scaled losses.
+        total = total.detach().clone()
+        dist.all_reduce(total)
+        losses.append(float(total) / world)
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"{kernel}: rank {rank} step {step}: loss {losses[-1]}")
         if step >= args.warmup:
@@ -339,7 +373,9 @@ def worker(rank: int, world: int, args, kernel: str, case: dict, init_file: str,
             "matmul_tflops_same_run": matmul_tflops,
             "mfu_vs_matmul": per_gpu_tflops / matmul_tflops if matmul_tflops else None,
             "torch_threads_per_worker": torch.get_num_threads(),
-            "rank0_losses": [round(loss, 5) for loss in losses],
+            # The mean over workers of each step's (globally scaled) loss, warm-up included.
+            "losses": [round(loss, 6) for loss in losses],
+            "split_global": args.split_global,
             "plan": sharded.tables,
             "peak_gpu_mem_gb": (torch.cuda.max_memory_allocated(device) / 2**30
                                 if device.type == "cuda" else None),
@@ -430,9 +466,42 @@ def cases_of(args) -> list[dict]:
     return cases
 
 
+def scaling_efficiency(result: dict, results: list[dict]) -> float | None:
+    """Tokens/s per worker over the one-worker run's of the same kernel and case (weak scaling:
+    each worker its own batches of the same size); None without such a run or with
+    --split-global (the step's rows are split, so per-worker work shrinks with the workers)."""
+    if result.get("split_global"):
+        return None
+    single = [r for r in results if r["workers"] == 1 and r["kernel"] == result["kernel"]
+              and r["case"] == result["case"]]
+    if not single:
+        return None
+    return result["tokens_per_s"] / result["workers"] / single[0]["tokens_per_s"]
+
+
+def loss_differences(results: list[dict]) -> list[str]:
+    """With --split-global: each run's losses against the fewest-worker run of the same kernel
+    and case (the same global batches), as the largest step-wise difference."""
+    lines = []
+    for r in results:
+        if not r.get("split_global"):
+            continue
+        same = [o for o in results if o["kernel"] == r["kernel"] and o["case"] == r["case"]]
+        first = min(same, key=lambda o: o["workers"])
+        if first is r:
+            continue
+        diffs = [abs(a - b) for a, b in zip(r["losses"], first["losses"])]
+        rel = [d / max(abs(b), 1e-12) for d, b in zip(diffs, first["losses"])]
+        lines.append(f"{r['kernel']} {r['case']}: {r['workers']} workers against "
+                     f"{first['workers']}: losses differ by at most {max(diffs):.3g} "
+                     f"({100 * max(rel):.3g}%) over {len(diffs)} steps")
+    return lines
+
+
 def print_table(results: list[dict]) -> None:
     header = ("kernel", "workers", "case", "rows", "tokens/step", "step ms", "samples/s",
-              "tokens/s", "model TFLOP/s", "MFU", "vs matmul", "GPU busy", "launches", "syncs",
+              "tokens/s", "tokens/s per worker", "vs 1 worker", "model TFLOP/s", "MFU",
+              "vs matmul", "GPU busy", "communication ms", "launches", "syncs",
               "back-to-back ms", "back-to-back MFU")
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for r in results:
@@ -441,16 +510,20 @@ def print_table(results: list[dict]) -> None:
         def pct(value):
             return "-" if value is None else f"{100 * value:.1f}%"
 
+        communication = (profile.get("category_ms") or {}).get("communication")
+
         lines.append(" | ".join([
             r["kernel"], str(r["workers"]), r["case"], f"{r['rows_per_step']:.0f}",
             f"{r['tokens_per_step']:,.0f}", f"{r['step_ms']:.1f}", f"{r['samples_per_s']:.1f}",
-            f"{r['tokens_per_s']:,.0f}", f"{r['model_tflops']:.2f}", pct(r["mfu_vs_peak"]),
-            pct(r["mfu_vs_matmul"]), pct(r.get("gpu_busy_fraction")),
+            f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / r['workers']:,.0f}",
+            pct(scaling_efficiency(r, results)), f"{r['model_tflops']:.2f}",
+            pct(r["mfu_vs_peak"]), pct(r["mfu_vs_matmul"]), pct(r.get("gpu_busy_fraction")),
+            "-" if communication is None else f"{communication:.2f}",
             f"{profile['launches_per_step']:.0f}" if profile else "-",
             f"{profile['host_syncs_per_step']:.1f}" if profile else "-",
             f"{r['back_to_back_step_ms']:.1f}", pct(r["back_to_back_mfu_vs_peak"]),
         ]))
-    print("\n".join(lines))
+    print("\n".join(lines + loss_differences(results)))
     for r in results:
         profile = r.get("profile")
         if not profile:

@@ -146,8 +146,9 @@ class Worker:
             )
         self.autocast = autocast_for(train_cfg.mixed_precision, self.device)
 
-        # Different per rank: each rank initialises its own table shards (DDP then copies rank 0's
-        # dense weights to all).
+        # Different per rank (dropout masks differ between ranks); DDP copies rank 0's dense
+        # weights to all, and the tables are refilled from job.seed alone, so the run starts
+        # from the same weights whatever the worker count and plan.
         torch.manual_seed(job.seed + 7919 * self.rank)
         trainable = build_trainable(
             self.cfg,
@@ -158,6 +159,7 @@ class Worker:
             local_world_size=context.get_local_world_size(),
             batch_size=int(self.cfg.data_config.batch_size),
             sharding=job.sharding,
+            table_seed=job.seed,
         )
         self.sharded = trainable.sharded
         self.sparse_spec = trainable.sparse_spec

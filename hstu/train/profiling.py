@@ -1,13 +1,18 @@
 """Where a training step's GPU time goes: a torch.profiler window over a few steps, summarised
 as time per step in attention, matmuls, embedding lookups + their optimizer, other
-(memory-bound) kernels and idle, plus kernel launches and host synchronisations per step.
+(memory-bound) kernels, communication between GPUs and idle, plus kernel launches and host
+synchronisations per step.
 
 The split is by kernel name (kernel_category): our Triton attention kernels are `_attn_*`;
 cuBLAS/CUTLASS GEMMs carry gemm/xmma/wgmma/nvjet/cutlass in their names; FBGEMM's table-batched
 embedding kernels (forward lookup, backward with the fused optimizer) carry
-embedding/fbgemm/tbe (TorchRec's input permutations run as FBGEMM kernels too). Everything else (norms, elementwise, jagged copies, reductions, the dense
-optimizer, memsets and copies) is memory-bound work. Idle is the part of the step's wall time
-in which no kernel ran (the union of kernel intervals, so overlapping kernels count once).
+embedding/fbgemm/tbe (TorchRec's input permutations run as FBGEMM kernels too); NCCL's
+kernels (the lookups' all-to-all, DDP's all-reduce) are communication. Everything else (norms,
+elementwise, jagged copies, reductions, the dense optimizer, memsets and copies) is
+memory-bound work. Idle is the part of the step's wall time in which no kernel ran (the union
+of kernel intervals, so overlapping kernels count once). Communication runs on its own streams
+and may overlap the compute: `exposed_communication_ms` is the part of it during which no
+other kernel ran.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-CATEGORIES = ("attention", "matmul", "embedding", "memory_bound")
+CATEGORIES = ("attention", "matmul", "embedding", "memory_bound", "communication")
 _ATTENTION = ("_attn_fwd", "_attn_bwd", "fmha", "flash", "cudnn_attn", "attention")
 _MATMUL = ("gemm", "xmma", "wgmma", "nvjet", "cutlass", "cublas", "sm90_", "sm80_")
 _EMBEDDING = ("embedding", "fbgemm", "tbe_", "split_embedding", "batched_embedding",
@@ -30,6 +35,8 @@ _HOST_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynch
 
 def kernel_category(name: str) -> str:
     lowered = name.lower()
+    if "nccl" in lowered:
+        return "communication"
     if any(key in lowered for key in _ATTENTION):
         return "attention"
     if any(key in lowered for key in _EMBEDDING):
@@ -76,6 +83,7 @@ class StepProfile:
     launches: float
     host_syncs: float
     top_kernels: list[tuple[str, float, int]]  # (name, ms per step, calls per step)
+    exposed_communication_ms: float = 0.0
 
     @property
     def idle_ms(self) -> float:
@@ -98,6 +106,7 @@ class StepProfile:
             "idle_ms": self.idle_ms,
             "busy_fraction": self.busy_fraction,
             "category_ms": self.category_ms,
+            "exposed_communication_ms": self.exposed_communication_ms,
             "launches_per_step": self.launches,
             "host_syncs_per_step": self.host_syncs,
             "top_kernels": [
@@ -128,14 +137,18 @@ def summarize(
         entry[1] += 1
     ranked = sorted(by_name.items(), key=lambda item: -item[1][0])[:top]
     syncs = sum(1 for call in host_calls if call in _HOST_SYNCS)
+    busy_us = busy_time((start, end) for _, start, end in kernels)
+    compute_us = busy_time((start, end) for name, start, end in kernels
+                           if kernel_category(name) != "communication")
     return StepProfile(
         steps=steps,
         wall_ms=wall_ms / steps,
-        busy_ms=busy_time((start, end) for _, start, end in kernels) / 1e3 / steps,
+        busy_ms=busy_us / 1e3 / steps,
         category_ms={k: v / steps for k, v in per_category.items()},
         launches=sum(1 for name, _, _ in kernels if not name.startswith(_COPIES)) / steps,
         host_syncs=syncs / steps,
         top_kernels=[(name, ms / steps, calls / steps) for name, (ms, calls) in ranked],
+        exposed_communication_ms=(busy_us - compute_us) / 1e3 / steps,
     )
 
 

@@ -204,3 +204,56 @@ def describe_plan(plan) -> dict[str, dict]:
                 "ranks": sorted(set(ranks)),
             }
     return dict(sorted(tables.items()))
+
+
+# Rows per block of the plan-independent table initialisation: each block of a table gets its
+# own generator, so a shard only draws the blocks it overlaps.
+INIT_BLOCK_ROWS = 65536
+
+
+def initialize_tables(model: nn.Module, seed: int) -> None:
+    """Refill every embedding table, on whichever ranks hold it, with the same numbers whatever
+    the sharding plan and world size: uniform in the table's init range (TorchRec's default,
+    +-sqrt(1 / rows)), drawn per block of INIT_BLOCK_ROWS rows from a generator seeded by
+    (seed, table, block) on the table's device.
+
+    TorchRec initialises each shard from its rank's random state, so one seed gave another model
+    on 1 GPU than on 8, or with another plan; with this, runs on different worker counts start
+    from the same weights (the dense weights are rank 0's in any case: DDP broadcasts them), and
+    their losses can be compared step by step (tests/train/test_equivalence.py). Collective-free:
+    each rank fills only its own shards. The same seed gives the same numbers on the same device
+    type (CPU and CUDA generators draw different streams)."""
+    configs = {table.name: table for table in model.module.embedding_collection.embedding_configs()}
+    with torch.no_grad():
+        for key, tensor in model.state_dict().items():
+            parts = key.split(".")
+            if len(parts) < 3 or parts[-1] != "weight" or parts[-3] != "embeddings":
+                continue
+            table = configs.get(parts[-2])
+            if table is None:
+                continue
+            index = list(configs).index(table.name)
+            shards = (
+                [(s.metadata.shard_offsets, s.tensor) for s in tensor.local_shards()]
+                if hasattr(tensor, "local_shards")
+                else [([0, 0], tensor)]
+            )
+            for offsets, values in shards:
+                _fill_shard(values, offsets, table, seed, index)
+
+
+def _fill_shard(values: torch.Tensor, offsets, table, seed: int, table_index: int) -> None:
+    """values: the [rows, cols] part of `table` that starts at global (row, col) `offsets`."""
+    row0, col0 = int(offsets[0]), int(offsets[1])
+    rows, cols = values.shape
+    low, high = table.get_weight_init_min(), table.get_weight_init_max()
+    first, last = row0 // INIT_BLOCK_ROWS, (row0 + rows - 1) // INIT_BLOCK_ROWS
+    for block in range(first, last + 1 if rows else first):
+        start = block * INIT_BLOCK_ROWS
+        height = min(INIT_BLOCK_ROWS, table.num_embeddings - start)
+        generator = torch.Generator(device=values.device)
+        generator.manual_seed((seed * 1_000_003 + table_index) * 1_000_003 + block)
+        drawn = torch.empty((height, table.embedding_dim), device=values.device)
+        drawn.uniform_(low, high, generator=generator)
+        lo, hi = max(start, row0), min(start + height, row0 + rows)
+        values[lo - row0: hi - row0].copy_(drawn[lo - start: hi - start, col0: col0 + cols])

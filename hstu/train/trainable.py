@@ -21,7 +21,7 @@ from hstu.train.optimizers import (
     build_dense_optimizer,
     sparse_optimizer_spec,
 )
-from hstu.train.sharding import ShardedModel, shard_model
+from hstu.train.sharding import ShardedModel, initialize_tables, shard_model
 
 
 @dataclasses.dataclass
@@ -51,10 +51,14 @@ def build_trainable(
     local_world_size: int,
     batch_size: int,
     sharding: Mapping[str, Sequence[str]] | None = None,
+    table_seed: int | None = None,
 ) -> Trainable:
     """DlrmHSTU from `cfg` with its tables on the meta device, the config's sparse optimizer
     fused into them, sharded over `world_size` ranks by the planner (with `sharding`'s
-    per-table restrictions), and the config's dense optimizer."""
+    per-table restrictions), and the config's dense optimizer. table_seed: refill the tables
+    from this seed with numbers that do not depend on the plan or the world size
+    (sharding.initialize_tables); None keeps TorchRec's initialisation from each rank's random
+    state."""
     model = DlrmHSTU(cfg, features, labels, embedding_device=torch.device("meta"))
     spec = sparse_optimizer_spec(cfg.train_config.sparse_optimizer, device)
     apply_optimizer_in_backward(
@@ -68,6 +72,8 @@ def build_trainable(
         batch_size=batch_size,
         overrides=sharding or {},
     )
+    if table_seed is not None:
+        initialize_tables(sharded.model, table_seed)
     dense = build_dense_optimizer(
         cfg.train_config.dense_optimizer,
         in_backward_optimizer_filter(sharded.model.named_parameters()),

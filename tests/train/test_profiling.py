@@ -21,6 +21,9 @@ from hstu.train.profiling import busy_time, kernel_category, summarize
         ("_ln_fwd", "memory_bound"),
         ("void at::native::vectorized_elementwise_kernel<4, ...>", "memory_bound"),
         ("Memcpy HtoD (Pinned -> Device)", "memory_bound"),
+        ("ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)",
+         "communication"),
+        ("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)", "communication"),
     ],
 )
 def test_kernel_categories(name, category):
@@ -48,8 +51,10 @@ def test_summary_is_per_step():
     assert profile.wall_ms == 20.0
     assert profile.busy_ms == pytest.approx(13.5 / 2)
     assert profile.category_ms == pytest.approx(
-        {"attention": 4.0, "matmul": 2.0, "embedding": 0.5, "memory_bound": 0.25}
+        {"attention": 4.0, "matmul": 2.0, "embedding": 0.5, "memory_bound": 0.25,
+         "communication": 0.0}
     )
+    assert profile.exposed_communication_ms == 0.0
     assert profile.launches == 2.5  # the copy is not a kernel launch
     assert profile.host_syncs == 0.5
     assert profile.top_kernels[0] == ("_attn_fwd", 4.0, 1.0)
@@ -81,6 +86,20 @@ def test_annotations_are_not_kernels(name, flagged, annotation):
     from hstu.train.profiling import is_annotation
 
     assert is_annotation(_Event(name, flagged)) is annotation
+
+
+def test_communication_counts_whole_and_where_nothing_else_ran():
+    # An all-to-all partly hidden behind a GEMM (2 of its 5 ms), then an all-reduce alone.
+    kernels = [
+        ("sm90_xmma_gemm", 0.0, 3000.0),
+        ("ncclDevKernel_SendRecv", 1000.0, 6000.0),
+        ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 8000.0, 9000.0),
+    ]
+    profile = summarize(kernels, [], wall_ms=10.0, steps=1)
+    assert profile.category_ms["communication"] == pytest.approx(6.0)
+    assert profile.exposed_communication_ms == pytest.approx(4.0)
+    assert profile.busy_ms == pytest.approx(7.0)
+    assert profile.as_dict()["exposed_communication_ms"] == pytest.approx(4.0)
 
 
 def test_fbgemm_backward_index_kernel_is_embedding_work():
