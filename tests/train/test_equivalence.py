@@ -14,13 +14,12 @@ together give the one-worker update. Two 2-worker plans: row-wise + table-wise, 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.train.gloo_workers import run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -91,17 +90,9 @@ dist.destroy_process_group()
 
 def _run(root: Path, name: str) -> None:
     world, pinned = PLANS[name]
-    env = {**os.environ,
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    workers = [
-        subprocess.Popen([sys.executable, str(root / "worker.py"), name, str(rank), str(world),
-                          str(root), str(SMOKE), json.dumps(pinned), str(STEPS), str(ROWS)],
-                         env=env, stderr=subprocess.PIPE, text=True)
-        for rank in range(world)
-    ]
-    for worker in workers:
-        _, stderr = worker.communicate(timeout=300)
-        assert worker.returncode == 0, f"{name}:\n{stderr[-4000:]}"
+    run_ranks(root / "worker.py", name, world,
+              lambda rank: [name, str(rank), str(world), str(root), str(SMOKE),
+                            json.dumps(pinned), str(STEPS), str(ROWS)])
 
 
 @pytest.fixture(scope="module")

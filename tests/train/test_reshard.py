@@ -11,14 +11,13 @@ A's tensors reassembled, and C must hold exactly what each rank of A held.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.train.gloo_workers import run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -92,16 +91,9 @@ dist.destroy_process_group()
 
 
 def _phase(root: Path, phase: str, world: int) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    workers = [
-        subprocess.Popen([sys.executable, str(root / "worker.py"), phase, str(rank), str(world),
-                          str(root), json.dumps(PINNED), str(SMOKE)],
-                         env=env, stderr=subprocess.PIPE, text=True)
-        for rank in range(world)
-    ]
-    for worker in workers:
-        _, stderr = worker.communicate(timeout=300)
-        assert worker.returncode == 0, f"phase {phase}:\n{stderr[-4000:]}"
+    run_ranks(root / "worker.py", f"phase {phase}", world,
+              lambda rank: [phase, str(rank), str(world), str(root), json.dumps(PINNED),
+                            str(SMOKE)])
 
 
 @pytest.fixture(scope="module")
