@@ -12,7 +12,8 @@
 #    of it that no compute overlapped: exposed_communication_ms).
 # 2. The two big tables forced table-wise, row-wise and column-wise at the largest N.
 # 3. Equivalence: the same global batches (32 rows, split over the workers) and seed on 1 and 2
-#    GPUs for 100 steps, dropout off: train_bench prints the largest step-wise loss difference.
+#    GPUs for 100 steps, dropout off, then an evaluation on 20 more global batches: train_bench
+#    prints the largest step-wise loss difference and the largest eval AUC difference.
 set -uo pipefail
 out=${1:?usage: gpu_scaling.sh OUT_DIR [MAX_GPUS]}
 gpus=${2:-$(nvidia-smi --list-gpus | wc -l)}
@@ -35,7 +36,7 @@ if [ "$gpus" -ge 2 ]; then
   echo "== equivalence: 1 and 2 workers, the same 100 global batches of 32 rows, dropout off"
   python3 benchmarks/train_bench.py --device cuda --kernels TRITON --table-rows 0 \
     --max-history 7894 --batch-size 32 --split-global --workers 1 2 --warmup 0 --steps 100 \
-    --batches 100 --profile-steps 0 \
+    --batches 100 --eval-batches 20 --profile-steps 0 \
     --set model_config.dlrm_hstu.hstu.input_dropout_ratio=0 \
     --set model_config.dlrm_hstu.hstu.stu.output_dropout_ratio=0 \
     --json "$out/equivalence.json" 2>&1 | tee "$out/equivalence.log" | grep -v -i warn | grep -A6 "^kernel |"

@@ -80,6 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batches", type=int, default=4, help="distinct batches per worker")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-batches", type=int, default=0,
+                        help="with --split-global: after the timed steps, evaluate (the trainer's "
+                        "evaluation: per-task AUC, NE, losses) on this many more global batches")
     parser.add_argument("--sharding", action="append", default=[], metavar="TABLE=TYPE[,TYPE]",
                         help="restrict a table's sharding types, as launch.py train --sharding "
                         "(repeatable; default: the planner's choice)")
@@ -113,6 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.sharding_overrides = parse_sharding_overrides(args.sharding)
     except ShardingError as error:
         parser.error(str(error))
+    if args.eval_batches and not args.split_global:
+        parser.error("--eval-batches needs --split-global (the same eval rows for every --workers)")
     if args.split_global:
         if any(args.token_budget):
             parser.error("--split-global splits rows (--batch-size), not --token-budget")
@@ -150,7 +155,7 @@ def make_batches(args, cfg, rank: int, case: dict, contextual_tokens: int, world
     """Host JaggedBatches of synthetic 27K-shaped rows, distinct per rank: `case["rows"]` rows
     each, or packed to `case["token_budget"]` tokens (at most `case["rows"]` rows). With
     --split-global: rank's share of global batches of `case["rows"]` rows, the same global
-    batches for any world size."""
+    batches for any world size, --batches of them and then --eval-batches more."""
     import pyarrow as pa
 
     from hstu.config.features import feature_specs, label_specs
@@ -163,7 +168,7 @@ def make_batches(args, cfg, rank: int, case: dict, contextual_tokens: int, world
         mean_tokens = args.median_history * 1.6 + args.candidates / 2
         rows = int(args.batches * budget / mean_tokens * 1.5) + case["rows"]
     else:
-        rows = case["rows"] * args.batches
+        rows = case["rows"] * (args.batches + args.eval_batches)
     # Item ids must fit the smallest item-sized table (the small tables are user attributes).
     item_tables = [f.num_buckets for f in _id_features(cfg) if f.num_buckets > 1000]
     if not item_tables:
@@ -188,7 +193,7 @@ def make_batches(args, cfg, rank: int, case: dict, contextual_tokens: int, world
     if args.split_global:
         share = case["rows"] // world
         return [arrow_to_batch(table.slice(i * case["rows"] + rank * share, share), features,
-                               labels) for i in range(args.batches)]
+                               labels) for i in range(args.batches + args.eval_batches)]
     if budget:
         length_columns = {}
         for spec in features:
@@ -275,6 +280,8 @@ def worker(rank: int, world: int, args, kernel: str, case: dict, init_file: str,
     # Host batches in pinned memory, copied to the GPU inside each step as the loop does.
     contextual = int(module.encoder.preprocessor.contextual_seq_len)
     host_batches = make_batches(args, cfg, rank, case, contextual, world)
+    eval_batches = host_batches[args.batches:]
+    host_batches = host_batches[: args.batches]
     if device.type == "cuda":
         host_batches = [b.pin_memory() for b in host_batches]
     step_flops = [measure_step_flops(dmp, module, b.to(device), autocast) for b in host_batches]
@@ -310,6 +317,11 @@ def worker(rank: int, world: int, args, kernel: str, case: dict, init_file: str,
             rows.append(batch.batch_size)
             tokens.append(batch.num_tokens(contextual_tokens=contextual))
             flops.append(step_flops[index].training_step)
+    evaluation = None
+    if eval_batches:
+        from hstu.train.evaluation import evaluate
+
+        evaluation = evaluate(dmp, module, eval_batches, device=device, autocast=autocast)
     # The same steps back to back, as the training loop runs them (it reads no value back
     # inside a step): the host queues step i+1 while the GPU still runs step i, so the time
     # per step loses the start-up gap the isolated timing above includes.
@@ -376,6 +388,7 @@ def worker(rank: int, world: int, args, kernel: str, case: dict, init_file: str,
             # The mean over workers of each step's (globally scaled) loss, warm-up included.
             "losses": [round(loss, 6) for loss in losses],
             "split_global": args.split_global,
+            "evaluation": evaluation,
             "plan": sharded.tables,
             "peak_gpu_mem_gb": (torch.cuda.max_memory_allocated(device) / 2**30
                                 if device.type == "cuda" else None),
@@ -495,6 +508,17 @@ def loss_differences(results: list[dict]) -> list[str]:
         lines.append(f"{r['kernel']} {r['case']}: {r['workers']} workers against "
                      f"{first['workers']}: losses differ by at most {max(diffs):.3g} "
                      f"({100 * max(rel):.3g}%) over {len(diffs)} steps")
+        if r.get("evaluation") and first.get("evaluation"):
+            # Tasks without both classes among the eval candidates have no AUC (NaN).
+            gaps = {key[len("eval/auc/"):]: abs(r["evaluation"][key] - value)
+                    for key, value in first["evaluation"].items()
+                    if key.startswith("eval/auc/") and math.isfinite(value)
+                    and math.isfinite(r["evaluation"].get(key, math.nan))}
+            if gaps:
+                task, gap = max(gaps.items(), key=lambda item: item[1])
+                lines.append(f"    eval AUC differs by at most {gap:.2g} ({task}) over the "
+                             f"{len(gaps)} tasks with an AUC, "
+                             f"{first['evaluation']['eval/candidates']:.0f} candidates")
     return lines
 
 
