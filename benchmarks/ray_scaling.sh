@@ -38,24 +38,24 @@ ray start --head "${head_resources[@]}" --dashboard-port 8265 > "$out/ray_start.
 trap 'ray stop > /dev/null 2>&1' EXIT
 export RAY_ADDRESS=http://127.0.0.1:8265 RAY_AUTH_MODE=token
 
-submit() {  # submit NAME ARGS...: one training job, its log in OUT/NAME.log
-  local name=$1
-  shift
+submit() {  # submit LOG NAME ARGS...: one training job (run NAME), its log in OUT/LOG.log
+  local log=$1 name=$2
+  shift 2
   ray job submit --runtime-env cluster/runtime_env.yaml -- \
     python launch.py train --recipe "$recipe" "${gpu_flag[@]}" \
     --train "$out/data/train" --eval "$out/data/eval" --storage "$out/storage" \
-    --mlflow-uri "sqlite:///$out/mlflow.db" --run-name "$name" "$@" > "$out/$name.log" 2>&1
+    --mlflow-uri "sqlite:///$out/mlflow.db" --run-name "$name" "$@" > "$out/$log.log" 2>&1
   local status=$?
-  echo "== $name: exit $status"
-  grep "(worker) step" "$out/$name.log" | tail -2
-  grep -A12 "^run " "$out/$name.log" | head -14
+  echo "== $log: exit $status"
+  grep -E "step +[0-9]+/[0-9]+ +epoch" "$out/$log.log" | tail -2 | sed 's/.* step/  step/' | cut -c1-90
+  grep -E "^(steps|samples trained|restarts|wall time|checkpoint|export) " "$out/$log.log"
   return $status
 }
 
 for n in "${counts[@]}"; do
-  submit "scale-$n" --workers "$n" --set "train_config.num_steps=$steps" --no-export
+  submit "scale-$n" "scale-$n" --workers "$n" --set "train_config.num_steps=$steps" --no-export
 done
 # The largest run's last checkpoint, on one worker: resharded, trained further, exported.
-submit "scale-$largest" --resume --workers 1 --set "train_config.num_steps=$((steps + 20))"
+submit "resume-$largest-on-1" "scale-$largest" --resume --workers 1 --set "train_config.num_steps=$((steps + 20))"
 python3 launch.py compare $(for n in "${counts[@]}"; do echo "scale-$n"; done) \
   --mlflow-uri "sqlite:///$out/mlflow.db" 2>&1 | tee "$out/compare.txt"
