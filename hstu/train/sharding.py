@@ -224,22 +224,39 @@ def initialize_tables(model: nn.Module, seed: int) -> None:
     each rank fills only its own shards. The same seed gives the same numbers on the same device
     type (CPU and CUDA generators draw different streams)."""
     configs = {table.name: table for table in model.module.embedding_collection.embedding_configs()}
+    written = {}
     with torch.no_grad():
-        for key, tensor in model.state_dict().items():
-            parts = key.split(".")
-            if len(parts) < 3 or parts[-1] != "weight" or parts[-3] != "embeddings":
-                continue
-            table = configs.get(parts[-2])
-            if table is None:
-                continue
+        for key, table, shards in _table_shards(model, configs):
             index = list(configs).index(table.name)
-            shards = (
-                [(s.metadata.shard_offsets, s.tensor) for s in tensor.local_shards()]
-                if hasattr(tensor, "local_shards")
-                else [([0, 0], tensor)]
-            )
-            for offsets, values in shards:
+            for number, (offsets, values) in enumerate(shards):
                 _fill_shard(values, offsets, table, seed, index)
+                written[key, number] = values[:1].clone()
+        # The shards are expected to be views of the kernels' own weights; if a kernel handed
+        # out copies, the refill would silently change nothing.
+        for key, _, shards in _table_shards(model, configs):
+            for number, (_, values) in enumerate(shards):
+                if not torch.equal(values[:1], written[key, number]):
+                    raise RuntimeError(
+                        f"initialize_tables: {key} did not take the new values (its "
+                        "state_dict shards are not views of the embedding kernel's weights)"
+                    )
+
+
+def _table_shards(model: nn.Module, configs: dict):
+    """(state_dict key, table config, [(global offsets, local values)]) per embedding table."""
+    for key, tensor in model.state_dict().items():
+        parts = key.split(".")
+        if len(parts) < 3 or parts[-1] != "weight" or parts[-3] != "embeddings":
+            continue
+        table = configs.get(parts[-2])
+        if table is None:
+            continue
+        shards = (
+            [(s.metadata.shard_offsets, s.tensor) for s in tensor.local_shards()]
+            if hasattr(tensor, "local_shards")
+            else [([0, 0], tensor)]
+        )
+        yield key, table, shards
 
 
 def _fill_shard(values: torch.Tensor, offsets, table, seed: int, table_index: int) -> None:

@@ -235,3 +235,74 @@ def test_the_sharded_checkpoint_loads_into_one_unsharded_model(mixed_dims_run):
                 covered[name][row : row + rows, column : column + columns] = True
     assert all(bool(mask.all()) for mask in covered.values())
     assert tables["user_active_degree_emb"].weight.shape == (8, 8)
+
+
+# ---- initialize_tables: the same numbers whatever the shards -------------------------------
+
+class _Shard:
+    def __init__(self, offsets, tensor):
+        self.metadata = type("Meta", (), {"shard_offsets": offsets})()
+        self.tensor = tensor
+
+
+class _ShardedWeight:
+    """A ShardedTensor's local part: pieces of the table at global (row, col) offsets."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def local_shards(self):
+        return [_Shard(offsets, tensor) for offsets, tensor in self.pieces]
+
+
+class _Model:
+    def __init__(self, configs, weights, copies=False):
+        collection = type("EC", (), {"embedding_configs": lambda self: configs})()
+        self.module = type("M", (), {"embedding_collection": collection})()
+        self.weights, self.copies = weights, copies
+
+    def state_dict(self):
+        if self.copies:  # a kernel that hands out copies instead of views
+            return {k: _ShardedWeight([(o, t.clone()) for o, t in w.pieces])
+                    for k, w in self.weights.items()}
+        return self.weights
+
+
+def _table(rows=10, dim=6, name="video_id_emb"):
+    from torchrec.modules.embedding_configs import EmbeddingConfig
+
+    return EmbeddingConfig(name=name, num_embeddings=rows, embedding_dim=dim,
+                           feature_names=[name])
+
+
+def _fill(pieces, monkeypatch, rows=10, dim=6):
+    import hstu.train.sharding as sharding
+
+    monkeypatch.setattr(sharding, "INIT_BLOCK_ROWS", 3)  # several blocks in a 10-row table
+    key = "embedding_collection.collections.dim6.embeddings.video_id_emb.weight"
+    model = _Model([_table(rows, dim)], {key: _ShardedWeight(pieces)})
+    sharding.initialize_tables(model, seed=5)
+    whole = torch.full((rows, dim), float("nan"))
+    for (row, col), tensor in pieces:
+        whole[row:row + tensor.shape[0], col:col + tensor.shape[1]] = tensor
+    return whole
+
+
+def test_tables_get_the_same_numbers_whole_row_wise_or_column_wise(monkeypatch):
+    whole = _fill([((0, 0), torch.zeros(10, 6))], monkeypatch)
+    rows = _fill([((0, 0), torch.zeros(4, 6)), ((4, 0), torch.zeros(6, 6))], monkeypatch)
+    columns = _fill([((0, 0), torch.zeros(10, 2)), ((0, 2), torch.zeros(10, 4))], monkeypatch)
+    assert torch.equal(rows, whole) and torch.equal(columns, whole)
+    bound = (1 / 10) ** 0.5  # TorchRec's default range for a 10-row table
+    assert whole.abs().max() <= bound and whole.std() > bound / 4
+    assert not torch.equal(whole[:3], whole[3:6])  # each block its own draw
+
+
+def test_a_kernel_that_hands_out_copies_is_refused(monkeypatch):
+    import hstu.train.sharding as sharding
+
+    key = "embedding_collection.collections.dim6.embeddings.video_id_emb.weight"
+    model = _Model([_table()], {key: _ShardedWeight([((0, 0), torch.zeros(10, 6))])},
+                   copies=True)
+    with pytest.raises(RuntimeError, match="did not take the new values"):
+        sharding.initialize_tables(model, seed=5)
