@@ -19,9 +19,10 @@ users=${USERS:-4000}
 steps=${STEPS:-200}
 counts=("$@")
 if [ ${#counts[@]} -eq 0 ]; then
-  gpus=$(nvidia-smi --list-gpus | wc -l)
+  gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l)
   for n in 1 2 4 8; do [ "$n" -le "$gpus" ] && counts+=("$n"); done
 fi
+[ ${#counts[@]} -gt 0 ] || { echo "ray_scaling.sh: no worker counts (no GPU found; give N)" >&2; exit 2; }
 largest=${counts[-1]}
 mkdir -p "$out"
 gpu_flag=(); head_resources=(--num-cpus "$(nproc)")
@@ -52,10 +53,18 @@ submit() {  # submit LOG NAME ARGS...: one training job (run NAME), its log in O
   return $status
 }
 
+failed=0
 for n in "${counts[@]}"; do
-  submit "scale-$n" "scale-$n" --workers "$n" --set "train_config.num_steps=$steps" --no-export
+  submit "scale-$n" "scale-$n" --workers "$n" --set "train_config.num_steps=$steps" --no-export \
+    || failed=1
 done
 # The largest run's last checkpoint, on one worker: resharded, trained further, exported.
-submit "resume-$largest-on-1" "scale-$largest" --resume --workers 1 --set "train_config.num_steps=$((steps + 20))"
+if grep -q "^checkpoint " "$out/scale-$largest.log"; then
+  submit "resume-$largest-on-1" "scale-$largest" --resume --workers 1 \
+    --set "train_config.num_steps=$((steps + 20))" || failed=1
+else
+  echo "!! scale-$largest left no checkpoint: no resume"; failed=1
+fi
 python3 launch.py compare $(for n in "${counts[@]}"; do echo "scale-$n"; done) \
   --mlflow-uri "sqlite:///$out/mlflow.db" 2>&1 | tee "$out/compare.txt"
+exit $failed

@@ -27,9 +27,15 @@ step over the step time), model TFLOP/s (hstu.train.flops: STU matmuls, attentio
 TorchEasyRec's benchmark does, every other dense matmul including the item and fusion towers;
 3 x forward) and MFU per GPU against --peak-tflops (989: H100/H200 SXM dense bf16) and against
 a bf16 matmul measured in the same process. On GPU, a torch.profiler window of
---profile-steps steps splits the GPU time per step into attention, matmuls, embedding lookups
-+ their fused optimizer, other (memory-bound) kernels and idle, and counts kernel launches and
-host synchronisations per step (hstu.train.profiling).
+--profile-steps steps on rank 0's GPU splits the GPU time per step into attention, matmuls,
+embedding lookups + their fused optimizer, other (memory-bound) kernels, communication (NCCL)
+and idle, and counts kernel launches and host synchronisations per step
+(hstu.train.profiling); with several workers those columns are rank 0's.
+
+Several workers: by default each has its own batches of --batch-size rows (weak scaling: the
+table's "vs 1 worker" is tokens/s per worker over the 1-worker run's); --split-global splits
+the same global batches over the workers instead, and the report compares each run's losses
+(and with --eval-batches its eval AUCs) with the fewest-worker run's.
 
 Prints a table and writes JSON (--json, default outputs/train_bench.json).
 """
@@ -116,6 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.sharding_overrides = parse_sharding_overrides(args.sharding)
     except ShardingError as error:
         parser.error(str(error))
+    if args.eval_batches < 0:
+        parser.error(f"--eval-batches {args.eval_batches}: must be >= 0")
     if args.eval_batches and not args.split_global:
         parser.error("--eval-batches needs --split-global (the same eval rows for every --workers)")
     if args.split_global:
@@ -272,7 +280,8 @@ def worker(rank: int, world: int, args, kernel: str, case: dict, init_file: str,
     features, labels = feature_specs(cfg), label_specs(cfg)
     # The trainer's own construction (planner, fused sparse optimizer, dense optimizer).
     trainable = build_trainable(cfg, features, labels, device, world_size=world,
-                                local_world_size=world, batch_size=case["rows"],
+                                local_world_size=world,
+                                batch_size=case["rows"] // (world if args.split_global else 1),
                                 sharding=args.sharding_overrides, table_seed=args.seed)
     sharded, dmp, module = trainable.sharded, trainable.model, trainable.module
     dense = trainable.dense_optimizer

@@ -17,6 +17,7 @@ rejected on CPU with a clear error.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 
@@ -213,9 +214,10 @@ INIT_BLOCK_ROWS = 65536
 
 def initialize_tables(model: nn.Module, seed: int) -> None:
     """Refill every embedding table, on whichever ranks hold it, with the same numbers whatever
-    the sharding plan and world size: uniform in the table's init range (TorchRec's default,
-    +-sqrt(1 / rows)), drawn per block of INIT_BLOCK_ROWS rows from a generator seeded by
-    (seed, table, block) on the table's device.
+    the sharding plan and world size: uniform in the table's init range (the EmbeddingConfig's
+    weight_init_min/max; DlrmHSTU sets neither, so TorchRec's default +-sqrt(1 / rows)), drawn
+    per block of INIT_BLOCK_ROWS rows from a generator seeded by (seed, table name, block) on
+    the table's device.
 
     TorchRec initialises each shard from its rank's random state, so one seed gave another model
     on 1 GPU than on 8, or with another plan; with this, runs on different worker counts start
@@ -227,15 +229,14 @@ def initialize_tables(model: nn.Module, seed: int) -> None:
     written = {}
     with torch.no_grad():
         for key, table, shards in _table_shards(model, configs):
-            index = list(configs).index(table.name)
-            for number, (offsets, values) in enumerate(shards):
-                _fill_shard(values, offsets, table, seed, index)
-                written[key, number] = values[:1].clone()
+            for shard_index, (offsets, values) in enumerate(shards):
+                _fill_shard(values, offsets, table, seed)
+                written[key, shard_index] = values[:1].clone()
         # The shards are expected to be views of the kernels' own weights; if a kernel handed
         # out copies, the refill would silently change nothing.
         for key, _, shards in _table_shards(model, configs):
-            for number, (_, values) in enumerate(shards):
-                if not torch.equal(values[:1], written[key, number]):
+            for shard_index, (_, values) in enumerate(shards):
+                if not torch.equal(values[:1], written[key, shard_index]):
                     raise RuntimeError(
                         f"initialize_tables: {key} did not take the new values (its "
                         "state_dict shards are not views of the embedding kernel's weights)"
@@ -259,18 +260,28 @@ def _table_shards(model: nn.Module, configs: dict):
         yield key, table, shards
 
 
-def _fill_shard(values: torch.Tensor, offsets, table, seed: int, table_index: int) -> None:
-    """values: the [rows, cols] part of `table` that starts at global (row, col) `offsets`."""
+def block_seed(seed: int, table_name: str, block: int) -> int:
+    """A 63-bit generator seed for one block of one table: any int seed (negative, or larger
+    than a generator takes), independent of the table's place in the config."""
+    digest = hashlib.blake2b(f"{seed}/{table_name}/{block}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def _fill_shard(values: torch.Tensor, offsets, table, seed: int) -> None:
+    """values: the [rows, cols] part of `table` that starts at global (row, col) `offsets`
+    (rows past the table's end, if a shard were padded, are left alone)."""
     row0, col0 = int(offsets[0]), int(offsets[1])
     rows, cols = values.shape
     low, high = table.get_weight_init_min(), table.get_weight_init_max()
-    first, last = row0 // INIT_BLOCK_ROWS, (row0 + rows - 1) // INIT_BLOCK_ROWS
-    for block in range(first, last + 1 if rows else first):
+    end = min(row0 + rows, table.num_embeddings)
+    if end <= row0:
+        return
+    for block in range(row0 // INIT_BLOCK_ROWS, (end - 1) // INIT_BLOCK_ROWS + 1):
         start = block * INIT_BLOCK_ROWS
         height = min(INIT_BLOCK_ROWS, table.num_embeddings - start)
         generator = torch.Generator(device=values.device)
-        generator.manual_seed((seed * 1_000_003 + table_index) * 1_000_003 + block)
+        generator.manual_seed(block_seed(seed, table.name, block))
         drawn = torch.empty((height, table.embedding_dim), device=values.device)
         drawn.uniform_(low, high, generator=generator)
-        lo, hi = max(start, row0), min(start + height, row0 + rows)
+        lo, hi = max(start, row0), min(start + height, end)
         values[lo - row0: hi - row0].copy_(drawn[lo - start: hi - start, col0: col0 + cols])

@@ -141,7 +141,7 @@ def test_every_plan_starts_from_the_same_weights(runs, name):
     assert len(tables) == 7
     for key in one:
         assert torch.equal(one[key], other[key]), key
-    # The refill draws the configured range, not TorchRec's per-rank numbers.
+    # Same numbers under every plan (above), and in the table's init range.
     video = one[next(key for key in tables if "video_id_emb" in key)]
     assert video.abs().max() <= (1 / 1000) ** 0.5 and video.std() > 0.01
 
@@ -152,7 +152,7 @@ def test_two_workers_take_the_one_worker_steps(runs, name):
     two = json.loads((runs / f"{name}-0.json").read_text())["losses"]
     assert len(one) == len(two) == STEPS
     assert one[0] != one[-1]  # the model trained: the losses moved
-    assert two == pytest.approx(one, rel=1e-5, abs=1e-6)
+    assert two == pytest.approx(one, rel=1e-6, abs=1e-6)  # measured: 8e-8
     start, end, other = (_whole(runs, "one", "start"), _whole(runs, "one", "end"),
                          _whole(runs, name, "end"))
     moved = [key for key in end if not torch.equal(end[key], start[key])]

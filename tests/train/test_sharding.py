@@ -306,3 +306,26 @@ def test_a_kernel_that_hands_out_copies_is_refused(monkeypatch):
                    copies=True)
     with pytest.raises(RuntimeError, match="did not take the new values"):
         sharding.initialize_tables(model, seed=5)
+
+
+def test_any_int_seed_works_and_tables_and_seeds_draw_apart():
+    from hstu.train.sharding import _fill_shard, block_seed
+
+    table = _table(rows=10, dim=4)
+    for seed in (0, -3, 20261207, 2**70):
+        values = torch.zeros(10, 4)
+        _fill_shard(values, (0, 0), table, seed)
+        assert values.abs().max() > 0
+    assert len({block_seed(s, t, b) for s in (0, 1) for t in ("a", "b") for b in (0, 1)}) == 8
+    assert all(0 <= block_seed(s, "a", 0) < 2**63 for s in (-(2**80), 0, 2**80))
+
+
+def test_a_shard_running_past_the_table_end_fills_only_the_real_rows():
+    from hstu.train.sharding import _fill_shard
+
+    whole, padded = torch.zeros(10, 4), torch.zeros(8, 4)  # rows 6..13 of a 10-row table
+    _fill_shard(whole, (0, 0), _table(rows=10, dim=4), 5)
+    _fill_shard(padded, (6, 0), _table(rows=10, dim=4), 5)
+    assert torch.equal(padded[:4], whole[6:]) and not padded[4:].any()
+    empty = torch.zeros(0, 4)
+    _fill_shard(empty, (10, 0), _table(rows=10, dim=4), 5)  # an empty shard at the end
