@@ -43,6 +43,15 @@ from hstu.modules.positional_encoder import HSTUPositionalEncoder  # noqa: E402
 from hstu.modules.postprocessors import TimestampLayerNormPostprocessor  # noqa: E402
 from hstu.modules.stu import STULayer, STUStack  # noqa: E402
 from hstu.ops import Kernel  # noqa: E402
+try:
+    from hstu.ops.stu import fused_stu_layer  # noqa: E402
+except ImportError:  # a checkout from before the fused layer (benchmarks/gpu_encoder_ab.sh)
+    import contextlib
+
+    def fused_stu_layer(enabled: bool):
+        if not enabled:
+            raise ValueError("TRITON_SEPARATE: this checkout has no fused STU layer")
+        return contextlib.nullcontext()
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention_row_order import draw_lengths  # noqa: E402
@@ -238,10 +247,43 @@ def profile_case(model, inputs, device: str, out_dir: Path, label: str) -> dict:
     return summary
 
 
+# --kernels names beyond hstu.ops.Kernel: TRITON with each STU layer as the three separate
+# TRITON ops instead of the fused autograd node (hstu.ops.stu.fused_stu_layer), to compare the
+# two in one process.
+KERNEL_VARIANTS = {"TRITON_SEPARATE": (Kernel.TRITON, False)}
+
+
+def kernel_variant(name: str) -> tuple[Kernel, bool]:
+    """(kernel, fused STU layer) for a --kernels name."""
+    if name.upper() in KERNEL_VARIANTS:
+        return KERNEL_VARIANTS[name.upper()]
+    return Kernel.parse(name), True
+
+
+def measure_case(case: dict, model, inputs: dict, args, kernel: Kernel, flops: float,
+                 label: str) -> None:
+    """Times (and with --cuda-graph / --profile, graphs and profiles) one case into `case`."""
+    try:
+        case.update(time_case(model, inputs, args.device, args.repeats))
+        case["stu_tflops"] = flops / (case["ms"] * 1e-3) / 1e12
+        if args.cuda_graph and args.device == "cuda" and kernel is Kernel.TRITON:
+            try:
+                case.update(graph_case(model, inputs, args.repeats))
+            except Exception as error:  # noqa: BLE001 - reported, not fatal
+                case["graph_error"] = f"{type(error).__name__}: {error}"[:300]
+        if args.profile:
+            case["profile"] = profile_case(model, inputs, args.device, Path(args.out), label)
+    except torch.OutOfMemoryError as error:
+        case["skipped"] = f"out of memory: {str(error).splitlines()[0]}"
+        torch.cuda.empty_cache()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    parser.add_argument("--kernels", nargs="+", default=["TRITON", "PYTORCH"])
+    parser.add_argument("--kernels", nargs="+", default=["TRITON", "PYTORCH"],
+                        help="PYTORCH, TRITON, CUTLASS, or TRITON_SEPARATE (TRITON with the STU "
+                        "layer as three separate ops, not the fused node)")
     parser.add_argument(
         "--shapes", nargs="+", default=["32x7894", "32x1024", "8x4000", "2x7894"],
         help="ROWSxHISTORY cases (100 candidates and 6 contextual tokens are added per row), "
@@ -275,26 +317,14 @@ def main(argv=None) -> int:
         tokens = int((CONTEXTUAL + inputs["uih_lengths"] + inputs["num_targets"]).sum())
         flops = 3 * stu_flops_forward(inputs)
         for name in args.kernels:
-            kernel = Kernel.parse(name)
+            kernel, fused = kernel_variant(name)
             case = {"kernel": name, "rows": rows, "history": history, "tokens": tokens}
             if kernel is Kernel.PYTORCH and tokens > args.pytorch_max_tokens:
                 case["skipped"] = f"more than {args.pytorch_max_tokens} tokens"
             else:
                 set_kernel(model, kernel)
-                try:
-                    case.update(time_case(model, inputs, args.device, args.repeats))
-                    case["stu_tflops"] = flops / (case["ms"] * 1e-3) / 1e12
-                    if args.cuda_graph and args.device == "cuda" and kernel is Kernel.TRITON:
-                        try:
-                            case.update(graph_case(model, inputs, args.repeats))
-                        except Exception as error:  # noqa: BLE001 - reported, not fatal
-                            case["graph_error"] = f"{type(error).__name__}: {error}"[:300]
-                    if args.profile:
-                        case["profile"] = profile_case(model, inputs, args.device,
-                                                       Path(args.out), f"{name}_{shape}")
-                except torch.OutOfMemoryError as error:
-                    case["skipped"] = f"out of memory: {str(error).splitlines()[0]}"
-                    torch.cuda.empty_cache()
+                with fused_stu_layer(fused):
+                    measure_case(case, model, inputs, args, kernel, flops, f"{name}_{shape}")
             results.append(case)
             print(json.dumps(case), flush=True)
             path.write_text(json.dumps({

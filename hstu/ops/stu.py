@@ -12,7 +12,10 @@ recomputes; they never change a number (tests check forward and gradients bit fo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+from collections.abc import Iterator
 
 import torch
 
@@ -147,6 +150,25 @@ class LayerSettings:
         )
 
 
+# Whether TRITON runs an STU layer as the one fused autograd node (default) or as the three
+# separate TRITON ops. The fused node has been tested on the CPU (Triton interpreter) only, not
+# yet on a GPU: HSTU_FUSED_STU_LAYER=0 in the environment falls back to the separate ops (which
+# ran on GPUs up to session 6), and benchmarks compare both in one process with
+# `fused_stu_layer(False)`.
+FUSED_STU_LAYER = os.environ.get("HSTU_FUSED_STU_LAYER", "1") != "0"
+
+
+@contextlib.contextmanager
+def fused_stu_layer(enabled: bool) -> Iterator[None]:
+    """Run TRITON STU layers fused (True) or as the three separate ops (False) inside."""
+    global FUSED_STU_LAYER
+    previous, FUSED_STU_LAYER = FUSED_STU_LAYER, bool(enabled)
+    try:
+        yield
+    finally:
+        FUSED_STU_LAYER = previous
+
+
 def stu_layer(
     x: torch.Tensor,
     seq_offsets: torch.Tensor,
@@ -167,10 +189,11 @@ def stu_layer(
     them. TRITON runs the layer as one fused autograd node (hstu/ops/triton/stu.py:
     _StuLayer): same math, fewer passes over the activations; the uvqk projection is kept for
     the backward in any case (the attention needs q, k, v), so recompute_uvqk does not apply.
-    PYTORCH and CUTLASS run the three ops in sequence.
+    PYTORCH and CUTLASS run the three ops in sequence, and so does TRITON when FUSED_STU_LAYER
+    is off (HSTU_FUSED_STU_LAYER=0, or inside fused_stu_layer(False)).
     """
     kernel = Kernel.parse(kernel)
-    if kernel is Kernel.TRITON:
+    if kernel is Kernel.TRITON and FUSED_STU_LAYER:
         return implementation("stu", "stu_layer", kernel)(
             x, seq_offsets, num_targets, input_norm_weight, input_norm_bias, uvqk_weight,
             uvqk_bias, output_norm_weight, output_norm_bias, output_weight, settings)

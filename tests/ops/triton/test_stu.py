@@ -145,6 +145,32 @@ def test_fused_layer_equals_the_three_triton_ops_with_dropout(recompute):
         assert torch.equal(fused, separate), name
 
 
+def test_the_fused_layer_can_be_switched_off(monkeypatch):
+    # HSTU_FUSED_STU_LAYER=0 / fused_stu_layer(False): stu_layer under TRITON runs the three
+    # separate ops (no fused node), with the same numbers (dropout on, same seed).
+    from hstu.ops import stu as stu_ops
+
+    heads, d_qk, d_v = 2, 8, 16
+    offsets = torch.tensor([0, 9, 24, 29], device=DEVICE)
+    targets = torch.tensor([2, 4, 1], device=DEVICE)
+    settings = _settings(heads, d_qk, d_v, dropout_ratio=0.3)
+    inputs = _layer_inputs(29, 32, heads, d_qk, d_v, True, seed=5)
+    default = stu_ops.FUSED_STU_LAYER
+    runs = []
+    for fused in (True, False):
+        args = {name: t.detach().float().requires_grad_() for name, t in inputs.items()}
+        torch.manual_seed(11)
+        with stu_ops.fused_stu_layer(fused):
+            if not fused:
+                monkeypatch.setattr(triton_ops._StuLayer, "apply", None)  # must not be called
+            out = _layer("TRITON", settings, offsets, targets)(**args)
+        out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape).to(DEVICE))
+        runs.append([out.detach()] + [args[name].grad for name in args])
+    assert stu_ops.FUSED_STU_LAYER == default  # restored on the way out
+    for name, fused, separate in zip(["out", *inputs], *runs):
+        assert torch.equal(fused, separate), name
+
+
 def _post_inputs(rows, dim, heads, d_v, group_norm, seed):
     g = torch.Generator().manual_seed(seed)
     width = heads * d_v
