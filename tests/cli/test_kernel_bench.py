@@ -1,7 +1,6 @@
 """benchmarks/kernel_bench.py on CPU: the SDPA backend rows, the refusal path and the
 TRITON-vs-fastest-SDPA comparison (the GPU timings themselves run only on the GPU machine)."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +12,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def kb():
-    spec = importlib.util.spec_from_file_location("kernel_bench",
-                                                  REPO / "benchmarks" / "kernel_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def kb(load_benchmark):
+    return load_benchmark("kernel_bench")
 
 
 FLASH, CUDNN, EFFICIENT = ("flash", "FLASH_ATTENTION"), ("cudnn", "CUDNN_ATTENTION"), (

@@ -2,7 +2,6 @@
 loss and AUC comparison of --split-global, and its argument checks. (The 1-vs-2 gloo run itself
 is tests/train/test_equivalence.py; the GPU runs are benchmarks/gpu_scaling.sh.)"""
 
-import importlib.util
 import math
 import subprocess
 import sys
@@ -14,12 +13,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def tb():
-    spec = importlib.util.spec_from_file_location("train_bench",
-                                                  REPO / "benchmarks" / "train_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tb(load_benchmark):
+    return load_benchmark("train_bench")
 
 
 def result(workers, tokens_per_s, losses=(1.0,), split=False, evaluation=None, kernel="TRITON"):

@@ -1,4 +1,5 @@
-"""The batch the gloo worker scripts of test_sharding.py and test_reshard.py train on.
+"""The batch the gloo worker scripts of test_sharding.py and test_reshard.py train on, and the
+shard pieces test_reshard.py and test_equivalence.py compare.
 
 Not a test module: each of those tests copies this file next to the worker script it writes,
 which imports it from there (the workers are separate Python processes).
@@ -8,6 +9,15 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from hstu.data.batch import JaggedBatch
+
+
+def local_pieces(tensor) -> list:
+    """[(global offsets, values)] of this rank's part of a ShardedTensor; a plain tensor whole
+    (the tests reassemble tables from every rank's pieces)."""
+    if hasattr(tensor, "local_shards"):
+        return [(list(s.metadata.shard_offsets), s.tensor.detach().clone())
+                for s in tensor.local_shards()]
+    return [([0] * tensor.dim(), tensor.detach().clone())]
 
 
 def synthetic_batch(model, features, labels, seed: int, history_lengths) -> JaggedBatch:

@@ -14,6 +14,7 @@ together give the one-worker update. Two 2-worker plans: row-wise + table-wise, 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,7 @@ from hstu.data.pipeline import arrow_to_batch
 from hstu.data.synthetic import SyntheticOptions, generate_shard, make_world
 from hstu.train.step import train_step
 from hstu.train.trainable import build_trainable
+from gloo_batches import local_pieces
 
 name, rank, world, root, recipe = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 pinned, steps, rows = json.loads(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8])
@@ -63,14 +65,8 @@ options = SyntheticOptions(users=steps * rows, seed=3, max_history=40, median_hi
 table, _ = generate_shard(options, make_world(options), 0)["train"]
 share = rows // world
 
-def shards(tensor):
-    if hasattr(tensor, "local_shards"):
-        return [(list(s.metadata.shard_offsets), s.tensor.detach().clone())
-                for s in tensor.local_shards()]
-    return [([0] * tensor.dim(), tensor.detach().clone())]
-
 def snapshot():
-    return {k: shards(v) for k, v in dmp.state_dict().items()}
+    return {k: local_pieces(v) for k, v in dmp.state_dict().items()}
 
 torch.save(snapshot(), f"{root}/{name}-start-{rank}.pt")
 losses = []
@@ -99,6 +95,7 @@ def _run(root: Path, name: str) -> None:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("equivalence")
     (root / "worker.py").write_text(WORKER)
+    shutil.copy(Path(__file__).with_name("gloo_batches.py"), root)
     for name in PLANS:
         _run(root, name)
     return root

@@ -29,7 +29,7 @@ WORKER = r"""
 import json, sys
 import torch
 import torch.distributed as dist
-from gloo_batches import synthetic_batch
+from gloo_batches import local_pieces as shards, synthetic_batch
 
 from hstu.config import feature_specs, label_specs, load_config
 from hstu.train import checkpoint
@@ -50,13 +50,6 @@ model = trainable.module
 
 def batch(seed):
     return synthetic_batch(model, features, labels, seed, [3, 5, 2, 4])
-
-def shards(tensor):
-    # [(global offsets, values)] of this rank's part of a ShardedTensor; a plain tensor whole.
-    if hasattr(tensor, "local_shards"):
-        return [(list(s.metadata.shard_offsets), s.tensor.detach().clone())
-                for s in tensor.local_shards()]
-    return [([0] * tensor.dim(), tensor.detach().clone())]
 
 def snapshot():
     weights = {k: shards(v) for k, v in dmp.state_dict().items()}
