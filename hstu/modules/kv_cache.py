@@ -234,16 +234,10 @@ class KVCacheStore:
 
 def copy_many(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
     """targets[i] <- sources[i] for every i, in one multi-tensor launch per device and dtype
-    where torch has it (torch._foreach_copy_) instead of one copy kernel per pair: a wave of
-    128 users over 3 layers appends 768 key/value slices."""
-    if not targets:
-        return
-    foreach_copy = getattr(torch, "_foreach_copy_", None)
-    if foreach_copy is None:
-        for target, source in zip(targets, sources):
-            target.copy_(source)
-        return
-    foreach_copy(list(targets), list(sources))
+    (torch._foreach_copy_) instead of one copy kernel per pair: a wave of 128 users over 3
+    layers appends 768 key/value slices."""
+    if targets:
+        torch._foreach_copy_(list(targets), list(sources))
 
 
 def _prefix_indices(positional_encoder, contextual_seq_len: int, history_timestamps: torch.Tensor,

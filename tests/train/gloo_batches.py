@@ -1,5 +1,6 @@
 """The batch the gloo worker scripts of test_sharding.py and test_reshard.py train on, and the
-shard pieces test_reshard.py and test_equivalence.py compare.
+shard pieces test_reshard.py, test_equivalence.py and test_sharding.py take apart and put
+back together.
 
 Not a test module: each of those tests copies this file next to the worker script it writes,
 which imports it from there (the workers are separate Python processes).
@@ -18,6 +19,19 @@ def local_pieces(tensor) -> list:
         return [(list(s.metadata.shard_offsets), s.tensor.detach().clone())
                 for s in tensor.local_shards()]
     return [([0] * tensor.dim(), tensor.detach().clone())]
+
+
+def assemble(pieces: list) -> torch.Tensor:
+    """One tensor from [(global offsets, values)] pieces that tile it (float gaps left NaN, so
+    a piece that no rank held shows)."""
+    first = pieces[0][1]
+    shape = [max(offset[d] + values.shape[d] for offset, values in pieces)
+             for d in range(first.dim())]
+    whole = (torch.full(shape, float("nan"), dtype=first.dtype) if first.is_floating_point()
+             else torch.zeros(shape, dtype=first.dtype))
+    for offset, values in pieces:
+        whole[tuple(slice(o, o + n) for o, n in zip(offset, values.shape))] = values
+    return whole
 
 
 def synthetic_batch(model, features, labels, seed: int, history_lengths) -> JaggedBatch:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.train.gloo_batches import assemble
 from tests.train.gloo_workers import run_ranks
 
 pytestmark = pytest.mark.slow
@@ -109,16 +110,7 @@ def _whole(root: Path, name: str, when: str) -> dict[str, torch.Tensor]:
         for key, parts in torch.load(root / f"{name}-{when}-{rank}.pt").items():
             if rank == 0 or "embeddings" in key:
                 pieces.setdefault(key, []).extend(parts)
-    whole = {}
-    for key, parts in pieces.items():
-        shape = [max(offset[d] + values.shape[d] for offset, values in parts)
-                 for d in range(parts[0][1].dim())]
-        tensor = torch.full(shape, float("nan")) if parts[0][1].is_floating_point() \
-            else torch.zeros(shape, dtype=parts[0][1].dtype)
-        for offset, values in parts:
-            tensor[tuple(slice(o, o + n) for o, n in zip(offset, values.shape))] = values
-        whole[key] = tensor
-    return whole
+    return {key: assemble(parts) for key, parts in pieces.items()}
 
 
 def test_the_plans_differ(runs):

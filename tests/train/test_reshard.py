@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.train.gloo_batches import assemble
 from tests.train.gloo_workers import run_ranks
 
 pytestmark = pytest.mark.slow
@@ -104,17 +105,6 @@ def _load(root: Path, name: str) -> dict:
     return torch.load(root / f"{name}.pt")
 
 
-def _whole(parts: list) -> torch.Tensor:
-    """One tensor from [(offsets, values)] pieces that tile it."""
-    shape = [max(offset[d] + values.shape[d] for offset, values in parts)
-             for d in range(parts[0][1].dim())]
-    whole = torch.full(shape, float("nan"), dtype=parts[0][1].dtype) if parts[0][1].is_floating_point() \
-        else torch.zeros(shape, dtype=parts[0][1].dtype)
-    for offset, values in parts:
-        whole[tuple(slice(o, o + n) for o, n in zip(offset, values.shape))] = values
-    return whole
-
-
 def test_the_layouts_differ_between_the_worker_counts(round_trip):
     plan_a = json.loads((round_trip / "plan-A0.json").read_text())
     plan_b = json.loads((round_trip / "plan-B0.json").read_text())
@@ -136,13 +126,13 @@ def test_two_workers_to_one_reassembles_every_tensor(round_trip):
             if not any(isinstance(v, torch.Tensor) and v.dim() and offset != [0] * v.dim()
                        for offset, v in a_parts):
                 a_parts = a_parts[:len(b_parts)]  # a replicated tensor: rank 0's copy
-            expected = _whole(a_parts)
-            got = _whole(b_parts)
+            expected = assemble(a_parts)
+            got = assemble(b_parts)
             assert torch.equal(got, expected), f"{kind} {key}"
     # The momentum of row-wise Adagrad moved in the training step (so the test compares state
     # that matters), and is compared above.
     momentum = [k for k in b["sparse"] if k.endswith("video_id_emb.momentum1")]
-    assert momentum and _whole(b["sparse"][momentum[0]]).abs().sum() > 0
+    assert momentum and assemble(b["sparse"][momentum[0]]).abs().sum() > 0
 
 
 def test_one_worker_to_two_gives_each_rank_its_shards_back(round_trip):

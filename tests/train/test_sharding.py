@@ -18,6 +18,7 @@ from hstu.train.sharding import (
     parse_sharding_overrides,
     sharding_constraints,
 )
+from tests.train.gloo_batches import assemble
 
 TABLES = ["video_id_emb", "user_id_emb"]
 
@@ -282,10 +283,7 @@ def _fill(pieces, monkeypatch, rows=10, dim=6):
     key = "embedding_collection.collections.dim6.embeddings.video_id_emb.weight"
     model = _Model([_table(rows, dim)], {key: _ShardedWeight(pieces)})
     sharding.initialize_tables(model, seed=5)
-    whole = torch.full((rows, dim), float("nan"))
-    for (row, col), tensor in pieces:
-        whole[row:row + tensor.shape[0], col:col + tensor.shape[1]] = tensor
-    return whole
+    return assemble(pieces)
 
 
 def test_tables_get_the_same_numbers_whole_row_wise_or_column_wise(monkeypatch):
