@@ -21,11 +21,25 @@ import triton
 import triton.language as tl
 
 
-def dropout_seed(dropout_ratio: float) -> int:
-    """A fresh seed for a kernel's in-kernel dropout mask, drawn from torch's (CPU) generator:
-    seeding torch makes runs repeatable, and the backward regenerates the mask from it.
-    0 (unused) when there is no dropout."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_ratio > 0 else 0
+def dropout_seed(dropout_ratio: float, device: torch.device) -> torch.Tensor | None:
+    """A fresh seed for a kernel's in-kernel dropout mask, as a one-element int64 tensor on
+    `device` that the kernel reads (None when there is no dropout). On a GPU it is drawn by
+    torch's CUDA generator on the device, so that a CUDA graph replay draws a new one (a seed
+    passed as a host integer would be frozen into the graph: the same mask every step);
+    elsewhere by torch's CPU generator. Seeding torch makes runs repeatable either way, and the
+    backward regenerates the mask from the same tensor."""
+    if dropout_ratio <= 0:
+        return None
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+
+
+def seed_arg(seed: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
+    """The SEED pointer argument of a kernel with in-kernel dropout: the seed tensor, or any
+    tensor of the call when there is no dropout (the kernel then never reads it)."""
+    return seed if seed is not None else placeholder
 
 
 def interpreting() -> bool:

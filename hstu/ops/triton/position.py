@@ -22,21 +22,22 @@ import triton
 import triton.language as tl
 
 from hstu.ops.pytorch.position import TIME_BUCKET_FNS
-from hstu.ops.triton._common import dropout_seed, interpreting, triton_dtype_ok
+from hstu.ops.triton._common import dropout_seed, interpreting, seed_arg, triton_dtype_ok
 
 
 @triton.jit
-def _dropped(value, rows64, cols, dropout_ratio, seed, D: tl.constexpr):
+def _dropped(value, rows64, cols, dropout_ratio, SEED, D: tl.constexpr):
     """value [R, C] with the dropout mask of (row, column) applied: one Philox draw per
-    element from (seed, row * D + column), so the backward regenerates the same mask."""
-    keep = tl.rand(seed, rows64 * D + cols[None, :]) >= dropout_ratio
+    element from (seed, row * D + column), so the backward regenerates the same mask. SEED
+    points at the seed (a device tensor, so that CUDA graph replays can draw new ones)."""
+    keep = tl.rand(tl.load(SEED), rows64 * D + cols[None, :]) >= dropout_ratio
     return tl.where(keep, value * (1.0 / (1.0 - dropout_ratio)), 0.0)
 
 
 @triton.jit
 def _add_position_time(X, TS, P, T, OUT, POS, BUCKET, seq_offsets, num_targets, stride_x,
                        stride_p, stride_t, stride_out, alpha, contextual_seq_len, num_positions,
-                       time_bucket_increments, num_time_buckets, dropout_ratio, seed,
+                       time_bucket_increments, num_time_buckets, dropout_ratio, SEED,
                        D: tl.constexpr, HAS_TARGETS: tl.constexpr, USE_TIME: tl.constexpr,
                        LOG: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_D: tl.constexpr):
@@ -81,14 +82,14 @@ def _add_position_time(X, TS, P, T, OUT, POS, BUCKET, seq_offsets, num_targets, 
                              other=0.0).to(tl.float32)
             tl.store(BUCKET + start + i, bucket, mask=ok)
         if DROPOUT:
-            value = _dropped(value, rows.to(tl.int64), cols, dropout_ratio, seed, D)
+            value = _dropped(value, rows.to(tl.int64), cols, dropout_ratio, SEED, D)
         tl.store(OUT + rows * stride_out + cols[None, :], value.to(OUT.dtype.element_ty),
                  mask=mask)
 
 
 @triton.jit
 def _add_position_time_bwd(D_OUT, POS, BUCKET, D_X, D_P, D_T, total, stride_dout, stride_dx,
-                           alpha, dropout_ratio, seed, D: tl.constexpr, USE_TIME: tl.constexpr,
+                           alpha, dropout_ratio, SEED, D: tl.constexpr, USE_TIME: tl.constexpr,
                            DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
                            BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -99,7 +100,7 @@ def _add_position_time_bwd(D_OUT, POS, BUCKET, D_X, D_P, D_T, total, stride_dout
     grad = tl.load(D_OUT + rows64 * stride_dout + cols[None, :], mask=mask, other=0.0)
     grad = grad.to(tl.float32)
     if DROPOUT:
-        grad = _dropped(grad, rows64, cols, dropout_ratio, seed, D)
+        grad = _dropped(grad, rows64, cols, dropout_ratio, SEED, D)
     tl.store(D_X + rows64 * stride_dx + cols[None, :], (grad * alpha).to(D_X.dtype.element_ty),
              mask=mask)
     pos = tl.load(POS + rows, mask=ok, other=0).to(tl.int64)
@@ -121,7 +122,7 @@ class _AddPositionTime(torch.autograd.Function):
         buckets = torch.empty(total if use_time_encoding else 0, dtype=torch.int32,
                               device=x.device)
         batch = seq_offsets.numel() - 1
-        seed = dropout_seed(dropout_ratio)
+        seed = dropout_seed(dropout_ratio, x.device)
         if total and batch:
             block_d = max(16, triton.next_power_of_2(dim))
             block_r = max(1, min(64, 8192 // block_d))
@@ -138,7 +139,7 @@ class _AddPositionTime(torch.autograd.Function):
                 position_table.stride(0), time_table.stride(0) if use_time_encoding else 0,
                 out.stride(0), float(alpha), int(contextual_seq_len),
                 position_table.shape[0], float(time_bucket_increments),
-                float(num_time_buckets), float(dropout_ratio), seed, D=dim,
+                float(num_time_buckets), float(dropout_ratio), seed_arg(seed, out), D=dim,
                 HAS_TARGETS=num_targets is not None, USE_TIME=use_time_encoding,
                 LOG=time_bucket_fn == "log", DROPOUT=dropout_ratio > 0, BLOCK_R=block_r,
                 BLOCK_D=block_d,
@@ -170,7 +171,8 @@ class _AddPositionTime(torch.autograd.Function):
             block_r = max(1, min(64, 8192 // block_d))
             _add_position_time_bwd[(triton.cdiv(total, block_r),)](
                 d_out, positions, buckets if use_time else positions, d_x, d_position, d_time,
-                total, d_out.stride(0), d_x.stride(0), float(alpha), float(dropout_ratio), seed,
+                total, d_out.stride(0), d_x.stride(0), float(alpha), float(dropout_ratio),
+                seed_arg(seed, d_x),
                 D=dim, USE_TIME=use_time, DROPOUT=dropout_ratio > 0, BLOCK_R=block_r,
                 BLOCK_D=block_d,
             )

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from hstu.ops.stu import LayerSettings
-from hstu.ops.triton._common import dropout_seed, interpreting, triton_dtype_ok
+from hstu.ops.triton._common import dropout_seed, interpreting, seed_arg, triton_dtype_ok
 from hstu.ops.triton import attention as _attention
 from hstu.ops.triton.layer_norm import (
     check_norm_inputs,
@@ -220,7 +220,7 @@ def stu_preprocess(
 
 @triton.jit
 def _mix_fwd(ATTN, U, Y, W, B, MEAN, RSTD, n_rows, stride_attn, stride_u, stride_y, eps,
-             dropout_ratio, seed, GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+             dropout_ratio, SEED, GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr,
              BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr, PER_COLUMN_AFFINE: tl.constexpr,
              DROPOUT: tl.constexpr, WRITE_STATS: tl.constexpr, BLOCK_R: tl.constexpr,
              SILU_U: tl.constexpr):
@@ -257,7 +257,7 @@ def _mix_fwd(ATTN, U, Y, W, B, MEAN, RSTD, n_rows, stride_attn, stride_u, stride
     if DROPOUT:
         # One Philox draw per (row, column) gives the three parts' masks.
         keep_scale = 1.0 / (1.0 - dropout_ratio)
-        r_u, r_a, r_un, _ = tl.rand4x(seed, rows64 * width + cols)
+        r_u, r_a, r_un, _ = tl.rand4x(tl.load(SEED), rows64 * width + cols)
         parts_u = tl.where(r_u >= dropout_ratio, parts_u * keep_scale, 0.0)
         parts_a = tl.where(r_a >= dropout_ratio, parts_a * keep_scale, 0.0)
         un = tl.where(r_un >= dropout_ratio, un * keep_scale, 0.0)
@@ -274,7 +274,7 @@ def _mix_fwd(ATTN, U, Y, W, B, MEAN, RSTD, n_rows, stride_attn, stride_u, stride
 
 @triton.jit
 def _mix_bwd(ATTN, U, DY, DATTN, DU, W, B, MEAN, RSTD, DW_PART, DB_PART, n_rows, stride_attn,
-             stride_u, stride_dy, stride_dattn, stride_du, dropout_ratio, seed,
+             stride_u, stride_dy, stride_dattn, stride_du, dropout_ratio, SEED,
              GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
              BLOCK_E: tl.constexpr, PER_COLUMN_AFFINE: tl.constexpr, DROPOUT: tl.constexpr,
              BLOCK_R: tl.constexpr, SILU_U: tl.constexpr):
@@ -312,7 +312,7 @@ def _mix_bwd(ATTN, U, DY, DATTN, DU, W, B, MEAN, RSTD, DW_PART, DB_PART, n_rows,
         dy_un = tl.load(dy_row + 2 * width, mask=ok, other=0.0).to(tl.float32)
         if DROPOUT:
             keep_scale = 1.0 / (1.0 - dropout_ratio)
-            r_u, r_a, r_un, _ = tl.rand4x(seed, rows64 * width + cols)
+            r_u, r_a, r_un, _ = tl.rand4x(tl.load(SEED), rows64 * width + cols)
             dy_u = tl.where(r_u >= dropout_ratio, dy_u * keep_scale, 0.0)
             dy_a = tl.where(r_a >= dropout_ratio, dy_a * keep_scale, 0.0)
             dy_un = tl.where(r_un >= dropout_ratio, dy_un * keep_scale, 0.0)
@@ -377,7 +377,8 @@ def _mix_forward(attn, u, norm_weight, norm_bias, eps, shape: _MixShape, dropout
     _mix_fwd[grid](
         attn, u, y, norm_weight, norm_bias, mean if write_stats else y, rstd if write_stats else y,
         shape.rows, attn.stride(0), u.stride(0), y.stride(0), float(eps), float(dropout_ratio),
-        int(seed), DROPOUT=dropout_ratio > 0, WRITE_STATS=write_stats, SILU_U=silu_u,
+        seed_arg(seed, y), DROPOUT=dropout_ratio > 0, WRITE_STATS=write_stats,
+        SILU_U=silu_u,
         **shape.constants, num_warps=shape.num_warps,
     )
     return y
@@ -400,7 +401,7 @@ def _mix_backward(attn, u, dy, dattn, du, norm_weight, norm_bias, mean, rstd, sh
     _mix_bwd[(programs,)](
         attn, u, dy, dattn, du, norm_weight, norm_bias, mean, rstd, dw_part, db_part,
         shape.rows, attn.stride(0), u.stride(0), dy.stride(0), dattn.stride(0),
-        du.stride(0), float(dropout_ratio), int(seed), DROPOUT=dropout_ratio > 0,
+        du.stride(0), float(dropout_ratio), seed_arg(seed, dattn), DROPOUT=dropout_ratio > 0,
         SILU_U=silu_u, **shape.constants, num_warps=shape.num_warps,
     )
     return dw_part.sum(0).to(norm_weight.dtype), db_part.sum(0).to(norm_bias.dtype)
@@ -415,7 +416,7 @@ class _StuPostprocess(torch.autograd.Function):
         shape = _MixShape(attn, num_heads, group_norm)
         mean = torch.empty((shape.rows, shape.groups), dtype=torch.float32, device=x.device)
         rstd = torch.empty_like(mean)
-        seed = dropout_seed(dropout_ratio)
+        seed = dropout_seed(dropout_ratio, x.device)
         y = _mix_forward(attn, u, norm_weight, norm_bias, eps, shape, dropout_ratio, seed,
                          x.dtype, mean, rstd)
         out = torch.addmm(x, y, output_weight.to(x.dtype))
@@ -530,7 +531,7 @@ class _StuLayer(torch.autograd.Function):
         shape = _MixShape(attn, settings.num_heads, settings.group_norm)
         mix_mean = torch.empty((shape.rows, shape.groups), dtype=torch.float32, device=x.device)
         mix_rstd = torch.empty_like(mix_mean)
-        seed = dropout_seed(settings.dropout_ratio)
+        seed = dropout_seed(settings.dropout_ratio, x.device)
         y = _mix_forward(attn, u_pre, output_norm_weight, output_norm_bias, settings.norm_eps,
                          shape, settings.dropout_ratio, seed, x.dtype, mix_mean, mix_rstd,
                          silu_u=True)
