@@ -105,6 +105,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--find-syncs", action="store_true",
                         help="GPU: run one more step in torch's CUDA sync debug mode and list "
                         "the code that made the host wait for the GPU")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="GPU: the encoder and towers from CUDA graphs per batch-shape bucket "
+                        "(launch.py train --cuda-graphs); captures happen in the warm-up steps, "
+                        "so give --warmup at least --batches")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="dense bf16 peak for MFU (H100 and H200 SXM: 989)")
     parser.add_argument("--json", default=str(REPO / "outputs" / "train_bench.json"))
@@ -285,7 +289,7 @@ def worker(rank: int, world: int, args, kernel: str, case: dict, init_file: str,
                                 sharding=args.sharding_overrides, table_seed=args.seed)
     sharded, dmp, module = trainable.sharded, trainable.model, trainable.module
     dense = trainable.dense_optimizer
-    autocast = autocast_for(train_cfg.mixed_precision, device)
+    autocast = autocast_for(train_cfg.mixed_precision, device, cache=not args.cuda_graphs)
     # Host batches in pinned memory, copied to the GPU inside each step as the loop does.
     contextual = int(module.encoder.preprocessor.contextual_seq_len)
     host_batches = make_batches(args, cfg, rank, case, contextual, world)
@@ -294,6 +298,9 @@ def worker(rank: int, world: int, args, kernel: str, case: dict, init_file: str,
     if device.type == "cuda":
         host_batches = [b.pin_memory() for b in host_batches]
     step_flops = [measure_step_flops(dmp, module, b.to(device), autocast) for b in host_batches]
+    if args.cuda_graphs:
+        # After the FLOP count, which must see the ops that a replay would hide.
+        module.use_cuda_graphs()
 
     def sync():
         if device.type == "cuda":
@@ -404,6 +411,8 @@ def worker(rank: int, world: int, args, kernel: str, case: dict, init_file: str,
             "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "versions": versions(),
         }
+        if module.graphed_scoring is not None:
+            result["cuda_graphs"] = dict(module.graphed_scoring.stats)
         if sync_sites is not None:
             result["host_sync_sites"] = sync_sites
         if profile is not None:

@@ -30,6 +30,7 @@ from hstu.modules.contextualized_mlp import (
 )
 from hstu.modules.embeddings import MultiDimEmbeddingCollection
 from hstu.modules.fusion_tower import FusionMTLTower
+from hstu.modules.graphed_scoring import GraphedScoring
 from hstu.modules.hstu_transducer import HSTUTransducer
 from hstu.modules.item_tower import ItemTower
 from hstu.modules.mlp import MLP
@@ -218,6 +219,8 @@ class DlrmHSTU(nn.Module):
         self.fusion_tower = FusionMTLTower(
             embedding_dim, [task.num_class for task in self.tasks], tower_mlp
         )
+        # A GraphedScoring (use_cuda_graphs) or None; not a module: no state of its own.
+        self.graphed_scoring = None
 
     # ---- construction helpers -------------------------------------------------------------
 
@@ -427,6 +430,14 @@ class DlrmHSTU(nn.Module):
             kernel=kernel,
         )
 
+    def use_cuda_graphs(self, enabled: bool = True, *, max_graphs: int = 8,
+                        capture: bool = True) -> None:
+        """Training steps run the encoder and towers from CUDA graphs, one per shape bucket
+        (hstu/modules/graphed_scoring.py); the step's autocast must have cache_enabled=False.
+        capture=False pads the same way but runs eagerly (the CPU tests)."""
+        self.graphed_scoring = (GraphedScoring(capture=capture, max_graphs=max_graphs)
+                                if enabled else None)
+
     def set_kernel(self, kernel: Kernel | str) -> None:
         """Switch every op of the model to `kernel` (attention may be CUTLASS; the rest TRITON)."""
         self.kernel = Kernel.parse(kernel)
@@ -505,9 +516,11 @@ class DlrmHSTU(nn.Module):
             uih_watch_times=self._raw(batch, "uih_watchtime"),
             max_item_len=self._max_item_len(batch, uih_sequence, candidate_sequence),
         )
+        # CUDA graphs only for training steps (eval runs the same modules eagerly).
+        graphed = self.graphed_scoring if self.training and torch.is_grad_enabled() else None
         per_task = score_candidates(
             self.encoder, self.item_tower, self.fusion_tower, inputs,
-            ascending=self.sequence_timestamp_is_ascending,
+            ascending=self.sequence_timestamp_is_ascending, graphed=graphed,
         )
         logits, probs = task_outputs(self.tasks, per_task)
         return ModelOutput(logits=logits, probs=probs, num_targets=num_targets)

@@ -21,6 +21,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Ray Train workers (default: %(default)s)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
     parser.add_argument(
+        "--cuda-graphs", action="store_true",
+        help="with --use-gpu: training steps replay the encoder and towers from CUDA graphs, one "
+        "per batch-shape bucket (for steps bound by the host: short histories, small batches; "
+        "docs/training.md). Not yet run on a GPU.",
+    )
+    parser.add_argument(
         "--cpus-per-worker",
         type=float,
         default=None,
@@ -95,6 +101,7 @@ def options_from_args(args: argparse.Namespace):
         eval_paths=getattr(args, "eval", None),
         workers=args.workers,
         use_gpu=args.use_gpu,
+        cuda_graphs=getattr(args, "cuda_graphs", False),
         cpus_per_worker=args.cpus_per_worker,
         resume=getattr(args, "resume", False),
         run_name=args.run_name,

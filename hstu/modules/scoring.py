@@ -17,6 +17,7 @@ def score_candidates(
     encoder_inputs: dict[str, torch.Tensor | int | None],
     *,
     ascending: bool,
+    graphed=None,
 ) -> list[torch.Tensor]:
     """The dense model after the embedding lookups: encoder (user side) and item tower into the
     fusion tower; per-task logits over all candidates, in batch order. Shared by DlrmHSTU and
@@ -25,14 +26,20 @@ def score_candidates(
     Newest-first rows (ascending=False): reversing every input along dim 0 reverses the batch
     order and the order inside each row, making the histories oldest-first; the outputs are
     flipped back.
+
+    graphed: a hstu.modules.graphed_scoring.GraphedScoring to run the three modules from CUDA
+    graphs (training steps only), or None to run them as they are.
     """
     if not ascending:
         encoder_inputs = {
             k: (v.flip(0) if isinstance(v, torch.Tensor) else v) for k, v in encoder_inputs.items()
         }
-    user = encoder(**encoder_inputs)
-    item = item_tower(encoder_inputs["candidates"])
-    per_task = fusion_tower(user, item)
+    if graphed is not None:
+        per_task = graphed(encoder, item_tower, fusion_tower, encoder_inputs)
+    else:
+        user = encoder(**encoder_inputs)
+        item = item_tower(encoder_inputs["candidates"])
+        per_task = fusion_tower(user, item)
     if not ascending:
         per_task = [logits.flip(0) for logits in per_task]
     return per_task

@@ -17,6 +17,8 @@ class TrainJob:
     run_name: str
     mode: str = "train"  # "train" | "eval"
     use_gpu: bool = False
+    # Training steps run the encoder and towers from CUDA graphs (launch.py train --cuda-graphs).
+    cuda_graphs: bool = False
     has_eval_data: bool = True
     # Table -> sharding types to allow (launch.py --sharding); the planner picks among them.
     sharding: dict[str, list[str]] = dataclasses.field(default_factory=dict)

@@ -52,6 +52,7 @@ class TrainOptions:
     eval_paths: list[str] | None = None  # default: the config's eval_input_path
     workers: int = 1
     use_gpu: bool = False
+    cuda_graphs: bool = False  # --cuda-graphs (GPU only)
     cpus_per_worker: float | None = None
     resume: bool = False
     run_name: str | None = None
@@ -377,6 +378,8 @@ def _check_model(cfg, features, labels, options: TrainOptions):
     from hstu.train.sharding import parse_sharding_overrides, sharding_constraints, table_names
 
     check_kernel_runs_here(cfg, options.use_gpu)
+    if options.cuda_graphs and not options.use_gpu:
+        raise TrainSetupError("--cuda-graphs needs --use-gpu: CUDA graphs exist only on a GPU")
     device = torch.device("cuda" if options.use_gpu else "cpu")
     with torch.device("meta"):
         model = DlrmHSTU(cfg, features, labels, embedding_device=torch.device("meta"))
@@ -637,6 +640,7 @@ def _run_training(options: TrainOptions, log: RunLog) -> RunResult:
             {
                 "run.workers": str(options.workers),
                 "run.use_gpu": str(options.use_gpu).lower(),
+                "run.cuda_graphs": str(options.cuda_graphs).lower(),
                 "run.train_paths": ",".join(train_paths),
                 "run.eval_paths": ",".join(eval_paths or []),
                 "run.train_rows": str(train_rows),
@@ -678,6 +682,7 @@ def _run_training(options: TrainOptions, log: RunLog) -> RunResult:
             config_source=options.recipe,
             run_name=run_name,
             use_gpu=options.use_gpu,
+            cuda_graphs=options.cuda_graphs,
             has_eval_data=bool(eval_paths),
             sharding=sharding,
             tracking_uri=tracking_uri,

@@ -351,6 +351,15 @@ def test_gpu_kernels_without_use_gpu_are_refused_before_ray_starts(kernel, monke
     check_kernel_runs_here(load_config(smoke_recipe), use_gpu=False)  # PYTORCH runs anywhere
 
 
+def test_cuda_graphs_without_use_gpu_are_refused_before_ray_starts(smoke_recipe, tmp_path):
+    from hstu.train.trainer import TrainOptions, TrainSetupError, run_training
+
+    options = TrainOptions(recipe=smoke_recipe, cuda_graphs=True, use_gpu=False,
+                           storage=str(tmp_path), tracking_uri=f"file://{tmp_path}/mlruns")
+    with pytest.raises(TrainSetupError, match="--cuda-graphs needs --use-gpu"):
+        run_training(options)
+
+
 def test_a_worker_without_the_cutlass_package_ends_as_one_line():
     from hstu.cli.train import error_line
     from hstu.ops.cutlass.attention import CutlassUnavailableError

@@ -1,0 +1,221 @@
+"""The dense scorer (encoder, item tower, fusion tower) replayed from CUDA graphs, one graph per
+shape bucket, for training steps that the host cannot launch fast enough.
+
+Why: at short histories the training step is bound by the host. On one H100 the 32-row step with
+histories capped at 1,024 keeps the GPU busy about a third of the time: ~450 kernel launches,
+each with its Python wrapper, take longer than the GPU takes to run them (docs/BENCHMARKS.md).
+A CUDA graph replays a captured forward or backward with one launch.
+
+A graph replays fixed shapes, and every batch has its own. So each batch is padded, after the
+embedding lookups, to a bucket of (rows, history tokens, candidates, longest row):
+- extra rows go after the batch's rows, and the padding tokens and candidates are spread over
+  them, at most about 256 tokens each, so that the padding costs little attention work;
+- padded embeddings are zeros, padded timestamps, actions and watch times 0;
+- the scores come back for the batch's candidates only: the real rows come first, so their
+  candidates are the first ones out.
+Sizes grow in eight steps per power of two (at most 1/8 of padding). The buckets' graphs share
+one memory pool: a step runs one bucket's forward and backward to the end before the next
+step starts, so no two graphs are ever live at once.
+
+Not every model can be graphed: BatchNorm in a tower would take its statistics over the padding,
+so such models run eagerly (the reason is logged). Only training steps are graphed (eval runs the
+same modules eagerly), and only on CUDA; with `capture=False` the padding runs eagerly (how the
+CPU tests check that padding leaves the scores and gradients unchanged).
+
+Verification: the padding is tested on the CPU (PYTORCH and the Triton interpreter). The capture
+itself needs a GPU and has not run on one yet (2026-12-07; see docs/training.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# The most padding tokens one extra row holds: its attention work grows with its length squared.
+PAD_ROW_TOKENS = 256
+# The tensor inputs of the encoder, in the order a graph takes them (absent ones are skipped).
+TENSOR_INPUTS = (
+    "contextual", "uih", "uih_lengths", "candidates", "num_targets", "uih_timestamps",
+    "candidate_timestamps", "uih_actions", "uih_watch_times",
+)
+# Inputs with one entry per history token / per candidate / per row.
+PER_HISTORY_TOKEN = ("uih", "uih_timestamps", "uih_actions", "uih_watch_times")
+PER_CANDIDATE = ("candidates", "candidate_timestamps")
+PER_ROW = ("contextual",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    """The padded shape: rows, history tokens, candidates, and the longest row (history +
+    candidates) that the kernels are told to expect."""
+
+    rows: int
+    history: int
+    candidates: int
+    max_item_len: int
+
+
+def _step(count: int, minimum: int) -> int:
+    """The bucket step for `count`: 1/8 of the power of two below it, at least `minimum`."""
+    if count <= minimum:
+        return minimum
+    return max(minimum, 1 << (count.bit_length() - 4))
+
+
+def _round_up(count: int, step: int) -> int:
+    return max(step, -(-count // step) * step)
+
+
+def bucket_for(rows: int, history: int, candidates: int, max_item_len: int) -> Bucket:
+    """The bucket of a batch with `rows` rows, `history` history tokens, `candidates`
+    candidates and a longest row of `max_item_len` (history + candidates)."""
+    history_step = _step(history, 1024)
+    candidate_step = _step(candidates, 128)
+    # Enough extra rows that any batch of this bucket spreads its padding thin.
+    pad_rows = math.ceil(history_step / PAD_ROW_TOKENS)
+    padded_rows = _round_up(rows + pad_rows, 8)
+    longest_pad_row = (math.ceil(history_step / pad_rows) + math.ceil(candidate_step / pad_rows))
+    longest = max(max_item_len, longest_pad_row, 1)
+    return Bucket(
+        rows=padded_rows,
+        history=_round_up(history, history_step),
+        candidates=_round_up(candidates, candidate_step),
+        max_item_len=1 << (longest - 1).bit_length(),
+    )
+
+
+def _spread(total: int, parts: int, like: torch.Tensor) -> torch.Tensor:
+    """`total` split into `parts` near-equal int64 counts, on like's device."""
+    counts = torch.full((parts,), total // parts, dtype=torch.int64, device=like.device)
+    counts[: total % parts] += 1
+    return counts
+
+
+def pad_inputs(inputs: dict, bucket: Bucket) -> dict:
+    """The encoder inputs padded to `bucket` (see the module docstring); differentiable in the
+    embeddings. The batch must fit the bucket."""
+    rows = inputs["uih_lengths"].numel()
+    history = inputs["uih"].shape[0]
+    candidates = inputs["candidates"].shape[0]
+    extra_rows = bucket.rows - rows
+    if extra_rows < 1 or history > bucket.history or candidates > bucket.candidates:
+        raise ValueError(f"pad_inputs: a batch of {rows} rows, {history} history tokens and "
+                         f"{candidates} candidates does not fit {bucket}")
+    extra = {"history": bucket.history - history, "candidates": bucket.candidates - candidates}
+    padded = dict(inputs)
+    padded["uih_lengths"] = torch.cat([
+        inputs["uih_lengths"].to(torch.int64),
+        _spread(extra["history"], extra_rows, inputs["uih_lengths"])])
+    padded["num_targets"] = torch.cat([
+        inputs["num_targets"].to(torch.int64),
+        _spread(extra["candidates"], extra_rows, inputs["num_targets"])])
+    for names, count in ((PER_HISTORY_TOKEN, extra["history"]),
+                         (PER_CANDIDATE, extra["candidates"]), (PER_ROW, extra_rows)):
+        for name in names:
+            value = inputs.get(name)
+            if value is not None:
+                padding = value.new_zeros((count,) + tuple(value.shape[1:]))
+                padded[name] = torch.cat([value, padding])
+    padded["max_item_len"] = bucket.max_item_len
+    return padded
+
+
+class _DenseScorer(nn.Module):
+    """encoder + item tower + fusion tower as one module taking tensors only (what
+    make_graphed_callables needs), for one bucket. Not registered in the model: the towers'
+    weights keep their names in the model's state_dict."""
+
+    def __init__(self, encoder, item_tower, fusion_tower, names, max_item_len):
+        super().__init__()
+        self.encoder, self.item_tower, self.fusion_tower = encoder, item_tower, fusion_tower
+        self.names = names
+        self.max_item_len = max_item_len
+
+    def forward(self, *tensors):
+        inputs = dict(zip(self.names, tensors))
+        inputs["max_item_len"] = self.max_item_len
+        user = self.encoder(**inputs)
+        item = self.item_tower(inputs["candidates"])
+        return tuple(self.fusion_tower(user, item))
+
+
+class GraphedScoring:
+    """Pads each batch to its bucket and scores it from that bucket's CUDA graph (captured on
+    the bucket's first batch), or eagerly once `max_graphs` buckets have graphs, for models that
+    cannot be graphed, and with capture=False. Called by score_candidates in training steps."""
+
+    def __init__(self, *, capture: bool = True, max_graphs: int = 8, warmup_iters: int = 3):
+        self.capture = capture
+        self.max_graphs = max_graphs
+        self.warmup_iters = warmup_iters
+        self._graphs: dict[tuple, _DenseScorer] = {}
+        self._pool = None
+        self._refused: str | None = None
+        self.stats = {"graphed_steps": 0, "eager_steps": 0, "captures": 0}
+
+    def refusal(self, modules) -> str | None:
+        """Why these modules cannot be graphed, or None."""
+        for module in modules:
+            for name, sub in module.named_modules():
+                if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                    return (f"{type(sub).__name__} at {name or type(module).__name__} would "
+                            "take its batch statistics over the padding")
+        return None
+
+    def __call__(self, encoder, item_tower, fusion_tower, inputs: dict) -> list[torch.Tensor]:
+        candidates = inputs["candidates"].shape[0]
+        max_item_len = inputs.get("max_item_len")
+        if max_item_len is None:
+            raise ValueError("GraphedScoring needs max_item_len from the host (the batch)")
+        bucket = bucket_for(inputs["uih_lengths"].numel(), inputs["uih"].shape[0], candidates,
+                            int(max_item_len))
+        padded = pad_inputs(inputs, bucket)
+        names = tuple(name for name in TENSOR_INPUTS if padded.get(name) is not None)
+        tensors = tuple(padded[name] for name in names)
+        scorer = self._scorer(encoder, item_tower, fusion_tower, names, bucket, tensors)
+        if scorer is None:
+            self.stats["eager_steps"] += 1
+            plain = _DenseScorer(encoder, item_tower, fusion_tower, names, bucket.max_item_len)
+            per_task = plain(*tensors)
+        else:
+            self.stats["graphed_steps"] += 1
+            per_task = scorer(*tensors)
+        # The graph's outputs are overwritten by its next replay: keep copies.
+        return [logits[:candidates].clone() for logits in per_task]
+
+    def _scorer(self, encoder, item_tower, fusion_tower, names, bucket, tensors):
+        if not self.capture or not tensors[0].is_cuda:
+            return None
+        if self._refused is None:
+            self._refused = self.refusal((encoder, item_tower, fusion_tower)) or ""
+            if self._refused:
+                logger.warning("CUDA graphs off: %s", self._refused)
+        if self._refused:
+            return None
+        key = (names, bucket) + tuple((t.dtype, t.requires_grad) for t in tensors)
+        scorer = self._graphs.get(key)
+        if scorer is not None:
+            return scorer
+        if len(self._graphs) >= self.max_graphs:
+            return None
+        if torch.is_autocast_enabled() and torch.is_autocast_cache_enabled():
+            raise RuntimeError("CUDA graphs need autocast(cache_enabled=False) around the step")
+        scorer = _DenseScorer(encoder, item_tower, fusion_tower, names, bucket.max_item_len)
+        # Leaf copies as the graph's static inputs: the batch's own tensors would keep this
+        # step's autograd graph (the lookups') alive as long as the graph lives.
+        static = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        logger.info("capturing CUDA graphs for %s", bucket)
+        scorer = torch.cuda.make_graphed_callables(
+            scorer, static, num_warmup_iters=self.warmup_iters, allow_unused_input=True,
+            pool=self._pool)
+        self._graphs[key] = scorer
+        self.stats["captures"] += 1
+        return scorer
