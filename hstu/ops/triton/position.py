@@ -1,9 +1,9 @@
 """Positional + time embedding add in Triton (spec: hstu/ops/position.py, reference 2.5).
 
-Forward: one program per (batch row, share of the row) walks its tokens, computes each token's
-position-table row and time bucket in-kernel (int64 time difference, then float32, with
-correctly rounded division and square root so buckets match PyTorch's exactly) and writes
-x * alpha + P[pos] + T[bucket]. The two index vectors are kept for the backward.
+Forward: one program per block of consecutive tokens finds each token's row (a binary search
+over the offsets), computes its position-table row and time bucket in-kernel (int64 time
+difference, then float32, with correctly rounded division and square root so buckets match
+PyTorch's exactly) and writes x * alpha + P[pos] + T[bucket]. The two index vectors are kept for the backward.
 With dropout_ratio > 0 the encoder's input dropout is applied in the same pass (a Philox mask
 from a per-call seed, regenerated in the backward; nothing is stored for it).
 Backward: one kernel reads each d out row once and writes d x = d out * alpha and adds the row
@@ -35,56 +35,65 @@ def _dropped(value, rows64, cols, dropout_ratio, SEED, D: tl.constexpr):
 
 
 @triton.jit
-def _add_position_time(X, TS, P, T, OUT, POS, BUCKET, seq_offsets, num_targets, stride_x,
-                       stride_p, stride_t, stride_out, alpha, contextual_seq_len, num_positions,
-                       time_bucket_increments, num_time_buckets, dropout_ratio, SEED,
-                       D: tl.constexpr, HAS_TARGETS: tl.constexpr, USE_TIME: tl.constexpr,
-                       LOG: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
-    b = tl.program_id(0)
-    share = tl.program_id(1)
-    start = tl.load(seq_offsets + b)
-    length = (tl.load(seq_offsets + b + 1) - start).to(tl.int32)
+def _add_position_time(X, TS, P, T, OUT, POS, BUCKET, seq_offsets, num_targets, total, batch,
+                       search_steps, stride_x, stride_p, stride_t, stride_out, alpha,
+                       contextual_seq_len, num_positions, time_bucket_increments,
+                       num_time_buckets, dropout_ratio, SEED, D: tl.constexpr,
+                       HAS_TARGETS: tl.constexpr, USE_TIME: tl.constexpr, LOG: tl.constexpr,
+                       DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One program per BLOCK_R consecutive tokens, whatever rows they belong to: every program
+    # does the same work (with one program per row share, the longest row's few programs
+    # carried most of the tokens, and of the dropout's random numbers).
+    token = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = token < total
+    # Each token's row: the last b with seq_offsets[b] <= token (binary search; empty rows
+    # share their offset with the next row and are skipped by "last").
+    low = tl.zeros([BLOCK_R], dtype=tl.int32)
+    high = tl.full([BLOCK_R], batch - 1, dtype=tl.int32)
+    for _ in range(search_steps):
+        middle = (low + high + 1) // 2
+        right = tl.load(seq_offsets + middle) <= token
+        low = tl.where(right, middle, low)
+        high = tl.where(right, high, middle - 1)
+    start = tl.load(seq_offsets + low)
+    end = tl.load(seq_offsets + low + 1)
+    length = (end - start).to(tl.int32)
+    i = (token - start).to(tl.int32)
     if HAS_TARGETS:
-        first_target = length - tl.load(num_targets + b).to(tl.int32)
+        first_target = length - tl.load(num_targets + low).to(tl.int32)
     else:
         first_target = length
     if USE_TIME:
-        query_time = tl.load(TS + start + tl.maximum(length - 1, 0), mask=length > 0, other=0)
+        pos = contextual_seq_len + first_target - tl.minimum(i, first_target)
+        pos = tl.where(i < contextual_seq_len, i, pos)
+    else:
+        pos = tl.minimum(i, first_target)
+    pos = tl.minimum(pos, num_positions - 1)
     cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    for first in range(share * BLOCK_R, length, tl.num_programs(1) * BLOCK_R):
-        i = first + tl.arange(0, BLOCK_R)
-        ok = i < length
-        if USE_TIME:
-            pos = contextual_seq_len + first_target - tl.minimum(i, first_target)
-            pos = tl.where(i < contextual_seq_len, i, pos)
+    rows = token[:, None]
+    mask = ok[:, None] & (cols < D)[None, :]
+    value = tl.load(X + rows * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    value = value * alpha + tl.load(P + pos[:, None] * stride_p + cols[None, :], mask=mask,
+                                    other=0.0).to(tl.float32)
+    tl.store(POS + token, pos, mask=ok)
+    if USE_TIME:
+        # The row's query time: its last token's timestamp.
+        query_time = tl.load(TS + end - 1, mask=ok, other=0)
+        ts = tl.load(TS + token, mask=ok, other=0)
+        delta = (query_time - ts).to(tl.float32)
+        delta = tl.math.div_rn(tl.maximum(delta, 1e-6), time_bucket_increments)
+        if LOG:
+            scaled = tl.log(delta)
         else:
-            pos = tl.minimum(i, first_target)
-        pos = tl.minimum(pos, num_positions - 1)
-        rows = (start + i)[:, None]
-        mask = ok[:, None] & col_ok[None, :]
-        value = tl.load(X + rows * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        value = value * alpha + tl.load(P + pos[:, None] * stride_p + cols[None, :], mask=mask,
-                                        other=0.0).to(tl.float32)
-        tl.store(POS + start + i, pos, mask=ok)
-        if USE_TIME:
-            ts = tl.load(TS + start + i, mask=ok, other=0)
-            delta = (query_time - ts).to(tl.float32)
-            delta = tl.math.div_rn(tl.maximum(delta, 1e-6), time_bucket_increments)
-            if LOG:
-                scaled = tl.log(delta)
-            else:
-                scaled = tl.math.sqrt_rn(delta)
-            unit = tl.minimum(tl.maximum(tl.math.div_rn(scaled, num_time_buckets), 0.0), 1.0)
-            bucket = (unit * num_time_buckets).to(tl.int32)
-            value += tl.load(T + bucket[:, None] * stride_t + cols[None, :], mask=mask,
-                             other=0.0).to(tl.float32)
-            tl.store(BUCKET + start + i, bucket, mask=ok)
-        if DROPOUT:
-            value = _dropped(value, rows.to(tl.int64), cols, dropout_ratio, SEED, D)
-        tl.store(OUT + rows * stride_out + cols[None, :], value.to(OUT.dtype.element_ty),
-                 mask=mask)
+            scaled = tl.math.sqrt_rn(delta)
+        unit = tl.minimum(tl.maximum(tl.math.div_rn(scaled, num_time_buckets), 0.0), 1.0)
+        bucket = (unit * num_time_buckets).to(tl.int32)
+        value += tl.load(T + bucket[:, None] * stride_t + cols[None, :], mask=mask,
+                         other=0.0).to(tl.float32)
+        tl.store(BUCKET + token, bucket, mask=ok)
+    if DROPOUT:
+        value = _dropped(value, rows, cols, dropout_ratio, SEED, D)
+    tl.store(OUT + rows * stride_out + cols[None, :], value.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -126,19 +135,14 @@ class _AddPositionTime(torch.autograd.Function):
         if total and batch:
             block_d = max(16, triton.next_power_of_2(dim))
             block_r = max(1, min(64, 8192 // block_d))
-            if interpreting():
-                shares = 1
-            else:
-                sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-                shares = max(1, min(16, (4 * sms) // batch))
-            _add_position_time[(batch, shares)](
+            _add_position_time[(triton.cdiv(total, block_r),)](
                 x, timestamps if use_time_encoding else seq_offsets, position_table,
                 time_table if use_time_encoding else position_table, out, positions,
                 buckets if use_time_encoding else positions, seq_offsets,
-                num_targets if num_targets is not None else seq_offsets, x.stride(0),
-                position_table.stride(0), time_table.stride(0) if use_time_encoding else 0,
-                out.stride(0), float(alpha), int(contextual_seq_len),
-                position_table.shape[0], float(time_bucket_increments),
+                num_targets if num_targets is not None else seq_offsets, total, batch,
+                max(1, batch.bit_length()), x.stride(0), position_table.stride(0),
+                time_table.stride(0) if use_time_encoding else 0, out.stride(0), float(alpha),
+                int(contextual_seq_len), position_table.shape[0], float(time_bucket_increments),
                 float(num_time_buckets), float(dropout_ratio), seed_arg(seed, out), D=dim,
                 HAS_TARGETS=num_targets is not None, USE_TIME=use_time_encoding,
                 LOG=time_bucket_fn == "log", DROPOUT=dropout_ratio > 0, BLOCK_R=block_r,

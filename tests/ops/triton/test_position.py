@@ -46,8 +46,9 @@ def _op(module, offsets, timestamps, num_targets, **options):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("time_bucket_fn", ["sqrt", "log"])
 def test_matches_pytorch(dtype, time_bucket_fn):
-    # Row 2 is longer than the 20-row position table (clamped); row 1 is one token.
-    offsets, timestamps, num_targets, inputs = _case([9, 1, 30, 0], [2, 1, 5, 0], seed=1)
+    # Row 3 is longer than the 20-row position table (clamped); row 1 is one token; rows 2
+    # and 4 are empty (the forward finds each token's row among offsets that repeat).
+    offsets, timestamps, num_targets, inputs = _case([9, 1, 0, 30, 0], [2, 1, 0, 5, 0], seed=1)
     options = dict(contextual_seq_len=3, time_bucket_fn=time_bucket_fn)
     results = compare_op(_op(triton_ops, offsets, timestamps, num_targets, **options),
                          _op(torch_ops, offsets, timestamps, num_targets, **options),
