@@ -289,7 +289,7 @@ def worker(rank: int, world: int, args, kernel: str, case: dict, init_file: str,
                                 sharding=args.sharding_overrides, table_seed=args.seed)
     sharded, dmp, module = trainable.sharded, trainable.model, trainable.module
     dense = trainable.dense_optimizer
-    autocast = autocast_for(train_cfg.mixed_precision, device, cache=not args.cuda_graphs)
+    autocast = autocast_for(train_cfg.mixed_precision, device)
     # Host batches in pinned memory, copied to the GPU inside each step as the loop does.
     contextual = int(module.encoder.preprocessor.contextual_seq_len)
     host_batches = make_batches(args, cfg, rank, case, contextual, world)

@@ -433,8 +433,8 @@ class DlrmHSTU(nn.Module):
     def use_cuda_graphs(self, enabled: bool = True, *, max_graphs: int = 8,
                         capture: bool = True) -> None:
         """Training steps run the encoder and towers from CUDA graphs, one per shape bucket
-        (hstu/modules/graphed_scoring.py); the step's autocast must have cache_enabled=False.
-        capture=False pads the same way but runs eagerly (the CPU tests)."""
+        (hstu/modules/graphed_scoring.py). capture=False pads the same way but runs eagerly (the
+        CPU tests)."""
         self.graphed_scoring = (GraphedScoring(capture=capture, max_graphs=max_graphs)
                                 if enabled else None)
 

@@ -35,6 +35,8 @@ import math
 import torch
 from torch import nn
 
+from hstu.ops import Kernel
+
 logger = logging.getLogger(__name__)
 
 # The most padding tokens one extra row holds: its attention work grows with its length squared.
@@ -129,26 +131,45 @@ def pad_inputs(inputs: dict, bucket: Bucket) -> dict:
 class _DenseScorer(nn.Module):
     """encoder + item tower + fusion tower as one module taking tensors only (what
     make_graphed_callables needs), for one bucket. Not registered in the model: the towers'
-    weights keep their names in the model's state_dict."""
+    weights keep their names in the model's state_dict.
 
-    def __init__(self, encoder, item_tower, fusion_tower, names, max_item_len):
+    autocast: (enabled, dtype) entered inside forward. The graphs are captured with autocast
+    off around them, so that the backward graph runs without autocast as an eager backward does
+    (torch's make_graphed_callables would otherwise capture the backward under the caller's
+    autocast: pytorch/pytorch#120930)."""
+
+    def __init__(self, encoder, item_tower, fusion_tower, names, max_item_len, autocast):
         super().__init__()
         self.encoder, self.item_tower, self.fusion_tower = encoder, item_tower, fusion_tower
         self.names = names
         self.max_item_len = max_item_len
+        self.autocast = autocast
 
     def forward(self, *tensors):
         inputs = dict(zip(self.names, tensors))
         inputs["max_item_len"] = self.max_item_len
-        user = self.encoder(**inputs)
-        item = self.item_tower(inputs["candidates"])
-        return tuple(self.fusion_tower(user, item))
+        enabled, dtype = self.autocast
+        with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+            return _score(self.encoder, self.item_tower, self.fusion_tower, inputs)
+
+
+def _score(encoder, item_tower, fusion_tower, inputs: dict) -> tuple[torch.Tensor, ...]:
+    user = encoder(**inputs)
+    return tuple(fusion_tower(user, item_tower(inputs["candidates"])))
+
+
+def _autocast_state() -> tuple[bool, torch.dtype]:
+    return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
 
 
 class GraphedScoring:
-    """Pads each batch to its bucket and scores it from that bucket's CUDA graph (captured on
-    the bucket's first batch), or eagerly once `max_graphs` buckets have graphs, for models that
-    cannot be graphed, and with capture=False. Called by score_candidates in training steps."""
+    """Scores a training batch from the CUDA graph of its shape bucket (captured on the
+    bucket's first batch). Runs the batch unpadded and eagerly instead when the model cannot be
+    graphed (BatchNorm in a tower; a kernel other than TRITON, whose ops read sizes back from
+    the GPU), when `max_graphs` buckets already have graphs, off CUDA, without the longest row
+    known on the host, or after a capture failed (logged once). capture=False pads every batch
+    as for a graph but runs it eagerly: how the CPU tests check the padding. Called by
+    score_candidates in training steps."""
 
     def __init__(self, *, capture: bool = True, max_graphs: int = 8, warmup_iters: int = 3):
         self.capture = capture
@@ -163,59 +184,74 @@ class GraphedScoring:
         """Why these modules cannot be graphed, or None."""
         for module in modules:
             for name, sub in module.named_modules():
+                where = name or type(module).__name__
                 if isinstance(sub, nn.modules.batchnorm._BatchNorm):
-                    return (f"{type(sub).__name__} at {name or type(module).__name__} would "
-                            "take its batch statistics over the padding")
+                    return (f"{type(sub).__name__} at {where} would take its batch statistics "
+                            "over the padding")
+                kernel = getattr(sub, "kernel", None)
+                if self.capture and kernel is not None and Kernel.parse(kernel) != Kernel.TRITON:
+                    return (f"{where} runs the {Kernel.parse(kernel).name} kernel, whose ops "
+                            "read sizes back from the GPU (not allowed in a graph); use TRITON")
         return None
 
     def __call__(self, encoder, item_tower, fusion_tower, inputs: dict) -> list[torch.Tensor]:
-        candidates = inputs["candidates"].shape[0]
+        modules = (encoder, item_tower, fusion_tower)
+        if self._refused is None:
+            self._refused = self.refusal(modules) or ""
+            if self._refused:
+                logger.warning("CUDA graphs off: %s", self._refused)
         max_item_len = inputs.get("max_item_len")
-        if max_item_len is None:
-            raise ValueError("GraphedScoring needs max_item_len from the host (the batch)")
+        if self._refused or max_item_len is None or (self.capture and not inputs["uih"].is_cuda):
+            return self._unpadded(modules, inputs)
+        candidates = inputs["candidates"].shape[0]
         bucket = bucket_for(inputs["uih_lengths"].numel(), inputs["uih"].shape[0], candidates,
                             int(max_item_len))
-        padded = pad_inputs(inputs, bucket)
-        names = tuple(name for name in TENSOR_INPUTS if padded.get(name) is not None)
-        tensors = tuple(padded[name] for name in names)
-        scorer = self._scorer(encoder, item_tower, fusion_tower, names, bucket, tensors)
-        if scorer is None:
+        names = tuple(name for name in TENSOR_INPUTS if inputs.get(name) is not None)
+        autocast = _autocast_state()
+        if not self.capture:
+            padded = pad_inputs(inputs, bucket)
             self.stats["eager_steps"] += 1
-            plain = _DenseScorer(encoder, item_tower, fusion_tower, names, bucket.max_item_len)
-            per_task = plain(*tensors)
-        else:
-            self.stats["graphed_steps"] += 1
-            per_task = scorer(*tensors)
+            scorer = _DenseScorer(*modules, names, bucket.max_item_len, autocast)
+            per_task = scorer(*(padded[name] for name in names))
+            return [logits[:candidates] for logits in per_task]
+        key = (names, bucket, autocast) + tuple(
+            (inputs[name].dtype, inputs[name].requires_grad) for name in names)
+        if key not in self._graphs and len(self._graphs) >= self.max_graphs:
+            return self._unpadded(modules, inputs)
+        padded = pad_inputs(inputs, bucket)
+        tensors = tuple(padded[name] for name in names)
+        scorer = self._graphs.get(key) or self._capture(key, modules, names, bucket, autocast,
+                                                        tensors)
+        if scorer is None:
+            return self._unpadded(modules, inputs)
+        self.stats["graphed_steps"] += 1
+        per_task = scorer(*tensors)
         # The graph's outputs are overwritten by its next replay: keep copies.
         return [logits[:candidates].clone() for logits in per_task]
 
-    def _scorer(self, encoder, item_tower, fusion_tower, names, bucket, tensors):
-        if not self.capture or not tensors[0].is_cuda:
-            return None
-        if self._refused is None:
-            self._refused = self.refusal((encoder, item_tower, fusion_tower)) or ""
-            if self._refused:
-                logger.warning("CUDA graphs off: %s", self._refused)
-        if self._refused:
-            return None
-        key = (names, bucket) + tuple((t.dtype, t.requires_grad) for t in tensors)
-        scorer = self._graphs.get(key)
-        if scorer is not None:
-            return scorer
-        if len(self._graphs) >= self.max_graphs:
-            return None
-        if torch.is_autocast_enabled() and torch.is_autocast_cache_enabled():
-            raise RuntimeError("CUDA graphs need autocast(cache_enabled=False) around the step")
-        scorer = _DenseScorer(encoder, item_tower, fusion_tower, names, bucket.max_item_len)
+    def _unpadded(self, modules, inputs: dict) -> list[torch.Tensor]:
+        self.stats["eager_steps"] += 1
+        return list(_score(*modules, inputs))
+
+    def _capture(self, key, modules, names, bucket, autocast, tensors):
+        """The bucket's graphed scorer, or None (and graphs off from now on) if capture fails."""
+        scorer = _DenseScorer(*modules, names, bucket.max_item_len, autocast)
         # Leaf copies as the graph's static inputs: the batch's own tensors would keep this
         # step's autograd graph (the lookups') alive as long as the graph lives.
         static = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
         logger.info("capturing CUDA graphs for %s", bucket)
-        scorer = torch.cuda.make_graphed_callables(
-            scorer, static, num_warmup_iters=self.warmup_iters, allow_unused_input=True,
-            pool=self._pool)
+        try:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            # Autocast off around the capture; _DenseScorer enters it for the forward only.
+            with torch.autocast("cuda", enabled=False):
+                scorer = torch.cuda.make_graphed_callables(
+                    scorer, static, num_warmup_iters=self.warmup_iters,
+                    allow_unused_input=True, pool=self._pool)
+        except Exception as error:  # noqa: BLE001 - the step goes on eagerly, and says why
+            self._refused = f"capturing {bucket} failed: {type(error).__name__}: {error}"
+            logger.warning("CUDA graphs off: %s", self._refused)
+            return None
         self._graphs[key] = scorer
         self.stats["captures"] += 1
         return scorer

@@ -105,9 +105,8 @@ def quiet_library_logs() -> None:
         warnings.filterwarnings("ignore", message=pattern, category=category)
 
 
-def autocast_for(mixed_precision: str, device: torch.device, cache: bool = True):
-    """A context manager factory: bf16/fp16 autocast on GPU, nothing on CPU. cache=False for
-    CUDA graphs (autocast's cache of cast weights must not outlive a captured region)."""
+def autocast_for(mixed_precision: str, device: torch.device):
+    """A context manager factory: bf16/fp16 autocast on GPU, nothing on CPU."""
     name = (mixed_precision or "").upper()
     if not name or device.type != "cuda":
         return contextlib.nullcontext
@@ -116,7 +115,7 @@ def autocast_for(mixed_precision: str, device: torch.device, cache: bool = True)
             f"train_config.mixed_precision: {mixed_precision!r}; expected BF16, FP16 or unset"
         )
     dtype = torch.bfloat16 if name == "BF16" else torch.float16
-    return lambda: torch.autocast(device_type="cuda", dtype=dtype, cache_enabled=cache)
+    return lambda: torch.autocast(device_type="cuda", dtype=dtype)
 
 
 class Worker:
@@ -145,8 +144,7 @@ class Worker:
                 f"train_config.mixed_precision {train_cfg.mixed_precision} applies on GPU only; "
                 "this CPU run trains in fp32"
             )
-        self.autocast = autocast_for(train_cfg.mixed_precision, self.device,
-                                     cache=not job.cuda_graphs)
+        self.autocast = autocast_for(train_cfg.mixed_precision, self.device)
 
         # Different per rank (dropout masks differ between ranks); DDP copies rank 0's dense
         # weights to all, and the tables are refilled from job.seed alone, so the run starts

@@ -373,6 +373,7 @@ def _check_model(cfg, features, labels, options: TrainOptions):
     sharding problems show up before Ray starts any worker."""
     import torch
 
+    from hstu.config.schema import enum_name
     from hstu.model import DlrmHSTU
     from hstu.train.optimizers import schedule_from_config, sparse_optimizer_spec
     from hstu.train.sharding import parse_sharding_overrides, sharding_constraints, table_names
@@ -380,6 +381,11 @@ def _check_model(cfg, features, labels, options: TrainOptions):
     check_kernel_runs_here(cfg, options.use_gpu)
     if options.cuda_graphs and not options.use_gpu:
         raise TrainSetupError("--cuda-graphs needs --use-gpu: CUDA graphs exist only on a GPU")
+    kernel = enum_name("Kernel", cfg.model_config.kernel)
+    if options.cuda_graphs and kernel != "TRITON":
+        raise TrainSetupError(
+            f"--cuda-graphs needs model_config.kernel TRITON (the config has {kernel}: its ops "
+            "read sizes back from the GPU, which a CUDA graph cannot hold)")
     device = torch.device("cuda" if options.use_gpu else "cpu")
     with torch.device("meta"):
         model = DlrmHSTU(cfg, features, labels, embedding_device=torch.device("meta"))

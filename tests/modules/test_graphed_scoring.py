@@ -113,14 +113,30 @@ def test_padded_scoring_gives_the_same_scores_losses_and_gradients(ascending):
     assert model.graphed_scoring.stats["eager_steps"] == 1
 
 
-def test_models_with_batch_norm_are_not_graphed():
-    model = build(load_config(SMOKE, list(NO_DROPOUT) + [
+def test_models_that_cannot_be_graphed_run_unpadded():
+    batch_norm = load_config(SMOKE, list(NO_DROPOUT) + [
         "model_config.dlrm_hstu.fusion_mtl_tower.mlp.use_ln=false",
-        "model_config.dlrm_hstu.fusion_mtl_tower.mlp.use_bn=true"]), seed=1)
-    reason = GraphedScoring().refusal((model.encoder, model.item_tower, model.fusion_tower))
+        "model_config.dlrm_hstu.fusion_mtl_tower.mlp.use_bn=true"])
+    model = build(batch_norm, seed=1)
+    reason = GraphedScoring(capture=False).refusal(
+        (model.encoder, model.item_tower, model.fusion_tower))
     assert reason is not None and "BatchNorm1d" in reason
-    plain = build(load_config(SMOKE, NO_DROPOUT), seed=1)
-    assert GraphedScoring().refusal((plain.encoder, plain.item_tower, plain.fusion_tower)) is None
+    # BatchNorm would take its statistics over the padding: such a model is never padded.
+    model.train()
+    batch = make_batch(model, [5, 9, 2], [3, 4, 1], seed=2)
+    want, _, _ = _scores_and_gradients(model, batch)
+    model.use_cuda_graphs(capture=False)
+    got, _, _ = _scores_and_gradients(model, batch)
+    for task, logits in want.items():
+        torch.testing.assert_close(got[task], logits)
+    # A kernel other than TRITON reads sizes back from the GPU, which a capture cannot hold.
+    pytorch = build(load_config(SMOKE, NO_DROPOUT), seed=1)
+    modules = (pytorch.encoder, pytorch.item_tower, pytorch.fusion_tower)
+    assert "PYTORCH kernel" in GraphedScoring().refusal(modules)
+    assert GraphedScoring(capture=False).refusal(modules) is None  # padding alone is fine
+    triton = build(load_config(SMOKE, list(NO_DROPOUT) + ["model_config.kernel=TRITON"]), seed=1)
+    assert GraphedScoring().refusal(
+        (triton.encoder, triton.item_tower, triton.fusion_tower)) is None
 
 
 def test_padding_keeps_the_triton_dropout_masks_of_the_real_tokens():

@@ -358,6 +358,9 @@ def test_cuda_graphs_without_use_gpu_are_refused_before_ray_starts(smoke_recipe,
                            storage=str(tmp_path), tracking_uri=f"file://{tmp_path}/mlruns")
     with pytest.raises(TrainSetupError, match="--cuda-graphs needs --use-gpu"):
         run_training(options)
+    options.use_gpu = True  # the smoke recipe's kernel is PYTORCH
+    with pytest.raises(TrainSetupError, match="--cuda-graphs needs model_config.kernel TRITON"):
+        run_training(options)
 
 
 def test_a_worker_without_the_cutlass_package_ends_as_one_line():
