@@ -149,6 +149,7 @@ def bench_pipeline(
     token_budget=None,
     shuffle_buffer=None,
     epochs: int = 2,
+    num_blocks=None,
 ):
     import ray
 
@@ -157,7 +158,8 @@ def bench_pipeline(
 
     features, labels = sample_specs()
     dataset = read_samples(
-        samples / "train", shuffle_files=True, columns=sample_columns(features, labels)
+        samples / "train", shuffle_files=True, columns=sample_columns(features, labels),
+        override_num_blocks=num_blocks,
     )
     shards = dataset.streaming_split(consumers, equal=True)
     remote_consume = ray.remote(num_cpus=0.5)(consume)
@@ -242,6 +244,9 @@ def main() -> int:
     parser.add_argument("--work", help="scratch directory (default: a temporary one)")
     parser.add_argument("--json", default=str(REPO / "outputs" / "data_bench.json"))
     parser.add_argument("--skip-conversion", action="store_true")
+    parser.add_argument("--ray-blocks", action="store_true",
+                        help="let Ray Data choose how many blocks to read the files into "
+                        "(override_num_blocks=-1) instead of read_samples' one per file")
     args = parser.parse_args()
 
     import logging
@@ -303,10 +308,11 @@ def main() -> int:
         runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
-    results += bench_pipeline(samples, 1, args.batch_size)
-    results += bench_pipeline(samples, 2, args.batch_size)
-    results += bench_pipeline(samples, 2, args.batch_size, shuffle_buffer=256)
-    results += bench_pipeline(samples, 1, 256, token_budget=args.token_budget)
+    blocks = -1 if args.ray_blocks else None
+    results += bench_pipeline(samples, 1, args.batch_size, num_blocks=blocks)
+    results += bench_pipeline(samples, 2, args.batch_size, num_blocks=blocks)
+    results += bench_pipeline(samples, 2, args.batch_size, shuffle_buffer=256, num_blocks=blocks)
+    results += bench_pipeline(samples, 1, 256, token_budget=args.token_budget, num_blocks=blocks)
     ray.shutdown()
     if not args.work:
         shutil.rmtree(work)

@@ -222,6 +222,25 @@ def expand_input_paths(paths: Sequence[str]) -> tuple[list[str], list[str]]:
     return list(dict.fromkeys(found)), missing
 
 
+# Parquet bytes per block read_samples asks Ray Data for, at least one block per file
+# (about 64 MiB in memory for snappy-compressed samples).
+BLOCK_FILE_BYTES = 32 * 2**20
+
+
+def _default_num_blocks(paths: Sequence[str]) -> int | None:
+    """Blocks for read_samples: per local parquet file one, plus one per BLOCK_FILE_BYTES
+    beyond the first; None (Ray decides) when a path is a URI."""
+    if any("://" in p for p in paths):
+        return None
+    blocks = 0
+    for path in paths:
+        files = [path] if os.path.isfile(path) else [
+            os.path.join(root, name) for root, _, names in os.walk(path)
+            for name in names if name.endswith(".parquet")]
+        blocks += sum(max(1, -(-os.path.getsize(f) // BLOCK_FILE_BYTES)) for f in files)
+    return max(1, blocks)
+
+
 def read_samples(
     paths: str | os.PathLike | Sequence[str | os.PathLike],
     *,
@@ -240,6 +259,12 @@ def read_samples(
     columns: read only these columns; default all (sample_columns(features, labels) gives
         what a model reads, plus sample_id).
     include_paths: add a `path` column naming each row's file, so that data errors name it.
+    override_num_blocks: how many blocks Ray Data reads the files into. Default: one per
+        file, more for files over BLOCK_FILE_BYTES (local paths; Ray's own choice for URIs).
+        Ray's own choice aims at 200 blocks of at least 1 MiB: 2,000 27K-shaped rows (~50 MB
+        of parquet in 8 files) came as ~96 blocks of ~20 rows, and handing blocks over costs
+        enough that one consumer then got ~1,600 rows/s on 2 CPUs, against 5,600 with 8
+        blocks (docs/BENCHMARKS.md, "Data pipeline").
     datasource_v2: Ray 2.60 reads parquet through its new ListFiles -> ReadFiles chain by
         default. On the 2-CPU machine that chain listed the files in a task that took
         10-20 s and released no batch until every file was read, while the previous reader
@@ -264,15 +289,17 @@ def read_samples(
     previous = context.use_datasource_v2
     context.use_datasource_v2 = datasource_v2
     try:
-        return ray.data.read_parquet(
+        dataset = ray.data.read_parquet(
             path_list,
             columns=list(columns) if columns is not None else None,
             shuffle=shuffle,
             include_paths=include_paths,
-            override_num_blocks=override_num_blocks,
+            override_num_blocks=(override_num_blocks if override_num_blocks is not None
+                                 else _default_num_blocks(path_list)),
         )
     finally:
         context.use_datasource_v2 = previous
+    return dataset
 
 
 def sample_columns(

@@ -435,3 +435,26 @@ def test_pack_slices_closes_batches_by_budget_and_rows():
     assert slices == [(0, 2), (2, 1), (3, 1), (4, 3)]
     assert start == 7
     assert pack_slices(np.zeros(0), 10, 3) == ([], 0)
+
+
+def test_read_samples_asks_for_one_block_per_file_and_more_for_big_files(tmp_path, monkeypatch):
+    from hstu.data import pipeline
+
+    for index, rows in enumerate([10, 20, 5]):
+        pq.write_table(pa.table({"sample_id": np.arange(rows)}), tmp_path / f"part-{index}.parquet")
+    (tmp_path / "notes.txt").write_text("not a sample file")
+    assert pipeline._default_num_blocks([str(tmp_path)]) == 3
+    assert pipeline._default_num_blocks([str(tmp_path / "part-1.parquet")]) == 1
+    assert pipeline._default_num_blocks(["s3://bucket/train"]) is None  # Ray decides
+    # A file over BLOCK_FILE_BYTES gets one block per BLOCK_FILE_BYTES started.
+    size = (tmp_path / "part-0.parquet").stat().st_size
+    monkeypatch.setattr(pipeline, "BLOCK_FILE_BYTES", max(1, size // 3))
+    assert pipeline._default_num_blocks([str(tmp_path / "part-0.parquet")]) >= 3
+
+
+@pytest.mark.slow
+def test_read_samples_reads_each_file_as_one_block(ray_local, synthetic_dir):
+    files = list((synthetic_dir / "train").glob("*.parquet"))
+    assert len(files) > 2
+    dataset = read_samples(synthetic_dir / "train").materialize()
+    assert dataset.num_blocks() == len(files)
