@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -158,6 +159,21 @@ def _score(encoder, item_tower, fusion_tower, inputs: dict) -> tuple[torch.Tenso
     return tuple(fusion_tower(user, item_tower(inputs["candidates"])))
 
 
+def parameters_as_inputs(module: nn.Module, count: int):
+    """(run, params): run(*tensors, *weights) is module(*tensors) computed with `weights` in
+    place of `params`, the module's trainable parameters (in named_parameters order), so that
+    a graph can be captured with the weights as inputs. `count`: how many tensors come
+    first."""
+    trained = [(name, param) for name, param in module.named_parameters() if param.requires_grad]
+    names = tuple(name for name, _ in trained)
+
+    def run(*args):
+        weights = dict(zip(names, args[count:]))
+        return torch.func.functional_call(module, weights, tuple(args[:count]))
+
+    return run, tuple(param for _, param in trained)
+
+
 def _autocast_state() -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
 
@@ -167,15 +183,15 @@ class GraphedScoring:
     bucket's first batch). Runs the batch unpadded and eagerly instead when the model cannot be
     graphed (BatchNorm in a tower; a kernel other than TRITON, whose ops read sizes back from
     the GPU), when `max_graphs` buckets already have graphs, off CUDA, without the longest row
-    known on the host, or after a capture failed (logged once). capture=False pads every batch
-    as for a graph but runs it eagerly: how the CPU tests check the padding. Called by
+    known on the host. A capture that fails raises (see `_capture`). capture=False pads every
+    batch as for a graph but runs it eagerly: how the CPU tests check the padding. Called by
     score_candidates in training steps."""
 
     def __init__(self, *, capture: bool = True, max_graphs: int = 8, warmup_iters: int = 3):
         self.capture = capture
         self.max_graphs = max_graphs
         self.warmup_iters = warmup_iters
-        self._graphs: dict[tuple, _DenseScorer] = {}
+        self._graphs: dict[tuple, Callable[..., tuple[torch.Tensor, ...]]] = {}
         self._pool = None
         self._refused: str | None = None
         self.stats = {"graphed_steps": 0, "eager_steps": 0, "captures": 0}
@@ -222,8 +238,6 @@ class GraphedScoring:
         tensors = tuple(padded[name] for name in names)
         scorer = self._graphs.get(key) or self._capture(key, modules, names, bucket, autocast,
                                                         tensors)
-        if scorer is None:
-            return self._unpadded(modules, inputs)
         self.stats["graphed_steps"] += 1
         per_task = scorer(*tensors)
         # The graph's outputs are overwritten by its next replay: keep copies.
@@ -234,8 +248,18 @@ class GraphedScoring:
         return list(_score(*modules, inputs))
 
     def _capture(self, key, modules, names, bucket, autocast, tensors):
-        """The bucket's graphed scorer, or None (and graphs off from now on) if capture fails."""
-        scorer = _DenseScorer(*modules, names, bucket.max_item_len, autocast)
+        """The bucket's graphed scorer (a callable taking the batch's tensors)."""
+        holder = _DenseScorer(*modules, names, bucket.max_item_len, autocast)
+        run, params = parameters_as_inputs(holder, len(names))
+        # The graphs are captured against aliases of the parameters: new leaf tensors on the
+        # same storage (so replays read the weights the optimizer updates in place), with
+        # autograd nodes of their own. Capturing against the parameters themselves breaks
+        # under DistributedDataParallel, which keeps each parameter's gradient accumulator;
+        # that node belongs to the default stream, and the capture's backward would touch it
+        # (torch warns "The AccumulateGrad node's stream does not match"; the capture is then
+        # invalidated). The replay's gradients reach the real parameters outside the graph,
+        # as an eager backward's do, so DDP's hooks fire as usual.
+        aliases = tuple(param.detach().requires_grad_() for param in params)
         # Leaf copies as the graph's static inputs: the batch's own tensors would keep this
         # step's autograd graph (the lookups') alive as long as the graph lives.
         static = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
@@ -245,13 +269,20 @@ class GraphedScoring:
                 self._pool = torch.cuda.graph_pool_handle()
             # Autocast off around the capture; _DenseScorer enters it for the forward only.
             with torch.autocast("cuda", enabled=False):
-                scorer = torch.cuda.make_graphed_callables(
-                    scorer, static, num_warmup_iters=self.warmup_iters,
+                graphed = torch.cuda.make_graphed_callables(
+                    run, static + aliases, num_warmup_iters=self.warmup_iters,
                     allow_unused_input=True, pool=self._pool)
-        except Exception as error:  # noqa: BLE001 - the step goes on eagerly, and says why
-            self._refused = f"capturing {bucket} failed: {type(error).__name__}: {error}"
-            logger.warning("CUDA graphs off: %s", self._refused)
-            return None
+        except Exception as error:
+            # No eager fallback: a capture that failed part-way leaves torch's CUDA generator
+            # marked as capturing, so the next dropout draw would fail with a message that
+            # hides this one (seen on an H100, 2026-12-07).
+            raise RuntimeError(
+                f"capturing CUDA graphs for {bucket} failed ({type(error).__name__}: {error}); "
+                "train without --cuda-graphs, and report the model config") from error
+
+        def scorer(*batch_tensors):
+            return graphed(*batch_tensors, *params)
+
         self._graphs[key] = scorer
         self.stats["captures"] += 1
         return scorer

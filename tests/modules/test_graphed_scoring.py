@@ -14,6 +14,7 @@ from hstu.modules.graphed_scoring import (
     GraphedScoring,
     bucket_for,
     pad_inputs,
+    parameters_as_inputs,
 )
 from tests.test_model import NO_DROPOUT, SMOKE, build, make_batch
 
@@ -111,6 +112,38 @@ def test_padded_scoring_gives_the_same_scores_losses_and_gradients(ascending):
     with torch.no_grad():
         model(batch)
     assert model.graphed_scoring.stats["eager_steps"] == 1
+
+
+def test_parameters_as_inputs_computes_the_module_with_the_given_weights():
+    # What the graphs are captured with: the module run on weights passed as inputs. Given the
+    # parameters themselves it is the module; given aliases (new leaves on the same storage),
+    # the gradients go to the aliases and the parameters' own .grad stays untouched.
+    torch.manual_seed(3)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 2))
+    module[0].bias.requires_grad_(False)  # frozen parameters stay module attributes
+    run, params = parameters_as_inputs(module, count=1)
+    assert len(params) == 3 and all(p.requires_grad for p in params)
+    x = torch.randn(5, 4, requires_grad=True)
+    want = module(x)
+    want.square().sum().backward()
+    want_grads = [p.grad.clone() for p in params] + [x.grad.clone()]
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    got = run(x, *params)
+    torch.testing.assert_close(got, want)
+    got.square().sum().backward()
+    for grad, expected in zip([p.grad for p in params] + [x.grad], want_grads):
+        torch.testing.assert_close(grad, expected)
+    module.zero_grad(set_to_none=True)
+    aliases = [p.detach().requires_grad_() for p in params]
+    run(x, *aliases).square().sum().backward()
+    assert all(p.grad is None for p in params)
+    for alias, expected in zip(aliases, want_grads):
+        torch.testing.assert_close(alias.grad, expected)
+    # The aliases share the parameters' storage: an in-place update is seen through them.
+    with torch.no_grad():
+        params[0].add_(1.0)
+    assert torch.equal(aliases[0], params[0])
 
 
 def test_models_that_cannot_be_graphed_run_unpadded():
