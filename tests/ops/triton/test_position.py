@@ -79,6 +79,29 @@ def test_dropout_mask_and_its_gradient(use_time_encoding):
                                    atol=1e-4, msg=name)
 
 
+def test_time_table_gradient_with_long_runs_of_one_bucket():
+    # The backward sums each run of equal time buckets inside a block of tokens before its one
+    # atomic add: runs here cross block boundaries (64 tokens per block at this width), rows
+    # and both ends of the batch, and a row's candidates share the query's bucket.
+    lengths, targets = [150, 3, 90], [60, 1, 30]
+    offsets, _, num_targets, inputs = _case(lengths, targets, seed=5)
+    runs = torch.arange(sum(lengths)) // 37  # 37 tokens per timestamp
+    timestamps = (1_650_000_000 + runs * 86_400).to(DEVICE)
+    options = dict(contextual_seq_len=2, time_bucket_fn="log")
+    args = {name: t.detach().float().requires_grad_() for name, t in inputs.items()}
+    reference = {name: t.detach().float().requires_grad_() for name, t in inputs.items()}
+    out = _op(triton_ops, offsets, timestamps, num_targets, **options)(**args)
+    want = _op(torch_ops, offsets, timestamps, num_targets, **options)(**reference)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    want.backward(grad)
+    used = reference["time_table"].grad.abs().sum(1) > 0
+    assert 3 <= int(used.sum()) < 20  # few buckets, each taking many tokens
+    for name in ("x", "position_table", "time_table"):
+        torch.testing.assert_close(args[name].grad, reference[name].grad, rtol=1e-4,
+                                   atol=1e-4, msg=name)
+
+
 def test_backward_refuses_deterministic_mode():
     # The table gradients are float atomic adds: under torch.use_deterministic_algorithms the
     # backward says so (as torch's index_add_ on a GPU does) instead of running.
