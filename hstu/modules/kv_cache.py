@@ -51,7 +51,12 @@ from torch import nn
 
 from hstu.ops.pytorch.dtypes import upcast
 from hstu.ops.pytorch.jagged import offsets_from_lengths
-from hstu.ops.pytorch.position import position_indices, time_bucket_indices
+from hstu.ops.pytorch.position import (
+    position_indices,
+    positions_at,
+    time_bucket_indices,
+    time_buckets_at,
+)
 
 
 class CacheEntry:
@@ -289,6 +294,8 @@ def reuse_is_exact(encoder: nn.Module, entry: CacheEntry, new_tokens: int, ancho
         bidirectional_tokens = entry.contextual_seq_len
     if new_tokens > 0 and bidirectional_tokens > 0 and layers > 1:
         return False
+    if new_tokens == 0 and anchor == entry.anchor:
+        return True  # the cached request again: every index below would be the same
     positional = encoder.positional_encoder
     n = entry.history_length
     old_pos, old_buckets = _prefix_indices(positional, entry.contextual_seq_len,
@@ -342,34 +349,33 @@ def _offsets(lengths: Sequence[int]) -> torch.Tensor:
 def _virtual_indices(positional_encoder, cached, num_targets, timestamps, contextual_seq_len):
     """Host int64 (position rows, time-bucket rows or None) of the delta tokens, from their
     places in the whole ("virtual") rows [c contextual; cached + new history; candidates]:
-    index arithmetic over integers on the CPU (hstu.ops.position's formula)."""
+    index arithmetic on the CPU over the delta tokens alone (hstu.ops.position's formulas),
+    so that its cost grows with the new tokens, not with the cached history."""
     c = contextual_seq_len
-    virtual_ts, virtual_lengths, delta_index = [], [], []
-    start = 0
-    for entry, own in zip(cached, timestamps):
-        cached_history = entry.history_timestamps if entry is not None else own[:0]
-        row = torch.cat([torch.zeros(c, dtype=torch.int64), cached_history, own])
+    cols, first_targets, seconds_before_query = [], [], []
+    for entry, own, targets in zip(cached, timestamps, num_targets):
+        cached_history = entry.history_length if entry is not None else 0
+        length = c + cached_history + own.numel()
         # The delta starts after the cached tokens (contextual + cached history) or, for a
         # row without a cache, at the row's start (its contextual tokens are computed too).
-        first = c + cached_history.numel() if entry is not None else 0
-        delta_index.append(torch.arange(start + first, start + row.numel()))
-        virtual_ts.append(row)
-        virtual_lengths.append(row.numel())
-        start += row.numel()
-    offsets = _offsets(virtual_lengths)
-    index = torch.cat(delta_index)
-    positions = position_indices(
-        offsets, torch.tensor(list(num_targets), dtype=torch.int64), start,
-        contextual_seq_len=c, num_position_buckets=positional_encoder.position_table.shape[0],
-        use_time_encoding=positional_encoder.use_time_encoding,
-    )[index]
+        first = c + cached_history if entry is not None else 0
+        cols.append(torch.arange(first, length))
+        first_targets.append(torch.full((length - first,), length - int(targets)))
+        # The row's query time is its last token's (the last candidate's); contextual tokens
+        # carry timestamp 0, as in a full pass.
+        delta_ts = own if entry is not None else torch.cat(
+            [torch.zeros(c, dtype=torch.int64), own])
+        seconds_before_query.append(own[-1] - delta_ts)
+    positions = positions_at(
+        torch.cat(cols), torch.cat(first_targets), contextual_seq_len=c,
+        num_position_buckets=positional_encoder.position_table.shape[0],
+        use_time_encoding=positional_encoder.use_time_encoding)
     if not positional_encoder.use_time_encoding:
         return positions, None
-    buckets = time_bucket_indices(
-        offsets, torch.cat(virtual_ts), time_bucket_fn=positional_encoder.time_bucket_fn,
+    buckets = time_buckets_at(
+        torch.cat(seconds_before_query), time_bucket_fn=positional_encoder.time_bucket_fn,
         time_bucket_increments=positional_encoder.time_bucket_increments,
-        num_time_buckets=positional_encoder.num_time_buckets,
-    )[index]
+        num_time_buckets=positional_encoder.num_time_buckets)
     return positions, buckets
 
 

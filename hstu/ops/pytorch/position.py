@@ -25,6 +25,21 @@ def position_indices(
     if num_targets is None:
         num_targets = torch.zeros_like(lengths)
     first_target = (lengths - num_targets.to(lengths.dtype))[rows]
+    return positions_at(cols, first_target, contextual_seq_len=contextual_seq_len,
+                        num_position_buckets=num_position_buckets,
+                        use_time_encoding=use_time_encoding)
+
+
+def positions_at(
+    cols: torch.Tensor,
+    first_target: torch.Tensor,
+    *,
+    contextual_seq_len: int,
+    num_position_buckets: int,
+    use_time_encoding: bool,
+) -> torch.Tensor:
+    """position_indices for tokens given by their column in their row and their row's first
+    target column (so that any subset of a batch's tokens can be indexed alone)."""
     if use_time_encoding:
         c = contextual_seq_len
         # Distance to the target boundary: targets all get c, the newest history item c + 1.
@@ -52,8 +67,25 @@ def time_bucket_indices(
     rows, _ = jagged_row_and_col(seq_offsets, total)
     last_token = (seq_offsets[1:] - 1).clamp(min=0)
     query_time = timestamps[last_token] if total else timestamps.new_zeros(last_token.shape)
-    # Subtract in int64: epoch seconds do not survive a trip through float32 (ULP 128 s).
-    delta = (query_time[rows] - timestamps).to(torch.float32)
+    return time_buckets_at(query_time[rows] - timestamps, time_bucket_fn=time_bucket_fn,
+                           time_bucket_increments=time_bucket_increments,
+                           num_time_buckets=num_time_buckets)
+
+
+def time_buckets_at(
+    seconds_before_query: torch.Tensor,
+    *,
+    time_bucket_fn: str,
+    time_bucket_increments: float,
+    num_time_buckets: int,
+) -> torch.Tensor:
+    """time_bucket_indices for tokens given by their int64 distance in seconds to their row's
+    query time (its last token's timestamp)."""
+    if time_bucket_fn not in TIME_BUCKET_FNS:
+        raise ValueError(f"time_bucket_fn {time_bucket_fn!r}; expected one of {TIME_BUCKET_FNS}")
+    # Subtracted in int64 by the caller: epoch seconds do not survive a trip through float32
+    # (ULP 128 s).
+    delta = seconds_before_query.to(torch.float32)
     delta = delta.clamp(min=1e-6) / time_bucket_increments
     scaled = torch.sqrt(delta) if time_bucket_fn == "sqrt" else torch.log(delta)
     buckets = (scaled / num_time_buckets).clamp(0.0, 1.0) * num_time_buckets
