@@ -115,28 +115,8 @@ def _add_position_time_bwd(D_OUT, POS, BUCKET, D_X, D_P, D_T, total, stride_dout
     pos = tl.load(POS + rows, mask=ok, other=0).to(tl.int64)
     tl.atomic_add(D_P + pos[:, None] * D + cols[None, :], grad, mask=mask, sem="relaxed")
     if USE_TIME:
-        # Neighbouring tokens mostly share a time bucket (a row's candidates all fall in the
-        # query's own, recent actions in the first ones), so one atomic per token would pile
-        # onto a few addresses. A run of equal buckets in this block is summed first (a
-        # segmented scan over the rows) and added once, by its last token.
-        bucket = tl.load(BUCKET + rows, mask=ok, other=-1).to(tl.int64)
-        first = tl.arange(0, BLOCK_R) == 0
-        previous = tl.load(BUCKET + rows - 1, mask=ok & ~first, other=-1).to(tl.int64)
-        last = tl.arange(0, BLOCK_R) == BLOCK_R - 1
-        following = tl.load(BUCKET + rows + 1, mask=(rows + 1 < total) & ~last,
-                            other=-1).to(tl.int64)
-        starts = (first | (bucket != previous)).to(tl.int32)
-        starts = tl.broadcast_to(starts[:, None], (BLOCK_R, BLOCK_D))
-        run_sums, _ = tl.associative_scan((grad, starts), 0, _segment_sum)
-        ends = ok & (last | (bucket != following))
-        tl.atomic_add(D_T + bucket[:, None] * D + cols[None, :], run_sums,
-                      mask=ends[:, None] & (cols < D)[None, :], sem="relaxed")
-
-
-@triton.jit
-def _segment_sum(value_a, start_a, value_b, start_b):
-    """Combine of a segmented sum scan: b opens a new segment, or continues a's."""
-    return tl.where(start_b != 0, value_b, value_a + value_b), start_a | start_b
+        bucket = tl.load(BUCKET + rows, mask=ok, other=0).to(tl.int64)
+        tl.atomic_add(D_T + bucket[:, None] * D + cols[None, :], grad, mask=mask, sem="relaxed")
 
 
 class _AddPositionTime(torch.autograd.Function):

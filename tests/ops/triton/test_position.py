@@ -80,9 +80,9 @@ def test_dropout_mask_and_its_gradient(use_time_encoding):
 
 
 def test_time_table_gradient_with_long_runs_of_one_bucket():
-    # The backward sums each run of equal time buckets inside a block of tokens before its one
-    # atomic add: runs here cross block boundaries (64 tokens per block at this width), rows
-    # and both ends of the batch, and a row's candidates share the query's bucket.
+    # Most tokens fall in a few time buckets (a row's candidates all in the query's own), the
+    # case where the table gradient's atomic adds pile onto a few rows: runs of one bucket
+    # cross the kernel's blocks (64 tokens at this width), rows and both ends of the batch.
     lengths, targets = [150, 3, 90], [60, 1, 30]
     offsets, _, num_targets, inputs = _case(lengths, targets, seed=5)
     runs = torch.arange(sum(lengths)) // 37  # 37 tokens per timestamp
