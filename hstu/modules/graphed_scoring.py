@@ -195,6 +195,7 @@ class GraphedScoring:
         self.warmup_iters = warmup_iters
         self._graphs: dict[tuple, Callable[..., tuple[torch.Tensor, ...]]] = {}
         self._pool = None
+        self._captured_params: tuple[torch.Tensor, ...] = ()
         self._refused: str | None = None
         self.stats = {"graphed_steps": 0, "eager_steps": 0, "captures": 0}
 
@@ -234,6 +235,12 @@ class GraphedScoring:
             return [logits[:candidates] for logits in per_task]
         key = (names, bucket, autocast) + tuple(
             (inputs[name].dtype, inputs[name].requires_grad) for name in names)
+        if self._graphs and not self._same_parameters(modules):
+            # A parameter was replaced (or frozen, or unfrozen) since the capture: the graphs
+            # would go on reading and training the old tensors. Capture anew.
+            logger.warning("CUDA graphs: the dense parameters changed since the capture; "
+                           "capturing again")
+            self._graphs.clear()
         if key not in self._graphs and len(self._graphs) >= self.max_graphs:
             return self._unpadded(modules, inputs)
         padded = pad_inputs(inputs, bucket)
@@ -244,6 +251,12 @@ class GraphedScoring:
         per_task = scorer(*tensors)
         # The graph's outputs are overwritten by its next replay: keep copies.
         return [logits[:candidates].clone() for logits in per_task]
+
+    def _same_parameters(self, modules) -> bool:
+        """Are the modules' trainable parameters the very tensors the graphs were captured
+        with? (A few microseconds per step: one pass over ~100 parameters.)"""
+        current = {id(p) for module in modules for p in module.parameters() if p.requires_grad}
+        return current == {id(p) for p in self._captured_params}
 
     def _unpadded(self, modules, inputs: dict) -> list[torch.Tensor]:
         self.stats["eager_steps"] += 1
@@ -284,6 +297,13 @@ class GraphedScoring:
 
         def scorer(*batch_tensors):
             return graphed(*batch_tensors, *params)
+
+        # A replay's gradients come out of the graph's own buffers: autograd may keep such a
+        # buffer as a parameter's .grad, and the next replay would then overwrite it. The
+        # training step clears gradients with zero_grad(set_to_none=True) before each step
+        # (hstu/train/step.py), and DDP (gradient_as_bucket_view) points .grad at its own
+        # buckets; accumulating gradients over several steps would need a copy here.
+        self._captured_params = params
 
         self._graphs[key] = scorer
         self.stats["captures"] += 1

@@ -183,3 +183,24 @@ def test_each_replay_draws_new_dropout_masks():
     second, _ = _step(modules, inputs, graphed)
     assert graphed.stats["captures"] == 1 and graphed.stats["graphed_steps"] == 2
     assert not torch.equal(first[0], second[0])
+
+
+@pytest.mark.gpu
+def test_a_replaced_parameter_is_captured_again_and_trained():
+    # The graphs read the parameters they were captured with; a parameter replaced afterwards
+    # (load_state_dict(assign=True), a new nn.Parameter) must not be left untrained.
+    bench = _encoder_bench()
+    modules = _model(bench, dropout=False)
+    graphed = GraphedScoring(capture=True)
+    inputs = _inputs(bench, "4x300", 0)
+    _step(modules, inputs, graphed)
+    fusion_tower = modules[2]
+    name, old = next(iter(fusion_tower.named_parameters()))
+    module_name, _, attribute = name.rpartition(".")
+    owner = fusion_tower.get_submodule(module_name) if module_name else fusion_tower
+    setattr(owner, attribute, torch.nn.Parameter(old.detach().clone() * 2))
+    _, got_grads = _step(modules, inputs, graphed)
+    _, want_grads = _step(modules, inputs, None)
+    assert graphed.stats["captures"] == 2
+    assert f"2.{name}" in got_grads
+    _close_gradient(got_grads[f"2.{name}"], want_grads[f"2.{name}"], f"gradient of {name}")

@@ -83,6 +83,9 @@ def time_buckets_at(
     query time (its last token's timestamp)."""
     if time_bucket_fn not in TIME_BUCKET_FNS:
         raise ValueError(f"time_bucket_fn {time_bucket_fn!r}; expected one of {TIME_BUCKET_FNS}")
+    if seconds_before_query.dtype != torch.int64:
+        raise TypeError(f"seconds before the query must be int64; got "
+                        f"{seconds_before_query.dtype}")
     # Subtracted in int64 by the caller: epoch seconds do not survive a trip through float32
     # (ULP 128 s).
     delta = seconds_before_query.to(torch.float32)

@@ -1,0 +1,89 @@
+"""hstu/modules/kv_cache.py helpers: the new tokens' position and time-bucket rows, computed
+for the new tokens alone, against the same formulas applied to whole rows."""
+
+from __future__ import annotations
+
+import random
+import types
+
+import pytest
+import torch
+
+from hstu.modules.kv_cache import _virtual_indices
+from hstu.ops.pytorch.position import position_indices, time_bucket_indices, time_buckets_at
+
+
+class _Entry:
+    """What _virtual_indices reads of a cache entry: the cached history's timestamps."""
+
+    def __init__(self, timestamps: torch.Tensor) -> None:
+        self.history_timestamps = timestamps
+
+    @property
+    def history_length(self) -> int:
+        return int(self.history_timestamps.shape[0])
+
+
+def _whole_rows(encoder, cached, num_targets, timestamps, c):
+    """The indices of every token of the whole ("virtual") rows [c contextual (timestamp 0);
+    cached history; new history; candidates], kept for the tokens the call computes."""
+    rows, keep, start = [], [], 0
+    for entry, own in zip(cached, timestamps):
+        history = entry.history_timestamps if entry is not None else own[:0]
+        row = torch.cat([torch.zeros(c, dtype=torch.int64), history, own])
+        first = c + history.numel() if entry is not None else 0
+        keep.append(torch.arange(start + first, start + row.numel()))
+        rows.append(row)
+        start += row.numel()
+    lengths = torch.tensor([row.numel() for row in rows])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    index = torch.cat(keep)
+    positions = position_indices(
+        offsets, torch.tensor(num_targets), start, contextual_seq_len=c,
+        num_position_buckets=encoder.position_table.shape[0],
+        use_time_encoding=encoder.use_time_encoding)[index]
+    if not encoder.use_time_encoding:
+        return positions, None
+    buckets = time_bucket_indices(
+        offsets, torch.cat(rows), time_bucket_fn=encoder.time_bucket_fn,
+        time_bucket_increments=encoder.time_bucket_increments,
+        num_time_buckets=encoder.num_time_buckets)[index]
+    return positions, buckets
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_new_tokens_get_the_rows_of_a_whole_row_pass(seed):
+    rng = random.Random(seed)
+    for _ in range(40):
+        c = rng.choice([0, 1, 3])
+        encoder = types.SimpleNamespace(
+            position_table=torch.zeros(rng.choice([2, 9, 300]), 1),
+            use_time_encoding=rng.random() < 0.8, time_bucket_fn=rng.choice(["sqrt", "log"]),
+            time_bucket_increments=60.0, num_time_buckets=rng.choice([16, 2048]))
+        cached, timestamps, num_targets = [], [], []
+        for _ in range(rng.randint(1, 5)):
+            history = sorted(rng.randint(1_600_000_000, 1_700_000_000)
+                             for _ in range(rng.choice([0, 1, 7, 40])))
+            new = sorted(rng.randint(1_700_000_000, 1_700_050_000)
+                         for _ in range(rng.choice([0, 2, 10])))
+            targets = rng.randint(1, 6)
+            query = 1_700_100_000 + rng.choice([0, 5, 86_400])
+            cached.append(None if rng.random() < 0.3 else _Entry(torch.tensor(history,
+                                                                             dtype=torch.int64)))
+            # A row without a cache brings its whole history; one with a cache, the new part.
+            own_history = new if cached[-1] is not None else history + new
+            timestamps.append(torch.tensor(own_history + [query] * targets, dtype=torch.int64))
+            num_targets.append(targets)
+        got = _virtual_indices(encoder, cached, num_targets, timestamps, c)
+        want = _whole_rows(encoder, cached, num_targets, timestamps, c)
+        assert torch.equal(got[0], want[0])
+        assert (got[1] is None) == (want[1] is None)
+        if want[1] is not None:
+            assert torch.equal(got[1], want[1])
+
+
+def test_time_buckets_need_int64_seconds():
+    # Epoch-second differences lose whole minutes in float32: the caller must subtract in int64.
+    with pytest.raises(TypeError, match="int64"):
+        time_buckets_at(torch.tensor([60.0]), time_bucket_fn="sqrt", time_bucket_increments=60.0,
+                        num_time_buckets=2048)
