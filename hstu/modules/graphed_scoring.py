@@ -25,7 +25,8 @@ CPU tests check that padding leaves the scores and gradients unchanged).
 Verification: the padding is tested on the CPU (PYTORCH and the Triton interpreter); the capture,
 replays and capture under DDP on one H100 (tests/modules/test_graphed_scoring_gpu.py), and the
 training step in train_bench (docs/BENCHMARKS.md, "Session 10": 15.3 -> 10.1 ms at 32 rows of
-1,024-token histories).
+1,024-token histories). The recapture after a parameter was replaced is tested for the GPU but
+has not run there yet.
 """
 
 from __future__ import annotations
