@@ -136,6 +136,32 @@ def timed(fn, device, repeats: int, warmup: int, before=lambda: None):
     return statistics.median(wall), statistics.median(cpu), result
 
 
+def profile_cached(score, restore, device, label: str, calls: int = 3) -> None:
+    """Where the cached path's time goes: `calls` cached calls under torch.profiler, the top
+    operators by host time and, on a GPU, by device time. Each call follows a restore of the
+    cache, whose few slicing ops count in the tables too; the `cached_score` row is the calls
+    alone."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            restore()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            with record_function("cached_score"):
+                score()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+    events = prof.key_averages()
+    print(f"--- profile of {calls} cached calls: {label}")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
+    if device.type == "cuda":
+        print(events.table(sort_by="self_cuda_time_total", row_limit=15,
+                           max_name_column_width=60))
+
+
 def max_abs_diff(a: dict, b: dict) -> float:
     return max(float((a[t].float() - b[t].float()).abs().max()) for t in a)
 
@@ -186,6 +212,10 @@ def run_case(serving, args, device, history: int, autocast) -> list[dict]:
             cached_ms, cached_cpu_ms, got = timed(
                 lambda scorer=scorer: scorer.score(request, keys), device, args.repeats,
                 args.warmup, before=restore)
+        if args.profile:
+            with torch.no_grad(), autocast():
+                profile_cached(lambda scorer=scorer: scorer.score(request, keys), restore,
+                               device, f"{args.batch} x {history} {mode}")
         cache_bytes = sum(entry.nbytes() for entry in entries.values())
         rows.append(dict(
             history=history, new=args.new, candidates=args.candidates, batch=args.batch,
@@ -241,6 +271,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile 3 cached calls per case (torch.profiler tables)")
     parser.add_argument("--json", dest="json_out", metavar="FILE", help="write the rows here")
     args = parser.parse_args()
     device = torch.device(args.device)
