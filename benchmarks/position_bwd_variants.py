@@ -55,6 +55,8 @@ def _add_position_time_bwd_merge_last(D_OUT, POS, BUCKET, D_X, D_P, D_T, total, 
     ok = rows < total
     col_ok = cols < D
     mask = ok[:, None] & col_ok[None, :]
+    # d x as the production kernel computes it (the same lines there): only the table
+    # gradients below differ.
     rows64 = rows.to(tl.int64)[:, None]
     grad = tl.load(D_OUT + rows64 * stride_dout + cols[None, :], mask=mask, other=0.0)
     grad = grad.to(tl.float32)
@@ -63,21 +65,22 @@ def _add_position_time_bwd_merge_last(D_OUT, POS, BUCKET, D_X, D_P, D_T, total, 
     tl.store(D_X + rows64 * stride_dx + cols[None, :], (grad * alpha).to(D_X.dtype.element_ty),
              mask=mask)
     last = tl.minimum(start + BLOCK_R, total) - 1
-    pos = tl.load(POS + rows, mask=ok, other=-1).to(tl.int64)
-    pos_last = tl.load(POS + last).to(tl.int64)
-    same = ok & (pos == pos_last)
-    merged = tl.sum(tl.where(same[:, None], grad, 0.0), axis=0)
-    tl.atomic_add(D_P + pos_last * D + cols, merged, mask=col_ok, sem="relaxed")
-    tl.atomic_add(D_P + pos[:, None] * D + cols[None, :], grad,
-                  mask=mask & ~same[:, None], sem="relaxed")
+    _add_merging_last(D_P, POS, rows, last, ok, grad, cols, col_ok, D)
     if USE_TIME:
-        bucket = tl.load(BUCKET + rows, mask=ok, other=-1).to(tl.int64)
-        bucket_last = tl.load(BUCKET + last).to(tl.int64)
-        same_bucket = ok & (bucket == bucket_last)
-        merged_t = tl.sum(tl.where(same_bucket[:, None], grad, 0.0), axis=0)
-        tl.atomic_add(D_T + bucket_last * D + cols, merged_t, mask=col_ok, sem="relaxed")
-        tl.atomic_add(D_T + bucket[:, None] * D + cols[None, :], grad,
-                      mask=mask & ~same_bucket[:, None], sem="relaxed")
+        _add_merging_last(D_T, BUCKET, rows, last, ok, grad, cols, col_ok, D)
+
+
+@triton.jit
+def _add_merging_last(TABLE_GRAD, INDEX, rows, last, ok, grad, cols, col_ok, D: tl.constexpr):
+    """grad's rows added to TABLE_GRAD at their INDEX rows: those sharing the block's last
+    token's index summed first and added with one atomic, the others one atomic each."""
+    index = tl.load(INDEX + rows, mask=ok, other=-1).to(tl.int64)
+    index_last = tl.load(INDEX + last).to(tl.int64)
+    same = ok & (index == index_last)
+    merged = tl.sum(tl.where(same[:, None], grad, 0.0), axis=0)
+    tl.atomic_add(TABLE_GRAD + index_last * D + cols, merged, mask=col_ok, sem="relaxed")
+    tl.atomic_add(TABLE_GRAD + index[:, None] * D + cols[None, :], grad,
+                  mask=(ok & ~same)[:, None] & col_ok[None, :], sem="relaxed")
 
 
 KERNELS = {"production": _add_position_time_bwd, "merge_last": _add_position_time_bwd_merge_last}

@@ -196,7 +196,7 @@ class GraphedScoring:
         self.warmup_iters = warmup_iters
         self._graphs: dict[tuple, Callable[..., tuple[torch.Tensor, ...]]] = {}
         self._pool = None
-        self._captured_params: tuple[torch.Tensor, ...] = ()
+        self._captured_ids: frozenset[int] = frozenset()  # id() of the captured parameters
         self._refused: str | None = None
         self.stats = {"graphed_steps": 0, "eager_steps": 0, "captures": 0}
 
@@ -257,7 +257,7 @@ class GraphedScoring:
         """Are the modules' trainable parameters the very tensors the graphs were captured
         with? (A few microseconds per step: one pass over ~100 parameters.)"""
         current = {id(p) for module in modules for p in module.parameters() if p.requires_grad}
-        return current == {id(p) for p in self._captured_params}
+        return current == self._captured_ids
 
     def _unpadded(self, modules, inputs: dict) -> list[torch.Tensor]:
         self.stats["eager_steps"] += 1
@@ -304,7 +304,8 @@ class GraphedScoring:
         # training step clears gradients with zero_grad(set_to_none=True) before each step
         # (hstu/train/step.py), and DDP (gradient_as_bucket_view) points .grad at its own
         # buckets; accumulating gradients over several steps would need a copy here.
-        self._captured_params = params
+        # `params` stays alive in `scorer`, so these ids cannot be reused by other tensors.
+        self._captured_ids = frozenset(id(p) for p in params)
 
         self._graphs[key] = scorer
         self.stats["captures"] += 1

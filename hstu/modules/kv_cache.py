@@ -354,11 +354,11 @@ def _virtual_indices(positional_encoder, cached, num_targets, timestamps, contex
     c = contextual_seq_len
     cols, first_targets, seconds_before_query = [], [], []
     for entry, own, targets in zip(cached, timestamps, num_targets):
-        cached_history = entry.history_length if entry is not None else 0
-        length = c + cached_history + own.numel()
+        cached_tokens = entry.history_length if entry is not None else 0
+        length = c + cached_tokens + own.numel()
         # The delta starts after the cached tokens (contextual + cached history) or, for a
         # row without a cache, at the row's start (its contextual tokens are computed too).
-        first = c + cached_history if entry is not None else 0
+        first = c + cached_tokens if entry is not None else 0
         cols.append(torch.arange(first, length))
         first_targets.append(torch.full((length - first,), length - int(targets)))
         # The row's query time is its last token's (the last candidate's); contextual tokens

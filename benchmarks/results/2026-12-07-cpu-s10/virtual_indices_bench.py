@@ -1,5 +1,7 @@
+# _virtual_indices before (ada3218~1) and after (ada3218), same inputs, outputs checked equal.
+# Run from the repository root after: git show ada3218~1:hstu/modules/kv_cache.py > /tmp/kv_old.py
 import sys, time, types, torch
-sys.path.insert(0, '/work/main')
+sys.path.insert(0, '.')
 import importlib.util
 spec = importlib.util.spec_from_file_location("kv_old", "/tmp/kv_old.py"); old = importlib.util.module_from_spec(spec); sys.modules["kv_old"] = old; spec.loader.exec_module(old)
 from hstu.modules import kv_cache as new
