@@ -49,6 +49,7 @@ from collections.abc import Hashable, Sequence
 import torch
 from torch import nn
 
+from hstu.ops.cached_attention import CacheRows
 from hstu.ops.pytorch.dtypes import upcast
 from hstu.ops.pytorch.jagged import offsets_from_lengths
 from hstu.ops.pytorch.position import (
@@ -435,14 +436,38 @@ def cached_encode(
     prefix_offsets_host = _offsets(prefix_lengths)
     positions, buckets = _virtual_indices(encoder.positional_encoder, cached, num_targets,
                                           timestamps, c)
+    layers = len(encoder.stu_stack.layers)
+    max_cache_len = max(cache_lengths, default=0)
+    # Each row's cached keys and values, per layer, read in place by the attention
+    # (CacheRows): an empty tensor for a row without a cache. Their addresses travel to the
+    # device with the other host tensors.
+    cache_rows, addresses = [], []
+    if max_cache_len > 0:
+        empty = None
+        for index in range(layers):
+            keys, values = [], []
+            for entry in cached:
+                if entry is None:
+                    if empty is None:
+                        first = next(e for e in cached if e is not None).layer(0)
+                        empty = tuple(t[:0] for t in first)
+                    k, v = empty
+                else:
+                    k, v = entry.layer(index)
+                keys.append(k)
+                values.append(v)
+            cache_rows.append((keys, values))
+            addresses += [CacheRows.host_addresses(keys), CacheRows.host_addresses(values)]
     host = [torch.tensor(starts), torch.tensor(delta_lengths), delta_offsets_host,
             torch.tensor(prefix_lengths), prefix_offsets_host, _offsets(cache_lengths),
-            torch.tensor(num_targets), _offsets(num_targets), torch.zeros(batch), positions]
+            torch.tensor(num_targets), _offsets(num_targets), torch.zeros(batch), positions,
+            *addresses]
     if buckets is not None:
         host.append(buckets)
     moved = _on_device(host, device)
     (starts_d, delta_lengths_d, delta_offsets, prefix_lengths_d, prefix_offsets, cache_offsets,
      num_targets_d, candidate_offsets, zeros, positions_d) = moved[:10]
+    addresses_d = moved[10:10 + len(addresses)]
 
     total_delta = sum(delta_lengths)
     embeddings = _take_rows(encoder_input.embeddings, encoder_input.offsets, starts_d,
@@ -450,21 +475,14 @@ def cached_encode(
     positional = encoder.positional_encoder
     x = upcast(embeddings) * positional.alpha + upcast(positional.position_table[positions_d])
     if buckets is not None:
-        x = x + upcast(positional.time_table[moved[10]])
+        x = x + upcast(positional.time_table[moved[-1]])
     x = encoder.input_dropout(x.to(embeddings.dtype))
 
-    layers = len(encoder.stu_stack.layers)
-    max_cache_len = max(cache_lengths, default=0)
     caches = None
     if max_cache_len > 0:
-        caches = []
-        present = [entry for entry in cached if entry is not None]
-        for index in range(layers):
-            pairs = [entry.layer(index) for entry in present]
-            if len(pairs) == 1:
-                caches.append(pairs[0])  # no copy for one cached row
-            else:
-                caches.append((torch.cat([k for k, _ in pairs]), torch.cat([v for _, v in pairs])))
+        caches = [(CacheRows(tuple(keys), addresses_d[2 * index]),
+                   CacheRows(tuple(values), addresses_d[2 * index + 1]))
+                  for index, (keys, values) in enumerate(cache_rows)]
     x, delta_kv = encoder.stu_stack.cached_forward(
         x, delta_offsets, max(delta_lengths, default=0), num_targets_d, caches,
         cache_offsets if max_cache_len > 0 else None, max_cache_len,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from hstu.ops import Kernel, LayerSettings, hstu_mha, stu_layer, stu_postprocess, stu_preprocess
-from hstu.ops.cached_attention import hstu_mha_cached
+from hstu.ops.cached_attention import CacheRows, hstu_mha_cached
 
 
 class STULayer(nn.Module):
@@ -101,8 +101,8 @@ class STULayer(nn.Module):
         seq_offsets: torch.Tensor,
         max_seq_len: int,
         num_targets: torch.Tensor,
-        k_cache: torch.Tensor | None,
-        v_cache: torch.Tensor | None,
+        k_cache: torch.Tensor | CacheRows | None,
+        v_cache: torch.Tensor | CacheRows | None,
         cache_offsets: torch.Tensor | None,
         max_cache_len: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -112,9 +112,10 @@ class STULayer(nn.Module):
         x [sum Q, D]: this layer's input for the delta rows; seq_offsets [B+1] over them;
         num_targets [B]: candidates at the end of each delta. k_cache [sum P, H, d_qk],
         v_cache [sum P, H, d_v], cache_offsets [B+1]: this layer's keys and values of the
-        first P_b rows of row b (None, or max_cache_len 0: no row has a cache, the delta is the
-        whole row). Returns (output [sum Q, D], k [sum Q, H, d_qk], v [sum Q, H, d_v]): the
-        delta rows' output, and their keys and values (what a cache of them would hold).
+        first P_b rows of row b, or CacheRows (one tensor per row, read in place); None, or
+        max_cache_len 0: no row has a cache, the delta is the whole row. Returns (output
+        [sum Q, D], k [sum Q, H, d_qk], v [sum Q, H, d_v]): the delta rows' output, and their
+        keys and values (what a cache of them would hold).
 
         The output equals forward()'s for those rows whenever the cache holds what forward()
         would compute for the first rows: rows never attend to later rows, except contextual
@@ -234,7 +235,7 @@ class STUStack(nn.Module):
         seq_offsets: torch.Tensor,
         max_seq_len: int,
         num_targets: torch.Tensor,
-        caches: list[tuple[torch.Tensor, torch.Tensor]] | None,
+        caches: list[tuple[torch.Tensor | CacheRows, torch.Tensor | CacheRows]] | None,
         cache_offsets: torch.Tensor | None,
         max_cache_len: int,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:

@@ -354,6 +354,28 @@ def test_triton_cached_kernel_in_the_model(smoke_serving):
     assert scorer.counters.reused_exact == 1
 
 
+def test_triton_cached_kernel_reads_each_users_cache_in_place():
+    """Several users in one call under TRITON: the attention reads each user's cached keys
+    and values where they lie (CacheRows), a user met for the first time being a row without
+    a cache. Exact scores, and the same scores as the PYTORCH kernel's concatenated caches."""
+    from hstu.ops import Kernel
+
+    serving = build_serving(seed=6)
+    users = [User(serving, 311 + i, 40 + i, length=24) for i in range(3)]
+    keys = [311, 312, 313]
+    first = batch(users[0].request(20, [1, 2]), users[1].request(12, [3]))
+    again = batch(users[0].request(20, [4, 5, 6]), users[2].request(9, [7, 1]),
+                  users[1].request(12, [2, 3]))
+    expected = full_scores(serving, again)
+    for layer in serving.encoder.stu_stack.layers:
+        layer.kernel = Kernel.TRITON
+    scorer = cached(serving)
+    scorer.score(first, keys[:2])
+    got = scorer.score(again, [keys[0], keys[2], keys[1]])
+    assert scorer.counters.reused_exact == 2 and scorer.counters.no_entry == 3
+    assert_equal_scores(got, expected, atol=2e-5)
+
+
 def test_errors(smoke_serving):
     from hstu.export.cached import CachePolicy
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hstu.ops import hstu_mha
-from hstu.ops.cached_attention import hstu_mha_cached
+from hstu.ops.cached_attention import CacheRows, hstu_mha_cached
 from hstu.ops.pytorch.attention import attention_mask
 from hstu.ops.pytorch.cached_attention import virtual_mask
 from hstu.ops.pytorch.jagged import offsets_from_lengths
@@ -107,3 +107,47 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="cache_offsets must run from 0 to 3"):
         hstu_mha_cached(q, q, v, offsets, q, v, torch.tensor([0, 2]), max_seq_len=3,
                         max_cache_len=3, scaling_seqlen=4)
+
+
+def _cache_rows(values, lengths):
+    return CacheRows.of([part.clone() for part in values.split(list(lengths))])
+
+
+@pytest.mark.parametrize("case", ["contextual", "empty_cache", "window", "one_candidate"])
+def test_cache_rows_give_the_one_tensor_result(case):
+    """Caches passed as one tensor per row (CacheRows, as serving keeps them) are concatenated
+    by the PYTORCH kernel: same result as the jagged tensor."""
+    lengths, targets, cached, c, window = CASES[case]
+    generator = torch.Generator().manual_seed(3)
+    delta = [length - p for length, p in zip(lengths, cached)]
+    q, k, v = (torch.randn(sum(delta), H, d, generator=generator) for d in (D_QK, D_QK, D_V))
+    kc = torch.randn(sum(cached), H, D_QK, generator=generator)
+    vc = torch.randn(sum(cached), H, D_V, generator=generator)
+    args = dict(max_seq_len=max(delta), max_cache_len=max(cached),
+                num_targets=torch.tensor(targets), contextual_seq_len=c, max_attn_len=window,
+                alpha=0.3, scaling_seqlen=37)
+    offsets = offsets_from_lengths(torch.tensor(delta))
+    cache_offsets = offsets_from_lengths(torch.tensor(cached))
+    expected = hstu_mha_cached(q, k, v, offsets, kc, vc, cache_offsets, **args)
+    got = hstu_mha_cached(q, k, v, offsets, _cache_rows(kc, cached), _cache_rows(vc, cached),
+                          cache_offsets, **args)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_cache_rows_errors_name_the_row():
+    rows = [torch.zeros(2, H, D_QK), torch.zeros(3, H + 1, D_QK)]
+    with pytest.raises(ValueError, match="row 1"):
+        CacheRows.of(rows)
+    with pytest.raises(ValueError, match="row 0 is not contiguous"):
+        CacheRows.of([torch.zeros(2, D_QK, H).transpose(1, 2)])
+    q = torch.zeros(3, H, D_QK)
+    v = torch.zeros(3, H, D_V)
+    offsets = torch.tensor([0, 3])
+    one_row = CacheRows.of([torch.zeros(3, H, D_QK)])
+    with pytest.raises(ValueError, match="both be tensors or both CacheRows"):
+        hstu_mha_cached(q, q, v, offsets, one_row, v, offsets, max_seq_len=3, max_cache_len=3,
+                        scaling_seqlen=3)
+    with pytest.raises(ValueError, match="for 2 rows"):
+        hstu_mha_cached(q, q, v, torch.tensor([0, 1, 3]), one_row,
+                        CacheRows.of([torch.zeros(3, H, D_V)]), torch.tensor([0, 1, 3]),
+                        max_seq_len=3, max_cache_len=3, scaling_seqlen=3)

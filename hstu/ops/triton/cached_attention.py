@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hstu.ops.cached_attention import CacheRows
 from hstu.ops.triton._common import (
     Tile,
     choose_tile,
@@ -90,6 +91,7 @@ def _key_range(acc, q, K_base, V_base, stride_km, stride_vm, qi, key_offset, lo,
 
 @triton.jit
 def _cached_attn_fwd(Q, K, V, KC, VC, O, seq_offsets, cache_offsets, num_targets,
+                     KC_ADDRESSES, VC_ADDRESSES,
                      stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh,
                      stride_kcm, stride_kch, stride_vcm, stride_vch, stride_om, stride_oh,
                      H, alpha, scale, contextual_seq_len, max_attn_len, num_blocks,
@@ -97,7 +99,7 @@ def _cached_attn_fwd(Q, K, V, KC, VC, O, seq_offsets, cache_offsets, num_targets
                      HAS_WINDOW: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
                      UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
                      BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr):
     pid = tl.program_id(0)
     block = pid % num_blocks
     pid_bh = pid // num_blocks
@@ -125,8 +127,15 @@ def _cached_attn_fwd(Q, K, V, KC, VC, O, seq_offsets, cache_offsets, num_targets
     # contextual keys (id 0, at the front): the tiles between the contextual tiles and the
     # window of the block's first query (the smallest id in the block) are skipped. Blocks
     # holding contextual queries see everything.
-    KC_row = KC + c_start * stride_kcm + h * stride_kch
-    VC_row = VC + c_start * stride_vcm + h * stride_vch
+    if PAGED:
+        # Each row's cache is its own tensor (CacheRows): start from its address.
+        KC_row = tl.load(KC_ADDRESSES + b).to(tl.pointer_type(KC.dtype.element_ty))
+        VC_row = tl.load(VC_ADDRESSES + b).to(tl.pointer_type(VC.dtype.element_ty))
+        KC_row += h * stride_kch
+        VC_row += h * stride_vch
+    else:
+        KC_row = KC + c_start * stride_kcm + h * stride_kch
+        VC_row = VC + c_start * stride_vcm + h * stride_vch
     lo = 0
     if HAS_WINDOW:
         first_id = tl.minimum(tl.maximum(c_len + start_m - cs, 0), mx)
@@ -174,8 +183,11 @@ def _check_inputs(q, k, v, k_cache, v_cache, seq_offsets, cache_offsets, num_tar
             raise TypeError(f"hstu_mha_cached: {name} is {tensor.dtype}, q is {q.dtype}")
         if tensor.device != q.device:
             raise ValueError(f"hstu_mha_cached: {name} is on {tensor.device}, q on {q.device}")
+    addresses = ((("k_cache.addresses", k_cache.addresses), ("v_cache.addresses",
+                                                            v_cache.addresses))
+                 if isinstance(k_cache, CacheRows) else ())
     for name, tensor in (("seq_offsets", seq_offsets), ("cache_offsets", cache_offsets),
-                         ("num_targets", num_targets)):
+                         ("num_targets", num_targets), *addresses):
         if tensor is not None and tensor.device != q.device:
             raise ValueError(f"hstu_mha_cached: {name} is on {tensor.device}, q on {q.device}")
     if q.device.type != "cuda" and not interpreting():
@@ -188,8 +200,8 @@ def hstu_mha_cached(
     k: torch.Tensor,
     v: torch.Tensor,
     seq_offsets: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    k_cache: torch.Tensor | CacheRows,
+    v_cache: torch.Tensor | CacheRows,
     cache_offsets: torch.Tensor,
     *,
     max_seq_len: int,
@@ -203,7 +215,7 @@ def hstu_mha_cached(
     """Triton version of hstu.ops.cached_attention.hstu_mha_cached (same arguments, minus
     `kernel`). Forward only. Returns a new [sum Q, H, d_v] tensor in v's dtype."""
     _check_inputs(q, k, v, k_cache, v_cache, seq_offsets, cache_offsets, num_targets)
-    q, k, v, k_cache, v_cache = (_last_dim_contiguous(t) for t in (q, k, v, k_cache, v_cache))
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     if alpha is None:
         alpha = q.shape[-1] ** -0.5
     total, heads, d_qk = q.shape
@@ -212,10 +224,22 @@ def hstu_mha_cached(
     out = torch.empty((total, heads, d_v), dtype=v.dtype, device=v.device)
     if total == 0 or batch == 0:
         return out
-    if k_cache.shape[0] == 0:
-        # Zero-row tensors may have no storage to point at; any row of the delta will do as a
-        # base pointer, since no cached row is ever loaded (every cached length is 0).
-        k_cache, v_cache = k[:1], v[:1]
+    paged = isinstance(k_cache, CacheRows)
+    if paged:
+        # Rows read through their addresses (contiguous, checked by CacheRows): the tensors
+        # passed as KC / VC only give the element type; the row strides are H * d and d.
+        key_addresses, value_addresses = k_cache.addresses, v_cache.addresses
+        k_cache, v_cache = k, v
+        cache_strides = (heads * d_qk, d_qk, heads * d_v, d_v)
+    else:
+        k_cache, v_cache = _last_dim_contiguous(k_cache), _last_dim_contiguous(v_cache)
+        if k_cache.shape[0] == 0:
+            # Zero-row tensors may have no storage to point at; any row of the delta will do
+            # as a base pointer, since no cached row is ever loaded (every cached length is 0).
+            k_cache, v_cache = k[:1], v[:1]
+        key_addresses = value_addresses = cache_offsets  # unread when not paged
+        cache_strides = (k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
+                         v_cache.stride(1))
     constants = kernel_constants(q, v, num_targets, contextual_seq_len, max_attn_len)
     targets = num_targets if num_targets is not None else seq_offsets  # unread without targets
 
@@ -223,12 +247,12 @@ def hstu_mha_cached(
         num_blocks = triton.cdiv(int(max_seq_len), tile.block_m)
         _cached_attn_fwd[(num_blocks * batch * heads,)](
             q, k, v, k_cache, v_cache, out, seq_offsets, cache_offsets, targets,
+            key_addresses, value_addresses,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-            out.stride(0), out.stride(1),
+            *cache_strides, out.stride(0), out.stride(1),
             heads, float(alpha), 1.0 / float(scaling_seqlen), int(contextual_seq_len),
             int(max_attn_len), num_blocks,
-            **constants, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+            **constants, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, PAGED=paged,
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
 

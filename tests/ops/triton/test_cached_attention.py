@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hstu.ops.cached_attention import CacheRows
 from hstu.ops.pytorch.cached_attention import hstu_mha_cached as torch_cached
 from hstu.ops.pytorch.jagged import offsets_from_lengths
 from hstu.ops.triton._common import Tile, pinned
@@ -17,8 +18,14 @@ from hstu.ops.triton.cached_attention import hstu_mha_cached as triton_cached
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _per_row(values, lengths):
+    """A jagged tensor as CacheRows: each row its own contiguous tensor, as serving keeps each
+    user's cache (an empty row for a row without one)."""
+    return CacheRows.of([part.clone() for part in values.split(list(lengths))])
+
+
 def _run(cache_lengths, delta_lengths, targets, *, contextual=0, window=0, heads=2, d_qk=16,
-         d_v=16, dtype=torch.float32, seed=0):
+         d_v=16, dtype=torch.float32, seed=0, paged=False):
     generator = torch.Generator().manual_seed(seed)
 
     def rand(rows, d):
@@ -33,6 +40,8 @@ def _run(cache_lengths, delta_lengths, targets, *, contextual=0, window=0, heads
                   contextual_seq_len=contextual, max_attn_len=window, alpha=0.25,
                   scaling_seqlen=50)
     expected = torch_cached(*[a.double() if a.is_floating_point() else a for a in args], **kwargs)
+    if paged:
+        args = (*args[:4], _per_row(kc, cache_lengths), _per_row(vc, cache_lengths), args[6])
     got = triton_cached(*args, **kwargs)
     return got, expected
 
@@ -53,12 +62,13 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["one_tensor", "cache_rows"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_triton_cached_matches_the_reference(case):
+def test_triton_cached_matches_the_reference(case, paged):
     cache_lengths, delta_lengths, targets, contextual, window = CASES[case]
     with pinned(cached_attn_fwd=Tile(16, 16)):
         got, expected = _run(cache_lengths, delta_lengths, targets, contextual=contextual,
-                             window=window)
+                             window=window, paged=paged)
     torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-4)
 
 
@@ -76,7 +86,8 @@ def test_head_sizes_below_the_block_width():
 
 
 @pytest.mark.gpu
-def test_serving_size_on_gpu():
-    got, expected = _run([6 + 4000, 6 + 900], [10 + 100, 100], [100, 100], contextual=6,
-                         heads=4, d_qk=128, d_v=128)
+@pytest.mark.parametrize("paged", [False, True], ids=["one_tensor", "cache_rows"])
+def test_serving_size_on_gpu(paged):
+    got, expected = _run([6 + 4000, 6 + 900, 0], [10 + 100, 100, 6 + 30 + 100], [100, 100, 100],
+                         contextual=6, heads=4, d_qk=128, d_v=128, paged=paged)
     torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-3)
