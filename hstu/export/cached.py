@@ -43,6 +43,7 @@ import dataclasses
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from hstu.export.serving import LENGTHS_SUFFIX, ServingModule, lengths_key
@@ -50,6 +51,7 @@ from hstu.modules.kv_cache import (
     CacheEntry,
     KVCacheStore,
     cached_encode,
+    concat_ranges,
     copy_many,
     reuse_is_exact,
 )
@@ -96,18 +98,30 @@ class CacheCounters:
 
 
 @dataclasses.dataclass
-class _Row:
-    key: Hashable
-    features: dict[str, torch.Tensor]  # per feature: this row's values (scalars as [1])
-    history: dict[str, torch.Tensor]  # the uih-sequence features' values
-    contextual: torch.Tensor | None  # the contextual features' ids
-    timestamps: torch.Tensor  # history timestamps, int64
-    anchor: int  # the last candidate's query time
-    num_candidates: int
+class _Wave:
+    """The rows of one call that go through the encoder together (distinct users), columnar
+    on the host: per sequence its offsets, and the arrays the bookkeeping compares."""
+
+    inputs: dict[str, torch.Tensor]  # ServingModule's input dict for these rows (CPU)
+    keys: list[Hashable]
+    history_offsets: np.ndarray  # [B+1] over the history tokens
+    candidate_counts: np.ndarray  # [B], each >= 1
+    timestamps: np.ndarray  # int64 [sum n]: the history tokens' times
+    query_times: np.ndarray  # int64 [sum t]: the candidates' query times
+    anchors: np.ndarray  # int64 [B]: each row's last candidate's query time
+    signature: np.ndarray  # int64 [sum n, F]: the history inputs, floats as bit patterns
+    contextual: np.ndarray | None  # int64 [B, C]: the contextual features' ids
+
+    def history(self, b: int) -> tuple[int, int]:
+        return int(self.history_offsets[b]), int(self.history_offsets[b + 1])
 
 
 class CachedServing:
-    """Scores rows like ServingModule, with a per-user KV cache (see the module docstring)."""
+    """Scores rows like ServingModule, with a per-user KV cache (see the module docstring).
+
+    The host work per call is vectorised over the rows (numpy index arithmetic, one gather
+    per feature); what is left per row is the cache lookup, two array comparisons and the
+    entry's update. On a GPU the host work is most of a cached call, so it counts."""
 
     def __init__(self, serving: ServingModule, policy: CachePolicy | None = None) -> None:
         self.serving = serving.eval()
@@ -122,11 +136,8 @@ class CachedServing:
                 "cached scoring needs the uih_timestamp and candidate_timestamp groups")
         self.uih_features = [name for name, spec in serving.features.items()
                              if spec.sequence == serving.uih_sequence]
-        # One feature per sequence, whose per-row length is that sequence's.
-        self.first_feature: dict[str, str] = {}
-        for name, spec in serving.features.items():
-            if spec.sequence is not None:
-                self.first_feature.setdefault(spec.sequence, name)
+        self.sequences = sorted({spec.sequence for spec in serving.features.values()
+                                 if spec.sequence is not None})
         self.timestamp_feature = groups["uih_timestamp"][0]
         self.query_time_feature = groups["candidate_timestamp"][0]
         encoder = serving.encoder
@@ -146,33 +157,48 @@ class CachedServing:
         """{task: [sum of candidates]} for the rows of `inputs` (ServingModule's input dict),
         `keys[b]` naming row b's user. Every row needs at least one candidate."""
         serving = self.serving
-        batch = int(inputs[lengths_key(serving.candidate_sequence)].shape[0])
+        candidate_lengths = lengths_key(serving.candidate_sequence)
+        batch = int(inputs[candidate_lengths].shape[0])
         if len(keys) != batch:
             raise ValueError(f"{len(keys)} keys for {batch} rows")
         # The bookkeeping reads the request on the host (a copy, when it came on a GPU).
         inputs = {name: value.cpu() for name, value in inputs.items()}
+        keys = list(keys)
+        empty = np.flatnonzero(inputs[candidate_lengths].numpy() < 1)
+        if empty.size:
+            b = int(empty[0])
+            raise ValueError(f"row {b} (key {keys[b]!r}) has no candidates; cached scoring "
+                             "needs at least one")
         if not serving.ascending:
             # Newest-first rows: reversing every tensor makes them oldest-first and reverses
             # the row order (as score_candidates does); the outputs are flipped back below.
             inputs = {name: value.flip(0) for name, value in inputs.items()}
-            keys = list(keys)[::-1]
-        rows = self._split_rows(inputs, keys)
+            keys = keys[::-1]
+        counts = inputs[candidate_lengths].to(torch.int64).numpy()
         # Rows of one user are scored in order: the k-th row of every user goes in wave k.
         seen: dict[Hashable, int] = {}
         waves: list[list[int]] = []
-        for index, row in enumerate(rows):
-            wave = seen.get(row.key, 0)
-            seen[row.key] = wave + 1
+        for index, key in enumerate(keys):
+            wave = seen.get(key, 0)
+            seen[key] = wave + 1
             if wave == len(waves):
                 waves.append([])
             waves[wave].append(index)
-        per_row: list[dict[str, torch.Tensor] | None] = [None] * batch
-        for wave in waves:
-            scores = self._score_wave([rows[i] for i in wave])
-            for index, row_scores in zip(wave, scores):
-                per_row[index] = row_scores
-        tasks = serving.task_names
-        out = {task: torch.cat([row_scores[task] for row_scores in per_row]) for task in tasks}
+        if len(waves) == 1:
+            out = self._score_wave(self._wave(inputs, keys))
+        else:
+            candidate_offsets = np.zeros(batch + 1, dtype=np.int64)
+            np.cumsum(counts, out=candidate_offsets[1:])
+            out = {}
+            for rows in waves:
+                rows = np.asarray(rows, dtype=np.int64)
+                scores = self._score_wave(self._wave(self._select_rows(inputs, rows),
+                                                     [keys[i] for i in rows]))
+                places = torch.from_numpy(concat_ranges(candidate_offsets[:-1][rows], counts[rows]))
+                for task, value in scores.items():
+                    if task not in out:
+                        out[task] = value.new_empty(int(candidate_offsets[-1]))
+                    out[task][places.to(value.device)] = value
         if not serving.ascending:
             out = {task: value.flip(0) for task, value in out.items()}
         return out
@@ -190,66 +216,72 @@ class CachedServing:
 
     # ---- rows ----------------------------------------------------------------------------
 
-    def _split_rows(self, inputs: Mapping[str, torch.Tensor], keys) -> list[_Row]:
+    def _select_rows(self, inputs: Mapping[str, torch.Tensor],
+                     rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """The input dict of rows `rows` (in that order) of `inputs`."""
         serving = self.serving
-        offsets = {}
+        gathers = {}
+        for sequence in self.sequences:
+            lengths = inputs[lengths_key(sequence)].to(torch.int64).numpy()
+            offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            gathers[sequence] = torch.from_numpy(concat_ranges(offsets[:-1][rows], lengths[rows]))
+        index = torch.from_numpy(rows)
+        out = {}
         for name, value in inputs.items():
             if name.endswith(LENGTHS_SUFFIX):
-                lengths = value.to(torch.int64)
-                offsets[name[: -len(LENGTHS_SUFFIX)]] = [0] + torch.cumsum(lengths, 0).tolist()
-        rows = []
-        contextual_names = serving.groups["contextual"]
-        for b, key in enumerate(keys):
-            features = {}
-            for name, spec in serving.features.items():
-                if spec.sequence is None:
-                    features[name] = inputs[name][b:b + 1]
-                else:
-                    bounds = offsets[spec.sequence]
-                    features[name] = inputs[name][bounds[b]:bounds[b + 1]]
-            queries = features[self.query_time_feature]
-            if queries.numel() == 0:
-                raise ValueError(f"row {b} (key {key!r}) has no candidates; cached scoring "
-                                 "needs at least one")
-            contextual = (torch.cat([features[name] for name in contextual_names])
-                          if contextual_names else None)
-            rows.append(_Row(
-                key=key,
-                features=features,
-                history={name: features[name] for name in self.uih_features},
-                contextual=contextual,
-                timestamps=features[self.timestamp_feature].to(torch.int64),
-                anchor=int(queries[-1]),
-                num_candidates=int(queries.numel()),
-            ))
-        return rows
+                out[name] = value[index]
+            else:
+                sequence = serving.features[name].sequence
+                out[name] = value[index if sequence is None else gathers[sequence]]
+        return out
 
-    def _extends(self, entry: CacheEntry, row: _Row) -> bool:
-        """Is row's history the cached one plus tokens at its end, with the same contextual
+    def _wave(self, inputs: dict[str, torch.Tensor], keys: list[Hashable]) -> _Wave:
+        serving = self.serving
+        history_lengths = inputs[lengths_key(serving.uih_sequence)].to(torch.int64).numpy()
+        history_offsets = np.zeros(len(history_lengths) + 1, dtype=np.int64)
+        np.cumsum(history_lengths, out=history_offsets[1:])
+        counts = inputs[lengths_key(serving.candidate_sequence)].to(torch.int64).numpy()
+        query_times = inputs[self.query_time_feature].to(torch.int64).numpy()
+        contextual_names = serving.groups["contextual"]
+        contextual = (np.stack([_bits(inputs[name]) for name in contextual_names], axis=1)
+                      if contextual_names else None)
+        return _Wave(
+            inputs=inputs, keys=keys, history_offsets=history_offsets,
+            candidate_counts=counts,
+            timestamps=inputs[self.timestamp_feature].to(torch.int64).numpy(),
+            query_times=query_times, anchors=query_times[np.cumsum(counts) - 1],
+            signature=np.stack([_bits(inputs[name]) for name in self.uih_features], axis=1),
+            contextual=contextual,
+        )
+
+    def _extends(self, entry: CacheEntry, wave: _Wave, b: int) -> bool:
+        """Is row b's history the cached one plus tokens at its end, with the same contextual
         features?"""
         n = entry.history_length
-        if row.timestamps.numel() < n:
+        start, end = wave.history(b)
+        if end - start < n:
             return False
-        # The entry keeps its signature on the CPU (small; the device holds keys and values).
-        if (entry.contextual is None) != (row.contextual is None) or (
-                row.contextual is not None
-                and not torch.equal(entry.contextual, row.contextual.cpu())):
+        contextual = None if wave.contextual is None else wave.contextual[b]
+        if (entry.contextual is None) != (contextual is None) or (
+                contextual is not None and not np.array_equal(entry.contextual, contextual)):
             return False
-        return all(torch.equal(entry.signature[name], row.history[name][:n].cpu())
-                   for name in self.uih_features)
+        return np.array_equal(entry.signature(), wave.signature[start:start + n])
 
-    def _decide(self, row: _Row) -> CacheEntry | None:
-        """The entry to score `row` against, or None to encode it from scratch."""
-        entry = self.store.get(row.key)
+    def _decide(self, wave: _Wave, b: int) -> CacheEntry | None:
+        """The entry to score row b against, or None to encode it from scratch."""
+        entry = self.store.get(wave.keys[b])
         counters = self.counters
         if entry is None:
             counters.no_entry += 1
             return None
-        if not self._extends(entry, row):
+        if not self._extends(entry, wave, b):
             counters.history_changed += 1
             return None
-        new_tokens = int(row.timestamps.numel()) - entry.history_length
-        exact = reuse_is_exact(self.serving.encoder, entry, new_tokens, row.anchor,
+        start, end = wave.history(b)
+        new_tokens = end - start - entry.history_length
+        anchor = int(wave.anchors[b])
+        exact = reuse_is_exact(self.serving.encoder, entry, new_tokens, anchor,
                                bidirectional_tokens=self.bidirectional_tokens)
         if exact:
             counters.reused_exact += 1
@@ -258,7 +290,7 @@ class CachedServing:
             counters.not_exact += 1
             return None
         stale_tokens = entry.stale_tokens + new_tokens
-        drift = abs(row.anchor - entry.encoded_anchor)
+        drift = abs(anchor - entry.encoded_anchor)
         if stale_tokens > self.policy.max_stale_tokens or drift > self.policy.max_stale_seconds:
             counters.too_stale += 1
             return None
@@ -268,67 +300,67 @@ class CachedServing:
 
     # ---- one wave: distinct users ---------------------------------------------------------
 
-    def _score_wave(self, rows: list[_Row]) -> list[dict[str, torch.Tensor]]:
+    def _score_wave(self, wave: _Wave) -> dict[str, torch.Tensor]:
         serving = self.serving
-        entries = [self._decide(row) for row in rows]
-        self.counters.rows += len(rows)
+        batch = len(wave.keys)
+        entries = [self._decide(wave, b) for b in range(batch)]
+        starts = np.array([0 if entry is None else entry.history_length for entry in entries],
+                          dtype=np.int64)
+        history_lengths = np.diff(wave.history_offsets)
+        new_lengths = history_lengths - starts
+        self.counters.rows += batch
         self.counters.encoded += sum(entry is None for entry in entries)
-        starts = [0 if entry is None else entry.history_length for entry in entries]
-        self.counters.appended_tokens += sum(
-            int(row.timestamps.numel()) - start
-            for row, start, entry in zip(rows, starts, entries) if entry is not None)
+        self.counters.appended_tokens += int(sum(
+            new_lengths[b] for b, entry in enumerate(entries) if entry is not None))
 
-        # The new tokens' inputs, built on the host and sent to the device in one go.
+        # The new tokens' inputs, gathered on the host in one go per feature and sent to the
+        # device together.
+        new_tokens = None
+        if starts.any():
+            new_tokens = torch.from_numpy(
+                concat_ranges(wave.history_offsets[:-1] + starts, new_lengths))
         delta = {}
         for name, spec in serving.features.items():
-            if spec.sequence == serving.uih_sequence:
-                parts = [row.features[name][start:] for row, start in zip(rows, starts)]
-            else:
-                parts = [row.features[name] for row in rows]
-            delta[name] = torch.cat(parts)
-        history_lengths = [int(row.timestamps.numel()) - start for row, start in zip(rows, starts)]
-        num_targets = [row.num_candidates for row in rows]
-        for sequence, name in self.first_feature.items():
-            lengths = history_lengths if sequence == serving.uih_sequence else num_targets
-            delta[lengths_key(sequence)] = torch.tensor(lengths, dtype=torch.int64)
+            value = wave.inputs[name]
+            delta[name] = (value[new_tokens] if spec.sequence == serving.uih_sequence
+                           and new_tokens is not None else value)
+        for sequence in self.sequences:
+            key = lengths_key(sequence)
+            delta[key] = (torch.from_numpy(new_lengths) if sequence == serving.uih_sequence
+                          else wave.inputs[key].to(torch.int64))
         if self.device.type == "cuda":
             delta = {name: value.pin_memory().to(self.device, non_blocking=True)
                      for name, value in delta.items()}
         else:
             delta = {name: value.to(self.device) for name, value in delta.items()}
-        timestamps = [
-            torch.cat([row.timestamps[start:],
-                       row.features[self.query_time_feature].to(torch.int64)])
-            for row, start in zip(rows, starts)
-        ]
+        # Per row: its new history tokens' times, then its candidates' query times.
+        timestamps = torch.from_numpy(_interleave(
+            wave.timestamps, wave.history_offsets[:-1] + starts, new_lengths,
+            wave.query_times, wave.candidate_counts))
         encoder_inputs = serving.encoder_inputs(delta)
-        encoding = cached_encode(serving.encoder, entries, history_lengths=history_lengths,
-                                 candidate_counts=num_targets, timestamps=timestamps,
-                                 **encoder_inputs)
+        encoding = cached_encode(serving.encoder, entries, history_lengths=new_lengths.tolist(),
+                                 candidate_counts=wave.candidate_counts.tolist(),
+                                 timestamps=timestamps, **encoder_inputs)
         item = serving.item_tower(encoder_inputs["candidates"])
         per_task = serving.fusion_tower(encoding.candidates, item)
         probs = task_outputs(serving.tasks, per_task)[1]
+        self._update_store(wave, entries, starts, encoding)
+        return probs
 
-        self._update_store(rows, entries, starts, encoding)
-        out, start = [], 0
-        for row in rows:
-            end = start + row.num_candidates
-            out.append({task: value[start:end] for task, value in probs.items()})
-            start = end
-        return out
-
-    def _update_store(self, rows, entries, starts, encoding) -> None:
+    def _update_store(self, wave: _Wave, entries, starts, encoding) -> None:
         offsets = encoding.prefix_offsets.tolist()
-        single = len(rows) == 1
+        single = len(entries) == 1
         # Every row's new keys and values are copied out of the batch tensors together, in
         # one multi-tensor copy (kv_cache.copy_many), not two copies per row and layer. The
         # copy runs even if a row fails half-way (the rows before it have made room for their
         # tokens), and entries enter the store only after it.
         targets, sources, updated = [], [], []
         try:
-            for b, (row, entry, start) in enumerate(zip(rows, entries, starts)):
+            for b, entry in enumerate(entries):
                 lo, hi = offsets[b], offsets[b + 1]
                 kv = [(k[lo:hi], v[lo:hi]) for k, v in encoding.prefix_kv]
+                first, end = wave.history(b)
+                start = first + int(starts[b])
                 if entry is None:
                     if not single:
                         # Slices of a batch tensor would keep the whole batch alive: own
@@ -342,27 +374,47 @@ class CachedServing:
                     entry = CacheEntry(
                         kv,
                         contextual_seq_len=self.contextual_seq_len,
-                        history_timestamps=row.timestamps,
-                        anchor=row.anchor,
-                        contextual=row.contextual,
-                        signature={name: row.history[name].clone()
-                                   for name in self.uih_features},
+                        history_timestamps=wave.timestamps[first:end],
+                        anchor=int(wave.anchors[b]),
+                        contextual=None if wave.contextual is None else wave.contextual[b],
+                        signature=wave.signature[first:end],
                     )
                 else:
                     more_targets, more_sources = entry.reserve(
-                        kv, row.timestamps[start:],
-                        {name: row.history[name][start:] for name in self.uih_features})
+                        kv, wave.timestamps[start:end], wave.signature[start:end])
                     targets += more_targets
                     sources += more_sources
                     if entry.exact:
-                        entry.anchor = row.anchor
+                        entry.anchor = int(wave.anchors[b])
                     else:
-                        entry.stale_tokens += int(row.timestamps.numel()) - start
-                updated.append((row.key, entry))
+                        entry.stale_tokens += end - start
+                updated.append((wave.keys[b], entry))
         finally:
             copy_many(targets, sources)
         for key, entry in updated:
             self.store.put(key, entry)
+
+
+def _bits(values: torch.Tensor) -> np.ndarray:
+    """int64 [n]: the values' bit patterns (floats) or the values (integers), so that one
+    int64 comparison tells whether two inputs are the same."""
+    values = values.detach().reshape(-1)
+    if values.is_floating_point():
+        as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[values.element_size()]
+        values = values.view(as_int)
+    return values.to(torch.int64).numpy()
+
+
+def _interleave(first: np.ndarray, first_starts: np.ndarray, first_lengths: np.ndarray,
+                second: np.ndarray, second_lengths: np.ndarray) -> np.ndarray:
+    """Per row b: first[first_starts[b] : + first_lengths[b]], then row b's values of the
+    jagged `second` (second_lengths per row), all rows concatenated."""
+    second_offsets = np.zeros(len(second_lengths) + 1, dtype=np.int64)
+    np.cumsum(second_lengths, out=second_offsets[1:])
+    combined = np.concatenate([first, second])
+    lengths = np.stack([first_lengths, second_lengths], axis=1).reshape(-1)
+    starts = np.stack([first_starts, len(first) + second_offsets[:-1]], axis=1).reshape(-1)
+    return combined[concat_ranges(starts, lengths)]
 
 
 def load_serving_module(export_dir: str | Path) -> ServingModule:

@@ -46,6 +46,7 @@ import collections
 import dataclasses
 from collections.abc import Hashable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -60,6 +61,33 @@ from hstu.ops.pytorch.position import (
 )
 
 
+class _GrowingRows:
+    """A numpy array [n, ...] that grows at its end into spare room, so that appending a few
+    rows to a long history copies those rows, not the history."""
+
+    def __init__(self, values: np.ndarray, growth: float) -> None:
+        self._buffer = np.array(values, copy=True)
+        self.length = int(self._buffer.shape[0])
+        self._growth = growth
+
+    def view(self, length: int | None = None) -> np.ndarray:
+        return self._buffer[: self.length if length is None else length]
+
+    def extend(self, more: np.ndarray) -> None:
+        needed = self.length + int(more.shape[0])
+        if needed > self._buffer.shape[0]:
+            capacity = max(needed, int(self._buffer.shape[0] * self._growth))
+            grown = np.empty((capacity, *self._buffer.shape[1:]), dtype=self._buffer.dtype)
+            grown[: self.length] = self._buffer[: self.length]
+            self._buffer = grown
+        self._buffer[self.length:needed] = more
+        self.length = needed
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._buffer.nbytes)
+
+
 class CacheEntry:
     """One user's cached prefix: per STU layer the keys [P, H, d_qk] and values [P, H, d_v] of
     its c contextual and n history tokens (P = c + n), and what decides whether they can be
@@ -68,7 +96,12 @@ class CacheEntry:
 
     Keys and values live in buffers with spare room at the end, so that appending a few tokens
     copies those tokens, not the whole history (a 4K-token history of the 27K recipe is
-    48 MB of float32 keys and values)."""
+    48 MB of float32 keys and values); so do the host-side timestamps and signature.
+
+    signature: an int64 array [n, F] of the raw history inputs (one column per input, floats
+    as their bit patterns) that recognises a request whose history extends this one
+    (hstu/export/cached.py); contextual: the contextual input, int64 [C]. Both live on the
+    CPU as numpy arrays, a few bytes per token, so that comparing them costs no tensor ops."""
 
     GROWTH = 1.5  # buffer capacity factor on append
 
@@ -77,35 +110,48 @@ class CacheEntry:
         layers_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
         *,
         contextual_seq_len: int,
-        history_timestamps: torch.Tensor,
+        history_timestamps: torch.Tensor | np.ndarray,
         anchor: int,
-        contextual: torch.Tensor | None,
-        signature: dict[str, torch.Tensor] | None = None,
+        contextual: torch.Tensor | np.ndarray | None,
+        signature: np.ndarray | None = None,
     ) -> None:
         self.keys = [k.contiguous() for k, _ in layers_kv]
         self.values = [v.contiguous() for _, v in layers_kv]
         self.length = int(self.keys[0].shape[0]) if self.keys else 0
         self.contextual_seq_len = contextual_seq_len
-        self.history_timestamps = history_timestamps.to(torch.int64).cpu()
+        self._timestamps = _GrowingRows(_int64_array(history_timestamps), self.GROWTH)
         # The query time of the last full encode (positions and buckets of the cached tokens
         # are those of that pass until an inexact append).
         self.anchor = int(anchor)
         self.encoded_anchor = int(anchor)
-        self.contextual = None if contextual is None else contextual.detach().cpu().clone()
-        # Raw history inputs (per feature), to recognise a request whose history extends this
-        # one (hstu/export/cached.py); kept on the CPU, a few bytes per token.
-        self.signature = {k: v.cpu() for k, v in (signature or {}).items()}
+        self.contextual = None if contextual is None else _int64_array(contextual).copy()
+        n = self.history_length
+        self._signature = _GrowingRows(
+            np.zeros((n, 0), dtype=np.int64) if signature is None else signature, self.GROWTH)
         self.exact = True  # equal to a full pass over its history at `anchor`
         self.stale_tokens = 0  # tokens appended inexactly since the last full encode
-        if self.length != self.contextual_seq_len + self.history_length:
+        if self.length != self.contextual_seq_len + n:
             raise ValueError(
                 f"cache of {self.length} rows for {contextual_seq_len} contextual and "
-                f"{self.history_length} history tokens"
+                f"{n} history tokens"
             )
+        if self._signature.length != n:
+            raise ValueError(f"signature of {self._signature.length} rows for {n} history "
+                             "tokens")
+        self._nbytes = self._count_bytes()
 
     @property
     def history_length(self) -> int:
-        return int(self.history_timestamps.shape[0])
+        return self._timestamps.length
+
+    @property
+    def history_timestamps(self) -> torch.Tensor:
+        """int64 [n] (a CPU view: do not write to it)."""
+        return torch.from_numpy(self._timestamps.view())
+
+    def signature(self, length: int | None = None) -> np.ndarray:
+        """The first `length` (default all) history tokens' signature rows, [length, F]."""
+        return self._signature.view(length)
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached (keys, values) of layer `index`: views of the first `length` rows."""
@@ -114,8 +160,8 @@ class CacheEntry:
     def append(
         self,
         layers_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
-        timestamps: torch.Tensor,
-        signature: dict[str, torch.Tensor] | None = None,
+        timestamps: torch.Tensor | np.ndarray,
+        signature: np.ndarray | None = None,
     ) -> None:
         """Add new history tokens' keys and values (one (k, v) [m, H, d] per layer)."""
         copy_many(*self.reserve(layers_kv, timestamps, signature))
@@ -123,16 +169,21 @@ class CacheEntry:
     def reserve(
         self,
         layers_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
-        timestamps: torch.Tensor,
-        signature: dict[str, torch.Tensor] | None = None,
+        timestamps: torch.Tensor | np.ndarray,
+        signature: np.ndarray | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """append() without the copies of the new keys and values: makes room for them (the
         bookkeeping is done) and returns (targets, sources), the buffer slices to fill and
         what goes there, so that a caller appending to many entries can copy them all at
         once (copy_many)."""
+        timestamps = _int64_array(timestamps)
         added = int(timestamps.shape[0])
         if added == 0:
             return [], []
+        if signature is None:
+            signature = np.zeros((added, self._signature.view().shape[1]), dtype=np.int64)
+        if signature.shape[0] != added:
+            raise ValueError(f"{signature.shape[0]} signature rows for {added} new tokens")
         needed = self.length + added
         targets, sources = [], []
         for index, (k, v) in enumerate(layers_kv):
@@ -148,10 +199,9 @@ class CacheEntry:
                 targets.append(buffer[self.length:needed])
                 sources.append(new)
         self.length = needed
-        self.history_timestamps = torch.cat([self.history_timestamps, timestamps.cpu()])
-        if signature:
-            for name, values in signature.items():
-                self.signature[name] = torch.cat([self.signature[name], values.cpu()])
+        self._timestamps.extend(timestamps)
+        self._signature.extend(signature)
+        self._nbytes = self._count_bytes()
         return targets, sources
 
     def truncate(self, history_length: int) -> None:
@@ -162,16 +212,25 @@ class CacheEntry:
             raise ValueError(f"cannot cut a cache of {self.history_length} history tokens to "
                              f"{history_length}")
         self.length = self.contextual_seq_len + history_length
-        self.history_timestamps = self.history_timestamps[:history_length]
-        self.signature = {k: v[:history_length] for k, v in self.signature.items()}
+        self._timestamps.length = history_length
+        self._signature.length = history_length
 
     def nbytes(self) -> int:
+        """Bytes held: the key and value buffers with their spare room, and the host arrays."""
+        return self._nbytes
+
+    def _count_bytes(self) -> int:
         total = sum(t.numel() * t.element_size() for t in self.keys + self.values)
-        total += self.history_timestamps.numel() * 8
-        total += sum(t.numel() * t.element_size() for t in self.signature.values())
+        total += self._timestamps.nbytes + self._signature.nbytes
         if self.contextual is not None:
-            total += self.contextual.numel() * self.contextual.element_size()
+            total += int(self.contextual.nbytes)
         return total
+
+
+def _int64_array(values: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=np.int64).reshape(-1)
 
 
 @dataclasses.dataclass
@@ -347,37 +406,81 @@ def _offsets(lengths: Sequence[int]) -> torch.Tensor:
     return offsets_from_lengths(torch.tensor(list(lengths), dtype=torch.int64))
 
 
-def _virtual_indices(positional_encoder, cached, num_targets, timestamps, contextual_seq_len):
+def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The concatenated ranges [starts[b], starts[b] + lengths[b]), int64, in one pass (the
+    host-side gathers of cached scoring, vectorised over rows)."""
+    total = int(lengths.sum())
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    within = np.arange(total, dtype=np.int64) - np.repeat(offsets[:-1], lengths)
+    return np.repeat(starts, lengths) + within
+
+
+def _virtual_indices(positional_encoder, cached, num_targets, timestamps, contextual_seq_len,
+                     own_lengths=None):
     """Host int64 (position rows, time-bucket rows or None) of the delta tokens, from their
     places in the whole ("virtual") rows [c contextual; cached + new history; candidates]:
     index arithmetic on the CPU over the delta tokens alone (hstu.ops.position's formulas),
-    so that its cost grows with the new tokens, not with the cached history."""
+    so that its cost grows with the new tokens, not with the cached history, and vectorised
+    over the rows (numpy), so that it does not grow by a tensor op per row either.
+
+    timestamps: per row, its new history tokens' times then its candidates' query times:
+    a list of int64 tensors, or one flat int64 tensor with own_lengths[b] values per row."""
     c = contextual_seq_len
-    cols, first_targets, seconds_before_query = [], [], []
-    for entry, own, targets in zip(cached, timestamps, num_targets):
-        cached_tokens = entry.history_length if entry is not None else 0
-        length = c + cached_tokens + own.numel()
-        # The delta starts after the cached tokens (contextual + cached history) or, for a
-        # row without a cache, at the row's start (its contextual tokens are computed too).
-        first = c + cached_tokens if entry is not None else 0
-        cols.append(torch.arange(first, length))
-        first_targets.append(torch.full((length - first,), length - int(targets)))
-        # The row's query time is its last token's (the last candidate's); contextual tokens
-        # carry timestamp 0, as in a full pass.
-        delta_ts = own if entry is not None else torch.cat(
-            [torch.zeros(c, dtype=torch.int64), own])
-        seconds_before_query.append(own[-1] - delta_ts)
+    if own_lengths is None:
+        own_lengths = [row.numel() for row in timestamps]
+        timestamps = torch.cat(list(timestamps)) if len(timestamps) else torch.zeros(0)
+    own_lengths = np.asarray(own_lengths, dtype=np.int64)
+    own_times = timestamps.to(torch.int64).numpy()
+    has_cache = np.array([entry is not None for entry in cached], dtype=bool)
+    cached_tokens = np.array([entry.history_length if entry is not None else 0
+                              for entry in cached], dtype=np.int64)
+    targets = np.asarray(num_targets, dtype=np.int64)
+    length = c + cached_tokens + own_lengths
+    # The delta starts after the cached tokens (contextual + cached history) or, for a row
+    # without a cache, at the row's start (its contextual tokens are computed too).
+    first = np.where(has_cache, c + cached_tokens, 0)
+    count = length - first
+    row = np.repeat(np.arange(len(count)), count)
+    columns = concat_ranges(first, count)
     positions = positions_at(
-        torch.cat(cols), torch.cat(first_targets), contextual_seq_len=c,
-        num_position_buckets=positional_encoder.position_table.shape[0],
+        torch.from_numpy(columns), torch.from_numpy((length - targets)[row]),
+        contextual_seq_len=c, num_position_buckets=positional_encoder.position_table.shape[0],
         use_time_encoding=positional_encoder.use_time_encoding)
     if not positional_encoder.use_time_encoding:
         return positions, None
+    # The row's query time is its last token's (the last candidate's); contextual tokens
+    # carry timestamp 0, as in a full pass.
+    own_offsets = np.zeros(len(own_lengths) + 1, dtype=np.int64)
+    np.cumsum(own_lengths, out=own_offsets[1:])
+    query = own_times[own_offsets[1:] - 1]
+    own_index = (columns - first[row]) - np.where(has_cache, 0, c)[row]
+    token_times = np.where(own_index >= 0,
+                           own_times[own_offsets[:-1][row] + np.maximum(own_index, 0)], 0)
     buckets = time_buckets_at(
-        torch.cat(seconds_before_query), time_bucket_fn=positional_encoder.time_bucket_fn,
+        torch.from_numpy(query[row] - token_times),
+        time_bucket_fn=positional_encoder.time_bucket_fn,
         time_bucket_increments=positional_encoder.time_bucket_increments,
         num_time_buckets=positional_encoder.num_time_buckets)
     return positions, buckets
+
+
+def _check_alike(entries: Sequence[CacheEntry], layers: int) -> None:
+    """The attention reads every entry's buffers as one dtype and shape: entries encoded under
+    another dtype (say, float32 next to bf16 autocast) or by another model cannot share a
+    call."""
+    first = entries[0]
+    if len(first.keys) != layers:
+        raise ValueError(f"a cache entry of {len(first.keys)} layers for an encoder of {layers}")
+    kind = (first.keys[0].dtype, first.keys[0].device, first.keys[0].shape[1:],
+            first.values[0].shape[1:], len(first.keys))
+    for entry in entries[1:]:
+        k, v = entry.keys[0], entry.values[0]
+        if (k.dtype, k.device, k.shape[1:], v.shape[1:], len(entry.keys)) != kind:
+            raise ValueError(
+                f"cache entries differ: {k.dtype} {tuple(k.shape[1:])} on {k.device} beside "
+                f"{kind[0]} {tuple(kind[2])} on {kind[1]}; entries encoded under another dtype "
+                "or model cannot be scored in one call")
 
 
 def cached_encode(
@@ -386,7 +489,7 @@ def cached_encode(
     *,
     history_lengths: Sequence[int],
     candidate_counts: Sequence[int],
-    timestamps: Sequence[torch.Tensor],
+    timestamps: torch.Tensor | Sequence[torch.Tensor],
     **preprocessor_inputs: torch.Tensor | None,
 ) -> CachedEncoding:
     """The HSTUTransducer's forward for B rows of which some have a cache.
@@ -395,8 +498,9 @@ def cached_encode(
     a row with a cache (cached[b] not None) holds only its NEW tokens (those after the cached
     history), and the history of a row without one holds its whole history. The same sizes
     and times on the host: history_lengths[b] (the history tokens in the inputs),
-    candidate_counts[b] (every row needs at least one candidate) and timestamps[b] (int64
-    CPU: the row's history tokens in the inputs, then its candidates' query times).
+    candidate_counts[b] (every row needs at least one candidate) and timestamps (int64 CPU:
+    per row, its history tokens in the inputs, then its candidates' query times; one flat
+    tensor of sum(history_lengths + candidate_counts) values, or a list of one per row).
     Everything sized or indexed is worked out from those on the host, so on a GPU the call
     never waits for the device. Returns the candidates' encodings (what
     HSTUTransducer.forward returns) and the keys and values to add to each row's cache.
@@ -408,17 +512,24 @@ def cached_encode(
         raise RuntimeError("cached_encode is for inference: call .eval() first")
     batch = len(cached)
     num_targets = list(candidate_counts)
-    if not len(history_lengths) == len(num_targets) == len(timestamps) == batch:
+    if not len(history_lengths) == len(num_targets) == batch:
         raise ValueError(f"{batch} cache entries, {len(history_lengths)} history lengths, "
-                         f"{len(num_targets)} candidate counts, {len(timestamps)} timestamp rows")
+                         f"{len(num_targets)} candidate counts")
     if min(num_targets, default=1) < 1:
         raise ValueError("cached_encode: every row needs at least one candidate")
-    for b, (n, t, times) in enumerate(zip(history_lengths, num_targets, timestamps)):
-        if times.numel() != n + t:
-            raise ValueError(f"cached_encode: row {b} has {times.numel()} timestamps for {n} "
-                             f"history tokens and {t} candidates")
-    c = encoder.preprocessor.contextual_seq_len
     items = [n + t for n, t in zip(history_lengths, num_targets)]
+    if not isinstance(timestamps, torch.Tensor):
+        if len(timestamps) != batch:
+            raise ValueError(f"{batch} cache entries, {len(timestamps)} timestamp rows")
+        for b, (n, t, times) in enumerate(zip(history_lengths, num_targets, timestamps)):
+            if times.numel() != n + t:
+                raise ValueError(f"cached_encode: row {b} has {times.numel()} timestamps for "
+                                 f"{n} history tokens and {t} candidates")
+        timestamps = torch.cat(list(timestamps)) if batch else torch.zeros(0, dtype=torch.int64)
+    elif timestamps.numel() != sum(items):
+        raise ValueError(f"cached_encode: {timestamps.numel()} timestamps for {sum(items)} "
+                         "history tokens and candidates")
+    c = encoder.preprocessor.contextual_seq_len
     encoder_input = encoder.preprocessor(**preprocessor_inputs, max_item_len=max(items, default=0))
     if encoder_input.contextual_seq_len != c:
         raise ValueError(f"preprocessor gave {encoder_input.contextual_seq_len} contextual "
@@ -435,29 +546,25 @@ def cached_encode(
     delta_offsets_host = _offsets(delta_lengths)
     prefix_offsets_host = _offsets(prefix_lengths)
     positions, buckets = _virtual_indices(encoder.positional_encoder, cached, num_targets,
-                                          timestamps, c)
+                                          timestamps, c, own_lengths=items)
     layers = len(encoder.stu_stack.layers)
     max_cache_len = max(cache_lengths, default=0)
     # Each row's cached keys and values, per layer, read in place by the attention
-    # (CacheRows): an empty tensor for a row without a cache. Their addresses travel to the
-    # device with the other host tensors.
+    # (CacheRows; a row without a cache reads 0 rows of any buffer). Their addresses travel
+    # to the device with the other host tensors.
     cache_rows, addresses = [], []
     if max_cache_len > 0:
-        empty = None
+        present = [entry for entry in cached if entry is not None]
+        _check_alike(present, layers)
+        stand_in = present[0]
         for index in range(layers):
-            keys, values = [], []
-            for entry in cached:
-                if entry is None:
-                    if empty is None:
-                        first = next(e for e in cached if e is not None).layer(0)
-                        empty = tuple(t[:0] for t in first)
-                    k, v = empty
-                else:
-                    k, v = entry.layer(index)
-                keys.append(k)
-                values.append(v)
+            keys = tuple((entry or stand_in).keys[index] for entry in cached)
+            values = tuple((entry or stand_in).values[index] for entry in cached)
             cache_rows.append((keys, values))
-            addresses += [CacheRows.host_addresses(keys), CacheRows.host_addresses(values)]
+            # Entries' buffers are contiguous by construction and _check_alike checked the
+            # rest, once per entry instead of once per buffer.
+            addresses += [CacheRows.host_addresses(keys, check=False),
+                          CacheRows.host_addresses(values, check=False)]
     host = [torch.tensor(starts), torch.tensor(delta_lengths), delta_offsets_host,
             torch.tensor(prefix_lengths), prefix_offsets_host, _offsets(cache_lengths),
             torch.tensor(num_targets), _offsets(num_targets), torch.zeros(batch), positions,
@@ -480,8 +587,9 @@ def cached_encode(
 
     caches = None
     if max_cache_len > 0:
-        caches = [(CacheRows(tuple(keys), addresses_d[2 * index]),
-                   CacheRows(tuple(values), addresses_d[2 * index + 1]))
+        lengths = tuple(cache_lengths)
+        caches = [(CacheRows(keys, lengths, addresses_d[2 * index]),
+                   CacheRows(values, lengths, addresses_d[2 * index + 1]))
                   for index, (keys, values) in enumerate(cache_rows)]
     x, delta_kv = encoder.stu_stack.cached_forward(
         x, delta_offsets, max(delta_lengths, default=0), num_targets_d, caches,

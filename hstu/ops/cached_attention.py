@@ -20,8 +20,8 @@ from hstu.ops.kernel import Kernel, implementation
 
 @dataclasses.dataclass(frozen=True)
 class CacheRows:
-    """One layer's cached keys (or values) kept as one tensor per row, [P_b, H, d] each,
-    read where they lie.
+    """One layer's cached keys (or values) kept as one tensor per row, read where they lie:
+    row b is the first lengths[b] rows of buffers[b] ([capacity_b, H, d], contiguous).
 
     Serving keeps each user's cache in that user's own buffer (hstu/modules/kv_cache.py).
     Gathering B users' caches into one jagged tensor would copy every cached row on every
@@ -29,58 +29,69 @@ class CacheRows:
     3.2 GB in bf16. The TRITON kernel reads each row through its address instead; the
     PYTORCH kernel concatenates (`cat`), being the reference rather than the fast path.
 
-    rows: contiguous tensors of one dtype and device and one [H, d]; an empty row ([0, H, d])
-    stands for a row without a cache. addresses: [B] int64 on the rows' device, rows[b]'s
-    data_ptr(); `CacheRows.of` makes it, or a caller that moves other small tensors to the
-    device anyway passes it in (hstu/modules/kv_cache.py packs them into one copy)."""
+    addresses: [B] int64 on the buffers' device, buffers[b].data_ptr(). `CacheRows.of` makes
+    it; a caller that moves other small tensors to the device anyway passes it in, made by
+    `host_addresses` (hstu/modules/kv_cache.py packs them into one copy)."""
 
-    rows: tuple[torch.Tensor, ...]
+    buffers: tuple[torch.Tensor, ...]
+    lengths: tuple[int, ...]
     addresses: torch.Tensor
 
     @staticmethod
-    def host_addresses(rows: Sequence[torch.Tensor]) -> torch.Tensor:
-        """[B] int64 on the CPU: each row's address, after checking that the rows can be
-        read alike (one dtype, device, [H, d]; contiguous)."""
-        if not rows:
+    def host_addresses(buffers: Sequence[torch.Tensor], *, check: bool = True) -> torch.Tensor:
+        """[B] int64 on the CPU: each buffer's address. check: that the buffers can be read
+        alike (one dtype, device, [H, d]; contiguous); a caller whose buffers are so by
+        construction may skip it (it costs about a microsecond per buffer)."""
+        if not buffers:
             raise ValueError("CacheRows needs at least one row")
-        first = rows[0]
-        for index, row in enumerate(rows):
-            if (row.dim() != 3 or row.shape[1:] != first.shape[1:] or row.dtype != first.dtype
-                    or row.device != first.device):
-                raise ValueError(
-                    f"CacheRows: row {index} is {row.dtype} {tuple(row.shape)} on {row.device}, "
-                    f"row 0 {first.dtype} {tuple(first.shape)} on {first.device}: every row "
-                    "must be [P_b, H, d] with one H, d, dtype and device")
-            if not row.is_contiguous():
-                raise ValueError(f"CacheRows: row {index} is not contiguous (strides "
-                                 f"{row.stride()}); the kernel reads rows of H * d elements")
-        return torch.tensor([row.data_ptr() for row in rows], dtype=torch.int64)
+        if check:
+            first = buffers[0]
+            for index, row in enumerate(buffers):
+                if (row.dim() != 3 or row.shape[1:] != first.shape[1:]
+                        or row.dtype != first.dtype or row.device != first.device):
+                    raise ValueError(
+                        f"CacheRows: row {index} is {row.dtype} {tuple(row.shape)} on "
+                        f"{row.device}, row 0 {first.dtype} {tuple(first.shape)} on "
+                        f"{first.device}: every row must be [P_b, H, d] with one H, d, dtype "
+                        "and device")
+                if not row.is_contiguous():
+                    raise ValueError(f"CacheRows: row {index} is not contiguous (strides "
+                                     f"{row.stride()}); the kernel reads rows of H * d "
+                                     "elements")
+        return torch.tensor([row.data_ptr() for row in buffers], dtype=torch.int64)
 
     @classmethod
     def of(cls, rows: Sequence[torch.Tensor]) -> CacheRows:
+        """Each tensor of `rows` a whole row."""
         rows = tuple(rows)
         addresses = cls.host_addresses(rows)
-        return cls(rows, addresses.to(rows[0].device))
+        return cls(rows, tuple(int(row.shape[0]) for row in rows),
+                   addresses.to(rows[0].device))
+
+    @property
+    def rows(self) -> list[torch.Tensor]:
+        return [buffer[:length] for buffer, length in zip(self.buffers, self.lengths)]
 
     @property
     def shape(self) -> torch.Size:
         """[sum P, H, d], as the concatenated tensor would have."""
-        return torch.Size((sum(int(row.shape[0]) for row in self.rows), *self.rows[0].shape[1:]))
+        return torch.Size((sum(self.lengths), *self.buffers[0].shape[1:]))
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.rows[0].dtype
+        return self.buffers[0].dtype
 
     @property
     def device(self) -> torch.device:
-        return self.rows[0].device
+        return self.buffers[0].device
 
     def dim(self) -> int:
         return 3
 
     def cat(self) -> torch.Tensor:
         """The rows as one jagged tensor (a view when there is one row)."""
-        return self.rows[0] if len(self.rows) == 1 else torch.cat(self.rows)
+        rows = self.rows
+        return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 def hstu_mha_cached(
@@ -153,9 +164,10 @@ def _check_inputs(q, k, v, seq_offsets, k_cache, v_cache, cache_offsets, max_seq
         raise ValueError("hstu_mha_cached: k_cache and v_cache must both be tensors or both "
                          "CacheRows")
     if isinstance(k_cache, CacheRows) and (
-            len(k_cache.rows) != len(v_cache.rows) or len(k_cache.rows) != seq_offsets.numel() - 1):
-        raise ValueError(f"hstu_mha_cached: CacheRows of {len(k_cache.rows)} key and "
-                         f"{len(v_cache.rows)} value rows for {seq_offsets.numel() - 1} rows")
+            len(k_cache.lengths) != len(v_cache.lengths)
+            or len(k_cache.lengths) != seq_offsets.numel() - 1):
+        raise ValueError(f"hstu_mha_cached: CacheRows of {len(k_cache.lengths)} key and "
+                         f"{len(v_cache.lengths)} value rows for {seq_offsets.numel() - 1} rows")
     if k_cache.shape[0] != v_cache.shape[0]:
         raise ValueError(f"hstu_mha_cached: k_cache has {k_cache.shape[0]} rows but v_cache "
                          f"{v_cache.shape[0]}")

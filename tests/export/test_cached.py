@@ -198,6 +198,11 @@ def test_changed_history_or_profile_re_encodes(smoke_serving):
     request = batch(user.request(35, [1, 2], start=5))
     assert_equal_scores(scorer.score(request, [51]), full_scores(smoke_serving, request))
     assert scorer.counters.history_changed == 3
+    # A float input (a watch time) moved by one ulp: compared bit for bit, so re-encoded.
+    user.watch[20] = torch.nextafter(user.watch[20], torch.tensor(1e9))
+    request = batch(user.request(35, [1, 2], start=5))
+    assert_equal_scores(scorer.score(request, [51]), full_scores(smoke_serving, request))
+    assert scorer.counters.history_changed == 4
 
 
 def test_window_max_attn_len():
