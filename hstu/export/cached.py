@@ -52,8 +52,8 @@ from hstu.modules.kv_cache import (
     KVCacheStore,
     cached_encode,
     concat_ranges,
-    copy_many,
     reuse_is_exact,
+    write_rows,
 )
 from hstu.modules.scoring import task_outputs
 
@@ -349,28 +349,22 @@ class CachedServing:
 
     def _update_store(self, wave: _Wave, entries, starts, encoding) -> None:
         offsets = encoding.prefix_offsets.tolist()
-        single = len(entries) == 1
-        # Every row's new keys and values are copied out of the batch tensors together, in
-        # one multi-tensor copy (kv_cache.copy_many), not two copies per row and layer. The
-        # copy runs even if a row fails half-way (the rows before it have made room for their
-        # tokens), and entries enter the store only after it.
-        targets, sources, updated = [], [], []
+        # One user: its new entry keeps slices of the batch tensors (nothing else shares
+        # them). Several: every row's keys and values go to its entry's buffers (room made
+        # here, the rows written together by kv_cache.write_rows), and entries enter the
+        # store only after that.
+        keep_slices = len(entries) == 1 and entries[0] is None
+        places, updated = [], []
         try:
             for b, entry in enumerate(entries):
                 lo, hi = offsets[b], offsets[b + 1]
-                kv = [(k[lo:hi], v[lo:hi]) for k, v in encoding.prefix_kv]
                 first, end = wave.history(b)
-                start = first + int(starts[b])
                 if entry is None:
-                    if not single:
-                        # Slices of a batch tensor would keep the whole batch alive: own
-                        # (contiguous) buffers.
-                        owned = [tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device)
-                                       for t in pair) for pair in kv]
-                        for own_pair, pair in zip(owned, kv):
-                            targets += own_pair
-                            sources += pair
-                        kv = owned
+                    if keep_slices:
+                        kv = [(k[lo:hi], v[lo:hi]) for k, v in encoding.prefix_kv]
+                    else:
+                        kv = [tuple(t.new_empty((hi - lo, *t.shape[1:])) for t in pair)
+                              for pair in encoding.prefix_kv]
                     entry = CacheEntry(
                         kv,
                         contextual_seq_len=self.contextual_seq_len,
@@ -379,18 +373,22 @@ class CachedServing:
                         contextual=None if wave.contextual is None else wave.contextual[b],
                         signature=wave.signature[first:end],
                     )
+                    row = 0
                 else:
-                    more_targets, more_sources = entry.reserve(
-                        kv, wave.timestamps[start:end], wave.signature[start:end])
-                    targets += more_targets
-                    sources += more_sources
+                    start = first + int(starts[b])
+                    row = entry.make_room(end - start, wave.timestamps[start:end],
+                                          wave.signature[start:end])
                     if entry.exact:
                         entry.anchor = int(wave.anchors[b])
                     else:
                         entry.stale_tokens += end - start
+                places.append((entry, row))
                 updated.append((wave.keys[b], entry))
         finally:
-            copy_many(targets, sources)
+            # Runs even if a row failed half-way: the rows before it have made room.
+            if not keep_slices:
+                write_rows(encoding.prefix_kv, offsets[:len(places) + 1],
+                           encoding.prefix_offsets_device, places)
         for key, entry in updated:
             self.store.put(key, entry)
 

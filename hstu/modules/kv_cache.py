@@ -73,15 +73,18 @@ class _GrowingRows:
     def view(self, length: int | None = None) -> np.ndarray:
         return self._buffer[: self.length if length is None else length]
 
-    def extend(self, more: np.ndarray) -> None:
+    def extend(self, more: np.ndarray) -> bool:
+        """Append `more`; True when the buffer had to grow (its nbytes changed)."""
         needed = self.length + int(more.shape[0])
-        if needed > self._buffer.shape[0]:
+        grew = needed > self._buffer.shape[0]
+        if grew:
             capacity = max(needed, int(self._buffer.shape[0] * self._growth))
             grown = np.empty((capacity, *self._buffer.shape[1:]), dtype=self._buffer.dtype)
             grown[: self.length] = self._buffer[: self.length]
             self._buffer = grown
         self._buffer[self.length:needed] = more
         self.length = needed
+        return grew
 
     @property
     def nbytes(self) -> int:
@@ -176,33 +179,49 @@ class CacheEntry:
         bookkeeping is done) and returns (targets, sources), the buffer slices to fill and
         what goes there, so that a caller appending to many entries can copy them all at
         once (copy_many)."""
+        added = int(_int64_array(timestamps).shape[0])
+        for index, (k, v) in enumerate(layers_kv):
+            if k.shape[0] != added or v.shape[0] != added:
+                raise ValueError(f"layer {index}: {k.shape[0]} keys for {added} new tokens")
+        if len(layers_kv) != len(self.keys):
+            raise ValueError(f"{len(layers_kv)} layers of keys for a cache of {len(self.keys)}")
+        start = self.make_room(added, timestamps, signature)
+        targets, sources = [], []
+        for index, (k, v) in enumerate(layers_kv):
+            targets += [self.keys[index][start:self.length], self.values[index][start:self.length]]
+            sources += [k, v]
+        return targets, sources
+
+    def make_room(self, added: int, timestamps: torch.Tensor | np.ndarray,
+                  signature: np.ndarray | None = None) -> int:
+        """Account for `added` new history tokens (their timestamps and signature rows) and
+        make room for their keys and values at the end of every buffer; returns the row
+        where they go. The caller writes them (reserve's slices, or write_rows)."""
         timestamps = _int64_array(timestamps)
-        added = int(timestamps.shape[0])
-        if added == 0:
-            return [], []
+        if timestamps.shape[0] != added:
+            raise ValueError(f"{timestamps.shape[0]} timestamps for {added} new tokens")
         if signature is None:
             signature = np.zeros((added, self._signature.view().shape[1]), dtype=np.int64)
         if signature.shape[0] != added:
             raise ValueError(f"{signature.shape[0]} signature rows for {added} new tokens")
-        needed = self.length + added
-        targets, sources = [], []
-        for index, (k, v) in enumerate(layers_kv):
-            if k.shape[0] != added or v.shape[0] != added:
-                raise ValueError(f"layer {index}: {k.shape[0]} keys for {added} new tokens")
-            for buffers, new in ((self.keys, k), (self.values, v)):
-                buffer = buffers[index]
-                if buffer.shape[0] < needed:
-                    capacity = max(needed, int(buffer.shape[0] * self.GROWTH))
+        start = self.length
+        if added == 0:
+            return start
+        needed = start + added
+        grew = bool(self.keys) and self.keys[0].shape[0] < needed
+        if grew:
+            capacity = max(needed, int(self.keys[0].shape[0] * self.GROWTH))
+            for buffers in (self.keys, self.values):
+                for index, buffer in enumerate(buffers):
                     grown = buffer.new_empty((capacity, *buffer.shape[1:]))
-                    grown[: self.length] = buffer[: self.length]
-                    buffers[index] = buffer = grown
-                targets.append(buffer[self.length:needed])
-                sources.append(new)
+                    grown[:start] = buffer[:start]
+                    buffers[index] = grown
         self.length = needed
-        self._timestamps.extend(timestamps)
-        self._signature.extend(signature)
-        self._nbytes = self._count_bytes()
-        return targets, sources
+        grew = self._timestamps.extend(timestamps) | grew
+        grew = self._signature.extend(signature) | grew
+        if grew:
+            self._nbytes = self._count_bytes()
+        return start
 
     def truncate(self, history_length: int) -> None:
         """Forget the history tokens after the first `history_length` (their keys and values
@@ -297,6 +316,52 @@ class KVCacheStore:
 # ----------------------------------------------------------------------------- exactness
 
 
+def write_rows(prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]], offsets: Sequence[int],
+               device_offsets: torch.Tensor,
+               places: Sequence[tuple[CacheEntry, int]]) -> None:
+    """Row b of every layer's new keys and values (prefix_kv, jagged over `offsets` [B+1],
+    the same on the device as device_offsets) into places[b] = (entry, row): the entry's
+    buffers from that row on, room the caller made (CacheEntry.make_room).
+
+    On a GPU one kernel per layer and tensor copies every row to its entry's buffer through
+    the buffer's address (hstu.ops.triton.cached_attention.copy_rows_to_addresses): no
+    tensor op per row on the host. Elsewhere, one slice per row, layer and tensor and one
+    multi-tensor copy (copy_many)."""
+    if not prefix_kv or not places:
+        return
+    batch = len(places)
+    if len(offsets) != batch + 1:
+        raise ValueError(f"{len(offsets) - 1} rows of new keys for {batch} places")
+    sources = [t for pair in prefix_kv for t in pair]
+    if sources[0].device.type != "cuda":
+        targets, copied = [], []
+        for b, (entry, row) in enumerate(places):
+            end = row + offsets[b + 1] - offsets[b]
+            for index, (k, v) in enumerate(prefix_kv):
+                targets += [entry.keys[index][row:end], entry.values[index][row:end]]
+                copied += [k[offsets[b]:offsets[b + 1]], v[offsets[b]:offsets[b + 1]]]
+        copy_many(targets, copied)
+        return
+    from hstu.ops.triton.cached_attention import copy_rows_to_addresses
+
+    layers = len(prefix_kv)
+    row_bytes = [t[0].numel() * t.element_size() if t.shape[0] else 0 for t in sources]
+    addresses = np.empty((2 * layers, batch), dtype=np.int64)
+    for b, (entry, row) in enumerate(places):
+        for index in range(layers):
+            key, value = entry.keys[index], entry.values[index]
+            if key.dtype != sources[2 * index].dtype or value.dtype != sources[2 * index].dtype:
+                raise ValueError(f"a cache entry of {key.dtype} for new keys of "
+                                 f"{sources[2 * index].dtype}")
+            addresses[2 * index, b] = key.data_ptr() + row * row_bytes[2 * index]
+            addresses[2 * index + 1, b] = value.data_ptr() + row * row_bytes[2 * index + 1]
+    addresses_device = torch.from_numpy(addresses).pin_memory().to(sources[0].device,
+                                                                    non_blocking=True)
+    longest = max(offsets[b + 1] - offsets[b] for b in range(batch))
+    for source, target in zip(sources, addresses_device):
+        copy_rows_to_addresses(source.contiguous(), device_offsets, target, longest)
+
+
 def copy_many(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
     """targets[i] <- sources[i] for every i, in one multi-tensor launch per device and dtype
     (torch._foreach_copy_) instead of one copy kernel per pair: a wave of 128 users over 3
@@ -380,6 +445,7 @@ class CachedEncoding:
     # `prefix_offsets` [B+1] (on the CPU).
     prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]
     prefix_offsets: torch.Tensor
+    prefix_offsets_device: torch.Tensor  # the same on the keys' device
 
 
 def _on_device(parts: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -605,4 +671,4 @@ def cached_encode(
     ]
     encodings = encoder.postprocessor(candidates, preprocessor_inputs["candidate_timestamps"])
     return CachedEncoding(candidates=encodings, prefix_kv=prefix_kv,
-                          prefix_offsets=prefix_offsets_host)
+                          prefix_offsets=prefix_offsets_host, prefix_offsets_device=prefix_offsets)

@@ -412,3 +412,41 @@ def test_export_directory_rebuilds_the_program(smoke_export, samples):
         expected = without_filler_scores(program.module()(padded))
     scorer = CachedServing(serving)
     assert_equal_scores(scorer.score(inputs, [1, 2, 3]), expected, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_several_users_on_the_gpu_equal_the_cpu():
+    """The GPU path (TRITON cached attention reading each user's buffers in place, new rows
+    written through the buffers' addresses, host tensors packed into one copy) against the CPU
+    path (PYTORCH, concatenated caches, sliced copies): same scores and same cache contents
+    over encodes, appends and a new user beside cached ones."""
+    import copy
+
+    from hstu.ops import Kernel
+
+    on_cpu = build_serving(seed=8)
+    on_gpu = copy.deepcopy(on_cpu).to("cuda")
+    for layer in on_gpu.encoder.stu_stack.layers:
+        layer.kernel = Kernel.TRITON
+    users = [User(on_cpu, 321 + i, 60 + i) for i in range(3)]
+    keys = [321, 322, 323]
+    policy = dict(mode="incremental", max_stale_tokens=50, max_stale_seconds=86_400)
+    scorers = {device: cached(serving, **policy)
+               for device, serving in (("cpu", on_cpu), ("cuda", on_gpu))}
+    calls = [
+        (batch(users[0].request(30, [1, 2]), users[1].request(25, [3])), keys[:2]),
+        (batch(users[0].request(34, [4, 5]), users[2].request(12, [6]),
+               users[1].request(31, [7, 8, 9])), [keys[0], keys[2], keys[1]]),
+        (batch(users[1].request(33, [1]), users[0].request(40, [2, 3])), [keys[1], keys[0]]),
+    ]
+    for inputs, call_keys in calls:
+        got = scorers["cuda"].score(inputs, call_keys)
+        want = scorers["cpu"].score(inputs, call_keys)
+        for task in want:
+            torch.testing.assert_close(got[task].cpu(), want[task], atol=1e-4, rtol=0)
+    for key in keys:
+        a, b = scorers["cuda"].store.get(key), scorers["cpu"].store.get(key)
+        assert a.length == b.length
+        for index in range(len(b.keys)):
+            for x, y in zip(a.layer(index), b.layer(index)):
+                torch.testing.assert_close(x.cpu(), y, atol=1e-4, rtol=1e-4)

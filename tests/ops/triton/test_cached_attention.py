@@ -91,3 +91,25 @@ def test_serving_size_on_gpu(paged):
     got, expected = _run([6 + 4000, 6 + 900, 0], [10 + 100, 100, 6 + 30 + 100], [100, 100, 100],
                          contextual=6, heads=4, d_qk=128, d_v=128, paged=paged)
     torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-3)
+
+
+def test_copy_rows_to_addresses_writes_each_row_where_it_points():
+    """Rows of a jagged source to the ends of separate buffers (a cache append): every row
+    lands at its address, nothing before or after it is touched, empty rows write nothing."""
+    from hstu.ops.triton.cached_attention import copy_rows_to_addresses
+
+    generator = torch.Generator().manual_seed(5)
+    lengths, already = [3, 0, 70, 1], [5, 2, 0, 9]  # new rows; rows already in each buffer
+    source = torch.randn(sum(lengths), 2, 8, generator=generator).to(DEVICE)
+    buffers = [torch.full((a + n + 4, 2, 8), -1.0, device=DEVICE)
+               for a, n in zip(already, lengths)]
+    before = [buffer.clone() for buffer in buffers]
+    addresses = torch.tensor([buffer.data_ptr() + a * buffer[0].numel() * buffer.element_size()
+                              for buffer, a in zip(buffers, already)], device=DEVICE)
+    offsets = offsets_from_lengths(torch.tensor(lengths)).to(DEVICE)
+    copy_rows_to_addresses(source, offsets, addresses, max(lengths))
+    for b, (buffer, a, n) in enumerate(zip(buffers, already, lengths)):
+        start = sum(lengths[:b])
+        assert torch.equal(buffer[a:a + n], source[start:start + n]), b
+        assert torch.equal(buffer[:a], before[b][:a]) and torch.equal(buffer[a + n:],
+                                                                      before[b][a + n:]), b
