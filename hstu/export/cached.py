@@ -46,12 +46,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hstu.export.serving import LENGTHS_SUFFIX, ServingModule, lengths_key
+from hstu.export.serving import ServingModule, lengths_key
 from hstu.modules.kv_cache import (
     CacheEntry,
     KVCacheStore,
     cached_encode,
     concat_ranges,
+    check_writable,
     reuse_is_exact,
     write_rows,
 )
@@ -161,6 +162,8 @@ class CachedServing:
         batch = int(inputs[candidate_lengths].shape[0])
         if len(keys) != batch:
             raise ValueError(f"{len(keys)} keys for {batch} rows")
+        if batch == 0:
+            raise ValueError("cached scoring got no rows")
         # The bookkeeping reads the request on the host (a copy, when it came on a GPU).
         inputs = {name: value.cpu() for name, value in inputs.items()}
         keys = list(keys)
@@ -187,18 +190,27 @@ class CachedServing:
         if len(waves) == 1:
             out = self._score_wave(self._wave(inputs, keys))
         else:
+            # Each wave's scores in its rows' order; one gather per task puts every candidate
+            # back in its place (the order is worked out on the host).
             candidate_offsets = np.zeros(batch + 1, dtype=np.int64)
             np.cumsum(counts, out=candidate_offsets[1:])
-            out = {}
+            parts, order = [], []
             for rows in waves:
                 rows = np.asarray(rows, dtype=np.int64)
-                scores = self._score_wave(self._wave(self._select_rows(inputs, rows),
-                                                     [keys[i] for i in rows]))
-                places = torch.from_numpy(concat_ranges(candidate_offsets[:-1][rows], counts[rows]))
-                for task, value in scores.items():
-                    if task not in out:
-                        out[task] = value.new_empty(int(candidate_offsets[-1]))
-                    out[task][places.to(value.device)] = value
+                parts.append(self._score_wave(self._wave(self._select_rows(inputs, rows),
+                                                         [keys[i] for i in rows])))
+                order.append(concat_ranges(candidate_offsets[:-1][rows], counts[rows]))
+            inverse = np.empty(int(candidate_offsets[-1]), dtype=np.int64)
+            inverse[np.concatenate(order)] = np.arange(inverse.size)
+            inverse = torch.from_numpy(inverse)
+            out = {}
+            for task in parts[0]:
+                joined = torch.cat([part[task] for part in parts])
+                if joined.device.type == "cuda":
+                    index = inverse.pin_memory().to(joined.device, non_blocking=True)
+                else:
+                    index = inverse
+                out[task] = joined[index]
         if not serving.ascending:
             out = {task: value.flip(0) for task, value in out.items()}
         return out
@@ -228,12 +240,10 @@ class CachedServing:
             gathers[sequence] = torch.from_numpy(concat_ranges(offsets[:-1][rows], lengths[rows]))
         index = torch.from_numpy(rows)
         out = {}
-        for name, value in inputs.items():
-            if name.endswith(LENGTHS_SUFFIX):
-                out[name] = value[index]
-            else:
-                sequence = serving.features[name].sequence
-                out[name] = value[index if sequence is None else gathers[sequence]]
+        for name, spec in serving.features.items():
+            out[name] = inputs[name][index if spec.sequence is None else gathers[spec.sequence]]
+        for sequence in self.sequences:
+            out[lengths_key(sequence)] = inputs[lengths_key(sequence)][index]
         return out
 
     def _wave(self, inputs: dict[str, torch.Tensor], keys: list[Hashable]) -> _Wave:
@@ -375,6 +385,7 @@ class CachedServing:
                     )
                     row = 0
                 else:
+                    check_writable(entry, encoding.prefix_kv)
                     start = first + int(starts[b])
                     row = entry.make_room(end - start, wave.timestamps[start:end],
                                           wave.signature[start:end])
@@ -384,11 +395,14 @@ class CachedServing:
                         entry.stale_tokens += end - start
                 places.append((entry, row))
                 updated.append((wave.keys[b], entry))
-        finally:
-            # Runs even if a row failed half-way: the rows before it have made room.
             if not keep_slices:
-                write_rows(encoding.prefix_kv, offsets[:len(places) + 1],
-                           encoding.prefix_offsets_device, places)
+                write_rows(encoding.prefix_kv, offsets, encoding.prefix_offsets_device, places)
+        except BaseException:
+            # Some entries may now claim rows that were never written: forget this wave's
+            # users (their next request encodes them afresh) rather than serve them wrong.
+            for key in wave.keys:
+                self.store.pop(key)
+            raise
         for key, entry in updated:
             self.store.put(key, entry)
 

@@ -133,6 +133,10 @@ class CacheEntry:
             np.zeros((n, 0), dtype=np.int64) if signature is None else signature, self.GROWTH)
         self.exact = True  # equal to a full pass over its history at `anchor`
         self.stale_tokens = 0  # tokens appended inexactly since the last full encode
+        for index, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k.shape[0] != self.length or v.shape[0] != self.length:
+                raise ValueError(f"layer {index}: {k.shape[0]} keys and {v.shape[0]} values "
+                                 f"for a cache of {self.length} rows")
         if self.length != self.contextual_seq_len + n:
             raise ValueError(
                 f"cache of {self.length} rows for {contextual_seq_len} contextual and "
@@ -316,24 +320,54 @@ class KVCacheStore:
 # ----------------------------------------------------------------------------- exactness
 
 
+def check_writable(entry: CacheEntry, prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]]
+                   ) -> None:
+    """Raise unless the entry's buffers can take rows of prefix_kv as they are: as many layers,
+    the same dtype and [H, d] per layer and tensor (write_rows copies raw rows; an entry
+    encoded under another dtype, say float32 beside bf16 autocast, cannot take them)."""
+    if len(entry.keys) != len(prefix_kv):
+        raise ValueError(f"a cache entry of {len(entry.keys)} layers for keys of "
+                         f"{len(prefix_kv)} layers")
+    for index, (k, v) in enumerate(prefix_kv):
+        for name, buffer, new in (("keys", entry.keys[index], k),
+                                  ("values", entry.values[index], v)):
+            if buffer.dtype != new.dtype or buffer.shape[1:] != new.shape[1:]:
+                raise ValueError(
+                    f"layer {index} {name}: the cache entry holds {buffer.dtype} "
+                    f"{tuple(buffer.shape[1:])}, the new rows are {new.dtype} "
+                    f"{tuple(new.shape[1:])}; an entry made under another dtype or model "
+                    "cannot be appended to")
+
+
 def write_rows(prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]], offsets: Sequence[int],
-               device_offsets: torch.Tensor,
-               places: Sequence[tuple[CacheEntry, int]]) -> None:
+               device_offsets: torch.Tensor, places: Sequence[tuple[CacheEntry, int]], *,
+               by_address: bool | None = None) -> None:
     """Row b of every layer's new keys and values (prefix_kv, jagged over `offsets` [B+1],
     the same on the device as device_offsets) into places[b] = (entry, row): the entry's
-    buffers from that row on, room the caller made (CacheEntry.make_room).
+    buffers from that row on, room the caller made (CacheEntry.make_room) in entries that
+    check_writable accepts.
 
-    On a GPU one kernel per layer and tensor copies every row to its entry's buffer through
-    the buffer's address (hstu.ops.triton.cached_attention.copy_rows_to_addresses): no
-    tensor op per row on the host. Elsewhere, one slice per row, layer and tensor and one
-    multi-tensor copy (copy_many)."""
+    by_address (default: on a GPU): one kernel per layer and tensor copies every row to its
+    entry's buffer through the buffer's address
+    (hstu.ops.triton.cached_attention.copy_rows_to_addresses), so the host makes no tensor
+    op per row. Otherwise one slice per row, layer and tensor and one multi-tensor copy
+    (copy_many)."""
     if not prefix_kv or not places:
         return
     batch = len(places)
     if len(offsets) != batch + 1:
         raise ValueError(f"{len(offsets) - 1} rows of new keys for {batch} places")
+    for b, (entry, row) in enumerate(places):
+        # Raw addresses must stay inside the buffers: the room made must be there.
+        if row + offsets[b + 1] - offsets[b] > min(entry.keys[0].shape[0],
+                                                   entry.values[0].shape[0]):
+            raise ValueError(f"row {b}: {offsets[b + 1] - offsets[b]} new rows from row {row} "
+                             f"do not fit a buffer of {entry.keys[0].shape[0]} rows")
     sources = [t for pair in prefix_kv for t in pair]
-    if sources[0].device.type != "cuda":
+    device = sources[0].device
+    if by_address is None:
+        by_address = device.type == "cuda"
+    if not by_address:
         targets, copied = [], []
         for b, (entry, row) in enumerate(places):
             end = row + offsets[b + 1] - offsets[b]
@@ -349,16 +383,14 @@ def write_rows(prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]], offsets: 
     addresses = np.empty((2 * layers, batch), dtype=np.int64)
     for b, (entry, row) in enumerate(places):
         for index in range(layers):
-            key, value = entry.keys[index], entry.values[index]
-            if key.dtype != sources[2 * index].dtype or value.dtype != sources[2 * index].dtype:
-                raise ValueError(f"a cache entry of {key.dtype} for new keys of "
-                                 f"{sources[2 * index].dtype}")
-            addresses[2 * index, b] = key.data_ptr() + row * row_bytes[2 * index]
-            addresses[2 * index + 1, b] = value.data_ptr() + row * row_bytes[2 * index + 1]
-    addresses_device = torch.from_numpy(addresses).pin_memory().to(sources[0].device,
-                                                                    non_blocking=True)
+            addresses[2 * index, b] = entry.keys[index].data_ptr() + row * row_bytes[2 * index]
+            addresses[2 * index + 1, b] = (entry.values[index].data_ptr()
+                                           + row * row_bytes[2 * index + 1])
+    addresses = torch.from_numpy(addresses)
+    if device.type == "cuda":
+        addresses = addresses.pin_memory().to(device, non_blocking=True)
     longest = max(offsets[b + 1] - offsets[b] for b in range(batch))
-    for source, target in zip(sources, addresses_device):
+    for source, target in zip(sources, addresses):
         copy_rows_to_addresses(source.contiguous(), device_offsets, target, longest)
 
 
@@ -483,7 +515,7 @@ def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def _virtual_indices(positional_encoder, cached, num_targets, timestamps, contextual_seq_len,
-                     own_lengths=None):
+                     times_per_row=None):
     """Host int64 (position rows, time-bucket rows or None) of the delta tokens, from their
     places in the whole ("virtual") rows [c contextual; cached + new history; candidates]:
     index arithmetic on the CPU over the delta tokens alone (hstu.ops.position's formulas),
@@ -491,18 +523,18 @@ def _virtual_indices(positional_encoder, cached, num_targets, timestamps, contex
     over the rows (numpy), so that it does not grow by a tensor op per row either.
 
     timestamps: per row, its new history tokens' times then its candidates' query times:
-    a list of int64 tensors, or one flat int64 tensor with own_lengths[b] values per row."""
+    a list of int64 tensors, or one flat int64 tensor with times_per_row[b] values per row."""
     c = contextual_seq_len
-    if own_lengths is None:
-        own_lengths = [row.numel() for row in timestamps]
+    if times_per_row is None:
+        times_per_row = [row.numel() for row in timestamps]
         timestamps = torch.cat(list(timestamps)) if len(timestamps) else torch.zeros(0)
-    own_lengths = np.asarray(own_lengths, dtype=np.int64)
-    own_times = timestamps.to(torch.int64).numpy()
+    times_per_row = np.asarray(times_per_row, dtype=np.int64)
+    times = timestamps.to(torch.int64).numpy()
     has_cache = np.array([entry is not None for entry in cached], dtype=bool)
     cached_tokens = np.array([entry.history_length if entry is not None else 0
                               for entry in cached], dtype=np.int64)
     targets = np.asarray(num_targets, dtype=np.int64)
-    length = c + cached_tokens + own_lengths
+    length = c + cached_tokens + times_per_row
     # The delta starts after the cached tokens (contextual + cached history) or, for a row
     # without a cache, at the row's start (its contextual tokens are computed too).
     first = np.where(has_cache, c + cached_tokens, 0)
@@ -517,12 +549,12 @@ def _virtual_indices(positional_encoder, cached, num_targets, timestamps, contex
         return positions, None
     # The row's query time is its last token's (the last candidate's); contextual tokens
     # carry timestamp 0, as in a full pass.
-    own_offsets = np.zeros(len(own_lengths) + 1, dtype=np.int64)
-    np.cumsum(own_lengths, out=own_offsets[1:])
-    query = own_times[own_offsets[1:] - 1]
-    own_index = (columns - first[row]) - np.where(has_cache, 0, c)[row]
-    token_times = np.where(own_index >= 0,
-                           own_times[own_offsets[:-1][row] + np.maximum(own_index, 0)], 0)
+    time_offsets = np.zeros(len(times_per_row) + 1, dtype=np.int64)
+    np.cumsum(times_per_row, out=time_offsets[1:])
+    query = times[time_offsets[1:] - 1]
+    time_index = (columns - first[row]) - np.where(has_cache, 0, c)[row]
+    token_times = np.where(time_index >= 0,
+                           times[time_offsets[:-1][row] + np.maximum(time_index, 0)], 0)
     buckets = time_buckets_at(
         torch.from_numpy(query[row] - token_times),
         time_bucket_fn=positional_encoder.time_bucket_fn,
@@ -612,7 +644,7 @@ def cached_encode(
     delta_offsets_host = _offsets(delta_lengths)
     prefix_offsets_host = _offsets(prefix_lengths)
     positions, buckets = _virtual_indices(encoder.positional_encoder, cached, num_targets,
-                                          timestamps, c, own_lengths=items)
+                                          timestamps, c, times_per_row=items)
     layers = len(encoder.stu_stack.layers)
     max_cache_len = max(cache_lengths, default=0)
     # Each row's cached keys and values, per layer, read in place by the attention

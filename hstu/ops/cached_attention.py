@@ -89,9 +89,12 @@ class CacheRows:
         return 3
 
     def cat(self) -> torch.Tensor:
-        """The rows as one jagged tensor (a view when there is one row)."""
-        rows = self.rows
-        return rows[0] if len(rows) == 1 else torch.cat(rows)
+        """The rows as one jagged tensor (a view when at most one row is not empty)."""
+        filled = [b for b, length in enumerate(self.lengths) if length > 0]
+        if len(filled) <= 1:
+            b = filled[0] if filled else 0
+            return self.buffers[b][: self.lengths[b]]
+        return torch.cat(self.rows)
 
 
 def hstu_mha_cached(

@@ -321,6 +321,15 @@ def test_newest_first_rows():
     assert_equal_scores(scorer.score(first, [111]), full_scores(serving, first))
     assert_equal_scores(scorer.score(first, [111]), full_scores(serving, first))
     assert scorer.counters.reused_exact == 1
+    # Several users, two rows each in one call: two waves, whose scores go back to their
+    # rows' places (newest-first rows are reversed on the way in and out).
+    other = User(serving, 112, 16)
+    rows = [user.request(30, [1, 2, 3]), other.request(10, [4]), user.request(30, [5, 6]),
+            other.request(12, [7, 8])]
+    inputs = batch(*[newest_first(row) for row in rows])
+    for _ in range(2):
+        assert_equal_scores(scorer.score(inputs, [111, 112, 111, 112]),
+                            full_scores(serving, inputs))
 
 
 def test_store_is_bounded_least_recently_used_first(smoke_serving):
@@ -376,9 +385,40 @@ def test_triton_cached_kernel_reads_each_users_cache_in_place():
         layer.kernel = Kernel.TRITON
     scorer = cached(serving)
     scorer.score(first, keys[:2])
-    got = scorer.score(again, [keys[0], keys[2], keys[1]])
+
+    def no_concatenation(self):
+        raise AssertionError("the TRITON path concatenated the caches")
+
+    with pytest.MonkeyPatch.context() as patch:
+        from hstu.ops.cached_attention import CacheRows
+
+        patch.setattr(CacheRows, "cat", no_concatenation)
+        got = scorer.score(again, [keys[0], keys[2], keys[1]])
     assert scorer.counters.reused_exact == 2 and scorer.counters.no_entry == 3
     assert_equal_scores(got, expected, atol=2e-5)
+
+
+def test_a_failed_store_update_forgets_the_wave(smoke_serving, monkeypatch):
+    """If writing the new keys and values fails, the wave's entries may claim rows never
+    written: those users are dropped from the store (re-encoded next time), not served."""
+    from hstu.export import cached as cached_module
+
+    users = [User(smoke_serving, 331 + i, 70 + i) for i in range(2)]
+    scorer = cached(smoke_serving, mode="incremental", max_stale_tokens=50,
+                    max_stale_seconds=86_400)
+    scorer.score(batch(users[0].request(20, [1]), users[1].request(22, [2])), [331, 332])
+
+    def failing_write(*args, **kwargs):
+        raise RuntimeError("write failed")
+
+    monkeypatch.setattr(cached_module, "write_rows", failing_write)
+    request = batch(users[0].request(24, [1]), users[1].request(25, [2]))
+    with pytest.raises(RuntimeError, match="write failed"):
+        scorer.score(request, [331, 332])
+    assert 331 not in scorer.store and 332 not in scorer.store
+    monkeypatch.undo()
+    assert_equal_scores(scorer.score(request, [331, 332]), full_scores(smoke_serving, request))
+    assert scorer.counters.no_entry == 4
 
 
 def test_errors(smoke_serving):

@@ -87,3 +87,54 @@ def test_time_buckets_need_int64_seconds():
     with pytest.raises(TypeError, match="int64"):
         time_buckets_at(torch.tensor([60.0]), time_bucket_fn="sqrt", time_bucket_increments=60.0,
                         num_time_buckets=2048)
+
+
+def _entry(rows, heads=2, d=8, layers=2, dtype=torch.float32, seed=0):
+    from hstu.modules.kv_cache import CacheEntry
+
+    generator = torch.Generator().manual_seed(seed)
+    kv = [tuple(torch.randn(rows, heads, d, generator=generator).to(dtype) for _ in range(2))
+          for _ in range(layers)]
+    return CacheEntry(kv, contextual_seq_len=1, history_timestamps=torch.arange(rows - 1),
+                      anchor=0, contextual=None)
+
+
+def test_write_rows_by_address_equals_the_sliced_copy():
+    """kv_cache.write_rows' two paths, the Triton copy through each buffer's address (the GPU
+    path, here under the interpreter) and the sliced multi-tensor copy, leave the same
+    caches: rows appended after room was made, a buffer that grew, an empty append."""
+    from hstu.modules.kv_cache import write_rows
+
+    new_rows = [3, 0, 20]
+    generator = torch.Generator().manual_seed(1)
+    prefix_kv = [tuple(torch.randn(sum(new_rows), 2, 8, generator=generator) for _ in range(2))
+                 for _ in range(2)]
+    offsets = [0, 3, 3, 23]
+    results = []
+    for by_address in (False, True):
+        entries = [_entry(5, seed=0), _entry(4, seed=1), _entry(2, seed=2)]
+        places = [(entry, entry.make_room(n, torch.arange(n) + 100))
+                  for entry, n in zip(entries, new_rows)]
+        write_rows(prefix_kv, offsets, torch.tensor(offsets), places, by_address=by_address)
+        results.append(entries)
+    for sliced, addressed in zip(*results):
+        for index in range(2):
+            for x, y in zip(sliced.layer(index), addressed.layer(index)):
+                assert torch.equal(x, y)
+    # The appended rows are the source's, after the entry's own.
+    grown = results[1][2]
+    assert torch.equal(grown.layer(1)[1][2:], prefix_kv[1][1][3:23])
+
+
+def test_write_rows_refuses_what_would_not_fit():
+    from hstu.modules.kv_cache import check_writable, write_rows
+
+    entry = _entry(5)
+    with pytest.raises(ValueError, match="do not fit"):
+        write_rows([(torch.zeros(4, 2, 8), torch.zeros(4, 2, 8))] * 2, [0, 4],
+                   torch.tensor([0, 4]), [(entry, 3)])
+    with pytest.raises(ValueError, match="another dtype"):
+        check_writable(entry, [(torch.zeros(1, 2, 8, dtype=torch.bfloat16),
+                                torch.zeros(1, 2, 8, dtype=torch.bfloat16))] * 2)
+    with pytest.raises(ValueError, match="layers"):
+        check_writable(entry, [(torch.zeros(1, 2, 8), torch.zeros(1, 2, 8))])

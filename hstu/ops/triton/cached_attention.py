@@ -266,33 +266,34 @@ def hstu_mha_cached(
 
 # ----------------------------------------------------------------------------- cache writes
 
-COPY_BLOCK = 2048  # elements per program: a few rows of H * d
+COPY_BLOCK = 2048  # elements per program and step: a few rows of H * d
+COPY_PROGRAMS_PER_ROW = 64  # most programs a row gets; a longer row loops
 INTERPRET_COPY_BLOCK = 64
 
 
 @triton.jit
 def _copy_rows(SOURCE, source_offsets, ADDRESSES, row_elements, BLOCK: tl.constexpr):
     """Row b's source rows [source_offsets[b], source_offsets[b + 1]) to ADDRESSES[b] (H * d
-    elements per row, contiguous on both sides): one program per BLOCK elements of a row."""
+    elements per row, contiguous on both sides). Program (b, p) copies blocks p, p + P, ...
+    of row b, so that one long row (a user encoded from scratch beside short appends) does
+    not size the grid for every row."""
     b = tl.program_id(0)
-    chunk = tl.program_id(1)
     first = tl.load(source_offsets + b)
     count = (tl.load(source_offsets + b + 1) - first) * row_elements
-    if chunk * BLOCK >= count:
-        return
-    offsets = chunk * BLOCK + tl.arange(0, BLOCK)
-    inside = offsets < count
     target = tl.load(ADDRESSES + b).to(tl.pointer_type(SOURCE.dtype.element_ty))
-    values = tl.load(SOURCE + first * row_elements + offsets, mask=inside)
-    tl.store(target + offsets, values, mask=inside)
+    source = SOURCE + first * row_elements
+    for start in range(tl.program_id(1) * BLOCK, count, tl.num_programs(1) * BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        inside = offsets < count
+        tl.store(target + offsets, tl.load(source + offsets, mask=inside), mask=inside)
 
 
 def copy_rows_to_addresses(source: torch.Tensor, source_offsets: torch.Tensor,
                            addresses: torch.Tensor, max_rows: int) -> None:
     """Copy row b of the jagged `source` [N, H, d] (contiguous; source_offsets [B+1] int64 on
     its device) to the memory at addresses[b] ([B] int64 on its device), which the caller
-    owns and has made room at (kv_cache: the end of each user's cache buffer, of source's
-    dtype). max_rows: the longest row, from the host."""
+    owns and has made room at (kv_cache.write_rows: the end of each user's cache buffer, of
+    source's dtype, checked there). max_rows: the longest row, from the host."""
     if source.device.type != "cuda" and not interpreting():
         raise RuntimeError("copy_rows_to_addresses needs CUDA tensors, or TRITON_INTERPRET=1")
     if not source.is_contiguous():
@@ -302,5 +303,5 @@ def copy_rows_to_addresses(source: torch.Tensor, source_offsets: torch.Tensor,
     if batch == 0 or max_rows == 0 or row_elements == 0:
         return
     block = INTERPRET_COPY_BLOCK if interpreting() else COPY_BLOCK
-    chunks = triton.cdiv(max_rows * row_elements, block)
-    _copy_rows[(batch, chunks)](source, source_offsets, addresses, row_elements, BLOCK=block)
+    programs = min(triton.cdiv(max_rows * row_elements, block), COPY_PROGRAMS_PER_ROW)
+    _copy_rows[(batch, programs)](source, source_offsets, addresses, row_elements, BLOCK=block)

@@ -93,10 +93,15 @@ def test_serving_size_on_gpu(paged):
     torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-3)
 
 
-def test_copy_rows_to_addresses_writes_each_row_where_it_points():
+@pytest.mark.parametrize("programs_per_row", [2, 64])
+def test_copy_rows_to_addresses_writes_each_row_where_it_points(monkeypatch, programs_per_row):
     """Rows of a jagged source to the ends of separate buffers (a cache append): every row
-    lands at its address, nothing before or after it is touched, empty rows write nothing."""
+    lands at its address, nothing before or after it is touched, empty rows write nothing;
+    with 2 programs per row the long row's programs loop over its blocks."""
+    from hstu.ops.triton import cached_attention
     from hstu.ops.triton.cached_attention import copy_rows_to_addresses
+
+    monkeypatch.setattr(cached_attention, "COPY_PROGRAMS_PER_ROW", programs_per_row)
 
     generator = torch.Generator().manual_seed(5)
     lengths, already = [3, 0, 70, 1], [5, 2, 0, 9]  # new rows; rows already in each buffer
