@@ -110,7 +110,7 @@ class _Wave:
     timestamps: np.ndarray  # int64 [sum n]: the history tokens' times
     query_times: np.ndarray  # int64 [sum t]: the candidates' query times
     anchors: np.ndarray  # int64 [B]: each row's last candidate's query time
-    signature: np.ndarray  # int64 [sum n, F]: the history inputs, floats as bit patterns
+    signature: list[np.ndarray]  # per history input [sum n], floats as their bit patterns
     contextual: np.ndarray | None  # int64 [B, C]: the contextual features' ids
 
     def history(self, b: int) -> tuple[int, int]:
@@ -261,7 +261,7 @@ class CachedServing:
             candidate_counts=counts,
             timestamps=inputs[self.timestamp_feature].to(torch.int64).numpy(),
             query_times=query_times, anchors=query_times[np.cumsum(counts) - 1],
-            signature=np.stack([_bits(inputs[name]) for name in self.uih_features], axis=1),
+            signature=[_bits(inputs[name]) for name in self.uih_features],
             contextual=contextual,
         )
 
@@ -276,7 +276,9 @@ class CachedServing:
         if (entry.contextual is None) != (contextual is None) or (
                 contextual is not None and not np.array_equal(entry.contextual, contextual)):
             return False
-        return np.array_equal(entry.signature(), wave.signature[start:start + n])
+        # One comparison per input: views of the request, no copies.
+        return all(np.array_equal(cached, column[start:start + n])
+                   for cached, column in zip(entry.signature(), wave.signature))
 
     def _decide(self, wave: _Wave, b: int) -> CacheEntry | None:
         """The entry to score row b against, or None to encode it from scratch."""
@@ -381,14 +383,14 @@ class CachedServing:
                         history_timestamps=wave.timestamps[first:end],
                         anchor=int(wave.anchors[b]),
                         contextual=None if wave.contextual is None else wave.contextual[b],
-                        signature=wave.signature[first:end],
+                        signature=[column[first:end] for column in wave.signature],
                     )
                     row = 0
                 else:
                     check_writable(entry, encoding.prefix_kv)
                     start = first + int(starts[b])
                     row = entry.make_room(end - start, wave.timestamps[start:end],
-                                          wave.signature[start:end])
+                                          [column[start:end] for column in wave.signature])
                     if entry.exact:
                         entry.anchor = int(wave.anchors[b])
                     else:
@@ -408,13 +410,14 @@ class CachedServing:
 
 
 def _bits(values: torch.Tensor) -> np.ndarray:
-    """int64 [n]: the values' bit patterns (floats) or the values (integers), so that one
-    int64 comparison tells whether two inputs are the same."""
+    """[n]: the values (integers) or their bit patterns (floats, as integers of their width),
+    a view where possible, so that an integer comparison tells whether two inputs are the
+    same (bit for bit: a float that moved by one ulp differs)."""
     values = values.detach().reshape(-1)
     if values.is_floating_point():
         as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[values.element_size()]
         values = values.view(as_int)
-    return values.to(torch.int64).numpy()
+    return values.numpy()
 
 
 def _interleave(first: np.ndarray, first_starts: np.ndarray, first_lengths: np.ndarray,

@@ -101,8 +101,7 @@ class CacheEntry:
     copies those tokens, not the whole history (a 4K-token history of the 27K recipe is
     48 MB of float32 keys and values); so do the host-side timestamps and signature.
 
-    signature: an int64 array [n, F] of the raw history inputs (one column per input, floats
-    as their bit patterns) that recognises a request whose history extends this one
+    signature: the raw history inputs, one array [n] per input (floats as their bit patterns) that recognises a request whose history extends this one
     (hstu/export/cached.py); contextual: the contextual input, int64 [C]. Both live on the
     CPU as numpy arrays, a few bytes per token, so that comparing them costs no tensor ops."""
 
@@ -116,7 +115,7 @@ class CacheEntry:
         history_timestamps: torch.Tensor | np.ndarray,
         anchor: int,
         contextual: torch.Tensor | np.ndarray | None,
-        signature: np.ndarray | None = None,
+        signature: Sequence[np.ndarray] = (),
     ) -> None:
         self.keys = [k.contiguous() for k, _ in layers_kv]
         self.values = [v.contiguous() for _, v in layers_kv]
@@ -129,8 +128,7 @@ class CacheEntry:
         self.encoded_anchor = int(anchor)
         self.contextual = None if contextual is None else _int64_array(contextual).copy()
         n = self.history_length
-        self._signature = _GrowingRows(
-            np.zeros((n, 0), dtype=np.int64) if signature is None else signature, self.GROWTH)
+        self._signature = [_GrowingRows(column, self.GROWTH) for column in signature]
         self.exact = True  # equal to a full pass over its history at `anchor`
         self.stale_tokens = 0  # tokens appended inexactly since the last full encode
         for index, (k, v) in enumerate(zip(self.keys, self.values)):
@@ -142,9 +140,10 @@ class CacheEntry:
                 f"cache of {self.length} rows for {contextual_seq_len} contextual and "
                 f"{n} history tokens"
             )
-        if self._signature.length != n:
-            raise ValueError(f"signature of {self._signature.length} rows for {n} history "
-                             "tokens")
+        for index, column in enumerate(self._signature):
+            if column.length != n:
+                raise ValueError(f"signature column {index} of {column.length} rows for {n} "
+                                 "history tokens")
         self._nbytes = self._count_bytes()
 
     @property
@@ -156,9 +155,9 @@ class CacheEntry:
         """int64 [n] (a CPU view: do not write to it)."""
         return torch.from_numpy(self._timestamps.view())
 
-    def signature(self, length: int | None = None) -> np.ndarray:
-        """The first `length` (default all) history tokens' signature rows, [length, F]."""
-        return self._signature.view(length)
+    def signature(self, length: int | None = None) -> list[np.ndarray]:
+        """Per input, the first `length` (default all) history tokens' values."""
+        return [column.view(length) for column in self._signature]
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached (keys, values) of layer `index`: views of the first `length` rows."""
@@ -168,7 +167,7 @@ class CacheEntry:
         self,
         layers_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
         timestamps: torch.Tensor | np.ndarray,
-        signature: np.ndarray | None = None,
+        signature: Sequence[np.ndarray] = (),
     ) -> None:
         """Add new history tokens' keys and values (one (k, v) [m, H, d] per layer)."""
         copy_many(*self.reserve(layers_kv, timestamps, signature))
@@ -177,7 +176,7 @@ class CacheEntry:
         self,
         layers_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
         timestamps: torch.Tensor | np.ndarray,
-        signature: np.ndarray | None = None,
+        signature: Sequence[np.ndarray] = (),
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """append() without the copies of the new keys and values: makes room for them (the
         bookkeeping is done) and returns (targets, sources), the buffer slices to fill and
@@ -197,17 +196,17 @@ class CacheEntry:
         return targets, sources
 
     def make_room(self, added: int, timestamps: torch.Tensor | np.ndarray,
-                  signature: np.ndarray | None = None) -> int:
+                  signature: Sequence[np.ndarray] = ()) -> int:
         """Account for `added` new history tokens (their timestamps and signature rows) and
         make room for their keys and values at the end of every buffer; returns the row
         where they go. The caller writes them (reserve's slices, or write_rows)."""
         timestamps = _int64_array(timestamps)
         if timestamps.shape[0] != added:
             raise ValueError(f"{timestamps.shape[0]} timestamps for {added} new tokens")
-        if signature is None:
-            signature = np.zeros((added, self._signature.view().shape[1]), dtype=np.int64)
-        if signature.shape[0] != added:
-            raise ValueError(f"{signature.shape[0]} signature rows for {added} new tokens")
+        if len(signature) != len(self._signature) or any(
+                column.shape[0] != added for column in signature):
+            raise ValueError(f"signature of {[c.shape[0] for c in signature]} rows for "
+                             f"{len(self._signature)} inputs of {added} new tokens")
         start = self.length
         if added == 0:
             return start
@@ -222,7 +221,8 @@ class CacheEntry:
                     buffers[index] = grown
         self.length = needed
         grew = self._timestamps.extend(timestamps) | grew
-        grew = self._signature.extend(signature) | grew
+        for column, values in zip(self._signature, signature):
+            grew = column.extend(values) | grew
         if grew:
             self._nbytes = self._count_bytes()
         return start
@@ -236,7 +236,8 @@ class CacheEntry:
                              f"{history_length}")
         self.length = self.contextual_seq_len + history_length
         self._timestamps.length = history_length
-        self._signature.length = history_length
+        for column in self._signature:
+            column.length = history_length
 
     def nbytes(self) -> int:
         """Bytes held: the key and value buffers with their spare room, and the host arrays."""
@@ -244,7 +245,7 @@ class CacheEntry:
 
     def _count_bytes(self) -> int:
         total = sum(t.numel() * t.element_size() for t in self.keys + self.values)
-        total += self._timestamps.nbytes + self._signature.nbytes
+        total += self._timestamps.nbytes + sum(column.nbytes for column in self._signature)
         if self.contextual is not None:
             total += int(self.contextual.nbytes)
         return total
