@@ -23,7 +23,8 @@ gradients (up to float addition order) and the same d x.
 
 These synthetic indices do not reproduce the 1.1 ms the kernel takes inside the training step
 (0.1 ms here with a similar token count). The step runs it with the recipe's input dropout
-(0.2): `--dropout 0.2` times that; next, time it on a real training batch's indices.
+(0.2), which `--dropout 0.2` adds, and on its own batches' indices, which `--shapes train1k`
+uses (train_bench's first batch at --max-history 1024; needs TorchRec).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import triton.language as tl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from hstu.ops.pytorch.position import position_indices, time_bucket_indices  # noqa: E402
 from hstu.ops.triton.position import _add_position_time_bwd, _dropped  # noqa: E402
@@ -94,17 +96,46 @@ def draw_rows(shape: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndar
         total += CONTEXT + n + t
 
 
+def train_batch_rows(max_history: int = 1024, rows: int = 32):
+    """(timestamps per row [contextual zeros; history; candidates], candidates per row) of
+    train_bench's first synthetic batch at --max-history / --batch-size (needs TorchRec, as
+    train_bench does): the indices the training step's positional op really sees."""
+    import types
+
+    import train_bench
+
+    from hstu.config import load_config
+
+    args = types.SimpleNamespace(
+        median_history=max(1, min(1000, max_history // 2)), candidates=100, batches=1,
+        eval_batches=0, max_history=max_history, workers=[1], seed=0, split_global=False,
+        recipe="recipes/kuairand_dlrm_hstu.config")
+    cfg = load_config(args.recipe, [])
+    batch = train_bench.make_batches(args, cfg, 0, {"rows": rows, "token_budget": 0},
+                                     CONTEXT)[0]
+    history = batch.seq_lengths["uih_seq"].tolist()
+    candidates = batch.seq_lengths["cand_seq"].tolist()
+    uih = batch.raw["uih_seq__action_timestamp"].long().split(history)
+    query = batch.raw["cand_seq__query_time"].long().split(candidates)
+    timestamps = [np.concatenate([np.zeros(CONTEXT, np.int64), u.numpy(), q.numpy()])
+                  for u, q in zip(uih, query)]
+    return timestamps, np.array(history), np.array(candidates)
+
+
 def make_case(shape: str, device: str, dim: int) -> dict:
     """A batch laid out as the positional op sees it: per row c contextual tokens (timestamp
     0), the history (times over the last 30 days, oldest first), the candidates (at the query
     time); with its position and time-bucket rows as the forward computes them."""
     rng = np.random.default_rng(0)
-    history, candidates = draw_rows(shape, rng)
-    query = 1_700_000_000
-    timestamps = []
-    for n, t in zip(history, candidates):
-        times = np.sort(query - rng.integers(0, 30 * 86_400, n))
-        timestamps += [np.zeros(CONTEXT, np.int64), times, np.full(t, query)]
+    if shape == "train1k":
+        timestamps, history, candidates = train_batch_rows()
+    else:
+        history, candidates = draw_rows(shape, rng)
+        query = 1_700_000_000
+        timestamps = []
+        for n, t in zip(history, candidates):
+            times = np.sort(query - rng.integers(0, 30 * 86_400, n))
+            timestamps += [np.zeros(CONTEXT, np.int64), times, np.full(t, query)]
     lengths = torch.from_numpy(CONTEXT + history + candidates)
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
     offsets[1:] = lengths.cumsum(0)
@@ -153,7 +184,9 @@ def compare(case: dict, dropout: float = 0.0) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=["1k", "27k"])
+    parser.add_argument("--shapes", nargs="+", default=["1k", "27k"],
+                        help="1k, 27k (synthetic indices), train1k (train_bench's first 1k "
+                        "batch: needs TorchRec)")
     parser.add_argument("--check-only", action="store_true",
                         help="compare the kernels on a tiny case (CPU under TRITON_INTERPRET=1)")
     parser.add_argument("--dropout", type=float, default=0.0,
