@@ -44,7 +44,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from hstu.ops.pytorch.position import position_indices, time_bucket_indices  # noqa: E402
-from hstu.ops.triton.position import _add_position_time_bwd, _dropped  # noqa: E402
+from hstu.ops.triton.position import _add_position_time_bwd, _input_gradient  # noqa: E402
 
 CONTEXT, D, POSITIONS, TIME_BUCKETS = 6, 512, 8192, 2048
 
@@ -55,18 +55,15 @@ def _add_position_time_bwd_per_token(D_OUT, POS, BUCKET, D_X, D_P, D_T, total, s
                                      D: tl.constexpr, USE_TIME: tl.constexpr,
                                      DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
                                      BLOCK_D: tl.constexpr):
-    """The production kernel before session 11: one atomic per token and table."""
+    """The production kernel before session 11: one atomic per token and table (d x as
+    production computes it, so that an A/B changes only the table adds)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     ok = rows < total
-    mask = ok[:, None] & (cols < D)[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    grad = tl.load(D_OUT + rows64 * stride_dout + cols[None, :], mask=mask, other=0.0)
-    grad = grad.to(tl.float32)
-    if DROPOUT:
-        grad = _dropped(grad, rows64, cols, dropout_ratio, SEED, D)
-    tl.store(D_X + rows64 * stride_dx + cols[None, :], (grad * alpha).to(D_X.dtype.element_ty),
-             mask=mask)
+    col_ok = cols < D
+    grad = _input_gradient(D_OUT, D_X, rows, cols, ok, col_ok, stride_dout, stride_dx, alpha,
+                           dropout_ratio, SEED, D, DROPOUT)
+    mask = ok[:, None] & col_ok[None, :]
     pos = tl.load(POS + rows, mask=ok, other=0).to(tl.int64)
     tl.atomic_add(D_P + pos[:, None] * D + cols[None, :], grad, mask=mask, sem="relaxed")
     if USE_TIME:

@@ -163,43 +163,11 @@ class CacheEntry:
         """The cached (keys, values) of layer `index`: views of the first `length` rows."""
         return self.keys[index][: self.length], self.values[index][: self.length]
 
-    def append(
-        self,
-        layers_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
-        timestamps: torch.Tensor | np.ndarray,
-        signature: Sequence[np.ndarray] = (),
-    ) -> None:
-        """Add new history tokens' keys and values (one (k, v) [m, H, d] per layer)."""
-        copy_many(*self.reserve(layers_kv, timestamps, signature))
-
-    def reserve(
-        self,
-        layers_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
-        timestamps: torch.Tensor | np.ndarray,
-        signature: Sequence[np.ndarray] = (),
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """append() without the copies of the new keys and values: makes room for them (the
-        bookkeeping is done) and returns (targets, sources), the buffer slices to fill and
-        what goes there, so that a caller appending to many entries can copy them all at
-        once (copy_many)."""
-        added = int(_int64_array(timestamps).shape[0])
-        for index, (k, v) in enumerate(layers_kv):
-            if k.shape[0] != added or v.shape[0] != added:
-                raise ValueError(f"layer {index}: {k.shape[0]} keys for {added} new tokens")
-        if len(layers_kv) != len(self.keys):
-            raise ValueError(f"{len(layers_kv)} layers of keys for a cache of {len(self.keys)}")
-        start = self.make_room(added, timestamps, signature)
-        targets, sources = [], []
-        for index, (k, v) in enumerate(layers_kv):
-            targets += [self.keys[index][start:self.length], self.values[index][start:self.length]]
-            sources += [k, v]
-        return targets, sources
-
     def make_room(self, added: int, timestamps: torch.Tensor | np.ndarray,
                   signature: Sequence[np.ndarray] = ()) -> int:
         """Account for `added` new history tokens (their timestamps and signature rows) and
         make room for their keys and values at the end of every buffer; returns the row
-        where they go. The caller writes them (reserve's slices, or write_rows)."""
+        where they go. The caller writes them (write_rows)."""
         timestamps = _int64_array(timestamps)
         if timestamps.shape[0] != added:
             raise ValueError(f"{timestamps.shape[0]} timestamps for {added} new tokens")
@@ -272,7 +240,7 @@ class KVCacheStore:
     `put` takes the total over `max_bytes`, the least recently used OTHER entries go, whole,
     until it fits. An entry larger than the whole budget is not stored (counted in
     stats.rejected); its user is encoded from scratch on every request. Call `put` again after
-    growing an entry (append), so that its new size counts."""
+    growing an entry (make_room), so that its new size counts."""
 
     def __init__(self, max_bytes: int) -> None:
         if max_bytes <= 0:

@@ -104,7 +104,21 @@ def _add_position_time_bwd(D_OUT, POS, BUCKET, D_X, D_P, D_T, total, stride_dout
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     ok = rows < total
-    mask = ok[:, None] & (cols < D)[None, :]
+    col_ok = cols < D
+    grad = _input_gradient(D_OUT, D_X, rows, cols, ok, col_ok, stride_dout, stride_dx, alpha,
+                           dropout_ratio, SEED, D, DROPOUT)
+    last = tl.minimum(tl.program_id(0) * BLOCK_R + BLOCK_R, total) - 1
+    _add_merging_last(D_P, POS, rows, last, ok, grad, cols, col_ok, D)
+    if USE_TIME:
+        _add_merging_last(D_T, BUCKET, rows, last, ok, grad, cols, col_ok, D)
+
+
+@triton.jit
+def _input_gradient(D_OUT, D_X, rows, cols, ok, col_ok, stride_dout, stride_dx, alpha,
+                    dropout_ratio, SEED, D: tl.constexpr, DROPOUT: tl.constexpr):
+    """d out of `rows` with the forward's dropout mask applied (float32: what the tables
+    get); stores d x = alpha * that."""
+    mask = ok[:, None] & col_ok[None, :]
     rows64 = rows.to(tl.int64)[:, None]
     grad = tl.load(D_OUT + rows64 * stride_dout + cols[None, :], mask=mask, other=0.0)
     grad = grad.to(tl.float32)
@@ -112,11 +126,7 @@ def _add_position_time_bwd(D_OUT, POS, BUCKET, D_X, D_P, D_T, total, stride_dout
         grad = _dropped(grad, rows64, cols, dropout_ratio, SEED, D)
     tl.store(D_X + rows64 * stride_dx + cols[None, :], (grad * alpha).to(D_X.dtype.element_ty),
              mask=mask)
-    last = tl.minimum(tl.program_id(0) * BLOCK_R + BLOCK_R, total) - 1
-    col_ok = cols < D
-    _add_merging_last(D_P, POS, rows, last, ok, grad, cols, col_ok, D)
-    if USE_TIME:
-        _add_merging_last(D_T, BUCKET, rows, last, ok, grad, cols, col_ok, D)
+    return grad
 
 
 @triton.jit
