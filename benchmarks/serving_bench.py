@@ -192,7 +192,7 @@ def run_case(serving, args, device, history: int, autocast) -> list[dict]:
     for mode in args.modes:
         policy = CachePolicy(mode="exact" if mode.startswith("exact") else "incremental",
                              max_bytes=args.cache_gb << 30, max_stale_tokens=1 << 30,
-                             max_stale_seconds=1 << 40)
+                             max_stale_seconds=1 << 40, cuda_graphs=not args.no_cuda_graphs)
         scorer = CachedServing(serving, policy)
         with torch.no_grad(), autocast():
             scorer.score(request if mode == "exact_reuse" else previous, keys)
@@ -230,6 +230,8 @@ def run_case(serving, args, device, history: int, autocast) -> list[dict]:
                 cache_bytes / args.batch / 2**20, 2),
             exact_by_construction=mode != "incremental",
             counters=scorer.counters.as_dict(),
+            cuda_graphs=scorer.graphs is not None,
+            graph_stats=dict(scorer.graphs.stats) if scorer.graphs is not None else None,
         ))
         print(_line(rows[-1]), flush=True)
     return rows
@@ -246,7 +248,8 @@ def _line(row: dict) -> str:
             f"{row['full_ms']:>10.1f} ms  cached "
             f"{row['cached_ms']:>8.1f} ms  x{row['speedup']:<7} (CPU time x{row['cpu_speedup']}) "
             f"max|diff| "
-            f"{row['max_abs_diff']:.2e}  cache {row['cache_mb_per_user']} MB/user")
+            f"{row['max_abs_diff']:.2e}  cache {row['cache_mb_per_user']} MB/user"
+            + ("  graphs" if row.get("cuda_graphs") else ""))
 
 
 def main() -> None:
@@ -273,6 +276,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile", action="store_true",
                         help="also profile 3 cached calls per case (torch.profiler tables)")
+    parser.add_argument("--no-cuda-graphs", action="store_true",
+                        help="run the cached calls' device work eagerly (CachePolicy."
+                        "cuda_graphs=False); by default a GPU with TRITON kernels replays it "
+                        "from CUDA graphs")
     parser.add_argument("--json", dest="json_out", metavar="FILE", help="write the rows here")
     args = parser.parse_args()
     device = torch.device(args.device)

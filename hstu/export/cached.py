@@ -46,17 +46,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hstu.export.cached_graphs import GraphReplays, pad_inputs, pad_wave
 from hstu.export.serving import ServingModule, lengths_key
 from hstu.modules.kv_cache import (
     CacheEntry,
     KVCacheStore,
-    cached_encode,
     concat_ranges,
     check_writable,
+    plan_cached_encode,
     reuse_is_exact,
+    run_cached_encode,
     write_rows,
 )
 from hstu.modules.scoring import task_outputs
+from hstu.ops import Kernel
 
 MODES = ("exact", "incremental")
 
@@ -69,6 +72,10 @@ class CachePolicy:
     # last full encode, or the query time moved more than this from that encode's.
     max_stale_tokens: int = 64
     max_stale_seconds: int = 3600
+    # On a GPU with TRITON kernels, replay each wave's device work from a CUDA graph of its
+    # shape bucket (hstu/export/cached_graphs.py), keeping at most max_graphs graphs.
+    cuda_graphs: bool = True
+    max_graphs: int = 8
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -77,6 +84,8 @@ class CachePolicy:
             raise ValueError(f"cache max_bytes must be > 0, got {self.max_bytes}")
         if self.max_stale_tokens < 0 or self.max_stale_seconds < 0:
             raise ValueError("cache max_stale_tokens and max_stale_seconds must be >= 0")
+        if self.max_graphs < 1:
+            raise ValueError(f"cache max_graphs must be >= 1, got {self.max_graphs}")
 
 
 @dataclasses.dataclass
@@ -124,7 +133,13 @@ class CachedServing:
     per feature); what is left per row is the cache lookup, two array comparisons and the
     entry's update. On a GPU the host work is most of a cached call, so it counts."""
 
-    def __init__(self, serving: ServingModule, policy: CachePolicy | None = None) -> None:
+    def __init__(self, serving: ServingModule, policy: CachePolicy | None = None, *,
+                 graphs: GraphReplays | None | str = "auto") -> None:
+        """graphs: "auto" replays the device work from CUDA graphs when policy.cuda_graphs is
+        on, the model is on a GPU and runs TRITON kernels everywhere (the other kernels read
+        sizes back from the GPU, which a graph cannot); None never does; a GraphReplays is
+        used as given (GraphReplays(capture=False) pads the waves as for graphs and runs them
+        eagerly: how the CPU tests check the padding)."""
         self.serving = serving.eval()
         # Where the model (and so the keys and values) lives: the new tokens go there.
         self.device = next(serving.parameters()).device
@@ -148,6 +163,12 @@ class CachedServing:
         self.bidirectional_tokens = max(
             [self.contextual_seq_len]
             + [layer.contextual_seq_len for layer in encoder.stu_stack.layers])
+        if graphs == "auto":
+            graphs = (GraphReplays(max_graphs=self.policy.max_graphs)
+                      if self.policy.cuda_graphs and self.device.type == "cuda"
+                      and _all_triton(serving) else None)
+        self.graphs: GraphReplays | None = graphs
+        self._sequence_of = {name: spec.sequence for name, spec in serving.features.items()}
 
     # ---- public --------------------------------------------------------------------------
 
@@ -224,6 +245,8 @@ class CachedServing:
             "cache_max_bytes": self.store.max_bytes,
             "evictions": self.store.stats.evictions,
             "rejected_entries": self.store.stats.rejected,
+            **({f"graph_{name}": count for name, count in self.graphs.stats.items()}
+               if self.graphs is not None else {}),
         }
 
     # ---- rows ----------------------------------------------------------------------------
@@ -325,8 +348,7 @@ class CachedServing:
         self.counters.appended_tokens += int(sum(
             new_lengths[b] for b, entry in enumerate(entries) if entry is not None))
 
-        # The new tokens' inputs, gathered on the host in one go per feature and sent to the
-        # device together.
+        # The new tokens' inputs, gathered on the host in one go per feature.
         new_tokens = None
         if starts.any():
             new_tokens = torch.from_numpy(
@@ -340,32 +362,72 @@ class CachedServing:
             key = lengths_key(sequence)
             delta[key] = (torch.from_numpy(new_lengths) if sequence == serving.uih_sequence
                           else wave.inputs[key].to(torch.int64))
-        if self.device.type == "cuda":
-            delta = {name: value.pin_memory().to(self.device, non_blocking=True)
-                     for name, value in delta.items()}
-        else:
-            delta = {name: value.to(self.device) for name, value in delta.items()}
         # Per row: its new history tokens' times, then its candidates' query times.
         timestamps = torch.from_numpy(_interleave(
             wave.timestamps, wave.history_offsets[:-1] + starts, new_lengths,
             wave.query_times, wave.candidate_counts))
-        encoder_inputs = serving.encoder_inputs(delta)
-        encoding = cached_encode(serving.encoder, entries, history_lengths=new_lengths.tolist(),
-                                 candidate_counts=wave.candidate_counts.tolist(),
-                                 timestamps=timestamps, **encoder_inputs)
-        item = serving.item_tower(encoder_inputs["candidates"])
-        per_task = serving.fusion_tower(encoding.candidates, item)
-        probs = task_outputs(serving.tasks, per_task)[1]
-        self._update_store(wave, entries, starts, encoding)
+        rows, counts = entries, wave.candidate_counts
+        history_lengths, bounds = new_lengths, {}
+        if self.graphs is not None:
+            padded = pad_wave(entries, new_lengths, counts, timestamps, self.contextual_seq_len)
+            delta = pad_inputs(delta, padded, sequence_of=self._sequence_of,
+                               history_sequence=serving.uih_sequence,
+                               candidate_sequence=serving.candidate_sequence,
+                               lengths_key=lengths_key)
+            rows, counts, timestamps = padded.entries, padded.candidate_counts, padded.timestamps
+            history_lengths = padded.history_lengths
+            bucket = padded.bucket
+            bounds = dict(max_item_len=bucket.max_item_len, max_delta_len=bucket.max_delta_len,
+                          max_cache_len=bucket.max_cache_len)
+        plan = plan_cached_encode(serving.encoder, rows, history_lengths=history_lengths.tolist(),
+                                  candidate_counts=counts.tolist(), timestamps=timestamps,
+                                  **bounds)
+        names = list(delta)
+        # The plan's small host tensors travel as one int64 block (split on the device).
+        sizes = [t.numel() for t in plan.host]
+        packed = torch.cat([t.to(torch.int64).reshape(-1) for t in plan.host])
+
+        def device_part(*tensors):
+            encoder_inputs = serving.encoder_inputs(dict(zip(names, tensors)))
+            encoding = run_cached_encode(serving.encoder, plan, tensors[-1].split(sizes),
+                                         encoder_inputs)
+            item = serving.item_tower(encoder_inputs["candidates"])
+            per_task = serving.fusion_tower(encoding.candidates, item)
+            probs = task_outputs(serving.tasks, per_task)[1]
+            return probs, encoding.prefix_kv, encoding.prefix_offsets_device
+
+        inputs = [delta[name] for name in names] + [packed]
+        if self.graphs is not None:
+            key = (padded.bucket, len(sizes), tuple((name, delta[name].dtype) for name in names),
+                   torch.is_autocast_enabled(self.device.type),
+                   torch.get_autocast_dtype(self.device.type))
+            probs, prefix_kv, prefix_offsets = self.graphs.run(key, device_part, inputs,
+                                                               self.device)
+            # The wave's rows come first: their candidates are the first ones out. A graph's
+            # outputs are overwritten by its next replay, hence the copies.
+            real = int(wave.candidate_counts.sum())
+            probs = {task: value[:real].clone() for task, value in probs.items()}
+            prefix_offsets = prefix_offsets[:batch + 1]
+        else:
+            if self.device.type == "cuda":
+                inputs = [value.pin_memory().to(self.device, non_blocking=True)
+                          for value in inputs]
+            else:
+                inputs = [value.to(self.device) for value in inputs]
+            probs, prefix_kv, prefix_offsets = device_part(*inputs)
+        self._update_store(wave, entries, starts, prefix_kv,
+                           plan.prefix_offsets[:batch + 1].tolist(), prefix_offsets)
         return probs
 
-    def _update_store(self, wave: _Wave, entries, starts, encoding) -> None:
-        offsets = encoding.prefix_offsets.tolist()
-        # One user: its new entry keeps slices of the batch tensors (nothing else shares
-        # them). Several: every row's keys and values go to its entry's buffers (room made
-        # here, the rows written together by kv_cache.write_rows), and entries enter the
-        # store only after that.
-        keep_slices = len(entries) == 1 and entries[0] is None
+    def _update_store(self, wave: _Wave, entries, starts, prefix_kv, offsets,
+                      device_offsets) -> None:
+        """Each row's new keys and values (prefix_kv, jagged over offsets [B+1], the same on
+        the device as device_offsets; padding rows after them are left out) into its entry."""
+        # One user encoded eagerly: its new entry keeps slices of the batch tensors (nothing
+        # else shares them). Otherwise every row's keys and values go to its entry's buffers
+        # (room made here, the rows written together by kv_cache.write_rows), and entries
+        # enter the store only after that.
+        keep_slices = len(entries) == 1 and entries[0] is None and self.graphs is None
         places, updated = [], []
         try:
             for b, entry in enumerate(entries):
@@ -373,10 +435,10 @@ class CachedServing:
                 first, end = wave.history(b)
                 if entry is None:
                     if keep_slices:
-                        kv = [(k[lo:hi], v[lo:hi]) for k, v in encoding.prefix_kv]
+                        kv = [(k[lo:hi], v[lo:hi]) for k, v in prefix_kv]
                     else:
                         kv = [tuple(t.new_empty((hi - lo, *t.shape[1:])) for t in pair)
-                              for pair in encoding.prefix_kv]
+                              for pair in prefix_kv]
                     entry = CacheEntry(
                         kv,
                         contextual_seq_len=self.contextual_seq_len,
@@ -387,7 +449,7 @@ class CachedServing:
                     )
                     row = 0
                 else:
-                    check_writable(entry, encoding.prefix_kv)
+                    check_writable(entry, prefix_kv)
                     start = first + int(starts[b])
                     row = entry.make_room(end - start, wave.timestamps[start:end],
                                           [column[start:end] for column in wave.signature])
@@ -398,7 +460,7 @@ class CachedServing:
                 places.append((entry, row))
                 updated.append((wave.keys[b], entry))
             if not keep_slices:
-                write_rows(encoding.prefix_kv, offsets, encoding.prefix_offsets_device, places)
+                write_rows(prefix_kv, offsets, device_offsets, places)
         except BaseException:
             # Some entries may now claim rows that were never written: forget this wave's
             # users (their next request encodes them afresh) rather than serve them wrong.
@@ -407,6 +469,12 @@ class CachedServing:
             raise
         for key, entry in updated:
             self.store.put(key, entry)
+
+
+def _all_triton(serving: ServingModule) -> bool:
+    """Does every module with a kernel setting run TRITON (graphs need it, see __init__)?"""
+    return all(Kernel.parse(module.kernel) is Kernel.TRITON
+               for module in serving.modules() if getattr(module, "kernel", None) is not None)
 
 
 def _bits(values: torch.Tensor) -> np.ndarray:

@@ -550,6 +550,180 @@ def _check_alike(entries: Sequence[CacheEntry], layers: int) -> None:
                 "or model cannot be scored in one call")
 
 
+class _EmptyCache:
+    """A row treated as cached with nothing in its cache: its delta has no contextual tokens.
+    The padding rows of a graphed call (hstu/export/cached.py) use it, so that every call of a
+    shape bucket has the same number of contextual tokens."""
+
+    length = 0
+    history_length = 0
+
+
+EMPTY_CACHE = _EmptyCache()
+
+
+@dataclasses.dataclass
+class CachedPlan:
+    """The host side of `cached_encode` for B rows: every size and index, worked out on the
+    host so that the device part never waits for the device (and can be replayed from a CUDA
+    graph: it depends on nothing else of the host than what is here)."""
+
+    cached: list  # per row: CacheEntry, None (encoded from scratch) or EMPTY_CACHE
+    num_targets: list[int]
+    delta_lengths: list[int]  # per row: the tokens that go through the encoder
+    prefix_lengths: list[int]  # per row: those whose keys and values go to its cache
+    prefix_offsets: torch.Tensor  # [B+1] host int64
+    cache_lengths: list[int]
+    max_item_len: int  # bounds for the kernels: at least the batch's longest, at most any
+    max_delta_len: int  # bucket's
+    max_cache_len: int
+    # Per layer: every row's key and value buffers (CacheRows), when any row has a cache.
+    cache_rows: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]
+    # What the device part reads, in this order: sizes, positions, cache addresses, buckets.
+    host: list[torch.Tensor]
+    has_buckets: bool
+
+    @property
+    def batch(self) -> int:
+        return len(self.cached)
+
+
+def plan_cached_encode(
+    encoder: nn.Module,
+    cached: Sequence[CacheEntry | _EmptyCache | None],
+    *,
+    history_lengths: Sequence[int],
+    candidate_counts: Sequence[int],
+    timestamps: torch.Tensor | Sequence[torch.Tensor],
+    max_item_len: int | None = None,
+    max_delta_len: int | None = None,
+    max_cache_len: int | None = None,
+) -> CachedPlan:
+    """`cached_encode`'s host half (its arguments; the max_* bounds default to the batch's
+    own and may only be larger). `run_cached_encode` is the device half."""
+    if encoder.training:
+        raise RuntimeError("cached_encode is for inference: call .eval() first")
+    batch = len(cached)
+    num_targets = list(candidate_counts)
+    if not len(history_lengths) == len(num_targets) == batch:
+        raise ValueError(f"{batch} cache entries, {len(history_lengths)} history lengths, "
+                         f"{len(num_targets)} candidate counts")
+    if min(num_targets, default=1) < 1:
+        raise ValueError("cached_encode: every row needs at least one candidate")
+    items = [n + t for n, t in zip(history_lengths, num_targets)]
+    if not isinstance(timestamps, torch.Tensor):
+        if len(timestamps) != batch:
+            raise ValueError(f"{batch} cache entries, {len(timestamps)} timestamp rows")
+        for b, (n, t, times) in enumerate(zip(history_lengths, num_targets, timestamps)):
+            if times.numel() != n + t:
+                raise ValueError(f"cached_encode: row {b} has {times.numel()} timestamps for "
+                                 f"{n} history tokens and {t} candidates")
+        timestamps = torch.cat(list(timestamps)) if batch else torch.zeros(0, dtype=torch.int64)
+    elif timestamps.numel() != sum(items):
+        raise ValueError(f"cached_encode: {timestamps.numel()} timestamps for {sum(items)} "
+                         "history tokens and candidates")
+    c = encoder.preprocessor.contextual_seq_len
+    # A row with a cache drops its contextual tokens: their keys and values are cached.
+    starts = [c if entry is not None else 0 for entry in cached]
+    row_lengths = [c + i for i in items]
+    delta_lengths = [length - start for length, start in zip(row_lengths, starts)]
+    cache_lengths = [entry.length if entry is not None else 0 for entry in cached]
+    prefix_lengths = [length - t for length, t in zip(delta_lengths, num_targets)]
+    delta_offsets = _offsets(delta_lengths)
+    prefix_offsets = _offsets(prefix_lengths)
+    positions, buckets = _virtual_indices(encoder.positional_encoder, cached, num_targets,
+                                          timestamps, c, times_per_row=items)
+    layers = len(encoder.stu_stack.layers)
+    bounds = {}
+    for name, given, least in (("max_item_len", max_item_len, max(items, default=0)),
+                               ("max_delta_len", max_delta_len, max(delta_lengths, default=0)),
+                               ("max_cache_len", max_cache_len, max(cache_lengths, default=0))):
+        if given is not None and given < least:
+            raise ValueError(f"cached_encode: {name} {given} is below the batch's {least}")
+        bounds[name] = least if given is None else given
+    # Each row's cached keys and values, per layer, read in place by the attention
+    # (CacheRows; a row without a cache reads 0 rows of any buffer). Their addresses travel
+    # to the device with the other host tensors.
+    cache_rows, addresses = [], []
+    if bounds["max_cache_len"] > 0:
+        present = [entry for entry in cached if isinstance(entry, CacheEntry)]
+        if not present:
+            raise ValueError("cached_encode: max_cache_len > 0 needs a row with a cache")
+        _check_alike(present, layers)
+        stand_in = present[0]
+        for index in range(layers):
+            rows = [entry if isinstance(entry, CacheEntry) else stand_in for entry in cached]
+            keys = tuple(entry.keys[index] for entry in rows)
+            values = tuple(entry.values[index] for entry in rows)
+            cache_rows.append((keys, values))
+            # Entries' buffers are contiguous by construction and _check_alike checked the
+            # rest, once per entry instead of once per buffer.
+            addresses += [CacheRows.host_addresses(keys, check=False),
+                          CacheRows.host_addresses(values, check=False)]
+    host = [torch.tensor(starts), torch.tensor(delta_lengths), delta_offsets,
+            torch.tensor(prefix_lengths), prefix_offsets, _offsets(cache_lengths),
+            torch.tensor(num_targets), _offsets(num_targets), torch.zeros(batch), positions,
+            *addresses]
+    if buckets is not None:
+        host.append(buckets)
+    return CachedPlan(
+        cached=list(cached), num_targets=num_targets, delta_lengths=delta_lengths,
+        prefix_lengths=prefix_lengths, prefix_offsets=prefix_offsets,
+        cache_lengths=cache_lengths, cache_rows=cache_rows, host=host,
+        has_buckets=buckets is not None, **bounds)
+
+
+def run_cached_encode(
+    encoder: nn.Module,
+    plan: CachedPlan,
+    moved: Sequence[torch.Tensor],
+    preprocessor_inputs: dict[str, torch.Tensor | None],
+) -> CachedEncoding:
+    """`cached_encode`'s device half: `moved` holds plan.host's tensors on the model's device
+    (int64), preprocessor_inputs the encoder's inputs there. Launches kernels and nothing
+    else: no host value depends on the device, so a CUDA graph of it replays any call with
+    the same plan sizes and bounds."""
+    c = encoder.preprocessor.contextual_seq_len
+    encoder_input = encoder.preprocessor(**preprocessor_inputs, max_item_len=plan.max_item_len)
+    if encoder_input.contextual_seq_len != c:
+        raise ValueError(f"preprocessor gave {encoder_input.contextual_seq_len} contextual "
+                         f"tokens, expected {c}")
+    (starts_d, delta_lengths_d, delta_offsets, prefix_lengths_d, prefix_offsets, cache_offsets,
+     num_targets_d, candidate_offsets, zeros, positions_d) = moved[:10]
+    layers = len(plan.cache_rows)
+    addresses_d = moved[10:10 + 2 * layers]
+
+    embeddings = _take_rows(encoder_input.embeddings, encoder_input.offsets, starts_d,
+                            delta_lengths_d, delta_offsets, sum(plan.delta_lengths))
+    positional = encoder.positional_encoder
+    x = upcast(embeddings) * positional.alpha + upcast(positional.position_table[positions_d])
+    if plan.has_buckets:
+        x = x + upcast(positional.time_table[moved[-1]])
+    x = encoder.input_dropout(x.to(embeddings.dtype))
+
+    caches = None
+    if plan.max_cache_len > 0:
+        lengths = tuple(plan.cache_lengths)
+        caches = [(CacheRows(keys, lengths, addresses_d[2 * index]),
+                   CacheRows(values, lengths, addresses_d[2 * index + 1]))
+                  for index, (keys, values) in enumerate(plan.cache_rows)]
+    x, delta_kv = encoder.stu_stack.cached_forward(
+        x, delta_offsets, plan.max_delta_len, num_targets_d, caches,
+        cache_offsets if plan.max_cache_len > 0 else None, plan.max_cache_len,
+    )
+    candidates = _take_rows(x, delta_offsets, prefix_lengths_d, num_targets_d,
+                            candidate_offsets, sum(plan.num_targets))
+    total_prefix = sum(plan.prefix_lengths)
+    prefix_kv = [
+        tuple(_take_rows(t, delta_offsets, zeros, prefix_lengths_d, prefix_offsets, total_prefix)
+              for t in (k, v))
+        for k, v in delta_kv
+    ]
+    encodings = encoder.postprocessor(candidates, preprocessor_inputs["candidate_timestamps"])
+    return CachedEncoding(candidates=encodings, prefix_kv=prefix_kv,
+                          prefix_offsets=plan.prefix_offsets, prefix_offsets_device=prefix_offsets)
+
+
 def cached_encode(
     encoder: nn.Module,
     cached: Sequence[CacheEntry | None],
@@ -575,101 +749,7 @@ def cached_encode(
     Whether the result equals a full pass is the caller's business (`reuse_is_exact`): this
     computes the new tokens exactly as the full pass would given the cached keys and values.
     """
-    if encoder.training:
-        raise RuntimeError("cached_encode is for inference: call .eval() first")
-    batch = len(cached)
-    num_targets = list(candidate_counts)
-    if not len(history_lengths) == len(num_targets) == batch:
-        raise ValueError(f"{batch} cache entries, {len(history_lengths)} history lengths, "
-                         f"{len(num_targets)} candidate counts")
-    if min(num_targets, default=1) < 1:
-        raise ValueError("cached_encode: every row needs at least one candidate")
-    items = [n + t for n, t in zip(history_lengths, num_targets)]
-    if not isinstance(timestamps, torch.Tensor):
-        if len(timestamps) != batch:
-            raise ValueError(f"{batch} cache entries, {len(timestamps)} timestamp rows")
-        for b, (n, t, times) in enumerate(zip(history_lengths, num_targets, timestamps)):
-            if times.numel() != n + t:
-                raise ValueError(f"cached_encode: row {b} has {times.numel()} timestamps for "
-                                 f"{n} history tokens and {t} candidates")
-        timestamps = torch.cat(list(timestamps)) if batch else torch.zeros(0, dtype=torch.int64)
-    elif timestamps.numel() != sum(items):
-        raise ValueError(f"cached_encode: {timestamps.numel()} timestamps for {sum(items)} "
-                         "history tokens and candidates")
-    c = encoder.preprocessor.contextual_seq_len
-    encoder_input = encoder.preprocessor(**preprocessor_inputs, max_item_len=max(items, default=0))
-    if encoder_input.contextual_seq_len != c:
-        raise ValueError(f"preprocessor gave {encoder_input.contextual_seq_len} contextual "
-                         f"tokens, expected {c}")
-    device = encoder_input.embeddings.device
-
-    # Host side: the rows' sizes and the delta tokens' position and time-bucket rows.
-    # A row with a cache drops its contextual tokens: their keys and values are cached.
-    starts = [c if entry is not None else 0 for entry in cached]
-    row_lengths = [c + i for i in items]
-    delta_lengths = [length - start for length, start in zip(row_lengths, starts)]
-    cache_lengths = [entry.length if entry is not None else 0 for entry in cached]
-    prefix_lengths = [length - t for length, t in zip(delta_lengths, num_targets)]
-    delta_offsets_host = _offsets(delta_lengths)
-    prefix_offsets_host = _offsets(prefix_lengths)
-    positions, buckets = _virtual_indices(encoder.positional_encoder, cached, num_targets,
-                                          timestamps, c, times_per_row=items)
-    layers = len(encoder.stu_stack.layers)
-    max_cache_len = max(cache_lengths, default=0)
-    # Each row's cached keys and values, per layer, read in place by the attention
-    # (CacheRows; a row without a cache reads 0 rows of any buffer). Their addresses travel
-    # to the device with the other host tensors.
-    cache_rows, addresses = [], []
-    if max_cache_len > 0:
-        present = [entry for entry in cached if entry is not None]
-        _check_alike(present, layers)
-        stand_in = present[0]
-        for index in range(layers):
-            keys = tuple((entry or stand_in).keys[index] for entry in cached)
-            values = tuple((entry or stand_in).values[index] for entry in cached)
-            cache_rows.append((keys, values))
-            # Entries' buffers are contiguous by construction and _check_alike checked the
-            # rest, once per entry instead of once per buffer.
-            addresses += [CacheRows.host_addresses(keys, check=False),
-                          CacheRows.host_addresses(values, check=False)]
-    host = [torch.tensor(starts), torch.tensor(delta_lengths), delta_offsets_host,
-            torch.tensor(prefix_lengths), prefix_offsets_host, _offsets(cache_lengths),
-            torch.tensor(num_targets), _offsets(num_targets), torch.zeros(batch), positions,
-            *addresses]
-    if buckets is not None:
-        host.append(buckets)
-    moved = _on_device(host, device)
-    (starts_d, delta_lengths_d, delta_offsets, prefix_lengths_d, prefix_offsets, cache_offsets,
-     num_targets_d, candidate_offsets, zeros, positions_d) = moved[:10]
-    addresses_d = moved[10:10 + len(addresses)]
-
-    total_delta = sum(delta_lengths)
-    embeddings = _take_rows(encoder_input.embeddings, encoder_input.offsets, starts_d,
-                            delta_lengths_d, delta_offsets, total_delta)
-    positional = encoder.positional_encoder
-    x = upcast(embeddings) * positional.alpha + upcast(positional.position_table[positions_d])
-    if buckets is not None:
-        x = x + upcast(positional.time_table[moved[-1]])
-    x = encoder.input_dropout(x.to(embeddings.dtype))
-
-    caches = None
-    if max_cache_len > 0:
-        lengths = tuple(cache_lengths)
-        caches = [(CacheRows(keys, lengths, addresses_d[2 * index]),
-                   CacheRows(values, lengths, addresses_d[2 * index + 1]))
-                  for index, (keys, values) in enumerate(cache_rows)]
-    x, delta_kv = encoder.stu_stack.cached_forward(
-        x, delta_offsets, max(delta_lengths, default=0), num_targets_d, caches,
-        cache_offsets if max_cache_len > 0 else None, max_cache_len,
-    )
-    candidates = _take_rows(x, delta_offsets, prefix_lengths_d, num_targets_d,
-                            candidate_offsets, sum(num_targets))
-    total_prefix = sum(prefix_lengths)
-    prefix_kv = [
-        tuple(_take_rows(t, delta_offsets, zeros, prefix_lengths_d, prefix_offsets, total_prefix)
-              for t in (k, v))
-        for k, v in delta_kv
-    ]
-    encodings = encoder.postprocessor(candidates, preprocessor_inputs["candidate_timestamps"])
-    return CachedEncoding(candidates=encodings, prefix_kv=prefix_kv,
-                          prefix_offsets=prefix_offsets_host, prefix_offsets_device=prefix_offsets)
+    plan = plan_cached_encode(encoder, cached, history_lengths=history_lengths,
+                              candidate_counts=candidate_counts, timestamps=timestamps)
+    device = encoder.positional_encoder.position_table.device
+    return run_cached_encode(encoder, plan, _on_device(plan.host, device), preprocessor_inputs)

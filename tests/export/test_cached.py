@@ -490,3 +490,82 @@ def test_several_users_on_the_gpu_equal_the_cpu():
         for index in range(len(b.keys)):
             for x, y in zip(a.layer(index), b.layer(index)):
                 torch.testing.assert_close(x.cpu(), y, atol=1e-4, rtol=1e-4)
+
+
+def _graph_stream(serving):
+    """Calls that cover a wave's cases: new users only, appends beside a new user, candidates
+    against unchanged caches, two rows of one user (two waves)."""
+    users = [User(serving, 501 + i, 70 + i) for i in range(4)]
+    keys = [501, 502, 503, 504]
+    return keys, [
+        (batch(users[0].request(30, [1, 2]), users[1].request(25, [3])), keys[:2]),
+        (batch(users[0].request(34, [4, 5]), users[2].request(12, [6]),
+               users[1].request(31, [7, 8, 9])), [keys[0], keys[2], keys[1]]),
+        (batch(users[1].request(31, [1]), users[0].request(34, [2, 3])), [keys[1], keys[0]]),
+        (batch(users[3].request(0, [5]), users[2].request(15, [1, 2]),
+               users[2].request(18, [3])), [keys[3], keys[2], keys[2]]),
+    ]
+
+
+@pytest.mark.parametrize("mode", ["exact", "incremental"])
+def test_waves_padded_for_graphs_score_like_unpadded_ones(smoke_serving, mode):
+    """What a CUDA graph replays is the padded wave (hstu/export/cached_graphs.py): run eagerly
+    on the CPU, it must give the unpadded wave's scores and leave the same caches."""
+    from hstu.export.cached import CachedServing, CachePolicy
+    from hstu.export.cached_graphs import GraphReplays
+
+    class Recording(GraphReplays):
+        def run(self, key, fn, inputs, device):
+            self.keys.append(key)
+            return super().run(key, fn, inputs, device)
+
+    policy = CachePolicy(mode=mode, max_stale_tokens=50, max_stale_seconds=86_400)
+    recording = Recording(capture=False)
+    recording.keys = []
+    padded = CachedServing(smoke_serving, policy, graphs=recording)
+    plain = CachedServing(smoke_serving, policy, graphs=None)
+    keys, calls = _graph_stream(smoke_serving)
+    for inputs, call_keys in calls:
+        assert_equal_scores(padded.score(inputs, call_keys), plain.score(inputs, call_keys),
+                            atol=1e-6)
+    assert padded.counters == plain.counters
+    assert len(recording.keys) == 5  # the last call has two waves
+    assert all(key[0].rows >= 8 + 1 for key in recording.keys)
+    for key in keys:
+        a, b = padded.store.get(key), plain.store.get(key)
+        assert a.length == b.length
+        for index in range(len(b.keys)):
+            for x, y in zip(a.layer(index), b.layer(index)):
+                torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_score_like_eager_calls_on_the_gpu():
+    """CachedServing on a GPU with TRITON kernels replays each wave from a CUDA graph of its
+    bucket: the scores and caches must equal the eager GPU path's over the same stream, with
+    graphs captured once per bucket and replayed after."""
+    from hstu.export.cached import CachedServing, CachePolicy
+    from hstu.ops import Kernel
+
+    serving = build_serving(seed=9).to("cuda")
+    for module in serving.modules():
+        if getattr(module, "kernel", None) is not None:
+            module.kernel = Kernel.TRITON
+    policy = CachePolicy(mode="incremental", max_stale_tokens=50, max_stale_seconds=86_400)
+    graphed = CachedServing(serving, policy)
+    eager = CachedServing(serving, policy, graphs=None)
+    assert graphed.graphs is not None
+    keys, calls = _graph_stream(serving)
+    for inputs, call_keys in calls + calls[2:3] * 3:
+        got = graphed.score(inputs, call_keys)
+        want = eager.score(inputs, call_keys)
+        for task in want:
+            torch.testing.assert_close(got[task], want[task], atol=1e-5, rtol=0)
+    stats = graphed.graphs.stats
+    assert stats["replays"] == 8 and stats["captures"] < stats["replays"]
+    for key in keys:
+        a, b = graphed.store.get(key), eager.store.get(key)
+        assert a.length == b.length
+        for index in range(len(b.keys)):
+            for x, y in zip(a.layer(index), b.layer(index)):
+                torch.testing.assert_close(x, y, atol=1e-5, rtol=0)

@@ -1,0 +1,223 @@
+"""Cached scoring's device work replayed from CUDA graphs, one per shape bucket.
+
+Why: a cached call on a GPU runs few tokens (each user's new actions and candidates) through
+the encoder, so the GPU finishes its kernels faster than the host can launch them. On one
+H100, 128 users with 4K-token caches, 10 new actions and 100 candidates each kept the GPU busy
+4.2 ms of an 18.7 ms call (docs/BENCHMARKS.md, "Serving"). A graph replays the call's kernels
+(embedding lookups, preprocessor, every STU layer, the towers) with one launch.
+
+A graph replays fixed shapes and fixed launch bounds, so each wave is padded on the host to a
+bucket (`pad_wave`) before its sizes and indices are worked out:
+- extra rows after the wave's rows (8 to 15 of them), with zeros for every input; their
+  tokens and candidates pad the history tokens, the candidates and the number of rows
+  encoded from scratch up to the bucket's (`Bucket`); each has at least one candidate;
+- a padding row is either encoded from scratch (with contextual tokens) or treated as cached
+  with an empty cache (`kv_cache.EMPTY_CACHE`, no contextual tokens), whichever makes the
+  wave's count of rows encoded from scratch the bucket's;
+- the kernels' bounds (longest row, longest cache) are the bucket's powers of two;
+- the wave's rows come first, so their candidates' scores and their new keys and values are
+  the first ones out; the padding rows' are dropped (and never enter a cache).
+Everything the device part reads comes through the graph's input buffers (request features,
+sizes, positions, time buckets and the caches' addresses), so one graph serves every call of
+its bucket, whichever users and caches it holds.
+
+`GraphReplays` keeps at most `max_graphs` graphs, least recently used dropped first, each with
+its own memory pool. With capture=False the padding runs eagerly: how the CPU tests check that
+padding leaves the scores and the caches unchanged.
+
+Verification: the padding is tested on the CPU (tests/export/test_cached_graphs.py); the
+capture and replay run only on a GPU (the GPU test there), which this code has not run on yet
+at the time of writing (2026-12-07): see docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from hstu.modules.kv_cache import EMPTY_CACHE
+
+logger = logging.getLogger(__name__)
+
+# Rows are padded to a multiple of ROW_STEP, plus ROW_STEP more: 8 to 15 padding rows.
+ROW_STEP = 8
+
+
+def _step(count: int, minimum: int) -> int:
+    """1/8 of the power of two below `count` (at least `minimum`): at most 1/8 padding."""
+    if count <= minimum:
+        return minimum
+    return max(minimum, 1 << (count.bit_length() - 4))
+
+
+def _round_up(count: int, step: int) -> int:
+    return -(-count // step) * step
+
+
+def _power_of_two(count: int) -> int:
+    return 1 << max(int(count) - 1, 0).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    """A padded wave's shape: rows, history tokens in the inputs, candidates, rows encoded
+    from scratch, and the kernels' bounds (longest history + candidates, longest delta row,
+    longest cache; 0: no row has a cache)."""
+
+    rows: int
+    history: int
+    candidates: int
+    from_scratch: int
+    max_item_len: int
+    max_delta_len: int
+    max_cache_len: int
+
+
+@dataclasses.dataclass
+class PaddedWave:
+    """The wave's per-row host arrays with the padding rows appended (see the module
+    docstring), and its bucket."""
+
+    bucket: Bucket
+    entries: list  # per row: CacheEntry, None (from scratch) or EMPTY_CACHE (padding)
+    history_lengths: np.ndarray  # int64 [rows]: history tokens in the inputs
+    candidate_counts: np.ndarray  # int64 [rows]
+    timestamps: torch.Tensor  # int64 [history + candidates]: per row, its history then queries
+    padding_rows: int
+    padding_history: np.ndarray  # int64 [padding rows]: history tokens each padding row has
+    padding_candidates: np.ndarray  # int64 [padding rows]
+
+
+def _spread(total: int, parts: int, least: int = 0) -> np.ndarray:
+    """`total` split into `parts` near-equal int64 counts, each at least `least`."""
+    counts = np.full(parts, least + (total - least * parts) // parts, dtype=np.int64)
+    counts[: (total - least * parts) % parts] += 1
+    return counts
+
+
+def pad_wave(entries: Sequence, history_lengths: np.ndarray, candidate_counts: np.ndarray,
+             timestamps: torch.Tensor, contextual_seq_len: int) -> PaddedWave:
+    """The wave padded to its bucket. entries[b]: row b's CacheEntry or None; history_lengths
+    and candidate_counts: int64 [B]; timestamps: int64, per row its history tokens' times then
+    its candidates' query times (as kv_cache.cached_encode takes them)."""
+    c = contextual_seq_len
+    batch = len(entries)
+    history = int(history_lengths.sum())
+    candidates = int(candidate_counts.sum())
+    from_scratch = sum(entry is None for entry in entries)
+    rows = _round_up(batch, ROW_STEP) + ROW_STEP
+    padding_rows = rows - batch
+    padded_from_scratch = _round_up(from_scratch, ROW_STEP)
+    padded_history = _round_up(history, _step(history, 64)) if history else 64
+    padded_candidates = _round_up(candidates + padding_rows,
+                                  _step(candidates + padding_rows, 64))
+    padding_history = _spread(padded_history - history, padding_rows)
+    padding_candidates = _spread(padded_candidates - candidates, padding_rows, least=1)
+    # The first padding rows are encoded from scratch, the others have an empty cache.
+    scratch_padding = padded_from_scratch - from_scratch
+    padding_entries = [None] * scratch_padding + [EMPTY_CACHE] * (padding_rows - scratch_padding)
+    all_history = np.concatenate([history_lengths, padding_history])
+    all_candidates = np.concatenate([candidate_counts, padding_candidates])
+    entries = list(entries) + padding_entries
+    items = all_history + all_candidates
+    delta = items + np.array([c if entry is None else 0 for entry in entries], dtype=np.int64)
+    cache_lengths = [entry.length for entry in entries if entry is not None]
+    longest_cache = max(cache_lengths, default=0)
+    bucket = Bucket(
+        rows=rows, history=padded_history, candidates=padded_candidates,
+        from_scratch=padded_from_scratch, max_item_len=_power_of_two(items.max()),
+        max_delta_len=_power_of_two(delta.max()),
+        max_cache_len=_power_of_two(max(longest_cache, 16)) if longest_cache else 0)
+    padding_times = torch.zeros(int(padding_history.sum() + padding_candidates.sum()),
+                                dtype=torch.int64)
+    return PaddedWave(
+        bucket=bucket, entries=entries, history_lengths=all_history,
+        candidate_counts=all_candidates, timestamps=torch.cat([timestamps, padding_times]),
+        padding_rows=padding_rows, padding_history=padding_history,
+        padding_candidates=padding_candidates)
+
+
+def pad_inputs(inputs: dict[str, torch.Tensor], wave: PaddedWave, *, sequence_of: dict,
+               history_sequence: str, candidate_sequence: str,
+               lengths_key: Callable[[str], str]) -> dict[str, torch.Tensor]:
+    """A serving input dict of the wave's rows with the padding rows appended: zeros for
+    every value, the padding rows' lengths for the history and candidate sequences (0 for any
+    other). sequence_of[name]: the sequence of feature `name` (None: one value per row)."""
+    extra = {history_sequence: wave.padding_history, candidate_sequence: wave.padding_candidates}
+    padded = {}
+    for name, sequence in sequence_of.items():
+        value = inputs[name]
+        count = (wave.padding_rows if sequence is None
+                 else int(extra[sequence].sum()) if sequence in extra else 0)
+        padded[name] = torch.cat([value, value.new_zeros((count,) + tuple(value.shape[1:]))])
+    sequences = {sequence for sequence in sequence_of.values() if sequence is not None}
+    for sequence in sequences:
+        key = lengths_key(sequence)
+        lengths = inputs[key].to(torch.int64)
+        more = (torch.from_numpy(extra[sequence]) if sequence in extra
+                else torch.zeros(wave.padding_rows, dtype=torch.int64))
+        padded[key] = torch.cat([lengths, more])
+    return padded
+
+
+class GraphReplays:
+    """CUDA graphs of a function of device tensors, one per key, at most `max_graphs` (least
+    recently used dropped). `run(key, fn, inputs)` copies `inputs` (host tensors) into the
+    key's graph's input buffers and replays it; the first call of a key runs fn eagerly
+    `warmup` times (on a side stream, as torch.cuda.graphs asks: Triton compiles and tunes
+    there) and captures it. The outputs are the graph's own buffers: the next replay of that
+    graph overwrites them, so copy what must outlive it. capture=False runs fn eagerly."""
+
+    def __init__(self, *, capture: bool = True, max_graphs: int = 8, warmup: int = 2) -> None:
+        self.capture = capture
+        self.max_graphs = max_graphs
+        self.warmup = warmup
+        self._graphs: collections.OrderedDict = collections.OrderedDict()
+        self.stats = {"captures": 0, "replays": 0, "dropped": 0}
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def run(self, key, fn: Callable, inputs: Sequence[torch.Tensor], device: torch.device):
+        if not self.capture:
+            return fn(*(tensor.to(device) for tensor in inputs))
+        found = self._graphs.get(key)
+        if found is None:
+            found = self._capture(fn, inputs, device)
+            self._graphs[key] = found
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+                self.stats["dropped"] += 1
+        else:
+            self._graphs.move_to_end(key)
+            graph, static, outputs = found
+            for buffer, tensor in zip(static, inputs):
+                if buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+                    raise ValueError(f"graph input {tuple(tensor.shape)} {tensor.dtype} does "
+                                     f"not match its buffer {tuple(buffer.shape)} "
+                                     f"{buffer.dtype} (a bucket with two shapes)")
+                buffer.copy_(tensor.pin_memory(), non_blocking=True)
+        graph, static, outputs = found
+        graph.replay()
+        self.stats["replays"] += 1
+        return outputs
+
+    def _capture(self, fn, inputs, device):
+        static = [tensor.pin_memory().to(device, non_blocking=True) for tensor in inputs]
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                fn(*static)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = fn(*static)
+        self.stats["captures"] += 1
+        logger.info("cached scoring: captured CUDA graph %d", self.stats["captures"])
+        return graph, static, outputs
