@@ -73,9 +73,12 @@ class CachePolicy:
     max_stale_tokens: int = 64
     max_stale_seconds: int = 3600
     # On a GPU with TRITON kernels, replay each wave's device work from a CUDA graph of its
-    # shape bucket (hstu/export/cached_graphs.py), keeping at most max_graphs graphs.
+    # shape bucket (hstu/export/cached_graphs.py), keeping at most max_graphs graphs. Waves
+    # of more tokens than graph_max_tokens run eagerly: the GPU, not the host, bounds them,
+    # and their graphs would hold that much activation memory each.
     cuda_graphs: bool = True
     max_graphs: int = 8
+    graph_max_tokens: int = 65_536
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -84,8 +87,9 @@ class CachePolicy:
             raise ValueError(f"cache max_bytes must be > 0, got {self.max_bytes}")
         if self.max_stale_tokens < 0 or self.max_stale_seconds < 0:
             raise ValueError("cache max_stale_tokens and max_stale_seconds must be >= 0")
-        if self.max_graphs < 1:
-            raise ValueError(f"cache max_graphs must be >= 1, got {self.max_graphs}")
+        if self.max_graphs < 1 or self.graph_max_tokens < 1:
+            raise ValueError(f"cache max_graphs and graph_max_tokens must be >= 1, got "
+                             f"{self.max_graphs} and {self.graph_max_tokens}")
 
 
 @dataclasses.dataclass
@@ -368,7 +372,10 @@ class CachedServing:
             wave.query_times, wave.candidate_counts))
         rows, counts = entries, wave.candidate_counts
         history_lengths, bounds = new_lengths, {}
-        if self.graphs is not None:
+        from_scratch = sum(entry is None for entry in entries)
+        tokens = int(new_lengths.sum() + counts.sum()) + self.contextual_seq_len * from_scratch
+        graphs = self.graphs if tokens <= self.policy.graph_max_tokens else None
+        if graphs is not None:
             padded = pad_wave(entries, new_lengths, counts, timestamps, self.contextual_seq_len)
             delta = pad_inputs(delta, padded, sequence_of=self._sequence_of,
                                history_sequence=serving.uih_sequence,
@@ -397,12 +404,11 @@ class CachedServing:
             return probs, encoding.prefix_kv, encoding.prefix_offsets_device
 
         inputs = [delta[name] for name in names] + [packed]
-        if self.graphs is not None:
+        if graphs is not None:
             key = (padded.bucket, len(sizes), tuple((name, delta[name].dtype) for name in names),
                    torch.is_autocast_enabled(self.device.type),
                    torch.get_autocast_dtype(self.device.type))
-            probs, prefix_kv, prefix_offsets = self.graphs.run(key, device_part, inputs,
-                                                               self.device)
+            probs, prefix_kv, prefix_offsets = graphs.run(key, device_part, inputs, self.device)
             # The wave's rows come first: their candidates are the first ones out. A graph's
             # outputs are overwritten by its next replay, hence the copies.
             real = int(wave.candidate_counts.sum())
@@ -416,18 +422,19 @@ class CachedServing:
                 inputs = [value.to(self.device) for value in inputs]
             probs, prefix_kv, prefix_offsets = device_part(*inputs)
         self._update_store(wave, entries, starts, prefix_kv,
-                           plan.prefix_offsets[:batch + 1].tolist(), prefix_offsets)
+                           plan.prefix_offsets[:batch + 1].tolist(), prefix_offsets,
+                           graphed=graphs is not None)
         return probs
 
     def _update_store(self, wave: _Wave, entries, starts, prefix_kv, offsets,
-                      device_offsets) -> None:
+                      device_offsets, *, graphed: bool) -> None:
         """Each row's new keys and values (prefix_kv, jagged over offsets [B+1], the same on
         the device as device_offsets; padding rows after them are left out) into its entry."""
         # One user encoded eagerly: its new entry keeps slices of the batch tensors (nothing
         # else shares them). Otherwise every row's keys and values go to its entry's buffers
         # (room made here, the rows written together by kv_cache.write_rows), and entries
         # enter the store only after that.
-        keep_slices = len(entries) == 1 and entries[0] is None and self.graphs is None
+        keep_slices = len(entries) == 1 and entries[0] is None and not graphed
         places, updated = [], []
         try:
             for b, entry in enumerate(entries):

@@ -569,3 +569,25 @@ def test_cuda_graphs_score_like_eager_calls_on_the_gpu():
         for index in range(len(b.keys)):
             for x, y in zip(a.layer(index), b.layer(index)):
                 torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+
+
+def test_waves_above_graph_max_tokens_run_eagerly(smoke_serving):
+    from hstu.export.cached import CachedServing, CachePolicy
+    from hstu.export.cached_graphs import GraphReplays
+
+    class Recording(GraphReplays):
+        def run(self, key, fn, inputs, device):
+            self.tokens.append(key[0].history + key[0].candidates)
+            return super().run(key, fn, inputs, device)
+
+    recording = Recording(capture=False)
+    recording.tokens = []
+    scorer = CachedServing(smoke_serving, CachePolicy(mode="incremental", graph_max_tokens=40),
+                           graphs=recording)
+    keys, calls = _graph_stream(smoke_serving)
+    for inputs, call_keys in calls[:3]:
+        scorer.score(inputs, call_keys)
+    # The first two calls encode new users (55 and 12 history tokens, with their contextual
+    # tokens and the appends): over 40 tokens, eager. The third appends 6 tokens and scores 3
+    # candidates: padded for a graph.
+    assert len(recording.tokens) == 1
