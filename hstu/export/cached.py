@@ -498,13 +498,15 @@ def _bits(values: torch.Tensor) -> np.ndarray:
 def _interleave(first: np.ndarray, first_starts: np.ndarray, first_lengths: np.ndarray,
                 second: np.ndarray, second_lengths: np.ndarray) -> np.ndarray:
     """Per row b: first[first_starts[b] : + first_lengths[b]], then row b's values of the
-    jagged `second` (second_lengths per row), all rows concatenated."""
-    second_offsets = np.zeros(len(second_lengths) + 1, dtype=np.int64)
-    np.cumsum(second_lengths, out=second_offsets[1:])
-    combined = np.concatenate([first, second])
-    lengths = np.stack([first_lengths, second_lengths], axis=1).reshape(-1)
-    starts = np.stack([first_starts, len(first) + second_offsets[:-1]], axis=1).reshape(-1)
-    return combined[concat_ranges(starts, lengths)]
+    jagged `second` (second_lengths per row), all rows concatenated. Costs what it returns,
+    not the size of `first` (a whole batch of histories)."""
+    row_offsets = np.zeros(len(first_lengths) + 1, dtype=np.int64)
+    np.cumsum(first_lengths + second_lengths, out=row_offsets[1:])
+    out = np.empty(int(row_offsets[-1]), dtype=np.result_type(first, second))
+    out[concat_ranges(row_offsets[:-1], first_lengths)] = first[
+        concat_ranges(first_starts, first_lengths)]
+    out[concat_ranges(row_offsets[:-1] + first_lengths, second_lengths)] = second
+    return out
 
 
 def load_serving_module(export_dir: str | Path) -> ServingModule:
