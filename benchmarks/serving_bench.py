@@ -212,6 +212,18 @@ def run_case(serving, args, device, history: int, autocast) -> list[dict]:
             cached_ms, cached_cpu_ms, got = timed(
                 lambda scorer=scorer: scorer.score(request, keys), device, args.repeats,
                 args.warmup, before=restore)
+        phases = None
+        if args.phases:
+            # Host time per phase of a cached call (no added synchronisation), 5 calls.
+            scorer.phase_seconds = {}
+            with torch.no_grad(), autocast():
+                timed(lambda scorer=scorer: scorer.score(request, keys), device, 5, 0,
+                      before=restore)
+            phases = {name: round(seconds * 1000.0 / 5, 3)
+                      for name, seconds in scorer.phase_seconds.items()}
+            scorer.phase_seconds = None
+            print("    host ms per call: " + ", ".join(f"{n} {v:.2f}" for n, v in phases.items()),
+                  flush=True)
         if args.profile:
             with torch.no_grad(), autocast():
                 profile_cached(lambda scorer=scorer: scorer.score(request, keys), restore,
@@ -232,6 +244,7 @@ def run_case(serving, args, device, history: int, autocast) -> list[dict]:
             counters=scorer.counters.as_dict(),
             cuda_graphs=scorer.graphs is not None,
             graph_stats=dict(scorer.graphs.stats) if scorer.graphs is not None else None,
+            host_phases_ms=phases,
         ))
         print(_line(rows[-1]), flush=True)
     return rows
@@ -276,6 +289,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile", action="store_true",
                         help="also profile 3 cached calls per case (torch.profiler tables)")
+    parser.add_argument("--phases", action="store_true",
+                        help="also time the host phases of 5 cached calls per case")
     parser.add_argument("--no-cuda-graphs", action="store_true",
                         help="run the cached calls' device work eagerly (CachePolicy."
                         "cuda_graphs=False); by default a GPU with TRITON kernels replays it "

@@ -40,6 +40,7 @@ are read.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -172,6 +173,9 @@ class CachedServing:
                       if self.policy.cuda_graphs and self.device.type == "cuda"
                       and _all_triton(serving) else None)
         self.graphs: GraphReplays | None = graphs
+        # Host seconds per phase of the calls so far, when set to a dict (benchmarks: where a
+        # cached call's host time goes; no device synchronisation is added).
+        self.phase_seconds: dict[str, float] | None = None
         self._sequence_of = {name: spec.sequence for name, spec in serving.features.items()}
 
     # ---- public --------------------------------------------------------------------------
@@ -339,10 +343,18 @@ class CachedServing:
 
     # ---- one wave: distinct users ---------------------------------------------------------
 
+    def _phase(self, name: str, since: float) -> float:
+        now = time.perf_counter()
+        if self.phase_seconds is not None:
+            self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + now - since
+        return now
+
     def _score_wave(self, wave: _Wave) -> dict[str, torch.Tensor]:
         serving = self.serving
         batch = len(wave.keys)
+        clock = time.perf_counter()
         entries = [self._decide(wave, b) for b in range(batch)]
+        clock = self._phase("decide", clock)
         starts = np.array([0 if entry is None else entry.history_length for entry in entries],
                           dtype=np.int64)
         history_lengths = np.diff(wave.history_offsets)
@@ -386,6 +398,7 @@ class CachedServing:
             bucket = padded.bucket
             bounds = dict(max_item_len=bucket.max_item_len, max_delta_len=bucket.max_delta_len,
                           max_cache_len=bucket.max_cache_len)
+        clock = self._phase("gather", clock)
         plan = plan_cached_encode(serving.encoder, rows, history_lengths=history_lengths.tolist(),
                                   candidate_counts=counts.tolist(), timestamps=timestamps,
                                   **bounds)
@@ -404,6 +417,7 @@ class CachedServing:
             return probs, encoding.prefix_kv, encoding.prefix_offsets_device
 
         inputs = [delta[name] for name in names] + [packed]
+        clock = self._phase("plan", clock)
         if graphs is not None:
             key = (padded.bucket, len(sizes), tuple((name, delta[name].dtype) for name in names),
                    torch.is_autocast_enabled(self.device.type),
@@ -421,9 +435,11 @@ class CachedServing:
             else:
                 inputs = [value.to(self.device) for value in inputs]
             probs, prefix_kv, prefix_offsets = device_part(*inputs)
+        clock = self._phase("device launch", clock)
         self._update_store(wave, entries, starts, prefix_kv,
                            plan.prefix_offsets[:batch + 1].tolist(), prefix_offsets,
                            graphed=graphs is not None)
+        self._phase("store update", clock)
         return probs
 
     def _update_store(self, wave: _Wave, entries, starts, prefix_kv, offsets,

@@ -165,13 +165,54 @@ def pad_inputs(inputs: dict[str, torch.Tensor], wave: PaddedWave, *, sequence_of
     return padded
 
 
+class _Staging:
+    """A graph's inputs as views of one device buffer, filled from one pinned host buffer of
+    the same layout with a single copy (instead of a pinned copy and a copy per input)."""
+
+    ALIGN = 16
+
+    def __init__(self, inputs: Sequence[torch.Tensor], device: torch.device) -> None:
+        self.layout, total = [], 0
+        for tensor in inputs:
+            nbytes = tensor.numel() * tensor.element_size()
+            self.layout.append((total, nbytes, tensor.dtype, tuple(tensor.shape)))
+            total += -(-nbytes // self.ALIGN) * self.ALIGN
+        self.host = torch.empty(max(total, 1), dtype=torch.uint8).pin_memory()
+        self.device = torch.empty(max(total, 1), dtype=torch.uint8, device=device)
+        self.host_views = self._views(self.host)
+        self.inputs = self._views(self.device)
+        self.copied: torch.cuda.Event | None = None
+
+    def _views(self, buffer: torch.Tensor) -> list[torch.Tensor]:
+        return [buffer[start:start + nbytes].view(dtype).view(shape)
+                for start, nbytes, dtype, shape in self.layout]
+
+    def fill(self, inputs: Sequence[torch.Tensor]) -> None:
+        for view, tensor in zip(self.host_views, inputs):
+            if view.shape != tensor.shape or view.dtype != tensor.dtype:
+                raise ValueError(f"graph input {tuple(tensor.shape)} {tensor.dtype} does not "
+                                 f"match its buffer {tuple(view.shape)} {view.dtype} (a "
+                                 "bucket with two shapes)")
+        if self.copied is not None:
+            # The last call's copy out of the pinned buffer must be done before it is
+            # overwritten (a caller that has read its scores has waited for it already).
+            self.copied.synchronize()
+        for view, tensor in zip(self.host_views, inputs):
+            view.copy_(tensor)
+        self.device.copy_(self.host, non_blocking=True)
+        if self.copied is None:
+            self.copied = torch.cuda.Event()
+        self.copied.record()
+
+
 class GraphReplays:
     """CUDA graphs of a function of device tensors, one per key, at most `max_graphs` (least
     recently used dropped). `run(key, fn, inputs)` copies `inputs` (host tensors) into the
-    key's graph's input buffers and replays it; the first call of a key runs fn eagerly
-    `warmup` times (on a side stream, as torch.cuda.graphs asks: Triton compiles and tunes
-    there) and captures it. The outputs are the graph's own buffers: the next replay of that
-    graph overwrites them, so copy what must outlive it. capture=False runs fn eagerly."""
+    key's graph's input buffers (one host-to-device copy) and replays it; the first call of a
+    key runs fn eagerly `warmup` times (on a side stream, as torch.cuda.graphs asks: Triton
+    compiles and tunes there) and captures it. The outputs are the graph's own buffers: the
+    next replay of that graph overwrites them, so copy what must outlive it. capture=False
+    runs fn eagerly."""
 
     def __init__(self, *, capture: bool = True, max_graphs: int = 8, warmup: int = 2) -> None:
         self.capture = capture
@@ -195,29 +236,24 @@ class GraphReplays:
                 self.stats["dropped"] += 1
         else:
             self._graphs.move_to_end(key)
-            graph, static, outputs = found
-            for buffer, tensor in zip(static, inputs):
-                if buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-                    raise ValueError(f"graph input {tuple(tensor.shape)} {tensor.dtype} does "
-                                     f"not match its buffer {tuple(buffer.shape)} "
-                                     f"{buffer.dtype} (a bucket with two shapes)")
-                buffer.copy_(tensor.pin_memory(), non_blocking=True)
-        graph, static, outputs = found
+            found[1].fill(inputs)
+        graph, _, outputs = found
         graph.replay()
         self.stats["replays"] += 1
         return outputs
 
     def _capture(self, fn, inputs, device):
-        static = [tensor.pin_memory().to(device, non_blocking=True) for tensor in inputs]
+        staging = _Staging(inputs, device)
+        staging.fill(inputs)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
-                fn(*static)
+                fn(*staging.inputs)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            outputs = fn(*static)
+            outputs = fn(*staging.inputs)
         self.stats["captures"] += 1
         logger.info("cached scoring: captured CUDA graph %d", self.stats["captures"])
-        return graph, static, outputs
+        return graph, staging, outputs

@@ -25,8 +25,8 @@ CPU tests check that padding leaves the scores and gradients unchanged).
 Verification: the padding is tested on the CPU (PYTORCH and the Triton interpreter); the capture,
 replays and capture under DDP on one H100 (tests/modules/test_graphed_scoring_gpu.py), and the
 training step in train_bench (docs/BENCHMARKS.md, "Session 10": 15.3 -> 10.1 ms at 32 rows of
-1,024-token histories). The recapture after a parameter was replaced is tested for the GPU but
-has not run there yet.
+1,024-token histories). The recapture after a parameter was replaced failed on an H100 in
+session 12 (a stale memory pool, fixed since; the fix has not run on a GPU yet).
 """
 
 from __future__ import annotations
@@ -242,6 +242,10 @@ class GraphedScoring:
             logger.warning("CUDA graphs: the dense parameters changed since the capture; "
                            "capturing again")
             self._graphs.clear()
+            # A new memory pool too: once the graphs that shared the old one are gone, torch's
+            # allocator no longer counts it, and capturing into it again fails an internal
+            # assert ("it->second->use_count > 0", seen on an H100 with torch 2.11).
+            self._pool = None
         if key not in self._graphs and len(self._graphs) >= self.max_graphs:
             return self._unpadded(modules, inputs)
         padded = pad_inputs(inputs, bucket)
