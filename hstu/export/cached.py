@@ -54,6 +54,7 @@ from hstu.modules.kv_cache import (
     KVCacheStore,
     concat_ranges,
     check_writable,
+    kv_layout,
     plan_cached_encode,
     reuse_is_exact,
     run_cached_encode,
@@ -307,8 +308,8 @@ class CachedServing:
         if (entry.contextual is None) != (contextual is None) or (
                 contextual is not None and not np.array_equal(entry.contextual, contextual)):
             return False
-        # One comparison per input: views of the request, no copies.
-        return all(np.array_equal(cached, column[start:start + n])
+        # One comparison per input: views of the request, no copies (both n long).
+        return all(bool((cached == column[start:start + n]).all())
                    for cached, column in zip(entry.signature(), wave.signature))
 
     def _decide(self, wave: _Wave, b: int) -> CacheEntry | None:
@@ -451,6 +452,7 @@ class CachedServing:
         # (room made here, the rows written together by kv_cache.write_rows), and entries
         # enter the store only after that.
         keep_slices = len(entries) == 1 and entries[0] is None and not graphed
+        layout = kv_layout(prefix_kv)
         places, updated = [], []
         try:
             for b, entry in enumerate(entries):
@@ -472,7 +474,7 @@ class CachedServing:
                     )
                     row = 0
                 else:
-                    check_writable(entry, prefix_kv)
+                    check_writable(entry, prefix_kv, layout)
                     start = first + int(starts[b])
                     row = entry.make_room(end - start, wave.timestamps[start:end],
                                           [column[start:end] for column in wave.signature])

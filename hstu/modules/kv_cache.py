@@ -145,6 +145,16 @@ class CacheEntry:
                 raise ValueError(f"signature column {index} of {column.length} rows for {n} "
                                  "history tokens")
         self._nbytes = self._count_bytes()
+        self._layout = None
+
+    @property
+    def layout(self) -> tuple:
+        """What rows of its buffers look like: per layer (keys dtype, [H, d_qk], values dtype,
+        [H, d_v]), and the device. Buffers keep it when they grow, so it is worked out once
+        (a cached call compares it for every row)."""
+        if self._layout is None:
+            self._layout = kv_layout(list(zip(self.keys, self.values)))
+        return self._layout
 
     @property
     def history_length(self) -> int:
@@ -289,11 +299,21 @@ class KVCacheStore:
 # ----------------------------------------------------------------------------- exactness
 
 
-def check_writable(entry: CacheEntry, prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]]
-                   ) -> None:
+def kv_layout(layers_kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple:
+    """Per layer (keys dtype, [H, d_qk], values dtype, [H, d_v]), then the device."""
+    device = layers_kv[0][0].device if layers_kv else None
+    return tuple((k.dtype, tuple(k.shape[1:]), v.dtype, tuple(v.shape[1:]))
+                 for k, v in layers_kv) + (device,)
+
+
+def check_writable(entry: CacheEntry, prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                   layout: tuple | None = None) -> None:
     """Raise unless the entry's buffers can take rows of prefix_kv as they are: as many layers,
     the same dtype and [H, d] per layer and tensor (write_rows copies raw rows; an entry
-    encoded under another dtype, say float32 beside bf16 autocast, cannot take them)."""
+    encoded under another dtype, say float32 beside bf16 autocast, cannot take them).
+    layout: kv_layout(prefix_kv), when the caller has it (one comparison per entry)."""
+    if entry.layout == (kv_layout(prefix_kv) if layout is None else layout):
+        return
     if len(entry.keys) != len(prefix_kv):
         raise ValueError(f"a cache entry of {len(entry.keys)} layers for keys of "
                          f"{len(prefix_kv)} layers")
@@ -539,6 +559,9 @@ def _check_alike(entries: Sequence[CacheEntry], layers: int) -> None:
     first = entries[0]
     if len(first.keys) != layers:
         raise ValueError(f"a cache entry of {len(first.keys)} layers for an encoder of {layers}")
+    layout = first.layout
+    if all(entry.layout == layout for entry in entries):
+        return
     kind = (first.keys[0].dtype, first.keys[0].device, first.keys[0].shape[1:],
             first.values[0].shape[1:], len(first.keys))
     for entry in entries[1:]:
@@ -548,6 +571,8 @@ def _check_alike(entries: Sequence[CacheEntry], layers: int) -> None:
                 f"cache entries differ: {k.dtype} {tuple(k.shape[1:])} on {k.device} beside "
                 f"{kind[0]} {tuple(kind[2])} on {kind[1]}; entries encoded under another dtype "
                 "or model cannot be scored in one call")
+    raise ValueError("cache entries differ in a deeper layer's dtype or shape; entries "
+                     "encoded under another dtype or model cannot be scored in one call")
 
 
 class _EmptyCache:
