@@ -607,6 +607,10 @@ class CachedPlan:
     # What the device part reads, in this order: sizes, positions, cache addresses, buckets.
     host: list[torch.Tensor]
     has_buckets: bool
+    # No row has a cache (a wave of new users, or exact mode re-encoding): the delta rows are
+    # whole rows, and the model's own positional op runs on them on the device (as in a full
+    # pass), instead of indices worked out on the host for every token.
+    whole_rows: bool = False
 
     @property
     def batch(self) -> int:
@@ -656,8 +660,12 @@ def plan_cached_encode(
     prefix_lengths = [length - t for length, t in zip(delta_lengths, num_targets)]
     delta_offsets = _offsets(delta_lengths)
     prefix_offsets = _offsets(prefix_lengths)
-    positions, buckets = _virtual_indices(encoder.positional_encoder, cached, num_targets,
-                                          timestamps, c, times_per_row=items)
+    whole_rows = all(entry is None for entry in cached)
+    if whole_rows:
+        positions, buckets = torch.zeros(0, dtype=torch.int64), None
+    else:
+        positions, buckets = _virtual_indices(encoder.positional_encoder, cached, num_targets,
+                                              timestamps, c, times_per_row=items)
     layers = len(encoder.stu_stack.layers)
     bounds = {}
     for name, given, least in (("max_item_len", max_item_len, max(items, default=0)),
@@ -695,7 +703,7 @@ def plan_cached_encode(
         cached=list(cached), num_targets=num_targets, delta_lengths=delta_lengths,
         prefix_lengths=prefix_lengths, prefix_offsets=prefix_offsets,
         cache_lengths=cache_lengths, cache_rows=cache_rows, host=host,
-        has_buckets=buckets is not None, **bounds)
+        has_buckets=buckets is not None, whole_rows=whole_rows, **bounds)
 
 
 def run_cached_encode(
@@ -718,13 +726,17 @@ def run_cached_encode(
     layers = len(plan.cache_rows)
     addresses_d = moved[10:10 + 2 * layers]
 
-    embeddings = _take_rows(encoder_input.embeddings, encoder_input.offsets, starts_d,
-                            delta_lengths_d, delta_offsets, sum(plan.delta_lengths))
-    positional = encoder.positional_encoder
-    x = upcast(embeddings) * positional.alpha + upcast(positional.position_table[positions_d])
-    if plan.has_buckets:
-        x = x + upcast(positional.time_table[moved[-1]])
-    x = encoder.input_dropout(x.to(embeddings.dtype))
+    if plan.whole_rows:
+        x = encoder.positional_encoder(encoder_input, dropout_ratio=0.0)
+    else:
+        embeddings = _take_rows(encoder_input.embeddings, encoder_input.offsets, starts_d,
+                                delta_lengths_d, delta_offsets, sum(plan.delta_lengths))
+        positional = encoder.positional_encoder
+        x = (upcast(embeddings) * positional.alpha
+             + upcast(positional.position_table[positions_d]))
+        if plan.has_buckets:
+            x = x + upcast(positional.time_table[moved[-1]])
+        x = encoder.input_dropout(x.to(embeddings.dtype))
 
     caches = None
     if plan.max_cache_len > 0:
