@@ -420,7 +420,10 @@ class CachedServing:
         inputs = [delta[name] for name in names] + [packed]
         clock = self._phase("plan", clock)
         if graphs is not None:
-            key = (padded.bucket, len(sizes), tuple((name, delta[name].dtype) for name in names),
+            # Everything of the host that the captured kernels depend on: the bucket fixes the
+            # sizes and bounds; the rest is said here so that a new case captures anew.
+            key = (padded.bucket, tuple(sizes), plan.whole_rows, plan.has_buckets,
+                   tuple((name, delta[name].dtype) for name in names),
                    torch.is_autocast_enabled(self.device.type),
                    torch.get_autocast_dtype(self.device.type))
             probs, prefix_kv, prefix_offsets = graphs.run(key, device_part, inputs, self.device)
