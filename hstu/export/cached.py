@@ -169,6 +169,7 @@ class CachedServing:
         self.bidirectional_tokens = max(
             [self.contextual_seq_len]
             + [layer.contextual_seq_len for layer in encoder.stu_stack.layers])
+        self._layers = len(encoder.stu_stack.layers)
         if graphs == "auto":
             graphs = (GraphReplays(max_graphs=self.policy.max_graphs)
                       if self.policy.cuda_graphs and self.device.type == "cuda"
@@ -297,50 +298,65 @@ class CachedServing:
             contextual=contextual,
         )
 
-    def _extends(self, entry: CacheEntry, wave: _Wave, b: int) -> bool:
-        """Is row b's history the cached one plus tokens at its end, with the same contextual
-        features?"""
-        n = entry.history_length
-        start, end = wave.history(b)
-        if end - start < n:
-            return False
-        contextual = None if wave.contextual is None else wave.contextual[b]
-        if (entry.contextual is None) != (contextual is None) or (
-                contextual is not None and not np.array_equal(entry.contextual, contextual)):
+    def _decide_all(self, wave: _Wave) -> list[CacheEntry | None]:
+        """Per row, the entry to score it against, or None to encode it from scratch. One
+        loop over the rows with what each needs read out beforehand: this runs for every user
+        of every call, on the host, before the GPU gets any work."""
+        counters, policy = self.counters, self.policy
+        offsets = wave.history_offsets.tolist()
+        anchors = wave.anchors.tolist()
+        # As int64, the dtype CacheEntry keeps them in, so that equal values have equal bytes.
+        contextual = (None if wave.contextual is None
+                      else [row.tobytes() for row in wave.contextual.astype(np.int64, copy=False)])
+        # Whether appending tokens can be exact at all for this model (reuse_is_exact's first
+        # test): if not, an append is never exact, and the per-row check is skipped.
+        appends_can_be_exact = not (self.bidirectional_tokens > 0 and self._layers > 1)
+        entries = []
+        for b, key in enumerate(wave.keys):
+            entry = self.store.get(key)
+            if entry is None:
+                counters.no_entry += 1
+                entries.append(None)
+                continue
+            start, end = offsets[b], offsets[b + 1]
+            n = entry.history_length
+            if not self._extends(entry, wave, start, end, n,
+                                 None if contextual is None else contextual[b]):
+                counters.history_changed += 1
+                entries.append(None)
+                continue
+            new_tokens = end - start - n
+            anchor = anchors[b]
+            exact = (entry.exact and (new_tokens == 0 or appends_can_be_exact)
+                     and reuse_is_exact(self.serving.encoder, entry, new_tokens, anchor,
+                                        bidirectional_tokens=self.bidirectional_tokens))
+            if exact:
+                counters.reused_exact += 1
+            elif policy.mode == "exact":
+                counters.not_exact += 1
+                entry = None
+            elif (entry.stale_tokens + new_tokens > policy.max_stale_tokens
+                  or abs(anchor - entry.encoded_anchor) > policy.max_stale_seconds):
+                counters.too_stale += 1
+                entry = None
+            else:
+                counters.reused_stale += 1
+                entry.exact = False
+            entries.append(entry)
+        return entries
+
+    @staticmethod
+    def _extends(entry: CacheEntry, wave: _Wave, start: int, end: int, n: int,
+                 contextual: bytes | None) -> bool:
+        """Is the row's history (wave tokens [start, end)) the cached one (n tokens) plus
+        tokens at its end, with the same contextual features (their bytes)?"""
+        if end - start < n or entry.contextual_bytes != contextual:
             return False
         # One comparison per input: views of the request, no copies (both n long).
-        return all(bool((cached == column[start:start + n]).all())
-                   for cached, column in zip(entry.signature(), wave.signature))
-
-    def _decide(self, wave: _Wave, b: int) -> CacheEntry | None:
-        """The entry to score row b against, or None to encode it from scratch."""
-        entry = self.store.get(wave.keys[b])
-        counters = self.counters
-        if entry is None:
-            counters.no_entry += 1
-            return None
-        if not self._extends(entry, wave, b):
-            counters.history_changed += 1
-            return None
-        start, end = wave.history(b)
-        new_tokens = end - start - entry.history_length
-        anchor = int(wave.anchors[b])
-        exact = reuse_is_exact(self.serving.encoder, entry, new_tokens, anchor,
-                               bidirectional_tokens=self.bidirectional_tokens)
-        if exact:
-            counters.reused_exact += 1
-            return entry
-        if self.policy.mode == "exact":
-            counters.not_exact += 1
-            return None
-        stale_tokens = entry.stale_tokens + new_tokens
-        drift = abs(anchor - entry.encoded_anchor)
-        if stale_tokens > self.policy.max_stale_tokens or drift > self.policy.max_stale_seconds:
-            counters.too_stale += 1
-            return None
-        counters.reused_stale += 1
-        entry.exact = False
-        return entry
+        for cached, column in zip(entry.signature(n), wave.signature):
+            if not (cached == column[start:start + n]).all():
+                return False
+        return True
 
     # ---- one wave: distinct users ---------------------------------------------------------
 
@@ -354,7 +370,7 @@ class CachedServing:
         serving = self.serving
         batch = len(wave.keys)
         clock = time.perf_counter()
-        entries = [self._decide(wave, b) for b in range(batch)]
+        entries = self._decide_all(wave)
         clock = self._phase("decide", clock)
         starts = np.array([0 if entry is None else entry.history_length for entry in entries],
                           dtype=np.int64)

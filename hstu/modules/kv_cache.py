@@ -127,6 +127,8 @@ class CacheEntry:
         self.anchor = int(anchor)
         self.encoded_anchor = int(anchor)
         self.contextual = None if contextual is None else _int64_array(contextual).copy()
+        # Its bytes: what a request's contextual input is compared with (one bytes equality).
+        self.contextual_bytes = None if self.contextual is None else self.contextual.tobytes()
         n = self.history_length
         self._signature = [_GrowingRows(column, self.GROWTH) for column in signature]
         self.exact = True  # equal to a full pass over its history at `anchor`
