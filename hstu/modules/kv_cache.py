@@ -148,6 +148,7 @@ class CacheEntry:
                                  "history tokens")
         self._nbytes = self._count_bytes()
         self._layout = None
+        self._addresses = None
 
     @property
     def layout(self) -> tuple:
@@ -157,6 +158,17 @@ class CacheEntry:
         if self._layout is None:
             self._layout = kv_layout(list(zip(self.keys, self.values)))
         return self._layout
+
+    @property
+    def buffer_addresses(self) -> np.ndarray:
+        """int64 [2 * layers]: the addresses of layer 0's key and value buffers, then layer
+        1's, ... (what the cached attention and write_rows read rows through). Worked out
+        again only when a buffer grows (make_room), not per call and user."""
+        if self._addresses is None:
+            self._addresses = np.array(
+                [t.data_ptr() for pair in zip(self.keys, self.values) for t in pair],
+                dtype=np.int64)
+        return self._addresses
 
     @property
     def history_length(self) -> int:
@@ -199,6 +211,7 @@ class CacheEntry:
                     grown = buffer.new_empty((capacity, *buffer.shape[1:]))
                     grown[:start] = buffer[:start]
                     buffers[index] = grown
+            self._addresses = None
         self.length = needed
         grew = self._timestamps.extend(timestamps) | grew
         for column, values in zip(self._signature, signature):
@@ -369,15 +382,12 @@ def write_rows(prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]], offsets: 
         return
     from hstu.ops.triton.cached_attention import copy_rows_to_addresses
 
-    layers = len(prefix_kv)
-    row_bytes = [t[0].numel() * t.element_size() if t.shape[0] else 0 for t in sources]
-    addresses = np.empty((2 * layers, batch), dtype=np.int64)
-    for b, (entry, row) in enumerate(places):
-        for index in range(layers):
-            addresses[2 * index, b] = entry.keys[index].data_ptr() + row * row_bytes[2 * index]
-            addresses[2 * index + 1, b] = (entry.values[index].data_ptr()
-                                           + row * row_bytes[2 * index + 1])
-    addresses = torch.from_numpy(addresses)
+    # Per tensor (keys, values of each layer) and row: buffer address + first row * row bytes.
+    row_bytes = np.array([t[0].numel() * t.element_size() if t.shape[0] else 0
+                          for t in sources], dtype=np.int64)
+    bases = np.stack([entry.buffer_addresses for entry, _ in places], axis=1)  # [2L, B]
+    rows = np.array([row for _, row in places], dtype=np.int64)
+    addresses = torch.from_numpy(np.ascontiguousarray(bases + row_bytes[:, None] * rows))
     if device.type == "cuda":
         addresses = addresses.pin_memory().to(device, non_blocking=True)
     longest = max(offsets[b + 1] - offsets[b] for b in range(batch))
@@ -686,15 +696,16 @@ def plan_cached_encode(
             raise ValueError("cached_encode: max_cache_len > 0 needs a row with a cache")
         _check_alike(present, layers)
         stand_in = present[0]
+        rows = [entry if isinstance(entry, CacheEntry) else stand_in for entry in cached]
+        # Entries' buffers are contiguous by construction and _check_alike checked the rest,
+        # once per entry instead of once per buffer; their addresses are kept per entry.
+        table = np.stack([entry.buffer_addresses for entry in rows], axis=1)  # [2L, B]
         for index in range(layers):
-            rows = [entry if isinstance(entry, CacheEntry) else stand_in for entry in cached]
             keys = tuple(entry.keys[index] for entry in rows)
             values = tuple(entry.values[index] for entry in rows)
             cache_rows.append((keys, values))
-            # Entries' buffers are contiguous by construction and _check_alike checked the
-            # rest, once per entry instead of once per buffer.
-            addresses += [CacheRows.host_addresses(keys, check=False),
-                          CacheRows.host_addresses(values, check=False)]
+            addresses += [torch.from_numpy(table[2 * index].copy()),
+                          torch.from_numpy(table[2 * index + 1].copy())]
     host = [torch.tensor(starts), torch.tensor(delta_lengths), delta_offsets,
             torch.tensor(prefix_lengths), prefix_offsets, _offsets(cache_lengths),
             torch.tensor(num_targets), _offsets(num_targets), torch.zeros(batch), positions,

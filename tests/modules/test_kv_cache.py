@@ -113,6 +113,9 @@ def test_write_rows_by_address_equals_the_sliced_copy():
     results = []
     for by_address in (False, True):
         entries = [_entry(5, seed=0), _entry(4, seed=1), _entry(2, seed=2)]
+        for entry in entries:
+            # Read before the room is made: a buffer that grows must not keep its old address.
+            assert entry.buffer_addresses.shape == (4,)
         places = [(entry, entry.make_room(n, torch.arange(n) + 100))
                   for entry, n in zip(entries, new_rows)]
         write_rows(prefix_kv, offsets, torch.tensor(offsets), places, by_address=by_address)
