@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hstu.export.cached_graphs import GraphReplays, pad_inputs, pad_wave
+from hstu.export.cached_graphs import GraphReplays, graph_key, pad_inputs, pad_wave
 from hstu.export.serving import ServingModule, lengths_key
 from hstu.modules.kv_cache import (
     CacheEntry,
@@ -174,6 +174,11 @@ class CachedServing:
             graphs = (GraphReplays(max_graphs=self.policy.max_graphs)
                       if self.policy.cuda_graphs and self.device.type == "cuda"
                       and _all_triton(serving) else None)
+        elif graphs is not None and graphs.capture and not (
+                self.device.type == "cuda" and _all_triton(serving)):
+            raise ValueError("CUDA graphs of cached scoring need the model on a GPU with "
+                             "TRITON kernels everywhere (the others read sizes back from "
+                             "the GPU, or concatenate the capture's own caches)")
         self.graphs: GraphReplays | None = graphs
         # Host seconds per phase of the calls so far, when set to a dict (benchmarks: where a
         # cached call's host time goes; no device synchronisation is added).
@@ -298,10 +303,12 @@ class CachedServing:
             contextual=contextual,
         )
 
-    def _decide_all(self, wave: _Wave) -> list[CacheEntry | None]:
-        """Per row, the entry to score it against, or None to encode it from scratch. One
-        loop over the rows with what each needs read out beforehand: this runs for every user
-        of every call, on the host, before the GPU gets any work."""
+    def _decide_all(self, wave: _Wave) -> tuple[list[CacheEntry | None], set[int]]:
+        """Per row, the entry to score it against, or None to encode it from scratch; and the
+        rows whose entries become stale (marked so by the store update, once the call's
+        device work succeeded). One loop over the rows with what each needs read out
+        beforehand: this runs for every user of every call, on the host, before the GPU gets
+        any work."""
         counters, policy = self.counters, self.policy
         offsets = wave.history_offsets.tolist()
         anchors = wave.anchors.tolist()
@@ -311,7 +318,7 @@ class CachedServing:
         # Whether appending tokens can be exact at all for this model (reuse_is_exact's first
         # test): if not, an append is never exact, and the per-row check is skipped.
         appends_can_be_exact = not (self.bidirectional_tokens > 0 and self._layers > 1)
-        entries = []
+        entries, stale = [], set()
         for b, key in enumerate(wave.keys):
             entry = self.store.get(key)
             if entry is None:
@@ -341,9 +348,9 @@ class CachedServing:
                 entry = None
             else:
                 counters.reused_stale += 1
-                entry.exact = False
+                stale.add(b)
             entries.append(entry)
-        return entries
+        return entries, stale
 
     @staticmethod
     def _extends(entry: CacheEntry, wave: _Wave, start: int, end: int, n: int,
@@ -370,7 +377,7 @@ class CachedServing:
         serving = self.serving
         batch = len(wave.keys)
         clock = time.perf_counter()
-        entries = self._decide_all(wave)
+        entries, stale = self._decide_all(wave)
         clock = self._phase("decide", clock)
         starts = np.array([0 if entry is None else entry.history_length for entry in entries],
                           dtype=np.int64)
@@ -438,7 +445,7 @@ class CachedServing:
         if graphs is not None:
             # Everything of the host that the captured kernels depend on: the bucket fixes the
             # sizes and bounds; the rest is said here so that a new case captures anew.
-            key = (padded.bucket, tuple(sizes), plan.whole_rows, plan.has_buckets,
+            key = (graph_key(padded.bucket), tuple(sizes), plan.whole_rows, plan.has_buckets,
                    tuple((name, delta[name].dtype) for name in names),
                    torch.is_autocast_enabled(self.device.type),
                    torch.get_autocast_dtype(self.device.type))
@@ -456,13 +463,13 @@ class CachedServing:
                 inputs = [value.to(self.device) for value in inputs]
             probs, prefix_kv, prefix_offsets = device_part(*inputs)
         clock = self._phase("device launch", clock)
-        self._update_store(wave, entries, starts, prefix_kv,
+        self._update_store(wave, entries, stale, starts, prefix_kv,
                            plan.prefix_offsets[:batch + 1].tolist(), prefix_offsets,
                            graphed=graphs is not None)
         self._phase("store update", clock)
         return probs
 
-    def _update_store(self, wave: _Wave, entries, starts, prefix_kv, offsets,
+    def _update_store(self, wave: _Wave, entries, stale, starts, prefix_kv, offsets,
                       device_offsets, *, graphed: bool) -> None:
         """Each row's new keys and values (prefix_kv, jagged over offsets [B+1], the same on
         the device as device_offsets; padding rows after them are left out) into its entry."""
@@ -494,6 +501,8 @@ class CachedServing:
                     row = 0
                 else:
                     check_writable(entry, prefix_kv, layout)
+                    if b in stale:
+                        entry.exact = False
                     start = first + int(starts[b])
                     row = entry.make_room(end - start, wave.timestamps[start:end],
                                           [column[start:end] for column in wave.signature])

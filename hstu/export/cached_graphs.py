@@ -67,7 +67,9 @@ def _power_of_two(count: int) -> int:
 class Bucket:
     """A padded wave's shape: rows, history tokens in the inputs, candidates, rows encoded
     from scratch, and the kernels' bounds (longest history + candidates, longest delta row,
-    longest cache; 0: no row has a cache)."""
+    longest cache; 0: no row has a cache). The cache bound only picks the cached attention's
+    launch config (each row's cache length is read on the device), so graph keys keep just
+    whether it is 0 (`graph_key`)."""
 
     rows: int
     history: int
@@ -76,6 +78,12 @@ class Bucket:
     max_item_len: int
     max_delta_len: int
     max_cache_len: int
+
+
+def graph_key(bucket: Bucket) -> Bucket:
+    """The part of a bucket that a captured graph depends on: everything but the cache
+    bound's size (see Bucket)."""
+    return dataclasses.replace(bucket, max_cache_len=int(bucket.max_cache_len > 0))
 
 
 @dataclasses.dataclass
@@ -118,7 +126,11 @@ def pad_wave(entries: Sequence, history_lengths: np.ndarray, candidate_counts: n
                                   _step(candidates + padding_rows, 64))
     padding_history = _spread(padded_history - history, padding_rows)
     padding_candidates = _spread(padded_candidates - candidates, padding_rows, least=1)
-    # The first padding rows are encoded from scratch, the others have an empty cache.
+    # The first padding rows are encoded from scratch, the others have an empty cache. A wave
+    # with no cache at all (new users) is padded with rows from scratch alone, so that it
+    # stays a wave of whole rows (kv_cache's whole-row path: the full pass's own kernels).
+    if from_scratch == batch:
+        padded_from_scratch = rows
     scratch_padding = padded_from_scratch - from_scratch
     padding_entries = [None] * scratch_padding + [EMPTY_CACHE] * (padding_rows - scratch_padding)
     all_history = np.concatenate([history_lengths, padding_history])
@@ -187,7 +199,7 @@ class _Staging:
         return [buffer[start:start + nbytes].view(dtype).view(shape)
                 for start, nbytes, dtype, shape in self.layout]
 
-    def fill(self, inputs: Sequence[torch.Tensor]) -> None:
+    def fill(self, inputs: Sequence[torch.Tensor], device: torch.device) -> None:
         for view, tensor in zip(self.host_views, inputs):
             if view.shape != tensor.shape or view.dtype != tensor.dtype:
                 raise ValueError(f"graph input {tuple(tensor.shape)} {tensor.dtype} does not "
@@ -202,55 +214,90 @@ class _Staging:
         self.device.copy_(self.host, non_blocking=True)
         if self.copied is None:
             self.copied = torch.cuda.Event()
-        self.copied.record()
+        self.copied.record(torch.cuda.current_stream(device))
 
 
 class GraphReplays:
     """CUDA graphs of a function of device tensors, one per key, at most `max_graphs` (least
     recently used dropped). `run(key, fn, inputs)` copies `inputs` (host tensors) into the
-    key's graph's input buffers (one host-to-device copy) and replays it; the first call of a
-    key runs fn eagerly `warmup` times (on a side stream, as torch.cuda.graphs asks: Triton
-    compiles and tunes there) and captures it. The outputs are the graph's own buffers: the
-    next replay of that graph overwrites them, so copy what must outlive it. capture=False
-    runs fn eagerly."""
+    key's graph's input buffers (one host-to-device copy) and replays it. A key is captured
+    on its `capture_after`-th call (the calls before run fn eagerly): a shape seen once costs
+    no capture, and a stream of ever new shapes does not evict the graphs in use. A capture
+    runs fn eagerly `warmup` times (on a side stream, as torch.cuda.graphs asks: Triton
+    compiles and tunes there), then captures it; if that fails, the key runs eagerly from
+    then on (logged once). The outputs of a replay are the graph's own buffers: its next
+    replay overwrites them, so copy what must outlive it. capture=False runs fn eagerly.
 
-    def __init__(self, *, capture: bool = True, max_graphs: int = 8, warmup: int = 2) -> None:
+    One stream and one thread: the graphs, their input buffers and outputs are shared by
+    every call. The graphs read the module's parameters where they were at capture: replace
+    a parameter (load_state_dict(assign=True), .to()) and the graphs must be dropped
+    (`clear()`)."""
+
+    def __init__(self, *, capture: bool = True, max_graphs: int = 8, warmup: int = 2,
+                 capture_after: int = 2) -> None:
         self.capture = capture
         self.max_graphs = max_graphs
         self.warmup = warmup
+        self.capture_after = capture_after
         self._graphs: collections.OrderedDict = collections.OrderedDict()
-        self.stats = {"captures": 0, "replays": 0, "dropped": 0}
+        self._seen: collections.Counter = collections.Counter()
+        self._failed: set = set()
+        self.stats = {"captures": 0, "replays": 0, "dropped": 0, "eager": 0,
+                      "failed_captures": 0}
 
     def __len__(self) -> int:
         return len(self._graphs)
 
+    def clear(self) -> None:
+        self._graphs.clear()
+        self._seen.clear()
+        self._failed.clear()
+
     def run(self, key, fn: Callable, inputs: Sequence[torch.Tensor], device: torch.device):
         if not self.capture:
             return fn(*(tensor.to(device) for tensor in inputs))
-        found = self._graphs.get(key)
-        if found is None:
-            found = self._capture(fn, inputs, device)
-            self._graphs[key] = found
-            while len(self._graphs) > self.max_graphs:
-                self._graphs.popitem(last=False)
-                self.stats["dropped"] += 1
-        else:
-            self._graphs.move_to_end(key)
-            found[1].fill(inputs)
-        graph, _, outputs = found
-        graph.replay()
-        self.stats["replays"] += 1
-        return outputs
+        with torch.cuda.device(device):
+            found = self._graphs.get(key)
+            if found is None:
+                self._seen[key] += 1
+                if key in self._failed or self._seen[key] < self.capture_after:
+                    self.stats["eager"] += 1
+                    return fn(*(tensor.pin_memory().to(device, non_blocking=True)
+                                for tensor in inputs))
+                try:
+                    found = self._capture(fn, inputs, device)
+                except Exception as error:  # noqa: BLE001 - any failure: this key runs eagerly
+                    self._failed.add(key)
+                    self.stats["failed_captures"] += 1
+                    logger.warning("cached scoring: capturing a CUDA graph failed (%s: %s); "
+                                   "this shape runs eagerly from now on",
+                                   type(error).__name__, error)
+                    self.stats["eager"] += 1
+                    return fn(*(tensor.pin_memory().to(device, non_blocking=True)
+                                for tensor in inputs))
+                del self._seen[key]
+                self._graphs[key] = found
+                while len(self._graphs) > self.max_graphs:
+                    self._graphs.popitem(last=False)
+                    self.stats["dropped"] += 1
+            else:
+                self._graphs.move_to_end(key)
+                found[1].fill(inputs, device)
+            graph, _, outputs = found
+            graph.replay()
+            self.stats["replays"] += 1
+            return outputs
 
     def _capture(self, fn, inputs, device):
         staging = _Staging(inputs, device)
-        staging.fill(inputs)
+        staging.fill(inputs, device)
+        stream = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
+        side.wait_stream(stream)
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
                 fn(*staging.inputs)
-        torch.cuda.current_stream(device).wait_stream(side)
+        stream.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             outputs = fn(*staging.inputs)

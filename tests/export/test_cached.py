@@ -539,30 +539,80 @@ def test_waves_padded_for_graphs_score_like_unpadded_ones(smoke_serving, mode):
                 torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
 
 
-@pytest.mark.gpu
-def test_cuda_graphs_score_like_eager_calls_on_the_gpu():
-    """CachedServing on a GPU with TRITON kernels replays each wave from a CUDA graph of its
-    bucket: the scores and caches must equal the eager GPU path's over the same stream, with
-    graphs captured once per bucket and replayed after."""
+def _other_users_stream(serving):
+    """Calls in which one bucket serves other users than the call that captured its graph:
+    calls 2 and 3 append to users 1-2, then to users 3-4 (other cache lengths, other
+    buffers, grown by the appends); call 4 mixes them; call 5 repeats."""
+    users = [User(serving, 601 + i, 80 + i) for i in range(4)]
+    keys = [601, 602, 603, 604]
+    lengths = [30, 25, 12, 40]
+
+    def call(rows, added, candidates):
+        for row in rows:
+            lengths[row] += added
+        inputs = batch(*[users[row].request(lengths[row], candidates) for row in rows])
+        return inputs, [keys[row] for row in rows]
+
+    return keys, [call((0, 1), 0, [1, 2]), call((2, 3), 0, [1, 2]),  # new users: whole rows
+                  call((0, 1), 3, [3, 4]), call((2, 3), 3, [5, 6]),  # appends: same bucket
+                  call((0, 2), 3, [7, 8]), call((1, 3), 0, [2, 1])]
+
+
+@pytest.mark.parametrize("mode", ["exact", "incremental"])
+def test_the_gpu_graph_test_replays_a_bucket_for_other_users(mode):
+    """The premise of the GPU test below, checked on the CPU: calls 2 and 3 of its stream
+    (other users) pad to the same graph key."""
     from hstu.export.cached import CachedServing, CachePolicy
+    from hstu.export.cached_graphs import GraphReplays
+
+    class Recording(GraphReplays):
+        def run(self, key, fn, inputs, device):
+            self.keys.append(key)
+            return super().run(key, fn, inputs, device)
+
+    recording = Recording(capture=False)
+    recording.keys = []
+    scorer = CachedServing(build_serving(seed=9), CachePolicy(
+        mode=mode, max_stale_tokens=50, max_stale_seconds=86_400), graphs=recording)
+    _, calls = _other_users_stream(scorer.serving)
+    for inputs, call_keys in calls:
+        scorer.score(inputs, call_keys)
+    assert len(recording.keys) == 6 and recording.keys[2] == recording.keys[3]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["exact", "incremental"])
+def test_cuda_graphs_score_like_eager_calls_on_the_gpu(mode):
+    """CachedServing on a GPU with TRITON kernels replays each wave from a CUDA graph of its
+    bucket: the scores and caches must equal the eager GPU path's over the same stream. The
+    stream makes one graph serve calls of OTHER users than the capture's (other cache
+    lengths, other buffers, one grown in between): whatever a graph had baked in of the
+    capturing call would show."""
+    from hstu.export.cached import CachedServing, CachePolicy
+    from hstu.export.cached_graphs import GraphReplays
     from hstu.ops import Kernel
 
     serving = build_serving(seed=9).to("cuda")
     for module in serving.modules():
         if getattr(module, "kernel", None) is not None:
             module.kernel = Kernel.TRITON
-    policy = CachePolicy(mode="incremental", max_stale_tokens=50, max_stale_seconds=86_400)
-    graphed = CachedServing(serving, policy)
+    policy = CachePolicy(mode=mode, max_stale_tokens=50, max_stale_seconds=86_400)
+    graphs = GraphReplays(capture_after=1)
+    graphed = CachedServing(serving, policy, graphs=graphs)
     eager = CachedServing(serving, policy, graphs=None)
-    assert graphed.graphs is not None
-    keys, calls = _graph_stream(serving)
-    for inputs, call_keys in calls + calls[2:3] * 3:
+    keys, calls = _other_users_stream(serving)
+    counts = []
+    for index, (inputs, call_keys) in enumerate(calls):
         got = graphed.score(inputs, call_keys)
         want = eager.score(inputs, call_keys)
+        counts.append((graphs.stats["captures"], graphs.stats["replays"]))
         for task in want:
-            torch.testing.assert_close(got[task], want[task], atol=1e-5, rtol=0)
-    stats = graphed.graphs.stats
-    assert stats["replays"] == 8 and stats["captures"] < stats["replays"]
+            torch.testing.assert_close(got[task], want[task], atol=1e-5, rtol=0,
+                                       msg=lambda m, i=index: f"call {i}: {m}")
+    assert graphed.counters == eager.counters
+    # Call 3 (users 3 and 4) replayed a graph captured for other users (calls 1 or 2; the
+    # buckets are checked on the CPU to coincide).
+    assert counts[3][0] == counts[2][0] and counts[3][1] == counts[2][1] + 1
     for key in keys:
         a, b = graphed.store.get(key), eager.store.get(key)
         assert a.length == b.length

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hstu.export.cached_graphs import GraphReplays, pad_inputs, pad_wave
+from hstu.export.cached_graphs import GraphReplays, graph_key, pad_inputs, pad_wave
 from hstu.modules.kv_cache import EMPTY_CACHE
 
 
@@ -61,8 +61,16 @@ def test_nearby_waves_share_a_bucket():
     assert other == base
     # Nine rows: another bucket.
     assert pad_wave(*_wave([10] * 9, [100] * 9, [50] * 9), 6).bucket.rows == 24
-    # No cache anywhere: the bound is 0 (the uncached attention runs).
-    assert pad_wave(*_wave([10], [3], [None]), 6).bucket.max_cache_len == 0
+    # No cache anywhere: the bound is 0 (the uncached attention runs), and every padding row
+    # is encoded from scratch too (the wave stays one of whole rows).
+    new_users = pad_wave(*_wave([10, 7], [3, 2], [None, None]), 6)
+    assert new_users.bucket.max_cache_len == 0
+    assert all(entry is None for entry in new_users.entries)
+    assert new_users.bucket.from_scratch == new_users.bucket.rows
+    # Graph keys keep whether there is a cache, not its length (it only picks a launch config).
+    longer = pad_wave(*_wave([10] * 5, [100] * 5, [None, None, 50, 60, 3000]), 6).bucket
+    assert longer != base and graph_key(longer) == graph_key(base)
+    assert graph_key(base).max_cache_len == 1
 
 
 def test_padding_lengths_never_exceed_the_bounds():
@@ -118,7 +126,7 @@ def test_eager_replays_run_the_function():
 @pytest.mark.gpu
 def test_graph_replays_reuse_buffers_and_drop_the_oldest():
     device = torch.device("cuda")
-    replays = GraphReplays(max_graphs=2)
+    replays = GraphReplays(max_graphs=2, capture_after=1)
     calls = []
 
     def twice(x):
@@ -129,7 +137,30 @@ def test_graph_replays_reuse_buffers_and_drop_the_oldest():
         out = replays.run(key, twice, [torch.full((size,), value)], device)
         torch.testing.assert_close(out.cpu(), torch.full((size,), 2 * value))
     # "a" was captured once (2 warm-up calls + the capture), replayed twice; "a" then dropped.
-    assert replays.stats == {"captures": 3, "replays": 4, "dropped": 1} and len(replays) == 2
-    assert len(calls) == 9
+    assert replays.stats["captures"] == 3 and replays.stats["replays"] == 4
+    assert replays.stats["dropped"] == 1 and len(replays) == 2 and len(calls) == 9
     with pytest.raises(ValueError, match="does not match its buffer"):
         replays.run("c", twice, [torch.ones(7)], device)
+
+
+@pytest.mark.gpu
+def test_graph_replays_capture_on_the_second_call_and_survive_a_failed_capture():
+    device = torch.device("cuda")
+    replays = GraphReplays()  # capture_after=2
+
+    def plus_one(x):
+        return x + 1
+
+    for value in (1.0, 2.0, 3.0):
+        out = replays.run("k", plus_one, [torch.full((3,), value)], device)
+        torch.testing.assert_close(out.cpu(), torch.full((3,), value + 1))
+    assert replays.stats["eager"] == 1 and replays.stats["captures"] == 1
+    assert replays.stats["replays"] == 2
+
+    def syncs(x):
+        return x * float(x.sum().item())  # a host sync: cannot be captured
+
+    for _ in range(3):
+        out = replays.run("bad", syncs, [torch.ones(2)], device)
+        torch.testing.assert_close(out.cpu(), torch.full((2,), 2.0))
+    assert replays.stats["failed_captures"] == 1 and "bad" not in replays._graphs
