@@ -492,6 +492,20 @@ def test_several_users_on_the_gpu_equal_the_cpu():
                 torch.testing.assert_close(x.cpu(), y, atol=1e-4, rtol=1e-4)
 
 
+def _recording_replays():
+    """GraphReplays that run eagerly (padded waves, on the CPU) and keep each wave's key."""
+    from hstu.export.cached_graphs import GraphReplays
+
+    class Recording(GraphReplays):
+        def run(self, key, fn, inputs, device):
+            self.keys.append(key)
+            return super().run(key, fn, inputs, device)
+
+    recording = Recording(capture=False)
+    recording.keys = []
+    return recording
+
+
 def _graph_stream(serving):
     """Calls that cover a wave's cases: new users only, appends beside a new user, candidates
     against unchanged caches, two rows of one user (two waves)."""
@@ -512,16 +526,9 @@ def test_waves_padded_for_graphs_score_like_unpadded_ones(smoke_serving, mode):
     """What a CUDA graph replays is the padded wave (hstu/export/cached_graphs.py): run eagerly
     on the CPU, it must give the unpadded wave's scores and leave the same caches."""
     from hstu.export.cached import CachedServing, CachePolicy
-    from hstu.export.cached_graphs import GraphReplays
-
-    class Recording(GraphReplays):
-        def run(self, key, fn, inputs, device):
-            self.keys.append(key)
-            return super().run(key, fn, inputs, device)
 
     policy = CachePolicy(mode=mode, max_stale_tokens=50, max_stale_seconds=86_400)
-    recording = Recording(capture=False)
-    recording.keys = []
+    recording = _recording_replays()
     padded = CachedServing(smoke_serving, policy, graphs=recording)
     plain = CachedServing(smoke_serving, policy, graphs=None)
     keys, calls = _graph_stream(smoke_serving)
@@ -563,15 +570,8 @@ def test_the_gpu_graph_test_replays_a_bucket_for_other_users(mode):
     """The premise of the GPU test below, checked on the CPU: calls 2 and 3 of its stream
     (other users) pad to the same graph key."""
     from hstu.export.cached import CachedServing, CachePolicy
-    from hstu.export.cached_graphs import GraphReplays
 
-    class Recording(GraphReplays):
-        def run(self, key, fn, inputs, device):
-            self.keys.append(key)
-            return super().run(key, fn, inputs, device)
-
-    recording = Recording(capture=False)
-    recording.keys = []
+    recording = _recording_replays()
     scorer = CachedServing(build_serving(seed=9), CachePolicy(
         mode=mode, max_stale_tokens=50, max_stale_seconds=86_400), graphs=recording)
     _, calls = _other_users_stream(scorer.serving)
@@ -623,15 +623,8 @@ def test_cuda_graphs_score_like_eager_calls_on_the_gpu(mode):
 
 def test_waves_above_graph_max_tokens_run_eagerly(smoke_serving):
     from hstu.export.cached import CachedServing, CachePolicy
-    from hstu.export.cached_graphs import GraphReplays
 
-    class Recording(GraphReplays):
-        def run(self, key, fn, inputs, device):
-            self.tokens.append(key[0].history + key[0].candidates)
-            return super().run(key, fn, inputs, device)
-
-    recording = Recording(capture=False)
-    recording.tokens = []
+    recording = _recording_replays()
     scorer = CachedServing(smoke_serving, CachePolicy(mode="incremental", graph_max_tokens=40),
                            graphs=recording)
     keys, calls = _graph_stream(smoke_serving)
@@ -640,4 +633,4 @@ def test_waves_above_graph_max_tokens_run_eagerly(smoke_serving):
     # The first two calls encode new users (55 and 12 history tokens, with their contextual
     # tokens and the appends): over 40 tokens, eager. The third appends 6 tokens and scores 3
     # candidates: padded for a graph.
-    assert len(recording.tokens) == 1
+    assert len(recording.keys) == 1
