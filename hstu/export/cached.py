@@ -402,15 +402,19 @@ class CachedServing:
             key = lengths_key(sequence)
             delta[key] = (torch.from_numpy(new_lengths) if sequence == serving.uih_sequence
                           else wave.inputs[key].to(torch.int64))
-        # Per row: its new history tokens' times, then its candidates' query times.
-        timestamps = torch.from_numpy(_interleave(
-            wave.timestamps, wave.history_offsets[:-1] + starts, new_lengths,
-            wave.query_times, wave.candidate_counts))
         rows, counts = entries, wave.candidate_counts
         history_lengths, bounds = new_lengths, {}
         from_scratch = sum(entry is None for entry in entries)
         tokens = int(new_lengths.sum() + counts.sum()) + self.contextual_seq_len * from_scratch
         graphs = self.graphs if tokens <= self.policy.graph_max_tokens else None
+        # Per row: its new history tokens' times, then its candidates' query times (the
+        # plan's position and time-bucket rows come from them). An eager wave with no cached
+        # row needs none: the device computes them as in a full pass.
+        timestamps = None
+        if from_scratch < batch or graphs is not None:
+            timestamps = torch.from_numpy(_interleave(
+                wave.timestamps, wave.history_offsets[:-1] + starts, new_lengths,
+                wave.query_times, wave.candidate_counts))
         if graphs is not None:
             padded = pad_wave(entries, new_lengths, counts, timestamps, self.contextual_seq_len)
             delta = pad_inputs(delta, padded, sequence_of=self._sequence_of,

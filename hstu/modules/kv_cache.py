@@ -635,13 +635,16 @@ def plan_cached_encode(
     *,
     history_lengths: Sequence[int],
     candidate_counts: Sequence[int],
-    timestamps: torch.Tensor | Sequence[torch.Tensor],
+    timestamps: torch.Tensor | Sequence[torch.Tensor] | None,
     max_item_len: int | None = None,
     max_delta_len: int | None = None,
     max_cache_len: int | None = None,
 ) -> CachedPlan:
     """`cached_encode`'s host half (its arguments; the max_* bounds default to the batch's
-    own and may only be larger). `run_cached_encode` is the device half."""
+    own and may only be larger). `run_cached_encode` is the device half. timestamps may be
+    None when no row has a cache: the device then works out every position from the
+    preprocessor's inputs, as a full pass does (so a caller with a large re-encode need not
+    gather the times on the host)."""
     if encoder.training:
         raise RuntimeError("cached_encode is for inference: call .eval() first")
     batch = len(cached)
@@ -652,7 +655,11 @@ def plan_cached_encode(
     if min(num_targets, default=1) < 1:
         raise ValueError("cached_encode: every row needs at least one candidate")
     items = [n + t for n, t in zip(history_lengths, num_targets)]
-    if not isinstance(timestamps, torch.Tensor):
+    whole_rows = all(entry is None for entry in cached)
+    if timestamps is None:
+        if not whole_rows:
+            raise ValueError("cached_encode: timestamps are needed when a row has a cache")
+    elif not isinstance(timestamps, torch.Tensor):
         if len(timestamps) != batch:
             raise ValueError(f"{batch} cache entries, {len(timestamps)} timestamp rows")
         for b, (n, t, times) in enumerate(zip(history_lengths, num_targets, timestamps)):
@@ -672,7 +679,6 @@ def plan_cached_encode(
     prefix_lengths = [length - t for length, t in zip(delta_lengths, num_targets)]
     delta_offsets = _offsets(delta_lengths)
     prefix_offsets = _offsets(prefix_lengths)
-    whole_rows = all(entry is None for entry in cached)
     if whole_rows:
         positions, buckets = torch.zeros(0, dtype=torch.int64), None
     else:

@@ -634,3 +634,18 @@ def test_waves_above_graph_max_tokens_run_eagerly(smoke_serving):
     # tokens and the appends): over 40 tokens, eager. The third appends 6 tokens and scores 3
     # candidates: padded for a graph.
     assert len(recording.keys) == 1
+
+
+def test_plan_needs_timestamps_only_when_a_row_has_a_cache(smoke_serving):
+    from hstu.modules.kv_cache import plan_cached_encode
+
+    user = User(smoke_serving, 801, 5)
+    scorer = cached(smoke_serving, mode="incremental")
+    scorer.score(batch(user.request(20, [1])), [801])
+    encoder = smoke_serving.encoder
+    plan = plan_cached_encode(encoder, [None], history_lengths=[20], candidate_counts=[1],
+                              timestamps=None)
+    assert plan.whole_rows and plan.max_cache_len == 0
+    with pytest.raises(ValueError, match="timestamps are needed"):
+        plan_cached_encode(encoder, [scorer.store.get(801)], history_lengths=[3],
+                           candidate_counts=[1], timestamps=None)
