@@ -47,7 +47,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hstu.export.cached_graphs import GraphReplays, graph_key, pad_inputs, pad_wave
+from hstu.export.cached_graphs import (
+    GraphReplays,
+    graph_key,
+    pad_inputs,
+    pad_wave,
+    to_device,
+)
 from hstu.export.serving import ServingModule, lengths_key
 from hstu.modules.kv_cache import (
     CacheEntry,
@@ -309,15 +315,12 @@ class CachedServing:
         device work succeeded). One loop over the rows with what each needs read out
         beforehand: this runs for every user of every call, on the host, before the GPU gets
         any work."""
-        counters, policy = self.counters, self.policy
+        counters, policy, encoder = self.counters, self.policy, self.serving.encoder
         offsets = wave.history_offsets.tolist()
         anchors = wave.anchors.tolist()
         # As int64, the dtype CacheEntry keeps them in, so that equal values have equal bytes.
         contextual = (None if wave.contextual is None
                       else [row.tobytes() for row in wave.contextual.astype(np.int64, copy=False)])
-        # Whether appending tokens can be exact at all for this model (reuse_is_exact's first
-        # test): if not, an append is never exact, and the per-row check is skipped.
-        appends_can_be_exact = not (self.bidirectional_tokens > 0 and self._layers > 1)
         entries, stale = [], set()
         for b, key in enumerate(wave.keys):
             entry = self.store.get(key)
@@ -334,9 +337,9 @@ class CachedServing:
                 continue
             new_tokens = end - start - n
             anchor = anchors[b]
-            exact = (entry.exact and (new_tokens == 0 or appends_can_be_exact)
-                     and reuse_is_exact(self.serving.encoder, entry, new_tokens, anchor,
-                                        bidirectional_tokens=self.bidirectional_tokens))
+            exact = reuse_is_exact(encoder, entry, new_tokens, anchor,
+                                   bidirectional_tokens=self.bidirectional_tokens,
+                                   layers=self._layers)
             if exact:
                 counters.reused_exact += 1
             elif policy.mode == "exact":
@@ -460,12 +463,7 @@ class CachedServing:
             probs = {task: value[:real].clone() for task, value in probs.items()}
             prefix_offsets = prefix_offsets[:batch + 1]
         else:
-            if self.device.type == "cuda":
-                inputs = [value.pin_memory().to(self.device, non_blocking=True)
-                          for value in inputs]
-            else:
-                inputs = [value.to(self.device) for value in inputs]
-            probs, prefix_kv, prefix_offsets = device_part(*inputs)
+            probs, prefix_kv, prefix_offsets = device_part(*to_device(inputs, self.device))
         clock = self._phase("device launch", clock)
         self._update_store(wave, entries, stale, starts, prefix_kv,
                            plan.prefix_offsets[:batch + 1].tolist(), prefix_offsets,

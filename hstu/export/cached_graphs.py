@@ -40,23 +40,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from hstu.modules.graphed_scoring import bucket_step, round_up
 from hstu.modules.kv_cache import EMPTY_CACHE
 
 logger = logging.getLogger(__name__)
 
 # Rows are padded to a multiple of ROW_STEP, plus ROW_STEP more: 8 to 15 padding rows.
 ROW_STEP = 8
-
-
-def _step(count: int, minimum: int) -> int:
-    """1/8 of the power of two below `count` (at least `minimum`): at most 1/8 padding."""
-    if count <= minimum:
-        return minimum
-    return max(minimum, 1 << (count.bit_length() - 4))
-
-
-def _round_up(count: int, step: int) -> int:
-    return -(-count // step) * step
 
 
 def _power_of_two(count: int) -> int:
@@ -118,12 +108,12 @@ def pad_wave(entries: Sequence, history_lengths: np.ndarray, candidate_counts: n
     history = int(history_lengths.sum())
     candidates = int(candidate_counts.sum())
     from_scratch = sum(entry is None for entry in entries)
-    rows = _round_up(batch, ROW_STEP) + ROW_STEP
+    rows = round_up(batch, ROW_STEP) + ROW_STEP
     padding_rows = rows - batch
-    padded_from_scratch = _round_up(from_scratch, ROW_STEP)
-    padded_history = _round_up(history, _step(history, 64)) if history else 64
-    padded_candidates = _round_up(candidates + padding_rows,
-                                  _step(candidates + padding_rows, 64))
+    padded_from_scratch = -(-from_scratch // ROW_STEP) * ROW_STEP  # 0 stays 0
+    padded_history = round_up(history, bucket_step(history, 64))
+    padded_candidates = round_up(candidates + padding_rows,
+                                 bucket_step(candidates + padding_rows, 64))
     padding_history = _spread(padded_history - history, padding_rows)
     padding_candidates = _spread(padded_candidates - candidates, padding_rows, least=1)
     # The first padding rows are encoded from scratch, the others have an empty cache. A wave
@@ -175,6 +165,13 @@ def pad_inputs(inputs: dict[str, torch.Tensor], wave: PaddedWave, *, sequence_of
                 else torch.zeros(wave.padding_rows, dtype=torch.int64))
         padded[key] = torch.cat([lengths, more])
     return padded
+
+
+def to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Host tensors on `device`; to a GPU through pinned memory, without waiting."""
+    if device.type == "cuda":
+        return [tensor.pin_memory().to(device, non_blocking=True) for tensor in tensors]
+    return [tensor.to(device) for tensor in tensors]
 
 
 class _Staging:
@@ -255,15 +252,13 @@ class GraphReplays:
 
     def run(self, key, fn: Callable, inputs: Sequence[torch.Tensor], device: torch.device):
         if not self.capture:
-            return fn(*(tensor.to(device) for tensor in inputs))
+            return fn(*to_device(inputs, device))
         with torch.cuda.device(device):
             found = self._graphs.get(key)
             if found is None:
                 self._seen[key] += 1
                 if key in self._failed or self._seen[key] < self.capture_after:
-                    self.stats["eager"] += 1
-                    return fn(*(tensor.pin_memory().to(device, non_blocking=True)
-                                for tensor in inputs))
+                    return self._eager(fn, inputs, device)
                 try:
                     found = self._capture(fn, inputs, device)
                 except Exception as error:  # noqa: BLE001 - any failure: this key runs eagerly
@@ -272,9 +267,7 @@ class GraphReplays:
                     logger.warning("cached scoring: capturing a CUDA graph failed (%s: %s); "
                                    "this shape runs eagerly from now on",
                                    type(error).__name__, error)
-                    self.stats["eager"] += 1
-                    return fn(*(tensor.pin_memory().to(device, non_blocking=True)
-                                for tensor in inputs))
+                    return self._eager(fn, inputs, device)
                 del self._seen[key]
                 self._graphs[key] = found
                 while len(self._graphs) > self.max_graphs:
@@ -287,6 +280,10 @@ class GraphReplays:
             graph.replay()
             self.stats["replays"] += 1
             return outputs
+
+    def _eager(self, fn, inputs, device):
+        self.stats["eager"] += 1
+        return fn(*to_device(inputs, device))
 
     def _capture(self, fn, inputs, device):
         staging = _Staging(inputs, device)

@@ -67,31 +67,32 @@ class Bucket:
     max_item_len: int
 
 
-def _step(count: int, minimum: int) -> int:
+def bucket_step(count: int, minimum: int) -> int:
     """The bucket step for `count`: 1/8 of the power of two below it, at least `minimum`."""
     if count <= minimum:
         return minimum
     return max(minimum, 1 << (count.bit_length() - 4))
 
 
-def _round_up(count: int, step: int) -> int:
+def round_up(count: int, step: int) -> int:
+    """`count` rounded up to a multiple of `step`, at least one step."""
     return max(step, -(-count // step) * step)
 
 
 def bucket_for(rows: int, history: int, candidates: int, max_item_len: int) -> Bucket:
     """The bucket of a batch with `rows` rows, `history` history tokens, `candidates`
     candidates and a longest row of `max_item_len` (history + candidates)."""
-    history_step = _step(history, 1024)
-    candidate_step = _step(candidates, 128)
+    history_step = bucket_step(history, 1024)
+    candidate_step = bucket_step(candidates, 128)
     # Enough extra rows that any batch of this bucket spreads its padding thin.
     pad_rows = math.ceil(history_step / PAD_ROW_TOKENS)
-    padded_rows = _round_up(rows + pad_rows, 8)
+    padded_rows = round_up(rows + pad_rows, 8)
     longest_pad_row = (math.ceil(history_step / pad_rows) + math.ceil(candidate_step / pad_rows))
     longest = max(max_item_len, longest_pad_row, 1)
     return Bucket(
         rows=padded_rows,
-        history=_round_up(history, history_step),
-        candidates=_round_up(candidates, candidate_step),
+        history=round_up(history, history_step),
+        candidates=round_up(candidates, candidate_step),
         max_item_len=1 << (longest - 1).bit_length(),
     )
 

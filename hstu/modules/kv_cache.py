@@ -101,9 +101,11 @@ class CacheEntry:
     copies those tokens, not the whole history (a 4K-token history of the 27K recipe is
     48 MB of float32 keys and values); so do the host-side timestamps and signature.
 
-    signature: the raw history inputs, one array [n] per input (floats as their bit patterns) that recognises a request whose history extends this one
-    (hstu/export/cached.py); contextual: the contextual input, int64 [C]. Both live on the
-    CPU as numpy arrays, a few bytes per token, so that comparing them costs no tensor ops."""
+    signature: the raw history inputs, one array [n] per input (floats as their bit
+    patterns), that recognises a request whose history extends this one
+    (hstu/export/cached.py); contextual_bytes: the contextual input's bytes, as int64 [C].
+    Both live on the CPU, a few bytes per token, so that comparing them costs no tensor
+    ops."""
 
     GROWTH = 1.5  # buffer capacity factor on append
 
@@ -126,9 +128,9 @@ class CacheEntry:
         # are those of that pass until an inexact append).
         self.anchor = int(anchor)
         self.encoded_anchor = int(anchor)
-        self.contextual = None if contextual is None else _int64_array(contextual).copy()
-        # Its bytes: what a request's contextual input is compared with (one bytes equality).
-        self.contextual_bytes = None if self.contextual is None else self.contextual.tobytes()
+        # What a request's contextual input is compared with (one bytes equality).
+        self.contextual_bytes = (None if contextual is None
+                                 else _int64_array(contextual).tobytes())
         n = self.history_length
         self._signature = [_GrowingRows(column, self.GROWTH) for column in signature]
         self.exact = True  # equal to a full pass over its history at `anchor`
@@ -239,8 +241,8 @@ class CacheEntry:
     def _count_bytes(self) -> int:
         total = sum(t.numel() * t.element_size() for t in self.keys + self.values)
         total += self._timestamps.nbytes + sum(column.nbytes for column in self._signature)
-        if self.contextual is not None:
-            total += int(self.contextual.nbytes)
+        if self.contextual_bytes is not None:
+            total += len(self.contextual_bytes)
         return total
 
 
@@ -433,7 +435,7 @@ def _prefix_indices(positional_encoder, contextual_seq_len: int, history_timesta
 
 
 def reuse_is_exact(encoder: nn.Module, entry: CacheEntry, new_tokens: int, anchor: int, *,
-                   bidirectional_tokens: int | None = None) -> bool:
+                   bidirectional_tokens: int | None = None, layers: int | None = None) -> bool:
     """Would appending `new_tokens` history tokens and scoring candidates queried at `anchor`
     against `entry` give exactly the scores of a full pass? (The caller has checked that the
     request's contextual input and first history tokens are the cached ones.)
@@ -444,10 +446,12 @@ def reuse_is_exact(encoder: nn.Module, entry: CacheEntry, new_tokens: int, ancho
     with any new token, unless there are no contextual tokens or only one layer.
     bidirectional_tokens: how many leading tokens the attention treats as contextual (default
     the cached contextual tokens; an STU contextual_seq_len set apart from the preprocessor's
-    may make it more)."""
+    may make it more). layers: the encoder's STU layers, when the caller knows it (it asks
+    for every user of every call; reading it off the module costs more than the rest)."""
     if not entry.exact:
         return False
-    layers = len(encoder.stu_stack.layers)
+    if layers is None:
+        layers = len(encoder.stu_stack.layers)
     if bidirectional_tokens is None:
         bidirectional_tokens = entry.contextual_seq_len
     if new_tokens > 0 and bidirectional_tokens > 0 and layers > 1:

@@ -104,6 +104,17 @@ def assert_equal_scores(got, expected, atol=ATOL):
                                    msg=lambda m, task=task: f"task {task}: {m}")
 
 
+def assert_same_caches(got, expected, keys, atol, rtol=0.0):
+    """The two scorers' caches of `keys` hold the same rows (compared on the CPU)."""
+    for key in keys:
+        a, b = got.store.get(key), expected.store.get(key)
+        assert a.length == b.length, f"user {key}"
+        for index in range(len(b.keys)):
+            for x, y in zip(a.layer(index), b.layer(index)):
+                torch.testing.assert_close(x.cpu(), y.cpu(), atol=atol, rtol=rtol,
+                                           msg=lambda m, key=key: f"user {key}: {m}")
+
+
 def max_difference(got, expected):
     return max(float((got[t] - expected[t]).abs().max()) for t in expected)
 
@@ -289,12 +300,7 @@ def test_appends_of_several_users_in_one_call_equal_one_user_per_call(smoke_serv
             torch.testing.assert_close(got[task], torch.cat([s[task] for s in one_by_one]),
                                        atol=1e-6, rtol=0)
     assert together.counters.reused_stale == 6 and together.counters.appended_tokens == 27
-    for key in keys:
-        a, b = together.store.get(key), alone.store.get(key)
-        assert a.length == b.length
-        for index in range(len(a.keys)):
-            for x, y in zip(a.layer(index), b.layer(index)):
-                torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+    assert_same_caches(together, alone, keys, atol=1e-6)
 
 
 def test_rows_of_one_user_in_one_call_are_scored_in_order(smoke_serving):
@@ -484,12 +490,7 @@ def test_several_users_on_the_gpu_equal_the_cpu():
         want = scorers["cpu"].score(inputs, call_keys)
         for task in want:
             torch.testing.assert_close(got[task].cpu(), want[task], atol=1e-4, rtol=0)
-    for key in keys:
-        a, b = scorers["cuda"].store.get(key), scorers["cpu"].store.get(key)
-        assert a.length == b.length
-        for index in range(len(b.keys)):
-            for x, y in zip(a.layer(index), b.layer(index)):
-                torch.testing.assert_close(x.cpu(), y, atol=1e-4, rtol=1e-4)
+    assert_same_caches(scorers["cuda"], scorers["cpu"], keys, atol=1e-4, rtol=1e-4)
 
 
 def _recording_replays():
@@ -538,12 +539,7 @@ def test_waves_padded_for_graphs_score_like_unpadded_ones(smoke_serving, mode):
     assert padded.counters == plain.counters
     assert len(recording.keys) == 5  # the last call has two waves
     assert all(key[0].rows >= 8 + 1 for key in recording.keys)
-    for key in keys:
-        a, b = padded.store.get(key), plain.store.get(key)
-        assert a.length == b.length
-        for index in range(len(b.keys)):
-            for x, y in zip(a.layer(index), b.layer(index)):
-                torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+    assert_same_caches(padded, plain, keys, atol=1e-6)
 
 
 def _other_users_stream(serving):
@@ -613,12 +609,7 @@ def test_cuda_graphs_score_like_eager_calls_on_the_gpu(mode):
     # Call 3 (users 3 and 4) replayed a graph captured for other users (calls 1 or 2; the
     # buckets are checked on the CPU to coincide).
     assert counts[3][0] == counts[2][0] and counts[3][1] == counts[2][1] + 1
-    for key in keys:
-        a, b = graphed.store.get(key), eager.store.get(key)
-        assert a.length == b.length
-        for index in range(len(b.keys)):
-            for x, y in zip(a.layer(index), b.layer(index)):
-                torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+    assert_same_caches(graphed, eager, keys, atol=1e-5)
 
 
 def test_waves_above_graph_max_tokens_run_eagerly(smoke_serving):
