@@ -192,7 +192,8 @@ def run_case(serving, args, device, history: int, autocast) -> list[dict]:
     for mode in args.modes:
         policy = CachePolicy(mode="exact" if mode.startswith("exact") else "incremental",
                              max_bytes=args.cache_gb << 30, max_stale_tokens=1 << 30,
-                             max_stale_seconds=1 << 40, cuda_graphs=not args.no_cuda_graphs)
+                             max_stale_seconds=1 << 40, cuda_graphs=not args.no_cuda_graphs,
+                             history_check=args.history_check)
         scorer = CachedServing(serving, policy)
         with torch.no_grad(), autocast():
             scorer.score(request if mode == "exact_reuse" else previous, keys)
@@ -242,7 +243,7 @@ def run_case(serving, args, device, history: int, autocast) -> list[dict]:
                 cache_bytes / args.batch / 2**20, 2),
             exact_by_construction=mode != "incremental",
             counters=scorer.counters.as_dict(),
-            cuda_graphs=scorer.graphs is not None,
+            cuda_graphs=scorer.graphs is not None, history_check=args.history_check,
             graph_stats=dict(scorer.graphs.stats) if scorer.graphs is not None else None,
             host_phases_ms=phases,
         ))
@@ -262,7 +263,8 @@ def _line(row: dict) -> str:
             f"{row['cached_ms']:>8.1f} ms  x{row['speedup']:<7} (CPU time x{row['cpu_speedup']}) "
             f"max|diff| "
             f"{row['max_abs_diff']:.2e}  cache {row['cache_mb_per_user']} MB/user"
-            + ("  graphs" if row.get("cuda_graphs") else ""))
+            + ("  graphs" if row.get("cuda_graphs") else "")
+            + ("  history check: ends" if row.get("history_check") == "ends" else ""))
 
 
 def main() -> None:
@@ -295,6 +297,9 @@ def main() -> None:
                         help="run the cached calls' device work eagerly (CachePolicy."
                         "cuda_graphs=False); by default a GPU with TRITON kernels replays it "
                         "from CUDA graphs")
+    parser.add_argument("--history-check", choices=("full", "ends"), default="full",
+                        help="CachePolicy.history_check: compare every cached history token "
+                        "with the request's (full, default) or the first and last (ends)")
     parser.add_argument("--json", dest="json_out", metavar="FILE", help="write the rows here")
     args = parser.parse_args()
     device = torch.device(args.device)

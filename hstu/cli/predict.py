@@ -83,6 +83,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cache.add_argument("--cache-max-stale-seconds", type=int, default=3600,
                        help="incremental: re-encode when the query time moved this far from the "
                        "last full encode (default 3600)")
+    cache.add_argument("--cache-history-check", choices=("full", "ends"), default="full",
+                       help="how a row's history is recognised as the cached one plus new "
+                       "actions: full compares every cached action (default), ends only the "
+                       "first and last (for streams whose histories only grow at their end; "
+                       "an edit inside the cached actions then goes unseen)")
     cache.add_argument("--cache-key", default="user_id",
                        help="input column naming the user (default user_id)")
 
@@ -169,6 +174,7 @@ def _cached_scorer(args: argparse.Namespace):
         max_bytes=args.cache_max_mb << 20,
         max_stale_tokens=args.cache_max_stale_tokens,
         max_stale_seconds=args.cache_max_stale_seconds,
+        history_check=args.cache_history_check,
     )
     if args.export_dir:
         return CachedPredictor(args.export_dir, policy=policy, key_column=args.cache_key)

@@ -20,7 +20,8 @@ Cached mode, for streams of requests per user (docs/serving.md, section 4): load
 and the loaded model keeps each user's history keys and values between predict calls (keyed
 by user_id, or model_config "cache_key"), within "cache_max_mb" MiB (default 2048; least
 recently used users evicted first); "cache_max_stale_tokens" / "cache_max_stale_seconds" bound
-the incremental mode's staleness. It rebuilds the model's modules with hstu.model, which
+the incremental mode's staleness; "cache_history_check" "ends" (default "full") recognises a
+cached history by its first and last actions only (CachePolicy.history_check). It rebuilds the model's modules with hstu.model, which
 imports TorchRec: the logged requirements do not include it, so install torchrec where the
 cached mode runs (an ExportDirError says so otherwise).
 """
@@ -39,6 +40,7 @@ DEFAULT_MODEL_CONFIG = {
     "cache_max_mb": 2048,
     "cache_max_stale_tokens": 64,
     "cache_max_stale_seconds": 3600,
+    "cache_history_check": "full",
 }
 
 
@@ -63,6 +65,7 @@ class HSTURankerModel(PythonModel):
             max_bytes=int(config["cache_max_mb"]) << 20,
             max_stale_tokens=int(config["cache_max_stale_tokens"]),
             max_stale_seconds=int(config["cache_max_stale_seconds"]),
+            history_check=str(config["cache_history_check"]),
         )
         self.predictor = CachedPredictor(export_dir, policy=policy,
                                          key_column=str(config["cache_key"]))

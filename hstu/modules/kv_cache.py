@@ -509,6 +509,12 @@ def _offsets(lengths: Sequence[int]) -> torch.Tensor:
     return offsets_from_lengths(torch.tensor(list(lengths), dtype=torch.int64))
 
 
+def _offsets_np(lengths: np.ndarray) -> np.ndarray:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets
+
+
 def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """The concatenated ranges [starts[b], starts[b] + lengths[b]), int64, in one pass (the
     host-side gathers of cached scoring, vectorised over rows)."""
@@ -618,19 +624,37 @@ class CachedPlan:
     max_item_len: int  # bounds for the kernels: at least the batch's longest, at most any
     max_delta_len: int  # bucket's
     max_cache_len: int
-    # Per layer: every row's key and value buffers (CacheRows), when any row has a cache.
-    cache_rows: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]
-    # What the device part reads, in this order: sizes, positions, cache addresses, buckets.
-    host: list[torch.Tensor]
+    # What the device part reads, in this order: sizes, positions, cache addresses, buckets;
+    # int64, as one block (`packed`, one host-to-device copy) and its parts' sizes.
+    packed: torch.Tensor
+    host_sizes: list[int]
     has_buckets: bool
     # No row has a cache (a wave of new users, or exact mode re-encoding): the delta rows are
     # whole rows, and the model's own positional op runs on them on the device (as in a full
     # pass), instead of indices worked out on the host for every token.
     whole_rows: bool = False
+    layers: int = 0
 
     @property
     def batch(self) -> int:
         return len(self.cached)
+
+    @property
+    def host(self) -> list[torch.Tensor]:
+        """The parts of `packed` (views)."""
+        return list(self.packed.split(self.host_sizes))
+
+    @property
+    def cache_rows(self) -> list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
+        """Per layer: every row's key and value buffers (CacheRows; a row without a cache
+        stands in with another row's, reading none of it), when any row has a cache. Only
+        what launches the kernels needs them, not a CUDA graph's replay."""
+        if self.max_cache_len == 0:
+            return []
+        present = [entry for entry in self.cached if isinstance(entry, CacheEntry)]
+        rows = [entry if isinstance(entry, CacheEntry) else present[0] for entry in self.cached]
+        return [(tuple(entry.keys[index] for entry in rows),
+                 tuple(entry.values[index] for entry in rows)) for index in range(self.layers)]
 
 
 def plan_cached_encode(
@@ -658,8 +682,11 @@ def plan_cached_encode(
                          f"{len(num_targets)} candidate counts")
     if min(num_targets, default=1) < 1:
         raise ValueError("cached_encode: every row needs at least one candidate")
-    items = [n + t for n, t in zip(history_lengths, num_targets)]
-    whole_rows = all(entry is None for entry in cached)
+    # Sizes as numpy int64 arrays (one op each over the rows, not one tensor per size).
+    has_cache = np.fromiter((entry is not None for entry in cached), dtype=bool, count=batch)
+    targets = np.asarray(num_targets, dtype=np.int64).reshape(batch)
+    items = np.asarray(history_lengths, dtype=np.int64).reshape(batch) + targets
+    whole_rows = not has_cache.any()
     if timestamps is None:
         if not whole_rows:
             raise ValueError("cached_encode: timestamps are needed when a row has a cache")
@@ -671,62 +698,62 @@ def plan_cached_encode(
                 raise ValueError(f"cached_encode: row {b} has {times.numel()} timestamps for "
                                  f"{n} history tokens and {t} candidates")
         timestamps = torch.cat(list(timestamps)) if batch else torch.zeros(0, dtype=torch.int64)
-    elif timestamps.numel() != sum(items):
-        raise ValueError(f"cached_encode: {timestamps.numel()} timestamps for {sum(items)} "
-                         "history tokens and candidates")
+    elif timestamps.numel() != int(items.sum()):
+        raise ValueError(f"cached_encode: {timestamps.numel()} timestamps for {int(items.sum())}"
+                         " history tokens and candidates")
     c = encoder.preprocessor.contextual_seq_len
     # A row with a cache drops its contextual tokens: their keys and values are cached.
-    starts = [c if entry is not None else 0 for entry in cached]
-    row_lengths = [c + i for i in items]
-    delta_lengths = [length - start for length, start in zip(row_lengths, starts)]
-    cache_lengths = [entry.length if entry is not None else 0 for entry in cached]
-    prefix_lengths = [length - t for length, t in zip(delta_lengths, num_targets)]
-    delta_offsets = _offsets(delta_lengths)
-    prefix_offsets = _offsets(prefix_lengths)
+    starts = np.where(has_cache, c, 0)
+    delta_lengths = c + items - starts
+    cache_lengths = np.fromiter((entry.length if entry is not None else 0 for entry in cached),
+                                dtype=np.int64, count=batch)
+    prefix_lengths = delta_lengths - targets
+    prefix_offsets = _offsets_np(prefix_lengths)
     if whole_rows:
-        positions, buckets = torch.zeros(0, dtype=torch.int64), None
+        positions, buckets = np.zeros(0, dtype=np.int64), None
     else:
         positions, buckets = _virtual_indices(encoder.positional_encoder, cached, num_targets,
                                               timestamps, c, times_per_row=items)
+        positions = positions.numpy()
+        buckets = None if buckets is None else buckets.numpy()
     layers = len(encoder.stu_stack.layers)
     bounds = {}
-    for name, given, least in (("max_item_len", max_item_len, max(items, default=0)),
-                               ("max_delta_len", max_delta_len, max(delta_lengths, default=0)),
-                               ("max_cache_len", max_cache_len, max(cache_lengths, default=0))):
+    for name, given, array in (("max_item_len", max_item_len, items),
+                               ("max_delta_len", max_delta_len, delta_lengths),
+                               ("max_cache_len", max_cache_len, cache_lengths)):
+        least = int(array.max()) if batch else 0
         if given is not None and given < least:
             raise ValueError(f"cached_encode: {name} {given} is below the batch's {least}")
         bounds[name] = least if given is None else given
-    # Each row's cached keys and values, per layer, read in place by the attention
-    # (CacheRows; a row without a cache reads 0 rows of any buffer). Their addresses travel
-    # to the device with the other host tensors.
-    cache_rows, addresses = [], []
+    # Each row's cached keys and values, per layer, are read in place by the attention
+    # (CacheRows; a row without a cache reads 0 rows of any buffer) through their addresses,
+    # which travel to the device with the other host tensors: per layer the key buffers'
+    # addresses of every row, then the value buffers'.
+    addresses = np.zeros((0, batch), dtype=np.int64)
     if bounds["max_cache_len"] > 0:
         present = [entry for entry in cached if isinstance(entry, CacheEntry)]
         if not present:
             raise ValueError("cached_encode: max_cache_len > 0 needs a row with a cache")
         _check_alike(present, layers)
-        stand_in = present[0]
-        rows = [entry if isinstance(entry, CacheEntry) else stand_in for entry in cached]
+        stand_in = present[0].buffer_addresses
         # Entries' buffers are contiguous by construction and _check_alike checked the rest,
         # once per entry instead of once per buffer; their addresses are kept per entry.
-        table = np.stack([entry.buffer_addresses for entry in rows], axis=1)  # [2L, B]
-        for index in range(layers):
-            keys = tuple(entry.keys[index] for entry in rows)
-            values = tuple(entry.values[index] for entry in rows)
-            cache_rows.append((keys, values))
-            addresses += [torch.from_numpy(table[2 * index].copy()),
-                          torch.from_numpy(table[2 * index + 1].copy())]
-    host = [torch.tensor(starts), torch.tensor(delta_lengths), delta_offsets,
-            torch.tensor(prefix_lengths), prefix_offsets, _offsets(cache_lengths),
-            torch.tensor(num_targets), _offsets(num_targets), torch.zeros(batch), positions,
-            *addresses]
+        addresses = np.stack([entry.buffer_addresses if isinstance(entry, CacheEntry)
+                              else stand_in for entry in cached], axis=1)  # [2L, B]
+    parts = [starts, delta_lengths, _offsets_np(delta_lengths), prefix_lengths, prefix_offsets,
+             _offsets_np(cache_lengths), targets, _offsets_np(targets),
+             np.zeros(batch, dtype=np.int64), positions, addresses.reshape(-1)]
+    sizes = [part.size for part in parts[:-1]] + [batch] * addresses.shape[0]
     if buckets is not None:
-        host.append(buckets)
+        parts.append(buckets)
+        sizes.append(buckets.size)
     return CachedPlan(
-        cached=list(cached), num_targets=num_targets, delta_lengths=delta_lengths,
-        prefix_lengths=prefix_lengths, prefix_offsets=prefix_offsets,
-        cache_lengths=cache_lengths, cache_rows=cache_rows, host=host,
-        has_buckets=buckets is not None, whole_rows=whole_rows, **bounds)
+        cached=list(cached), num_targets=targets.tolist(), delta_lengths=delta_lengths.tolist(),
+        prefix_lengths=prefix_lengths.tolist(), prefix_offsets=torch.from_numpy(prefix_offsets),
+        cache_lengths=cache_lengths.tolist(),
+        packed=torch.from_numpy(np.concatenate(parts).astype(np.int64, copy=False)),
+        host_sizes=sizes, has_buckets=buckets is not None, whole_rows=whole_rows,
+        layers=layers, **bounds)
 
 
 def run_cached_encode(
@@ -746,8 +773,7 @@ def run_cached_encode(
                          f"tokens, expected {c}")
     (starts_d, delta_lengths_d, delta_offsets, prefix_lengths_d, prefix_offsets, cache_offsets,
      num_targets_d, candidate_offsets, zeros, positions_d) = moved[:10]
-    layers = len(plan.cache_rows)
-    addresses_d = moved[10:10 + 2 * layers]
+    addresses_d = moved[10:10 + 2 * plan.layers] if plan.max_cache_len > 0 else []
 
     if plan.whole_rows:
         x = encoder.positional_encoder(encoder_input, dropout_ratio=0.0)
@@ -812,4 +838,5 @@ def cached_encode(
     plan = plan_cached_encode(encoder, cached, history_lengths=history_lengths,
                               candidate_counts=candidate_counts, timestamps=timestamps)
     device = encoder.positional_encoder.position_table.device
-    return run_cached_encode(encoder, plan, _on_device(plan.host, device), preprocessor_inputs)
+    moved = _on_device([plan.packed], device)[0].split(plan.host_sizes)
+    return run_cached_encode(encoder, plan, moved, preprocessor_inputs)

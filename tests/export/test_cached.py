@@ -257,6 +257,40 @@ def test_exact_append_with_contextual_tokens_and_one_layer():
     assert scorer.counters.encoded == 1 and scorer.counters.appended_tokens == 30
 
 
+def test_history_check_ends_sees_cuts_and_appends_but_not_inner_edits(smoke_serving):
+    """CachePolicy.history_check="ends" compares the first and last cached action of every
+    input: a stream of appends scores as with "full", a history cut at its front or a changed
+    last action is re-encoded, and an edit strictly inside the cached actions is NOT seen
+    (the documented price); "full" re-encodes that one."""
+    scores = {}
+    for check in ("full", "ends"):
+        user = User(smoke_serving, 52, 8)
+        scorer = cached(smoke_serving, mode="exact", history_check=check)
+        scorer.score(batch(user.request(30, [1, 2])), [52])
+        request = batch(user.request(30, [3, 4]))  # the same history: reused
+        assert_equal_scores(scorer.score(request, [52]), full_scores(smoke_serving, request))
+        assert scorer.counters.reused_exact == 1
+        request = batch(user.request(35, [1, 2], start=5))  # cut at the front
+        assert_equal_scores(scorer.score(request, [52]), full_scores(smoke_serving, request))
+        assert scorer.counters.history_changed == 1
+        user.time[34] += 1  # the last cached action's timestamp
+        request = batch(user.request(35, [1, 2], start=5))
+        assert_equal_scores(scorer.score(request, [52]), full_scores(smoke_serving, request))
+        assert scorer.counters.history_changed == 2
+        user.action[20] = (user.action[20] + 1) % 256  # inside the cached actions
+        request = batch(user.request(35, [1, 2], start=5))
+        scores[check] = scorer.score(request, [52])
+        expected = full_scores(smoke_serving, request)
+        if check == "full":
+            assert scorer.counters.history_changed == 3
+            assert_equal_scores(scores[check], expected)
+        else:
+            assert scorer.counters.history_changed == 2 and scorer.counters.reused_exact == 2
+            assert max_difference(scores[check], expected) > 1e-4  # scored on the old action
+    with pytest.raises(ValueError, match="history_check"):
+        cached(smoke_serving, history_check="some")
+
+
 def test_incremental_mode_appends_and_its_difference_is_measured(smoke_serving):
     """Appending to a stale cache is approximate; this pins the size of the difference on the
     smoke model (random weights, position and time tables scaled up 30x) and that the bound
