@@ -83,6 +83,14 @@ def test_predict_cache_incremental_appends(smoke_export, stream_file, tmp_path, 
     worst = max(float(np.max(np.abs(np.array(g) - np.array(w))))
                 for g, w in zip(scores_of(cached), scores_of(plain)))
     assert 0 < worst < 0.2
+    # The stream only appends: checking the cached histories' ends alone finds the same
+    # reuses and gives the same scores.
+    ends = tmp_path / "ends.parquet"
+    assert launch_main(base + ["--out", str(ends), "--cache", "incremental",
+                               "--cache-max-stale-seconds", "100000000",
+                               "--cache-history-check", "ends"]) == 0
+    assert json.loads(capsys.readouterr().out)["cache"] == cache
+    assert scores_of(ends) == scores_of(cached)
 
 
 def test_predict_cache_options_are_checked(smoke_export, stream_file, tmp_path, capsys,
@@ -116,5 +124,9 @@ def test_pyfunc_cached_mode(smoke_export, stream_file, smoke_predictor, tmp_path
                                    expected["probs_is_click"][index], atol=1e-5, rtol=0)
     predictor = model.unwrap_python_model().predictor
     assert predictor.cache_summary()["rows"] == len(frame)
+    assert predictor.cached.policy.history_check == "full"
+    ends = mlflow.pyfunc.load_model(str(path), model_config={"cache": "exact",
+                                                             "cache_history_check": "ends"})
+    assert ends.unwrap_python_model().predictor.cached.policy.history_check == "ends"
     with pytest.raises(ValueError, match="cache mode 'fast'"):
         mlflow.pyfunc.load_model(str(path), model_config={"cache": "fast"})
