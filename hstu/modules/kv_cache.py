@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from collections.abc import Hashable, Sequence
 
 import numpy as np
@@ -353,10 +354,10 @@ def write_rows(prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]], offsets: 
     buffers from that row on, room the caller made (CacheEntry.make_room) in entries that
     check_writable accepts.
 
-    by_address (default: on a GPU): one kernel per layer and tensor copies every row to its
-    entry's buffer through the buffer's address
-    (hstu.ops.triton.cached_attention.copy_rows_to_addresses), so the host makes no tensor
-    op per row. Otherwise one slice per row, layer and tensor and one multi-tensor copy
+    by_address (default: on a GPU): one kernel copies every row of every layer's keys and
+    values to its entry's buffers through their addresses
+    (hstu.ops.triton.cached_attention.copy_rows_by_table), so the host makes no tensor op
+    per row, nor a launch per layer. Otherwise one slice per row, layer and tensor and one multi-tensor copy
     (copy_many)."""
     if not prefix_kv or not places:
         return
@@ -382,19 +383,29 @@ def write_rows(prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]], offsets: 
                 copied += [k[offsets[b]:offsets[b + 1]], v[offsets[b]:offsets[b + 1]]]
         copy_many(targets, copied)
         return
-    from hstu.ops.triton.cached_attention import copy_rows_to_addresses
+    from hstu.ops.triton.cached_attention import copy_rows_by_table
 
-    # Per tensor (keys, values of each layer) and row: buffer address + first row * row bytes.
-    row_bytes = np.array([t[0].numel() * t.element_size() if t.shape[0] else 0
-                          for t in sources], dtype=np.int64)
+    # One launch for every layer's keys and values: per tensor, the target address of each
+    # row (its buffer's address + first row * row bytes), the source's address and its
+    # elements per row, in one int64 table (one host-to-device copy).
+    sources = [t.contiguous() for t in sources]
+    row_elements = np.array([math.prod(t.shape[1:]) for t in sources], dtype=np.int64)
+    row_bytes = row_elements * np.array([t.element_size() for t in sources], dtype=np.int64)
     bases = np.stack([entry.buffer_addresses for entry, _ in places], axis=1)  # [2L, B]
     rows = np.array([row for _, row in places], dtype=np.int64)
-    addresses = torch.from_numpy(np.ascontiguousarray(bases + row_bytes[:, None] * rows))
+    table = np.empty((len(sources), batch + 2), dtype=np.int64)
+    table[:, :batch] = bases + row_bytes[:, None] * rows
+    table[:, batch] = [t.data_ptr() for t in sources]
+    table[:, batch + 1] = row_elements
+    table = torch.from_numpy(table)
     if device.type == "cuda":
-        addresses = addresses.pin_memory().to(device, non_blocking=True)
+        table = table.pin_memory().to(device, non_blocking=True)
     longest = max(offsets[b + 1] - offsets[b] for b in range(batch))
-    for source, target in zip(sources, addresses):
-        copy_rows_to_addresses(source.contiguous(), device_offsets, target, longest)
+    if all(t.dtype == sources[0].dtype for t in sources):
+        copy_rows_by_table(sources, device_offsets, table, longest)
+    else:  # keys and values of different dtypes: a launch per tensor
+        for index, source in enumerate(sources):
+            copy_rows_by_table([source], device_offsets, table[index:index + 1], longest)
 
 
 def copy_many(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:

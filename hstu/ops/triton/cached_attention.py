@@ -22,6 +22,8 @@ tuned by timing among them on first use.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -272,16 +274,22 @@ INTERPRET_COPY_BLOCK = 64
 
 
 @triton.jit
-def _copy_rows(SOURCE, source_offsets, ADDRESSES, row_elements, BLOCK: tl.constexpr):
-    """Row b's source rows [source_offsets[b], source_offsets[b + 1]) to ADDRESSES[b] (H * d
-    elements per row, contiguous on both sides). Program (b, p) copies blocks p, p + P, ...
-    of row b, so that one long row (a user encoded from scratch beside short appends) does
-    not size the grid for every row."""
+def _copy_rows(TYPED, TABLE, source_offsets, batch, BLOCK: tl.constexpr):
+    """Tensor t's row b (its rows [source_offsets[b], source_offsets[b + 1]) of row_elements
+    elements each, contiguous on both sides) to the address TABLE[t, b]. TABLE is int64
+    [T, B + 2]: per tensor the B target addresses, then the source's address and its
+    elements per row. Program (b, p, t) copies blocks p, p + P, ... of tensor t's row b, so
+    that one long row (a user encoded from scratch beside short appends) does not size the
+    grid for every row. TYPED only gives the element type."""
     b = tl.program_id(0)
+    t = tl.program_id(2)
+    entries = TABLE + t * (batch + 2)
+    row_elements = tl.load(entries + batch + 1)
     first = tl.load(source_offsets + b)
     count = (tl.load(source_offsets + b + 1) - first) * row_elements
-    target = tl.load(ADDRESSES + b).to(tl.pointer_type(SOURCE.dtype.element_ty))
-    source = SOURCE + first * row_elements
+    target = tl.load(entries + b).to(tl.pointer_type(TYPED.dtype.element_ty))
+    source = tl.load(entries + batch).to(tl.pointer_type(TYPED.dtype.element_ty))
+    source += first * row_elements
     for start in range(tl.program_id(1) * BLOCK, count, tl.num_programs(1) * BLOCK):
         offsets = start + tl.arange(0, BLOCK)
         inside = offsets < count
@@ -294,14 +302,37 @@ def copy_rows_to_addresses(source: torch.Tensor, source_offsets: torch.Tensor,
     its device) to the memory at addresses[b] ([B] int64 on its device), which the caller
     owns and has made room at (kv_cache.write_rows: the end of each user's cache buffer, of
     source's dtype, checked there). max_rows: the longest row, from the host."""
-    if source.device.type != "cuda" and not interpreting():
-        raise RuntimeError("copy_rows_to_addresses needs CUDA tensors, or TRITON_INTERPRET=1")
     if not source.is_contiguous():
         raise ValueError("copy_rows_to_addresses: the source must be contiguous")
-    batch = addresses.numel()
     row_elements = source[0].numel() if source.shape[0] else 0
-    if batch == 0 or max_rows == 0 or row_elements == 0:
+    extra = torch.tensor([source.data_ptr(), row_elements], dtype=torch.int64)
+    table = torch.cat([addresses.to(torch.int64), extra.to(addresses.device)])
+    copy_rows_by_table([source], source_offsets, table.view(1, -1), max_rows)
+
+
+def copy_rows_by_table(sources: Sequence[torch.Tensor], source_offsets: torch.Tensor,
+                       table: torch.Tensor, max_rows: int) -> None:
+    """copy_rows_to_addresses for several jagged sources of one dtype over the same offsets,
+    in one launch: table int64 [T, B + 2] on their device, per source (in order) the B target
+    addresses, then the source's address (data_ptr) and its elements per row (H * d). The
+    sources must be contiguous and outlive the copy (it runs on the current stream)."""
+    if not sources:
+        return
+    if sources[0].device.type != "cuda" and not interpreting():
+        raise RuntimeError("copy_rows_by_table needs CUDA tensors, or TRITON_INTERPRET=1")
+    if any(source.dtype != sources[0].dtype for source in sources):
+        raise ValueError("copy_rows_by_table: the sources must share one dtype")
+    if any(not source.is_contiguous() for source in sources):
+        raise ValueError("copy_rows_by_table: the sources must be contiguous")
+    tensors, width = table.shape
+    batch = width - 2
+    if tensors != len(sources):
+        raise ValueError(f"copy_rows_by_table: a table of {tensors} rows for "
+                         f"{len(sources)} sources")
+    row_elements = max(source[0].numel() if source.shape[0] else 0 for source in sources)
+    if batch <= 0 or max_rows == 0 or row_elements == 0:
         return
     block = INTERPRET_COPY_BLOCK if interpreting() else COPY_BLOCK
     programs = min(triton.cdiv(max_rows * row_elements, block), COPY_PROGRAMS_PER_ROW)
-    _copy_rows[(batch, programs)](source, source_offsets, addresses, row_elements, BLOCK=block)
+    _copy_rows[(batch, programs, tensors)](sources[0], table, source_offsets, batch,
+                                           BLOCK=block)

@@ -118,3 +118,26 @@ def test_copy_rows_to_addresses_writes_each_row_where_it_points(monkeypatch, pro
         assert torch.equal(buffer[a:a + n], source[start:start + n]), b
         assert torch.equal(buffer[:a], before[b][:a]) and torch.equal(buffer[a + n:],
                                                                       before[b][a + n:]), b
+
+
+def test_copy_rows_by_table_copies_several_sources_of_their_own_widths():
+    """One launch for keys and values of different head dims (d_qk 8, d_v 4): each source's
+    rows land at its own targets, with its own row size."""
+    from hstu.ops.triton.cached_attention import copy_rows_by_table
+
+    generator = torch.Generator().manual_seed(6)
+    lengths, already = [2, 5], [1, 3]
+    sources = [torch.randn(sum(lengths), 2, d, generator=generator).to(DEVICE) for d in (8, 4)]
+    buffers = [[torch.zeros(a + n + 2, 2, d, device=DEVICE) for a, n in zip(already, lengths)]
+               for d in (8, 4)]
+    table = torch.tensor(
+        [[buffer.data_ptr() + a * buffer[0].numel() * buffer.element_size()
+          for buffer, a in zip(row, already)] + [source.data_ptr(), source[0].numel()]
+         for row, source in zip(buffers, sources)], dtype=torch.int64, device=DEVICE)
+    offsets = offsets_from_lengths(torch.tensor(lengths)).to(DEVICE)
+    copy_rows_by_table(sources, offsets, table, max(lengths))
+    for source, row in zip(sources, buffers):
+        for b, (buffer, a, n) in enumerate(zip(row, already, lengths)):
+            start = sum(lengths[:b])
+            assert torch.equal(buffer[a:a + n], source[start:start + n])
+            assert not buffer[:a].any() and not buffer[a + n:].any()
