@@ -21,9 +21,10 @@ and the loaded model keeps each user's history keys and values between predict c
 by user_id, or model_config "cache_key"), within "cache_max_mb" MiB (default 2048; least
 recently used users evicted first); "cache_max_stale_tokens" / "cache_max_stale_seconds" bound
 the incremental mode's staleness; "cache_history_check" "ends" (default "full") recognises a
-cached history by its first and last actions only (CachePolicy.history_check). It rebuilds the model's modules with hstu.model, which
-imports TorchRec: the logged requirements do not include it, so install torchrec where the
-cached mode runs (an ExportDirError says so otherwise).
+cached history by its first and last actions only (CachePolicy.history_check). It rebuilds
+the model's modules with hstu.model, which imports TorchRec: the logged requirements do not
+include it, so install torchrec where the cached mode runs (an ExportDirError says so
+otherwise).
 """
 
 import mlflow

@@ -357,8 +357,8 @@ def write_rows(prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]], offsets: 
     by_address (default: on a GPU): one kernel copies every row of every layer's keys and
     values to its entry's buffers through their addresses
     (hstu.ops.triton.cached_attention.copy_rows_by_table), so the host makes no tensor op
-    per row, nor a launch per layer. Otherwise one slice per row, layer and tensor and one multi-tensor copy
-    (copy_many)."""
+    per row, nor a launch per layer. Otherwise one slice per row, layer and tensor and one
+    multi-tensor copy (copy_many)."""
     if not prefix_kv or not places:
         return
     batch = len(places)

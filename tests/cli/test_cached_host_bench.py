@@ -1,6 +1,6 @@
 """benchmarks/cached_host_bench.py at a tiny shape: it times the cached path it claims to (the
 users' caches reused in every timed call; the script refuses to report otherwise), with each
-history check, and puts the STU stack back afterwards."""
+history check."""
 
 import json
 import subprocess

@@ -291,6 +291,31 @@ def test_history_check_ends_sees_cuts_and_appends_but_not_inner_edits(smoke_serv
         cached(smoke_serving, history_check="some")
 
 
+def test_history_check_ends_reuses_appends_like_full(smoke_serving):
+    """Appended actions (incremental mode, so the cache is reused): the "ends" check finds
+    the same reuses as "full" and gives the same scores; its comparison is with the cached
+    last action, not the request's last (here the request is 5 actions longer)."""
+    scores, counters = {}, {}
+    for check in ("full", "ends"):
+        user = User(smoke_serving, 53, 9)
+        scorer = cached(smoke_serving, mode="incremental", history_check=check,
+                        max_stale_seconds=86_400)
+        scorer.score(batch(user.request(30, [1, 2])), [53])
+        scores[check] = [scorer.score(batch(user.request(n, [1, 2])), [53]) for n in (35, 40)]
+        counters[check] = scorer.counters.as_dict()
+    assert counters["ends"] == counters["full"]
+    assert counters["ends"]["reused_stale"] == 2 and counters["ends"]["appended_tokens"] == 10
+    for got, want in zip(scores["ends"], scores["full"]):
+        assert_equal_scores(got, want, atol=0)
+    # An empty cached history (a user whose first request had no actions) is extended too.
+    user = User(smoke_serving, 54, 10)
+    scorer = cached(smoke_serving, mode="incremental", history_check="ends",
+                    max_stale_seconds=1 << 40)
+    scorer.score(batch(user.request(0, [1, 2])), [54])
+    scorer.score(batch(user.request(4, [1, 2])), [54])
+    assert scorer.counters.reused_stale == 1
+
+
 def test_incremental_mode_appends_and_its_difference_is_measured(smoke_serving):
     """Appending to a stale cache is approximate; this pins the size of the difference on the
     smoke model (random weights, position and time tables scaled up 30x) and that the bound

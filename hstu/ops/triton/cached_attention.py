@@ -324,6 +324,11 @@ def copy_rows_by_table(sources: Sequence[torch.Tensor], source_offsets: torch.Te
         raise ValueError("copy_rows_by_table: the sources must share one dtype")
     if any(not source.is_contiguous() for source in sources):
         raise ValueError("copy_rows_by_table: the sources must be contiguous")
+    if (table.dtype != torch.int64 or table.dim() != 2 or not table.is_contiguous()
+            or table.device != sources[0].device):
+        raise ValueError(f"copy_rows_by_table: the table must be a contiguous int64 [T, B + 2] "
+                         f"tensor on the sources' device, got {table.dtype} "
+                         f"{tuple(table.shape)} on {table.device}")
     tensors, width = table.shape
     batch = width - 2
     if tensors != len(sources):

@@ -135,6 +135,8 @@ def test_copy_rows_by_table_copies_several_sources_of_their_own_widths():
           for buffer, a in zip(row, already)] + [source.data_ptr(), source[0].numel()]
          for row, source in zip(buffers, sources)], dtype=torch.int64, device=DEVICE)
     offsets = offsets_from_lengths(torch.tensor(lengths)).to(DEVICE)
+    with pytest.raises(ValueError, match="contiguous int64"):
+        copy_rows_by_table(sources, offsets, table.to(torch.int32), max(lengths))
     copy_rows_by_table(sources, offsets, table, max(lengths))
     for source, row in zip(sources, buffers):
         for b, (buffer, a, n) in enumerate(zip(row, already, lengths)):
