@@ -659,7 +659,9 @@ class CachedPlan:
     def cache_rows(self) -> list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
         """Per layer: every row's key and value buffers (CacheRows; a row without a cache
         stands in with another row's, reading none of it), when any row has a cache. Only
-        what launches the kernels needs them, not a CUDA graph's replay."""
+        what launches the kernels needs them, not a CUDA graph's replay. Read them before any
+        entry's buffers grow: the addresses in `packed` were taken at planning (a call grows
+        its entries only after its device work, in the store update)."""
         if self.max_cache_len == 0:
             return []
         present = [entry for entry in self.cached if isinstance(entry, CacheEntry)]
