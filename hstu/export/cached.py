@@ -47,13 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hstu.export.cached_graphs import (
-    GraphReplays,
-    graph_key,
-    pad_inputs,
-    pad_wave,
-    to_device,
-)
+from hstu.export.cached_graphs import GraphReplays, graph_key, pad_inputs, pad_wave
 from hstu.export.serving import ServingModule, lengths_key
 from hstu.modules.kv_cache import (
     CacheEntry,
@@ -61,9 +55,11 @@ from hstu.modules.kv_cache import (
     concat_ranges,
     check_writable,
     kv_layout,
+    offsets_of,
     plan_cached_encode,
     reuse_is_exact,
     run_cached_encode,
+    to_device,
     write_rows,
 )
 from hstu.modules.scoring import task_outputs
@@ -96,9 +92,9 @@ class CachePolicy:
     # user and the cached length assume, with no check at all). With "ends", a history cut at
     # its front is told apart by its first token (whose timestamp moved: histories are in
     # time order), and an edit strictly inside the cached tokens goes unseen and is scored
-    # against the old tokens. "full" reads every history
-    # token of the request and of the cache on the host: at 128 users of 4K tokens, 29 MB
-    # and about half of a cached call's host time.
+    # against the old tokens. "full" reads every history token of the request and of the
+    # cache on the host: at 128 users of 4K tokens, 29 MB and about half of a cached call's
+    # host time.
     history_check: str = "full"
 
     def __post_init__(self) -> None:
@@ -250,8 +246,7 @@ class CachedServing:
         else:
             # Each wave's scores in its rows' order; one gather per task puts every candidate
             # back in its place (the order is worked out on the host).
-            candidate_offsets = np.zeros(batch + 1, dtype=np.int64)
-            np.cumsum(counts, out=candidate_offsets[1:])
+            candidate_offsets = offsets_of(counts)
             parts, order = [], []
             for rows in waves:
                 rows = np.asarray(rows, dtype=np.int64)
@@ -264,11 +259,7 @@ class CachedServing:
             out = {}
             for task in parts[0]:
                 joined = torch.cat([part[task] for part in parts])
-                if joined.device.type == "cuda":
-                    index = inverse.pin_memory().to(joined.device, non_blocking=True)
-                else:
-                    index = inverse
-                out[task] = joined[index]
+                out[task] = joined[to_device([inverse], joined.device)[0]]
         if not serving.ascending:
             out = {task: value.flip(0) for task, value in out.items()}
         return out
@@ -295,8 +286,7 @@ class CachedServing:
         gathers = {}
         for sequence in self.sequences:
             lengths = inputs[lengths_key(sequence)].to(torch.int64).numpy()
-            offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-            np.cumsum(lengths, out=offsets[1:])
+            offsets = offsets_of(lengths)
             gathers[sequence] = torch.from_numpy(concat_ranges(offsets[:-1][rows], lengths[rows]))
         index = torch.from_numpy(rows)
         out = {}
@@ -309,8 +299,7 @@ class CachedServing:
     def _wave(self, inputs: dict[str, torch.Tensor], keys: list[Hashable]) -> _Wave:
         serving = self.serving
         history_lengths = inputs[lengths_key(serving.uih_sequence)].to(torch.int64).numpy()
-        history_offsets = np.zeros(len(history_lengths) + 1, dtype=np.int64)
-        np.cumsum(history_lengths, out=history_offsets[1:])
+        history_offsets = offsets_of(history_lengths)
         counts = inputs[lengths_key(serving.candidate_sequence)].to(torch.int64).numpy()
         query_times = inputs[self.query_time_feature].to(torch.int64).numpy()
         contextual_names = serving.groups["contextual"]
@@ -418,8 +407,9 @@ class CachedServing:
                           dtype=np.int64)
         history_lengths = np.diff(wave.history_offsets)
         new_lengths = history_lengths - starts
+        from_scratch = sum(entry is None for entry in entries)
         self.counters.rows += batch
-        self.counters.encoded += sum(entry is None for entry in entries)
+        self.counters.encoded += from_scratch
         self.counters.appended_tokens += int(sum(
             new_lengths[b] for b, entry in enumerate(entries) if entry is not None))
 
@@ -439,7 +429,6 @@ class CachedServing:
                           else wave.inputs[key].to(torch.int64))
         rows, counts = entries, wave.candidate_counts
         history_lengths, bounds = new_lengths, {}
-        from_scratch = sum(entry is None for entry in entries)
         tokens = int(new_lengths.sum() + counts.sum()) + self.contextual_seq_len * from_scratch
         graphs = self.graphs if tokens <= self.policy.graph_max_tokens else None
         # Per row: its new history tokens' times, then its candidates' query times (the
@@ -579,8 +568,7 @@ def _interleave(first: np.ndarray, first_starts: np.ndarray, first_lengths: np.n
     """Per row b: first[first_starts[b] : + first_lengths[b]], then row b's values of the
     jagged `second` (second_lengths per row), all rows concatenated. Costs what it returns,
     not the size of `first` (a whole batch of histories)."""
-    row_offsets = np.zeros(len(first_lengths) + 1, dtype=np.int64)
-    np.cumsum(first_lengths + second_lengths, out=row_offsets[1:])
+    row_offsets = offsets_of(first_lengths + second_lengths)
     out = np.empty(int(row_offsets[-1]), dtype=np.result_type(first, second))
     out[concat_ranges(row_offsets[:-1], first_lengths)] = first[
         concat_ranges(first_starts, first_lengths)]

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from hstu.modules.graphed_scoring import bucket_step, round_up
-from hstu.modules.kv_cache import EMPTY_CACHE
+from hstu.modules.kv_cache import EMPTY_CACHE, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -165,13 +165,6 @@ def pad_inputs(inputs: dict[str, torch.Tensor], wave: PaddedWave, *, sequence_of
                 else torch.zeros(wave.padding_rows, dtype=torch.int64))
         padded[key] = torch.cat([lengths, more])
     return padded
-
-
-def to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Host tensors on `device`; to a GPU through pinned memory, without waiting."""
-    if device.type == "cuda":
-        return [tensor.pin_memory().to(device, non_blocking=True) for tensor in tensors]
-    return [tensor.to(device) for tensor in tensors]
 
 
 class _Staging:

@@ -53,7 +53,6 @@ from torch import nn
 
 from hstu.ops.cached_attention import CacheRows
 from hstu.ops.pytorch.dtypes import upcast
-from hstu.ops.pytorch.jagged import offsets_from_lengths
 from hstu.ops.pytorch.position import (
     position_indices,
     positions_at,
@@ -397,9 +396,7 @@ def write_rows(prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]], offsets: 
     table[:, :batch] = bases + row_bytes[:, None] * rows
     table[:, batch] = [t.data_ptr() for t in sources]
     table[:, batch + 1] = row_elements
-    table = torch.from_numpy(table)
-    if device.type == "cuda":
-        table = table.pin_memory().to(device, non_blocking=True)
+    table = to_device([torch.from_numpy(table)], device)[0]
     longest = max(offsets[b + 1] - offsets[b] for b in range(batch))
     if all(t.dtype == sources[0].dtype for t in sources):
         copy_rows_by_table(sources, device_offsets, table, longest)
@@ -496,14 +493,12 @@ class CachedEncoding:
     prefix_offsets_device: torch.Tensor  # the same on the keys' device
 
 
-def _on_device(parts: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Small host int64 tensors on `device` with one copy (views of one buffer there). Sizes
-    that the host computed stay on the host: the GPU is never asked for one."""
-    packed = torch.cat([part.to(torch.int64).reshape(-1) for part in parts])
-    # Pinned, so that the copy is asynchronous (the pinned block is kept until it is done).
-    moved = (packed.pin_memory().to(device, non_blocking=True) if device.type == "cuda"
-             else packed.to(device))
-    return list(moved.split([part.numel() for part in parts]))
+def to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Host tensors on `device`; to a GPU through pinned memory, without waiting (sizes that
+    the host computed stay on the host: the GPU is never asked for one)."""
+    if device.type == "cuda":
+        return [tensor.pin_memory().to(device, non_blocking=True) for tensor in tensors]
+    return [tensor.to(device) for tensor in tensors]
 
 
 def _take_rows(values: torch.Tensor, offsets: torch.Tensor, starts: torch.Tensor,
@@ -516,11 +511,8 @@ def _take_rows(values: torch.Tensor, offsets: torch.Tensor, starts: torch.Tensor
     return values[offsets[rows] + starts[rows] + within]
 
 
-def _offsets(lengths: Sequence[int]) -> torch.Tensor:
-    return offsets_from_lengths(torch.tensor(list(lengths), dtype=torch.int64))
-
-
-def _offsets_np(lengths: np.ndarray) -> np.ndarray:
+def offsets_of(lengths: np.ndarray) -> np.ndarray:
+    """int64 [B+1] offsets of jagged rows of these lengths (host side)."""
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     return offsets
@@ -530,8 +522,7 @@ def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """The concatenated ranges [starts[b], starts[b] + lengths[b]), int64, in one pass (the
     host-side gathers of cached scoring, vectorised over rows)."""
     total = int(lengths.sum())
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
+    offsets = offsets_of(lengths)
     within = np.arange(total, dtype=np.int64) - np.repeat(offsets[:-1], lengths)
     return np.repeat(starts, lengths) + within
 
@@ -571,8 +562,7 @@ def _virtual_indices(positional_encoder, cached, num_targets, timestamps, contex
         return positions, None
     # The row's query time is its last token's (the last candidate's); contextual tokens
     # carry timestamp 0, as in a full pass.
-    time_offsets = np.zeros(len(times_per_row) + 1, dtype=np.int64)
-    np.cumsum(times_per_row, out=time_offsets[1:])
+    time_offsets = offsets_of(times_per_row)
     query = times[time_offsets[1:] - 1]
     time_index = (columns - first[row]) - np.where(has_cache, 0, c)[row]
     token_times = np.where(time_index >= 0,
@@ -651,11 +641,6 @@ class CachedPlan:
         return len(self.cached)
 
     @property
-    def host(self) -> list[torch.Tensor]:
-        """The parts of `packed` (views)."""
-        return list(self.packed.split(self.host_sizes))
-
-    @property
     def cache_rows(self) -> list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
         """Per layer: every row's key and value buffers (CacheRows; a row without a cache
         stands in with another row's, reading none of it), when any row has a cache. Only
@@ -721,7 +706,7 @@ def plan_cached_encode(
     cache_lengths = np.fromiter((entry.length if entry is not None else 0 for entry in cached),
                                 dtype=np.int64, count=batch)
     prefix_lengths = delta_lengths - targets
-    prefix_offsets = _offsets_np(prefix_lengths)
+    prefix_offsets = offsets_of(prefix_lengths)
     if whole_rows:
         positions, buckets = np.zeros(0, dtype=np.int64), None
     else:
@@ -753,8 +738,8 @@ def plan_cached_encode(
         # once per entry instead of once per buffer; their addresses are kept per entry.
         addresses = np.stack([entry.buffer_addresses if isinstance(entry, CacheEntry)
                               else stand_in for entry in cached], axis=1)  # [2L, B]
-    parts = [starts, delta_lengths, _offsets_np(delta_lengths), prefix_lengths, prefix_offsets,
-             _offsets_np(cache_lengths), targets, _offsets_np(targets),
+    parts = [starts, delta_lengths, offsets_of(delta_lengths), prefix_lengths, prefix_offsets,
+             offsets_of(cache_lengths), targets, offsets_of(targets),
              np.zeros(batch, dtype=np.int64), positions, addresses.reshape(-1)]
     sizes = [part.size for part in parts[:-1]] + [batch] * addresses.shape[0]
     if buckets is not None:
@@ -775,7 +760,7 @@ def run_cached_encode(
     moved: Sequence[torch.Tensor],
     preprocessor_inputs: dict[str, torch.Tensor | None],
 ) -> CachedEncoding:
-    """`cached_encode`'s device half: `moved` holds plan.host's tensors on the model's device
+    """`cached_encode`'s device half: `moved` holds plan.packed's parts on the model's device
     (int64), preprocessor_inputs the encoder's inputs there. Launches kernels and nothing
     else: no host value depends on the device, so a CUDA graph of it replays any call with
     the same plan sizes and bounds."""
@@ -851,5 +836,5 @@ def cached_encode(
     plan = plan_cached_encode(encoder, cached, history_lengths=history_lengths,
                               candidate_counts=candidate_counts, timestamps=timestamps)
     device = encoder.positional_encoder.position_table.device
-    moved = _on_device([plan.packed], device)[0].split(plan.host_sizes)
+    moved = to_device([plan.packed], device)[0].split(plan.host_sizes)
     return run_cached_encode(encoder, plan, moved, preprocessor_inputs)
