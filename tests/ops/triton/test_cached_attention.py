@@ -59,6 +59,11 @@ CASES = {
     "window_no_contextual": ([45, 20], [4 + 2, 2], [2, 2], 0, 5),
     "window_contextual_in_delta": ([0], [3 + 40 + 3], [3], 3, 9),
     "no_targets": ([20, 3], [6, 9], None, 0, 0),
+    # The unmasked loop over whole cached tiles (16 wide under the interpreter): caches of
+    # exactly two tiles and one, and one ending inside the contextual tokens (contextual delta
+    # queries against cached contextual keys: the pairs the contextual term admits).
+    "cache_of_whole_tiles": ([32, 16], [4 + 3, 2], [3, 2], 2, 0),
+    "cache_inside_contextual": ([2, 4 + 30], [2 + 20 + 3, 5], [3, 5], 4, 0),
 }
 
 
