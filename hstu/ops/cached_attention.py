@@ -18,6 +18,12 @@ from hstu.ops.attention import check_qkv_shapes
 from hstu.ops.kernel import Kernel, implementation
 
 
+# When a cached row's H * d elements fill whole multiples of this many bytes, every buffer of
+# a CacheRows starts at such a multiple (checked by host_addresses; a tensor from the allocator
+# and any whole-row slice of one does), and the TRITON kernel reads it in vectors this wide.
+ROW_ALIGNMENT = 16
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheRows:
     """One layer's cached keys (or values) kept as one tensor per row, read where they lie:
@@ -58,6 +64,16 @@ class CacheRows:
                     raise ValueError(f"CacheRows: row {index} is not contiguous (strides "
                                      f"{row.stride()}); the kernel reads rows of H * d "
                                      "elements")
+            row_bytes = first.shape[1] * first.shape[2] * first.element_size()
+            if row_bytes % ROW_ALIGNMENT == 0:
+                for index, row in enumerate(buffers):
+                    if row.data_ptr() % ROW_ALIGNMENT:
+                        raise ValueError(
+                            f"CacheRows: row {index} starts at an address that is not a "
+                            f"multiple of {ROW_ALIGNMENT} bytes while its rows are "
+                            f"{row_bytes} bytes; the TRITON kernel then reads whole "
+                            f"{ROW_ALIGNMENT}-byte vectors (a tensor of its own, or whole "
+                            "rows of one, always starts so)")
         return torch.tensor([row.data_ptr() for row in buffers], dtype=torch.int64)
 
     @classmethod

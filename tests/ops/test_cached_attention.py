@@ -140,6 +140,13 @@ def test_cache_rows_errors_name_the_row():
         CacheRows.of(rows)
     with pytest.raises(ValueError, match="row 0 is not contiguous"):
         CacheRows.of([torch.zeros(2, D_QK, H).transpose(1, 2)])
+    # Rows of whole 16-byte vectors must start on one (the TRITON kernel loads vectors): a
+    # view one float past an allocation's start does not; whole-row slices do.
+    storage = torch.zeros(1 + 3 * 2 * 4)
+    with pytest.raises(ValueError, match="row 1 starts at an address that is not a multiple"):
+        CacheRows.of([torch.zeros(3, 2, 4), storage[1:].view(3, 2, 4)])
+    CacheRows.of([torch.zeros(3, 2, 4), storage[:-1].view(3, 2, 4)[1:]])
+    CacheRows.of([torch.zeros(3, 1, 3), storage[1:10].view(3, 1, 3)])  # 12-byte rows: any start
     q = torch.zeros(3, H, D_QK)
     v = torch.zeros(3, H, D_V)
     offsets = torch.tensor([0, 3])

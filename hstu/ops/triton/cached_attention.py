@@ -22,13 +22,14 @@ tuned by timing among them on first use.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from hstu.ops.cached_attention import CacheRows
+from hstu.ops.cached_attention import ROW_ALIGNMENT, CacheRows
 from hstu.ops.triton._common import (
     Tile,
     choose_tile,
@@ -114,18 +115,26 @@ def _key_range_unmasked(acc, q, K_base, V_base, stride_km, stride_vm, lo, hi, al
 
 @triton.jit
 def _cached_attn_fwd(Q, K, V, KC, VC, O, seq_offsets, cache_offsets, num_targets,
-                     KC_ADDRESSES, VC_ADDRESSES,
+                     KC_ADDRESSES, VC_ADDRESSES, kc_base, vc_base,
                      stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh,
                      stride_kcm, stride_kch, stride_vcm, stride_vch, stride_om, stride_oh,
-                     H, alpha, scale, contextual_seq_len, max_attn_len, num_blocks,
+                     stride_os, H, alpha, scale, contextual_seq_len, max_attn_len, num_blocks,
+                     batch, split_keys,
                      HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
                      HAS_WINDOW: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
                      UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
                      BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
+                     ALIGN: tl.constexpr, ELEMENT_BYTES: tl.constexpr, SPLIT: tl.constexpr):
+    """Program (split, row, head, query block). Without SPLIT: the block's whole output into
+    O. With SPLIT: split s sums the cached keys [s * split_keys, (s + 1) * split_keys) (split
+    0 also the delta keys) and writes its part (scaled by 1/S, float32) to O[s]: O is then
+    [splits, sum Q, H, d_v] float32, its parts stride_os apart, and the caller adds them. No
+    softmax, so the parts simply add."""
     pid = tl.program_id(0)
     block = pid % num_blocks
-    pid_bh = pid // num_blocks
+    pid_bh = (pid // num_blocks) % (batch * H)
+    split = pid // (num_blocks * batch * H)
     b = pid_bh // H
     h = pid_bh % H
     q_start = tl.load(seq_offsets + b)
@@ -146,21 +155,30 @@ def _cached_attn_fwd(Q, K, V, KC, VC, O, seq_offsets, cache_offsets, num_targets
                 mask=(offs_m[:, None] < q_len) & (cols_qk[None, :] < D_QK), other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_D_V], dtype=tl.float32)
 
-    # Cached keys. Under a window a query sees ids >= its id - max_attn_len, and the
-    # contextual keys (id 0, at the front): the tiles between the contextual tiles and the
-    # window of the block's first query (the smallest id in the block) are skipped. Blocks
-    # holding contextual queries see everything.
     if PAGED:
-        # Each row's cache is its own tensor (CacheRows): start from its address.
-        KC_row = tl.load(KC_ADDRESSES + b).to(tl.pointer_type(KC.dtype.element_ty))
-        VC_row = tl.load(VC_ADDRESSES + b).to(tl.pointer_type(VC.dtype.element_ty))
-        KC_row += h * stride_kch
-        VC_row += h * stride_vch
+        # Each row's cache is its own tensor (CacheRows), reached from the base tensors KC /
+        # VC by its element offset. Said to be a multiple of ALIGN elements (a whole vector;
+        # CacheRows checks the buffers' alignment), so that the tiles load in vectors: a
+        # pointer read from memory carries no alignment the compiler could see.
+        kc_offset = (tl.load(KC_ADDRESSES + b) - kc_base) // ELEMENT_BYTES
+        vc_offset = (tl.load(VC_ADDRESSES + b) - vc_base) // ELEMENT_BYTES
+        KC_row = KC + tl.multiple_of(kc_offset, ALIGN) + h * stride_kch
+        VC_row = VC + tl.multiple_of(vc_offset, ALIGN) + h * stride_vch
     else:
         KC_row = KC + c_start * stride_kcm + h * stride_kch
         VC_row = VC + c_start * stride_vcm + h * stride_vch
-    lo = 0
+    # This program's cached keys: all of them, or its split's share.
+    c_lo = 0
+    c_hi = c_len
+    if SPLIT:
+        c_lo = split * split_keys
+        c_hi = tl.minimum(c_lo + split_keys, c_len)
+    lo = c_lo
     if HAS_WINDOW:
+        # (The host never splits under a window.) A query sees ids >= its id - max_attn_len,
+        # and the contextual keys (id 0, at the front): the tiles between the contextual
+        # tiles and the window of the block's first query (the smallest id in the block) are
+        # skipped. Blocks holding contextual queries see everything.
         first_id = tl.minimum(tl.maximum(c_len + start_m - cs, 0), mx)
         window_lo = tl.maximum(first_id - max_attn_len + cs, 0)
         ctx_end = 0
@@ -178,28 +196,30 @@ def _cached_attn_fwd(Q, K, V, KC, VC, O, seq_offsets, cache_offsets, num_targets
         # key, and their ids (never decreasing along a row) differ unless both are 0, where
         # the contextual term admits the pair (mx >= 1 with contextual tokens; without them
         # ids only tie among candidates, which are never cached). So the whole cached tiles
-        # need no mask; the last, partial one takes the masked loop below.
-        lo = (c_len // BLOCK_N) * BLOCK_N
-        acc = _key_range_unmasked(acc, q, KC_row, VC_row, stride_kcm, stride_vcm, 0, lo,
+        # need no mask; the last, partial one takes the masked loop below. (A split's share
+        # starts on a tile boundary: split_keys is a multiple of BLOCK_N.)
+        lo = tl.maximum(tl.minimum((c_len // BLOCK_N) * BLOCK_N, c_hi), c_lo)
+        acc = _key_range_unmasked(acc, q, KC_row, VC_row, stride_kcm, stride_vcm, c_lo, lo,
                                   alpha, FAST, PRECISION, UPCAST, D_QK, D_V, BLOCK_D_QK,
                                   BLOCK_D_V, BLOCK_N)
-    acc = _key_range(acc, q, KC_row, VC_row, stride_kcm, stride_vcm, qi, 0, lo, c_len, c_len,
+    acc = _key_range(acc, q, KC_row, VC_row, stride_kcm, stride_vcm, qi, 0, lo, c_hi, c_len,
                      length, cs, mx, max_attn_len, alpha, HAS_CONTEXT, HAS_WINDOW, FAST,
                      PRECISION, UPCAST, D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
 
-    # Delta keys: up to the block's last query, or all of them when the block holds
-    # contextual queries (they see every history key after them).
-    hi = tl.minimum(start_m + BLOCK_M, q_len)
-    if HAS_CONTEXT:
-        hi = tl.where(c_len + start_m < contextual_seq_len, q_len, hi)
-    K_row = K + q_start * stride_km + h * stride_kh
-    V_row = V + q_start * stride_vm + h * stride_vh
-    acc = _key_range(acc, q, K_row, V_row, stride_km, stride_vm, qi, c_len, 0, hi, q_len,
-                     length, cs, mx, max_attn_len, alpha, HAS_CONTEXT, HAS_WINDOW, FAST,
-                     PRECISION, UPCAST, D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
+    if split == 0:
+        # Delta keys: up to the block's last query, or all of them when the block holds
+        # contextual queries (they see every history key after them).
+        hi = tl.minimum(start_m + BLOCK_M, q_len)
+        if HAS_CONTEXT:
+            hi = tl.where(c_len + start_m < contextual_seq_len, q_len, hi)
+        K_row = K + q_start * stride_km + h * stride_kh
+        V_row = V + q_start * stride_vm + h * stride_vh
+        acc = _key_range(acc, q, K_row, V_row, stride_km, stride_vm, qi, c_len, 0, hi, q_len,
+                         length, cs, mx, max_attn_len, alpha, HAS_CONTEXT, HAS_WINDOW, FAST,
+                         PRECISION, UPCAST, D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
 
     cols_v = tl.arange(0, BLOCK_D_V)
-    O_row = O + q_start * stride_om + h * stride_oh
+    O_row = O + split * stride_os + q_start * stride_om + h * stride_oh
     tl.store(O_row + offs_m[:, None] * stride_om + cols_v[None, :],
              (acc * scale).to(O.dtype.element_ty),
              mask=(offs_m[:, None] < q_len) & (cols_v[None, :] < D_V))
@@ -254,16 +274,21 @@ def hstu_mha_cached(
     total, heads, d_qk = q.shape
     d_v = v.shape[2]
     batch = seq_offsets.numel() - 1
-    out = torch.empty((total, heads, d_v), dtype=v.dtype, device=v.device)
     if total == 0 or batch == 0:
-        return out
+        return torch.empty((total, heads, d_v), dtype=v.dtype, device=v.device)
     paged = isinstance(k_cache, CacheRows)
+    align = 1
     if paged:
         # Rows read through their addresses (contiguous, checked by CacheRows): the tensors
-        # passed as KC / VC only give the element type; the row strides are H * d and d.
+        # passed as KC / VC are the base the addresses are counted from (and give the element
+        # type); the row strides are H * d and d.
         key_addresses, value_addresses = k_cache.addresses, v_cache.addresses
         k_cache, v_cache = k, v
+        bases = (k.data_ptr(), v.data_ptr())
         cache_strides = (heads * d_qk, d_qk, heads * d_v, d_v)
+        row_bytes = (heads * d_qk * k.element_size(), heads * d_v * v.element_size())
+        if all(size % ROW_ALIGNMENT == 0 for size in (*row_bytes, *bases)):
+            align = ROW_ALIGNMENT // k.element_size()
     else:
         k_cache, v_cache = _last_dim_contiguous(k_cache), _last_dim_contiguous(v_cache)
         if k_cache.shape[0] == 0:
@@ -271,30 +296,72 @@ def hstu_mha_cached(
             # as a base pointer, since no cached row is ever loaded (every cached length is 0).
             k_cache, v_cache = k[:1], v[:1]
         key_addresses = value_addresses = cache_offsets  # unread when not paged
+        bases = (0, 0)
         cache_strides = (k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
                          v_cache.stride(1))
     constants = kernel_constants(q, v, num_targets, contextual_seq_len, max_attn_len)
     targets = num_targets if num_targets is not None else seq_offsets  # unread without targets
+    result: list[torch.Tensor] = []
 
     def launch(tile: Tile) -> None:
         num_blocks = triton.cdiv(int(max_seq_len), tile.block_m)
-        _cached_attn_fwd[(num_blocks * batch * heads,)](
+        programs = num_blocks * batch * heads
+        splits, split_keys = split_plan(programs, int(max_cache_len), tile.block_n, q.device,
+                                        windowed=max_attn_len > 0)
+        if splits > 1:
+            out = torch.empty((splits, total, heads, d_v), dtype=torch.float32, device=v.device)
+        else:
+            out = torch.empty((total, heads, d_v), dtype=v.dtype, device=v.device)
+        _cached_attn_fwd[(programs * splits,)](
             q, k, v, k_cache, v_cache, out, seq_offsets, cache_offsets, targets,
-            key_addresses, value_addresses,
+            key_addresses, value_addresses, *bases,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            *cache_strides, out.stride(0), out.stride(1),
+            *cache_strides, out.stride(-3), out.stride(-2), out.stride(0) if splits > 1 else 0,
             heads, float(alpha), 1.0 / float(scaling_seqlen), int(contextual_seq_len),
-            int(max_attn_len), num_blocks,
+            int(max_attn_len), num_blocks, batch, split_keys,
             **constants, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, PAGED=paged,
+            ALIGN=align, ELEMENT_BYTES=k.element_size(), SPLIT=splits > 1,
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
+        result[:] = [out.sum(0).to(v.dtype) if splits > 1 else out]
 
     flags = (constants["HAS_TARGETS"], constants["HAS_CONTEXT"], constants["HAS_WINDOW"])
+    # The batch is in the key: the grid (and so the best tile, and whether keys are split)
+    # grows with it, and serving calls the kernel for one user and for hundreds.
     key = (str(q.dtype), d_qk, d_v, flags, seq_len_bucket(max_seq_len),
-           seq_len_bucket(max(int(max_cache_len), 1)))
+           seq_len_bucket(max(int(max_cache_len), 1)), triton.next_power_of_2(batch))
     tile = choose_tile("cached_attn_fwd", key, FORWARD_TILES, INTERPRET_TILE, launch)
     launch(tile)
-    return out
+    return result[0]
+
+
+# Splitting the cached keys: a grid of fewer programs than the GPU has multiprocessors leaves
+# most of it idle while each program walks the whole cache (one user of 4K history: 8
+# programs of 64 tiles each). Aim for this many programs per multiprocessor, with at least
+# MIN_SPLIT_TILES key tiles in a split.
+SPLIT_PROGRAMS_PER_SM = 2
+MIN_SPLIT_TILES = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter: one program at a time anyway
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_plan(programs: int, max_cache_len: int, block_n: int, device: torch.device, *,
+               windowed: bool) -> tuple[int, int]:
+    """(splits, cached keys per split) for a grid of `programs` programs: (1, any) when the
+    grid fills the GPU or a window is set (a window already skips most cached tiles); the
+    keys per split are whole tiles. The parts are float32 and added after the kernel."""
+    tiles = triton.cdiv(max_cache_len, block_n)
+    wanted = triton.cdiv(SPLIT_PROGRAMS_PER_SM * _multiprocessors(device), max(programs, 1))
+    splits = min(wanted, tiles // MIN_SPLIT_TILES)
+    if windowed or splits <= 1:
+        return 1, max(tiles, 1) * block_n
+    split_keys = triton.cdiv(tiles, splits) * block_n
+    return triton.cdiv(max_cache_len, split_keys), split_keys
 
 
 # ----------------------------------------------------------------------------- cache writes

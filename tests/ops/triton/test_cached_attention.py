@@ -12,6 +12,7 @@ import torch
 from hstu.ops.cached_attention import CacheRows
 from hstu.ops.pytorch.cached_attention import hstu_mha_cached as torch_cached
 from hstu.ops.pytorch.jagged import offsets_from_lengths
+from hstu.ops.triton import cached_attention as kernel
 from hstu.ops.triton._common import Tile, pinned
 from hstu.ops.triton.cached_attention import hstu_mha_cached as triton_cached
 
@@ -67,14 +68,40 @@ CASES = {
 }
 
 
+@pytest.fixture(params=[False, True], ids=["whole_cache", "split_keys"])
+def split_keys(request, monkeypatch):
+    """split_keys: the cached keys split over several programs per query block, as on a GPU
+    with more multiprocessors than programs (here: tiles of 16 keys, a split per tile)."""
+    if request.param:
+        monkeypatch.setattr(kernel, "_multiprocessors", lambda device: 64)
+        monkeypatch.setattr(kernel, "MIN_SPLIT_TILES", 1)
+    return request.param
+
+
 @pytest.mark.parametrize("paged", [False, True], ids=["one_tensor", "cache_rows"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_triton_cached_matches_the_reference(case, paged):
+def test_triton_cached_matches_the_reference(case, paged, split_keys):
     cache_lengths, delta_lengths, targets, contextual, window = CASES[case]
     with pinned(cached_attn_fwd=Tile(16, 16)):
         got, expected = _run(cache_lengths, delta_lengths, targets, contextual=contextual,
                              window=window, paged=paged)
     torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-4)
+
+
+def test_split_plan_fills_the_gpu_only_when_the_grid_does_not():
+    gpu = torch.device("cuda")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernel, "_multiprocessors", lambda device: 132)
+        # One user of 4K history (65 tiles of 64 keys), 8 programs: 33 splits would give 264
+        # programs, but a split takes at least 4 tiles: at most 16, of 5 tiles (320 keys)
+        # each, which 13 splits cover.
+        splits, keys = kernel.split_plan(8, 4102, 64, gpu, windowed=False)
+        assert (splits, keys) == (13, 320)
+        assert keys % 64 == 0 and (splits - 1) * keys < 4102 <= splits * keys
+        # 128 users fill the GPU; a window is never split; a short cache has too few tiles.
+        assert kernel.split_plan(1024, 4102, 64, gpu, windowed=False)[0] == 1
+        assert kernel.split_plan(8, 4102, 64, gpu, windowed=True)[0] == 1
+        assert kernel.split_plan(8, 200, 64, gpu, windowed=False)[0] == 1
 
 
 def test_bfloat16_within_rounding():
