@@ -1,4 +1,4 @@
-"""Probe (session 12, not run yet): what the TRITON positional backward receives inside the
+"""Probe (session 12; run in session 14, which added the timing of the step's own call): what the TRITON positional backward receives inside the
 real training step, and how long it takes on those very tensors.
 
 Why: inside the 1k training step the kernel `_add_position_time_bwd` takes 1.1 ms eager and
@@ -42,9 +42,21 @@ if os.environ.get("POS_PROBE"):
                   f"positions {positions.numel()} uniq {pu.numel()} maxrun {int(pu.max())} "
                   f"buckets uniq {bu.numel()} max {int(bu.max())} config {cfg[:2]} {cfg[3]} "
                   f"dropout {cfg[6]} grad_enabled {torch.is_grad_enabled()}", flush=True)
+            # The step's own call first, alone on the GPU (synchronised before), then repeats:
+            # a slow first call means the memory's state (cold tables), a fast one that the
+            # kernel waited on others in the profiled step.
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            grads = _orig(ctx, d_out)
+            end.record()
+            torch.cuda.synchronize()
+            print(f"POSPROBE the step's own call, alone: {start.elapsed_time(end):.3f} ms",
+                  flush=True)
             print(f"POSPROBE in-step tensors: backward {_time(lambda: _orig(ctx, d_out)):.3f} ms; "
                   f"on a contiguous clone {_time(lambda: _orig(ctx, d_out.contiguous().clone())):.3f} ms; "
                   f"ones {_time(lambda: _orig(ctx, torch.ones_like(d_out))):.3f} ms", flush=True)
+            return grads
         return _orig(ctx, d_out)
 
     _pos._AddPositionTime.backward = staticmethod(backward)
