@@ -286,9 +286,7 @@ def hstu_mha_cached(
         k_cache, v_cache = k, v
         bases = (k.data_ptr(), v.data_ptr())
         cache_strides = (heads * d_qk, d_qk, heads * d_v, d_v)
-        row_bytes = (heads * d_qk * k.element_size(), heads * d_v * v.element_size())
-        if all(size % ROW_ALIGNMENT == 0 for size in (*row_bytes, *bases)):
-            align = ROW_ALIGNMENT // k.element_size()
+        align = paged_alignment(k, v)
     else:
         k_cache, v_cache = _last_dim_contiguous(k_cache), _last_dim_contiguous(v_cache)
         if k_cache.shape[0] == 0:
@@ -333,6 +331,17 @@ def hstu_mha_cached(
     tile = choose_tile("cached_attn_fwd", key, FORWARD_TILES, INTERPRET_TILE, launch)
     launch(tile)
     return result[0]
+
+
+def paged_alignment(k: torch.Tensor, v: torch.Tensor) -> int:
+    """The ALIGN the kernel may assume for paged rows (in elements): a whole 16-byte vector
+    when the rows of the keys and values are whole vectors and the base tensors k, v start on
+    one (CacheRows then guarantees every buffer does); else 1 (element by element)."""
+    row_bytes = (k[0].numel() * k.element_size() if k.shape[0] else 0,
+                 v[0].numel() * v.element_size() if v.shape[0] else 0)
+    if all(size % ROW_ALIGNMENT == 0 for size in (*row_bytes, k.data_ptr(), v.data_ptr())):
+        return ROW_ALIGNMENT // k.element_size()
+    return 1
 
 
 # Splitting the cached keys: a grid of fewer programs than the GPU has multiprocessors leaves
