@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hstu.ops.cached_attention import CacheRows
+from hstu.ops.cached_attention import ROW_ALIGNMENT, CacheRows
 from hstu.ops.pytorch.dtypes import upcast
 from hstu.ops.pytorch.position import (
     position_indices,
@@ -396,13 +396,18 @@ def write_rows(prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]], offsets: 
     table[:, :batch] = bases + row_bytes[:, None] * rows
     table[:, batch] = [t.data_ptr() for t in sources]
     table[:, batch + 1] = row_elements
+    # Whole 16-byte vectors when every address and row size allows (checked here, on the
+    # host copy of the table: entries' buffers come from the allocator, rows are H * d).
+    aligned = bool((table[:, :batch + 1] % ROW_ALIGNMENT == 0).all()
+                   and (row_bytes % ROW_ALIGNMENT == 0).all())
     table = to_device([torch.from_numpy(table)], device)[0]
     longest = max(offsets[b + 1] - offsets[b] for b in range(batch))
     if all(t.dtype == sources[0].dtype for t in sources):
-        copy_rows_by_table(sources, device_offsets, table, longest)
+        copy_rows_by_table(sources, device_offsets, table, longest, aligned=aligned)
     else:  # keys and values of different dtypes: a launch per tensor
         for index, source in enumerate(sources):
-            copy_rows_by_table([source], device_offsets, table[index:index + 1], longest)
+            copy_rows_by_table([source], device_offsets, table[index:index + 1], longest,
+                               aligned=aligned)
 
 
 def copy_many(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:

@@ -381,22 +381,26 @@ INTERPRET_COPY_BLOCK = 64
 
 
 @triton.jit
-def _copy_rows(TYPED, TABLE, source_offsets, batch, BLOCK: tl.constexpr):
+def _copy_rows(TYPED, TABLE, source_offsets, batch, typed_base, BLOCK: tl.constexpr,
+               ALIGN: tl.constexpr, ELEMENT_BYTES: tl.constexpr):
     """Tensor t's row b (its rows [source_offsets[b], source_offsets[b + 1]) of row_elements
     elements each, contiguous on both sides) to the address TABLE[t, b]. TABLE is int64
     [T, B + 2]: per tensor the B target addresses, then the source's address and its
     elements per row. Program (b, p, t) copies blocks p, p + P, ... of tensor t's row b, so
     that one long row (a user encoded from scratch beside short appends) does not size the
-    grid for every row. TYPED only gives the element type."""
+    grid for every row. Addresses are reached from TYPED (at typed_base) by element offsets,
+    declared multiples of ALIGN elements (and so are the rows' sizes), so that the copy
+    moves whole 16-byte vectors when the caller has checked they allow it (ALIGN 1
+    otherwise: element by element)."""
     b = tl.program_id(0)
     t = tl.program_id(2)
     entries = TABLE + t * (batch + 2)
     row_elements = tl.load(entries + batch + 1)
     first = tl.load(source_offsets + b)
-    count = (tl.load(source_offsets + b + 1) - first) * row_elements
-    target = tl.load(entries + b).to(tl.pointer_type(TYPED.dtype.element_ty))
-    source = tl.load(entries + batch).to(tl.pointer_type(TYPED.dtype.element_ty))
-    source += first * row_elements
+    count = tl.multiple_of((tl.load(source_offsets + b + 1) - first) * row_elements, ALIGN)
+    target = TYPED + tl.multiple_of((tl.load(entries + b) - typed_base) // ELEMENT_BYTES, ALIGN)
+    source = TYPED + tl.multiple_of((tl.load(entries + batch) - typed_base) // ELEMENT_BYTES
+                                    + first * row_elements, ALIGN)
     for start in range(tl.program_id(1) * BLOCK, count, tl.num_programs(1) * BLOCK):
         offsets = start + tl.arange(0, BLOCK)
         inside = offsets < count
@@ -414,15 +418,19 @@ def copy_rows_to_addresses(source: torch.Tensor, source_offsets: torch.Tensor,
     row_elements = source[0].numel() if source.shape[0] else 0
     extra = torch.tensor([source.data_ptr(), row_elements], dtype=torch.int64)
     table = torch.cat([addresses.to(torch.int64), extra.to(addresses.device)])
-    copy_rows_by_table([source], source_offsets, table.view(1, -1), max_rows)
+    copy_rows_by_table([source], source_offsets, table.view(1, -1), max_rows)  # element-wise
 
 
 def copy_rows_by_table(sources: Sequence[torch.Tensor], source_offsets: torch.Tensor,
-                       table: torch.Tensor, max_rows: int) -> None:
+                       table: torch.Tensor, max_rows: int, *, aligned: bool = False) -> None:
     """copy_rows_to_addresses for several jagged sources of one dtype over the same offsets,
     in one launch: table int64 [T, B + 2] on their device, per source (in order) the B target
     addresses, then the source's address (data_ptr) and its elements per row (H * d). The
-    sources must be contiguous and outlive the copy (it runs on the current stream)."""
+    sources must be contiguous and outlive the copy (it runs on the current stream).
+
+    aligned: the caller has checked that every address in the table and every source's row
+    size is a multiple of ROW_ALIGNMENT bytes (kv_cache.write_rows does, on the host copy of
+    the table): the copy then moves 16-byte vectors instead of single elements."""
     if not sources:
         return
     if sources[0].device.type != "cuda" and not interpreting():
@@ -446,5 +454,8 @@ def copy_rows_by_table(sources: Sequence[torch.Tensor], source_offsets: torch.Te
         return
     block = INTERPRET_COPY_BLOCK if interpreting() else COPY_BLOCK
     programs = min(triton.cdiv(max_rows * row_elements, block), COPY_PROGRAMS_PER_ROW)
-    _copy_rows[(batch, programs, tensors)](sources[0], table, source_offsets, batch,
-                                           BLOCK=block)
+    element = sources[0].element_size()
+    base = sources[0].data_ptr()
+    align = ROW_ALIGNMENT // element if aligned and base % ROW_ALIGNMENT == 0 else 1
+    _copy_rows[(batch, programs, tensors)](sources[0], table, source_offsets, batch, base,
+                                           BLOCK=block, ALIGN=align, ELEMENT_BYTES=element)

@@ -152,9 +152,12 @@ def test_copy_rows_to_addresses_writes_each_row_where_it_points(monkeypatch, pro
                                                                       before[b][a + n:]), b
 
 
-def test_copy_rows_by_table_copies_several_sources_of_their_own_widths():
+@pytest.mark.parametrize("aligned", [False, True], ids=["elements", "vectors"])
+def test_copy_rows_by_table_copies_several_sources_of_their_own_widths(aligned):
     """One launch for keys and values of different head dims (d_qk 8, d_v 4): each source's
-    rows land at its own targets, with its own row size."""
+    rows land at its own targets, with its own row size. Rows of 2 x 8 and 2 x 4 float32 are
+    whole 16-byte vectors, so the aligned copy (addresses reached from the first source's)
+    applies too."""
     from hstu.ops.triton.cached_attention import copy_rows_by_table
 
     generator = torch.Generator().manual_seed(6)
@@ -169,7 +172,7 @@ def test_copy_rows_by_table_copies_several_sources_of_their_own_widths():
     offsets = offsets_from_lengths(torch.tensor(lengths)).to(DEVICE)
     with pytest.raises(ValueError, match="contiguous int64"):
         copy_rows_by_table(sources, offsets, table.to(torch.int32), max(lengths))
-    copy_rows_by_table(sources, offsets, table, max(lengths))
+    copy_rows_by_table(sources, offsets, table, max(lengths), aligned=aligned)
     for source, row in zip(sources, buffers):
         for b, (buffer, a, n) in enumerate(zip(row, already, lengths)):
             start = sum(lengths[:b])

@@ -68,7 +68,23 @@ def ptx(align, split):
                               options=dict(num_warps=8, num_stages=3))
     return compiled.asm["ptx"]
 
+def copy_ptx(align):
+    from hstu.ops.triton.cached_attention import _copy_rows
+    signature = {"TYPED": "*bf16", "TABLE": "*i64", "source_offsets": "*i64", "batch": "i32",
+                 "typed_base": "i64", "BLOCK": "constexpr", "ALIGN": "constexpr",
+                 "ELEMENT_BYTES": "constexpr"}
+    attrs = {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]],
+             (2,): [["tt.divisibility", 16]], (4,): [["tt.divisibility", 16]]}
+    compiled = triton.compile(
+        ASTSource(_copy_rows, signature, dict(BLOCK=2048, ALIGN=align, ELEMENT_BYTES=2), attrs),
+        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    return compiled.asm["ptx"]
+
 counts = {}
+for align in (1, 8):
+    text = copy_ptx(align)
+    counts[f"copy,{align}"] = [len(re.findall(r"st\.global(?:\.\w+)*\.v4\.b32", text)),
+                               len(re.findall(r"st\.global(?:\.\w+)*\.b16\b", text))]
 for case in sys.argv[1:]:
     align, split = case.split(",")
     text = ptx(int(align), split == "1")
@@ -101,6 +117,15 @@ def test_aligned_paged_rows_load_in_16_byte_copies(load_counts, case):
     unaligned_vectors, unaligned_scalars = load_counts["1,0"]
     assert unaligned_scalars > 0
     assert vectors > unaligned_vectors
+
+
+def test_aligned_cache_writes_store_16_byte_vectors(load_counts):
+    """The cache writes (copy_rows_by_table, aligned=True as kv_cache.write_rows passes when
+    its table allows): 16-byte stores, no single-element ones; element by element otherwise."""
+    vectors, scalars = load_counts["copy,8"]
+    assert vectors > 0 and scalars == 0
+    unaligned_vectors, unaligned_scalars = load_counts["copy,1"]
+    assert unaligned_vectors == 0 and unaligned_scalars > 0
 
 
 def test_the_launcher_asks_for_vectors_when_rows_allow_them():
