@@ -1,4 +1,4 @@
-"""Probe (session 13, not run yet: no GPU was lent that session): where the time of a graphed
+"""Probe (session 13; first run in session 14, which added the same calls' host phases): where the time of a graphed
 cached call goes on a GPU, for 128 users of 4K history + 10 new actions + 100 candidates
 (incremental), with each history check.
 
@@ -66,11 +66,12 @@ for check in ("full", "ends"):
                 entry.exact, entry.stale_tokens = True, 0
                 scorer.store.put(key, entry)
 
-        host, total = [], []
+        host, total, phases = [], [], {}
         for index in range(args.calls + 3):
             restore()
             torch.cuda.synchronize()
             replay_ms.clear()
+            scorer.phase_seconds = {}
             t0 = time.perf_counter()
             scorer.score(request, keys)
             t1 = time.perf_counter()
@@ -80,6 +81,13 @@ for check in ("full", "ends"):
                 host.append((t1 - t0) * 1e3)
                 total.append((t2 - t0) * 1e3)
                 gpu = [s.elapsed_time(e) for s, e in replay_ms]
+                for name, seconds in scorer.phase_seconds.items():
+                    phases.setdefault(name, []).append(seconds * 1e3)
+        # The same calls' host phases (session 12's serving_bench --phases ran in another
+        # process): what the host does outside them is host-until-return minus their sum.
+        medians = {name: statistics.median(values) for name, values in phases.items()}
+        print(f"CACHED_TIMELINE phases ms {' '.join(f'{k} {v:.2f}' for k, v in medians.items())}"
+              f"; outside them {statistics.median(host) - sum(medians.values()):.2f}", flush=True)
         print(f"CACHED_TIMELINE {args.batch} x {args.history} check={check}: host until return "
               f"{statistics.median(host):.2f} ms, until GPU done {statistics.median(total):.2f} "
               f"ms, last replay's GPU time {gpu[0]:.2f} ms, graphs {scorer.graphs.stats}",
