@@ -473,6 +473,7 @@ class CachedServing:
             # Everything of the host that the captured kernels depend on: the bucket fixes the
             # sizes and bounds; the rest is said here so that a new case captures anew.
             key = (graph_key(padded.bucket), tuple(sizes), plan.whole_rows, plan.has_buckets,
+                   plan.aligned,
                    tuple((name, delta[name].dtype) for name in names),
                    torch.is_autocast_enabled(self.device.type),
                    torch.get_autocast_dtype(self.device.type))

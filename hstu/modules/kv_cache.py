@@ -640,6 +640,9 @@ class CachedPlan:
     # pass), instead of indices worked out on the host for every token.
     whole_rows: bool = False
     layers: int = 0
+    # Every cache buffer address (and row size) a multiple of ROW_ALIGNMENT bytes: the
+    # attention may read the rows in vectors (CacheRows.aligned). Part of a graph's key.
+    aligned: bool = False
 
     @property
     def batch(self) -> int:
@@ -733,6 +736,7 @@ def plan_cached_encode(
     # which travel to the device with the other host tensors: per layer the key buffers'
     # addresses of every row, then the value buffers'.
     addresses = np.zeros((0, batch), dtype=np.int64)
+    aligned = False
     if bounds["max_cache_len"] > 0:
         present = [entry for entry in cached if isinstance(entry, CacheEntry)]
         if not present:
@@ -743,6 +747,11 @@ def plan_cached_encode(
         # once per entry instead of once per buffer; their addresses are kept per entry.
         addresses = np.stack([entry.buffer_addresses if isinstance(entry, CacheEntry)
                               else stand_in for entry in cached], axis=1)  # [2L, B]
+        first = present[0]
+        row_bytes = [t.shape[1:].numel() * t.element_size()
+                     for t in (first.keys[0], first.values[0])]
+        aligned = bool(all(size % ROW_ALIGNMENT == 0 for size in row_bytes)
+                       and (addresses % ROW_ALIGNMENT == 0).all())
     parts = [starts, delta_lengths, offsets_of(delta_lengths), prefix_lengths, prefix_offsets,
              offsets_of(cache_lengths), targets, offsets_of(targets),
              np.zeros(batch, dtype=np.int64), positions, addresses.reshape(-1)]
@@ -756,7 +765,7 @@ def plan_cached_encode(
         cache_lengths=cache_lengths.tolist(),
         packed=torch.from_numpy(np.concatenate(parts).astype(np.int64, copy=False)),
         host_sizes=sizes, has_buckets=buckets is not None, whole_rows=whole_rows,
-        layers=layers, **bounds)
+        layers=layers, aligned=aligned, **bounds)
 
 
 def run_cached_encode(
@@ -793,8 +802,8 @@ def run_cached_encode(
     caches = None
     if plan.max_cache_len > 0:
         lengths = tuple(plan.cache_lengths)
-        caches = [(CacheRows(keys, lengths, addresses_d[2 * index]),
-                   CacheRows(values, lengths, addresses_d[2 * index + 1]))
+        caches = [(CacheRows(keys, lengths, addresses_d[2 * index], aligned=plan.aligned),
+                   CacheRows(values, lengths, addresses_d[2 * index + 1], aligned=plan.aligned))
                   for index, (keys, values) in enumerate(plan.cache_rows)]
     x, delta_kv = encoder.stu_stack.cached_forward(
         x, delta_offsets, plan.max_delta_len, num_targets_d, caches,

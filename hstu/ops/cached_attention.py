@@ -42,6 +42,11 @@ class CacheRows:
     buffers: tuple[torch.Tensor, ...]
     lengths: tuple[int, ...]
     addresses: torch.Tensor
+    # Every buffer starts on a ROW_ALIGNMENT-byte boundary and its rows are whole multiples
+    # of it: the TRITON kernel may then load rows in vectors. Set by `of` (which checks it) or
+    # by a caller that has checked the addresses (kv_cache.plan_cached_encode does, on its
+    # host copy); False reads element by element, whatever the buffers.
+    aligned: bool = False
 
     @staticmethod
     def host_addresses(buffers: Sequence[torch.Tensor], *, check: bool = True) -> torch.Tensor:
@@ -80,9 +85,12 @@ class CacheRows:
     def of(cls, rows: Sequence[torch.Tensor]) -> CacheRows:
         """Each tensor of `rows` a whole row."""
         rows = tuple(rows)
-        addresses = cls.host_addresses(rows)
+        addresses = cls.host_addresses(rows)  # checks the alignment (below) when it applies
+        first = rows[0]
         return cls(rows, tuple(int(row.shape[0]) for row in rows),
-                   addresses.to(rows[0].device))
+                   addresses.to(rows[0].device),
+                   aligned=first.shape[1] * first.shape[2] * first.element_size()
+                   % ROW_ALIGNMENT == 0)
 
     @property
     def rows(self) -> list[torch.Tensor]:

@@ -699,3 +699,37 @@ def test_plan_needs_timestamps_only_when_a_row_has_a_cache(smoke_serving):
     with pytest.raises(ValueError, match="timestamps are needed"):
         plan_cached_encode(encoder, [scorer.store.get(801)], history_lengths=[3],
                            candidate_counts=[1], timestamps=None)
+
+
+def test_plan_says_aligned_only_when_every_cache_buffer_is(smoke_serving):
+    """The TRITON attention reads paged rows in 16-byte vectors only when the plan found every
+    buffer address (and row size) a multiple of 16 bytes: entries made by serving are; one
+    whose buffers start off a boundary (made by a caller) is read element by element."""
+    from hstu.modules.kv_cache import CacheEntry, plan_cached_encode
+
+    user = User(smoke_serving, 802, 5)
+    scorer = cached(smoke_serving, mode="incremental")
+    scorer.score(batch(user.request(20, [1])), [802])
+    entry = scorer.store.get(802)
+    times = torch.arange(3 + 1, dtype=torch.int64) + 1_700_000_000
+
+    def plan_of(cache_entry):
+        return plan_cached_encode(smoke_serving.encoder, [cache_entry], history_lengths=[3],
+                                  candidate_counts=[1], timestamps=times)
+
+    assert plan_of(entry).aligned
+    shifted = []
+    for index in range(len(entry.keys)):
+        pair = []
+        for tensor in (entry.keys[index], entry.values[index]):
+            rows = tensor[:entry.length]
+            storage = torch.empty(rows.numel() + 1, dtype=rows.dtype)
+            view = storage[1:].view(rows.shape)  # contiguous, one element off the allocation
+            view.copy_(rows)
+            pair.append(view)
+        shifted.append(tuple(pair))
+    moved = CacheEntry(shifted, contextual_seq_len=entry.contextual_seq_len,
+                       history_timestamps=entry.history_timestamps, anchor=entry.anchor,
+                       contextual=None)
+    assert moved.keys[0].data_ptr() % 16 != 0
+    assert not plan_of(moved).aligned

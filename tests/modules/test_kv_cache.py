@@ -129,6 +129,34 @@ def test_write_rows_by_address_equals_the_sliced_copy():
     assert torch.equal(grown.layer(1)[1][2:], prefix_kv[1][1][3:23])
 
 
+def test_write_rows_asks_for_vector_copies_only_when_its_table_allows(monkeypatch):
+    """write_rows checks its address table on the host: aligned entries and sources get the
+    16-byte copy; a source starting off a 16-byte boundary gets the element-wise one."""
+    from hstu.modules.kv_cache import write_rows
+    from hstu.ops.triton import cached_attention
+
+    asked = []
+    real = cached_attention.copy_rows_by_table
+
+    def recording(*args, aligned=False):
+        asked.append(aligned)
+        real(*args, aligned=aligned)
+
+    monkeypatch.setattr(cached_attention, "copy_rows_by_table", recording)
+    generator = torch.Generator().manual_seed(2)
+    for shift in (0, 1):
+        # Keys and values of 2 layers, 4 new rows of 2 x 8 floats each, side by side in one
+        # storage (the way one kernel's outputs can be), `shift` floats in.
+        storage = torch.randn(4 * 64 + shift, generator=generator)
+        sources = [storage[shift + i * 64: shift + (i + 1) * 64].view(4, 2, 8) for i in range(4)]
+        entry = _entry(5)
+        places = [(entry, entry.make_room(4, torch.arange(4) + 100))]
+        write_rows([(sources[0], sources[1]), (sources[2], sources[3])], [0, 4],
+                   torch.tensor([0, 4]), places, by_address=True)
+        assert torch.equal(entry.layer(1)[1][5:9], sources[3])
+    assert asked == [True, False]
+
+
 def test_write_rows_refuses_what_would_not_fit():
     from hstu.modules.kv_cache import check_writable, write_rows
 

@@ -10,14 +10,21 @@ target id).
 Work per program: every cached key tile (a candidate sees the whole history; under a window
 the tiles before the window are skipped), and the delta key tiles up to the block's last query
 (all of them when the block holds contextual queries, which see the whole history). Without a
-window, the whole cached tiles of a block whose queries all come after the cache are summed
-without computing the mask (it is all true there): the serving case, where the cost is reading
-the cached keys once per query block.
+window, the whole cached tiles of history are summed without computing the mask (it is all
+true there): the serving case, where the cost is reading the cached keys once per query
+block. Paged rows (CacheRows, one buffer per user) are read in 16-byte vectors when their
+CacheRows say they are aligned. When the grid has fewer programs than the GPU has
+multiprocessors (one user: 4 heads x 2 query blocks), the cached tiles are dealt out over
+several programs per block (`split_plan`) and their float32 parts added after.
 
-Verified against the PYTORCH version under the Triton CPU interpreter (tiny shapes) and, on
-one H100 (2026-12-06), at full size (`pytest tests/ops/triton/test_cached_attention.py -m
-gpu`). Its speed is not measured on its own: the launch configs below are plausible sizes,
-tuned by timing among them on first use.
+Verified: against the PYTORCH version under the Triton CPU interpreter (tiny shapes, every
+mask case, keys whole and split); the code compiled for sm_90 on a CPU
+(tests/ops/triton/test_cached_attention_codegen.py: vector loads). On a GPU: the kernel as it
+was at commit 2765fb8 (no split keys, no vector loads of paged rows) at full size and timed
+(`pytest tests/ops/triton/test_cached_attention.py -m gpu`; benchmarks/cached_attention_bench.py,
+docs/BENCHMARKS.md "Serving", session 14: 0.97 ms a layer at 128 users of 4K with the best
+launch config). The kernel as it is now has **not run on a GPU** (session 14 had no device
+time left).
 """
 
 from __future__ import annotations
@@ -43,8 +50,9 @@ from hstu.ops.triton._common import (
 # score with the same formula and mask.
 from hstu.ops.triton.attention import _id_bounds, _last_dim_contiguous, _silu, kernel_constants
 
-# Plausible sizes, not measured ones (see the module docstring): the fastest of them is
-# chosen by timing on first use on a GPU.
+# The launch configs tuned among (by timing, on first use per key). On one H100 (session 14,
+# before the vector loads and split keys) 128 x 64 with 8 warps was fastest at 32 and 128
+# users and 64 x 64 with 3 stages at one user; 32 x 64 was the slowest at 128 users (2x).
 FORWARD_TILES = [Tile(64, 64, 4, 2), Tile(32, 64, 4, 2), Tile(128, 64, 8, 2), Tile(64, 64, 4, 3),
                  Tile(128, 64, 8, 3), Tile(64, 128, 4, 2)]
 INTERPRET_TILE = Tile(16, 16, 4, 1)
@@ -67,16 +75,17 @@ def _mask(qi, kj, length, cs, mx, max_attn_len, HAS_CONTEXT: tl.constexpr,
 
 
 @triton.jit
-def _key_range(acc, q, K_base, V_base, stride_km, stride_vm, qi, key_offset, lo, hi, limit,
-               length, cs, mx, max_attn_len, alpha, HAS_CONTEXT: tl.constexpr,
+def _key_range(acc, q, K_base, V_base, stride_km, stride_vm, qi, key_offset, lo, hi, step,
+               limit, length, cs, mx, max_attn_len, alpha, HAS_CONTEXT: tl.constexpr,
                HAS_WINDOW: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
                UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
                BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_N: tl.constexpr):
-    """acc + the key tiles [lo, hi) of one key slab (rows >= limit load as zeros); the slab's
-    row r sits at position key_offset + r of the whole row."""
+    """acc + the key tiles starting at lo, lo + step, ... below hi of one key slab (rows >=
+    limit load as zeros; step is BLOCK_N, or a multiple of it for a split's share); the
+    slab's row r sits at position key_offset + r of the whole row."""
     cols_qk = tl.arange(0, BLOCK_D_QK)
     cols_v = tl.arange(0, BLOCK_D_V)
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in range(lo, hi, step):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         row_ok = offs_n < limit
         k = tl.load(K_base + offs_n[:, None] * stride_km + cols_qk[None, :],
@@ -94,15 +103,16 @@ def _key_range(acc, q, K_base, V_base, stride_km, stride_vm, qi, key_offset, lo,
 
 
 @triton.jit
-def _key_range_unmasked(acc, q, K_base, V_base, stride_km, stride_vm, lo, hi, alpha,
+def _key_range_unmasked(acc, q, K_base, V_base, stride_km, stride_vm, lo, hi, step, alpha,
                         FAST: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                         D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
                         BLOCK_D_V: tl.constexpr, BLOCK_N: tl.constexpr):
-    """_key_range over whole tiles that every query of the block sees entirely: no mask
-    computed per score (the caller has checked that the mask is all true there)."""
+    """_key_range over whole tiles that every query of the block sees entirely (hi a tile
+    boundary): no mask computed per score (the caller has checked that the mask is all true
+    there)."""
     cols_qk = tl.arange(0, BLOCK_D_QK)
     cols_v = tl.arange(0, BLOCK_D_V)
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in range(lo, hi, step):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = tl.load(K_base + offs_n[:, None] * stride_km + cols_qk[None, :],
                     mask=cols_qk[None, :] < D_QK, other=0.0)
@@ -119,7 +129,7 @@ def _cached_attn_fwd(Q, K, V, KC, VC, O, seq_offsets, cache_offsets, num_targets
                      stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh,
                      stride_kcm, stride_kch, stride_vcm, stride_vch, stride_om, stride_oh,
                      stride_os, H, alpha, scale, contextual_seq_len, max_attn_len, num_blocks,
-                     batch, split_keys,
+                     batch, num_splits,
                      HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
                      HAS_WINDOW: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
                      UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
@@ -127,10 +137,12 @@ def _cached_attn_fwd(Q, K, V, KC, VC, O, seq_offsets, cache_offsets, num_targets
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
                      ALIGN: tl.constexpr, ELEMENT_BYTES: tl.constexpr, SPLIT: tl.constexpr):
     """Program (split, row, head, query block). Without SPLIT: the block's whole output into
-    O. With SPLIT: split s sums the cached keys [s * split_keys, (s + 1) * split_keys) (split
-    0 also the delta keys) and writes its part (scaled by 1/S, float32) to O[s]: O is then
-    [splits, sum Q, H, d_v] float32, its parts stride_os apart, and the caller adds them. No
-    softmax, so the parts simply add."""
+    O. With SPLIT: split s sums the cached key tiles s, s + S, s + 2S, ... (S = num_splits;
+    split 0 also the delta keys) and writes its part (scaled by 1/S, float32) to O[s]: O is
+    then [S, sum Q, H, d_v] float32, its parts stride_os apart, and the caller adds them. No
+    softmax, so the parts simply add. The tiles are dealt out by stride rather than in
+    ranges so that a split's share does not depend on max_cache_len, which a CUDA graph
+    replay may see exceeded (graph keys keep only whether it is 0)."""
     pid = tl.program_id(0)
     block = pid % num_blocks
     pid_bh = (pid // num_blocks) % (batch * H)
@@ -145,7 +157,8 @@ def _cached_attn_fwd(Q, K, V, KC, VC, O, seq_offsets, cache_offsets, num_targets
     c_start = tl.load(cache_offsets + b)
     c_len = (tl.load(cache_offsets + b + 1) - c_start).to(tl.int32)
     length = c_len + q_len
-    _, cs, mx = _id_bounds(length, num_targets, b, contextual_seq_len, HAS_TARGETS, HAS_CONTEXT)
+    hist, cs, mx = _id_bounds(length, num_targets, b, contextual_seq_len, HAS_TARGETS,
+                              HAS_CONTEXT)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     qi = c_len + offs_m  # positions in the whole row
@@ -157,9 +170,9 @@ def _cached_attn_fwd(Q, K, V, KC, VC, O, seq_offsets, cache_offsets, num_targets
 
     if PAGED:
         # Each row's cache is its own tensor (CacheRows), reached from the base tensors KC /
-        # VC by its element offset. Said to be a multiple of ALIGN elements (a whole vector;
-        # CacheRows checks the buffers' alignment), so that the tiles load in vectors: a
-        # pointer read from memory carries no alignment the compiler could see.
+        # VC by its element offset. Said to be a multiple of ALIGN elements (a whole vector,
+        # when CacheRows.aligned says the host checked it; else 1), so that the tiles load in
+        # vectors: a pointer read from memory carries no alignment the compiler could see.
         kc_offset = (tl.load(KC_ADDRESSES + b) - kc_base) // ELEMENT_BYTES
         vc_offset = (tl.load(VC_ADDRESSES + b) - vc_base) // ELEMENT_BYTES
         KC_row = KC + tl.multiple_of(kc_offset, ALIGN) + h * stride_kch
@@ -167,13 +180,9 @@ def _cached_attn_fwd(Q, K, V, KC, VC, O, seq_offsets, cache_offsets, num_targets
     else:
         KC_row = KC + c_start * stride_kcm + h * stride_kch
         VC_row = VC + c_start * stride_vcm + h * stride_vch
-    # This program's cached keys: all of them, or its split's share.
-    c_lo = 0
-    c_hi = c_len
-    if SPLIT:
-        c_lo = split * split_keys
-        c_hi = tl.minimum(c_lo + split_keys, c_len)
-    lo = c_lo
+    # This program's cached key tiles: all of them (step BLOCK_N), or every num_splits-th
+    # from its own (split 0 takes the first).
+    step = BLOCK_N * num_splits
     if HAS_WINDOW:
         # (The host never splits under a window.) A query sees ids >= its id - max_attn_len,
         # and the contextual keys (id 0, at the front): the tiles between the contextual
@@ -186,24 +195,32 @@ def _cached_attn_fwd(Q, K, V, KC, VC, O, seq_offsets, cache_offsets, num_targets
             window_lo = tl.where(c_len + start_m < contextual_seq_len, 0, window_lo)
             ctx_end = tl.cdiv(tl.minimum(contextual_seq_len, c_len), BLOCK_N) * BLOCK_N
             acc = _key_range(acc, q, KC_row, VC_row, stride_kcm, stride_vcm, qi, 0, 0,
-                             ctx_end, c_len, length, cs, mx, max_attn_len, alpha, HAS_CONTEXT,
-                             HAS_WINDOW, FAST, PRECISION, UPCAST, D_QK, D_V, BLOCK_D_QK,
-                             BLOCK_D_V, BLOCK_N)
+                             ctx_end, BLOCK_N, c_len, length, cs, mx, max_attn_len, alpha,
+                             HAS_CONTEXT, HAS_WINDOW, FAST, PRECISION, UPCAST, D_QK, D_V,
+                             BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
         # Whole tiles only, and none the contextual loop already took.
         lo = tl.maximum((window_lo // BLOCK_N) * BLOCK_N, ctx_end)
     else:
-        # Without a window every delta query sees every cached key: a query comes after the
-        # key, and their ids (never decreasing along a row) differ unless both are 0, where
-        # the contextual term admits the pair (mx >= 1 with contextual tokens; without them
-        # ids only tie among candidates, which are never cached). So the whole cached tiles
-        # need no mask; the last, partial one takes the masked loop below. (A split's share
-        # starts on a tile boundary: split_keys is a multiple of BLOCK_N.)
-        lo = tl.maximum(tl.minimum((c_len // BLOCK_N) * BLOCK_N, c_hi), c_lo)
-        acc = _key_range_unmasked(acc, q, KC_row, VC_row, stride_kcm, stride_vcm, c_lo, lo,
-                                  alpha, FAST, PRECISION, UPCAST, D_QK, D_V, BLOCK_D_QK,
-                                  BLOCK_D_V, BLOCK_N)
-    acc = _key_range(acc, q, KC_row, VC_row, stride_kcm, stride_vcm, qi, 0, lo, c_hi, c_len,
-                     length, cs, mx, max_attn_len, alpha, HAS_CONTEXT, HAS_WINDOW, FAST,
+        # Without a window every delta query sees every cached history key: a query comes
+        # after the key, and their ids (never decreasing along a row) differ unless both are
+        # 0 (positions up to the contextual ones), where the contextual term admits the pair
+        # as long as the first target id mx is at least 1 (a row holding all its contextual
+        # tokens); without contextual tokens ids tie only among candidates. So the whole
+        # tiles below min(c_len, hist) need no mask when mx >= 1 (or no contextual tokens).
+        # Serving never caches candidates or rows short of their contextual tokens, but
+        # other inputs still get the masked loop for whatever is past that bound.
+        unmasked_end = (tl.minimum(c_len, hist) // BLOCK_N) * BLOCK_N
+        if HAS_CONTEXT:
+            unmasked_end = tl.where(mx >= 1, unmasked_end, 0)
+        acc = _key_range_unmasked(acc, q, KC_row, VC_row, stride_kcm, stride_vcm,
+                                  split * BLOCK_N, unmasked_end, step, alpha, FAST, PRECISION,
+                                  UPCAST, D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
+        # The masked tiles from unmasked_end on continue the same dealing: tile t to split
+        # t mod num_splits.
+        first_tile = unmasked_end // BLOCK_N
+        lo = (first_tile + (split - first_tile % num_splits + num_splits) % num_splits) * BLOCK_N
+    acc = _key_range(acc, q, KC_row, VC_row, stride_kcm, stride_vcm, qi, 0, lo, c_len, step,
+                     c_len, length, cs, mx, max_attn_len, alpha, HAS_CONTEXT, HAS_WINDOW, FAST,
                      PRECISION, UPCAST, D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
 
     if split == 0:
@@ -214,9 +231,9 @@ def _cached_attn_fwd(Q, K, V, KC, VC, O, seq_offsets, cache_offsets, num_targets
             hi = tl.where(c_len + start_m < contextual_seq_len, q_len, hi)
         K_row = K + q_start * stride_km + h * stride_kh
         V_row = V + q_start * stride_vm + h * stride_vh
-        acc = _key_range(acc, q, K_row, V_row, stride_km, stride_vm, qi, c_len, 0, hi, q_len,
-                         length, cs, mx, max_attn_len, alpha, HAS_CONTEXT, HAS_WINDOW, FAST,
-                         PRECISION, UPCAST, D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
+        acc = _key_range(acc, q, K_row, V_row, stride_km, stride_vm, qi, c_len, 0, hi, BLOCK_N,
+                         q_len, length, cs, mx, max_attn_len, alpha, HAS_CONTEXT, HAS_WINDOW,
+                         FAST, PRECISION, UPCAST, D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
 
     cols_v = tl.arange(0, BLOCK_D_V)
     O_row = O + split * stride_os + q_start * stride_om + h * stride_oh
@@ -283,10 +300,10 @@ def hstu_mha_cached(
         # passed as KC / VC are the base the addresses are counted from (and give the element
         # type); the row strides are H * d and d.
         key_addresses, value_addresses = k_cache.addresses, v_cache.addresses
+        align = paged_alignment(k, v) if k_cache.aligned and v_cache.aligned else 1
         k_cache, v_cache = k, v
         bases = (k.data_ptr(), v.data_ptr())
         cache_strides = (heads * d_qk, d_qk, heads * d_v, d_v)
-        align = paged_alignment(k, v)
     else:
         k_cache, v_cache = _last_dim_contiguous(k_cache), _last_dim_contiguous(v_cache)
         if k_cache.shape[0] == 0:
@@ -304,8 +321,8 @@ def hstu_mha_cached(
     def launch(tile: Tile) -> None:
         num_blocks = triton.cdiv(int(max_seq_len), tile.block_m)
         programs = num_blocks * batch * heads
-        splits, split_keys = split_plan(programs, int(max_cache_len), tile.block_n, q.device,
-                                        windowed=max_attn_len > 0)
+        splits = split_plan(programs, int(max_cache_len), tile.block_n, q.device,
+                            windowed=max_attn_len > 0)
         if splits > 1:
             out = torch.empty((splits, total, heads, d_v), dtype=torch.float32, device=v.device)
         else:
@@ -316,7 +333,7 @@ def hstu_mha_cached(
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             *cache_strides, out.stride(-3), out.stride(-2), out.stride(0) if splits > 1 else 0,
             heads, float(alpha), 1.0 / float(scaling_seqlen), int(contextual_seq_len),
-            int(max_attn_len), num_blocks, batch, split_keys,
+            int(max_attn_len), num_blocks, batch, splits,
             **constants, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, PAGED=paged,
             ALIGN=align, ELEMENT_BYTES=k.element_size(), SPLIT=splits > 1,
             num_warps=tile.num_warps, num_stages=tile.num_stages,
@@ -334,9 +351,10 @@ def hstu_mha_cached(
 
 
 def paged_alignment(k: torch.Tensor, v: torch.Tensor) -> int:
-    """The ALIGN the kernel may assume for paged rows (in elements): a whole 16-byte vector
-    when the rows of the keys and values are whole vectors and the base tensors k, v start on
-    one (CacheRows then guarantees every buffer does); else 1 (element by element)."""
+    """The ALIGN the kernel may assume for paged rows (in elements) whose CacheRows say they
+    are aligned: a whole 16-byte vector when the rows of the keys and values are whole
+    vectors and the base tensors k, v (the offsets are counted from them) start on one; else
+    1 (element by element)."""
     row_bytes = (k[0].numel() * k.element_size() if k.shape[0] else 0,
                  v[0].numel() * v.element_size() if v.shape[0] else 0)
     if all(size % ROW_ALIGNMENT == 0 for size in (*row_bytes, k.data_ptr(), v.data_ptr())):
@@ -360,17 +378,15 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def split_plan(programs: int, max_cache_len: int, block_n: int, device: torch.device, *,
-               windowed: bool) -> tuple[int, int]:
-    """(splits, cached keys per split) for a grid of `programs` programs: (1, any) when the
-    grid fills the GPU or a window is set (a window already skips most cached tiles); the
-    keys per split are whole tiles. The parts are float32 and added after the kernel."""
+               windowed: bool) -> int:
+    """How many programs share each query block's cached key tiles (dealt out by stride), for
+    a grid of `programs` programs: 1 when the grid fills the GPU or a window is set (a window
+    already skips most cached tiles). max_cache_len only sizes the choice: a longer cache
+    (a CUDA graph replayed for bigger caches) is still read whole, in more tiles a split."""
     tiles = triton.cdiv(max_cache_len, block_n)
     wanted = triton.cdiv(SPLIT_PROGRAMS_PER_SM * _multiprocessors(device), max(programs, 1))
     splits = min(wanted, tiles // MIN_SPLIT_TILES)
-    if windowed or splits <= 1:
-        return 1, max(tiles, 1) * block_n
-    split_keys = triton.cdiv(tiles, splits) * block_n
-    return triton.cdiv(max_cache_len, split_keys), split_keys
+    return 1 if windowed or splits <= 1 else splits
 
 
 # ----------------------------------------------------------------------------- cache writes

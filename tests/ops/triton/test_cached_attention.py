@@ -65,15 +65,22 @@ CASES = {
     # queries against cached contextual keys: the pairs the contextual term admits).
     "cache_of_whole_tiles": ([32, 16], [4 + 3, 2], [3, 2], 2, 0),
     "cache_inside_contextual": ([2, 4 + 30], [2 + 20 + 3, 5], [3, 5], 4, 0),
+    # Outside what serving sends, but the op's contract: a row shorter than its contextual
+    # tokens, and candidates inside the cache (more targets than delta tokens). The mask is
+    # not all true on the cached tiles there; the unmasked loop must stop short of them.
+    "row_shorter_than_contextual": ([16], [2], [1], 20, 0),
+    "candidates_in_the_cache": ([48, 3 + 30], [3, 4], [5, 2], 3, 0),  # 2 in a whole tile
 }
 
 
-@pytest.fixture(params=[False, True], ids=["whole_cache", "split_keys"])
+@pytest.fixture(params=[None, 64, 4], ids=["whole_cache", "one_tile_splits", "strided_splits"])
 def split_keys(request, monkeypatch):
-    """split_keys: the cached keys split over several programs per query block, as on a GPU
-    with more multiprocessors than programs (here: tiles of 16 keys, a split per tile)."""
+    """The cached key tiles (16 keys under the interpreter) dealt out over several programs
+    per query block, as on a GPU with more multiprocessors than programs: with 64
+    multiprocessors about one tile a split; with 4, two or three splits of several tiles each
+    (the last, partial tile in any of them)."""
     if request.param:
-        monkeypatch.setattr(kernel, "_multiprocessors", lambda device: 64)
+        monkeypatch.setattr(kernel, "_multiprocessors", lambda device: request.param)
         monkeypatch.setattr(kernel, "MIN_SPLIT_TILES", 1)
     return request.param
 
@@ -88,20 +95,44 @@ def test_triton_cached_matches_the_reference(case, paged, split_keys):
     torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-4)
 
 
+def test_a_cache_longer_than_the_bound_is_read_whole(monkeypatch):
+    """A CUDA graph keeps only whether max_cache_len is 0, so a replay may pass a bound below
+    the real caches: the splits (sized from the bound) must still read every cached tile."""
+    monkeypatch.setattr(kernel, "_multiprocessors", lambda device: 64)
+    monkeypatch.setattr(kernel, "MIN_SPLIT_TILES", 1)
+    # 2 rows x 2 heads x 1 query block, a bound of 2 tiles: 2 splits, caches of 5 and 4 tiles.
+    assert kernel.split_plan(4, 32, 16, torch.device(DEVICE), windowed=False) == 2
+    generator = torch.Generator().manual_seed(3)
+    cache_lengths, delta_lengths, targets = [3 + 70, 3 + 45], [4 + 3, 2], [3, 2]
+
+    def rand(rows):
+        return torch.randn(rows, 2, 16, generator=generator).to(DEVICE)
+
+    q, k, v = (rand(sum(delta_lengths)) for _ in range(3))
+    kc, vc = rand(sum(cache_lengths)), rand(sum(cache_lengths))
+    args = (q, k, v, offsets_from_lengths(torch.tensor(delta_lengths)).to(DEVICE), kc, vc,
+            offsets_from_lengths(torch.tensor(cache_lengths)).to(DEVICE))
+    kwargs = dict(max_seq_len=max(delta_lengths), num_targets=torch.tensor(targets).to(DEVICE),
+                  contextual_seq_len=3, alpha=0.25, scaling_seqlen=50)
+    expected = torch_cached(*[a.double() if a.is_floating_point() else a for a in args],
+                            max_cache_len=max(cache_lengths), **kwargs)
+    with pinned(cached_attn_fwd=Tile(16, 16)):
+        got = triton_cached(*args, max_cache_len=32, **kwargs)  # 2 tiles: 2 splits
+    torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-4)
+
+
 def test_split_plan_fills_the_gpu_only_when_the_grid_does_not():
     gpu = torch.device("cuda")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(kernel, "_multiprocessors", lambda device: 132)
         # One user of 4K history (65 tiles of 64 keys), 8 programs: 33 splits would give 264
-        # programs, but a split takes at least 4 tiles: at most 16, of 5 tiles (320 keys)
-        # each, which 13 splits cover.
-        splits, keys = kernel.split_plan(8, 4102, 64, gpu, windowed=False)
-        assert (splits, keys) == (13, 320)
-        assert keys % 64 == 0 and (splits - 1) * keys < 4102 <= splits * keys
+        # programs, but a split takes at least 4 tiles: 16 splits.
+        assert kernel.split_plan(8, 4102, 64, gpu, windowed=False) == 16
         # 128 users fill the GPU; a window is never split; a short cache has too few tiles.
-        assert kernel.split_plan(1024, 4102, 64, gpu, windowed=False)[0] == 1
-        assert kernel.split_plan(8, 4102, 64, gpu, windowed=True)[0] == 1
-        assert kernel.split_plan(8, 200, 64, gpu, windowed=False)[0] == 1
+        assert kernel.split_plan(1024, 4102, 64, gpu, windowed=False) == 1
+        assert kernel.split_plan(8, 4102, 64, gpu, windowed=True) == 1
+        assert kernel.split_plan(8, 200, 64, gpu, windowed=False) == 1
+        assert kernel.split_plan(8, 0, 64, gpu, windowed=False) == 1
 
 
 def test_bfloat16_within_rounding():
