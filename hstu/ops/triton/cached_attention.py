@@ -295,6 +295,10 @@ def hstu_mha_cached(
         return torch.empty((total, heads, d_v), dtype=v.dtype, device=v.device)
     paged = isinstance(k_cache, CacheRows)
     align = 1
+    # Rows that read a cache: what the split is sized by. A graphed serving wave pads one
+    # user's call to 16 rows, whose padding rows have none and finish at once; counting them
+    # would split one user's 65 tiles 3 ways instead of 16. (Rows of one tensor: all of them.)
+    rows_with_cache = (sum(1 for length in k_cache.lengths if length) if paged else batch)
     if paged:
         # Rows read through their addresses (contiguous, checked by CacheRows): the tensors
         # passed as KC / VC are the base the addresses are counted from (and give the element
@@ -321,8 +325,8 @@ def hstu_mha_cached(
     def launch(tile: Tile) -> None:
         num_blocks = triton.cdiv(int(max_seq_len), tile.block_m)
         programs = num_blocks * batch * heads
-        splits = split_plan(programs, int(max_cache_len), tile.block_n, q.device,
-                            windowed=max_attn_len > 0)
+        splits = split_plan(num_blocks * max(rows_with_cache, 1) * heads, int(max_cache_len),
+                            tile.block_n, q.device, windowed=max_attn_len > 0)
         if splits > 1:
             out = torch.empty((splits, total, heads, d_v), dtype=torch.float32, device=v.device)
         else:

@@ -121,6 +121,24 @@ def test_a_cache_longer_than_the_bound_is_read_whole(monkeypatch):
     torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-4)
 
 
+def test_the_split_is_sized_by_the_rows_that_read_a_cache(monkeypatch):
+    """A graphed serving wave pads one user to 16 rows with empty caches: the split is sized
+    by the one row that reads a cache (its programs), not by all 16."""
+    asked = []
+    real = kernel.split_plan
+
+    def recording(programs, *args, **kwargs):
+        asked.append(programs)
+        return real(programs, *args, **kwargs)
+
+    monkeypatch.setattr(kernel, "split_plan", recording)
+    with pinned(cached_attn_fwd=Tile(16, 16)):
+        got, expected = _run([3 + 40, 0, 0, 0], [5 + 3, 2, 1, 1], [3, 1, 1, 1], contextual=3,
+                             paged=True)
+    torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-4)
+    assert asked == [1 * 1 * 2]  # one 16-query block x one row with a cache x 2 heads
+
+
 def test_split_plan_fills_the_gpu_only_when_the_grid_does_not():
     gpu = torch.device("cuda")
     with pytest.MonkeyPatch.context() as patch:
