@@ -1,6 +1,6 @@
-"""Probe (session 13; first run in session 14, which added the same calls' host phases): where the time of a graphed
-cached call goes on a GPU, for 128 users of 4K history + 10 new actions + 100 candidates
-(incremental), with each history check.
+"""Probe (session 13; first run in session 14, which added the same calls' host phases):
+where the time of a graphed cached call goes on a GPU, for 128 users (--batch) of 4K history
++ 10 new actions + 100 candidates (incremental), with each history check.
 
 Per call: the host's time until score() returns (it does not wait for the GPU), the time
 until the GPU is done, and the GPU time of the replay alone (CUDA events around
