@@ -1,5 +1,6 @@
-"""Probe (session 12; run in session 14, which added the timing of the step's own call): what the TRITON positional backward receives inside the
-real training step, and how long it takes on those very tensors.
+"""Probe (session 12; run in session 14, which added the timing of the step's own call): what
+the TRITON positional backward receives inside the real training step, and how long it takes
+on those very tensors.
 
 Why: inside the 1k training step the kernel `_add_position_time_bwd` takes 1.1 ms eager and
 2.07 ms graphed, but 0.037 ms on the same batch's indices outside the step
@@ -54,7 +55,8 @@ if os.environ.get("POS_PROBE"):
             print(f"POSPROBE the step's own call, alone: {start.elapsed_time(end):.3f} ms",
                   flush=True)
             print(f"POSPROBE in-step tensors: backward {_time(lambda: _orig(ctx, d_out)):.3f} ms; "
-                  f"on a contiguous clone {_time(lambda: _orig(ctx, d_out.contiguous().clone())):.3f} ms; "
+                  "on a contiguous clone "
+                  f"{_time(lambda: _orig(ctx, d_out.contiguous().clone())):.3f} ms; "
                   f"ones {_time(lambda: _orig(ctx, torch.ones_like(d_out))):.3f} ms", flush=True)
             return grads
         return _orig(ctx, d_out)
