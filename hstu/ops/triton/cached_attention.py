@@ -46,9 +46,15 @@ from hstu.ops.triton._common import (
     triton_dtype_ok,
 )
 
-# The training kernel's SiLU, row bounds and switches, so that cached and full attention
-# score with the same formula and mask.
-from hstu.ops.triton.attention import _id_bounds, _last_dim_contiguous, _silu, kernel_constants
+# The training kernel's SiLU, row bounds, row loads and switches, so that cached and full
+# attention score with the same formula and mask.
+from hstu.ops.triton.attention import (
+    _id_bounds,
+    _last_dim_contiguous,
+    _load_rows,
+    _silu,
+    kernel_constants,
+)
 
 # The launch configs tuned among (by timing, on first use per key). On one H100 (session 14,
 # before the vector loads and split keys) 128 x 64 with 8 warps was fastest at 32 and 128
@@ -76,49 +82,26 @@ def _mask(qi, kj, length, cs, mx, max_attn_len, HAS_CONTEXT: tl.constexpr,
 
 @triton.jit
 def _key_range(acc, q, K_base, V_base, stride_km, stride_vm, qi, key_offset, lo, hi, step,
-               limit, length, cs, mx, max_attn_len, alpha, HAS_CONTEXT: tl.constexpr,
-               HAS_WINDOW: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
-               UPCAST: tl.constexpr, D_QK: tl.constexpr, D_V: tl.constexpr,
-               BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr, BLOCK_N: tl.constexpr):
-    """acc + the key tiles starting at lo, lo + step, ... below hi of one key slab (rows >=
-    limit load as zeros; step is BLOCK_N, or a multiple of it for a split's share); the
-    slab's row r sits at position key_offset + r of the whole row."""
-    cols_qk = tl.arange(0, BLOCK_D_QK)
-    cols_v = tl.arange(0, BLOCK_D_V)
+               limit, length, cs, mx, max_attn_len, alpha, MASKED: tl.constexpr,
+               HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr, FAST: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr, D_QK: tl.constexpr,
+               D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr, BLOCK_D_V: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """acc + the key tiles starting at lo, lo + step, ... below hi of one key slab (step is
+    BLOCK_N, or a multiple of it for a split's share); the slab's row r sits at position
+    key_offset + r of the whole row. MASKED: rows >= limit load as zeros and the reference
+    mask applies; without it the caller has checked that the tiles are whole and that every
+    query of the block sees all of them (no mask computed per score)."""
     for start_n in range(lo, hi, step):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        row_ok = offs_n < limit
-        k = tl.load(K_base + offs_n[:, None] * stride_km + cols_qk[None, :],
-                    mask=row_ok[:, None] & (cols_qk[None, :] < D_QK), other=0.0)
-        qk = dot(q, tl.trans(k), None, PRECISION, UPCAST)
-        p = _silu(qk, alpha, FAST)
-        kj = key_offset + offs_n
-        ok = _mask(qi[:, None], kj[None, :], length, cs, mx, max_attn_len, HAS_CONTEXT,
-                   HAS_WINDOW) & row_ok[None, :]
-        p = tl.where(ok, p, 0.0)
-        v = tl.load(V_base + offs_n[:, None] * stride_vm + cols_v[None, :],
-                    mask=row_ok[:, None] & (cols_v[None, :] < D_V), other=0.0)
-        acc = dot(p.to(v.dtype), v, acc, PRECISION, UPCAST)
-    return acc
-
-
-@triton.jit
-def _key_range_unmasked(acc, q, K_base, V_base, stride_km, stride_vm, lo, hi, step, alpha,
-                        FAST: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                        D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_D_QK: tl.constexpr,
-                        BLOCK_D_V: tl.constexpr, BLOCK_N: tl.constexpr):
-    """_key_range over whole tiles that every query of the block sees entirely (hi a tile
-    boundary): no mask computed per score (the caller has checked that the mask is all true
-    there)."""
-    cols_qk = tl.arange(0, BLOCK_D_QK)
-    cols_v = tl.arange(0, BLOCK_D_V)
-    for start_n in range(lo, hi, step):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(K_base + offs_n[:, None] * stride_km + cols_qk[None, :],
-                    mask=cols_qk[None, :] < D_QK, other=0.0)
+        k = _load_rows(K_base, offs_n, stride_km, limit, D_QK, BLOCK_D_QK, MASKED)
         p = _silu(dot(q, tl.trans(k), None, PRECISION, UPCAST), alpha, FAST)
-        v = tl.load(V_base + offs_n[:, None] * stride_vm + cols_v[None, :],
-                    mask=cols_v[None, :] < D_V, other=0.0)
+        if MASKED:
+            kj = key_offset + offs_n
+            ok = _mask(qi[:, None], kj[None, :], length, cs, mx, max_attn_len, HAS_CONTEXT,
+                       HAS_WINDOW) & (offs_n < limit)[None, :]
+            p = tl.where(ok, p, 0.0)
+        v = _load_rows(V_base, offs_n, stride_vm, limit, D_V, BLOCK_D_V, MASKED)
         acc = dot(p.to(v.dtype), v, acc, PRECISION, UPCAST)
     return acc
 
@@ -196,7 +179,7 @@ def _cached_attn_fwd(Q, K, V, KC, VC, O, seq_offsets, cache_offsets, num_targets
             ctx_end = tl.cdiv(tl.minimum(contextual_seq_len, c_len), BLOCK_N) * BLOCK_N
             acc = _key_range(acc, q, KC_row, VC_row, stride_kcm, stride_vcm, qi, 0, 0,
                              ctx_end, BLOCK_N, c_len, length, cs, mx, max_attn_len, alpha,
-                             HAS_CONTEXT, HAS_WINDOW, FAST, PRECISION, UPCAST, D_QK, D_V,
+                             True, HAS_CONTEXT, HAS_WINDOW, FAST, PRECISION, UPCAST, D_QK, D_V,
                              BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
         # Whole tiles only, and none the contextual loop already took.
         lo = tl.maximum((window_lo // BLOCK_N) * BLOCK_N, ctx_end)
@@ -212,16 +195,17 @@ def _cached_attn_fwd(Q, K, V, KC, VC, O, seq_offsets, cache_offsets, num_targets
         unmasked_end = (tl.minimum(c_len, hist) // BLOCK_N) * BLOCK_N
         if HAS_CONTEXT:
             unmasked_end = tl.where(mx >= 1, unmasked_end, 0)
-        acc = _key_range_unmasked(acc, q, KC_row, VC_row, stride_kcm, stride_vcm,
-                                  split * BLOCK_N, unmasked_end, step, alpha, FAST, PRECISION,
-                                  UPCAST, D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
+        acc = _key_range(acc, q, KC_row, VC_row, stride_kcm, stride_vcm, qi, 0,
+                         split * BLOCK_N, unmasked_end, step, c_len, length, cs, mx,
+                         max_attn_len, alpha, False, HAS_CONTEXT, HAS_WINDOW, FAST, PRECISION,
+                         UPCAST, D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
         # The masked tiles from unmasked_end on continue the same dealing: tile t to split
         # t mod num_splits.
         first_tile = unmasked_end // BLOCK_N
         lo = (first_tile + (split - first_tile % num_splits + num_splits) % num_splits) * BLOCK_N
     acc = _key_range(acc, q, KC_row, VC_row, stride_kcm, stride_vcm, qi, 0, lo, c_len, step,
-                     c_len, length, cs, mx, max_attn_len, alpha, HAS_CONTEXT, HAS_WINDOW, FAST,
-                     PRECISION, UPCAST, D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
+                     c_len, length, cs, mx, max_attn_len, alpha, True, HAS_CONTEXT, HAS_WINDOW,
+                     FAST, PRECISION, UPCAST, D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
 
     if split == 0:
         # Delta keys: up to the block's last query, or all of them when the block holds
@@ -232,8 +216,9 @@ def _cached_attn_fwd(Q, K, V, KC, VC, O, seq_offsets, cache_offsets, num_targets
         K_row = K + q_start * stride_km + h * stride_kh
         V_row = V + q_start * stride_vm + h * stride_vh
         acc = _key_range(acc, q, K_row, V_row, stride_km, stride_vm, qi, c_len, 0, hi, BLOCK_N,
-                         q_len, length, cs, mx, max_attn_len, alpha, HAS_CONTEXT, HAS_WINDOW,
-                         FAST, PRECISION, UPCAST, D_QK, D_V, BLOCK_D_QK, BLOCK_D_V, BLOCK_N)
+                         q_len, length, cs, mx, max_attn_len, alpha, True, HAS_CONTEXT,
+                         HAS_WINDOW, FAST, PRECISION, UPCAST, D_QK, D_V, BLOCK_D_QK, BLOCK_D_V,
+                         BLOCK_N)
 
     cols_v = tl.arange(0, BLOCK_D_V)
     O_row = O + split * stride_os + q_start * stride_om + h * stride_oh
@@ -298,7 +283,7 @@ def hstu_mha_cached(
     # Rows that read a cache: what the split is sized by. A graphed serving wave pads one
     # user's call to 16 rows, whose padding rows have none and finish at once; counting them
     # would split one user's 65 tiles 3 ways instead of 16. (Rows of one tensor: all of them.)
-    rows_with_cache = (sum(1 for length in k_cache.lengths if length) if paged else batch)
+    rows_with_cache = len(k_cache.lengths) - k_cache.lengths.count(0) if paged else batch
     if paged:
         # Rows read through their addresses (contiguous, checked by CacheRows): the tensors
         # passed as KC / VC are the base the addresses are counted from (and give the element
