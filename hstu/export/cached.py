@@ -47,7 +47,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hstu.export.cached_graphs import GraphReplays, graph_key, pad_inputs, pad_wave
+from hstu.export.cached_graphs import (
+    GraphReplays,
+    delta_inputs,
+    graph_key,
+    host_array,
+    pad_wave,
+)
 from hstu.export.serving import ServingModule, lengths_key
 from hstu.modules.kv_cache import (
     CacheEntry,
@@ -137,6 +143,7 @@ class _Wave:
     on the host: per sequence its offsets, and the arrays the bookkeeping compares."""
 
     inputs: dict[str, torch.Tensor]  # ServingModule's input dict for these rows (CPU)
+    arrays: dict[str, np.ndarray]  # the features of `inputs` as numpy (host_array)
     keys: list[Hashable]
     history_offsets: np.ndarray  # [B+1] over the history tokens
     candidate_counts: np.ndarray  # [B], each >= 1
@@ -306,7 +313,8 @@ class CachedServing:
         contextual = (np.stack([_bits(inputs[name]) for name in contextual_names], axis=1)
                       if contextual_names else None)
         return _Wave(
-            inputs=inputs, keys=keys, history_offsets=history_offsets,
+            inputs=inputs, arrays={name: host_array(inputs[name]) for name in self._sequence_of},
+            keys=keys, history_offsets=history_offsets,
             candidate_counts=counts,
             timestamps=inputs[self.timestamp_feature].to(torch.int64).numpy(),
             query_times=query_times, anchors=query_times[np.cumsum(counts) - 1],
@@ -413,20 +421,6 @@ class CachedServing:
         self.counters.appended_tokens += int(sum(
             new_lengths[b] for b, entry in enumerate(entries) if entry is not None))
 
-        # The new tokens' inputs, gathered on the host in one go per feature.
-        new_tokens = None
-        if starts.any():
-            new_tokens = torch.from_numpy(
-                concat_ranges(wave.history_offsets[:-1] + starts, new_lengths))
-        delta = {}
-        for name, spec in serving.features.items():
-            value = wave.inputs[name]
-            delta[name] = (value[new_tokens] if spec.sequence == serving.uih_sequence
-                           and new_tokens is not None else value)
-        for sequence in self.sequences:
-            key = lengths_key(sequence)
-            delta[key] = (torch.from_numpy(new_lengths) if sequence == serving.uih_sequence
-                          else wave.inputs[key].to(torch.int64))
         rows, counts = entries, wave.candidate_counts
         history_lengths, bounds = new_lengths, {}
         tokens = int(new_lengths.sum() + counts.sum()) + self.contextual_seq_len * from_scratch
@@ -439,17 +433,22 @@ class CachedServing:
             timestamps = torch.from_numpy(_interleave(
                 wave.timestamps, wave.history_offsets[:-1] + starts, new_lengths,
                 wave.query_times, wave.candidate_counts))
+        padded = None
         if graphs is not None:
             padded = pad_wave(entries, new_lengths, counts, timestamps, self.contextual_seq_len)
-            delta = pad_inputs(delta, padded, sequence_of=self._sequence_of,
-                               history_sequence=serving.uih_sequence,
-                               candidate_sequence=serving.candidate_sequence,
-                               lengths_key=lengths_key)
             rows, counts, timestamps = padded.entries, padded.candidate_counts, padded.timestamps
             history_lengths = padded.history_lengths
             bucket = padded.bucket
             bounds = dict(max_item_len=bucket.max_item_len, max_delta_len=bucket.max_delta_len,
                           max_cache_len=bucket.max_cache_len)
+        # The new tokens' inputs (and the padding rows' zeros), one numpy gather per feature.
+        new_tokens = (concat_ranges(wave.history_offsets[:-1] + starts, new_lengths)
+                      if starts.any() else None)
+        delta = delta_inputs(wave.inputs, wave.arrays, sequence_of=self._sequence_of,
+                             history_sequence=serving.uih_sequence,
+                             candidate_sequence=serving.candidate_sequence,
+                             lengths_key=lengths_key, new_tokens=new_tokens,
+                             new_lengths=new_lengths, wave=padded)
         clock = self._phase("gather", clock)
         plan = plan_cached_encode(serving.encoder, rows, history_lengths=history_lengths.tolist(),
                                   candidate_counts=counts.tolist(), timestamps=timestamps,

@@ -534,11 +534,24 @@ def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 def _virtual_indices(positional_encoder, cached, num_targets, timestamps, contextual_seq_len,
                      times_per_row=None):
-    """Host int64 (position rows, time-bucket rows or None) of the delta tokens, from their
-    places in the whole ("virtual") rows [c contextual; cached + new history; candidates]:
-    index arithmetic on the CPU over the delta tokens alone (hstu.ops.position's formulas),
-    so that its cost grows with the new tokens, not with the cached history, and vectorised
-    over the rows (numpy), so that it does not grow by a tensor op per row either.
+    """(position rows, time-bucket rows or None) of the delta tokens: `_virtual_index_inputs`
+    and `virtual_indices` in one go, on the CPU (what the tests compare with whole rows)."""
+    columns, first_target, seconds = _virtual_index_inputs(
+        positional_encoder, cached, num_targets, timestamps, contextual_seq_len, times_per_row)
+    return virtual_indices(positional_encoder, contextual_seq_len, torch.from_numpy(columns),
+                           torch.from_numpy(first_target),
+                           None if seconds is None else torch.from_numpy(seconds))
+
+
+def _virtual_index_inputs(positional_encoder, cached, num_targets, timestamps,
+                          contextual_seq_len, times_per_row=None):
+    """Host int64 arrays from which `virtual_indices` gives the delta tokens' position and
+    time-bucket rows: per delta token its column in its whole ("virtual") row [c contextual;
+    cached + new history; candidates], its row's first candidate column, and its seconds
+    before the row's query time (None without time encoding). Index arithmetic over the
+    delta tokens alone (numpy, vectorised over the rows), so that its cost grows with the new
+    tokens, not with the cached history, nor by an op per row; the float part (the time
+    buckets' sqrt or log) is left to the device, where a full pass computes it too.
 
     timestamps: per row, its new history tokens' times then its candidates' query times:
     a list of int64 tensors, or one flat int64 tensor with times_per_row[b] values per row."""
@@ -559,22 +572,33 @@ def _virtual_indices(positional_encoder, cached, num_targets, timestamps, contex
     count = length - first
     row = np.repeat(np.arange(len(count)), count)
     columns = concat_ranges(first, count)
-    positions = positions_at(
-        torch.from_numpy(columns), torch.from_numpy((length - targets)[row]),
-        contextual_seq_len=c, num_position_buckets=positional_encoder.position_table.shape[0],
-        use_time_encoding=positional_encoder.use_time_encoding)
+    first_target = (length - targets)[row]
     if not positional_encoder.use_time_encoding:
-        return positions, None
+        return columns, first_target, None
     # The row's query time is its last token's (the last candidate's); contextual tokens
-    # carry timestamp 0, as in a full pass.
+    # carry timestamp 0, as in a full pass. Subtracted here in int64: epoch seconds do not
+    # survive float32.
     time_offsets = offsets_of(times_per_row)
     query = times[time_offsets[1:] - 1]
     time_index = (columns - first[row]) - np.where(has_cache, 0, c)[row]
     token_times = np.where(time_index >= 0,
                            times[time_offsets[:-1][row] + np.maximum(time_index, 0)], 0)
+    return columns, first_target, query[row] - token_times
+
+
+def virtual_indices(positional_encoder, contextual_seq_len: int, columns: torch.Tensor,
+                    first_target: torch.Tensor, seconds: torch.Tensor | None):
+    """The delta tokens' (position rows, time-bucket rows or None) from
+    `_virtual_index_inputs`' arrays, on whichever device they are (hstu.ops.position's
+    formulas)."""
+    positions = positions_at(
+        columns, first_target, contextual_seq_len=contextual_seq_len,
+        num_position_buckets=positional_encoder.position_table.shape[0],
+        use_time_encoding=positional_encoder.use_time_encoding)
+    if seconds is None:
+        return positions, None
     buckets = time_buckets_at(
-        torch.from_numpy(query[row] - token_times),
-        time_bucket_fn=positional_encoder.time_bucket_fn,
+        seconds, time_bucket_fn=positional_encoder.time_bucket_fn,
         time_bucket_increments=positional_encoder.time_bucket_increments,
         num_time_buckets=positional_encoder.num_time_buckets)
     return positions, buckets
@@ -630,8 +654,9 @@ class CachedPlan:
     max_item_len: int  # bounds for the kernels: at least the batch's longest, at most any
     max_delta_len: int  # bucket's
     max_cache_len: int
-    # What the device part reads, in this order: sizes, positions, cache addresses, buckets;
-    # int64, as one block (`packed`, one host-to-device copy) and its parts' sizes.
+    # What the device part reads, in this order: sizes, the delta tokens' columns and their
+    # rows' first candidate columns, cache addresses, seconds before the query (the device
+    # turns the last three into position and time-bucket rows); int64, as one block (`packed`, one host-to-device copy) and its parts' sizes.
     packed: torch.Tensor
     host_sizes: list[int]
     has_buckets: bool
@@ -716,12 +741,11 @@ def plan_cached_encode(
     prefix_lengths = delta_lengths - targets
     prefix_offsets = offsets_of(prefix_lengths)
     if whole_rows:
-        positions, buckets = np.zeros(0, dtype=np.int64), None
+        columns = first_target = np.zeros(0, dtype=np.int64)
+        seconds = None
     else:
-        positions, buckets = _virtual_indices(encoder.positional_encoder, cached, num_targets,
-                                              timestamps, c, times_per_row=items)
-        positions = positions.numpy()
-        buckets = None if buckets is None else buckets.numpy()
+        columns, first_target, seconds = _virtual_index_inputs(
+            encoder.positional_encoder, cached, num_targets, timestamps, c, times_per_row=items)
     layers = len(encoder.stu_stack.layers)
     bounds = {}
     for name, given, array in (("max_item_len", max_item_len, items),
@@ -754,17 +778,17 @@ def plan_cached_encode(
                        and (addresses % ROW_ALIGNMENT == 0).all())
     parts = [starts, delta_lengths, offsets_of(delta_lengths), prefix_lengths, prefix_offsets,
              offsets_of(cache_lengths), targets, offsets_of(targets),
-             np.zeros(batch, dtype=np.int64), positions, addresses.reshape(-1)]
+             np.zeros(batch, dtype=np.int64), columns, first_target, addresses.reshape(-1)]
     sizes = [part.size for part in parts[:-1]] + [batch] * addresses.shape[0]
-    if buckets is not None:
-        parts.append(buckets)
-        sizes.append(buckets.size)
+    if seconds is not None:
+        parts.append(seconds)
+        sizes.append(seconds.size)
     return CachedPlan(
         cached=list(cached), num_targets=targets.tolist(), delta_lengths=delta_lengths.tolist(),
         prefix_lengths=prefix_lengths.tolist(), prefix_offsets=torch.from_numpy(prefix_offsets),
         cache_lengths=cache_lengths.tolist(),
         packed=torch.from_numpy(np.concatenate(parts).astype(np.int64, copy=False)),
-        host_sizes=sizes, has_buckets=buckets is not None, whole_rows=whole_rows,
+        host_sizes=sizes, has_buckets=seconds is not None, whole_rows=whole_rows,
         layers=layers, aligned=aligned, **bounds)
 
 
@@ -784,8 +808,8 @@ def run_cached_encode(
         raise ValueError(f"preprocessor gave {encoder_input.contextual_seq_len} contextual "
                          f"tokens, expected {c}")
     (starts_d, delta_lengths_d, delta_offsets, prefix_lengths_d, prefix_offsets, cache_offsets,
-     num_targets_d, candidate_offsets, zeros, positions_d) = moved[:10]
-    addresses_d = moved[10:10 + 2 * plan.layers] if plan.max_cache_len > 0 else []
+     num_targets_d, candidate_offsets, zeros, columns_d, first_target_d) = moved[:11]
+    addresses_d = moved[11:11 + 2 * plan.layers] if plan.max_cache_len > 0 else []
 
     if plan.whole_rows:
         x = encoder.positional_encoder(encoder_input, dropout_ratio=0.0)
@@ -793,10 +817,12 @@ def run_cached_encode(
         embeddings = _take_rows(encoder_input.embeddings, encoder_input.offsets, starts_d,
                                 delta_lengths_d, delta_offsets, sum(plan.delta_lengths))
         positional = encoder.positional_encoder
+        positions_d, buckets_d = virtual_indices(
+            positional, c, columns_d, first_target_d, moved[-1] if plan.has_buckets else None)
         x = (upcast(embeddings) * positional.alpha
              + upcast(positional.position_table[positions_d]))
         if plan.has_buckets:
-            x = x + upcast(positional.time_table[moved[-1]])
+            x = x + upcast(positional.time_table[buckets_d])
         x = encoder.input_dropout(x.to(embeddings.dtype))
 
     caches = None

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from hstu.export.cached_graphs import GraphReplays, graph_key, pad_inputs, pad_wave
+from hstu.export.cached_graphs import (
+    GraphReplays,
+    delta_inputs,
+    graph_key,
+    host_array,
+    pad_wave,
+)
 from hstu.modules.kv_cache import EMPTY_CACHE
 
 
@@ -91,19 +97,31 @@ def test_padding_lengths_never_exceed_the_bounds():
         assert bucket.history <= max(64, history.sum() * 9 // 8 + 1)
 
 
-def test_pad_inputs_appends_zeros_and_padding_lengths():
-    entries, history, candidates, times = _wave([3, 2], [1, 2], [None, 10])
-    padded = pad_wave(entries, history, candidates, times, contextual_seq_len=1)
-    inputs = {
-        "h": torch.arange(5) + 1, "w": torch.rand(5), "c": torch.tensor([9, 8, 7]),
-        "u": torch.tensor([4, 5]), "o": torch.tensor([1, 1, 1]),
+def _delta(inputs, padded, new_tokens=None, new_lengths=(3, 2)):
+    sequence_of = {"h": "H", "w": "H", "b": "H", "c": "C", "u": None, "o": "O"}
+    out = delta_inputs(inputs, {name: host_array(inputs[name]) for name in sequence_of},
+                       sequence_of=sequence_of, history_sequence="H", candidate_sequence="C",
+                       lengths_key=lambda s: f"{s}.lengths", new_tokens=new_tokens,
+                       new_lengths=np.array(new_lengths), wave=padded)
+    return sequence_of, out
+
+
+def _request():
+    return {
+        "h": torch.arange(5) + 1, "w": torch.rand(5), "b": torch.rand(5).bfloat16(),
+        "c": torch.tensor([9, 8, 7]), "u": torch.tensor([4, 5]), "o": torch.tensor([1, 1, 1]),
         "H.lengths": torch.tensor([3, 2]), "C.lengths": torch.tensor([1, 2]),
         "O.lengths": torch.tensor([2, 1]),
     }
-    sequence_of = {"h": "H", "w": "H", "c": "C", "u": None, "o": "O"}
-    out = pad_inputs(inputs, padded, sequence_of=sequence_of, history_sequence="H",
-                     candidate_sequence="C", lengths_key=lambda s: f"{s}.lengths")
+
+
+def test_delta_inputs_append_zeros_and_padding_lengths():
+    entries, history, candidates, times = _wave([3, 2], [1, 2], [None, 10])
+    padded = pad_wave(entries, history, candidates, times, contextual_seq_len=1)
+    inputs = _request()
+    sequence_of, out = _delta(inputs, padded)
     assert out["h"].numel() == padded.bucket.history and out["w"].dtype == inputs["w"].dtype
+    assert out["b"].dtype == torch.bfloat16
     assert out["c"].numel() == padded.bucket.candidates
     assert out["u"].numel() == padded.bucket.rows and out["o"].numel() == 3
     for name in sequence_of:
@@ -113,6 +131,18 @@ def test_pad_inputs_appends_zeros_and_padding_lengths():
     torch.testing.assert_close(out["H.lengths"], torch.from_numpy(padded.history_lengths))
     torch.testing.assert_close(out["C.lengths"], torch.from_numpy(padded.candidate_counts))
     assert out["O.lengths"].tolist() == [2, 1] + [0] * padded.padding_rows
+
+
+def test_delta_inputs_take_the_new_history_tokens_only():
+    # Row 0 keeps its last 2 of 3 history tokens, row 1 its last 1 of 2; unpadded (eager).
+    inputs = _request()
+    sequence_of, out = _delta(inputs, None, new_tokens=np.array([1, 2, 4]), new_lengths=(2, 1))
+    for name in ("h", "w", "b"):
+        assert torch.equal(out[name], inputs[name][[1, 2, 4]])
+    for name in ("c", "u", "o"):
+        assert torch.equal(out[name], inputs[name])
+    assert out["H.lengths"].tolist() == [2, 1] and out["C.lengths"].tolist() == [1, 2]
+    assert out["O.lengths"].tolist() == [2, 1]
 
 
 def test_eager_replays_run_the_function():
