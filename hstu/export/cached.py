@@ -304,21 +304,24 @@ class CachedServing:
         return out
 
     def _wave(self, inputs: dict[str, torch.Tensor], keys: list[Hashable]) -> _Wave:
+        # numpy from here on: a torch op on these small tensors costs several numpy ones.
         serving = self.serving
-        history_lengths = inputs[lengths_key(serving.uih_sequence)].to(torch.int64).numpy()
-        history_offsets = offsets_of(history_lengths)
-        counts = inputs[lengths_key(serving.candidate_sequence)].to(torch.int64).numpy()
-        query_times = inputs[self.query_time_feature].to(torch.int64).numpy()
+        arrays = {name: host_array(inputs[name]) for name in self._sequence_of}
+
+        def int64(name: str) -> np.ndarray:
+            return np.asarray(host_array(inputs[name]), dtype=np.int64)
+
+        history_offsets = offsets_of(int64(lengths_key(serving.uih_sequence)))
+        counts = int64(lengths_key(serving.candidate_sequence))
+        query_times = int64(self.query_time_feature)
         contextual_names = serving.groups["contextual"]
-        contextual = (np.stack([_bits(inputs[name]) for name in contextual_names], axis=1)
+        contextual = (np.stack([_bits(arrays[name]) for name in contextual_names], axis=1)
                       if contextual_names else None)
         return _Wave(
-            inputs=inputs, arrays={name: host_array(inputs[name]) for name in self._sequence_of},
-            keys=keys, history_offsets=history_offsets,
-            candidate_counts=counts,
-            timestamps=inputs[self.timestamp_feature].to(torch.int64).numpy(),
+            inputs=inputs, arrays=arrays, keys=keys, history_offsets=history_offsets,
+            candidate_counts=counts, timestamps=int64(self.timestamp_feature),
             query_times=query_times, anchors=query_times[np.cumsum(counts) - 1],
-            signature=[_bits(inputs[name]) for name in self.uih_features],
+            signature=[_bits(arrays[name]) for name in self.uih_features],
             contextual=contextual,
         )
 
@@ -430,9 +433,9 @@ class CachedServing:
         # row needs none: the device computes them as in a full pass.
         timestamps = None
         if from_scratch < batch or graphs is not None:
-            timestamps = torch.from_numpy(_interleave(
+            timestamps = _interleave(
                 wave.timestamps, wave.history_offsets[:-1] + starts, new_lengths,
-                wave.query_times, wave.candidate_counts))
+                wave.query_times, wave.candidate_counts)
         padded = None
         if graphs is not None:
             padded = pad_wave(entries, new_lengths, counts, timestamps, self.contextual_seq_len)
@@ -552,15 +555,14 @@ def _all_triton(serving: ServingModule) -> bool:
                for module in serving.modules() if getattr(module, "kernel", None) is not None)
 
 
-def _bits(values: torch.Tensor) -> np.ndarray:
-    """[n]: the values (integers) or their bit patterns (floats, as integers of their width),
-    a view where possible, so that an integer comparison tells whether two inputs are the
-    same (bit for bit: a float that moved by one ulp differs)."""
-    values = values.detach().reshape(-1)
-    if values.is_floating_point():
-        as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[values.element_size()]
-        values = values.view(as_int)
-    return values.numpy()
+def _bits(values: np.ndarray) -> np.ndarray:
+    """[n]: the values (integers, host_array of an input) or their bit patterns (floats, as
+    integers of their width), a view where possible, so that an integer comparison tells
+    whether two inputs are the same (bit for bit: a float that moved by one ulp differs)."""
+    values = values.reshape(-1)
+    if values.dtype.kind == "f":
+        values = values.view(f"i{values.itemsize}")
+    return values
 
 
 def _interleave(first: np.ndarray, first_starts: np.ndarray, first_lengths: np.ndarray,

@@ -85,7 +85,7 @@ class PaddedWave:
     entries: list  # per row: CacheEntry, None (from scratch) or EMPTY_CACHE (padding)
     history_lengths: np.ndarray  # int64 [rows]: history tokens in the inputs
     candidate_counts: np.ndarray  # int64 [rows]
-    timestamps: torch.Tensor  # int64 [history + candidates]: per row, its history then queries
+    timestamps: np.ndarray  # int64 [history + candidates]: per row, its history then queries
     padding_rows: int
     padding_history: np.ndarray  # int64 [padding rows]: history tokens each padding row has
     padding_candidates: np.ndarray  # int64 [padding rows]
@@ -101,8 +101,9 @@ def _spread(total: int, parts: int, least: int = 0) -> np.ndarray:
 def pad_wave(entries: Sequence, history_lengths: np.ndarray, candidate_counts: np.ndarray,
              timestamps: torch.Tensor, contextual_seq_len: int) -> PaddedWave:
     """The wave padded to its bucket. entries[b]: row b's CacheEntry or None; history_lengths
-    and candidate_counts: int64 [B]; timestamps: int64, per row its history tokens' times then
-    its candidates' query times (as kv_cache.cached_encode takes them)."""
+    and candidate_counts: int64 [B]; timestamps: int64 (numpy or a CPU tensor), per row its
+    history tokens' times then its candidates' query times (as kv_cache.cached_encode takes
+    them); the padded wave's are numpy."""
     c = contextual_seq_len
     batch = len(entries)
     history = int(history_lengths.sum())
@@ -135,11 +136,12 @@ def pad_wave(entries: Sequence, history_lengths: np.ndarray, candidate_counts: n
         from_scratch=padded_from_scratch, max_item_len=_power_of_two(items.max()),
         max_delta_len=_power_of_two(delta.max()),
         max_cache_len=_power_of_two(max(longest_cache, 16)) if longest_cache else 0)
-    padding_times = torch.zeros(int(padding_history.sum() + padding_candidates.sum()),
-                                dtype=torch.int64)
+    times = np.zeros(history + candidates + int(padding_history.sum() + padding_candidates.sum()),
+                     dtype=np.int64)
+    times[:history + candidates] = np.asarray(timestamps, dtype=np.int64)
     return PaddedWave(
         bucket=bucket, entries=entries, history_lengths=all_history,
-        candidate_counts=all_candidates, timestamps=torch.cat([timestamps, padding_times]),
+        candidate_counts=all_candidates, timestamps=times,
         padding_rows=padding_rows, padding_history=padding_history,
         padding_candidates=padding_candidates)
 
@@ -187,6 +189,8 @@ def delta_inputs(inputs: dict[str, torch.Tensor], arrays: dict[str, np.ndarray],
 
 def host_array(values: torch.Tensor) -> np.ndarray:
     """A CPU tensor as a numpy view; bfloat16 (which numpy lacks) as its int16 bit patterns."""
+    if values.requires_grad:
+        values = values.detach()
     if values.dtype == torch.bfloat16:
         values = values.view(torch.int16)
     return values.numpy()

@@ -554,13 +554,15 @@ def _virtual_index_inputs(positional_encoder, cached, num_targets, timestamps,
     buckets' sqrt or log) is left to the device, where a full pass computes it too.
 
     timestamps: per row, its new history tokens' times then its candidates' query times:
-    a list of int64 tensors, or one flat int64 tensor with times_per_row[b] values per row."""
+    a list of int64 tensors, or one flat int64 tensor (or numpy array) with times_per_row[b]
+    values per row."""
     c = contextual_seq_len
     if times_per_row is None:
         times_per_row = [row.numel() for row in timestamps]
         timestamps = torch.cat(list(timestamps)) if len(timestamps) else torch.zeros(0)
     times_per_row = np.asarray(times_per_row, dtype=np.int64)
-    times = timestamps.to(torch.int64).numpy()
+    times = (np.asarray(timestamps, dtype=np.int64) if isinstance(timestamps, np.ndarray)
+             else timestamps.to(torch.int64).numpy())
     has_cache = np.array([entry is not None for entry in cached], dtype=bool)
     cached_tokens = np.array([entry.history_length if entry is not None else 0
                               for entry in cached], dtype=np.int64)
@@ -694,7 +696,7 @@ def plan_cached_encode(
     *,
     history_lengths: Sequence[int],
     candidate_counts: Sequence[int],
-    timestamps: torch.Tensor | Sequence[torch.Tensor] | None,
+    timestamps: torch.Tensor | np.ndarray | Sequence[torch.Tensor] | None,
     max_item_len: int | None = None,
     max_delta_len: int | None = None,
     max_cache_len: int | None = None,
@@ -721,6 +723,10 @@ def plan_cached_encode(
     if timestamps is None:
         if not whole_rows:
             raise ValueError("cached_encode: timestamps are needed when a row has a cache")
+    elif isinstance(timestamps, np.ndarray):
+        if timestamps.size != int(items.sum()):
+            raise ValueError(f"cached_encode: {timestamps.size} timestamps for "
+                             f"{int(items.sum())} history tokens and candidates")
     elif not isinstance(timestamps, torch.Tensor):
         if len(timestamps) != batch:
             raise ValueError(f"{batch} cache entries, {len(timestamps)} timestamp rows")
