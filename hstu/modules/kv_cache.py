@@ -506,16 +506,6 @@ def to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> list[tor
     return [tensor.to(device) for tensor in tensors]
 
 
-def _take_rows(values: torch.Tensor, offsets: torch.Tensor, starts: torch.Tensor,
-               lengths: torch.Tensor, new_offsets: torch.Tensor, total: int) -> torch.Tensor:
-    """Rows [starts[b], starts[b] + lengths[b]) of each jagged row b (counted inside the row),
-    jagged over new_offsets (the offsets of `lengths`; `total` = their sum, from the host)."""
-    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths,
-                                   output_size=total)
-    within = torch.arange(total, device=values.device) - new_offsets[rows]
-    return values[offsets[rows] + starts[rows] + within]
-
-
 def offsets_of(lengths: np.ndarray) -> np.ndarray:
     """int64 [B+1] offsets of jagged rows of these lengths (host side)."""
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
@@ -641,6 +631,12 @@ class _EmptyCache:
 EMPTY_CACHE = _EmptyCache()
 
 
+# The host arrays the device part reads, in this order at the start of CachedPlan.packed
+# (then the cache addresses, then the seconds before the query when time is encoded).
+PLAN_PARTS = ("delta_offsets", "prefix_offsets", "cache_offsets", "num_targets", "columns",
+              "first_target", "embedding_rows", "candidate_rows", "prefix_rows")
+
+
 @dataclasses.dataclass
 class CachedPlan:
     """The host side of `cached_encode` for B rows: every size and index, worked out on the
@@ -656,9 +652,10 @@ class CachedPlan:
     max_item_len: int  # bounds for the kernels: at least the batch's longest, at most any
     max_delta_len: int  # bucket's
     max_cache_len: int
-    # What the device part reads, in this order: sizes, the delta tokens' columns and their
-    # rows' first candidate columns, cache addresses, seconds before the query (the device
-    # turns the last three into position and time-bucket rows); int64, as one block (`packed`, one host-to-device copy) and its parts' sizes.
+    # What the device part reads: PLAN_PARTS (sizes, offsets, gather indices, the delta
+    # tokens' columns and their rows' first candidate columns), the cache addresses, the
+    # seconds before the query (the device turns columns, first candidate columns and
+    # seconds into position and time-bucket rows); int64, as one block (`packed`, one host-to-device copy) and its parts' sizes.
     packed: torch.Tensor
     host_sizes: list[int]
     has_buckets: bool
@@ -782,9 +779,20 @@ def plan_cached_encode(
                      for t in (first.keys[0], first.values[0])]
         aligned = bool(all(size % ROW_ALIGNMENT == 0 for size in row_bytes)
                        and (addresses % ROW_ALIGNMENT == 0).all())
-    parts = [starts, delta_lengths, offsets_of(delta_lengths), prefix_lengths, prefix_offsets,
-             offsets_of(cache_lengths), targets, offsets_of(targets),
-             np.zeros(batch, dtype=np.int64), columns, first_target, addresses.reshape(-1)]
+    # The rows the device part takes out of jagged tensors, as flat gather indices worked out
+    # here (index arithmetic the device would otherwise spend ~11 small kernels on per take;
+    # a call takes 2 + 2 * layers times): the delta rows of the preprocessor's rows (c +
+    # items long each), the candidates and the prefix of each delta row.
+    delta_offsets = offsets_of(delta_lengths)
+    embedding_rows = (np.zeros(0, dtype=np.int64) if whole_rows
+                      else concat_ranges(offsets_of(c + items)[:-1] + starts, delta_lengths))
+    named = {"delta_offsets": delta_offsets, "prefix_offsets": prefix_offsets,
+             "cache_offsets": offsets_of(cache_lengths), "num_targets": targets,
+             "columns": columns, "first_target": first_target,
+             "embedding_rows": embedding_rows,
+             "candidate_rows": concat_ranges(delta_offsets[:-1] + prefix_lengths, targets),
+             "prefix_rows": concat_ranges(delta_offsets[:-1], prefix_lengths)}
+    parts = [named[name] for name in PLAN_PARTS] + [addresses.reshape(-1)]
     sizes = [part.size for part in parts[:-1]] + [batch] * addresses.shape[0]
     if seconds is not None:
         parts.append(seconds)
@@ -813,18 +821,19 @@ def run_cached_encode(
     if encoder_input.contextual_seq_len != c:
         raise ValueError(f"preprocessor gave {encoder_input.contextual_seq_len} contextual "
                          f"tokens, expected {c}")
-    (starts_d, delta_lengths_d, delta_offsets, prefix_lengths_d, prefix_offsets, cache_offsets,
-     num_targets_d, candidate_offsets, zeros, columns_d, first_target_d) = moved[:11]
-    addresses_d = moved[11:11 + 2 * plan.layers] if plan.max_cache_len > 0 else []
+    part = dict(zip(PLAN_PARTS, moved))
+    delta_offsets, num_targets_d = part["delta_offsets"], part["num_targets"]
+    first = len(PLAN_PARTS)
+    addresses_d = moved[first:first + 2 * plan.layers] if plan.max_cache_len > 0 else []
 
     if plan.whole_rows:
         x = encoder.positional_encoder(encoder_input, dropout_ratio=0.0)
     else:
-        embeddings = _take_rows(encoder_input.embeddings, encoder_input.offsets, starts_d,
-                                delta_lengths_d, delta_offsets, sum(plan.delta_lengths))
+        embeddings = encoder_input.embeddings[part["embedding_rows"]]
         positional = encoder.positional_encoder
         positions_d, buckets_d = virtual_indices(
-            positional, c, columns_d, first_target_d, moved[-1] if plan.has_buckets else None)
+            positional, c, part["columns"], part["first_target"],
+            moved[-1] if plan.has_buckets else None)
         x = (upcast(embeddings) * positional.alpha
              + upcast(positional.position_table[positions_d]))
         if plan.has_buckets:
@@ -839,19 +848,15 @@ def run_cached_encode(
                   for index, (keys, values) in enumerate(plan.cache_rows)]
     x, delta_kv = encoder.stu_stack.cached_forward(
         x, delta_offsets, plan.max_delta_len, num_targets_d, caches,
-        cache_offsets if plan.max_cache_len > 0 else None, plan.max_cache_len,
+        part["cache_offsets"] if plan.max_cache_len > 0 else None, plan.max_cache_len,
     )
-    candidates = _take_rows(x, delta_offsets, prefix_lengths_d, num_targets_d,
-                            candidate_offsets, sum(plan.num_targets))
-    total_prefix = sum(plan.prefix_lengths)
-    prefix_kv = [
-        tuple(_take_rows(t, delta_offsets, zeros, prefix_lengths_d, prefix_offsets, total_prefix)
-              for t in (k, v))
-        for k, v in delta_kv
-    ]
+    candidates = x[part["candidate_rows"]]
+    prefix_rows = part["prefix_rows"]
+    prefix_kv = [(k[prefix_rows], v[prefix_rows]) for k, v in delta_kv]
     encodings = encoder.postprocessor(candidates, preprocessor_inputs["candidate_timestamps"])
     return CachedEncoding(candidates=encodings, prefix_kv=prefix_kv,
-                          prefix_offsets=plan.prefix_offsets, prefix_offsets_device=prefix_offsets)
+                          prefix_offsets=plan.prefix_offsets,
+                          prefix_offsets_device=part["prefix_offsets"])
 
 
 def cached_encode(
