@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from hstu.ops.cached_attention import ROW_ALIGNMENT, CacheRows
-from hstu.ops.pytorch.dtypes import upcast
+from hstu.ops.position import add_position_time_at
 from hstu.ops.pytorch.position import (
     position_indices,
     positions_at,
@@ -524,24 +524,34 @@ def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 def _virtual_indices(positional_encoder, cached, num_targets, timestamps, contextual_seq_len,
                      times_per_row=None):
-    """(position rows, time-bucket rows or None) of the delta tokens: `_virtual_index_inputs`
-    and `virtual_indices` in one go, on the CPU (what the tests compare with whole rows)."""
+    """(position rows, time-bucket rows or None) of the delta tokens from
+    `_virtual_index_inputs`, with hstu.ops.position's formulas, on the CPU: what the tests
+    compare with whole rows (the device part does the same inside add_position_time_at)."""
     columns, first_target, seconds = _virtual_index_inputs(
         positional_encoder, cached, num_targets, timestamps, contextual_seq_len, times_per_row)
-    return virtual_indices(positional_encoder, contextual_seq_len, torch.from_numpy(columns),
-                           torch.from_numpy(first_target),
-                           None if seconds is None else torch.from_numpy(seconds))
+    positions = positions_at(
+        torch.from_numpy(columns), torch.from_numpy(first_target),
+        contextual_seq_len=contextual_seq_len,
+        num_position_buckets=positional_encoder.position_table.shape[0],
+        use_time_encoding=positional_encoder.use_time_encoding)
+    if seconds is None:
+        return positions, None
+    return positions, time_buckets_at(
+        torch.from_numpy(seconds), time_bucket_fn=positional_encoder.time_bucket_fn,
+        time_bucket_increments=positional_encoder.time_bucket_increments,
+        num_time_buckets=positional_encoder.num_time_buckets)
 
 
 def _virtual_index_inputs(positional_encoder, cached, num_targets, timestamps,
                           contextual_seq_len, times_per_row=None):
-    """Host int64 arrays from which `virtual_indices` gives the delta tokens' position and
+    """Host int64 arrays from which add_position_time_at gives the delta tokens' position and
     time-bucket rows: per delta token its column in its whole ("virtual") row [c contextual;
     cached + new history; candidates], its row's first candidate column, and its seconds
     before the row's query time (None without time encoding). Index arithmetic over the
     delta tokens alone (numpy, vectorised over the rows), so that its cost grows with the new
     tokens, not with the cached history, nor by an op per row; the float part (the time
-    buckets' sqrt or log) is left to the device, where a full pass computes it too.
+    buckets' sqrt or log) is left to the device (add_position_time_at), where a full pass
+    computes it too.
 
     timestamps: per row, its new history tokens' times then its candidates' query times:
     a list of int64 tensors, or one flat int64 tensor (or numpy array) with times_per_row[b]
@@ -576,24 +586,6 @@ def _virtual_index_inputs(positional_encoder, cached, num_targets, timestamps,
     token_times = np.where(time_index >= 0,
                            times[time_offsets[:-1][row] + np.maximum(time_index, 0)], 0)
     return columns, first_target, query[row] - token_times
-
-
-def virtual_indices(positional_encoder, contextual_seq_len: int, columns: torch.Tensor,
-                    first_target: torch.Tensor, seconds: torch.Tensor | None):
-    """The delta tokens' (position rows, time-bucket rows or None) from
-    `_virtual_index_inputs`' arrays, on whichever device they are (hstu.ops.position's
-    formulas)."""
-    positions = positions_at(
-        columns, first_target, contextual_seq_len=contextual_seq_len,
-        num_position_buckets=positional_encoder.position_table.shape[0],
-        use_time_encoding=positional_encoder.use_time_encoding)
-    if seconds is None:
-        return positions, None
-    buckets = time_buckets_at(
-        seconds, time_bucket_fn=positional_encoder.time_bucket_fn,
-        time_bucket_increments=positional_encoder.time_bucket_increments,
-        num_time_buckets=positional_encoder.num_time_buckets)
-    return positions, buckets
 
 
 def _check_alike(entries: Sequence[CacheEntry], layers: int) -> None:
@@ -829,16 +821,18 @@ def run_cached_encode(
     if plan.whole_rows:
         x = encoder.positional_encoder(encoder_input, dropout_ratio=0.0)
     else:
-        embeddings = encoder_input.embeddings[part["embedding_rows"]]
         positional = encoder.positional_encoder
-        positions_d, buckets_d = virtual_indices(
-            positional, c, part["columns"], part["first_target"],
-            moved[-1] if plan.has_buckets else None)
-        x = (upcast(embeddings) * positional.alpha
-             + upcast(positional.position_table[positions_d]))
-        if plan.has_buckets:
-            x = x + upcast(positional.time_table[buckets_d])
-        x = encoder.input_dropout(x.to(embeddings.dtype))
+        # One op for the positions, time buckets and table rows of the new tokens (TRITON: one
+        # kernel where the PyTorch ops take ~20, in a call that is bound by its kernel count).
+        x = add_position_time_at(
+            encoder_input.embeddings[part["embedding_rows"]], part["columns"],
+            part["first_target"], moved[-1] if plan.has_buckets else None,
+            positional.position_table, positional.time_table if plan.has_buckets else None,
+            alpha=positional.alpha, contextual_seq_len=c,
+            time_bucket_fn=positional.time_bucket_fn,
+            time_bucket_increments=positional.time_bucket_increments,
+            num_time_buckets=positional.num_time_buckets, kernel=positional.kernel)
+        x = encoder.input_dropout(x)
 
     caches = None
     if plan.max_cache_len > 0:

@@ -67,3 +67,53 @@ def add_timestamp_positional_embeddings(
         use_time_encoding=use_time_encoding,
         dropout_ratio=dropout_ratio,
     )
+
+
+def add_position_time_at(
+    seq_embeddings: torch.Tensor,
+    columns: torch.Tensor,
+    first_target: torch.Tensor,
+    seconds_before_query: torch.Tensor | None,
+    position_table: torch.Tensor,
+    time_table: torch.Tensor | None,
+    *,
+    alpha: float,
+    contextual_seq_len: int,
+    time_bucket_fn: str = "sqrt",
+    time_bucket_increments: float = 60.0,
+    num_time_buckets: int = 0,
+    kernel: Kernel | str = Kernel.PYTORCH,
+) -> torch.Tensor:
+    """add_timestamp_positional_embeddings for tokens given one by one rather than as whole
+    rows: what cached scoring runs on the new tokens of rows whose other tokens are cached
+    (hstu/modules/kv_cache.py works out, on the host, where each one sits in its whole row).
+
+    Shapes: seq_embeddings [L, D]; columns [L] int64, each token's index i in its whole row;
+    first_target [L] int64, its row's hi (the index of the row's first target);
+    seconds_before_query [L] int64, query - timestamp (the difference taken in int64), or None
+    without time encoding (then time_table is not read). Per token, with pos_i as in
+    add_timestamp_positional_embeddings (use_time_encoding = seconds_before_query is not
+    None) and bucket_i from dt_i = float32(seconds_before_query[i]):
+      out_i = x_i * alpha + P[min(pos_i, P-1)] (+ T[bucket_i])
+    in float32, returned in seq_embeddings.dtype. Inference only: no gradients, no dropout.
+    """
+    tables = [position_table] + ([time_table] if time_table is not None else [])
+    if torch.is_grad_enabled() and any(t.requires_grad for t in [seq_embeddings, *tables]):
+        raise RuntimeError("add_position_time_at is for inference (cached scoring): run it "
+                           "under torch.no_grad()")
+    total = seq_embeddings.shape[0]
+    for name, value in (("columns", columns), ("first_target", first_target),
+                        ("seconds_before_query", seconds_before_query)):
+        if value is not None and (value.dtype != torch.int64 or value.shape != (total,)):
+            raise ValueError(f"add_position_time_at: {name} must be int64 [{total}]; got "
+                             f"{value.dtype} {tuple(value.shape)}")
+    if seconds_before_query is not None and (
+            time_table is None or time_table.shape != (num_time_buckets + 1,
+                                                       seq_embeddings.shape[1])):
+        raise ValueError(f"add_position_time_at: time_table must be [num_time_buckets + 1, D] "
+                         f"= [{num_time_buckets + 1}, {seq_embeddings.shape[1]}]")
+    impl = implementation("position", "add_position_time_at", kernel)
+    return impl(seq_embeddings, columns, first_target, seconds_before_query, position_table,
+                time_table, alpha=alpha, contextual_seq_len=contextual_seq_len,
+                time_bucket_fn=time_bucket_fn, time_bucket_increments=time_bucket_increments,
+                num_time_buckets=num_time_buckets)

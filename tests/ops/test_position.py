@@ -1,5 +1,6 @@
 """Positions and time buckets on hand-computed rows (reference 2.5)."""
 
+import pytest
 import torch
 
 from hstu.ops import add_timestamp_positional_embeddings
@@ -75,3 +76,41 @@ def test_embedding_add_uses_those_indices_and_tables_get_gradients():
     out.sum().backward()
     assert position_table.grad.flatten().tolist() == [2, 3, 2, 2]
     assert time_table.grad[10].item() == 2 and time_table.grad[7].item() == 2
+
+
+@pytest.mark.parametrize("use_time", [True, False])
+def test_add_position_time_at_equals_the_whole_row_op(use_time):
+    """Tokens given one by one (column in the row, the row's first target, seconds before its
+    query) get what the whole-row op gives them."""
+    from hstu.ops.position import add_position_time_at, add_timestamp_positional_embeddings
+
+    g = torch.Generator().manual_seed(5)
+    lengths, targets, c = [9, 1, 30], [2, 1, 4], 3
+    total = sum(lengths)
+    x = torch.randn(total, 8, generator=g)
+    positions, times = torch.randn(25, 8, generator=g), torch.randn(2049, 8, generator=g)
+    timestamps = torch.randint(1_600_000_000, 1_700_000_000, (total,), generator=g)
+    offsets = torch.tensor([0, 9, 10, 40])
+    options = dict(alpha=2.8, contextual_seq_len=c, time_bucket_fn="sqrt",
+                   time_bucket_increments=60.0, num_time_buckets=2048)
+    whole = add_timestamp_positional_embeddings(
+        x, offsets, timestamps, torch.tensor(targets), positions, times,
+        use_time_encoding=use_time, **options)
+    rows = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))
+    columns = torch.arange(total) - offsets[rows]
+    first_target = (torch.tensor(lengths) - torch.tensor(targets))[rows]
+    seconds = timestamps[offsets[1:][rows] - 1] - timestamps
+    with torch.no_grad():
+        at = add_position_time_at(x, columns, first_target, seconds if use_time else None,
+                                  positions, times if use_time else None, **options)
+    torch.testing.assert_close(at, whole)
+
+
+def test_add_position_time_at_is_for_inference():
+    from hstu.ops.position import add_position_time_at
+
+    table = torch.randn(4, 2, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inference"):
+        add_position_time_at(torch.randn(1, 2), torch.zeros(1, dtype=torch.int64),
+                             torch.zeros(1, dtype=torch.int64), None, table, None, alpha=1.0,
+                             contextual_seq_len=0)

@@ -143,3 +143,20 @@ def add_timestamp_positional_embeddings(
     if dropout_ratio > 0:
         out = torch.nn.functional.dropout(out, dropout_ratio, training=True)
     return out
+
+
+def add_position_time_at(seq_embeddings, columns, first_target, seconds_before_query,
+                         position_table, time_table, *, alpha, contextual_seq_len,
+                         time_bucket_fn, time_bucket_increments, num_time_buckets):
+    """hstu.ops.position.add_position_time_at in PyTorch ops (the reference)."""
+    use_time = seconds_before_query is not None
+    positions = positions_at(columns, first_target, contextual_seq_len=contextual_seq_len,
+                             num_position_buckets=position_table.shape[0],
+                             use_time_encoding=use_time)
+    out = upcast(seq_embeddings) * alpha + upcast(position_table[positions])
+    if use_time:
+        buckets = time_buckets_at(seconds_before_query, time_bucket_fn=time_bucket_fn,
+                                  time_bucket_increments=time_bucket_increments,
+                                  num_time_buckets=num_time_buckets)
+        out = out + upcast(time_table[buckets])
+    return out.to(seq_embeddings.dtype)

@@ -259,3 +259,73 @@ def add_timestamp_positional_embeddings(
         float(alpha), int(contextual_seq_len), time_bucket_fn, float(time_bucket_increments),
         int(num_time_buckets), bool(use_time_encoding), float(dropout_ratio),
     )
+
+
+@triton.jit
+def _add_position_time_at(X, COLS, FIRST_TARGET, SECONDS, P, T, OUT, total, stride_x, stride_p,
+                          stride_t, stride_out, alpha, contextual_seq_len, num_positions,
+                          time_bucket_increments, num_time_buckets, D: tl.constexpr,
+                          USE_TIME: tl.constexpr, LOG: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    # _add_position_time's arithmetic for tokens whose place in their row is given (cached
+    # scoring's new tokens): no row search, no dropout, no indices kept for a backward.
+    token = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = token < total
+    i = tl.load(COLS + token, mask=ok, other=0)
+    first_target = tl.load(FIRST_TARGET + token, mask=ok, other=0)
+    if USE_TIME:
+        pos = contextual_seq_len + first_target - tl.minimum(i, first_target)
+        pos = tl.where(i < contextual_seq_len, i, pos)
+    else:
+        pos = tl.minimum(i, first_target)
+    pos = tl.minimum(pos, num_positions - 1)
+    cols = tl.arange(0, BLOCK_D)
+    mask = ok[:, None] & (cols < D)[None, :]
+    value = tl.load(X + token[:, None] * stride_x + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+    value = value * alpha + tl.load(P + pos[:, None] * stride_p + cols[None, :], mask=mask,
+                                    other=0.0).to(tl.float32)
+    if USE_TIME:
+        delta = tl.load(SECONDS + token, mask=ok, other=0).to(tl.float32)
+        delta = tl.math.div_rn(tl.maximum(delta, 1e-6), time_bucket_increments)
+        if LOG:
+            scaled = tl.log(delta)
+        else:
+            scaled = tl.math.sqrt_rn(delta)
+        unit = tl.minimum(tl.maximum(tl.math.div_rn(scaled, num_time_buckets), 0.0), 1.0)
+        bucket = (unit * num_time_buckets).to(tl.int32)
+        value += tl.load(T + bucket[:, None] * stride_t + cols[None, :], mask=mask,
+                         other=0.0).to(tl.float32)
+    tl.store(OUT + token[:, None] * stride_out + cols[None, :], value.to(OUT.dtype.element_ty),
+             mask=mask)
+
+
+def add_position_time_at(seq_embeddings, columns, first_target, seconds_before_query,
+                         position_table, time_table, *, alpha, contextual_seq_len,
+                         time_bucket_fn, time_bucket_increments, num_time_buckets):
+    """hstu.ops.position.add_position_time_at in one Triton launch (where the PyTorch ops
+    take ~20 small kernels: a cached call of one user is bound by its kernel count)."""
+    op = "add_position_time_at"
+    triton_dtype_ok(seq_embeddings, f"{op}: seq_embeddings")
+    if seq_embeddings.device.type != "cuda" and not interpreting():
+        raise RuntimeError(f"{op} (TRITON) needs CUDA tensors, or TRITON_INTERPRET=1")
+    use_time = seconds_before_query is not None
+    if use_time and time_bucket_fn not in TIME_BUCKET_FNS:
+        raise ValueError(f"{op}: time_bucket_fn {time_bucket_fn!r}; expected one of "
+                         f"{TIME_BUCKET_FNS}")
+    x = seq_embeddings if seq_embeddings.stride(-1) == 1 else seq_embeddings.contiguous()
+    total, dim = x.shape
+    out = torch.empty_like(x)
+    if total:
+        block_d = max(16, triton.next_power_of_2(dim))
+        block_r = max(1, min(64, 8192 // block_d))
+        table = time_table if use_time else position_table
+        _add_position_time_at[(triton.cdiv(total, block_r),)](
+            x, columns, first_target, seconds_before_query if use_time else columns,
+            position_table, table, out, total, x.stride(0), position_table.stride(0),
+            table.stride(0), out.stride(0), float(alpha), int(contextual_seq_len),
+            position_table.shape[0], float(time_bucket_increments), float(num_time_buckets),
+            D=dim, USE_TIME=use_time, LOG=time_bucket_fn == "log", BLOCK_R=block_r,
+            BLOCK_D=block_d,
+        )
+    return out

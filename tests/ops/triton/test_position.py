@@ -163,3 +163,39 @@ def test_full_size_on_gpu(dtype):
                          _op(torch_ops, offsets, timestamps, num_targets, **options),
                          inputs, dtype=dtype)
     assert_within_bound(results)
+
+
+def _tokens_at(seed, *, use_time, dim=24, num_positions=20):
+    """Tokens given by their place in their rows (add_position_time_at's inputs): some
+    contextual (column < 3), some past the position table, some queried long ago."""
+    g = torch.Generator().manual_seed(seed)
+    total = 37
+    first_target = torch.randint(0, 40, (total,), generator=g)
+    columns = torch.randint(0, 45, (total,), generator=g)
+    seconds = torch.randint(0, 10**8, (total,), generator=g)
+    seconds[:4] = torch.tensor([0, 1, 59, 60])  # the clamp at 1e-6 and bucket edges
+    return dict(
+        seq_embeddings=torch.randn(total, dim, generator=g).to(DEVICE),
+        columns=columns.to(DEVICE), first_target=first_target.to(DEVICE),
+        seconds_before_query=seconds.to(DEVICE) if use_time else None,
+        position_table=torch.randn(num_positions, dim, generator=g).to(DEVICE),
+        time_table=torch.randn(2049, dim, generator=g).to(DEVICE) if use_time else None,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("time_bucket_fn", ["sqrt", "log", None])
+def test_add_position_time_at_matches_pytorch(dtype, time_bucket_fn):
+    from hstu.ops.position import add_position_time_at
+
+    inputs = _tokens_at(3, use_time=time_bucket_fn is not None)
+    inputs["seq_embeddings"] = inputs["seq_embeddings"].to(dtype)
+    options = dict(alpha=22.6, contextual_seq_len=3, time_bucket_fn=time_bucket_fn or "sqrt",
+                   time_bucket_increments=60.0, num_time_buckets=2048)
+    with torch.no_grad():
+        want = add_position_time_at(**inputs, **options, kernel="PYTORCH")
+        got = add_position_time_at(**inputs, **options, kernel="TRITON")
+    assert got.dtype == dtype and got.shape == want.shape
+    # Same rows chosen and float32 arithmetic: equal up to the final rounding to dtype.
+    tolerance = 0 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tolerance * 30, rtol=tolerance)
