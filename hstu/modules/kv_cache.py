@@ -853,6 +853,7 @@ def run_cached_encode(
                           prefix_offsets_device=part["prefix_offsets"])
 
 
+@torch.no_grad()
 def cached_encode(
     encoder: nn.Module,
     cached: Sequence[CacheEntry | None],
@@ -877,6 +878,7 @@ def cached_encode(
 
     Whether the result equals a full pass is the caller's business (`reuse_is_exact`): this
     computes the new tokens exactly as the full pass would given the cached keys and values.
+    Inference only: runs without autograd.
     """
     plan = plan_cached_encode(encoder, cached, history_lengths=history_lengths,
                               candidate_counts=candidate_counts, timestamps=timestamps)
