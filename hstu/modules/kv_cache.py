@@ -647,7 +647,8 @@ class CachedPlan:
     # What the device part reads: PLAN_PARTS (sizes, offsets, gather indices, the delta
     # tokens' columns and their rows' first candidate columns), the cache addresses, the
     # seconds before the query (the device turns columns, first candidate columns and
-    # seconds into position and time-bucket rows); int64, as one block (`packed`, one host-to-device copy) and its parts' sizes.
+    # seconds into position and time-bucket rows); int64, as one block (`packed`, one
+    # host-to-device copy) and its parts' sizes.
     packed: torch.Tensor
     host_sizes: list[int]
     has_buckets: bool

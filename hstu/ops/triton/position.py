@@ -3,7 +3,8 @@
 Forward: one program per block of consecutive tokens finds each token's row (a binary search
 over the offsets), computes its position-table row and time bucket in-kernel (int64 time
 difference, then float32, with correctly rounded division and square root so buckets match
-PyTorch's exactly) and writes x * alpha + P[pos] + T[bucket]. The two index vectors are kept for the backward.
+PyTorch's exactly) and writes x * alpha + P[pos] + T[bucket]. The two index vectors are kept
+for the backward.
 With dropout_ratio > 0 the encoder's input dropout is applied in the same pass (a Philox mask
 from a per-call seed, regenerated in the backward; nothing is stored for it).
 Backward: one kernel reads each d out row once and writes d x = d out * alpha and adds the row
