@@ -10,6 +10,9 @@ from a per-call seed, regenerated in the backward; nothing is stored for it).
 Backward: one kernel reads each d out row once and writes d x = d out * alpha and adds the row
 to both tables' float32 gradients at its two indices (atomic adds, as torch.index_add_ does on
 a GPU; three launches in all instead of ~9 for the torch ops).
+Cached scoring (`add_position_time_at`): the same forward arithmetic for tokens whose column,
+row's first target and seconds before the query come from the host, in one launch; no
+backward.
 The "log" bucket function uses Triton's log (about 1 ulp off libm): a time difference whose
 log lies within ~1e-6 of an integer could land one bucket away from PyTorch's choice.
 """
