@@ -53,12 +53,7 @@ from torch import nn
 
 from hstu.ops.cached_attention import ROW_ALIGNMENT, CacheRows
 from hstu.ops.position import add_position_time_at
-from hstu.ops.pytorch.position import (
-    position_indices,
-    positions_at,
-    time_bucket_indices,
-    time_buckets_at,
-)
+from hstu.ops.pytorch.position import position_indices, time_bucket_indices
 
 
 class _GrowingRows:
@@ -520,26 +515,6 @@ def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     offsets = offsets_of(lengths)
     within = np.arange(total, dtype=np.int64) - np.repeat(offsets[:-1], lengths)
     return np.repeat(starts, lengths) + within
-
-
-def _virtual_indices(positional_encoder, cached, num_targets, timestamps, contextual_seq_len,
-                     times_per_row=None):
-    """(position rows, time-bucket rows or None) of the delta tokens from
-    `_virtual_index_inputs`, with hstu.ops.position's formulas, on the CPU: what the tests
-    compare with whole rows (the device part does the same inside add_position_time_at)."""
-    columns, first_target, seconds = _virtual_index_inputs(
-        positional_encoder, cached, num_targets, timestamps, contextual_seq_len, times_per_row)
-    positions = positions_at(
-        torch.from_numpy(columns), torch.from_numpy(first_target),
-        contextual_seq_len=contextual_seq_len,
-        num_position_buckets=positional_encoder.position_table.shape[0],
-        use_time_encoding=positional_encoder.use_time_encoding)
-    if seconds is None:
-        return positions, None
-    return positions, time_buckets_at(
-        torch.from_numpy(seconds), time_bucket_fn=positional_encoder.time_bucket_fn,
-        time_bucket_increments=positional_encoder.time_bucket_increments,
-        num_time_buckets=positional_encoder.num_time_buckets)
 
 
 def _virtual_index_inputs(positional_encoder, cached, num_targets, timestamps,

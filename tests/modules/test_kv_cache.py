@@ -9,12 +9,35 @@ import types
 import pytest
 import torch
 
-from hstu.modules.kv_cache import _virtual_indices
-from hstu.ops.pytorch.position import position_indices, time_bucket_indices, time_buckets_at
+from hstu.modules.kv_cache import _virtual_index_inputs
+from hstu.ops.pytorch.position import (
+    position_indices,
+    positions_at,
+    time_bucket_indices,
+    time_buckets_at,
+)
+
+
+def _virtual_indices(encoder, cached, num_targets, timestamps, c):
+    """The new tokens' (position rows, time-bucket rows or None) from the plan's host arrays
+    (kv_cache._virtual_index_inputs), with the PyTorch formulas the device op applies."""
+    columns, first_target, seconds = _virtual_index_inputs(encoder, cached, num_targets,
+                                                            timestamps, c)
+    positions = positions_at(torch.from_numpy(columns), torch.from_numpy(first_target),
+                             contextual_seq_len=c,
+                             num_position_buckets=encoder.position_table.shape[0],
+                             use_time_encoding=encoder.use_time_encoding)
+    if seconds is None:
+        return positions, None
+    return positions, time_buckets_at(
+        torch.from_numpy(seconds), time_bucket_fn=encoder.time_bucket_fn,
+        time_bucket_increments=encoder.time_bucket_increments,
+        num_time_buckets=encoder.num_time_buckets)
 
 
 class _Entry:
-    """What _virtual_indices reads of a cache entry: the cached history's timestamps."""
+    """A cache entry as far as these tests need one: its cached history's timestamps (the
+    whole-row reference reads them; _virtual_index_inputs reads only their count)."""
 
     def __init__(self, timestamps: torch.Tensor) -> None:
         self.history_timestamps = timestamps

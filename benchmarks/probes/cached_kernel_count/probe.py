@@ -87,31 +87,24 @@ def main() -> None:
         if name and name.count(".") <= 1:
             module.register_forward_pre_hook(enter(name))
             module.register_forward_hook(leave)
-    for index, layer in enumerate(serving.encoder.stu_stack.layers):
-        method = layer.cached_forward
-
-        def cached_forward(*a, _method=method, _label=f"stu layer {index}", **k):
-            where.append(_label)
+    def labelled(function, label):
+        """function, with what it launches counted under `label`."""
+        def call(*a, **k):
+            where.append(label)
             try:
-                return _method(*a, **k)
+                return function(*a, **k)
             finally:
                 where.pop()
-        layer.cached_forward = cached_forward
+        return call
 
+    for index, layer in enumerate(serving.encoder.stu_stack.layers):
+        layer.cached_forward = labelled(layer.cached_forward, f"stu layer {index}")
     # hstu_mha_cached checks its lengths when they are on the CPU (a GPU call skips that):
     # their ops are reported apart.
     from hstu.ops import cached_attention as cached_op
 
-    checks = cached_op._check_inputs
-
-    def counted_checks(*a, **k):
-        where.append("(hstu_mha_cached's CPU-only checks)")
-        try:
-            return checks(*a, **k)
-        finally:
-            where.pop()
-
-    cached_op._check_inputs = counted_checks
+    cached_op._check_inputs = labelled(cached_op._check_inputs,
+                                       "(hstu_mha_cached's CPU-only checks)")
     launch = InterpretedFunction.run
 
     def counted_launch(self, *a, **k):

@@ -39,6 +39,32 @@ def _dropped(value, rows64, cols, dropout_ratio, SEED, D: tl.constexpr):
 
 
 @triton.jit
+def _position_row(i, first_target, contextual_seq_len, num_positions, USE_TIME: tl.constexpr):
+    """The position-table row of a token at index i of its row, whose first target is at
+    first_target (the spec's pos_i, clamped to the table)."""
+    if USE_TIME:
+        pos = contextual_seq_len + first_target - tl.minimum(i, first_target)
+        pos = tl.where(i < contextual_seq_len, i, pos)
+    else:
+        pos = tl.minimum(i, first_target)
+    return tl.minimum(pos, num_positions - 1)
+
+
+@triton.jit
+def _time_bucket(seconds, time_bucket_increments, num_time_buckets, LOG: tl.constexpr):
+    """The time-table row of a token `seconds` (int64, subtracted before any float) before
+    its row's query, with correctly rounded division and square root so that buckets match
+    PyTorch's."""
+    delta = tl.math.div_rn(tl.maximum(seconds.to(tl.float32), 1e-6), time_bucket_increments)
+    if LOG:
+        scaled = tl.log(delta)
+    else:
+        scaled = tl.math.sqrt_rn(delta)
+    unit = tl.minimum(tl.maximum(tl.math.div_rn(scaled, num_time_buckets), 0.0), 1.0)
+    return (unit * num_time_buckets).to(tl.int32)
+
+
+@triton.jit
 def _add_position_time(X, TS, P, T, OUT, POS, BUCKET, seq_offsets, num_targets, total, batch,
                        search_steps, stride_x, stride_p, stride_t, stride_out, alpha,
                        contextual_seq_len, num_positions, time_bucket_increments,
@@ -67,12 +93,7 @@ def _add_position_time(X, TS, P, T, OUT, POS, BUCKET, seq_offsets, num_targets, 
         first_target = length - tl.load(num_targets + low).to(tl.int32)
     else:
         first_target = length
-    if USE_TIME:
-        pos = contextual_seq_len + first_target - tl.minimum(i, first_target)
-        pos = tl.where(i < contextual_seq_len, i, pos)
-    else:
-        pos = tl.minimum(i, first_target)
-    pos = tl.minimum(pos, num_positions - 1)
+    pos = _position_row(i, first_target, contextual_seq_len, num_positions, USE_TIME)
     cols = tl.arange(0, BLOCK_D)
     rows = token[:, None]
     mask = ok[:, None] & (cols < D)[None, :]
@@ -84,14 +105,7 @@ def _add_position_time(X, TS, P, T, OUT, POS, BUCKET, seq_offsets, num_targets, 
         # The row's query time: its last token's timestamp.
         query_time = tl.load(TS + end - 1, mask=ok, other=0)
         ts = tl.load(TS + token, mask=ok, other=0)
-        delta = (query_time - ts).to(tl.float32)
-        delta = tl.math.div_rn(tl.maximum(delta, 1e-6), time_bucket_increments)
-        if LOG:
-            scaled = tl.log(delta)
-        else:
-            scaled = tl.math.sqrt_rn(delta)
-        unit = tl.minimum(tl.maximum(tl.math.div_rn(scaled, num_time_buckets), 0.0), 1.0)
-        bucket = (unit * num_time_buckets).to(tl.int32)
+        bucket = _time_bucket(query_time - ts, time_bucket_increments, num_time_buckets, LOG)
         value += tl.load(T + bucket[:, None] * stride_t + cols[None, :], mask=mask,
                          other=0.0).to(tl.float32)
         tl.store(BUCKET + token, bucket, mask=ok)
@@ -277,12 +291,7 @@ def _add_position_time_at(X, COLS, FIRST_TARGET, SECONDS, P, T, OUT, total, stri
     ok = token < total
     i = tl.load(COLS + token, mask=ok, other=0)
     first_target = tl.load(FIRST_TARGET + token, mask=ok, other=0)
-    if USE_TIME:
-        pos = contextual_seq_len + first_target - tl.minimum(i, first_target)
-        pos = tl.where(i < contextual_seq_len, i, pos)
-    else:
-        pos = tl.minimum(i, first_target)
-    pos = tl.minimum(pos, num_positions - 1)
+    pos = _position_row(i, first_target, contextual_seq_len, num_positions, USE_TIME)
     cols = tl.arange(0, BLOCK_D)
     mask = ok[:, None] & (cols < D)[None, :]
     value = tl.load(X + token[:, None] * stride_x + cols[None, :], mask=mask,
@@ -290,14 +299,8 @@ def _add_position_time_at(X, COLS, FIRST_TARGET, SECONDS, P, T, OUT, total, stri
     value = value * alpha + tl.load(P + pos[:, None] * stride_p + cols[None, :], mask=mask,
                                     other=0.0).to(tl.float32)
     if USE_TIME:
-        delta = tl.load(SECONDS + token, mask=ok, other=0).to(tl.float32)
-        delta = tl.math.div_rn(tl.maximum(delta, 1e-6), time_bucket_increments)
-        if LOG:
-            scaled = tl.log(delta)
-        else:
-            scaled = tl.math.sqrt_rn(delta)
-        unit = tl.minimum(tl.maximum(tl.math.div_rn(scaled, num_time_buckets), 0.0), 1.0)
-        bucket = (unit * num_time_buckets).to(tl.int32)
+        seconds = tl.load(SECONDS + token, mask=ok, other=0)
+        bucket = _time_bucket(seconds, time_bucket_increments, num_time_buckets, LOG)
         value += tl.load(T + bucket[:, None] * stride_t + cols[None, :], mask=mask,
                          other=0.0).to(tl.float32)
     tl.store(OUT + token[:, None] * stride_out + cols[None, :], value.to(OUT.dtype.element_ty),
